@@ -1,0 +1,231 @@
+"""The learned downscaler E and its fixed bicubic baseline.
+
+E maps an (H, W, C) image to an (H/f, W/f, C) thumbnail. It is the sum of two
+branches, both built from stock Keras layers so that a saved model loads
+anywhere with `safe_mode=True`:
+
+* a fixed antialiased bicubic resize (`keras.layers.Resizing`), and
+* a learned residual correction: a full-resolution 3x3 conv, one strided conv
+  per prime factor of f (so f = 4 is two stride-2 stages, f = 3 one stride-3
+  stage), `depth` 3x3 convs at thumbnail resolution, and a last 3x3 conv to C
+  channels whose kernel and bias start at zero.
+
+Because the last conv starts at zero, an untrained E *is* the bicubic
+thumbnail, and training only has to learn what bicubic loses. The output is an
+image in the input's value space (no normalization is applied or undone);
+pass `value_range=(lo, hi)` to clip it to the input's range.
+
+References:
+    Zhao & Ghanem, "ThumbNet: One Thumbnail Image Contains All You Need for
+    Recognition", ACM MM 2020 (arXiv:1904.05034).
+    Talebi & Milanfar, "Learning to Resize Images for Computer Vision Tasks",
+    ICCV 2021 (the bicubic-plus-residual design).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+
+__all__ = ["build_downscaler", "bicubic_downscaler", "validate_image_shape"]
+
+
+def validate_image_shape(input_shape: Sequence[int | None], factor: int) -> tuple:
+    """Checks an (H, W, C) image shape against a downscaling factor.
+
+    Returns the shape as a tuple of ints; raises `ValueError` naming the problem.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, int):
+        raise ValueError(
+            f"`factor` must be an integer >= 2, received factor={factor!r} "
+            f"of type {type(factor).__name__}."
+        )
+    if factor < 2:
+        raise ValueError(
+            f"`factor` must be an integer >= 2 (a thumbnail smaller than the "
+            f"image), received factor={factor}."
+        )
+    shape = tuple(input_shape)
+    if len(shape) != 3 or any(
+        d is None or isinstance(d, bool) or not isinstance(d, int) or d <= 0
+        for d in shape
+    ):
+        raise ValueError(
+            "`input_shape` must be a channels-last image shape (height, width, "
+            f"channels) of positive integers, received input_shape={input_shape!r}."
+        )
+    height, width, channels = shape
+    if channels not in (1, 2, 3, 4):
+        raise ValueError(
+            f"`input_shape` has {channels} channels; an image has 1 to 4 "
+            f"(received input_shape={input_shape!r}). Images are channels-last."
+        )
+    if height % factor or width % factor:
+        raise ValueError(
+            f"Image size {height}x{width} is not divisible by factor={factor}: "
+            f"the thumbnail would be {height / factor:g}x{width / factor:g}. "
+            f"Choose a factor that divides both {height} and {width}, or resize "
+            "the images first."
+        )
+    return shape
+
+
+def _prime_factors(n: int) -> list[int]:
+    factors, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    return factors
+
+
+def _resize_branch(inputs, height, width, factor, name):
+    return keras.layers.Resizing(
+        height // factor,
+        width // factor,
+        interpolation="bicubic",
+        antialias=True,
+        name=name,
+    )(inputs)
+
+
+def _clip(x, value_range, name):
+    if value_range is None:
+        return x
+    low, high = value_range
+    # ReLU(max_value, threshold) cannot express a general [low, high] clip;
+    # shift into [0, high - low], clip with ReLU, shift back.
+    x = keras.layers.Rescaling(1.0, offset=-low, name=f"{name}_shift")(x)
+    x = keras.layers.ReLU(max_value=high - low, name=f"{name}_relu")(x)
+    return keras.layers.Rescaling(1.0, offset=low, name=f"{name}_unshift")(x)
+
+
+def _validate_value_range(value_range):
+    if value_range is None:
+        return None
+    try:
+        low, high = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`value_range` must be None or a pair (low, high), received {value_range!r}."
+        ) from None
+    if not low < high:
+        raise ValueError(
+            f"`value_range` must satisfy low < high, received {value_range!r}."
+        )
+    return (low, high)
+
+
+def bicubic_downscaler(
+    input_shape: Sequence[int],
+    factor: int,
+    value_range: Sequence[float] | None = None,
+    name: str = "bicubic_downscaler",
+) -> keras.Model:
+    """The fixed baseline: an antialiased bicubic resize by `factor`.
+
+    Same interface as `build_downscaler`; it has no weights.
+
+    Args:
+        input_shape: `(H, W, C)`, channels last; H and W divisible by `factor`.
+        factor: integer >= 2.
+        value_range: optional `(low, high)` to clip the thumbnail to.
+        name: model name.
+
+    Returns:
+        A Functional `keras.Model` mapping `(B, H, W, C)` to `(B, H/f, W/f, C)`.
+    """
+    height, width, channels = validate_image_shape(input_shape, factor)
+    value_range = _validate_value_range(value_range)
+    inputs = keras.Input((height, width, channels), name="image")
+    x = _resize_branch(inputs, height, width, factor, name="bicubic")
+    x = _clip(x, value_range, name="clip")
+    return keras.Model(inputs, x, name=name)
+
+
+def build_downscaler(
+    input_shape: Sequence[int],
+    factor: int,
+    width: int = 32,
+    depth: int = 2,
+    kernel_size: int = 3,
+    value_range: Sequence[float] | None = None,
+    name: str = "downscaler",
+) -> keras.Model:
+    """Builds the learned downscaler E: bicubic thumbnail + learned residual.
+
+    Args:
+        input_shape: `(H, W, C)`, channels last; H and W divisible by `factor`.
+        factor: integer >= 2, the downscaling factor per side (FLOPs of the
+            inference network drop by about `factor**2`).
+        width: channels of the residual branch's hidden convs. Defaults to 32.
+        depth: number of 3x3 conv layers at thumbnail resolution before the
+            output conv. Defaults to 2.
+        kernel_size: kernel size of the non-strided convs. Defaults to 3.
+        value_range: optional `(low, high)`; when given the thumbnail is
+            clipped to it (use the range of the input images).
+        name: model name. Defaults to `"downscaler"`.
+
+    Returns:
+        A Functional `keras.Model` mapping `(B, H, W, C)` to
+        `(B, H/f, W/f, C)`, built from stock Keras layers only.
+
+    Example:
+
+    >>> e = build_downscaler((224, 224, 3), factor=2)
+    >>> e.output_shape
+    (None, 112, 112, 3)
+    """
+    height, img_width, channels = validate_image_shape(input_shape, factor)
+    for arg, value, minimum in (("width", width, 1), ("depth", depth, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(
+                f"`{arg}` must be an integer >= {minimum}, received {arg}={value!r}."
+            )
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(
+            f"`kernel_size` must be an odd positive integer, received {kernel_size!r}."
+        )
+    value_range = _validate_value_range(value_range)
+
+    inputs = keras.Input((height, img_width, channels), name="image")
+    base = _resize_branch(inputs, height, img_width, factor, name="bicubic")
+
+    x = keras.layers.Conv2D(
+        width, kernel_size, padding="same", activation="relu", name="stem_conv"
+    )(inputs)
+    for i, stride in enumerate(_prime_factors(factor)):
+        # Kernel 2*stride - 1 (3 for stride 2, 5 for stride 3) overlaps
+        # neighbouring windows, like the antialiasing filter it corrects.
+        x = keras.layers.Conv2D(
+            width,
+            2 * stride - 1,
+            strides=stride,
+            padding="same",
+            activation="relu",
+            name=f"down{i}_conv",
+        )(x)
+    # The bicubic thumbnail is fed to the thumbnail-resolution convs so the
+    # residual is computed with the thing it corrects in view.
+    x = keras.layers.Concatenate(name="with_bicubic")([x, base])
+    for i in range(depth):
+        x = keras.layers.Conv2D(
+            width,
+            kernel_size,
+            padding="same",
+            activation="relu",
+            name=f"body{i}_conv",
+        )(x)
+    residual = keras.layers.Conv2D(
+        channels,
+        kernel_size,
+        padding="same",
+        kernel_initializer="zeros",
+        bias_initializer="zeros",
+        name="residual_conv",
+    )(x)
+    x = keras.layers.Add(name="thumbnail")([base, residual])
+    x = _clip(x, value_range, name="clip")
+    return keras.Model(inputs, x, name=name)
