@@ -1,5 +1,7 @@
-from thumbnet_keras.layers.downscaler import bicubic_downscaler
-from thumbnet_keras.layers.downscaler import build_downscaler
-from thumbnet_keras.layers.downscaler import validate_image_shape
+from thumbnet_keras.layers.downscaler import (
+    bicubic_downscaler,
+    build_downscaler,
+    validate_image_shape,
+)
 
 __all__ = ["bicubic_downscaler", "build_downscaler", "validate_image_shape"]

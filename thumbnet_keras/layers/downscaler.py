@@ -4,7 +4,9 @@ E maps an (H, W, C) image to an (H/f, W/f, C) thumbnail. It is the sum of two
 branches, both built from stock Keras layers so that a saved model loads
 anywhere with `safe_mode=True`:
 
-* a fixed antialiased bicubic resize (`keras.layers.Resizing`), and
+* a fixed antialiased bicubic resize, written as a frozen stride-f depthwise
+  convolution (it equals `keras.ops.image.resize(..., "bicubic",
+  antialias=True)` on every backend), and
 * a learned residual correction: a full-resolution 3x3 conv, one strided conv
   per prime factor of f (so f = 4 is two stride-2 stages, f = 3 one stride-3
   stage), `depth` 3x3 convs at thumbnail resolution, and a last 3x3 conv to C
@@ -27,8 +29,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 
-__all__ = ["build_downscaler", "bicubic_downscaler", "validate_image_shape"]
+__all__ = [
+    "bicubic_downscaler",
+    "bicubic_taps",
+    "build_downscaler",
+    "validate_image_shape",
+]
 
 
 def validate_image_shape(input_shape: Sequence[int | None], factor: int) -> tuple:
@@ -81,14 +89,83 @@ def _prime_factors(n: int) -> list[int]:
     return factors
 
 
-def _resize_branch(inputs, height, width, factor, name):
-    return keras.layers.Resizing(
-        height // factor,
-        width // factor,
-        interpolation="bicubic",
-        antialias=True,
-        name=name,
+def _keys_cubic(x, a=-0.5):
+    """Keys' cubic convolution kernel (a = -0.5, as TF, JAX and torch use)."""
+    x = np.abs(x)
+    near = (a + 2) * x**3 - (a + 3) * x**2 + 1
+    far = a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_taps(size: int, factor: int):
+    """Antialiased bicubic downscaling by an integer factor, as a strided conv.
+
+    Output sample i sits at input coordinate (i + 0.5) * f; input pixel j gets
+    weight k((j + 0.5 - (i + 0.5) * f) / f) for Keys' cubic k stretched by f
+    (the antialiasing), and each output's weights are normalized over the
+    pixels inside the image. That is `tf.image.resize`/`jax.image.resize`/
+    `torch.nn.functional.interpolate` with bicubic and antialias (checked in
+    the tests). For integer f the weights are the same for every output, so
+    it is a stride-f convolution with zero padding, followed by dividing each
+    output by the share of its weights that fell inside the image.
+
+    Returns:
+        `(taps, pad_before, pad_after, border)`: the normalized kernel
+        (length K), the zero padding, and the per-output weight share
+        (length size // f, 1.0 away from the borders).
+    """
+    offsets = np.arange(
+        int(np.floor(-1.5 * factor - 0.5)) + 1, int(np.ceil(2.5 * factor - 0.5))
+    )
+    taps = _keys_cubic((offsets + 0.5 - 0.5 * factor) / factor)
+    taps = taps / taps.sum()
+    pad_before = int(-offsets[0])
+    pad_after = int(offsets[-1] - factor + 1)
+    out = size // factor
+    positions = np.arange(out)[:, None] * factor + offsets[None, :]
+    inside = (positions >= 0) & (positions < size)
+    border = (taps[None, :] * inside).sum(axis=1)
+    return taps, pad_before, pad_after, border
+
+
+def _bicubic_branch(inputs, height, width, channels, factor):
+    """The fixed antialiased bicubic resize, in stock Keras layers.
+
+    Zero padding, a (K, 1) then a (1, K) stride-f depthwise conv with frozen
+    bicubic taps, then a `Normalization` layer (mean 0, per-position variance)
+    that divides border outputs by the share of their weights inside the image.
+    (`keras.layers.Resizing` would be shorter, but as the first layer of a
+    model it sets `training=True` for every later layer when the model is
+    called without `training`, so the student's BatchNorm would use batch
+    statistics in `model(x)`.)
+    """
+    taps_h, before_h, after_h, border_h = bicubic_taps(height, factor)
+    taps_w, before_w, after_w, border_w = bicubic_taps(width, factor)
+    x = keras.layers.ZeroPadding2D(
+        ((before_h, after_h), (before_w, after_w)), name="bicubic_pad"
     )(inputs)
+    rows = np.tile(taps_h[:, None, None, None], (1, 1, channels, 1))
+    cols = np.tile(taps_w[None, :, None, None], (1, 1, channels, 1))
+    for direction, kernel, strides in (
+        ("rows", rows, (factor, 1)),
+        ("cols", cols, (1, factor)),
+    ):
+        x = keras.layers.DepthwiseConv2D(
+            kernel.shape[:2],
+            strides=strides,
+            padding="valid",
+            use_bias=False,
+            depthwise_initializer=keras.initializers.Constant(kernel.tolist()),
+            trainable=False,
+            name=f"bicubic_{direction}",
+        )(x)
+    share = np.outer(border_h, border_w)
+    return keras.layers.Normalization(
+        axis=(1, 2),
+        mean=np.zeros_like(share).tolist(),
+        variance=np.square(share).tolist(),
+        name="bicubic",
+    )(x)
 
 
 def _clip(x, value_range, name):
@@ -140,7 +217,7 @@ def bicubic_downscaler(
     height, width, channels = validate_image_shape(input_shape, factor)
     value_range = _validate_value_range(value_range)
     inputs = keras.Input((height, width, channels), name="image")
-    x = _resize_branch(inputs, height, width, factor, name="bicubic")
+    x = _bicubic_branch(inputs, height, width, channels, factor)
     x = _clip(x, value_range, name="clip")
     return keras.Model(inputs, x, name=name)
 
@@ -191,7 +268,7 @@ def build_downscaler(
     value_range = _validate_value_range(value_range)
 
     inputs = keras.Input((height, img_width, channels), name="image")
-    base = _resize_branch(inputs, height, img_width, factor, name="bicubic")
+    base = _bicubic_branch(inputs, height, img_width, channels, factor)
 
     x = keras.layers.Conv2D(
         width, kernel_size, padding="same", activation="relu", name="stem_conv"

@@ -1,8 +1,10 @@
-from thumbnet_keras.losses.thumbnet_losses import adaptive_average_pool
-from thumbnet_keras.losses.thumbnet_losses import classification_loss
-from thumbnet_keras.losses.thumbnet_losses import distillation_loss
-from thumbnet_keras.losses.thumbnet_losses import feature_mapping_loss
-from thumbnet_keras.losses.thumbnet_losses import moment_matching_loss
+from thumbnet_keras.losses.thumbnet_losses import (
+    adaptive_average_pool,
+    classification_loss,
+    distillation_loss,
+    feature_mapping_loss,
+    moment_matching_loss,
+)
 
 __all__ = [
     "adaptive_average_pool",

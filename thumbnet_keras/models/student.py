@@ -1,0 +1,210 @@
+"""Derive the inference network S from a teacher T.
+
+S is T's architecture run at thumbnail size, with T's weights copied:
+
+* Teachers whose head does not care about spatial size (global pooling, or an
+  input that is already size-agnostic) are rebuilt from their config at the
+  thumbnail input shape; every weight keeps its shape.
+* Teachers whose head needs a fixed spatial size (Flatten + Dense, e.g. VGG)
+  get their last log2(f) pooling layers removed, so the map reaching Flatten
+  has the size the Dense kernel expects (f must be a power of two).
+* Anything else raises a `ValueError` asking for an explicit student.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import keras
+
+from thumbnet_keras.layers.downscaler import validate_image_shape
+
+__all__ = ["make_student", "image_input_shape"]
+
+_POOLING_CLASSES = ("MaxPooling2D", "AveragePooling2D", "MaxPool2D", "AvgPool2D")
+_SHAPE_KEYS = ("batch_shape", "batch_input_shape")
+_IMAGE_SHAPE_KEYS = ("image_shape", "input_shape")
+
+
+def image_input_shape(model: keras.Model) -> tuple:
+    """Returns `(H, W, C)` of a model's single image input (H, W may be None)."""
+    inputs = getattr(model, "inputs", None)
+    if not inputs or len(inputs) != 1:
+        raise ValueError(
+            f"Model '{model.name}' must have exactly one image input, "
+            f"found {0 if not inputs else len(inputs)}."
+        )
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 4:
+        raise ValueError(
+            f"Model '{model.name}' input must be an image batch (B, H, W, C), "
+            f"received input shape {shape}."
+        )
+    return shape[1:]
+
+
+def _rewrite_shapes(obj, old_hw, new_hw):
+    """Returns a copy of a Keras config with the input size replaced.
+
+    Drops `build_config` entries (they record the old input size) and rewrites
+    `batch_shape`/`image_shape`-like entries whose spatial part is `old_hw`.
+    """
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if key == "build_config":
+                continue
+            if key in _SHAPE_KEYS and isinstance(value, (list, tuple)):
+                if len(value) == 4 and tuple(value[1:3]) == old_hw:
+                    value = [value[0], *new_hw, value[3]]
+            elif key in _IMAGE_SHAPE_KEYS and isinstance(value, (list, tuple)):
+                if len(value) == 3 and tuple(value[:2]) == old_hw:
+                    value = [*new_hw, value[2]]
+            out[key] = _rewrite_shapes(value, old_hw, new_hw)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rewrite_shapes(v, old_hw, new_hw) for v in obj)
+    return obj
+
+
+def _redirect_history(obj, removed, replacement):
+    """Points every `keras_history` that names `removed` to `replacement`."""
+    if isinstance(obj, dict):
+        history = obj.get("keras_history")
+        if isinstance(history, (list, tuple)) and history and history[0] == removed:
+            obj["keras_history"] = list(replacement)
+        for value in obj.values():
+            _redirect_history(value, removed, replacement)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _redirect_history(value, removed, replacement)
+
+
+def _find_history(obj):
+    if isinstance(obj, dict):
+        if isinstance(obj.get("keras_history"), (list, tuple)):
+            return obj["keras_history"]
+        for value in obj.values():
+            found = _find_history(value)
+            if found is not None:
+                return found
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            found = _find_history(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _remove_last_poolings(config, count):
+    """Removes the last `count` 2-D pooling layers from a model config."""
+    layers = config.get("layers")
+    if not isinstance(layers, list):
+        return None
+    pools = [
+        i for i, layer in enumerate(layers) if layer["class_name"] in _POOLING_CLASSES
+    ]
+    if len(pools) < count:
+        return None
+    config = copy.deepcopy(config)
+    layers = config["layers"]
+    for index in sorted(pools[-count:], reverse=True):
+        pool = layers.pop(index)
+        if "inbound_nodes" in pool:  # Functional: rewire consumers.
+            source = _find_history(pool["inbound_nodes"])
+            if source is None:
+                return None
+            _redirect_history(layers, pool["name"], source)
+            for key in ("output_layers", "input_layers"):
+                entries = config.get(key)
+                if entries and isinstance(entries[0], str):  # A single entry.
+                    entries = [entries]
+                if entries and any(entry[0] == pool["name"] for entry in entries):
+                    return None  # The pooling layer is a model output.
+    return config
+
+
+def _weights_fit(teacher, candidate):
+    t_shapes = [tuple(w.shape) for w in teacher.weights]
+    c_shapes = [tuple(w.shape) for w in candidate.weights]
+    return t_shapes == c_shapes
+
+
+def _try_from_config(cls, config):
+    try:
+        # from_config may consume the dict it is given.
+        return cls.from_config(copy.deepcopy(config)), None
+    except Exception as error:  # A head that cannot take the new size.
+        return None, error
+
+
+def make_student(
+    teacher: keras.Model, factor: int, name: str | None = None
+) -> keras.Model:
+    """Builds S: the teacher's architecture at thumbnail size, weights copied.
+
+    Args:
+        teacher: a Functional or Sequential `keras.Model` (including keras-hub
+            and keras-cv classifiers) with one `(H, W, C)` image input.
+        factor: integer >= 2; the student's input is `(H/f, W/f, C)`.
+        name: the student's name. Defaults to `"<teacher name>_student"`.
+
+    Returns:
+        A new model with the teacher's weights, whose output shape equals the
+        teacher's.
+
+    Raises:
+        ValueError: when the factor does not divide the image size, or when the
+            teacher's head needs a fixed spatial size that removing pooling
+            layers cannot restore. Then build a student yourself and pass it to
+            `ThumbNetTrainer(student=...)`.
+
+    Example:
+
+    >>> teacher = backbones.build("resnet18", (224, 224, 3), num_classes=10)
+    >>> student = make_student(teacher, factor=2)
+    >>> student.input_shape
+    (None, 112, 112, 3)
+    """
+    height, width, channels = image_input_shape(teacher)
+    if height is None or width is None:
+        # Size-agnostic teacher: same architecture, any thumbnail size fits.
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
+            raise ValueError(f"`factor` must be an integer >= 2, received {factor!r}.")
+        old_hw = new_hw = (height, width)
+    else:
+        validate_image_shape((height, width, channels), factor)
+        old_hw, new_hw = (height, width), (height // factor, width // factor)
+
+    config = teacher.get_config()
+    resized = _rewrite_shapes(config, old_hw, new_hw)
+    cls = teacher.__class__
+    student, error = _try_from_config(cls, resized)
+    if student is None or not _weights_fit(teacher, student):
+        student = None
+        levels = math.log2(factor)
+        if levels.is_integer():
+            trimmed = _remove_last_poolings(resized, int(levels))
+            if trimmed is not None:
+                candidate, error = _try_from_config(cls, trimmed)
+                if candidate is not None and _weights_fit(teacher, candidate):
+                    student = candidate
+    if student is None:
+        detail = f" (rebuilding failed with: {error})" if error is not None else ""
+        raise ValueError(
+            f"Cannot derive a student from teacher '{teacher.name}' at factor "
+            f"{factor}: its head needs a fixed spatial size and removing its last "
+            f"log2({factor}) pooling layers does not restore it{detail}. Build a "
+            "student for the thumbnail size yourself and pass it as "
+            "`ThumbNetTrainer(..., student=my_student)`."
+        )
+    if tuple(student.outputs[0].shape[1:]) != tuple(teacher.outputs[0].shape[1:]):
+        raise ValueError(
+            f"The derived student's output shape {tuple(student.outputs[0].shape)} "
+            f"differs from the teacher's {tuple(teacher.outputs[0].shape)}; pass a "
+            "student explicitly."
+        )
+    student.set_weights(teacher.get_weights())
+    student.name = name or f"{teacher.name}_student"
+    return student

@@ -1,0 +1,376 @@
+"""`ThumbNetTrainer`: trains the downscaler E and the student S under a frozen
+teacher T with the ThumbNet losses, on any Keras backend.
+
+Like `keras.distillation.Distiller`, it overrides `compute_loss` (not
+`train_step`), so the stock TensorFlow, JAX and torch training loops, XLA
+compilation and `keras.distribution` all apply unchanged. Unlike Distiller, the
+forward pass returns the thumbnail and the student's feature map next to the
+logits, so S runs once per step.
+
+Stages (ThumbNet, Sec. 3.3):
+
+* `"fm_pretrain"`: MM + FM. Needs no labels.
+* `"joint"`: CL + KD + FM + MM.
+
+Each active term is logged in the `fit` history as `cl_loss`, `kd_loss`,
+`fm_loss`, `mm_loss`, unweighted; `loss` is the weighted total.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from thumbnet_keras.losses import thumbnet_losses as L
+from thumbnet_keras.models.student import image_input_shape
+
+__all__ = ["ThumbNetTrainer", "STAGES", "find_feature_layer"]
+
+STAGES = {
+    "fm_pretrain": ("fm", "mm"),
+    "joint": ("cl", "kd", "fm", "mm"),
+}
+_TERMS = ("cl", "kd", "fm", "mm")
+
+
+def _rank4_layers(model):
+    names = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        try:
+            output = layer.output
+        except (AttributeError, ValueError):  # Unused or shared layer.
+            continue
+        if hasattr(output, "shape") and len(output.shape) == 4:
+            names.append(layer.name)
+    return names
+
+
+def find_feature_layer(model: keras.Model, name: str | None, role: str) -> str:
+    """Resolves the feature layer name; `None` picks the last 4-D feature map."""
+    candidates = _rank4_layers(model)
+    if name is None:
+        if not candidates:
+            raise ValueError(
+                f"The {role} '{model.name}' has no layer with a 4-D (B, H, W, C) "
+                "output to use for feature mapping."
+            )
+        return candidates[-1]
+    if name not in candidates:
+        shown = ", ".join(candidates[-12:])
+        more = f" (last 12 of {len(candidates)})" if len(candidates) > 12 else ""
+        raise ValueError(
+            f"Feature layer '{name}' not found among the {role} '{model.name}' "
+            f"layers with a 4-D output. Candidates{more}: {shown}."
+        )
+    return name
+
+
+def _check_logits_model(model, role):
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"`{role}` must be a keras.Model, received {type(model).__name__}."
+        )
+    if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
+        shapes = [tuple(o.shape) for o in model.outputs]
+        raise ValueError(
+            f"The {role} '{model.name}' must output one logits vector (B, classes); "
+            f"its outputs have shapes {shapes}."
+        )
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    if getattr(activation, "__name__", None) in ("softmax", "sigmoid"):
+        raise ValueError(
+            f"The {role} '{model.name}' ends in a {activation.__name__} activation "
+            f"(layer '{last.name}'), so it outputs probabilities, not logits. "
+            "Rebuild it with `classifier_activation=None` (keras.applications) or "
+            "`activation=None` on its last layer; the weights are unchanged."
+        )
+    return model.outputs[0].shape[-1]
+
+
+def _feature_model(model, layer_name, name):
+    return keras.Model(
+        model.inputs,
+        [model.outputs[0], model.get_layer(layer_name).output],
+        name=name,
+    )
+
+
+@keras.saving.register_keras_serializable(package="thumbnet_keras")
+class ThumbNetTrainer(keras.Model):
+    """Trains a ThumbNet: downscaler E and student S under a frozen teacher T.
+
+    Args:
+        teacher: T, a trained classifier on full-size `(H, W, C)` images that
+            outputs logits. Frozen: `trainable` is set to False and it is
+            always called with `training=False`.
+        downscaler: E, maps `(H, W, C)` to `(H/f, W/f, C)`; see
+            `thumbnet_keras.build_downscaler`.
+        student: S, T's architecture at `(H/f, W/f, C)` (see
+            `thumbnet_keras.make_student`), same number of classes as T.
+        stage: `"fm_pretrain"` (MM + FM, no labels) or `"joint"`
+            (CL + KD + FM + MM). Defaults to `"joint"`. After changing it, call
+            `compile()` again.
+        temperature: KD softening temperature. Defaults to 4.0.
+        cl_weight, kd_weight, fm_weight, mm_weight: non-negative weights of the
+            four terms in the total loss. Default to 1.0.
+        teacher_feature_layer, student_feature_layer: names of the layers
+            whose outputs FM compares. Default: the last 4-D feature map of each.
+
+    When T's and S's feature maps differ in channels, a trainable 1x1 conv
+    (`fm_adapter`) maps S's channels to T's; it belongs to the trainer and is
+    left out of `export()`.
+
+    Call: `trainer(images)` returns a dict with `"logits"` (B, classes),
+    `"thumbnail"` (B, H/f, W/f, C) and `"features"` (S's feature map).
+    Compile-time `metrics` (e.g. `["accuracy"]`) see the logits.
+
+    Example:
+
+    >>> teacher = backbones.build("resnet18", (64, 64, 3), num_classes=10)
+    >>> trainer = ThumbNetTrainer(
+    ...     teacher=teacher,
+    ...     downscaler=build_downscaler((64, 64, 3), factor=2),
+    ...     student=make_student(teacher, factor=2),
+    ...     stage="fm_pretrain",
+    ... )
+    >>> trainer.compile(optimizer="adam")
+    >>> trainer.fit(images, epochs=1)           # no labels needed
+    >>> trainer.stage = "joint"
+    >>> trainer.compile(optimizer="adam", metrics=["accuracy"])
+    >>> trainer.fit(images, labels, epochs=1)
+    >>> trainer.export().save("thumbnet.keras")  # image -> E -> S -> logits
+
+    Reference: Zhao & Ghanem, ThumbNet, ACM MM 2020 (arXiv:1904.05034);
+    Hinton, Vinyals & Dean 2015 for KD.
+    """
+
+    def __init__(
+        self,
+        teacher: keras.Model,
+        downscaler: keras.Model,
+        student: keras.Model,
+        stage: str = "joint",
+        temperature: float = 4.0,
+        cl_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        fm_weight: float = 1.0,
+        mm_weight: float = 1.0,
+        teacher_feature_layer: str | None = None,
+        student_feature_layer: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        num_classes = _check_logits_model(teacher, "teacher")
+        student_classes = _check_logits_model(student, "student")
+        if student_classes != num_classes:
+            raise ValueError(
+                f"The student '{student.name}' outputs {student_classes} logits but "
+                f"the teacher '{teacher.name}' outputs {num_classes}; they must agree."
+            )
+        if not isinstance(downscaler, keras.Model):
+            raise ValueError(
+                f"`downscaler` must be a keras.Model, received {type(downscaler).__name__}."
+            )
+        self._check_shapes(teacher, downscaler, student)
+        if not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0, received {temperature!r}.")
+        for term, weight in zip(_TERMS, (cl_weight, kd_weight, fm_weight, mm_weight)):
+            if not isinstance(weight, (int, float)) or weight < 0:
+                raise ValueError(
+                    f"`{term}_weight` must be a number >= 0, received {weight!r}."
+                )
+
+        self.teacher = teacher
+        self.teacher.trainable = False
+        self.downscaler = downscaler
+        self.student = student
+        self._stage = None
+        self.stage = stage
+        self.temperature = float(temperature)
+        self.cl_weight = float(cl_weight)
+        self.kd_weight = float(kd_weight)
+        self.fm_weight = float(fm_weight)
+        self.mm_weight = float(mm_weight)
+        self.teacher_feature_layer = find_feature_layer(
+            teacher, teacher_feature_layer, "teacher"
+        )
+        self.student_feature_layer = find_feature_layer(
+            student, student_feature_layer, "student"
+        )
+        # Remember what the user passed, so get_config round-trips exactly.
+        self._feature_layer_args = (teacher_feature_layer, student_feature_layer)
+
+        self._teacher_features = _feature_model(
+            teacher, self.teacher_feature_layer, "teacher_features"
+        )
+        self._student_features = _feature_model(
+            student, self.student_feature_layer, "student_features"
+        )
+        t_channels = self._teacher_features.outputs[1].shape[-1]
+        s_channels = self._student_features.outputs[1].shape[-1]
+        self.fm_adapter = None
+        if t_channels != s_channels:
+            self.fm_adapter = keras.layers.Conv2D(t_channels, 1, name="fm_adapter")
+        self._term_trackers = {
+            term: keras.metrics.Mean(name=f"{term}_loss") for term in _TERMS
+        }
+
+    @staticmethod
+    def _check_shapes(teacher, downscaler, student):
+        t_shape = image_input_shape(teacher)
+        e_in = image_input_shape(downscaler)
+        s_shape = image_input_shape(student)
+        e_out = tuple(downscaler.outputs[0].shape[1:])
+        if None not in t_shape and None not in e_in and t_shape != e_in:
+            raise ValueError(
+                f"The downscaler takes {e_in} images but the teacher takes {t_shape}."
+            )
+        if len(e_out) != 3 or e_out[-1] != e_in[-1]:
+            raise ValueError(
+                f"The downscaler must output (H/f, W/f, {e_in[-1]}) thumbnails, "
+                f"its output shape is {e_out}."
+            )
+        if None not in s_shape and None not in e_out and s_shape != e_out:
+            raise ValueError(
+                f"The student takes {s_shape} inputs but the downscaler makes "
+                f"{e_out} thumbnails."
+            )
+
+    # -- stage ---------------------------------------------------------------
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    @stage.setter
+    def stage(self, value: str) -> None:
+        if value not in STAGES:
+            raise ValueError(
+                f"`stage` must be one of {sorted(STAGES)}, received {value!r}."
+            )
+        if value != self._stage and self._stage is not None:
+            # The compiled step and the metric list depend on the stage.
+            self.compiled = False
+            self.train_function = self.test_function = self.predict_function = None
+        self._stage = value
+
+    @property
+    def active_terms(self) -> tuple:
+        return STAGES[self.stage]
+
+    @property
+    def metrics(self):
+        trackers = set(map(id, self._term_trackers.values()))
+        base = [m for m in super().metrics if id(m) not in trackers]
+        return base + [self._term_trackers[t] for t in self.active_terms]
+
+    # -- forward and loss ----------------------------------------------------
+    def call(self, inputs, training=None):
+        thumbnail = self.downscaler(inputs, training=training)
+        logits, features = self._student_features(thumbnail, training=training)
+        return {"logits": logits, "thumbnail": thumbnail, "features": features}
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        if sample_weight is not None:
+            raise ValueError(
+                "ThumbNetTrainer does not support `sample_weight`; weight the "
+                "loss terms with cl_weight, kd_weight, fm_weight and mm_weight."
+            )
+        if y_pred is None:
+            y_pred = self(x, training=training)
+        t_logits, t_features = self._teacher_features(x, training=False)
+        t_logits = ops.stop_gradient(t_logits)
+        t_features = ops.stop_gradient(t_features)
+        s_features = y_pred["features"]
+        if self.fm_adapter is not None:
+            s_features = self.fm_adapter(s_features)
+
+        terms = {
+            "fm": L.feature_mapping_loss(t_features, s_features),
+            "mm": L.moment_matching_loss(x, y_pred["thumbnail"]),
+        }
+        if self.stage == "joint":
+            if y is None:
+                raise ValueError(
+                    "The 'joint' stage needs labels: fit(x, y) or a dataset of "
+                    "(images, labels). The 'fm_pretrain' stage trains without them."
+                )
+            terms["cl"] = L.classification_loss(y, y_pred["logits"])
+            terms["kd"] = L.distillation_loss(
+                t_logits, y_pred["logits"], self.temperature
+            )
+        weights = {
+            "cl": self.cl_weight,
+            "kd": self.kd_weight,
+            "fm": self.fm_weight,
+            "mm": self.mm_weight,
+        }
+        total = 0.0
+        for term in self.active_terms:
+            self._term_trackers[term].update_state(terms[term])
+            total = total + weights[term] * terms[term]
+        if self.losses:
+            total = total + ops.sum(ops.stack(self.losses))
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred
+        return super().compute_metrics(x, y, logits, sample_weight)
+
+    # -- export --------------------------------------------------------------
+    def export(self, filepath=None, format="tf_saved_model", **kwargs):
+        """Returns the deployable model: full-size image -> E -> S -> logits.
+
+        A Functional model of E and S (built-in layers only when E and S are),
+        sharing their weights; the teacher and `fm_adapter` are left out.
+        Save it with `.save("thumbnet.keras")`. With `filepath`, it is instead
+        exported like `keras.Model.export(filepath, format=...)`
+        (`"tf_saved_model"`, `"onnx"`, `"litert"`), and returned.
+        """
+        shape = image_input_shape(self.downscaler)
+        image = keras.Input(shape, name="image")
+        logits = self.student(self.downscaler(image))
+        model = keras.Model(image, logits, name="thumbnet")
+        if filepath is not None:
+            model.export(filepath, format=format, **kwargs)
+        return model
+
+    def export_thumbnail_model(self) -> keras.Model:
+        """Returns S alone: thumbnail `(H/f, W/f, C)` -> logits."""
+        return self.student
+
+    # -- serialization -------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        for key in ("layers", "input_layers", "output_layers"):
+            config.pop(key, None)
+        serialize = keras.saving.serialize_keras_object
+        config.update(
+            {
+                "teacher": serialize(self.teacher),
+                "downscaler": serialize(self.downscaler),
+                "student": serialize(self.student),
+                "stage": self.stage,
+                "temperature": self.temperature,
+                "cl_weight": self.cl_weight,
+                "kd_weight": self.kd_weight,
+                "fm_weight": self.fm_weight,
+                "mm_weight": self.mm_weight,
+                "teacher_feature_layer": self.teacher_feature_layer,
+                "student_feature_layer": self.student_feature_layer,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for key in ("teacher", "downscaler", "student"):
+            config[key] = keras.saving.deserialize_keras_object(
+                config[key], custom_objects=custom_objects
+            )
+        return cls(**config)
