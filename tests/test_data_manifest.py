@@ -1,0 +1,119 @@
+"""Manifests: the shipped ones validate; bad ones fail naming file and field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from thumbnet_keras import data
+
+SHIPPED = ["elpv", "fashion_mnist", "imagenet2012", "places365"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_manifests_load_by_bare_name(name):
+    manifest = data.load_manifest(name)
+    assert manifest.name == name
+    assert manifest.path.endswith(f"data_manifests/{name}.yaml")
+    assert manifest.license
+
+
+def test_elpv_manifest_states_licence_and_protocol():
+    m = data.load_manifest("elpv")
+    assert m.license == "CC BY-NC-SA 4.0"
+    assert m.split.test_fraction == 0.25
+    assert m.classes == ["0", "1/3", "2/3", "1"]
+    assert (m.image.height, m.image.width, m.image.channels) == (300, 300, 1)
+
+
+def test_tfds_manifests_never_download_by_default():
+    for name in ("imagenet2012", "places365"):
+        assert data.load_manifest(name).source.download is False
+    assert data.load_manifest("imagenet2012").source.manual_files == [
+        "ILSVRC2012_img_train.tar",
+        "ILSVRC2012_img_val.tar",
+    ]
+
+
+def _write(tmp_path, body: str):
+    path = tmp_path / "m.yaml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+GOOD = """
+name: toy
+description: a toy
+license: MIT
+source: {type: image_folder, root: /nowhere}
+image: {channels: 3}
+"""
+
+
+def test_good_manifest_has_defaults(tmp_path):
+    m = data.load_manifest(_write(tmp_path, GOOD))
+    assert m.split.validation_fraction == 0.0
+    assert m.source.split_dirs is None
+
+
+def test_unknown_field_names_file_and_field(tmp_path):
+    path = _write(tmp_path, GOOD + "colour_space: rgb\n")
+    with pytest.raises(data.ManifestError) as err:
+        data.load_manifest(path)
+    assert str(path) in str(err.value)
+    assert "colour_space: unknown field" in str(err.value)
+
+
+def test_unknown_nested_field_names_its_path(tmp_path):
+    path = _write(tmp_path, GOOD.replace("root: /nowhere", "root: /nowhere, rot: 1"))
+    with pytest.raises(
+        data.ManifestError, match=r"source\.image_folder\.rot: unknown field"
+    ):
+        data.load_manifest(path)
+
+
+def test_missing_field_names_file_and_field(tmp_path):
+    path = _write(tmp_path, GOOD.replace("license: MIT\n", ""))
+    with pytest.raises(data.ManifestError) as err:
+        data.load_manifest(path)
+    assert str(path) in str(err.value) and "license: missing field" in str(err.value)
+
+
+def test_out_of_range_fraction_is_rejected(tmp_path):
+    path = _write(tmp_path, GOOD + "split: {test_fraction: 1.5}\n")
+    with pytest.raises(data.ManifestError, match=r"split\.test_fraction"):
+        data.load_manifest(path)
+
+
+def test_unknown_name_and_bad_yaml(tmp_path):
+    with pytest.raises(data.ManifestError, match="no manifest named 'cifar10'"):
+        data.load_manifest("cifar10")
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(data.ManifestError, match="not valid YAML"):
+        data.load_manifest(path)
+
+
+def test_manifest_dir_env_var_wins(tmp_path, monkeypatch):
+    (tmp_path / "elpv.yaml").write_text(GOOD.replace("name: toy", "name: elpv"))
+    monkeypatch.setenv("THUMBNET_MANIFEST_DIR", str(tmp_path))
+    assert data.load_manifest("elpv").license == "MIT"
+
+
+def test_importing_data_does_not_import_tensorflow():
+    code = (
+        "import sys; from thumbnet_keras import data; "
+        "data.load_manifest('elpv'); "
+        "print('tensorflow' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"KERAS_BACKEND": "jax", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -1,0 +1,305 @@
+"""prepare: validation and quarantine of real bad files, reuse, atomic writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from data_fixtures import (
+    BAD_FILES,
+    encode,
+    make_image_folder,
+    pattern,
+    write_bad_files,
+    write_good,
+)
+from PIL import Image
+
+from thumbnet_keras import data
+from thumbnet_keras.data import index as index_module
+from thumbnet_keras.data.validate import validate_bytes
+
+
+def folder_manifest(root, **split) -> data.Manifest:
+    return data.Manifest.model_validate(
+        {
+            "name": "toy",
+            "description": "planted files",
+            "license": "test data",
+            "source": {"type": "image_folder", "root": str(root)},
+            "image": {"channels": 3},
+            "split": {"test_fraction": 0.34, **split},
+        }
+    )
+
+
+def rows_by_name(prepared) -> dict[str, dict]:
+    return {os.path.basename(r["key"]): r for r in prepared.read_index().to_pylist()}
+
+
+def test_planted_bad_files_get_right_status_and_reason(tmp_path):
+    make_image_folder(tmp_path / "src")
+    # The planted 16-bit PNG really is 16 bits deep (IHDR bit depth byte).
+    assert (tmp_path / "src/cat/deep16.png").read_bytes()[24] == 16
+    prepared = data.prepare(folder_manifest(tmp_path / "src"), tmp_path / "out")
+    rows = rows_by_name(prepared)
+    for name, (status, reason) in BAD_FILES.items():
+        assert (rows[name]["status"], rows[name]["reason"]) == (status, reason), name
+    report = json.loads(open(prepared.quarantine_path).read())
+    quarantined = {
+        os.path.basename(q["key"]): q["reason"] for q in report["quarantined"]
+    }
+    assert quarantined == {
+        n: r for n, (s, r) in BAD_FILES.items() if s == "quarantined"
+    }
+    # Quarantined rows are excluded from every split; the 12 good + 3 converted remain.
+    assert sum(prepared.splits.values()) == 15
+    assert all(r["split"] == "" for r in rows.values() if r["status"] == "quarantined")
+
+
+def test_converted_files_are_8bit_pngs_with_the_same_pixels(tmp_path):
+    make_image_folder(tmp_path / "src")
+    rows = rows_by_name(
+        data.prepare(folder_manifest(tmp_path / "src"), tmp_path / "out")
+    )
+    deep = Image.open(rows["deep16.png"]["image_uri"])
+    assert deep.mode == "L" and deep.format == "PNG"
+    np.testing.assert_array_equal(np.asarray(deep), pattern(16, 16, 1, 5))
+    palette = Image.open(rows["palette.png"]["image_uri"])
+    original = Image.open(tmp_path / "src/cat/palette.png").convert("RGB")
+    assert palette.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(palette), np.asarray(original))
+    assert rows["picture.bmp"]["channels"] == 3
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (
+            lambda: encode(np.zeros((8, 8, 4), np.uint8) + 255, "PNG"),
+            ("converted", "drop_opaque_alpha"),
+        ),
+        (lambda: _gif(frames=2), ("quarantined", "animated")),
+        (lambda: _gif(frames=1), ("converted", "palette_to_rgb")),
+        (lambda: b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, ("quarantined", "not_an_image")),
+        (lambda: _damaged_png(), ("quarantined", "corrupt")),
+        (lambda: encode(pattern(8, 8, 1, 0), "PNG"), ("ok", "")),
+    ],
+)
+def test_more_formats(make, expected):
+    v = validate_bytes(make())
+    assert (v.status, v.reason) == expected
+
+
+def _damaged_png() -> bytes:
+    blob = bytearray(encode(pattern(32, 32, 3, 1), "PNG"))
+    blob[60:80] = b"\xff" * 20  # inside the IDAT zlib stream
+    return bytes(blob)
+
+
+def _gif(frames: int) -> bytes:
+    images = [Image.fromarray(pattern(8, 8, 3, i)).convert("P") for i in range(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:])
+    return buf.getvalue()
+
+
+def test_reprepare_is_skipped_when_nothing_changed_and_redone_for_a_changed_file(
+    tmp_path,
+):
+    make_image_folder(tmp_path / "src")
+    manifest = folder_manifest(tmp_path / "src")
+    first = data.prepare(manifest, tmp_path / "out")
+    assert (
+        not first.reused and first.decoded == 20
+    )  # 21 candidates; the directory is not read
+    index_mtime = os.stat(first.index_path).st_mtime_ns
+    second = data.prepare(manifest, tmp_path / "out")
+    assert second.reused and second.decoded == 0
+    assert os.stat(first.index_path).st_mtime_ns == index_mtime
+    # Change one file's content: only that file is decoded again.
+    write_good(tmp_path / "src/dog/dog_03.jpg", seed=12345)
+    third = data.prepare(manifest, tmp_path / "out")
+    assert not third.reused and third.decoded == 1
+    # A file that becomes bad is re-validated and quarantined.
+    (tmp_path / "src/dog/dog_00.png").write_bytes(b"")
+    fourth = data.prepare(manifest, tmp_path / "out")
+    assert rows_by_name(fourth)["dog_00.png"]["reason"] == "empty_file"
+    assert sum(fourth.splits.values()) == 14
+
+
+def test_manifest_change_redoes_the_index(tmp_path):
+    make_image_folder(tmp_path / "src", with_bad=False)
+    data.prepare(folder_manifest(tmp_path / "src"), tmp_path / "out")
+    again = data.prepare(folder_manifest(tmp_path / "src", seed=7), tmp_path / "out")
+    assert not again.reused and again.decoded == 0  # re-split, nothing re-decoded
+
+
+def test_failure_mid_write_leaves_the_previous_index(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "src", with_bad=False)
+    manifest = folder_manifest(tmp_path / "src")
+    good = data.prepare(manifest, tmp_path / "out")
+    before = index_module.file_sha256(good.index_path)
+    write_good(tmp_path / "src/cat/cat_00.png", seed=999)
+
+    real_write = pq.write_table
+
+    def dying_write(table, where, **kw):
+        real_write(table, where, **kw)
+        with open(where, "r+b") as f:  # half a file, then the process "dies"
+            f.truncate(os.path.getsize(where) // 2)
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(pq, "write_table", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(manifest, tmp_path / "out")
+    monkeypatch.setattr(pq, "write_table", real_write)
+    assert index_module.file_sha256(good.index_path) == before
+    assert [p for p in os.listdir(tmp_path / "out") if ".tmp-" in p] == []
+    assert data.PreparedDataset.load(tmp_path / "out").splits == good.splits
+    redone = data.prepare(manifest, tmp_path / "out")
+    assert not redone.reused and redone.decoded == 1
+
+
+def test_a_half_written_index_is_never_trusted(tmp_path):
+    make_image_folder(tmp_path / "src", with_bad=False)
+    manifest = folder_manifest(tmp_path / "src")
+    good = data.prepare(manifest, tmp_path / "out")
+    with open(good.index_path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(data.IndexCorruptError, match="does not match"):
+        data.PreparedDataset.load(tmp_path / "out")
+    redone = data.prepare(manifest, tmp_path / "out")
+    assert not redone.reused and redone.decoded == 12
+    assert data.PreparedDataset.load(tmp_path / "out").splits == good.splits
+
+
+def test_empty_split_fails_with_clear_message(tmp_path):
+    root = tmp_path / "src"
+    for name, (status, _) in write_bad_files(root / "cat").items():
+        if status == "converted":
+            os.remove(root / "cat" / name)
+    with pytest.raises(data.PrepareError, match="split 'train' has no usable example"):
+        data.prepare(folder_manifest(root), tmp_path / "out")
+    assert os.path.isfile(tmp_path / "out" / "quarantine.json")
+    assert not os.path.exists(tmp_path / "out" / "index.parquet")
+
+
+def test_declared_class_without_examples_fails(tmp_path):
+    make_image_folder(tmp_path / "src", with_bad=False)
+    manifest = folder_manifest(tmp_path / "src").model_copy(
+        update={"classes": ["cat", "dog", "emu"]}
+    )
+    with pytest.raises(data.PrepareError, match=r"\['emu'\] have no usable example"):
+        data.prepare(manifest, tmp_path / "out")
+
+
+def test_duplicates_across_splits_are_reported(tmp_path):
+    root = make_image_folder(tmp_path / "src", with_bad=False, per_class=10)
+    blob = (root / "cat/cat_00.png").read_bytes()
+    for i in range(4):
+        (root / f"cat/copy_{i}.png").write_bytes(blob)
+    prepared = data.prepare(folder_manifest(root), tmp_path / "out")
+    summary = prepared.summary()
+    rows = [
+        r
+        for r in prepared.read_index().to_pylist()
+        if r["sha256"] == index_module.hashlib.sha256(blob).hexdigest()
+    ]
+    splits = {r["split"] for r in rows}
+    assert len(rows) == 5
+    if len(splits) > 1:
+        assert summary["duplicates_across_splits"][0]["splits"] == sorted(splits)
+        assert len(summary["duplicates_across_splits"][0]["keys"]) == 5
+    else:
+        assert summary["duplicates_within_split"] == 4
+    assert splits == {"train", "test"}  # with seed 0 the copies straddle the split
+
+
+def test_validation_fraction_carves_a_stratified_subset_of_train(tmp_path):
+    make_image_folder(tmp_path / "src", with_bad=False, per_class=12)
+    plain = data.prepare(folder_manifest(tmp_path / "src"), tmp_path / "a")
+    carved = data.prepare(
+        folder_manifest(tmp_path / "src", validation_fraction=0.25), tmp_path / "b"
+    )
+    assert plain.splits == {"train": 16, "test": 8}
+    assert carved.splits == {"train": 12, "validation": 4, "test": 8}
+    assert carved.summary()["per_class"]["validation"] == {"cat": 2, "dog": 2}
+
+    def test_keys(p):
+        return {r["key"] for r in p.read_index().to_pylist() if r["split"] == "test"}  # noqa: E731
+
+    assert test_keys(plain) == test_keys(carved)  # test never changes
+
+
+def test_split_folders_and_ignored_files(tmp_path):
+    root = tmp_path / "src"
+    for split, folder in (("train", "tr"), ("test", "val")):
+        for c in ("a", "b"):
+            for i in range(3):
+                write_good(
+                    root / folder / c / f"{i}.png",
+                    seed=i + (c == "b") * 10 + len(split),
+                )
+    (root / "tr/a/notes.txt").write_text("not an image, skipped")
+    manifest = data.Manifest.model_validate(
+        {
+            "name": "split_folders",
+            "description": "d",
+            "license": "l",
+            "source": {
+                "type": "image_folder",
+                "root": str(root),
+                "split_dirs": {"train": "tr", "test": "val"},
+            },
+            "image": {"channels": 3},
+            "split": {"test_fraction": 0.0},
+        }
+    )
+    prepared = data.prepare(manifest, tmp_path / "out")
+    assert prepared.splits == {"train": 6, "test": 6}
+    assert json.load(open(prepared.quarantine_path))["ignored_files"] == [
+        "tr/a/notes.txt"
+    ]
+
+
+@pytest.mark.parametrize("kind", ["path", "bytes"])
+def test_parquet_source(tmp_path, kind):
+    paths, blobs, labels = [], [], []
+    for i in range(8):
+        p = write_good(tmp_path / "img" / f"{i}.png", seed=i)
+        paths.append(f"img/{i}.png")
+        blobs.append(p.read_bytes())
+        labels.append(i % 2)
+    paths[3], blobs[3] = "img/missing.png", b"not an image"
+    table = pa.table({"image": paths if kind == "path" else blobs, "y": labels})
+    pq.write_table(table, tmp_path / "table.parquet")
+    manifest = data.Manifest.model_validate(
+        {
+            "name": "pq",
+            "description": "d",
+            "license": "l",
+            "source": {
+                "type": "parquet",
+                "path": str(tmp_path / "table.parquet"),
+                "image_kind": kind,
+                "label_column": "y",
+            },
+            "classes": ["even", "odd"],
+            "image": {"channels": 3},
+            "split": {"test_fraction": 0.25},
+        }
+    )
+    prepared = data.prepare(manifest, tmp_path / "out")
+    rows = prepared.read_index().to_pylist()
+    assert rows[3]["status"] == "quarantined"
+    assert rows[3]["reason"] == ("not_a_file" if kind == "path" else "not_an_image")
+    assert prepared.class_names == ["even", "odd"]
+    assert sum(prepared.splits.values()) == 7
+    x, y = next(iter(data.make_dataset(prepared, "train", 8, 2, training=False)))
+    assert x.shape == (2, 8, 8, 3) and set(y.numpy()) <= {0, 1}

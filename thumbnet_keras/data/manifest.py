@@ -1,0 +1,245 @@
+"""Dataset manifests: one YAML file per dataset, validated by a pydantic schema.
+
+A manifest says where the images come from (`source`), which classes exist,
+how the examples are split, and under which licence the data may be used.
+Every model forbids unknown fields, so a typo fails loudly; `load_manifest`
+turns a pydantic error into a `ManifestError` that names the file and the
+field.
+
+Example:
+    >>> from thumbnet_keras import data
+    >>> m = data.load_manifest("elpv")          # data_manifests/elpv.yaml
+    >>> m.source.type, m.split.test_fraction
+    ('elpv', 0.25)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MANIFEST_DIR_ENV = "THUMBNET_MANIFEST_DIR"
+
+
+class ManifestError(ValueError):
+    """A manifest file is missing, unparsable, or does not match the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ElpvSource(_Strict):
+    """The PyPI package `elpv-dataset` (300x300 gray solar-cell images)."""
+
+    type: Literal["elpv"]
+    labels_csv: str | None = Field(
+        None,
+        description="labels.csv of the ELPV set; default: the one inside the "
+        "installed elpv_dataset package (images are read in place).",
+    )
+
+
+class FashionMnistSource(_Strict):
+    """The Debian package `dataset-fashion-mnist` (gzipped IDX files)."""
+
+    type: Literal["fashion_mnist"]
+    directory: str = Field(
+        "/usr/share/datasets/fashion-mnist",
+        description="Folder with {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz.",
+    )
+
+
+class ImageFolderSource(_Strict):
+    """`root/<class_name>/*.{jpg,png,...}`, optionally under split folders."""
+
+    type: Literal["image_folder"]
+    root: str = Field(..., description="Folder holding the class folders.")
+    split_dirs: dict[Literal["train", "validation", "test"], str] | None = Field(
+        None,
+        description="Optional split folders, e.g. {train: train, test: val}: "
+        "root/<split_dir>/<class_name>/<file>. None: one pool, split by `split`.",
+    )
+    extensions: list[str] = Field(
+        [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"],
+        description="File names ending in these (case-insensitive) are candidates; "
+        "every candidate is decoded and validated.",
+    )
+
+
+class ParquetSource(_Strict):
+    """A Parquet table with an image (path or bytes) column and a label column."""
+
+    type: Literal["parquet"]
+    path: str = Field(..., description="The Parquet file.")
+    image_column: str = Field("image", description="Column with path or bytes.")
+    image_kind: Literal["path", "bytes"] = Field(
+        "path", description="Whether image_column holds file paths or image bytes."
+    )
+    label_column: str = Field("label", description="Class name (string) or index.")
+    split_column: str | None = Field(
+        None, description="Optional column with train/validation/test values."
+    )
+    base_dir: str | None = Field(
+        None, description="Relative paths are relative to this (default: the table)."
+    )
+
+
+class TfdsSource(_Strict):
+    """A TensorFlow Datasets builder, read from a local data_dir only."""
+
+    type: Literal["tfds"]
+    name: str = Field(..., description="TFDS builder name, e.g. imagenet2012.")
+    data_dir: str | None = Field(
+        None,
+        description="TFDS data_dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).",
+    )
+    manual_dir: str | None = Field(
+        None,
+        description="Folder with manually downloaded archives (imagenet2012: "
+        "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar).",
+    )
+    manual_files: list[str] = Field(
+        [], description="Files that must be in manual_dir before a local build."
+    )
+    download: bool = Field(
+        False, description="Allow TFDS to download. Off: nothing leaves the machine."
+    )
+    splits: dict[Literal["train", "validation", "test"], str] = Field(
+        {"train": "train", "test": "validation"},
+        description="Prepared split name -> TFDS split name.",
+    )
+    image_key: str = "image"
+    label_key: str = "label"
+
+
+Source = Annotated[
+    ElpvSource | FashionMnistSource | ImageFolderSource | ParquetSource | TfdsSource,
+    Field(discriminator="type"),
+]
+
+
+class SplitSpec(_Strict):
+    """How examples are assigned to train / validation / test.
+
+    Sources with their own split (Fashion-MNIST, TFDS, split folders, a split
+    column) keep it; the others are split here, stratified by class.
+    `validation_fraction` always carves a stratified validation subset out of
+    train (fixed seed), for choosing hyper-parameters without touching test.
+    """
+
+    test_fraction: float = Field(
+        0.25, ge=0.0, lt=1.0, description="Used only when the source has no test split."
+    )
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of train moved to validation."
+    )
+    seed: int = Field(0, description="Seed of the stratified permutation.")
+
+
+class ImageSpec(_Strict):
+    """Shape of the source images as published (informative; checked in tests)."""
+
+    height: int | None = Field(None, ge=1)
+    width: int | None = Field(None, ge=1)
+    channels: Literal[1, 3]
+
+
+class Manifest(_Strict):
+    """A dataset manifest (see `data_manifests/*.yaml`)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str
+    license: str = Field(..., description="Data licence, e.g. CC BY-NC-SA 4.0.")
+    citation: str | None = None
+    homepage: str | None = None
+    source: Source
+    classes: list[str] | None = Field(
+        None,
+        description="Class names in label order. Every declared class must have "
+        "examples. None: sorted names found in the source (TFDS: its ClassLabel).",
+    )
+    image: ImageSpec
+    split: SplitSpec = SplitSpec()
+    normalization: Literal["unit", "symmetric", "imagenet"] = Field(
+        "unit", description="Default pipeline normalization for this dataset's teacher."
+    )
+    path: str | None = Field(None, exclude=True, description="Set by load_manifest.")
+
+    def content_hash(self) -> str:
+        """sha256 of the manifest's fields (not its file path)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def manifest_dirs() -> list[Path]:
+    """Folders searched for a bare manifest name, in order.
+
+    `$THUMBNET_MANIFEST_DIR`, then `data_manifests/` of the repository this
+    package lives in (an editable install or a checkout), then
+    `./data_manifests`.
+    """
+    dirs = []
+    if os.environ.get(MANIFEST_DIR_ENV):
+        dirs.append(Path(os.environ[MANIFEST_DIR_ENV]))
+    dirs.append(Path(__file__).resolve().parents[2] / "data_manifests")
+    dirs.append(Path.cwd() / "data_manifests")
+    return dirs
+
+
+def _resolve(path_or_name: str | os.PathLike) -> Path:
+    text = os.fspath(path_or_name)
+    candidate = Path(text).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or os.sep in text or candidate.exists():
+        if not candidate.is_file():
+            raise ManifestError(f"manifest file not found: {candidate}")
+        return candidate
+    for directory in manifest_dirs():
+        for suffix in (".yaml", ".yml"):
+            if (directory / f"{text}{suffix}").is_file():
+                return directory / f"{text}{suffix}"
+    searched = ", ".join(str(d) for d in manifest_dirs())
+    raise ManifestError(f"no manifest named {text!r} (searched {searched})")
+
+
+def load_manifest(path_or_name: str | os.PathLike | Manifest) -> Manifest:
+    """Read and validate a manifest.
+
+    Args:
+        path_or_name: a YAML path, or a bare name such as "elpv" resolved in
+            `manifest_dirs()`. A `Manifest` is returned unchanged.
+
+    Returns:
+        The validated `Manifest` (with `path` set to the file read).
+
+    Raises:
+        ManifestError: the file is missing or not YAML, or a field is unknown,
+            missing or invalid; the message names the file and the field.
+    """
+    if isinstance(path_or_name, Manifest):
+        return path_or_name
+    path = _resolve(path_or_name)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: expected a mapping at top level, got {raw!r}")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "<root>"
+            kind = {"extra_forbidden": "unknown field", "missing": "missing field"}.get(
+                e["type"], e["msg"]
+            )
+            problems.append(f"{field}: {kind}")
+        raise ManifestError(f"{path}: " + "; ".join(problems)) from err
+    return manifest.model_copy(update={"path": str(path)})

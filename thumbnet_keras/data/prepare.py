@@ -1,0 +1,331 @@
+"""`prepare`: validate every example once, split, and write the index.
+
+One streaming pass over the source: read each candidate's bytes, hash them
+(sha256), and decode/validate only when the previous index has no row with the
+same key and hash. The input fingerprint (manifest content, options and every
+(key, sha256)) decides whether anything changed; when it did not, the previous
+index is returned untouched and nothing is decoded or written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from thumbnet_keras.data import index as idx
+from thumbnet_keras.data.manifest import Manifest, TfdsSource, load_manifest
+from thumbnet_keras.data.sources import SPLITS, Candidate, iter_candidates, limit
+from thumbnet_keras.data.splits import stratified_holdout
+from thumbnet_keras.data.validate import (
+    CONVERTED,
+    OK,
+    QUARANTINED,
+    Validation,
+    quarantine,
+    read_file,
+    validate_array,
+    validate_bytes,
+)
+
+
+class PrepareError(RuntimeError):
+    """A split ends up empty or a declared class has no usable example."""
+
+
+def _previous_rows(out_dir: Path) -> dict[tuple[str, str], dict]:
+    """(key, sha256) -> row of a trusted previous index; {} if none."""
+    try:
+        prev = idx.PreparedDataset.load(out_dir)
+    except idx.IndexCorruptError:
+        return {}
+    rows = prev.read_index().to_pylist()
+    return {(r["key"], r["sha256"]): r for r in rows if r["sha256"]}
+
+
+def _process(
+    cand: Candidate, prev: dict, out_dir: Path, is_tfds: bool
+) -> tuple[dict, bool]:
+    """Validate one candidate (or reuse its previous row). Returns (row, decoded)."""
+    data: bytes | None = cand.data
+    early: Validation | None = None
+    if cand.array is not None:
+        arr = np.ascontiguousarray(cand.array)
+        sha = hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+    else:
+        if data is None and cand.uri is not None:
+            data, early = read_file(cand.uri)
+        sha = hashlib.sha256(data).hexdigest() if data is not None else ""
+    row = {
+        "key": cand.key,
+        "image_uri": None,
+        "image_bytes": None,
+        "source_uri": cand.uri,
+        "label_name": cand.label_name,
+        "source_split": cand.source_split or "",
+        "sha256": sha,
+        "tfds_split": cand.tfds_split,
+        "tfds_index": cand.tfds_index,
+    }
+    old = prev.get((cand.key, sha)) if sha else None
+    if old is not None and (
+        old["status"] != CONVERTED
+        or old["image_uri"] is None
+        or os.path.isfile(old["image_uri"])
+    ):
+        for k in (
+            "image_uri",
+            "image_bytes",
+            "width",
+            "height",
+            "channels",
+            "status",
+            "reason",
+        ):
+            row[k] = old[k]
+        return row, False
+    if early is not None:
+        v = early
+    elif cand.array is not None:
+        v = validate_array(cand.array)
+    else:
+        v = validate_bytes(data)
+    decoded = early is None
+    if is_tfds and v.status == CONVERTED:
+        # TFDS images are read from the TFDS records at train time, unconverted.
+        v = quarantine(f"needs_conversion:{v.reason}")
+    row.update(
+        status=v.status,
+        reason=v.reason,
+        width=v.width,
+        height=v.height,
+        channels=v.channels,
+    )
+    if v.status == OK and cand.array is None:
+        if cand.uri is not None:
+            row["image_uri"] = cand.uri
+        elif not is_tfds:
+            row["image_bytes"] = data
+    elif v.converted is not None and cand.uri is not None:
+        path = out_dir / idx.CONVERTED_DIR / f"{sha}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            idx.atomic_write(path, lambda tmp: Path(tmp).write_bytes(v.converted))
+        row["image_uri"] = str(path)
+    elif v.converted is not None:
+        row["image_bytes"] = v.converted
+    return row, decoded
+
+
+def _assign_splits(rows: list[dict], manifest: Manifest) -> None:
+    usable = [i for i, r in enumerate(rows) if r["status"] != QUARANTINED]
+    for r in rows:
+        r["split"] = ""
+    unsplit = [i for i in usable if not rows[i]["source_split"]]
+    if unsplit:
+        held = stratified_holdout(
+            [rows[i]["key"] for i in unsplit],
+            [rows[i]["label"] for i in unsplit],
+            manifest.split.test_fraction,
+            manifest.split.seed,
+        )
+        for i, h in zip(unsplit, held, strict=True):
+            rows[i]["split"] = "test" if h else "train"
+    for i in usable:
+        if rows[i]["source_split"]:
+            rows[i]["split"] = rows[i]["source_split"]
+    train = [i for i in usable if rows[i]["split"] == "train"]
+    if manifest.split.validation_fraction > 0 and train:
+        held = stratified_holdout(
+            [rows[i]["key"] for i in train],
+            [rows[i]["label"] for i in train],
+            manifest.split.validation_fraction,
+            manifest.split.seed + 1,
+        )
+        for i, h in zip(train, held, strict=True):
+            if h:
+                rows[i]["split"] = "validation"
+
+
+def _expected_splits(manifest: Manifest, rows: list[dict]) -> list[str]:
+    given = {r["source_split"] for r in rows if r["source_split"]}
+    expected = {"train"} | given
+    if manifest.split.test_fraction > 0 and any(not r["source_split"] for r in rows):
+        expected.add("test")
+    if manifest.split.validation_fraction > 0:
+        expected.add("validation")
+    return [s for s in SPLITS if s in expected]
+
+
+def _duplicates(rows: list[dict]) -> tuple[list[dict], int]:
+    by_sha: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["status"] != QUARANTINED and r["sha256"]:
+            by_sha[r["sha256"]].append(r)
+    across, within = [], 0
+    for sha, group in sorted(by_sha.items()):
+        if len(group) < 2:
+            continue
+        splits = sorted({r["split"] for r in group})
+        if len(splits) > 1:
+            across.append(
+                {"sha256": sha, "splits": splits, "keys": [r["key"] for r in group]}
+            )
+        else:
+            within += len(group) - 1
+    return across, within
+
+
+def prepare(
+    manifest: Manifest | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    limit_per_class: int | None = None,
+) -> idx.PreparedDataset:
+    """Validate, split and index a dataset; reuse the previous index if unchanged.
+
+    Args:
+        manifest: a `Manifest`, a YAML path, or a bare name ("elpv").
+        out_dir: folder for index.parquet, summary.json, quarantine.json and
+            converted/ (created if needed).
+        limit_per_class: keep only the first N examples of each class in each
+            source split (in the source's deterministic order); for tests and
+            smoke runs. Splits made here (ELPV) are then made from those N.
+
+    Returns:
+        A `PreparedDataset`; `reused` is True when nothing changed.
+
+    Raises:
+        ManifestError: invalid manifest.
+        DataSourceError: the source is missing (message says how to get it).
+        PrepareError: a split is empty or a declared class has no example.
+    """
+    manifest = load_manifest(manifest)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    is_tfds = isinstance(manifest.source, TfdsSource)
+
+    ignored: list[str] = []
+    if is_tfds:
+        from thumbnet_keras.data import tfds_source
+
+        class_names = manifest.classes or tfds_source.class_names(manifest.source)
+        stream = tfds_source.tfds_candidates(manifest.source, class_names)
+    else:
+        stream = iter_candidates(manifest, ignored)
+    prev = _previous_rows(out)
+    rows, decoded = [], 0
+    for cand in limit(stream, limit_per_class):
+        row, did_decode = _process(cand, prev, out, is_tfds)
+        rows.append(row)
+        decoded += did_decode
+
+    if not is_tfds:
+        class_names = manifest.classes or sorted(
+            {r["label_name"] for r in rows if r["status"] != QUARANTINED}
+        )
+    label_of = {name: i for i, name in enumerate(class_names)}
+    for r in rows:
+        r["label"] = label_of.get(r["label_name"], -1)
+        if r["label"] < 0 and r["status"] != QUARANTINED:
+            r.update(
+                status=QUARANTINED,
+                reason="undeclared_class",
+                image_uri=None,
+                image_bytes=None,
+            )
+
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [idx.SCHEMA_VERSION, manifest.content_hash(), limit_per_class]
+            + sorted([r["key"], r["sha256"], r["status"]] for r in rows)
+        ).encode()
+    ).hexdigest()
+    try:
+        previous = idx.PreparedDataset.load(out)
+        if previous.summary().get("fingerprint") == fingerprint:
+            return previous
+    except idx.IndexCorruptError:
+        pass
+
+    _assign_splits(rows, manifest)
+    quarantined = [r for r in rows if r["status"] == QUARANTINED]
+    converted = [r for r in rows if r["status"] == CONVERTED]
+    report = {
+        "name": manifest.name,
+        "quarantined": [
+            {"key": r["key"], "source_uri": r["source_uri"], "reason": r["reason"]}
+            for r in quarantined
+        ],
+        "converted": [
+            {
+                "key": r["key"],
+                "source_uri": r["source_uri"],
+                "reason": r["reason"],
+                "to": r["image_uri"],
+            }
+            for r in converted
+        ],
+        "ignored_files": ignored,
+    }
+    usable = [r for r in rows if r["status"] != QUARANTINED]
+    counts = Counter(r["split"] for r in usable)
+    for split in _expected_splits(manifest, rows):
+        if counts[split] == 0:
+            idx.write_json(out / idx.QUARANTINE_FILE, report)
+            raise PrepareError(
+                f"{manifest.name}: split {split!r} has no usable example "
+                f"({len(quarantined)} quarantined, see {out / idx.QUARANTINE_FILE})"
+            )
+    per_class = Counter(r["label"] for r in usable)
+    empty = [name for i, name in enumerate(class_names) if per_class[i] == 0]
+    if empty:
+        idx.write_json(out / idx.QUARANTINE_FILE, report)
+        raise PrepareError(
+            f"{manifest.name}: declared class(es) {empty} have no usable example "
+            f"(see {out / idx.QUARANTINE_FILE})"
+        )
+
+    columns = {name: [r.get(name) for r in rows] for name in idx.INDEX_SCHEMA.names}
+    # Order matters: index, then report, then the summary that vouches for both.
+    idx.write_index(out / idx.INDEX_FILE, columns)
+    idx.write_json(out / idx.QUARANTINE_FILE, report)
+    dims = {(r["height"], r["width"]) for r in usable}
+    height, width = next(iter(dims)) if len(dims) == 1 else (None, None)
+    across, within = _duplicates(rows)
+    summary = {
+        "schema_version": idx.SCHEMA_VERSION,
+        "name": manifest.name,
+        "license": manifest.license,
+        "source_type": manifest.source.type,
+        "manifest_path": manifest.path,
+        "manifest": manifest.model_dump(mode="json"),
+        "fingerprint": fingerprint,
+        "index_sha256": idx.file_sha256(out / idx.INDEX_FILE),
+        "limit_per_class": limit_per_class,
+        "class_names": class_names,
+        "image_shape": [height, width, manifest.image.channels],
+        "splits": {s: counts[s] for s in SPLITS if counts[s]},
+        "per_class": {
+            s: {
+                name: sum(1 for r in usable if r["split"] == s and r["label"] == i)
+                for i, name in enumerate(class_names)
+            }
+            for s in SPLITS
+            if counts[s]
+        },
+        "status": dict(Counter(r["status"] for r in rows)),
+        "reasons": dict(Counter(r["reason"] for r in rows if r["reason"])),
+        "decoded_this_run": decoded,
+        "duplicates_across_splits": across,
+        "duplicates_within_split": within,
+        "ignored_files": len(ignored),
+    }
+    idx.write_json(out / idx.SUMMARY_FILE, summary)
+    return idx.PreparedDataset.from_summary(
+        str(out), summary, reused=False, decoded=decoded
+    )

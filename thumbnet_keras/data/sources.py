@@ -1,0 +1,263 @@
+"""Sources: turn a manifest's `source` into a stream of candidate examples.
+
+A candidate is one image before validation: a stable key, its class name, the
+split the source assigns (or None), and where its bytes are (a file, bytes in
+memory, or a uint8 array). `prepare` hashes and validates each candidate.
+TFDS lives in `tfds_source.py` so that TensorFlow is imported only when a TFDS
+manifest is prepared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from thumbnet_keras.data.manifest import (
+    ElpvSource,
+    FashionMnistSource,
+    ImageFolderSource,
+    Manifest,
+    ParquetSource,
+)
+
+SPLITS = ("train", "validation", "test")
+
+ELPV_CLASSES = ["0", "1/3", "2/3", "1"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+class DataSourceError(RuntimeError):
+    """A source cannot be read (missing package, files or folders)."""
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One example before validation.
+
+    Attributes:
+        key: stable identifier within the dataset (relative path, IDX position).
+        label_name: class name as the source gives it.
+        source_split: "train"/"validation"/"test" when the source splits, else None.
+        uri: a file to read, or None.
+        data: encoded image bytes already in memory, or None.
+        array: decoded uint8 pixels (IDX sources), or None.
+        tfds_index: position in the TFDS split (TFDS sources), else -1.
+        tfds_split: the TFDS split name (TFDS sources), else "".
+    """
+
+    key: str
+    label_name: str
+    source_split: str | None
+    uri: str | None = None
+    data: bytes | None = None
+    array: np.ndarray | None = None
+    tfds_index: int = -1
+    tfds_split: str = ""
+
+
+def limit(
+    candidates: Iterator[Candidate], per_class: int | None
+) -> Iterator[Candidate]:
+    """The first `per_class` candidates of each (source split, class)."""
+    if per_class is None:
+        yield from candidates
+        return
+    seen: dict[tuple, int] = defaultdict(int)
+    for cand in candidates:
+        group = (cand.source_split, cand.label_name)
+        if seen[group] < per_class:
+            seen[group] += 1
+            yield cand
+
+
+def elpv_candidates(source: ElpvSource) -> Iterator[Candidate]:
+    """ELPV cells from labels.csv; images are read in place (300x300 gray PNG)."""
+    if source.labels_csv:
+        csv = Path(source.labels_csv).expanduser()
+    else:
+        try:
+            import elpv_dataset.utils as elpv_utils
+        except ImportError as err:
+            raise DataSourceError(
+                "the ELPV manifest needs the PyPI package elpv-dataset: "
+                "pip install 'thumbnet-keras[datasets]' (or pip install elpv-dataset)"
+            ) from err
+        csv = Path(elpv_utils.__file__).parent / "data" / "labels.csv"
+    if not csv.is_file():
+        raise DataSourceError(f"ELPV labels file not found: {csv}")
+    # Same parsing as elpv_dataset.utils.load_dataset, without decoding all images.
+    table = np.genfromtxt(
+        csv, dtype=["|S19", "<f8", "|S4"], names=["path", "probability", "type"]
+    )
+    for rel, prob in zip(
+        np.char.decode(table["path"]), table["probability"], strict=True
+    ):
+        name = ELPV_CLASSES[int(round(float(prob) * 3))]
+        yield Candidate(
+            key=rel, label_name=name, source_split=None, uri=str(csv.parent / rel)
+        )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = raw[0:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or dtype_code != 0x08:
+        raise DataSourceError(f"{path}: not a uint8 IDX file")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist_files(source: FashionMnistSource) -> dict[str, tuple[Path, Path]]:
+    """split -> (images, labels) IDX paths; raises with the apt command if absent."""
+    root = Path(source.directory)
+    files = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        pair = []
+        for kind in ("images-idx3", "labels-idx1"):
+            options = [root / f"{prefix}-{kind}-ubyte{ext}" for ext in (".gz", "")]
+            found = next((p for p in options if p.is_file()), None)
+            if found is None:
+                raise DataSourceError(
+                    f"Fashion-MNIST IDX file {options[0]} not found. Install the "
+                    "Debian package: apt-get install dataset-fashion-mnist "
+                    f"(or point source.directory at a folder holding {options[0].name})"
+                )
+            pair.append(found)
+        files[split] = (pair[0], pair[1])
+    return files
+
+
+def fashion_mnist_candidates(source: FashionMnistSource) -> Iterator[Candidate]:
+    """Fashion-MNIST 60k/10k from the Debian package's IDX files."""
+    for split, (images_path, labels_path) in fashion_mnist_files(source).items():
+        images, labels = _read_idx(images_path), _read_idx(labels_path)
+        if len(images) != len(labels):
+            raise DataSourceError(
+                f"{images_path}: {len(images)} images, {len(labels)} labels"
+            )
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            yield Candidate(
+                key=f"{split}/{i:05d}",
+                label_name=FASHION_MNIST_CLASSES[int(label)],
+                source_split=split,
+                array=image,
+            )
+
+
+def image_folder_candidates(
+    source: ImageFolderSource, ignored: list[str] | None = None
+) -> Iterator[Candidate]:
+    """root/[<split_dir>/]<class>/**/<file> with an image extension.
+
+    Files without an image extension are skipped and appended to `ignored`.
+    Anything with an image extension is a candidate, even a directory or a
+    text file: validation decides.
+    """
+    root = Path(source.root).expanduser()
+    if not root.is_dir():
+        raise DataSourceError(f"image folder root not found: {root}")
+    extensions = tuple(e.lower() for e in source.extensions)
+    groups = (
+        [(None, root)]
+        if source.split_dirs is None
+        else [(split, root / d) for split, d in source.split_dirs.items()]
+    )
+    for split, folder in groups:
+        if not folder.is_dir():
+            raise DataSourceError(f"split folder for {split!r} not found: {folder}")
+        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if class_dir.name.startswith("."):
+                continue
+            for path in sorted(class_dir.rglob("*")):
+                rel = path.relative_to(root).as_posix()
+                if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                    continue
+                if path.name.lower().endswith(extensions):
+                    yield Candidate(
+                        key=rel,
+                        label_name=class_dir.name,
+                        source_split=split,
+                        uri=str(path),
+                    )
+                elif path.is_file() and ignored is not None:
+                    ignored.append(rel)
+
+
+def parquet_candidates(
+    source: ParquetSource, classes: list[str] | None
+) -> Iterator[Candidate]:
+    """Rows of a Parquet table: image path or bytes, label, optional split."""
+    import pyarrow.parquet as pq
+
+    path = Path(source.path).expanduser()
+    if not path.is_file():
+        raise DataSourceError(f"Parquet source not found: {path}")
+    columns = [source.image_column, source.label_column]
+    if source.split_column:
+        columns.append(source.split_column)
+    table = pq.read_table(path)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataSourceError(
+            f"{path}: missing column(s) {missing}; has {table.column_names}"
+        )
+    base = Path(source.base_dir).expanduser() if source.base_dir else path.parent
+    images = table.column(source.image_column).to_pylist()
+    labels = table.column(source.label_column).to_pylist()
+    splits = (
+        table.column(source.split_column).to_pylist()
+        if source.split_column
+        else [None] * len(images)
+    )
+    for i, (image, label, split) in enumerate(zip(images, labels, splits, strict=True)):
+        if split is not None and split not in SPLITS:
+            raise DataSourceError(f"{path}: row {i}: split {split!r} not in {SPLITS}")
+        if isinstance(label, int) and not isinstance(label, bool):
+            name = (
+                classes[label] if classes and 0 <= label < len(classes) else str(label)
+            )
+        else:
+            name = str(label)
+        cand = Candidate(key=f"row/{i:08d}", label_name=name, source_split=split)
+        if source.image_kind == "bytes":
+            cand.data = bytes(image or b"")
+        else:
+            p = Path(os.fspath(image)).expanduser()
+            cand.uri = str(p if p.is_absolute() else base / p)
+            cand.key = f"row/{i:08d}/{Path(image).as_posix()}"
+        yield cand
+
+
+def iter_candidates(
+    manifest: Manifest, ignored: list[str] | None = None
+) -> Iterator[Candidate]:
+    """Candidates of a non-TFDS manifest, in a deterministic order."""
+    src = manifest.source
+    if isinstance(src, ElpvSource):
+        return elpv_candidates(src)
+    if isinstance(src, FashionMnistSource):
+        return fashion_mnist_candidates(src)
+    if isinstance(src, ImageFolderSource):
+        return image_folder_candidates(src, ignored)
+    if isinstance(src, ParquetSource):
+        return parquet_candidates(src, manifest.classes)
+    raise TypeError(f"iter_candidates does not handle source type {src.type!r}")

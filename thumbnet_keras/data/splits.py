@@ -1,0 +1,48 @@
+"""Fixed-seed stratified splits.
+
+Within each class the keys are sorted, permuted by `numpy.random.default_rng`
+seeded with (seed, class index), and the first round(n * fraction) go to the
+held-out split. The result depends only on the keys, the labels, the fraction
+and the seed, never on listing order. ELPV with fraction 0.25 and seed 0 gives
+1,968 train / 656 test cells (per class 1131/221/80/536 train).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def stratified_holdout(
+    keys: Sequence[str], labels: Sequence[int], fraction: float, seed: int
+) -> np.ndarray:
+    """A boolean mask: True for the examples held out (stratified by label).
+
+    Args:
+        keys: stable example identifiers (unique).
+        labels: integer class of each example.
+        fraction: share of every class to hold out, in [0, 1).
+        seed: permutation seed.
+
+    Returns:
+        bool array of len(keys).
+
+    Example:
+        >>> stratified_holdout(["a", "b", "c", "d"], [0, 0, 0, 0], 0.25, 0).sum()
+        1
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), received {fraction}")
+    keys_arr = np.asarray(keys, dtype=object)
+    labels_arr = np.asarray(labels)
+    mask = np.zeros(len(keys_arr), dtype=bool)
+    if fraction == 0.0:
+        return mask
+    for label in np.unique(labels_arr):
+        idx = np.flatnonzero(labels_arr == label)
+        idx = idx[np.argsort(keys_arr[idx].astype(str), kind="stable")]
+        rng = np.random.default_rng([seed, int(label)])
+        chosen = rng.permutation(idx)[: int(round(len(idx) * fraction))]
+        mask[chosen] = True
+    return mask

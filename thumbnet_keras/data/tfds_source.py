@@ -1,0 +1,124 @@
+"""TensorFlow Datasets sources (imagenet2012 from a manual_dir, places365_small).
+
+Never downloads unless the manifest says `download: true`. When the prepared
+TFDS data is missing, the error says where the files have to go. Images are
+read as encoded bytes (`tfds.decode.SkipDecoding`) so that `prepare` validates
+them with the same code as files, and `make_dataset` decodes them with the
+same tf.data map as every other source.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from thumbnet_keras.data.manifest import TfdsSource
+from thumbnet_keras.data.sources import Candidate, DataSourceError
+
+
+def data_dir(source: TfdsSource) -> str:
+    """The TFDS data_dir the manifest points at (or the TFDS default)."""
+    if source.data_dir:
+        return os.path.expanduser(source.data_dir)
+    return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def manual_dir(source: TfdsSource) -> str:
+    """Where manually downloaded archives are expected."""
+    if source.manual_dir:
+        return os.path.expanduser(source.manual_dir)
+    return os.path.join(data_dir(source), "downloads", "manual")
+
+
+def _missing_message(source: TfdsSource, detail: str) -> str:
+    lines = [
+        f"TFDS dataset {source.name!r} is not prepared under {data_dir(source)} "
+        f"and download is off (manifest source.download: false).",
+    ]
+    if source.manual_files:
+        lines.append(
+            f"Put {', '.join(source.manual_files)} in {manual_dir(source)} "
+            "(or set source.manual_dir), then run prepare again: it builds the "
+            "TFDS records locally from those files."
+        )
+    else:
+        lines.append(
+            f"Build it on a machine with internet (`tfds build {source.name} "
+            f"--data_dir <dir>`) and copy <dir>/{source.name} into {data_dir(source)}, "
+            "or set source.download: true."
+        )
+    lines.append(f"(TFDS said: {detail})")
+    return " ".join(lines)
+
+
+def builder(source: TfdsSource):
+    """A TFDS builder whose data is ready; builds from manual_dir if possible.
+
+    Raises:
+        DataSourceError: data not prepared and neither manual files nor
+            download allow building it; the message says where files go.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        b = tfds.builder(source.name, data_dir=data_dir(source))
+    except Exception as err:  # noqa: BLE001 - unknown name, bad data_dir
+        raise DataSourceError(f"TFDS builder {source.name!r}: {err}") from err
+    if _is_ready(b):
+        return b
+    manual = Path(manual_dir(source))
+    have_manual = bool(source.manual_files) and all(
+        (manual / f).is_file() for f in source.manual_files
+    )
+    if have_manual or source.download:
+        config = tfds.download.DownloadConfig(manual_dir=str(manual))
+        b.download_and_prepare(download_config=config)
+        return b
+    raise DataSourceError(_missing_message(source, "no prepared data found"))
+
+
+def _is_ready(b) -> bool:
+    # Under tfds.testing.mock_data, as_dataset works although nothing is on disk.
+    try:
+        b.as_dataset(split=next(iter(b.info.splits.keys()), "train"))
+    except Exception:  # noqa: BLE001 - AssertionError / NotFound: not prepared
+        return False
+    return True
+
+
+def class_names(source: TfdsSource) -> list[str]:
+    """Names of the ClassLabel feature `source.label_key`."""
+    b = builder(source)
+    return list(b.info.features[source.label_key].names)
+
+
+def split_dataset(source: TfdsSource, tfds_split: str):
+    """tf.data.Dataset of (encoded image bytes, label) in the TFDS order."""
+    import tensorflow_datasets as tfds
+
+    b = builder(source)
+    try:
+        ds = b.as_dataset(
+            split=tfds_split,
+            shuffle_files=False,
+            decoders={source.image_key: tfds.decode.SkipDecoding()},
+        )
+    except Exception as err:  # noqa: BLE001
+        raise DataSourceError(_missing_message(source, str(err))) from err
+    return ds.map(lambda ex: (ex[source.image_key], ex[source.label_key]))
+
+
+def tfds_candidates(source: TfdsSource, names: list[str]) -> Iterator[Candidate]:
+    """Every example of every mapped split, as encoded bytes."""
+    for split, tfds_split in source.splits.items():
+        ds = split_dataset(source, tfds_split)
+        for i, (image, label) in enumerate(ds.as_numpy_iterator()):
+            yield Candidate(
+                key=f"{tfds_split}/{i:08d}",
+                label_name=names[int(label)],
+                source_split=split,
+                data=bytes(image),
+                tfds_index=i,
+                tfds_split=tfds_split,
+            )

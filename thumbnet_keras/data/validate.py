@@ -1,0 +1,210 @@
+"""Decode every image once at prepare time; keep, convert or quarantine it.
+
+The training pipeline (`tf.io.decode_image`) only ever sees 8-bit JPEG or PNG
+files with 1 or 3 channels. Everything else is either converted to an 8-bit
+PNG when the conversion is exact (or a documented linear rescale) or
+quarantined with a reason. Nothing here raises on a bad file.
+
+Rules (also in docs/data.md):
+
+| input                                   | status      | reason                   |
+|-----------------------------------------|-------------|--------------------------|
+| 8-bit JPEG/PNG, mode L or RGB           | ok          |                          |
+| a directory, a socket, ...              | quarantined | not_a_file               |
+| zero bytes                              | quarantined | empty_file               |
+| cannot be opened/read (permissions)     | quarantined | unreadable               |
+| not an image PIL recognises             | quarantined | not_an_image             |
+| decode fails part way (truncated)       | quarantined | truncated                |
+| any other decode error                  | quarantined | corrupt                  |
+| more pixels than PIL's bomb limit       | quarantined | too_large                |
+| CMYK (no exact RGB without ICC profile) | quarantined | cmyk_colorspace          |
+| animated (several frames)               | quarantined | animated                 |
+| alpha channel that is not fully opaque  | quarantined | transparency             |
+| 32-bit int / float modes (I, F)         | quarantined | unsupported_mode:<mode>  |
+| 16-bit gray or RGB PNG                  | converted   | 16bit_to_8bit            |
+| palette (P) image                       | converted   | palette_to_rgb           |
+| 1-bit image                             | converted   | bilevel_to_gray          |
+| opaque RGBA / LA                        | converted   | drop_opaque_alpha        |
+| BMP, GIF, TIFF, WebP... (8-bit, L/RGB)  | converted   | format_to_png:<format>   |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+OK = "ok"
+CONVERTED = "converted"
+QUARANTINED = "quarantined"
+
+_PASS_FORMATS = ("JPEG", "PNG")
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """Outcome of validating one image.
+
+    Attributes:
+        status: "ok", "converted" or "quarantined".
+        reason: "" for ok; a short machine-readable reason otherwise.
+        width, height, channels: of the image as the pipeline will decode it
+            (0 when quarantined).
+        converted: 8-bit PNG bytes to use instead of the original, or None.
+    """
+
+    status: str
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+    channels: int = 0
+    converted: bytes | None = None
+
+
+def quarantine(reason: str) -> Validation:
+    """A quarantined `Validation` with `reason`."""
+    return Validation(status=QUARANTINED, reason=reason)
+
+
+def read_file(path: str | os.PathLike) -> tuple[bytes | None, Validation | None]:
+    """Read a candidate file; on failure return (None, quarantined Validation)."""
+    try:
+        if not os.path.isfile(path):
+            return None, quarantine("not_a_file")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None, quarantine("unreadable")
+    return data, None
+
+
+def _png_bit_depth(data: bytes) -> int:
+    # IHDR is the first chunk: 8 signature + 4 length + 4 type + 4 w + 4 h, then depth.
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24:
+        return data[24]
+    return 8
+
+
+def _encode_png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _converted(image: Image.Image, reason: str) -> Validation:
+    return Validation(
+        status=CONVERTED,
+        reason=reason,
+        width=image.width,
+        height=image.height,
+        channels=1 if image.mode == "L" else 3,
+        converted=_encode_png(image),
+    )
+
+
+def validate_bytes(data: bytes) -> Validation:
+    """Decode `data` fully and classify it (see the module table).
+
+    Args:
+        data: the encoded image file.
+
+    Returns:
+        A `Validation`; never raises for bad input.
+    """
+    if len(data) == 0:
+        return quarantine("empty_file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return quarantine("too_large")
+    except UnidentifiedImageError:
+        return quarantine("not_an_image")
+    except OSError as err:
+        text = str(err).lower()
+        if "truncated" in text or "premature" in text:
+            return quarantine("truncated")
+        return quarantine("corrupt")
+    except Exception:  # noqa: BLE001 - any decoder failure means a bad file
+        return quarantine("corrupt")
+
+    fmt = image.format or "unknown"
+    mode = image.mode
+    if getattr(image, "n_frames", 1) > 1:
+        return quarantine("animated")
+    if mode == "CMYK":
+        return quarantine("cmyk_colorspace")
+    if mode.startswith("I;16") or (fmt == "PNG" and _png_bit_depth(data) == 16):
+        if mode.startswith("I;16") or mode == "I":
+            array = np.asarray(image, dtype=np.float64)
+            gray = np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8)
+            return _converted(Image.fromarray(gray), "16bit_to_8bit")
+        # PIL already reduced 16-bit RGB(A) to 8 bits per channel (high byte).
+        if mode in ("RGBA", "LA"):
+            image = _drop_alpha(image)
+            if image is None:
+                return quarantine("transparency")
+        return _converted(image.convert("RGB" if mode != "L" else "L"), "16bit_to_8bit")
+    if mode in ("I", "F"):
+        return quarantine(f"unsupported_mode:{mode}")
+    if mode == "P":
+        rgba = image.convert("RGBA")
+        flat = _drop_alpha(rgba)
+        if flat is None:
+            return quarantine("transparency")
+        return _converted(flat, "palette_to_rgb")
+    if mode == "1":
+        return _converted(image.convert("L"), "bilevel_to_gray")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        flat = _drop_alpha(image)
+        if flat is None:
+            return quarantine("transparency")
+        return _converted(flat, "drop_opaque_alpha")
+    if mode not in ("L", "RGB"):
+        try:
+            return _converted(image.convert("RGB"), f"mode_to_rgb:{mode}")
+        except (OSError, ValueError):
+            return quarantine(f"unsupported_mode:{mode}")
+    if fmt not in _PASS_FORMATS:
+        return _converted(image, f"format_to_png:{fmt}")
+    return Validation(
+        status=OK,
+        width=image.width,
+        height=image.height,
+        channels=1 if mode == "L" else 3,
+    )
+
+
+def _drop_alpha(image: Image.Image) -> Image.Image | None:
+    """The image without its alpha band if alpha is fully opaque, else None."""
+    image = image.convert("LA" if image.mode in ("LA", "La") else "RGBA")
+    alpha = np.asarray(image.getchannel("A"))
+    if alpha.min() < 255:
+        return None
+    return image.convert("L" if image.mode == "LA" else "RGB")
+
+
+def validate_array(array: np.ndarray) -> Validation:
+    """Validate a decoded uint8 array (H, W) or (H, W, C) and encode it as PNG."""
+    if array.dtype != np.uint8:
+        return quarantine(f"unsupported_dtype:{array.dtype}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+        return quarantine(f"unsupported_shape:{array.shape}")
+    if min(array.shape[:2]) < 1:
+        return quarantine("empty_image")
+    image = Image.fromarray(array)
+    return Validation(
+        status=OK,
+        width=image.width,
+        height=image.height,
+        channels=1 if array.ndim == 2 else 3,
+        converted=_encode_png(image),
+    )
