@@ -231,10 +231,10 @@ def test_validation_fraction_carves_a_stratified_subset_of_train(tmp_path):
     assert carved.splits == {"train": 12, "validation": 4, "test": 8}
     assert carved.summary()["per_class"]["validation"] == {"cat": 2, "dog": 2}
 
-    def test_keys(p):
-        return {r["key"] for r in p.read_index().to_pylist() if r["split"] == "test"}  # noqa: E731
+    def keys_of_test(p):
+        return {r["key"] for r in p.read_index().to_pylist() if r["split"] == "test"}
 
-    assert test_keys(plain) == test_keys(carved)  # test never changes
+    assert keys_of_test(plain) == keys_of_test(carved)  # test never changes
 
 
 def test_split_folders_and_ignored_files(tmp_path):

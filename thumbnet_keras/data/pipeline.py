@@ -106,11 +106,15 @@ def normalization_layer(normalization: str = "unit", channels: int = 3):
         )
     mean = IMAGENET_MEAN if channels == 3 else IMAGENET_GRAY_MEAN
     std = IMAGENET_STD if channels == 3 else IMAGENET_GRAY_STD
-    return keras.layers.Normalization(
+    layer = keras.layers.Normalization(
         mean=[255.0 * m for m in mean],
         variance=[(255.0 * s) ** 2 for s in std],
         name="normalize_imagenet",
     )
+    # Built eagerly: on JAX/torch a Normalization first called inside tf.data
+    # cannot build itself there.
+    layer.build((None, None, None, channels))
+    return layer
 
 
 def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -305,12 +309,15 @@ def make_dataset(
                 image, 1 - c, 1 + c, pair + [4, 0]
             )
         image = tf.clip_by_value(image, 0.0, 255.0)
-        image = tf.cast(norm(image), tf.float32)
         image.set_shape([height, width, channels])
         return image, tf.cast(label, tf.int32)
 
+    def normalize(images, labels):
+        return tf.cast(norm(images), tf.float32), labels
+
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)

@@ -283,10 +283,16 @@ def prepare(
             )
     per_class = Counter(r["label"] for r in usable)
     empty = [name for i, name in enumerate(class_names) if per_class[i] == 0]
-    if empty:
+    if empty and manifest.classes:
+        # Classes declared in the manifest must exist. Classes taken from a
+        # TFDS ClassLabel may legitimately be absent from a limited run; they
+        # are listed in the summary's `empty_classes` instead.
         idx.write_json(out / idx.QUARANTINE_FILE, report)
+        shown = (
+            empty if len(empty) <= 10 else empty[:10] + [f"... {len(empty) - 10} more"]
+        )
         raise PrepareError(
-            f"{manifest.name}: declared class(es) {empty} have no usable example "
+            f"{manifest.name}: declared class(es) {shown} have no usable example "
             f"(see {out / idx.QUARANTINE_FILE})"
         )
 
@@ -324,6 +330,7 @@ def prepare(
         "duplicates_across_splits": across,
         "duplicates_within_split": within,
         "ignored_files": len(ignored),
+        "empty_classes": empty,
     }
     idx.write_json(out / idx.SUMMARY_FILE, summary)
     return idx.PreparedDataset.from_summary(

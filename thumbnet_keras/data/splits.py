@@ -1,8 +1,11 @@
 """Fixed-seed stratified splits.
 
-Within each class the keys are sorted, permuted by `numpy.random.default_rng`
-seeded with (seed, class index), and the first round(n * fraction) go to the
-held-out split. The result depends only on the keys, the labels, the fraction
+The held-out total is round(N * fraction). Each class gets floor(n_c * fraction)
+and the remainder goes to the classes with the largest fractional parts
+(largest-remainder allocation, ties in a seeded order), so even classes with
+one or two examples add up to the right total. Within each class the keys are
+sorted, permuted by `numpy.random.default_rng` seeded with (seed, class index),
+and the first quota go to the held-out split. The result depends only on the keys, the labels, the fraction
 and the seed, never on listing order. ELPV with fraction 0.25 and seed 0 gives
 1,968 train / 656 test cells (per class 1131/221/80/536 train).
 """
@@ -39,10 +42,16 @@ def stratified_holdout(
     mask = np.zeros(len(keys_arr), dtype=bool)
     if fraction == 0.0:
         return mask
-    for label in np.unique(labels_arr):
+    classes, sizes = np.unique(labels_arr, return_counts=True)
+    exact = sizes * fraction
+    quota = np.floor(exact).astype(int)
+    extra = int(round(len(keys_arr) * fraction)) - int(quota.sum())
+    tie_break = np.random.default_rng([seed, 2**31 - 1]).permutation(len(classes))
+    order = np.lexsort((tie_break, -(exact - quota)))
+    quota[order[:extra]] += 1
+    for label, q in zip(classes, quota, strict=True):
         idx = np.flatnonzero(labels_arr == label)
         idx = idx[np.argsort(keys_arr[idx].astype(str), kind="stable")]
         rng = np.random.default_rng([seed, int(label)])
-        chosen = rng.permutation(idx)[: int(round(len(idx) * fraction))]
-        mask[chosen] = True
+        mask[rng.permutation(idx)[:q]] = True
     return mask

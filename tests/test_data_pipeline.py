@@ -1,0 +1,189 @@
+"""make_dataset: shapes, dtypes, golden values, determinism, and a fit step."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from data_fixtures import make_image_folder, write_good
+from PIL import Image
+
+from thumbnet_keras import data
+
+
+def _manifest(root, name="toy", **split) -> data.Manifest:
+    return data.Manifest.model_validate(
+        {
+            "name": name,
+            "description": "d",
+            "license": "test data",
+            "source": {"type": "image_folder", "root": str(root)},
+            "image": {"channels": 3},
+            "split": {"test_fraction": 0.25, **split},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    make_image_folder(root / "src", per_class=12, with_bad=True)
+    return data.prepare(_manifest(root / "src"), root / "out")
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    """8x8 images: border 0, central 4x4 block of value v (gray and RGB)."""
+    root = tmp_path_factory.mktemp("golden")
+    for name, mode in [("gray", "L"), ("rgb", "RGB")]:
+        for j in range(2):
+            arr = np.zeros((8, 8), np.uint8)
+            arr[2:6, 2:6] = 51
+            img = Image.fromarray(arr)
+            path = root / "src" / name / f"{j}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (img if mode == "L" else img.convert("RGB")).save(path)
+    return data.prepare(
+        _manifest(root / "src", name="golden", test_fraction=0.5), root / "out"
+    )
+
+
+def _all(ds):
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds], strict=True)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_shapes_dtypes_and_ranges(toy):
+    ds = data.make_dataset(toy, "train", (20, 24), 5, training=True, seed=1)
+    batches = list(ds)
+    assert sum(len(y) for _, y in batches) == toy.splits["train"]
+    x, y = batches[0]
+    assert tuple(x.shape) == (5, 20, 24, 3) and x.dtype.name == "float32"
+    assert tuple(y.shape) == (5,) and y.dtype.name == "int32"
+    images, labels = _all(ds)
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.05
+    assert set(labels.tolist()) == {0, 1}
+    sym, _ = _all(
+        data.make_dataset(toy, "test", 16, 4, False, normalization="symmetric")
+    )
+    assert -1.0 <= sym.min() < -0.5 and 0.5 < sym.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "normalization, channels, expected",
+    [
+        ("unit", 3, [0.2, 0.2, 0.2]),
+        ("symmetric", 1, [51 / 127.5 - 1]),
+        (
+            "imagenet",
+            3,
+            [(0.2 - 0.485) / 0.229, (0.2 - 0.456) / 0.224, (0.2 - 0.406) / 0.225],
+        ),
+        ("imagenet", 1, [(0.2 - 0.449) / 0.226]),
+    ],
+)
+def test_golden_center_crop_and_normalization(
+    golden, normalization, channels, expected
+):
+    # center_crop=0.5 keeps exactly the central 4x4 block (value 51) of each 8x8 image.
+    x, _ = _all(
+        data.make_dataset(
+            golden,
+            "test",
+            4,
+            8,
+            False,
+            channels=channels,
+            normalization=normalization,
+            center_crop=0.5,
+        )
+    )
+    assert x.shape == (2, 4, 4, channels)
+    np.testing.assert_allclose(x, np.broadcast_to(expected, x.shape), atol=1e-5)
+    # Without the crop the zero border is in view: the mean drops.
+    full, _ = _all(data.make_dataset(golden, "test", 4, 8, False, channels=channels))
+    assert full.mean() < 0.2 - 0.05
+
+
+def test_normalization_layer_matches_the_pipeline(toy):
+    layer = data.normalization_layer("imagenet", 3)
+    raw, _ = _all(data.make_dataset(toy, "test", 16, 8, False, normalization="unit"))
+    normed, _ = _all(
+        data.make_dataset(toy, "test", 16, 8, False, normalization="imagenet")
+    )
+    via_layer = keras.ops.convert_to_numpy(
+        layer(keras.ops.convert_to_tensor(raw * 255.0))
+    )
+    np.testing.assert_allclose(via_layer, normed, atol=1e-4)
+
+
+def test_gray_to_three_channels_and_rgb_to_one(tmp_path):
+    write_good(tmp_path / "src/g/a.png", seed=1, channels=1)
+    write_good(tmp_path / "src/g/b.png", seed=2, channels=1)
+    write_good(tmp_path / "src/c/a.png", seed=3, channels=3)
+    write_good(tmp_path / "src/c/b.png", seed=4, channels=3)
+    prepared = data.prepare(
+        _manifest(tmp_path / "src", test_fraction=0.5), tmp_path / "out"
+    )
+    x3, y = _all(data.make_dataset(prepared, "train", 12, 4, False, channels=3))
+    gray = y == prepared.class_names.index("g")
+    np.testing.assert_array_equal(x3[gray][..., 0], x3[gray][..., 2])
+    assert np.abs(x3[~gray][..., 0] - x3[~gray][..., 2]).max() > 0.1
+    x1, _ = _all(data.make_dataset(prepared, "train", 12, 4, False, channels=1))
+    assert x1.shape[-1] == 1
+    np.testing.assert_allclose(x1[gray][..., 0], x3[gray][..., 0], atol=1e-6)
+
+
+def test_deterministic_under_a_seed_and_different_each_epoch(toy):
+    def epochs(seed, n=2, **kw):
+        ds = data.make_dataset(toy, "train", 16, 4, True, seed=seed, **kw)
+        return [_all(ds) for _ in range(n)]
+
+    a, b = epochs(7), epochs(7)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert not np.array_equal(a[0][0], a[1][0])  # epoch 2 reshuffled and re-augmented
+    other = epochs(8, n=1)[0]
+    assert not np.array_equal(a[0][0], other[0])
+    cached = epochs(7, cache=True)
+    np.testing.assert_array_equal(cached[1][0], a[1][0])
+
+
+def test_evaluation_is_unshuffled_and_unaugmented(toy):
+    x1, y1 = _all(data.make_dataset(toy, "test", 16, 3, False, seed=1))
+    x2, y2 = _all(data.make_dataset(toy, "test", 16, 3, False, seed=2))
+    np.testing.assert_array_equal(x1, x2)
+    rows = [r for r in toy.read_index().to_pylist() if r["split"] == "test"]
+    assert y1.tolist() == [r["label"] for r in rows]
+
+
+def test_bad_arguments_name_the_argument(toy):
+    with pytest.raises(ValueError, match="channels must be 1 or 3, received 2"):
+        data.make_dataset(toy, "train", 8, 2, True, channels=2)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        data.make_dataset(toy, "train", 8, 2, True, normalization="caffe")
+    with pytest.raises(ValueError, match="split 'validation' .* is empty"):
+        data.make_dataset(toy, "validation", 8, 2, True)
+    with pytest.raises(ValueError, match="crop_area"):
+        data.Augment(crop_area=(0.0, 1.0))
+
+
+def test_fit_step_on_real_elpv(tmp_path):
+    prepared = data.prepare("elpv", tmp_path, limit_per_class=4)
+    ds = data.make_dataset(prepared, "train", 32, 4, training=True, channels=1)
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 1)),
+            keras.layers.Conv2D(4, 3, strides=2, name="conv"),
+            keras.layers.GlobalAveragePooling2D(name="pool"),
+            keras.layers.Dense(prepared.num_classes, name="logits"),
+        ]
+    )
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False if keras.backend.backend() == "torch" else "auto",
+    )
+    history = model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
+    assert np.isfinite(history.history["loss"][0])

@@ -1,0 +1,125 @@
+"""Real sources: ELPV (PyPI wheel), Fashion-MNIST (Debian package), TFDS (mocked)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from thumbnet_keras import data
+from thumbnet_keras.data import sources
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+HAVE_FASHION = os.path.isfile(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz"))
+
+
+def test_elpv_full_split_matches_the_published_protocol():
+    """All 2,624 labels (no decoding): stratified 75/25 gives 1,968 train cells."""
+    manifest = data.load_manifest("elpv")
+    cands = list(sources.elpv_candidates(manifest.source))
+    labels = [manifest.classes.index(c.label_name) for c in cands]
+    assert Counter(labels) == {0: 1508, 1: 295, 2: 106, 3: 715}
+    held = data.stratified_holdout([c.key for c in cands], labels, 0.25, seed=0)
+    assert (~held).sum() == 1968 and held.sum() == 656
+    train_counts = Counter(np.asarray(labels)[~held].tolist())
+    assert train_counts == {0: 1131, 1: 221, 2: 80, 3: 536}
+    again = data.stratified_holdout([c.key for c in cands][::-1], labels[::-1], 0.25, 0)
+    assert sorted(np.asarray([c.key for c in cands])[held]) == sorted(
+        np.asarray([c.key for c in cands][::-1])[again]
+    )
+
+
+def test_elpv_prepares_real_images(tmp_path):
+    prepared = data.prepare("elpv", tmp_path, limit_per_class=8)
+    assert prepared.class_names == ["0", "1/3", "2/3", "1"]
+    assert prepared.splits == {"train": 24, "test": 8}
+    assert prepared.image_shape == (300, 300, 1)
+    assert prepared.summary()["license"] == "CC BY-NC-SA 4.0"
+    rows = prepared.read_index().to_pylist()
+    assert {r["status"] for r in rows} == {"ok"}
+    assert all(os.path.isfile(r["image_uri"]) for r in rows)
+    assert all(len(r["sha256"]) == 64 for r in rows)
+
+
+@pytest.mark.skipif(not HAVE_FASHION, reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_prepares_real_idx_files(tmp_path):
+    prepared = data.prepare("fashion_mnist", tmp_path, limit_per_class=3)
+    assert prepared.splits == {"train": 30, "test": 30}
+    assert prepared.image_shape == (28, 28, 1)
+    assert prepared.class_names[9] == "Ankle boot"
+    x, y = next(
+        iter(data.make_dataset(prepared, "test", 28, 30, training=False, channels=1))
+    )
+    assert x.shape == (30, 28, 28, 1)
+    assert sorted(np.bincount(y.numpy(), minlength=10).tolist()) == [3] * 10
+    # Real product photos: not blank, with a dark background border.
+    assert float(x.numpy().mean()) > 0.05 and float(x.numpy()[:, 0, 0].max()) < 0.5
+
+
+def test_fashion_mnist_missing_package_says_how_to_install(tmp_path):
+    manifest = data.load_manifest("fashion_mnist")
+    manifest = manifest.model_copy(
+        update={
+            "source": manifest.source.model_copy(update={"directory": str(tmp_path)})
+        }
+    )
+    with pytest.raises(
+        data.DataSourceError, match="apt-get install dataset-fashion-mnist"
+    ):
+        data.prepare(manifest, tmp_path / "out")
+
+
+def _with_data_dir(name: str, data_dir) -> data.Manifest:
+    manifest = data.load_manifest(name)
+    source = manifest.source.model_copy(update={"data_dir": str(data_dir)})
+    return manifest.model_copy(update={"source": source})
+
+
+def test_imagenet_without_files_says_where_to_put_the_tars(tmp_path):
+    manifest = _with_data_dir("imagenet2012", tmp_path)
+    with pytest.raises(data.DataSourceError) as err:
+        data.prepare(manifest, tmp_path / "out")
+    message = str(err.value)
+    assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
+    assert os.path.join(str(tmp_path), "downloads", "manual") in message
+    assert "download: false" in message
+
+
+def test_places365_without_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(data.DataSourceError, match="tfds build places365_small"):
+        data.prepare(_with_data_dir("places365", tmp_path), tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "name, num_classes", [("imagenet2012", 1000), ("places365", 365)]
+)
+def test_tfds_sources_through_mock_data(tmp_path, name, num_classes):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    manifest = _with_data_dir(name, tmp_path)
+    manifest = manifest.model_copy(
+        update={
+            "split": data.load_manifest(name).split.model_copy(
+                update={"validation_fraction": 0.25}
+            )
+        }
+    )
+    with tfds.testing.mock_data(num_examples=8):
+        prepared = data.prepare(manifest, tmp_path / "out")
+        assert prepared.num_classes == num_classes
+        assert prepared.splits == {"train": 6, "validation": 2, "test": 8}
+        rows = prepared.read_index().to_pylist()
+        assert {r["status"] for r in rows} == {"ok"}
+        assert [r["tfds_index"] for r in rows if r["tfds_split"] == "train"] == list(
+            range(8)
+        )
+        batches = list(
+            data.make_dataset(prepared, "train", 32, 4, training=True, seed=3)
+        )
+        val = list(data.make_dataset(prepared, "validation", 32, 4, training=False))
+    assert [b[0].shape for b in batches] == [(4, 32, 32, 3), (2, 32, 32, 3)]
+    assert val[0][0].shape == (2, 32, 32, 3)
+    labels = np.concatenate([b[1].numpy() for b in batches])
+    expected = [r["label"] for r in rows if r["split"] == "train"]
+    assert sorted(labels.tolist()) == sorted(expected)
