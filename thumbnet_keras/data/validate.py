@@ -14,6 +14,7 @@ Rules (also in docs/data.md):
 | zero bytes                              | quarantined | empty_file               |
 | cannot be opened/read (permissions)     | quarantined | unreadable               |
 | not an image PIL recognises             | quarantined | not_an_image             |
+| image signature, unparsable header      | quarantined | corrupt                  |
 | decode fails part way (truncated)       | quarantined | truncated                |
 | any other decode error                  | quarantined | corrupt                  |
 | more pixels than PIL's bomb limit       | quarantined | too_large                |
@@ -43,6 +44,15 @@ CONVERTED = "converted"
 QUARANTINED = "quarantined"
 
 _PASS_FORMATS = ("JPEG", "PNG")
+_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8",  # JPEG SOI
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",  # TIFF little-endian
+    b"MM\x00*",  # TIFF big-endian
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +135,8 @@ def validate_bytes(data: bytes) -> Validation:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return quarantine("too_large")
     except UnidentifiedImageError:
-        return quarantine("not_an_image")
+        # An image signature that Pillow cannot parse is a damaged image.
+        return quarantine("corrupt" if data.startswith(_SIGNATURES) else "not_an_image")
     except OSError as err:
         text = str(err).lower()
         if "truncated" in text or "premature" in text:
