@@ -156,7 +156,7 @@ def feature_mapping_loss(f_teacher, f_student):
             f"received {tuple(f_teacher.shape)} and {tuple(f_student.shape)}; "
             "map the student's channels with a 1x1 conv first."
         )
-    pooled = adaptive_average_pool(f_teacher, f_student.shape[1:3])
+    pooled = ops.cast(adaptive_average_pool(f_teacher, f_student.shape[1:3]), "float32")
     return ops.mean(ops.square(pooled - ops.cast(f_student, "float32")))
 
 

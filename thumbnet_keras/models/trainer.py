@@ -18,6 +18,8 @@ Each active term is logged in the `fit` history as `cl_loss`, `kd_loss`,
 
 from __future__ import annotations
 
+import copy
+
 import keras
 from keras import ops
 
@@ -214,6 +216,8 @@ class ThumbNetTrainer(keras.Model):
         self.fm_adapter = None
         if t_channels != s_channels:
             self.fm_adapter = keras.layers.Conv2D(t_channels, 1, name="fm_adapter")
+            # Built now so the optimizer sees its variables on every backend.
+            self.fm_adapter.build(self._student_features.outputs[1].shape)
         self._term_trackers = {
             term: keras.metrics.Mean(name=f"{term}_loss") for term in _TERMS
         }
@@ -368,7 +372,7 @@ class ThumbNetTrainer(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        config = copy.deepcopy(config)  # deserialization consumes nested dicts
         for key in ("teacher", "downscaler", "student"):
             config[key] = keras.saving.deserialize_keras_object(
                 config[key], custom_objects=custom_objects

@@ -1,0 +1,92 @@
+import keras
+import numpy as np
+import pytest
+from conftest import tiny_teacher, to_numpy
+
+from thumbnet_keras import make_student
+
+
+def _pool_names(model):
+    return [l.name for l in model.layers if isinstance(l, keras.layers.MaxPooling2D)]
+
+
+def test_global_pool_teacher_keeps_architecture_and_weights(rng):
+    teacher = tiny_teacher((16, 16, 3))
+    student = make_student(teacher, 2)
+    assert student.input_shape == (None, 8, 8, 3)
+    assert student.output_shape == teacher.output_shape
+    assert [l.name for l in student.layers] == [l.name for l in teacher.layers]
+    for t, s in zip(teacher.weights, student.weights):
+        np.testing.assert_array_equal(to_numpy(t), to_numpy(s))
+    # Weights are copies, not shared.
+    student.weights[0].assign(np.zeros(student.weights[0].shape))
+    assert np.abs(to_numpy(teacher.weights[0])).sum() > 0
+    # A size-agnostic network applied to the thumbnail computes what the teacher's
+    # layers compute on it.
+    thumb = rng.random((2, 8, 8, 3), dtype="float32")
+    agnostic = make_student(tiny_teacher((16, 16, 3)), 2)
+    agnostic.set_weights(teacher.get_weights())
+    np.testing.assert_allclose(
+        to_numpy(agnostic(thumb)), to_numpy(make_student(teacher, 2)(thumb)), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("factor, kept", [(2, ["pool0"]), (4, [])])
+def test_flatten_head_drops_last_poolings(factor, kept, rng):
+    teacher = tiny_teacher((16, 16, 3), head="flatten")
+    student = make_student(teacher, factor)
+    assert student.input_shape == (None, 16 // factor, 16 // factor, 3)
+    assert _pool_names(student) == kept
+    for t, s in zip(teacher.weights, student.weights):
+        np.testing.assert_array_equal(to_numpy(t), to_numpy(s))
+    # The Flatten sees the same 4x4 map the teacher's Dense was built for.
+    assert (
+        student.get_layer("flatten").output.shape
+        == teacher.get_layer("flatten").output.shape
+    )
+    out = to_numpy(
+        student(rng.random((2, 16 // factor, 16 // factor, 3), dtype="float32"))
+    )
+    assert out.shape == (2, 3)
+
+
+def test_sequential_teacher():
+    teacher = keras.Sequential(
+        [
+            keras.Input((16, 16, 1)),
+            keras.layers.Conv2D(4, 3, padding="same"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(5),
+        ],
+        name="seq",
+    )
+    student = make_student(teacher, 2)
+    assert student.input_shape == (None, 8, 8, 1)
+    assert student.output_shape == (None, 5)
+    assert not _pool_names(student)
+
+
+def test_size_agnostic_teacher():
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    teacher = keras.Model(inputs, keras.layers.Dense(2)(x))
+    student = make_student(teacher, 4)
+    assert student.input_shape == (None, None, None, 3)
+    assert student.name == f"{teacher.name}_student"
+
+
+def test_fixed_head_that_cannot_be_fixed_asks_for_explicit_student():
+    teacher = tiny_teacher((16, 16, 3), head="flatten")  # two poolings only
+    with pytest.raises(ValueError, match="pass it as `ThumbNetTrainer"):
+        make_student(teacher, 8)
+    with pytest.raises(ValueError, match="pass it as `ThumbNetTrainer"):
+        make_student(tiny_teacher((24, 24, 3), head="flatten"), 3)  # not a power of 2
+
+
+def test_bad_factor():
+    with pytest.raises(ValueError, match="not divisible by factor=3"):
+        make_student(tiny_teacher((16, 16, 3)), 3)
+    with pytest.raises(ValueError, match="factor"):
+        make_student(tiny_teacher((16, 16, 3)), 1)

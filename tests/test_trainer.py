@@ -1,0 +1,251 @@
+import keras
+import numpy as np
+import pytest
+from conftest import BACKEND, run_python, tiny_teacher, to_numpy
+
+from thumbnet_keras import (
+    ThumbNetTrainer,
+    bicubic_downscaler,
+    build_downscaler,
+    make_student,
+)
+
+
+def _problem(rng, n=96, size=16, classes=3):
+    """Labels live in period-2 stripes, which a bicubic thumbnail blurs away:
+    0 plain, 1 horizontal stripes, 2 vertical stripes."""
+    x = 0.4 + 0.2 * rng.random((n, size, size, 3), dtype="float32")
+    y = rng.integers(0, classes, n)
+    x[y == 1, ::2, :, :] += 0.4
+    x[y == 2, :, ::2, :] += 0.4
+    return x, y.astype("int32")
+
+
+def _trainer(teacher, factor=2, **kwargs):
+    shape = teacher.input_shape[1:]
+    return ThumbNetTrainer(
+        teacher=teacher,
+        downscaler=build_downscaler(shape, factor, width=8, depth=1),
+        student=make_student(teacher, factor),
+        **kwargs,
+    )
+
+
+def _trained_teacher(x, y):
+    teacher = tiny_teacher(x.shape[1:])
+    teacher.compile(
+        keras.optimizers.Adam(1e-2),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    teacher.fit(x, y, epochs=15, batch_size=32, verbose=0)
+    return teacher
+
+
+def test_two_stage_fit_lowers_every_term_and_keeps_teacher_frozen(rng):
+    x, y = _problem(rng)
+    teacher = _trained_teacher(x, y)
+    before = [to_numpy(w).copy() for w in teacher.weights]
+    # MM starts small (bicubic keeps means); weight it so it is not drowned out.
+    trainer = _trainer(teacher, stage="joint", mm_weight=5.0)
+    trainer.compile(optimizer="adam")
+    initial = trainer.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)
+
+    trainer.stage = "fm_pretrain"
+    with pytest.raises(ValueError, match="compile"):
+        trainer.fit(x, epochs=1, verbose=0)
+    trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
+    h1 = trainer.fit(x, epochs=6, batch_size=32, verbose=0).history
+    assert set(h1) == {"loss", "fm_loss", "mm_loss"}  # no labels needed
+    assert h1["loss"][-1] < h1["loss"][0]
+    assert h1["fm_loss"][-1] < h1["fm_loss"][0]
+
+    trainer.stage = "joint"
+    trainer.compile(optimizer=keras.optimizers.Adam(3e-3), metrics=["accuracy"])
+    h2 = trainer.fit(x, y, epochs=6, batch_size=32, verbose=0).history
+    assert {"cl_loss", "kd_loss", "fm_loss", "mm_loss", "accuracy"} <= set(h2)
+    assert h2["loss"][-1] < h2["loss"][0]
+
+    final = trainer.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)
+    for term in ("cl_loss", "kd_loss", "fm_loss", "mm_loss"):
+        assert final[term] < initial[term], (term, initial[term], final[term])
+
+    for b, w in zip(before, teacher.weights):
+        np.testing.assert_array_equal(b, to_numpy(w))  # bit-identical
+
+
+def test_total_loss_is_the_weighted_sum(rng):
+    x, y = _problem(rng, n=32)
+    teacher = tiny_teacher(x.shape[1:])
+    trainer = _trainer(
+        teacher, cl_weight=0.5, kd_weight=2.0, fm_weight=3.0, mm_weight=4.0
+    )
+    trainer.compile(optimizer="sgd")
+    logs = trainer.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)
+    weighted = (
+        0.5 * logs["cl_loss"]
+        + 2 * logs["kd_loss"]
+        + 3 * logs["fm_loss"]
+        + 4 * logs["mm_loss"]
+    )
+    assert logs["loss"] == pytest.approx(weighted, rel=1e-4)
+
+
+def test_config_roundtrip():
+    teacher = tiny_teacher()
+    trainer = _trainer(
+        teacher,
+        stage="fm_pretrain",
+        temperature=2.5,
+        kd_weight=0.3,
+        mm_weight=7.0,
+        teacher_feature_layer="relu0",
+        student_feature_layer="relu0",
+    )
+    config = trainer.get_config()
+    clone = ThumbNetTrainer.from_config(config)
+    for key in (
+        "stage",
+        "temperature",
+        "cl_weight",
+        "kd_weight",
+        "fm_weight",
+        "mm_weight",
+        "teacher_feature_layer",
+        "student_feature_layer",
+    ):
+        assert getattr(clone, key) == getattr(trainer, key), key
+    assert clone.get_config() == config
+
+
+def test_default_feature_layers_are_last_4d_maps():
+    trainer = _trainer(tiny_teacher())
+    assert trainer.teacher_feature_layer == "relu1"
+    assert trainer.student_feature_layer == "relu1"
+
+
+def test_channel_adapter_is_trained_but_not_exported(rng):
+    x, y = _problem(rng, n=32)
+    teacher = tiny_teacher(x.shape[1:], width=8)
+    student = tiny_teacher((8, 8, 3), width=4, name="narrow")  # 8 vs 16 channels
+    trainer = ThumbNetTrainer(teacher, build_downscaler((16, 16, 3), 2), student)
+    assert trainer.fm_adapter is not None
+    trainer.compile(optimizer="adam")
+    trainer.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    exported = trainer.export()
+    names = {w.path for w in exported.weights}
+    assert not any("fm_adapter" in n for n in names)
+    assert (
+        exported.count_params()
+        == trainer.downscaler.count_params() + student.count_params()
+    )
+
+
+def test_export_matches_trainer_and_thumbnail_model(rng):
+    x, y = _problem(rng, n=16)
+    trainer = _trainer(tiny_teacher())
+    exported = trainer.export()
+    assert exported.input_shape == (None, 16, 16, 3)
+    np.testing.assert_allclose(
+        to_numpy(exported(x)), to_numpy(trainer(x)["logits"]), atol=1e-5
+    )
+    # Called without `training`, the exported model is in inference mode.
+    np.testing.assert_allclose(
+        to_numpy(exported(x)), to_numpy(exported(x, training=False)), atol=1e-6
+    )
+    thumb = trainer.export_thumbnail_model()
+    assert thumb.input_shape == (None, 8, 8, 3)
+    np.testing.assert_allclose(
+        to_numpy(thumb(trainer.downscaler(x))), to_numpy(exported(x)), atol=1e-5
+    )
+
+
+def test_saved_export_loads_without_thumbnet_keras(tmp_path, rng):
+    x, y = _problem(rng, n=64)
+    trainer = _trainer(_trained_teacher(x, y), stage="joint")
+    trainer.compile(optimizer="adam")
+    trainer.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    path = tmp_path / "thumbnet.keras"
+    model = trainer.export()
+    model.save(path)
+    np.save(tmp_path / "x.npy", x[:8])
+    np.save(tmp_path / "expected.npy", to_numpy(model.predict(x[:8], verbose=0)))
+    result = run_python(
+        f"""
+        import json, sys
+        sys.modules["thumbnet_keras"] = None  # importing it now raises
+        import keras, numpy as np
+        model = keras.saving.load_model({str(path)!r}, safe_mode=True)
+        x = np.load({str(tmp_path / "x.npy")!r})
+        got = keras.ops.convert_to_numpy(model(x))
+        diff = float(np.abs(got - np.load({str(tmp_path / "expected.npy")!r})).max())
+        print(json.dumps({{"diff": diff, "backend": keras.backend.backend()}}))
+        """
+    )
+    assert result["backend"] == BACKEND
+    assert result["diff"] <= 1e-4
+
+
+# -- bad input ---------------------------------------------------------------
+def test_teacher_with_softmax_is_rejected():
+    teacher = tiny_teacher()
+    probs = keras.Model(
+        teacher.inputs,
+        keras.layers.Dense(3, activation="softmax", name="p")(
+            teacher.get_layer("gap").output
+        ),
+    )
+    with pytest.raises(ValueError, match="probabilities, not logits"):
+        _trainer(probs)
+
+
+def test_teacher_not_a_logits_vector_is_rejected():
+    teacher = tiny_teacher()
+    fmap = keras.Model(teacher.inputs, teacher.get_layer("relu1").output, name="fmap")
+    with pytest.raises(ValueError, match=r"one logits vector \(B, classes\)"):
+        ThumbNetTrainer(
+            fmap, build_downscaler((16, 16, 3), 2), make_student(teacher, 2)
+        )
+
+
+def test_feature_layer_not_found_lists_candidates():
+    with pytest.raises(ValueError, match=r"'nope' not found.*Candidates.*relu1"):
+        _trainer(tiny_teacher(), teacher_feature_layer="nope")
+
+
+def test_student_class_count_mismatch():
+    teacher = tiny_teacher(num_classes=3)
+    with pytest.raises(
+        ValueError, match="outputs 5 logits but the teacher 'tiny' outputs 3"
+    ):
+        ThumbNetTrainer(
+            teacher,
+            build_downscaler((16, 16, 3), 2),
+            tiny_teacher((8, 8, 3), num_classes=5),
+        )
+
+
+def test_shape_mismatches():
+    teacher = tiny_teacher()
+    with pytest.raises(ValueError, match="student takes"):
+        ThumbNetTrainer(
+            teacher, build_downscaler((16, 16, 3), 4), make_student(teacher, 2)
+        )
+    with pytest.raises(ValueError, match="downscaler takes"):
+        ThumbNetTrainer(
+            teacher, bicubic_downscaler((32, 32, 3), 4), make_student(teacher, 2)
+        )
+
+
+def test_bad_stage_weights_temperature_and_missing_labels(rng):
+    teacher = tiny_teacher()
+    with pytest.raises(ValueError, match="`stage` must be one of"):
+        _trainer(teacher, stage="finetune")
+    with pytest.raises(ValueError, match="mm_weight"):
+        _trainer(teacher, mm_weight=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        _trainer(teacher, temperature=0)
+    trainer = _trainer(teacher, stage="joint")
+    trainer.compile(optimizer="adam")
+    x, _ = _problem(rng, n=8)
+    with pytest.raises(ValueError, match="needs labels"):
+        trainer.fit(x, epochs=1, verbose=0)
