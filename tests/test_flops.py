@@ -1,0 +1,228 @@
+"""Golden tests for `thumbnet_keras.evaluation.flops` (hand-computed MACs)."""
+
+from __future__ import annotations
+
+import keras
+import pytest
+
+from thumbnet_keras.evaluation import count_flops, count_params
+from thumbnet_keras.layers.downscaler import build_downscaler
+from thumbnet_keras.models import backbones
+
+
+def _single(layer: keras.layers.Layer, shape: tuple) -> keras.Model:
+    inputs = keras.Input(shape)
+    return keras.Model(inputs, layer(inputs))
+
+
+@pytest.mark.parametrize(
+    "layer, shape, expected",
+    [
+        # out 16x16, 3x3 kernel, 3 -> 8 channels.
+        (
+            keras.layers.Conv2D(8, 3, padding="same"),
+            (16, 16, 3),
+            16 * 16 * 3 * 3 * 3 * 8,
+        ),
+        # Strided "same": out 8x8.
+        (
+            keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+            (16, 16, 2),
+            8 * 8 * 9 * 2 * 4,
+        ),
+        # Strided "valid": (17 - 3) // 2 + 1 = 8.
+        (keras.layers.Conv2D(4, 3, strides=2), (17, 17, 2), 8 * 8 * 9 * 2 * 4),
+        # Rectangular kernel, valid: out 6x4.
+        (keras.layers.Conv2D(2, (3, 5)), (8, 8, 1), 6 * 4 * 15 * 1 * 2),
+        # Groups: each output channel sees 4 / 2 input channels.
+        (
+            keras.layers.Conv2D(8, 3, padding="same", groups=2),
+            (8, 8, 4),
+            8 * 8 * 9 * 2 * 8,
+        ),
+        (keras.layers.Conv1D(5, 3), (10, 4), 8 * 3 * 4 * 5),
+        (
+            keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2),
+            (8, 8, 4),
+            8 * 8 * 9 * 4 * 2,
+        ),
+        (
+            keras.layers.DepthwiseConv2D(3, strides=2, padding="same"),
+            (8, 8, 4),
+            4 * 4 * 9 * 4,
+        ),
+        # Depthwise 8*8*9*4 plus pointwise 8*8*4*6.
+        (
+            keras.layers.SeparableConv2D(6, 3, padding="same"),
+            (8, 8, 4),
+            8 * 8 * 9 * 4 + 8 * 8 * 4 * 6,
+        ),
+        # Transposed: each of the 4x4 inputs scattered through a 3x3x5 kernel.
+        (
+            keras.layers.Conv2DTranspose(5, 3, strides=2, padding="same"),
+            (4, 4, 2),
+            4 * 4 * 9 * 2 * 5,
+        ),
+        (keras.layers.Dense(7), (10,), 10 * 7),
+        # Dense over leading dims: 3 rows of 10 -> 7.
+        (keras.layers.Dense(7), (3, 10), 3 * 10 * 7),
+        # Bicubic 32 -> 16 without antialias: 4 + 4 taps per output pixel.
+        (
+            keras.layers.Resizing(16, 16, interpolation="bicubic"),
+            (32, 32, 3),
+            16 * 16 * 3 * 8,
+        ),
+        # With antialias the 2x downscale stretches the taps: 8 + 8.
+        (
+            keras.layers.Resizing(16, 16, interpolation="bicubic", antialias=True),
+            (32, 32, 3),
+            16 * 16 * 3 * 16,
+        ),
+        (
+            keras.layers.Resizing(8, 4, interpolation="bilinear"),
+            (4, 4, 2),
+            8 * 4 * 2 * 4,
+        ),
+        (keras.layers.UpSampling2D(2), (4, 4, 2), 0),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, keras.layers.Layer) else None,
+)
+def test_single_layer_golden(layer, shape, expected):
+    assert count_flops(_single(layer, shape)) == expected
+
+
+def test_zero_cost_layers_and_biases():
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.BatchNormalization()(inputs)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Add()([x, x])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.5)(x)
+    assert count_flops(keras.Model(inputs, x)) == 0
+    # The bias does not change the count.
+    with_bias = _single(keras.layers.Dense(3, use_bias=True), (5,))
+    without = _single(keras.layers.Dense(3, use_bias=False), (5,))
+    assert count_flops(with_bias) == count_flops(without) == 15
+
+
+def test_reused_layer_counts_per_call():
+    dense = keras.layers.Dense(4)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, dense(dense(inputs)))
+    assert count_flops(model) == 2 * 4 * 4
+
+
+def test_nested_models_sum_of_parts():
+    a_in = keras.Input((16, 16, 3))
+    inner_a = keras.Model(
+        a_in, keras.layers.Conv2D(4, 3, strides=2, padding="same")(a_in), name="a"
+    )
+    inner_b = keras.Sequential(
+        [
+            keras.Input((8, 8, 4)),
+            keras.layers.Conv2D(2, 1),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ],
+        name="b",
+    )
+    inputs = keras.Input((16, 16, 3))
+    outer = keras.Model(inputs, inner_b(inner_a(inputs)))
+    expected_a = 8 * 8 * 9 * 3 * 4
+    expected_b = 8 * 8 * 4 * 2 + 8 * 8 * 2 * 3
+    assert count_flops(inner_a) == expected_a
+    assert count_flops(inner_b) == expected_b
+    assert count_flops(outer) == expected_a + expected_b
+    # A nested model called twice costs twice.
+    twice = keras.Model(
+        inputs,
+        keras.layers.Concatenate()(
+            [inner_b(inner_a(inputs)), inner_b(inner_a(inputs))]
+        ),
+    )
+    assert count_flops(twice) == 2 * (expected_a + expected_b)
+
+
+def test_thumbnet_inference_graph_is_downscaler_plus_student():
+    downscaler = build_downscaler((32, 32, 3), 2)
+    student = backbones.build("tiny_cnn", (16, 16, 3), num_classes=4)
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, student(downscaler(inputs)))
+    assert count_flops(model) == count_flops(downscaler) + count_flops(student)
+    # The bicubic branch (antialiased 2x: 8 + 8 taps) is part of E's count.
+    assert count_flops(downscaler) > 16 * 16 * 3 * 16
+
+
+def test_resnet50_matches_published_count():
+    # He et al., CVPR 2016, Table 1: ResNet-50 has 3.8e9 FLOPs (multiply-adds).
+    # The exact count for this v1 layout (stride on the first 1x1 conv, as in
+    # Caffe and keras.applications), convs + FC, is 3.86e9; torchvision's v1.5
+    # (stride on the 3x3) is 4.09e9, which this must NOT match.
+    macs = count_flops(backbones.build("resnet50", (224, 224, 3), num_classes=1000))
+    assert abs(macs - 3.86e9) / 3.86e9 < 0.02
+    assert macs < 4.0e9
+
+
+def test_resnet18_matches_published_count():
+    # torchvision.models.resnet18 docs: 1.81 GFLOPS (multiply-adds) at 224x224.
+    macs = count_flops(backbones.build("resnet18", (224, 224, 3), num_classes=1000))
+    assert abs(macs - 1.814e9) / 1.814e9 < 0.01
+    # At 448x448 every feature map has 4x the pixels: convs cost 4x, the FC
+    # (512 -> 1000 after global pooling) is unchanged.
+    big = count_flops(backbones.build("resnet18", (448, 448, 3), num_classes=1000))
+    assert big == 4 * (macs - 512 * 1000) + 512 * 1000
+
+
+def test_count_params():
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(3, name="d")(inputs)  # 4*3 + 3 = 15
+    x = keras.layers.BatchNormalization(name="bn")(x)  # 6 trainable, 6 moving
+    frozen = keras.layers.Dense(2, name="frozen")  # 3*2 + 2 = 8
+    frozen.trainable = False
+    model = keras.Model(inputs, frozen(x))
+    assert count_params(model) == {"total": 35, "trainable": 21, "non_trainable": 14}
+    assert count_params(model)["total"] == model.count_params()
+
+
+# ----------------------------------------------------------------- errors
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def test_subclassed_model_raises_type_error():
+    model = _Subclassed()
+    model(keras.ops.ones((1, 3)))
+    with pytest.raises(TypeError, match="subclassed"):
+        count_flops(model)
+    # Also when nested inside a Functional model.
+    inputs = keras.Input((3,))
+    with pytest.raises(TypeError, match="subclassed"):
+        count_flops(keras.Model(inputs, model(inputs)))
+    with pytest.raises(TypeError, match="keras.Model"):
+        count_flops(keras.layers.Dense(2))
+
+
+def test_dynamic_shape_and_unbuilt_sequential_raise():
+    inputs = keras.Input((None, None, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 3, name="c")(inputs))
+    with pytest.raises(ValueError, match="static shapes.*'c'"):
+        count_flops(model)
+    with pytest.raises(ValueError, match="not built"):
+        count_flops(keras.Sequential([keras.layers.Dense(2)]))
+    with pytest.raises(ValueError, match="not built"):
+        count_params(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_unknown_weighted_layer_warns():
+    inputs = keras.Input((4, 8))
+    layer = keras.layers.EinsumDense("abc,cd->abd", output_shape=(4, 2), name="ein")
+    with pytest.warns(UserWarning, match="'ein'"):
+        assert count_flops(keras.Model(inputs, layer(inputs))) == 0
