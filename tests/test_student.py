@@ -7,7 +7,11 @@ from thumbnet_keras import make_student
 
 
 def _pool_names(model):
-    return [l.name for l in model.layers if isinstance(l, keras.layers.MaxPooling2D)]
+    return [
+        layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.layers.MaxPooling2D)
+    ]
 
 
 def test_global_pool_teacher_keeps_architecture_and_weights(rng):
@@ -15,7 +19,7 @@ def test_global_pool_teacher_keeps_architecture_and_weights(rng):
     student = make_student(teacher, 2)
     assert student.input_shape == (None, 8, 8, 3)
     assert student.output_shape == teacher.output_shape
-    assert [l.name for l in student.layers] == [l.name for l in teacher.layers]
+    assert [x.name for x in student.layers] == [x.name for x in teacher.layers]
     for t, s in zip(teacher.weights, student.weights):
         np.testing.assert_array_equal(to_numpy(t), to_numpy(s))
     # Weights are copies, not shared.
