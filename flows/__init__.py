@@ -1,0 +1,1 @@
+"""Prefect flows of thumbnet-keras: thin shells over `thumbnet_keras.pipeline`."""

@@ -1,0 +1,146 @@
+"""Serve the thumbnet deployments with `flow.serve` (no work pool needed).
+
+    prefect server start                      # another terminal
+    python -m flows.serve                     # from the repository root
+    prefect deployment run thumbnet/train-elpv --watch
+    prefect deployment run thumbnet/train-imagenet --params '{"params": {"teacher": "/models/resnet50_teacher.keras"}}'
+
+Deployments (parameters in `DEPLOYMENTS`, the same as in `prefect.yaml`):
+
+* `thumbnet/train-imagenet`: ImageNet (ILSVRC2012 tars in the TFDS manual
+  dir), ResNet-50, f = 2, 224x224. Give a trained teacher (`teacher` or
+  `backbone_weights`), or it trains one first (days on ImageNet).
+* `thumbnet/train-places`: Places365 (TFDS places365_small), ResNet-50, f = 4.
+* `thumbnet/train-elpv`: the embedded ELPV demo (f = 2 and 4).
+* `generalize/generalize`: reuse the ELPV demo's E on Fashion-MNIST and with
+  ResNet-18.
+
+`--smoke-dataset MANIFEST` adds `thumbnet/smoke`, a seconds-long run on that
+manifest (used by the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+from flows.thumbnet_flows import generalize, thumbnet
+
+__all__ = ["DEPLOYMENTS", "build_deployments", "main"]
+
+_ELPV = {
+    "dataset": "elpv",
+    "backbone": "tiny_cnn",
+    "backbone_options": {"widths": [32, 64, 128]},
+    "factors": [2, 4],
+    "image_size": 64,
+    "teacher_epochs": 20,
+    "fm_epochs": 2,
+    "joint_epochs": 10,
+    "downscaler_width": 8,
+}
+
+# name -> (flow name, parameters). ImageNet/Places settings follow ThumbNet
+# (224x224 teacher input, f = 2 on ImageNet, f = 4 on Places).
+DEPLOYMENTS: dict[str, tuple[str, dict]] = {
+    "train-imagenet": (
+        "thumbnet",
+        {
+            "params": {
+                "dataset": "imagenet2012",
+                "backbone": "resnet50",
+                "factors": [2],
+                "image_size": 224,
+                "teacher_epochs": 90,
+                "fm_epochs": 5,
+                "joint_epochs": 30,
+                "batch_size": 64,
+                "learning_rate": 1e-4,
+            }
+        },
+    ),
+    "train-places": (
+        "thumbnet",
+        {
+            "params": {
+                "dataset": "places365",
+                "backbone": "resnet50",
+                "factors": [4],
+                "image_size": 224,
+                "teacher_epochs": 40,
+                "fm_epochs": 5,
+                "joint_epochs": 30,
+                "batch_size": 64,
+                "learning_rate": 1e-4,
+            }
+        },
+    ),
+    "train-elpv": ("thumbnet", {"params": dict(_ELPV)}),
+    "generalize": (
+        "generalize",
+        {
+            "params": {
+                "source_run": "runs/elpv-demo",
+                "factor": 2,
+                "experiments": [
+                    {"dataset": "fashion_mnist", "backbone": None},
+                    {"dataset": None, "backbone": "resnet18"},
+                ],
+                "epochs": 5,
+            }
+        },
+    ),
+}
+
+_FLOWS = {"thumbnet": thumbnet, "generalize": generalize}
+
+
+def build_deployments(
+    runs_dir: str | None = None, smoke_dataset: str | None = None
+) -> list:
+    """The `RunnerDeployment`s to serve.
+
+    Args:
+        runs_dir: overrides every deployment's `runs_dir` (default: `runs`
+            relative to where the flow runs).
+        smoke_dataset: when given, adds `thumbnet/smoke` on that manifest.
+    """
+    deployments = []
+    items = dict(DEPLOYMENTS)
+    if smoke_dataset:
+        items["smoke"] = (
+            "thumbnet",
+            {"params": {"dataset": smoke_dataset, "smoke": True, "factors": [2]}},
+        )
+    for name, (flow_name, parameters) in items.items():
+        parameters = copy.deepcopy(parameters)
+        if runs_dir:
+            parameters["params"]["runs_dir"] = runs_dir
+        deployments.append(
+            _FLOWS[flow_name].to_deployment(
+                name=name,
+                parameters=parameters,
+                tags=["thumbnet"],
+                description=f"{flow_name}: {name}",
+            )
+        )
+    return deployments
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve every deployment until interrupted (Ctrl-C or SIGTERM)."""
+    from prefect import serve
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--runs-dir", default=None, help="runs folder of every deployment"
+    )
+    parser.add_argument(
+        "--smoke-dataset", default=None, help="add thumbnet/smoke on this manifest"
+    )
+    args = parser.parse_args(argv)
+    serve(*build_deployments(args.runs_dir, args.smoke_dataset))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The `thumbnet` and `generalize` Prefect flows.
+
+Thin shells: each task calls one `thumbnet_keras.pipeline` function and
+returns its small JSON-able result (paths, metrics). Policy:
+
+* `retries` only on I/O tasks (data preparation, export, report);
+* data preparation is cached on the manifest's content (plus the limit, the
+  cache folder and the prepared index's hash, so a deleted or changed cache
+  is rebuilt), so every run of the same dataset reuses one prepared index;
+* the report is published as keyed artifacts (markdown, table, image), so
+  versions accumulate per dataset in the Prefect UI.
+
+Resume does not rely on Prefect state: each training step checkpoints every
+epoch in the run folder and skips itself once done, so rerunning the same
+command (or deployment run) after a crash continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+from prefect import flow, task
+from prefect.artifacts import (
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+
+from thumbnet_keras import pipeline
+from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
+from thumbnet_keras.pipeline.datasets import is_prepared
+from thumbnet_keras.pipeline.resolve import load_manifest_checked
+
+__all__ = ["generalize", "thumbnet"]
+
+
+def _artifact_key(*parts: str) -> str:
+    """Lowercase letters, digits and dashes only (Prefect's rule)."""
+    text = "-".join(parts).lower()
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text)).strip("-")
+
+
+def _prepare_cache_key(context, parameters: dict) -> str | None:
+    """The manifest's content + the limit + the prepared folder.
+
+    (The flow refreshes this cache when the prepared folder is gone, see
+    `_prepare`; a source whose files changed under an unchanged manifest
+    needs `refresh_cache=True` or its prepared folder deleted.)
+    """
+    try:
+        manifest = load_manifest_checked(parameters["dataset"])
+        folder = pipeline.prepared_dir(
+            parameters["dataset"], parameters["data_dir"], parameters["limit_per_class"]
+        )
+    except Exception:  # An invalid dataset: no caching; the task reports it.
+        return None
+    blob = "|".join(
+        [
+            manifest.content_hash(),
+            str(parameters["limit_per_class"]),
+            os.path.abspath(folder),
+        ]
+    )
+    return "prepare-" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+@task(name="resolve-run", cache_policy=NO_CACHE)
+def resolve_run_task(params: dict) -> dict:
+    """Validates every input and claims the run folder (fails first on bad input)."""
+    return pipeline.resolve_run(params)
+
+
+@task(
+    name="prepare-data",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_key_fn=_prepare_cache_key,
+)
+def prepare_data_task(dataset: str, data_dir: str, limit_per_class: int | None) -> dict:
+    """Validates, splits and indexes the dataset (cached on manifest content)."""
+    result = pipeline.prepare_dataset(dataset, data_dir, limit_per_class)
+    print(
+        f"[prepare-data] {result['name']}: {result['splits']} in {result['prepared_dir']}"
+    )
+    return result
+
+
+def _prepare(dataset: str, data_dir: str, limit_per_class: int | None) -> dict:
+    """The cached prepare-data task, refreshed when its folder was deleted."""
+    task_ = prepare_data_task.with_options(
+        refresh_cache=not is_prepared(dataset, data_dir, limit_per_class)
+    )
+    return task_(dataset, data_dir, limit_per_class)
+
+
+@task(name="teacher", cache_policy=NO_CACHE)
+def teacher_task(run_dir: str, prepared: dict, verbose: int) -> dict:
+    """Stage 0: load, build or train the teacher."""
+    return _small(pipeline.get_teacher(run_dir, prepared, verbose=verbose))
+
+
+@task(name="train-stage", task_run_name="{stage}-f{factor}", cache_policy=NO_CACHE)
+def train_stage_task(run_dir: str, factor: int, stage: str, verbose: int) -> dict:
+    """One training stage (fm_pretrain, joint, bicubic_cl, bicubic_kd) for one factor."""
+    return _small(pipeline.train_stage(run_dir, factor, stage, verbose=verbose))
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(run_dir: str) -> dict:
+    """Every arm on the test split."""
+    return pipeline.evaluate_run(run_dir)
+
+
+@task(name="export", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def export_task(run_dir: str) -> dict:
+    """thumbnet.keras, the thumbnail-only model, the downscalers, extra formats."""
+    return pipeline.export_run(run_dir)
+
+
+@task(name="report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def report_task(run_dir: str, dataset_name: str) -> dict:
+    """metrics.json, report.md, report.html, and the keyed artifacts."""
+    report = pipeline.write_report(run_dir)
+    _publish(dataset_name, "thumbnet", report, "ThumbNet results")
+    return {k: report[k] for k in ("metrics_json", "report_md", "report_html")}
+
+
+def _publish(dataset_name: str, kind: str, report: dict, title: str) -> None:
+    key = _artifact_key(kind, dataset_name)
+    create_markdown_artifact(report["markdown"], key=f"{key}-report", description=title)
+    if report["table"]:
+        create_table_artifact(report["table"], key=f"{key}-results", description=title)
+    chart = report.get("accuracy_vs_flops_png_base64")
+    if chart:
+        create_image_artifact(
+            f"data:image/png;base64,{chart}",
+            key=f"{key}-accuracy-vs-flops",
+            description="Top-1 accuracy vs. multiply-adds per image",
+        )
+
+
+def _small(record: dict) -> dict:
+    """A stage record without its per-epoch history (kept in the run folder)."""
+    return {k: v for k, v in record.items() if k != "history"}
+
+
+@flow(name="thumbnet", log_prints=True)
+def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
+    """Prepare data, teacher (stage 0), fm_pretrain, joint, the bicubic
+    baselines, evaluate, export, report. Outputs in `runs/<run-name>/`.
+
+    Args:
+        params: the run's parameters (`ThumbNetParams`); default: the ELPV demo.
+        verbose: Keras progress output (0 silent, 1 progress bar, 2 a line per epoch).
+    """
+    params = params or ThumbNetParams()
+    run = resolve_run_task(params.model_dump())
+    config, run_dir = run["config"], run["run_dir"]
+    data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
+    prepared = _prepare(config["dataset"], data_dir, config["limit_per_class"])
+    teacher_task(run_dir, prepared, verbose)
+    for factor in config["factors"]:
+        for stage in pipeline.STAGES:
+            train_stage_task(run_dir, factor, stage, verbose)
+    evaluation = evaluate_task(run_dir)
+    exported = export_task(run_dir)
+    report = report_task(run_dir, prepared["name"])
+    print(f"thumbnet.keras: {exported['thumbnet']}")
+    print(f"report: {report['report_html']}")
+    return {
+        "run_dir": run_dir,
+        "thumbnet": exported["thumbnet"],
+        "thumbnail_model": exported["thumbnail_model"],
+        "report_html": report["report_html"],
+        "report_md": report["report_md"],
+        "metrics_json": report["metrics_json"],
+        "top1": {
+            f"{a['name']}" + (f"-f{a['factor']}" if a["factor"] else ""): a["top1"]
+            for a in evaluation["arms"]
+        },
+    }
+
+
+@task(name="resolve-generalize", cache_policy=NO_CACHE)
+def resolve_generalize_task(params: dict) -> dict:
+    """Validates the source run, datasets and backbones; claims the run folder."""
+    return pipeline.resolve_generalize(params)
+
+
+@task(
+    name="train-fresh-student", task_run_name="exp{index}-{arm}", cache_policy=NO_CACHE
+)
+def generalize_arm_task(
+    run_dir: str, index: int, arm: str, prepared: dict, verbose: int
+) -> dict:
+    """A fresh S on E's (or bicubic) thumbnails, trained and evaluated."""
+    return _small(
+        pipeline.train_generalize_arm(run_dir, index, arm, prepared, verbose=verbose)
+    )
+
+
+@task(name="generalize-report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def generalize_report_task(run_dir: str, source_name: str) -> dict:
+    """metrics.json, report.md, report.html, and the keyed artifacts."""
+    report = pipeline.write_generalize_report(run_dir)
+    _publish(source_name, "generalize", report, "Frozen E vs. bicubic thumbnails")
+    return {k: report[k] for k in ("metrics_json", "report_md", "report_html")}
+
+
+@flow(name="generalize", log_prints=True)
+def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
+    """Reuse a trained E, frozen: a fresh S per (dataset, backbone) on E's
+    thumbnails vs. bicubic thumbnails, same budget.
+
+    Args:
+        params: `GeneralizeParams` (source run, factor, experiments, epochs).
+        verbose: Keras progress output.
+    """
+    run = resolve_generalize_task(params.model_dump())
+    config, run_dir = run["config"], run["run_dir"]
+    data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
+    results = []
+    for index, experiment in enumerate(run["experiments"]):
+        prepared = _prepare(experiment["dataset"], data_dir, config["limit_per_class"])
+        for arm in ("learned", "bicubic"):
+            results.append(generalize_arm_task(run_dir, index, arm, prepared, verbose))
+    report = generalize_report_task(run_dir, os.path.basename(run["source_run"]))
+    print(f"report: {report['report_html']}")
+    return {
+        "run_dir": run_dir,
+        **report,
+        "top1": {f"{r['id']}": r["top1"] for r in results},
+    }

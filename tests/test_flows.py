@@ -1,0 +1,215 @@
+"""The `thumbnet` and `generalize` flows, run for real in Prefect's ephemeral
+mode (temporary PREFECT_HOME, see test_pipeline_fixtures): the demo on real
+ELPV shrunk by `smoke`, then generalize, rerun, bad input and the CLI on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from test_pipeline_fixtures import snapshot, tiny_dataset
+
+from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
+
+ARMS = {"teacher", "teacher_bicubic", "bicubic_cl", "bicubic_kd", "thumbnet"}
+
+
+def _task_runs(flow_run_id) -> dict[str, str]:
+    """Task run name -> state name of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {run.name: run.state.name for run in runs}
+
+
+def _demo_params(root: Path) -> ThumbNetParams:
+    """`thumbnet demo`'s parameters (real ELPV, f = 2 and 4), with `--smoke`."""
+    from thumbnet_keras.cli import DEMO
+
+    return ThumbNetParams(**(DEMO | {"smoke": True, "runs_dir": str(root / "runs")}))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One real thumbnet flow run: the demo on ELPV, shrunk by `smoke`."""
+    from flows.thumbnet_flows import thumbnet
+
+    root = tmp_path_factory.mktemp("flow")
+    state = thumbnet(_demo_params(root), verbose=0, return_state=True)
+    assert state.is_completed(), state.message
+    return root, state.result(), state.state_details.flow_run_id
+
+
+def test_thumbnet_flow_outputs(finished):
+    root, result, flow_run_id = finished
+    run = Path(result["run_dir"])
+    assert run == root / "runs" / "elpv-demo"
+    for name in (
+        "config.json",
+        "data.json",
+        "metrics.json",
+        "report.md",
+        "report.html",
+        "teacher.keras",
+        "thumbnet.keras",
+        "thumbnail_model.keras",
+        "f2/thumbnet.keras",
+        "f4/thumbnet.keras",
+        "f4/downscaler.keras",
+    ):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    arms = {(a["name"], a["factor"]) for a in metrics["arms"]}
+    assert arms == {("teacher", None)} | {
+        (n, f) for n in ARMS - {"teacher"} for f in (2, 4)
+    }
+    for arm in metrics["arms"]:
+        assert 0.0 <= arm["top1"] <= 1.0 and "top5" not in arm  # 4 classes
+        assert arm["flops"] > 0 and arm["params"] > 0 and arm["images_per_second"] > 0
+    by_name = {(a["name"], a["factor"]): a for a in metrics["arms"]}
+    # The thumbnail arms cost fewer MACs than the full-size teacher.
+    assert by_name[("bicubic_cl", 4)]["flops"] < by_name[("teacher", None)]["flops"]
+    assert set(metrics["stages"]) == {"teacher"} | {
+        f"f{f}-{s}"
+        for f in (2, 4)
+        for s in ("fm_pretrain", "joint", "bicubic_cl", "bicubic_kd")
+    }
+    joint = metrics["stages"]["f2-joint"]["history"]
+    assert {"loss", "cl_loss", "kd_loss", "fm_loss", "mm_loss"} <= set(joint)
+    assert metrics["environment"]["backend"] == keras.backend.backend()
+    # Tasks: one per step, all completed.
+    tasks = _task_runs(flow_run_id)
+    assert set(tasks.values()) == {"Completed"}
+    assert sum(name.startswith("train-stage") or "-f" in name for name in tasks) >= 8
+
+
+def test_exported_model_loads_safely_and_predicts(finished):
+    _, result, _ = finished
+    model = keras.saving.load_model(result["thumbnet"], safe_mode=True, compile=False)
+    thumb = keras.saving.load_model(
+        result["thumbnail_model"], safe_mode=True, compile=False
+    )
+    assert model.input_shape == (None, 32, 32, 1) and thumb.input_shape == (
+        None,
+        16,
+        16,
+        1,
+    )
+    x = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
+    assert model.predict_on_batch(x).shape == (2, 4)
+
+
+def test_report_artifacts_are_keyed(finished):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, _, flow_run_id = finished
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="thumbnet-elpv"))
+        )
+    mine = {a.key: a.type for a in artifacts if a.flow_run_id == flow_run_id}
+    assert mine == {
+        "thumbnet-elpv-report": "markdown",
+        "thumbnet-elpv-results": "table",
+        "thumbnet-elpv-accuracy-vs-flops": "image",
+    }
+
+
+def test_rerun_skips_everything_and_keeps_outputs(finished):
+    from flows.thumbnet_flows import thumbnet
+
+    root, result, _ = finished
+    run = Path(result["run_dir"])
+    kept = snapshot(run / "stages")
+    state = thumbnet(_demo_params(root), verbose=0, return_state=True)
+    assert state.is_completed()
+    assert snapshot(run / "stages") == kept  # no stage retrained
+    tasks = _task_runs(state.state_details.flow_run_id)
+    prepare = [s for name, s in tasks.items() if name.startswith("prepare-data")]
+    assert prepare == ["Cached"]  # keyed on the manifest content
+
+
+def test_bad_input_fails_in_first_task(finished):
+    from flows.thumbnet_flows import thumbnet
+
+    root, _, _ = finished
+    before = snapshot(root / "runs")
+    params = ThumbNetParams(
+        dataset="elpv",
+        smoke=True,
+        factors=[3],
+        runs_dir=str(root / "runs"),
+        run_name="bad",
+    )
+    state = thumbnet(params, verbose=0, return_state=True)
+    assert state.is_failed()
+    assert "not divisible by factor=3" in state.message
+    tasks = _task_runs(state.state_details.flow_run_id)
+    assert len(tasks) == 1 and next(iter(tasks)).startswith("resolve-run")
+    assert next(iter(tasks.values())) == "Failed"
+    assert snapshot(root / "runs") == before
+
+
+def test_generalize_flow(finished):
+    from flows.thumbnet_flows import generalize
+
+    root, result, _ = finished
+    other = tiny_dataset(root)
+    params = GeneralizeParams(
+        source_run=result["run_dir"],
+        factor=2,
+        experiments=[{"dataset": other}, {"backbone": "resnet18"}],
+        smoke=True,
+        runs_dir=str(root / "runs"),
+        run_name="gen",
+    )
+    state = generalize(params, verbose=0, return_state=True)
+    assert state.is_completed(), state.message
+    out = state.result()
+    metrics = json.loads(Path(out["metrics_json"]).read_text())
+    got = {
+        (Path(r["dataset"]).name, r["backbone"], r["arm"]) for r in metrics["results"]
+    }
+    assert got == {
+        (dataset, backbone, arm)
+        for dataset, backbone in (
+            ("brightness.yaml", "tiny_cnn"),
+            ("elpv", "resnet18"),
+        )
+        for arm in ("learned", "bicubic")
+    }
+    for record in metrics["results"]:
+        assert 0.0 <= record["top1"] <= 1.0 and record["epochs"] == 1
+    report = Path(out["report_md"]).read_text()
+    assert "learned E top-1 %" in report and "brightness.yaml" in report
+
+
+def test_cli_evaluate_report_export(finished, capsys):
+    from thumbnet_keras.cli import main
+
+    _, result, _ = finished
+    run = result["run_dir"]
+    before = Path(run, "evaluation.json").stat().st_mtime_ns
+    assert main(["evaluate", "--run", run]) == 0
+    assert "ThumbNet (E + S) f=4: top-1" in capsys.readouterr().out
+    assert Path(run, "evaluation.json").stat().st_mtime_ns > before
+    assert main(["report", "--run", run]) == 0
+    assert f"report: {Path(run, 'report.html')}" in capsys.readouterr().out
+    if keras.backend.backend() == "torch":
+        pytest.skip(
+            "Keras 3.15 exports a SavedModel from the TensorFlow and JAX backends only."
+        )
+    assert main(["export", "--run", run, "--format", "saved_model"]) == 0
+    exported = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (
+        exported == Path(run, "thumbnet_saved_model")
+        and (exported / "saved_model.pb").is_file()
+    )

@@ -1,0 +1,199 @@
+"""The pipeline library without Prefect: metrics, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from test_pipeline_fixtures import snapshot, tiny_dataset
+
+from thumbnet_keras import pipeline
+from thumbnet_keras.evaluation.accuracy import evaluate_classifier, topk_correct
+from thumbnet_keras.evaluation.latency import measure_throughput
+from thumbnet_keras.pipeline import ConfigError, ThumbNetParams
+from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
+
+
+def test_topk_correct_golden():
+    logits = np.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0], [0.0, 0.1, 0.9]])
+    labels = np.array([2, 1, 0])
+    assert topk_correct(logits, labels, 1).tolist() == [False, False, False]
+    # Row 1 ties 0 and 1: the stable sort ranks class 0 first, so 1 is 2nd.
+    assert topk_correct(logits, labels, 2).tolist() == [True, True, False]
+    assert topk_correct(logits, labels, 3).tolist() == [True, True, True]
+    with pytest.raises(ValueError, match="k must be in"):
+        topk_correct(logits, labels, 4)
+
+
+def test_evaluate_classifier_golden():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Identity()(inputs))
+    x = np.array([[1, 0, 0], [0, 2, 1], [0, 1, 2], [3, 2, 1]], np.float32)
+    y = np.array([0, 2, 2, 1], np.int32)
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    result = evaluate_classifier(model, batches, ks=(1, 2, 5))
+    assert result == {"top1": 0.5, "top2": 1.0, "examples": 4}
+
+
+def test_measure_throughput():
+    inputs = keras.Input((4, 4, 1))
+    model = keras.Model(inputs, keras.layers.Flatten()(inputs))
+    speed = measure_throughput(model, batch_size=3, batches=2, warmup=1)
+    assert speed["batch_size"] == 3 and speed["batches"] == 2
+    assert speed["images_per_second"] > 0
+    with pytest.raises(ValueError, match="batch_size"):
+        measure_throughput(model, batch_size=0)
+
+
+def test_params_smoke_and_bounds():
+    config = ThumbNetParams(smoke=True, factors=[2, 4]).to_config()
+    assert config.image_size == 32 and config.joint_epochs == 1
+    assert config.factors == (2, 4) and config.baseline_epochs == 2
+    assert config.backbone_options == {"widths": [8, 16]}
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="joint_epochs"):
+        ThumbNetParams(joint_epochs=0)
+    with pytest.raises(ValidationError, match="run_name"):
+        ThumbNetParams(run_name="../escape")
+
+
+def _dataset(n=16):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 6), dtype=np.float32)
+    y = (x[:, 0] > 0.5).astype(np.int32)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+
+
+def _model():
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(inputs))
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def test_fit_resumable_restores_weights_and_optimizer(tmp_path):
+    first = _model()
+    done = fit_resumable(first, _dataset(), 2, tmp_path, verbose=0, log=lambda m: None)
+    assert len(done["history"]["loss"]) == 2 and done["resumed_from"] == []
+    state = load_checkpoint(tmp_path)
+    assert state["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "epoch-0002.weights.h5",
+        "state.json",
+    ]
+    # A new process: same epochs -> restores, trains nothing.
+    second = _model()
+    again = fit_resumable(
+        second, _dataset(), 2, tmp_path, verbose=0, log=lambda m: None
+    )
+    assert again["resumed_from"] == []
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_allclose(a, b)
+    assert int(second.optimizer.iterations) == int(first.optimizer.iterations) == 8
+    # More epochs -> resumes after epoch 2 with the optimizer's step count.
+    third = _model()
+    more = fit_resumable(third, _dataset(), 3, tmp_path, verbose=0, log=lambda m: None)
+    assert more["resumed_from"] == [2]
+    assert len(more["history"]["loss"]) == 3
+    assert more["history"]["loss"][:2] == done["history"]["loss"]
+    assert int(third.optimizer.iterations) == 12
+
+
+@pytest.fixture
+def earlier_run(tmp_path):
+    manifest = tiny_dataset(tmp_path)
+    runs = tmp_path / "runs"
+    run = pipeline.resolve_run(
+        ThumbNetParams(
+            dataset=manifest, smoke=True, runs_dir=str(runs), run_name="earlier"
+        )
+    )
+    Path(run["run_dir"], "thumbnet.keras").write_bytes(b"model bytes")
+    Path(run["run_dir"], "metrics.json").write_text("{}")
+    return manifest, runs
+
+
+def _teacher(path, classes, size=32):
+    from thumbnet_keras.models import backbones
+
+    model = backbones.build("tiny_cnn", (size, size, 1), classes, widths=(4,))
+    model.save(path)
+    return str(path)
+
+
+BAD = {
+    "unknown dataset": (
+        {"dataset": "no_such_dataset"},
+        "Unknown or invalid dataset 'no_such_dataset'",
+    ),
+    "unknown backbone": ({"backbone": "resnet99"}, "Unknown backbone 'resnet99'"),
+    "factor": ({"factors": [3]}, "not divisible by factor=3"),
+    "missing teacher": (
+        {"teacher": "/nonexistent/teacher.keras"},
+        "Teacher file not found",
+    ),
+    "teacher classes": (
+        {"teacher": "CLASSES3"},
+        "outputs 3 classes but the dataset has 2",
+    ),
+    "teacher size": ({"teacher": "SIZE48"}, r"takes \(48, 48, 1\) images"),
+    "unwritable": ({"runs_dir": "FILE/runs"}, "is not writable"),
+    "same name, other config": ({"run_name": "earlier", "seed": 7}, "differs in: seed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_fails_first_and_touches_nothing(case, earlier_run, tmp_path):
+    manifest, runs = earlier_run
+    overrides, message = BAD[case]
+    params = {
+        "dataset": manifest,
+        "smoke": True,
+        "runs_dir": str(runs),
+        "run_name": "new",
+    }
+    params.update(overrides)
+    if params.get("teacher") == "CLASSES3":
+        params["teacher"] = _teacher(tmp_path / "t3.keras", 3)
+    if params.get("teacher") == "SIZE48":
+        params["teacher"] = _teacher(tmp_path / "t48.keras", 2, size=48)
+    if params["runs_dir"].startswith("FILE"):
+        blocker = tmp_path / "a_file"
+        blocker.write_text("not a folder")
+        params["runs_dir"] = str(blocker / "runs")
+    before = snapshot(runs)
+    with pytest.raises(ConfigError, match=message):
+        pipeline.resolve_run(ThumbNetParams(**params))
+    assert snapshot(runs) == before
+    assert not (runs / "new").exists()
+
+
+def test_claim_reopens_same_config(earlier_run):
+    manifest, runs = earlier_run
+    params = ThumbNetParams(
+        dataset=manifest, smoke=True, runs_dir=str(runs), run_name="earlier"
+    )
+    again = pipeline.resolve_run(params)
+    assert again["resumed"] is True
+    saved = json.loads((runs / "earlier" / "config.json").read_text())
+    assert saved["config"]["run_name"] == "earlier" and saved["kind"] == "thumbnet"
+    assert saved["environment"]["backend"] == keras.backend.backend()
+
+
+def test_unnamed_runs_get_distinct_folders(earlier_run):
+    manifest, runs = earlier_run
+    run = pipeline.resolve_run(
+        ThumbNetParams(dataset=manifest, smoke=True, runs_dir=str(runs))
+    )
+    assert run["run_name"].startswith("tiny_brightness-tiny_cnn-")
+    assert os.path.isdir(run["run_dir"]) and run["resumed"] is False

@@ -1,0 +1,241 @@
+"""`thumbnet`: the command line.
+
+    thumbnet demo                       # the whole flow on ELPV, f = 2 and 4
+    thumbnet train --dataset elpv --backbone resnet18 --factor 2 --run-name r1
+    thumbnet generalize --source-run runs/r1 --experiment fashion_mnist: --experiment :resnet18
+    thumbnet evaluate --run runs/r1     # re-evaluate every arm
+    thumbnet report --run runs/r1       # rewrite metrics.json and the reports
+    thumbnet export --run runs/r1 --format onnx
+
+`demo`, `train` and `generalize` run the Prefect flows in this process, with no
+server (Prefect's ephemeral mode): a log line per task, Keras progress per
+stage. Rerunning the same command after an interruption resumes the run.
+`evaluate`, `report` and `export` call the library directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["DEMO", "main"]
+
+# The README's main job: a real dataset, the whole flow, <= 20 min on 2 CPU
+# cores. See docs/flows.md for why these sizes.
+DEMO: dict = {
+    "dataset": "elpv",
+    "backbone": "tiny_cnn",
+    "backbone_options": {"widths": [32, 64, 128]},
+    "factors": [2, 4],
+    "image_size": 64,
+    "teacher_epochs": 20,
+    "fm_epochs": 2,
+    "joint_epochs": 10,
+    "downscaler_width": 8,
+    "batch_size": 32,
+    "run_name": "elpv-demo",
+}
+
+
+def _verbose() -> int:
+    return 1 if sys.stdout.isatty() else 2
+
+
+def _setup_env() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runs-dir", default="runs", help="parent of run folders (default: runs)"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="prepared-data cache (default: <runs-dir>/_data)",
+    )
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="run folder name; rerun the same name to resume",
+    )
+    p.add_argument(
+        "--limit-per-class", type=int, default=None, help="cap examples per class"
+    )
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--smoke", action="store_true", help="shrink the run to seconds (tests)"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="thumbnet", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the whole thumbnet flow on ELPV (f = 2 and 4)")
+    _common(demo)
+
+    train = sub.add_parser("train", help="the thumbnet flow on any dataset")
+    _common(train)
+    train.add_argument("--dataset", default="elpv", help="manifest name or YAML path")
+    train.add_argument("--backbone", default="tiny_cnn")
+    train.add_argument(
+        "--backbone-options", default=None, help="JSON, e.g. '{\"widths\": [32, 64]}'"
+    )
+    train.add_argument("--teacher", default=None, help="a trained teacher .keras file")
+    train.add_argument(
+        "--backbone-weights", default=None, help="local weights file or 'imagenet'"
+    )
+    train.add_argument(
+        "--factor",
+        type=int,
+        action="append",
+        dest="factors",
+        help="repeatable; default 2",
+    )
+    train.add_argument("--image-size", type=int, default=None)
+    train.add_argument("--epochs", type=int, default=None, help="joint-stage epochs")
+    train.add_argument("--fm-epochs", type=int, default=None)
+    train.add_argument("--teacher-epochs", type=int, default=None)
+    train.add_argument("--learning-rate", type=float, default=None)
+    train.add_argument(
+        "--export-format",
+        action="append",
+        dest="export_formats",
+        choices=("saved_model", "onnx", "litert"),
+    )
+
+    gen = sub.add_parser("generalize", help="reuse a trained E, frozen, elsewhere")
+    _common(gen)
+    gen.add_argument(
+        "--source-run", required=True, help="a finished thumbnet run folder"
+    )
+    gen.add_argument("--factor", type=int, default=2)
+    gen.add_argument(
+        "--experiment",
+        action="append",
+        default=None,
+        help="DATASET:BACKBONE, either side empty for the source run's; repeatable",
+    )
+    gen.add_argument("--epochs", type=int, default=None)
+
+    ev = sub.add_parser("evaluate", help="re-evaluate every arm of a run")
+    ev.add_argument("--run", required=True, help="the run folder")
+    rep = sub.add_parser("report", help="rewrite metrics.json, report.md, report.html")
+    rep.add_argument("--run", required=True)
+    exp = sub.add_parser("export", help="export thumbnet.keras to another format")
+    exp.add_argument("--run", required=True)
+    exp.add_argument(
+        "--format", required=True, choices=("saved_model", "onnx", "litert")
+    )
+    exp.add_argument(
+        "--factor", type=int, default=None, help="default: the primary factor"
+    )
+    exp.add_argument("--output", default=None)
+    return parser
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    return {
+        n: getattr(args, n)
+        for n in names
+        if getattr(args, n, None) not in (None, False)
+    }
+
+
+_COMMON = ("runs_dir", "data_dir", "run_name", "limit_per_class", "batch_size", "smoke")
+
+
+def _run_thumbnet(values: dict) -> int:
+    from flows.thumbnet_flows import thumbnet
+    from thumbnet_keras.pipeline import ThumbNetParams
+
+    result = thumbnet(ThumbNetParams(**values), verbose=_verbose())
+    print()
+    print(f"thumbnet.keras: {result['thumbnet']}")
+    print(f"report:         {result['report_html']}")
+    print(f"                {result['report_md']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `thumbnet` console script."""
+    args = _parser().parse_args(argv)
+    _setup_env()
+    from thumbnet_keras.pipeline import ConfigError
+
+    try:
+        if args.command == "demo":
+            values = dict(DEMO) | _given(args, _COMMON)
+            return _run_thumbnet(values)
+        if args.command == "train":
+            values = _given(
+                args,
+                _COMMON
+                + (
+                    "dataset",
+                    "backbone",
+                    "teacher",
+                    "backbone_weights",
+                    "factors",
+                    "image_size",
+                    "fm_epochs",
+                    "teacher_epochs",
+                    "learning_rate",
+                    "export_formats",
+                ),
+            )
+            if args.epochs is not None:
+                values["joint_epochs"] = args.epochs
+            if args.backbone_options:
+                values["backbone_options"] = json.loads(args.backbone_options)
+            return _run_thumbnet(values)
+        if args.command == "generalize":
+            from flows.thumbnet_flows import generalize
+            from thumbnet_keras.pipeline import GeneralizeParams
+
+            values = _given(args, _COMMON + ("source_run", "factor", "epochs"))
+            if args.experiment:
+                values["experiments"] = [
+                    {"dataset": d or None, "backbone": b or None}
+                    for d, _, b in (e.partition(":") for e in args.experiment)
+                ]
+            result = generalize(GeneralizeParams(**values), verbose=_verbose())
+            print(f"\nreport: {result['report_html']}")
+            return 0
+        from thumbnet_keras import pipeline
+
+        if args.command == "evaluate":
+            result = pipeline.evaluate_run(args.run, force=True)
+            for arm in result["arms"]:
+                factor = f" f={arm['factor']}" if arm["factor"] else ""
+                print(f"{arm['label']}{factor}: top-1 {100 * arm['top1']:.2f}%")
+            return 0
+        if args.command == "report":
+            result = pipeline.write_report(args.run)
+            print(f"report: {result['report_html']}\n        {result['report_md']}")
+            return 0
+        if args.command == "export":
+            run = pipeline.Run(args.run)
+            source = (
+                run.factor_dir(args.factor) / "thumbnet.keras"
+                if args.factor
+                else run.file("thumbnet.keras")
+            )
+            if not source.is_file():
+                raise ConfigError(f"{source} not found: run `thumbnet train` first.")
+            print(pipeline.export_model(str(source), args.format, args.output))
+            return 0
+    except ConfigError as err:
+        print(f"thumbnet: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

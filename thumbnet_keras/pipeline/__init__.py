@@ -1,0 +1,83 @@
+"""The steps of the `thumbnet` and `generalize` runs, as plain functions.
+
+Each function is one step (one Prefect task in `flows/`), takes and returns
+small JSON-able values (paths, metrics), reads its inputs from the run folder,
+and can run without Prefect:
+
+    from thumbnet_keras import pipeline
+
+    run = pipeline.resolve_run(pipeline.ThumbNetParams(dataset="elpv", smoke=True))
+    cfg = run["config"]
+    data = pipeline.prepare_dataset(cfg["dataset"], cfg["data_dir"] or "runs/_data",
+                                    cfg["limit_per_class"])
+    pipeline.get_teacher(run["run_dir"], data)
+    for factor in cfg["factors"]:
+        for stage in pipeline.STAGES:
+            pipeline.train_stage(run["run_dir"], factor, stage)
+    pipeline.evaluate_run(run["run_dir"])
+    pipeline.export_run(run["run_dir"])
+    pipeline.write_report(run["run_dir"])
+
+`run_thumbnet` does exactly that.
+"""
+
+from thumbnet_keras.pipeline.config import (
+    ConfigError,
+    GeneralizeConfig,
+    GeneralizeParams,
+    RunConfig,
+    ThumbNetParams,
+)
+from thumbnet_keras.pipeline.datasets import prepare_dataset, prepared_dir
+from thumbnet_keras.pipeline.evaluate import evaluate_run
+from thumbnet_keras.pipeline.export import export_model, export_run
+from thumbnet_keras.pipeline.generalize import (
+    resolve_generalize,
+    train_generalize_arm,
+    write_generalize_report,
+)
+from thumbnet_keras.pipeline.report import write_report
+from thumbnet_keras.pipeline.resolve import resolve_run
+from thumbnet_keras.pipeline.rundir import Run
+from thumbnet_keras.pipeline.stages import STAGES, get_teacher, train_stage
+
+__all__ = [
+    "STAGES",
+    "ConfigError",
+    "GeneralizeConfig",
+    "GeneralizeParams",
+    "Run",
+    "RunConfig",
+    "ThumbNetParams",
+    "evaluate_run",
+    "export_model",
+    "export_run",
+    "get_teacher",
+    "prepare_dataset",
+    "prepared_dir",
+    "resolve_generalize",
+    "resolve_run",
+    "run_thumbnet",
+    "train_generalize_arm",
+    "train_stage",
+    "write_generalize_report",
+    "write_report",
+]
+
+
+def run_thumbnet(params, verbose="auto") -> dict:
+    """Runs every step of a `thumbnet` run in this process, without Prefect."""
+    import os
+
+    run = resolve_run(params)
+    cfg = run["config"]
+    data_dir = cfg["data_dir"] or os.path.join(cfg["runs_dir"], "_data")
+    data = prepare_dataset(cfg["dataset"], data_dir, cfg["limit_per_class"])
+    get_teacher(run["run_dir"], data, verbose=verbose)
+    for factor in cfg["factors"]:
+        for stage in STAGES:
+            train_stage(run["run_dir"], factor, stage, verbose=verbose)
+    evaluate_run(run["run_dir"])
+    exported = export_run(run["run_dir"])
+    report = write_report(run["run_dir"])
+    return {"run_dir": run["run_dir"], **exported, "report_html": report["report_html"]}

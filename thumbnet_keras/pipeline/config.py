@@ -1,0 +1,303 @@
+"""Run configuration: a pydantic model for the flow side, a frozen dataclass for
+the library, and `validate_config`, the checks a run makes before it writes
+anything.
+
+`ThumbNetParams` (pydantic) is what a Prefect flow, a deployment or the CLI
+receives: every field has bounds and a description, so a bad value fails with a
+message that names it. `ThumbNetParams.to_config()` turns it into `RunConfig`,
+the frozen dataclass the rest of `thumbnet_keras.pipeline` reads, with the
+`smoke` switch applied (a run shrunk to seconds, for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ConfigError",
+    "GeneralizeConfig",
+    "GeneralizeParams",
+    "RunConfig",
+    "ThumbNetParams",
+    "SMOKE",
+]
+
+
+class ConfigError(ValueError):
+    """A run's inputs are invalid; the message names the problem."""
+
+
+# What `smoke=True` overrides: a whole run in seconds on a CPU (tests, CI).
+SMOKE: dict[str, Any] = {
+    "image_size": 32,
+    "limit_per_class": 8,
+    "teacher_epochs": 1,
+    "fm_epochs": 1,
+    "joint_epochs": 1,
+    "batch_size": 8,
+    "downscaler_width": 8,
+    "backbone_options": {"widths": [8, 16]},
+    "throughput_batches": 2,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a `thumbnet` run depends on (saved as `config.json`).
+
+    Attributes (defaults are the ELPV demo's):
+        dataset: a manifest name ("elpv", "imagenet2012", ...) or a YAML path.
+        backbone: the teacher architecture (`thumbnet_keras.backbones`); the
+            student S is the same architecture at thumbnail size.
+        backbone_options: keyword options of `backbones.build` (e.g.
+            `{"widths": [32, 64, 128]}` for tiny_cnn).
+        teacher: a trained teacher `.keras` file. None: build `backbone` with
+            `backbone_weights`, or train it on the dataset as stage 0.
+        backbone_weights: a local `.weights.h5`/`.keras` file or "imagenet"
+            for `backbone`, used as a trained teacher. None: train it.
+        factors: downscaling factors; one ThumbNet (E, S) per factor. The
+            first is the run's primary factor (`runs/<run>/thumbnet.keras`).
+        image_size: full image side (images are resized to it); every
+            factor must divide it.
+        channels: 1 or 3; None: the manifest's.
+        teacher_epochs: stage 0 epochs (when the teacher is trained here).
+        fm_epochs: `fm_pretrain` epochs (FM + MM, no labels).
+        joint_epochs: `joint` epochs (CL + KD + FM + MM). The bicubic
+            baselines train for `fm_epochs + joint_epochs`, the same budget.
+        batch_size: examples per step.
+        learning_rate: Adam learning rate of every stage.
+        temperature, cl_weight, kd_weight, fm_weight, mm_weight: ThumbNet loss
+            settings (`ThumbNetTrainer`).
+        downscaler_width, downscaler_depth: size of E's learned branch.
+        limit_per_class: keep N examples per class (smoke runs); None: all.
+        seed: data shuffling and augmentation seed.
+        run_name: folder under `runs_dir`; resolved before the run starts.
+        runs_dir: where run folders live.
+        data_dir: cache of prepared datasets; None: `<runs_dir>/_data`.
+        export_formats: extra exports of thumbnet.keras ("saved_model",
+            "onnx", "litert").
+        throughput_batches: timed batches per model for images/s.
+        smoke: already applied; recorded for the report.
+    """
+
+    dataset: str = "elpv"
+    backbone: str = "tiny_cnn"
+    backbone_options: dict = dataclasses.field(default_factory=dict)
+    teacher: str | None = None
+    backbone_weights: str | None = None
+    factors: tuple[int, ...] = (2,)
+    image_size: int = 64
+    channels: int | None = None
+    teacher_epochs: int = 10
+    fm_epochs: int = 2
+    joint_epochs: int = 8
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    temperature: float = 4.0
+    cl_weight: float = 1.0
+    kd_weight: float = 1.0
+    fm_weight: float = 1.0
+    mm_weight: float = 1.0
+    downscaler_width: int = 16
+    downscaler_depth: int = 2
+    limit_per_class: int | None = None
+    seed: int = 0
+    run_name: str | None = None
+    runs_dir: str = "runs"
+    data_dir: str | None = None
+    export_formats: tuple[str, ...] = ()
+    throughput_batches: int = 10
+    smoke: bool = False
+
+    @property
+    def baseline_epochs(self) -> int:
+        """Epochs of each bicubic baseline: ThumbNet's whole budget."""
+        return self.fm_epochs + self.joint_epochs
+
+    def to_json(self) -> dict:
+        """A JSON-able dict (tuples become lists)."""
+        return dataclasses.asdict(self) | {
+            "factors": list(self.factors),
+            "export_formats": list(self.export_formats),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> RunConfig:
+        """Inverse of `to_json`."""
+        obj = dict(obj)
+        obj["factors"] = tuple(obj["factors"])
+        obj["export_formats"] = tuple(obj.get("export_formats", ()))
+        return cls(**obj)
+
+    @property
+    def run_path(self) -> str:
+        """`<runs_dir>/<run_name>` (run_name must be resolved)."""
+        return os.path.join(self.runs_dir, self.run_name or "")
+
+    @property
+    def resolved_data_dir(self) -> str:
+        """The prepared-data cache folder."""
+        return self.data_dir or os.path.join(self.runs_dir, "_data")
+
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+EXPORT_FORMATS = ("saved_model", "onnx", "litert")
+
+
+class ThumbNetParams(BaseModel):
+    """Parameters of the `thumbnet` flow (see `RunConfig` for their meaning)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field("elpv", description="Manifest name or YAML path.")
+    backbone: str = Field("tiny_cnn", description="Teacher architecture.")
+    backbone_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of backbones.build."
+    )
+    teacher: str | None = Field(None, description="A trained teacher .keras file.")
+    backbone_weights: str | None = Field(
+        None, description="Local weights file or 'imagenet' for the backbone."
+    )
+    factors: list[int] = Field(
+        [2], min_length=1, max_length=4, description="Downscaling factors (>= 2)."
+    )
+    image_size: int = Field(64, ge=8, le=1024, description="Full image side.")
+    channels: int | None = Field(None, ge=1, le=3, description="1 or 3.")
+    teacher_epochs: int = Field(10, ge=0, le=1000, description="Stage 0 epochs.")
+    fm_epochs: int = Field(2, ge=0, le=1000, description="fm_pretrain epochs.")
+    joint_epochs: int = Field(8, ge=1, le=1000, description="joint epochs.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Batch size.")
+    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam rate.")
+    temperature: float = Field(4.0, gt=0, le=100, description="KD temperature.")
+    cl_weight: float = Field(1.0, ge=0, description="CL loss weight.")
+    kd_weight: float = Field(1.0, ge=0, description="KD loss weight.")
+    fm_weight: float = Field(1.0, ge=0, description="FM loss weight.")
+    mm_weight: float = Field(1.0, ge=0, description="MM loss weight.")
+    downscaler_width: int = Field(16, ge=1, le=512, description="E's width.")
+    downscaler_depth: int = Field(2, ge=0, le=16, description="E's depth.")
+    limit_per_class: int | None = Field(None, ge=1, description="Cap per class.")
+    seed: int = Field(0, ge=0, description="Data seed.")
+    run_name: str | None = Field(
+        None, pattern=_NAME_PATTERN, description="Run folder name (default: dated)."
+    )
+    runs_dir: str = Field("runs", description="Parent folder of run folders.")
+    data_dir: str | None = Field(None, description="Prepared-data cache folder.")
+    export_formats: list[str] = Field(
+        [], description=f"Extra exports, any of {EXPORT_FORMATS}."
+    )
+    throughput_batches: int = Field(10, ge=1, le=1000, description="Timed batches.")
+    smoke: bool = Field(False, description="Shrink the run to seconds (tests).")
+
+    def to_config(self) -> RunConfig:
+        """The frozen `RunConfig`, with `smoke` applied."""
+        values = self.model_dump()
+        if self.smoke:
+            values.update({k: v for k, v in SMOKE.items() if k != "backbone_options"})
+            if self.backbone == "tiny_cnn" and not self.backbone_options:
+                values["backbone_options"] = dict(SMOKE["backbone_options"])
+        values["factors"] = tuple(values["factors"])
+        values["export_formats"] = tuple(values["export_formats"])
+        return RunConfig(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneralizeConfig:
+    """A `generalize` run: reuse a trained E, frozen, elsewhere.
+
+    Attributes:
+        source_run: a finished `thumbnet` run folder (holds `f<factor>/downscaler.keras`).
+        factor: which of its downscalers to reuse.
+        experiments: `(dataset, backbone)` pairs; for each, a fresh S of that
+            backbone (random init) is trained on E's thumbnails and on bicubic
+            thumbnails with the same budget. None for either: the source
+            run's. Default: (another dataset, same backbone) and (same dataset,
+            another backbone) are the paper's two generalization claims.
+        epochs: training epochs of each fresh S.
+        batch_size, learning_rate, limit_per_class, seed, run_name, runs_dir,
+        data_dir, throughput_batches, smoke: as in `RunConfig`.
+    """
+
+    source_run: str
+    factor: int = 2
+    experiments: tuple[tuple[str | None, str | None], ...] = ((None, None),)
+    epochs: int = 5
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    limit_per_class: int | None = None
+    seed: int = 0
+    run_name: str | None = None
+    runs_dir: str = "runs"
+    data_dir: str | None = None
+    throughput_batches: int = 5
+    smoke: bool = False
+
+    def to_json(self) -> dict:
+        """A JSON-able dict."""
+        return dataclasses.asdict(self) | {
+            "experiments": [list(e) for e in self.experiments]
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> GeneralizeConfig:
+        """Inverse of `to_json`."""
+        obj = dict(obj)
+        obj["experiments"] = tuple(tuple(e) for e in obj["experiments"])
+        return cls(**obj)
+
+    @property
+    def run_path(self) -> str:
+        """`<runs_dir>/<run_name>`."""
+        return os.path.join(self.runs_dir, self.run_name or "")
+
+    @property
+    def resolved_data_dir(self) -> str:
+        """The prepared-data cache folder."""
+        return self.data_dir or os.path.join(self.runs_dir, "_data")
+
+
+class Experiment(BaseModel):
+    """One generalization experiment: a dataset and a backbone for a fresh S."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = Field(None, description="None: the source run's dataset.")
+    backbone: str | None = Field(None, description="None: the source run's backbone.")
+
+
+class GeneralizeParams(BaseModel):
+    """Parameters of the `generalize` flow (see `GeneralizeConfig`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_run: str = Field(..., description="A finished thumbnet run folder.")
+    factor: int = Field(2, ge=2, le=32, description="Which E of the run to reuse.")
+    experiments: list[Experiment] = Field(
+        default_factory=lambda: [Experiment()],
+        min_length=1,
+        description="(dataset, backbone) pairs to train a fresh S on.",
+    )
+    epochs: int = Field(5, ge=1, le=1000, description="Epochs per fresh S.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Batch size.")
+    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam rate.")
+    limit_per_class: int | None = Field(None, ge=1, description="Cap per class.")
+    seed: int = Field(0, ge=0, description="Data seed.")
+    run_name: str | None = Field(None, pattern=_NAME_PATTERN, description="Run name.")
+    runs_dir: str = Field("runs", description="Parent folder of run folders.")
+    data_dir: str | None = Field(None, description="Prepared-data cache folder.")
+    throughput_batches: int = Field(5, ge=1, le=1000, description="Timed batches.")
+    smoke: bool = Field(False, description="Shrink to seconds (tests).")
+
+    def to_config(self) -> GeneralizeConfig:
+        """The frozen `GeneralizeConfig`, with `smoke` applied."""
+        values = self.model_dump()
+        values["experiments"] = tuple(
+            (e["dataset"], e["backbone"]) for e in values["experiments"]
+        )
+        if self.smoke:
+            values.update(epochs=1, limit_per_class=8, batch_size=8)
+            values["throughput_batches"] = 2
+        return GeneralizeConfig(**values)

@@ -1,0 +1,112 @@
+"""Preparing a dataset once for many runs, and the tf.data streams of a run."""
+
+from __future__ import annotations
+
+import os
+
+from thumbnet_keras.pipeline.config import ConfigError
+
+__all__ = [
+    "is_prepared",
+    "prepare_dataset",
+    "prepared_dir",
+    "run_datasets",
+    "test_batches",
+]
+
+
+def prepared_dir(dataset: str, data_dir: str, limit_per_class: int | None) -> str:
+    """`<data_dir>/<name>-<manifest hash>[-limit<N>]`: one folder per manifest
+    content and limit, shared by every run that uses them."""
+    from thumbnet_keras.pipeline.resolve import load_manifest_checked
+
+    manifest = load_manifest_checked(dataset)
+    limit = f"-limit{limit_per_class}" if limit_per_class else ""
+    return os.path.join(
+        data_dir, f"{manifest.name}-{manifest.content_hash()[:12]}{limit}"
+    )
+
+
+def is_prepared(dataset: str, data_dir: str, limit_per_class: int | None) -> bool:
+    """Whether `prepared_dir(...)` holds a consistent prepared index."""
+    from thumbnet_keras.data import IndexCorruptError, PreparedDataset
+
+    try:
+        PreparedDataset.load(prepared_dir(dataset, data_dir, limit_per_class))
+    except (IndexCorruptError, ConfigError):
+        return False
+    return True
+
+
+def prepare_dataset(
+    dataset: str, data_dir: str, limit_per_class: int | None = None
+) -> dict:
+    """Validates, splits and indexes a dataset (`data.prepare`), reusing the
+    previous index when nothing changed.
+
+    Returns:
+        A JSON-able summary: `prepared_dir`, `name`, `class_names`,
+        `num_classes`, `splits`, `image_shape`, `normalization`, `license`,
+        `source_type`, `reused`.
+    """
+    from thumbnet_keras import data
+    from thumbnet_keras.pipeline.resolve import load_manifest_checked
+
+    manifest = load_manifest_checked(dataset)
+    out = prepared_dir(dataset, data_dir, limit_per_class)
+    prepared = data.prepare(manifest, out, limit_per_class=limit_per_class)
+    return {
+        "dataset": dataset,
+        "prepared_dir": prepared.out_dir,
+        "name": prepared.name,
+        "class_names": list(prepared.class_names),
+        "num_classes": prepared.num_classes,
+        "splits": dict(prepared.splits),
+        "image_shape": list(prepared.image_shape),
+        "normalization": prepared.normalization,
+        "license": manifest.license,
+        "source_type": prepared.source_type,
+        "reused": bool(prepared.reused),
+    }
+
+
+def _cache(prepared: dict) -> bool:
+    # Decoded images of an indexed set fit in memory; ImageNet-size TFDS does not.
+    return prepared["source_type"] != "tfds"
+
+
+def run_datasets(
+    prepared: dict, image_size: int, channels: int, batch_size: int, seed: int
+):
+    """`(train, test)` tf.data streams: train augmented and shuffled, test not."""
+    from thumbnet_keras import data
+
+    common = dict(
+        channels=channels,
+        normalization=prepared["normalization"],
+        cache=_cache(prepared),
+        seed=seed,
+    )
+    train = data.make_dataset(
+        prepared["prepared_dir"], "train", image_size, batch_size, True, **common
+    )
+    test = data.make_dataset(
+        prepared["prepared_dir"], "test", image_size, batch_size, False, **common
+    )
+    return train, test
+
+
+def test_batches(prepared: dict, image_size: int, channels: int, batch_size: int):
+    """The test split as a tf.data stream (no augmentation, fixed order)."""
+    from thumbnet_keras import data
+
+    return data.make_dataset(
+        prepared["prepared_dir"],
+        "test",
+        image_size,
+        batch_size,
+        False,
+        channels=channels,
+        normalization=prepared["normalization"],
+        cache=_cache(prepared),
+    )

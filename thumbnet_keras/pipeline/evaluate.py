@@ -1,0 +1,126 @@
+"""`evaluate_run`: every arm of a `thumbnet` run on the test split.
+
+Arms (per factor f, plus the teacher once):
+
+* `teacher`: T on full-size images.
+* `teacher_bicubic`: T's weights at thumbnail size (S before any training) on
+  bicubic thumbnails: what dropping the resolution costs without retraining.
+* `bicubic_cl`: the bicubic baseline (S trained on bicubic thumbnails, CL).
+* `bicubic_kd`: the same trained with CL + KD.
+* `thumbnet`: E + S from the `joint` stage.
+
+For each: top-1 (and top-5 when there are more than 5 classes), multiply-adds
+per image of the whole inference model (downscaler included), parameters, and
+measured images/s. Written to `evaluation.json`.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from thumbnet_keras.evaluation.accuracy import evaluate_classifier
+from thumbnet_keras.evaluation.flops import count_flops, count_params
+from thumbnet_keras.evaluation.latency import measure_throughput
+from thumbnet_keras.pipeline.rundir import read_json, write_json
+from thumbnet_keras.pipeline.stages import load_run, stage_id
+
+__all__ = ["ARM_LABELS", "compose", "evaluate_model", "evaluate_run"]
+
+ARM_LABELS = {
+    "teacher": "Teacher (full size)",
+    "teacher_bicubic": "Teacher on bicubic thumbnails (no retraining)",
+    "bicubic_cl": "Bicubic baseline (CL)",
+    "bicubic_kd": "Bicubic + KD",
+    "thumbnet": "ThumbNet (E + S)",
+}
+
+
+def compose(downscaler: keras.Model, student: keras.Model, name: str) -> keras.Model:
+    """image -> downscaler -> student -> logits, as a Functional model."""
+    image = keras.Input(tuple(downscaler.inputs[0].shape[1:]), name="image")
+    return keras.Model(image, student(downscaler(image)), name=name)
+
+
+def evaluate_model(
+    model: keras.Model,
+    batches,
+    num_classes: int,
+    batch_size: int,
+    throughput_batches: int,
+) -> dict:
+    """Top-1/top-5, MACs, parameters and images/s of one inference model."""
+    ks = (1, 5) if num_classes > 5 else (1,)
+    result = evaluate_classifier(model, batches, ks=ks, num_classes=num_classes)
+    result["flops"] = count_flops(model)
+    result["params"] = count_params(model)["total"]
+    speed = measure_throughput(model, batch_size=batch_size, batches=throughput_batches)
+    result["images_per_second"] = speed["images_per_second"]
+    return result
+
+
+def evaluate_run(run_dir: str, force: bool = False) -> dict:
+    """Evaluates every arm; skipped when `evaluation.json` exists (unless `force`).
+
+    Returns:
+        `{"path": evaluation.json, "arms": [{name, label, factor, top1,
+        [top5], flops, params, images_per_second, examples}, ...]}`.
+    """
+    from thumbnet_keras.layers.downscaler import bicubic_downscaler
+    from thumbnet_keras.models.student import make_student
+    from thumbnet_keras.pipeline.datasets import test_batches
+
+    run, config = load_run(run_dir)
+    path = run.file("evaluation.json")
+    if path.is_file() and not force:
+        print("[evaluate] already finished, skipped", flush=True)
+        return read_json(path) | {"skipped": True}
+    prepared = run.data()
+    classes = prepared["num_classes"]
+    shape = (config.image_size, config.image_size, config.channels)
+    test = test_batches(prepared, config.image_size, config.channels, config.batch_size)
+
+    def load(p):
+        return keras.saving.load_model(str(p), compile=False)
+
+    teacher = load(run.teacher_keras)
+    value_range = (0.0, 1.0) if prepared["normalization"] == "unit" else None
+    models: list[tuple[str, int | None, keras.Model]] = [("teacher", None, teacher)]
+    for factor in config.factors:
+        bicubic = bicubic_downscaler(shape, factor, value_range=value_range)
+        untrained = make_student(teacher, factor)
+        models.append(
+            ("teacher_bicubic", factor, compose(bicubic, untrained, "teacher_bicubic"))
+        )
+        for stage in ("bicubic_cl", "bicubic_kd"):
+            student = load(run.stage_dir(stage_id(factor, stage)) / "student.keras")
+            models.append((stage, factor, compose(bicubic, student, stage)))
+        joint = run.stage_dir(stage_id(factor, "joint"))
+        models.append(
+            (
+                "thumbnet",
+                factor,
+                compose(
+                    load(joint / "downscaler.keras"),
+                    load(joint / "student.keras"),
+                    "thumbnet",
+                ),
+            )
+        )
+    arms = []
+    for name, factor, model in models:
+        print(f"[evaluate] {name}" + (f" f={factor}" if factor else ""), flush=True)
+        result = evaluate_model(
+            model, test, classes, config.batch_size, config.throughput_batches
+        )
+        arms.append(
+            {
+                "name": name,
+                "label": ARM_LABELS[name],
+                "factor": factor,
+                "input_size": config.image_size // (factor or 1),
+                **result,
+            }
+        )
+    evaluation = {"path": str(path), "arms": arms}
+    write_json(path, evaluation)
+    return evaluation

@@ -1,0 +1,166 @@
+"""`resolve_run`: validate a run's inputs, then claim its folder.
+
+This is the first step of every `thumbnet` run. It reads but never writes
+until every check passed, so a bad input fails here with a message that names
+the problem, and no other run's outputs are touched:
+
+* unknown dataset (no such manifest) or unknown backbone;
+* a factor that does not divide the image size;
+* a missing teacher or weights file, a teacher whose input shape or number of
+  classes differs from the dataset's;
+* an output folder that cannot be written, or a run name that already holds a
+  run with different settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from thumbnet_keras.pipeline.config import (
+    EXPORT_FORMATS,
+    ConfigError,
+    RunConfig,
+    ThumbNetParams,
+)
+from thumbnet_keras.pipeline.rundir import check_writable, claim, default_run_name
+
+__all__ = ["resolve_run", "dataset_classes", "load_manifest_checked"]
+
+
+def load_manifest_checked(dataset: str):
+    """`data.load_manifest`, raising `ConfigError` naming the dataset."""
+    from thumbnet_keras import data
+
+    try:
+        return data.load_manifest(dataset)
+    except data.ManifestError as err:
+        raise ConfigError(f"Unknown or invalid dataset {dataset!r}: {err}") from err
+
+
+def dataset_classes(manifest) -> int | None:
+    """The number of classes a manifest declares, or TFDS's ClassLabel size
+    when the builder's metadata is available offline; None if unknown."""
+    if manifest.classes:
+        return len(manifest.classes)
+    if manifest.source.type == "tfds":
+        try:
+            import tensorflow_datasets as tfds
+
+            from thumbnet_keras.data.tfds_source import data_dir
+
+            builder = tfds.builder(
+                manifest.source.name, data_dir=data_dir(manifest.source)
+            )
+            return int(builder.info.features[manifest.source.label_key].num_classes)
+        except Exception:  # Metadata unavailable offline: checked after prepare.
+            return None
+    return None
+
+
+def check_backbone(name: str) -> None:
+    """Raises `ConfigError` for an unknown backbone name."""
+    from thumbnet_keras.models.backbones import KNOWN_BACKBONES
+
+    if name not in KNOWN_BACKBONES:
+        raise ConfigError(
+            f"Unknown backbone {name!r}. Known backbones: {', '.join(KNOWN_BACKBONES)}."
+        )
+
+
+def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None) -> None:
+    """Raises `ConfigError` unless `path` is a `.keras` classifier taking
+    `image_shape` and giving `num_classes` logits."""
+    import keras
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"Teacher file not found: {path!r}.")
+    try:
+        teacher = keras.saving.load_model(path, compile=False)
+    except Exception as err:
+        raise ConfigError(
+            f"Teacher file {path!r} is not a loadable .keras model: {err}"
+        ) from err
+    shape = tuple(teacher.inputs[0].shape[1:])
+    if shape != tuple(image_shape):
+        raise ConfigError(
+            f"Teacher {path!r} takes {shape} images but the run uses "
+            f"{tuple(image_shape)} (image_size x image_size x channels)."
+        )
+    classes = teacher.outputs[0].shape[-1]
+    if num_classes is not None and classes != num_classes:
+        raise ConfigError(
+            f"Teacher {path!r} outputs {classes} classes but the dataset has "
+            f"{num_classes}; they must agree."
+        )
+
+
+def _check(config: RunConfig, manifest) -> int | None:
+    from thumbnet_keras.layers.downscaler import validate_image_shape
+
+    check_backbone(config.backbone)
+    channels = config.channels or manifest.image.channels
+    if channels not in (1, 3):
+        raise ConfigError(f"`channels` must be 1 or 3, received {channels}.")
+    if len(set(config.factors)) != len(config.factors):
+        raise ConfigError(f"`factors` has duplicates: {list(config.factors)}.")
+    for factor in config.factors:
+        try:
+            validate_image_shape(
+                (config.image_size, config.image_size, channels), factor
+            )
+        except ValueError as err:
+            raise ConfigError(
+                f"Factor {factor} does not fit the image size: {err}"
+            ) from err
+    for fmt in config.export_formats:
+        if fmt not in EXPORT_FORMATS:
+            raise ConfigError(
+                f"Unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}."
+            )
+    num_classes = dataset_classes(manifest)
+    shape = (config.image_size, config.image_size, channels)
+    if config.teacher is not None:
+        check_teacher_file(config.teacher, shape, num_classes)
+    if config.backbone_weights not in (None, "imagenet") and not os.path.isfile(
+        config.backbone_weights
+    ):
+        raise ConfigError(
+            f"Backbone weights file not found: {config.backbone_weights!r}."
+        )
+    return num_classes
+
+
+def resolve_run(params: ThumbNetParams | RunConfig | dict) -> dict:
+    """Validates a run's inputs and claims `runs/<run-name>/`.
+
+    Args:
+        params: `ThumbNetParams` (or its dict form) or a `RunConfig`.
+
+    Returns:
+        `{"run_dir", "run_name", "resumed", "config"}`; `config` is the
+        resolved `RunConfig` as JSON (also in `<run_dir>/config.json`).
+
+    Raises:
+        ConfigError: the message names the problem; nothing was written
+            (except creating the empty `runs_dir` when missing).
+    """
+    if isinstance(params, dict):
+        params = ThumbNetParams.model_validate(params)
+    config = params.to_config() if isinstance(params, ThumbNetParams) else params
+    manifest = load_manifest_checked(config.dataset)
+    _check(config, manifest)
+    if config.channels is None:
+        config = dataclasses.replace(config, channels=manifest.image.channels)
+    if config.run_name is None:
+        config = dataclasses.replace(
+            config, run_name=default_run_name(f"{manifest.name}-{config.backbone}")
+        )
+    check_writable(config.runs_dir)
+    run, resumed = claim(config.run_path, config.to_json(), kind="thumbnet")
+    return {
+        "run_dir": str(run.path),
+        "run_name": run.name,
+        "resumed": resumed,
+        "config": config.to_json(),
+    }
