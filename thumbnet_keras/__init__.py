@@ -10,14 +10,14 @@ The public API is re-exported here by hand. Nothing in this package imports
 TensorFlow except `thumbnet_keras.data`, which is imported lazily.
 """
 
-from thumbnet_keras.evaluation.flops import count_flops
-from thumbnet_keras.evaluation.flops import count_params
-from thumbnet_keras.layers.downscaler import bicubic_downscaler
-from thumbnet_keras.layers.downscaler import build_downscaler
-from thumbnet_keras.losses.thumbnet_losses import classification_loss
-from thumbnet_keras.losses.thumbnet_losses import distillation_loss
-from thumbnet_keras.losses.thumbnet_losses import feature_mapping_loss
-from thumbnet_keras.losses.thumbnet_losses import moment_matching_loss
+from thumbnet_keras.evaluation.flops import count_flops, count_params
+from thumbnet_keras.layers.downscaler import bicubic_downscaler, build_downscaler
+from thumbnet_keras.losses.thumbnet_losses import (
+    classification_loss,
+    distillation_loss,
+    feature_mapping_loss,
+    moment_matching_loss,
+)
 from thumbnet_keras.models import backbones
 from thumbnet_keras.models.student import make_student
 from thumbnet_keras.models.trainer import ThumbNetTrainer
