@@ -249,3 +249,19 @@ def test_bad_stage_weights_temperature_and_missing_labels(rng):
     x, _ = _problem(rng, n=8)
     with pytest.raises(ValueError, match="needs labels"):
         trainer.fit(x, epochs=1, verbose=0)
+
+
+def test_whole_trainer_saves_and_loads(tmp_path, rng):
+    x, y = _problem(rng, n=16)
+    trainer = _trainer(tiny_teacher(), stage="joint", kd_weight=0.5)
+    trainer.compile(optimizer="adam")
+    trainer.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    trainer.save(tmp_path / "trainer.keras")
+    loaded = keras.saving.load_model(tmp_path / "trainer.keras")
+    assert isinstance(loaded, ThumbNetTrainer)
+    assert (loaded.stage, loaded.kd_weight) == ("joint", 0.5)
+    np.testing.assert_array_equal(
+        to_numpy(loaded(x)["logits"]), to_numpy(trainer(x)["logits"])
+    )
+    history = loaded.fit(x, y, epochs=1, batch_size=16, verbose=0).history
+    assert np.isfinite(history["loss"][0])
