@@ -213,9 +213,7 @@ def write_summary(results_dir: str | Path, markdown_path: str | None = None) -> 
     text = markdown(table)
     serial = {
         f"{d}{'-' + t if t else ''}": {
-            "arms": [
-                {k: v for k, v in r.items()} for r in rows.values()
-            ],
+            "arms": [{k: v for k, v in r.items()} for r in rows.values()],
             "targets": targets(
                 rows, sorted({r["factor"] for r in rows.values() if r["factor"]})
             ),
