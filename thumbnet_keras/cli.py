@@ -229,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             if not source.is_file():
                 raise ConfigError(f"{source} not found: run `thumbnet train` first.")
-            print(pipeline.export_model(str(source), args.format, args.output))
+            try:
+                print(pipeline.export_model(str(source), args.format, args.output))
+            except RuntimeError as err:  # The exporter's message names the cause.
+                print(f"thumbnet: error: {err}", file=sys.stderr)
+                return 1
             return 0
     except ConfigError as err:
         print(f"thumbnet: error: {err}", file=sys.stderr)

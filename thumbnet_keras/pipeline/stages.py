@@ -69,6 +69,10 @@ def _load(path):
 def _finish(run: Run, sid: str, record: dict) -> dict:
     write_json(run.stage_record(sid), record)
     shutil.rmtree(run.checkpoint_dir(sid), ignore_errors=True)
+    try:
+        run.checkpoint_dir(sid).parent.rmdir()  # Only when no stage is left.
+    except OSError:
+        pass
     _log(f"[{sid}] done")
     return record
 

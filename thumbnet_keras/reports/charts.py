@@ -34,6 +34,13 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:g}{unit}"
+    return f"{value:g}"
+
+
 def accuracy_vs_flops_png(arms: Sequence[Mapping]) -> bytes:
     """Top-1 accuracy against multiply-adds (log scale), one point per arm.
 
@@ -51,7 +58,12 @@ def accuracy_vs_flops_png(arms: Sequence[Mapping]) -> bytes:
             s=60,
             label=label,
         )
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("multiply-adds per image (log scale)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Accuracy vs. FLOPs on the test split")
