@@ -1,5 +1,5 @@
 """The `thumbnet` and `generalize` flows, run for real in Prefect's ephemeral
-mode (temporary PREFECT_HOME, see test_pipeline_fixtures): the demo on real
+mode (temporary PREFECT_HOME, see pipeline_fixtures): the demo on real
 ELPV shrunk by `smoke`, then generalize, rerun, bad input and the CLI on it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from test_pipeline_fixtures import snapshot, tiny_dataset
+from pipeline_fixtures import snapshot, tiny_dataset
 
 from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
 

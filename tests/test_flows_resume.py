@@ -13,7 +13,7 @@ import time
 
 import keras
 import pytest
-from test_pipeline_fixtures import REPO, snapshot, subprocess_env, tiny_dataset
+from pipeline_fixtures import REPO, snapshot, subprocess_env, tiny_dataset
 
 JOINT_EPOCHS = 12
 

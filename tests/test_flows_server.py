@@ -16,7 +16,7 @@ from pathlib import Path
 import keras
 import pytest
 import yaml
-from test_pipeline_fixtures import REPO, subprocess_env, tiny_dataset
+from pipeline_fixtures import REPO, subprocess_env, tiny_dataset
 
 from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from test_pipeline_fixtures import snapshot, tiny_dataset
+from pipeline_fixtures import snapshot, tiny_dataset
 
 from thumbnet_keras import pipeline
 from thumbnet_keras.evaluation.accuracy import evaluate_classifier, topk_correct
