@@ -25,20 +25,12 @@ import argparse
 import copy
 
 from flows.thumbnet_flows import generalize, thumbnet
+from thumbnet_keras.cli import DEMO
 
 __all__ = ["DEPLOYMENTS", "build_deployments", "main"]
 
-_ELPV = {
-    "dataset": "elpv",
-    "backbone": "tiny_cnn",
-    "backbone_options": {"widths": [32, 64, 128]},
-    "factors": [2, 4],
-    "image_size": 64,
-    "teacher_epochs": 20,
-    "fm_epochs": 2,
-    "joint_epochs": 10,
-    "downscaler_width": 8,
-}
+# The README's demo settings (`thumbnet demo`), without the run-folder name.
+_ELPV = {k: v for k, v in DEMO.items() if k not in ("run_name", "batch_size")}
 
 # name -> (flow name, parameters). ImageNet/Places settings follow ThumbNet
 # (224x224 teacher input, f = 2 on ImageNet, f = 4 on Places).
