@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from thumbnet_keras.cli import main
@@ -16,12 +19,26 @@ def test_help_lists_every_command(capsys):
         assert command in out
 
 
-def test_unknown_dataset_exits_2_with_message(tmp_path, capsys):
-    code = main(
-        ["train", "--dataset", "no_such_set", "--runs-dir", str(tmp_path / "runs")]
+def test_unknown_dataset_exits_2_with_message(tmp_path):
+    # A real process, as users run it: the flow starts Prefect's ephemeral
+    # server, whose log handlers must not outlive pytest's captured streams.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "thumbnet_keras.cli",
+            "train",
+            "--dataset",
+            "no_such_set",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert code == 2
-    assert "Unknown or invalid dataset 'no_such_set'" in capsys.readouterr().err
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Unknown or invalid dataset 'no_such_set'" in result.stderr
     assert not (tmp_path / "runs").exists()  # failed before writing anything
 
 
