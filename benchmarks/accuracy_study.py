@@ -259,7 +259,8 @@ def _fit_best_validation(teacher, train, setting, prepared, path) -> dict:
         channels=prepared["image_shape"][-1],
         normalization=prepared["normalization"],
     )
-    best = path.with_name(path.stem + "-best.weights.h5")
+    # Per process: two studies sharing a work dir must not share this file.
+    best = path.with_name(f"{path.stem}-best-{os.getpid()}.weights.h5")
     start = time.perf_counter()
     history = teacher.fit(
         train,
@@ -277,6 +278,7 @@ def _fit_best_validation(teacher, train, setting, prepared, path) -> dict:
         verbose=2,
     ).history
     teacher.load_weights(str(best))
+    best.unlink()
     scores = history["val_accuracy"]
     return {
         "history": {k: [float(v) for v in vs] for k, vs in history.items()},
