@@ -76,8 +76,9 @@ def test_quick_study_end_to_end(tmp_path):
         # Trained arms all get the same epoch budget (fm + joint epochs).
         budget = {by_arm[a]["epochs"] for a in arms[2:]}
         assert budget == {2}
-        # The teacher learned something on 540 images: well above 10% chance.
-        assert by_arm["teacher"]["test_top1"] > 0.2
+        # The teacher learned something from 540 images: a collapsed model
+        # scores 10%, and chance has a standard deviation of 1.2 points here.
+        assert by_arm["teacher"]["test_top1"] > 0.15
         # FLOPs: thumbnails are cheaper; E costs something on top of S.
         flops = {a: r["flops"] for a, r in by_arm.items()}
         assert flops["bicubic_cl"] < flops["teacher"] / 4
