@@ -230,3 +230,22 @@ def test_bad_architecture_options():
         backbones.build("vgg16", (16, 16, 3), num_classes=3, head_width=8)
     with pytest.raises(ValueError, match="resnet18"):
         backbones.build("resnet18", SMALL, num_classes=3, alpha=0.5)
+
+
+def test_own_backbones_use_pytorch_like_bn_momentum():
+    from thumbnet_keras.models.backbones import BN_MOMENTUM
+
+    for name, kwargs in (
+        ("tiny_cnn", {}),
+        ("resnet18", {}),
+        ("vgg16", {"head_width": 8}),
+    ):
+        model = backbones.build(name, (32, 32, 3), 3, **kwargs)
+        momenta = {
+            layer.momentum
+            for layer in model.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        }
+        assert momenta == {BN_MOMENTUM} == {0.9}, name
+    model = backbones.build("tiny_cnn", (32, 32, 3), 3, bn_momentum=0.5)
+    assert model.get_layer("stage0_bn").momentum == 0.5
