@@ -51,3 +51,15 @@ def test_bad_format_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--run", "x", "--format", "pickle"])
     assert "invalid choice: 'pickle'" in capsys.readouterr().err
+
+
+def test_zero_valued_options_are_kept():
+    import argparse
+
+    from thumbnet_keras.cli import _given
+
+    args = argparse.Namespace(fm_epochs=0, teacher=None, smoke=False, factors=[2])
+    assert _given(args, ("fm_epochs", "teacher", "smoke", "factors")) == {
+        "fm_epochs": 0,
+        "factors": [2],
+    }

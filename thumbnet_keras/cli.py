@@ -144,7 +144,8 @@ def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
     return {
         n: getattr(args, n)
         for n in names
-        if getattr(args, n, None) not in (None, False)
+        # `is not`: 0 is a real value (e.g. --fm-epochs 0), False means unset.
+        if getattr(args, n, None) is not None and getattr(args, n) is not False
     }
 
 

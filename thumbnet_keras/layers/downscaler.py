@@ -238,7 +238,7 @@ def build_downscaler(
         input_shape: `(H, W, C)`, channels last; H and W divisible by `factor`.
         factor: integer >= 2, the downscaling factor per side (FLOPs of the
             inference network drop by about `factor**2`).
-        width: channels of the residual branch's hidden convs. Defaults to 32.
+        width: channels of the residual branch's hidden convs. Defaults to 16.
         depth: number of 3x3 conv layers at thumbnail resolution before the
             output conv. Defaults to 2.
         kernel_size: kernel size of the non-strided convs. Defaults to 3.

@@ -214,8 +214,10 @@ class GeneralizeConfig:
         experiments: `(dataset, backbone)` pairs; for each, a fresh S of that
             backbone (random init) is trained on E's thumbnails and on bicubic
             thumbnails with the same budget. None for either: the source
-            run's. Default: (another dataset, same backbone) and (same dataset,
-            another backbone) are the paper's two generalization claims.
+            run's. The default, one pair of Nones, reruns the source run's
+            dataset and backbone with a fresh S; pass (another dataset, None)
+            and (None, another backbone) to test the paper's two
+            generalization claims, as the `generalize` deployment does.
         epochs: training epochs of each fresh S.
         batch_size, learning_rate, limit_per_class, seed, run_name, runs_dir,
         data_dir, throughput_batches, smoke: as in `RunConfig`.
