@@ -188,8 +188,28 @@ def test_empty_split_fails_with_clear_message(tmp_path):
             os.remove(root / "cat" / name)
     with pytest.raises(data.PrepareError, match="split 'train' has no usable example"):
         data.prepare(folder_manifest(root), tmp_path / "out")
-    assert os.path.isfile(tmp_path / "out" / "quarantine.json")
+    assert os.path.isfile(tmp_path / "out" / "quarantine.failed.json")
     assert not os.path.exists(tmp_path / "out" / "index.parquet")
+
+
+def test_failed_reprepare_keeps_the_last_good_index_and_report(tmp_path):
+    make_image_folder(tmp_path / "src")
+    manifest = folder_manifest(tmp_path / "src")
+    good = data.prepare(manifest, tmp_path / "out")
+    out = tmp_path / "out"
+    before = {
+        name: (out / name).read_bytes()
+        for name in ("index.parquet", "quarantine.json", "summary.json")
+    }
+    for path in (tmp_path / "src").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")  # every source file is now bad
+    with pytest.raises(data.PrepareError, match="no usable example"):
+        data.prepare(manifest, out)
+    assert (out / "quarantine.failed.json").is_file()
+    for name, content in before.items():
+        assert (out / name).read_bytes() == content, name
+    assert data.PreparedDataset.load(out).splits == good.splits
 
 
 def test_declared_class_without_examples_fails(tmp_path):

@@ -274,12 +274,15 @@ def prepare(
     }
     usable = [r for r in rows if r["status"] != QUARANTINED]
     counts = Counter(r["split"] for r in usable)
+    # A failed prepare reports beside, never over, the last good index's
+    # quarantine report, so that index, its report and summary stay a set.
+    failed_report = out / "quarantine.failed.json"
     for split in _expected_splits(manifest, rows):
         if counts[split] == 0:
-            idx.write_json(out / idx.QUARANTINE_FILE, report)
+            idx.write_json(failed_report, report)
             raise PrepareError(
                 f"{manifest.name}: split {split!r} has no usable example "
-                f"({len(quarantined)} quarantined, see {out / idx.QUARANTINE_FILE})"
+                f"({len(quarantined)} quarantined, see {failed_report})"
             )
     per_class = Counter(r["label"] for r in usable)
     empty = [name for i, name in enumerate(class_names) if per_class[i] == 0]
@@ -287,13 +290,13 @@ def prepare(
         # Classes declared in the manifest must exist. Classes taken from a
         # TFDS ClassLabel may legitimately be absent from a limited run; they
         # are listed in the summary's `empty_classes` instead.
-        idx.write_json(out / idx.QUARANTINE_FILE, report)
+        idx.write_json(failed_report, report)
         shown = (
             empty if len(empty) <= 10 else empty[:10] + [f"... {len(empty) - 10} more"]
         )
         raise PrepareError(
             f"{manifest.name}: declared class(es) {shown} have no usable example "
-            f"(see {out / idx.QUARANTINE_FILE})"
+            f"(see {failed_report})"
         )
 
     columns = {name: [r.get(name) for r in rows] for name in idx.INDEX_SCHEMA.names}
