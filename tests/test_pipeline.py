@@ -190,6 +190,22 @@ def test_claim_reopens_same_config(earlier_run):
     assert saved["environment"]["backend"] == keras.backend.backend()
 
 
+def test_changed_manifest_is_not_resumed_onto(earlier_run):
+    manifest, runs = earlier_run
+    path = Path(manifest)
+    path.write_text(
+        path.read_text().replace("test_fraction: 0.25", "test_fraction: 0.5")
+    )
+    before = snapshot(runs)
+    with pytest.raises(ConfigError, match="manifest changed"):
+        pipeline.resolve_run(
+            ThumbNetParams(
+                dataset=manifest, smoke=True, runs_dir=str(runs), run_name="earlier"
+            )
+        )
+    assert snapshot(runs) == before
+
+
 def test_unnamed_runs_get_distinct_folders(earlier_run):
     manifest, runs = earlier_run
     run = pipeline.resolve_run(

@@ -157,7 +157,12 @@ def resolve_run(params: ThumbNetParams | RunConfig | dict) -> dict:
             config, run_name=default_run_name(f"{manifest.name}-{config.backbone}")
         )
     check_writable(config.runs_dir)
-    run, resumed = claim(config.run_path, config.to_json(), kind="thumbnet")
+    run, resumed = claim(
+        config.run_path,
+        config.to_json(),
+        kind="thumbnet",
+        inputs={"manifest_sha256": manifest.content_hash()},
+    )
     return {
         "run_dir": str(run.path),
         "run_name": run.name,

@@ -175,13 +175,16 @@ class Run:
         return read_json(self.data_json)
 
 
-def claim(path: str | os.PathLike, config: dict, kind: str) -> tuple[Run, bool]:
+def claim(
+    path: str | os.PathLike, config: dict, kind: str, inputs: dict | None = None
+) -> tuple[Run, bool]:
     """Creates the run folder, or reopens it when it belongs to this same run.
 
     A folder that already holds a `config.json` is reopened (to resume) only
-    when the saved config equals `config`; otherwise `ConfigError` is raised
-    and nothing is written. A non-empty folder without `config.json` is
-    someone else's: also refused.
+    when the saved config equals `config` and the saved `inputs` (content
+    hashes of what the run reads, e.g. the dataset manifest) equal `inputs`;
+    otherwise `ConfigError` is raised and nothing is written. A non-empty
+    folder without `config.json` is someone else's: also refused.
 
     Returns:
         `(run, resumed)`.
@@ -200,6 +203,13 @@ def claim(path: str | os.PathLike, config: dict, kind: str) -> tuple[Run, bool]:
                 f"{', '.join(keys) or 'kind'}). Its outputs are left untouched: "
                 "choose another run name, or rerun with the same settings to resume."
             )
+        if saved.get("inputs") != inputs:
+            raise ConfigError(
+                f"Run folder {str(run.path)!r} was started on different inputs "
+                f"(saved {saved.get('inputs')}, now {inputs}): the dataset manifest "
+                "changed since. Finished stages used the old data, so the run is not "
+                "resumed; its outputs are left untouched. Choose another run name."
+            )
         return run, True
     if run.path.exists() and any(run.path.iterdir()):
         raise ConfigError(
@@ -211,6 +221,11 @@ def claim(path: str | os.PathLike, config: dict, kind: str) -> tuple[Run, bool]:
 
     write_json(
         run.config_json,
-        {"kind": kind, "config": config, "environment": environment()},
+        {
+            "kind": kind,
+            "config": config,
+            "inputs": inputs,
+            "environment": environment(),
+        },
     )
     return run, False
