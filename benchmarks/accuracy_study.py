@@ -43,16 +43,8 @@ import sys
 import time
 from pathlib import Path
 
-ARMS = (
-    "teacher",
-    "teacher_bicubic",
-    "bicubic_cl",
-    "bicubic_kd",
-    "es_cl",
-    "es_kd",
-    "es_kd_mm",
-    "thumbnet",
-)
+from accuracy_report import ARM_ORDER as ARMS  # benchmarks/ is on sys.path
+
 ARM_LABELS = {
     "teacher": "Teacher, full size",
     "teacher_bicubic": "Teacher on bicubic thumbnails (no retraining)",

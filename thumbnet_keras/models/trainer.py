@@ -202,8 +202,6 @@ class ThumbNetTrainer(keras.Model):
         self.student_feature_layer = find_feature_layer(
             student, student_feature_layer, "student"
         )
-        # Remember what the user passed, so get_config round-trips exactly.
-        self._feature_layer_args = (teacher_feature_layer, student_feature_layer)
 
         self._teacher_features = _feature_model(
             teacher, self.teacher_feature_layer, "teacher_features"

@@ -45,8 +45,26 @@ SMOKE: dict[str, Any] = {
 }
 
 
+class _RunFolder:
+    """Where a run's folder and its prepared-data cache live (both configs)."""
+
+    runs_dir: str
+    run_name: str | None
+    data_dir: str | None
+
+    @property
+    def run_path(self) -> str:
+        """`<runs_dir>/<run_name>` (run_name must be resolved)."""
+        return os.path.join(self.runs_dir, self.run_name or "")
+
+    @property
+    def resolved_data_dir(self) -> str:
+        """The prepared-data cache folder."""
+        return self.data_dir or os.path.join(self.runs_dir, "_data")
+
+
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_RunFolder):
     """Everything a `thumbnet` run depends on (saved as `config.json`).
 
     Attributes (defaults are the ELPV demo's):
@@ -133,16 +151,6 @@ class RunConfig:
         obj["export_formats"] = tuple(obj.get("export_formats", ()))
         return cls(**obj)
 
-    @property
-    def run_path(self) -> str:
-        """`<runs_dir>/<run_name>` (run_name must be resolved)."""
-        return os.path.join(self.runs_dir, self.run_name or "")
-
-    @property
-    def resolved_data_dir(self) -> str:
-        """The prepared-data cache folder."""
-        return self.data_dir or os.path.join(self.runs_dir, "_data")
-
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 EXPORT_FORMATS = ("saved_model", "onnx", "litert")
@@ -205,7 +213,7 @@ class ThumbNetParams(BaseModel):
 
 
 @dataclasses.dataclass(frozen=True)
-class GeneralizeConfig:
+class GeneralizeConfig(_RunFolder):
     """A `generalize` run: reuse a trained E, frozen, elsewhere.
 
     Attributes:
@@ -249,16 +257,6 @@ class GeneralizeConfig:
         obj = dict(obj)
         obj["experiments"] = tuple(tuple(e) for e in obj["experiments"])
         return cls(**obj)
-
-    @property
-    def run_path(self) -> str:
-        """`<runs_dir>/<run_name>`."""
-        return os.path.join(self.runs_dir, self.run_name or "")
-
-    @property
-    def resolved_data_dir(self) -> str:
-        """The prepared-data cache folder."""
-        return self.data_dir or os.path.join(self.runs_dir, "_data")
 
 
 class Experiment(BaseModel):
