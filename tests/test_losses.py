@@ -20,17 +20,27 @@ def test_moment_matching_golden_single_channel():
     x = np.array([0.0, 2.0, 4.0, 6.0], "float32").reshape(1, 2, 2, 1)
     # t: mean 2, std 1
     t = np.array([1.0, 3.0, 1.0, 3.0], "float32").reshape(1, 2, 2, 1)
-    expected = (2 - 3) ** 2 + (1 - math.sqrt(5)) ** 2  # = 7 - 2*sqrt(5)
+    # In units of the image variance, 5: ((2-3)^2 + (1-sqrt(5))^2) / 5.
+    expected = (7 - 2 * math.sqrt(5)) / 5
     assert _value(L.moment_matching_loss(x, t)) == pytest.approx(expected, rel=1e-6)
 
 
-def test_moment_matching_sums_channels_and_averages_batch():
+def test_moment_matching_averages_images_and_channels_in_variance_units():
+    # Channel 0 of both images is [0, 2, 0, 2] (std 1), channel 1 [0, 4, 0, 4]
+    # (std 2): per-channel unit variances 1 and 4.
     x = np.zeros((2, 2, 2, 2), "float32")
-    t = np.zeros((2, 1, 1, 2), "float32")
-    t[0, 0, 0, 0] = 1.0  # image 0, channel 0: mean differs by 1 -> 1
-    t[1, 0, 0, 1] = 2.0  # image 1, channel 1: mean differs by 2 -> 4
-    # std of every channel is 0 (floored at 1e-6 on both sides).
-    assert _value(L.moment_matching_loss(x, t)) == pytest.approx((1 + 4) / 2, rel=1e-6)
+    x[..., 0] = [[0, 2], [0, 2]]
+    x[..., 1] = [[0, 4], [0, 4]]
+    t = np.zeros((2, 1, 2, 2), "float32")
+    t[..., 0] = [0, 2]
+    t[..., 1] = [0, 4]
+    t[0, ..., 0] += 1.0  # image 0, channel 0: mean off by 1 -> 1 / 1
+    t[1, ..., 1] += 2.0  # image 1, channel 1: mean off by 2 -> 4 / 4
+    value = _value(L.moment_matching_loss(x, t))
+    assert value == pytest.approx((1 + 0 + 0 + 1) / 4, rel=1e-6)
+    # Unit-free: the same images on a 10x larger value scale cost the same.
+    scaled = _value(L.moment_matching_loss(10 * x, 10 * t))
+    assert scaled == pytest.approx(value, rel=1e-5)
 
 
 def test_moment_matching_is_zero_for_same_statistics():
@@ -104,11 +114,11 @@ def test_against_independent_numpy_implementation(rng):
     x = rng.normal(size=(3, 8, 6, 2)).astype("float32")
     t = rng.normal(size=(3, 4, 3, 2)).astype("float32")
     mm = np.mean(
-        np.sum(
+        (
             (t.mean((1, 2)) - x.mean((1, 2))) ** 2
-            + (t.std((1, 2)) - x.std((1, 2))) ** 2,
-            -1,
+            + (t.std((1, 2)) - x.std((1, 2))) ** 2
         )
+        / x.var((1, 2)).mean(0)
     )
     assert _value(L.moment_matching_loss(x, t)) == pytest.approx(mm, rel=1e-5)
 
@@ -124,6 +134,33 @@ def test_against_independent_numpy_implementation(rng):
     pooled = f_t.reshape(2, 3, 2, 2, 2, 3).mean((2, 4))
     fm = np.mean((pooled - f_s) ** 2)
     assert _value(L.feature_mapping_loss(f_t, f_s)) == pytest.approx(fm, rel=1e-5)
+
+
+def test_feature_mapping_with_alignment_matrices_golden():
+    # A 4x1 teacher map [1, 2, 3, 4] and a 2x1 student map [0, 0]: rows of M_h
+    # weight teacher cells by overlap, as `alignment.fm_pooling` makes them.
+    f_t = np.array([1.0, 2.0, 3.0, 4.0], "float32").reshape(1, 4, 1, 1)
+    f_s = np.zeros((1, 2, 1, 1), "float32")
+    m_h = np.array([[0.25, 0.5, 0.25, 0.0], [0.0, 0.0, 0.5, 0.5]], "float32")
+    m_w = np.ones((1, 1), "float32")
+    # pooled = [0.25 + 1 + 0.75, 1.5 + 2] = [2, 3.5]; MSE = (4 + 12.25) / 2.
+    value = _value(L.feature_mapping_loss(f_t, f_s, (m_h, m_w)))
+    assert value == pytest.approx((4 + 12.25) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        L.feature_mapping_loss(f_t, f_s, (m_h[:, :3], m_w))
+
+
+def test_classification_label_smoothing_golden():
+    # Logits [0, ln 3]: p = [1/4, 3/4]. Label 1, eps = 0.2, K = 2:
+    # (1 - eps) * -ln(3/4) + eps * mean(-ln(1/4), -ln(3/4)).
+    z = np.array([[0.0, math.log(3.0)]], "float32")
+    y = np.array([1])
+    plain = -math.log(0.75)
+    smooth = 0.8 * plain + 0.2 * 0.5 * (math.log(4.0) - math.log(0.75))
+    assert _value(L.classification_loss(y, z)) == pytest.approx(plain, rel=1e-6)
+    assert _value(L.classification_loss(y, z, 0.2)) == pytest.approx(smooth, rel=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        L.classification_loss(y, z, 1.0)
 
 
 # -- bad input ---------------------------------------------------------------

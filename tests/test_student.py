@@ -4,6 +4,7 @@ import pytest
 from conftest import tiny_teacher, to_numpy
 
 from thumbnet_keras import make_student
+from thumbnet_keras.models import backbones
 
 
 def _pool_names(model):
@@ -25,14 +26,46 @@ def test_global_pool_teacher_keeps_architecture_and_weights(rng):
     # Weights are copies, not shared.
     student.weights[0].assign(np.zeros(student.weights[0].shape))
     assert np.abs(to_numpy(teacher.weights[0])).sum() > 0
-    # A size-agnostic network applied to the thumbnail computes what the teacher's
-    # layers compute on it.
+    # S computes what the teacher's own layers compute on a thumbnail: run
+    # T's layers (conv, BN, ReLU, global pool, dense: all size-agnostic) one
+    # by one on an 8x8 input and compare.
     thumb = rng.random((2, 8, 8, 3), dtype="float32")
-    agnostic = make_student(tiny_teacher((16, 16, 3)), 2)
-    agnostic.set_weights(teacher.get_weights())
+    fresh = make_student(teacher, 2)
+    x = thumb
+    for layer in teacher.layers[1:]:
+        x = layer(x, training=False)
     np.testing.assert_allclose(
-        to_numpy(agnostic(thumb)), to_numpy(make_student(teacher, 2)(thumb)), atol=1e-6
+        to_numpy(fresh(thumb, training=False)), to_numpy(x), rtol=1e-5, atol=1e-5
     )
+
+
+def test_student_of_a_frozen_teacher_is_trainable():
+    # Regression: the config copied `trainable: false`, so a student of a
+    # frozen teacher (e.g. one already handed to a ThumbNetTrainer) had no
+    # trainable weights and only E trained.
+    teacher = backbones.build("resnet18", (32, 32, 3), 10)
+    trainable = len(teacher.trainable_weights)
+    teacher.trainable = False
+    for factor in (2, 4):
+        student = make_student(teacher, factor)
+        assert student.trainable
+        assert len(student.trainable_weights) == trainable
+        assert all(layer.trainable for layer in student._flatten_layers())
+    assert not teacher.trainable_weights  # The teacher itself stays frozen.
+
+
+def test_student_at_an_arbitrary_size():
+    teacher = tiny_teacher((16, 16, 3))
+    student = make_student(teacher, size=(10, 10))
+    assert student.input_shape == (None, 10, 10, 3)
+    for t, s in zip(teacher.weights, student.weights):
+        np.testing.assert_array_equal(to_numpy(t), to_numpy(s))
+    with pytest.raises(ValueError, match="exactly one"):
+        make_student(teacher, 2, size=(8, 8))
+    with pytest.raises(ValueError, match="larger than"):
+        make_student(teacher, size=(20, 20))
+    with pytest.raises(ValueError, match="fixed spatial size"):
+        make_student(tiny_teacher((16, 16, 3), head="flatten"), size=(10, 10))
 
 
 @pytest.mark.parametrize("factor, kept", [(2, ["pool0"]), (4, [])])

@@ -100,6 +100,7 @@ def test_config_roundtrip():
         mm_weight=7.0,
         teacher_feature_layer="relu0",
         student_feature_layer="relu0",
+        label_smoothing=0.1,
     )
     config = trainer.get_config()
     clone = ThumbNetTrainer.from_config(config)
@@ -112,9 +113,63 @@ def test_config_roundtrip():
         "mm_weight",
         "teacher_feature_layer",
         "student_feature_layer",
+        "label_smoothing",
     ):
         assert getattr(clone, key) == getattr(trainer, key), key
     assert clone.get_config() == config
+
+
+def test_student_of_a_frozen_teacher_trains(rng):
+    # Regression (issue 8): the trainer froze the caller's teacher and a
+    # student derived from it afterwards (second factor) was frozen too, so
+    # only E's weights trained, without a word.
+    x, y = _problem(rng, n=32)
+    teacher = tiny_teacher(x.shape[1:])
+    _trainer(teacher)  # freezes `teacher`
+    assert not teacher.trainable_weights
+    trainer = _trainer(teacher, factor=4)
+    student_weights = {id(v) for v in trainer.student.weights}
+    trained = [v for v in trainer.trainable_weights if id(v) in student_weights]
+    assert len(trained) == len(tiny_teacher(x.shape[1:]).trainable_weights)
+    before = [to_numpy(v).copy() for v in trained]
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1))
+    trainer.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    moved = [np.abs(b - to_numpy(v)).max() > 0 for b, v in zip(before, trained)]
+    assert all(moved)
+
+
+def test_frozen_or_shared_student_is_refused():
+    teacher = tiny_teacher((16, 16, 3))
+    frozen = make_student(teacher, 2)
+    frozen.trainable = False
+    with pytest.raises(ValueError, match="no trainable weights"):
+        ThumbNetTrainer(teacher, build_downscaler((16, 16, 3), 2, width=4), frozen)
+    # A size-agnostic teacher passed as its own student shares every weight.
+    inputs = keras.Input((None, None, 3))
+    h = keras.layers.Conv2D(4, 3, name="c")(inputs)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    agnostic = keras.Model(inputs, keras.layers.Dense(2, name="logits")(h))
+    with pytest.raises(ValueError, match="shares"):
+        ThumbNetTrainer(agnostic, build_downscaler((16, 16, 3), 2, width=4), agnostic)
+
+
+def test_expensive_downscaler_warns(rng):
+    teacher = tiny_teacher((32, 32, 3), width=4)
+    student = make_student(teacher, 2)
+    with pytest.warns(UserWarning, match="costs .* of the inference model"):
+        ThumbNetTrainer(teacher, build_downscaler((32, 32, 3), 2, width=32), student)
+    from thumbnet_keras import auto_downscaler_width, count_flops
+
+    width = auto_downscaler_width((32, 32, 3), 2, student)
+    e = build_downscaler((32, 32, 3), 2, width=width)
+    share = count_flops(e) / (count_flops(e) + count_flops(student))
+    assert share <= 0.15 or width == 4
+    if width < 32:  # The next wider candidate would exceed the share.
+        from thumbnet_keras.layers.downscaler import AUTO_WIDTHS
+
+        wider = AUTO_WIDTHS[AUTO_WIDTHS.index(width) - 1]
+        e2 = build_downscaler((32, 32, 3), 2, width=wider)
+        assert count_flops(e2) / (count_flops(e2) + count_flops(student)) > 0.15
 
 
 def test_default_feature_layers_are_last_4d_maps():

@@ -11,7 +11,11 @@ TensorFlow except `thumbnet_keras.data`, which is imported lazily.
 """
 
 from thumbnet_keras.evaluation.flops import count_flops, count_params
-from thumbnet_keras.layers.downscaler import bicubic_downscaler, build_downscaler
+from thumbnet_keras.layers.downscaler import (
+    auto_downscaler_width,
+    bicubic_downscaler,
+    build_downscaler,
+)
 from thumbnet_keras.losses.thumbnet_losses import (
     classification_loss,
     distillation_loss,
@@ -26,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ThumbNetTrainer",
+    "auto_downscaler_width",
     "backbones",
     "bicubic_downscaler",
     "build_downscaler",

@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 __all__ = [
+    "auto_downscaler_width",
     "bicubic_downscaler",
     "bicubic_taps",
     "build_downscaler",
@@ -307,3 +308,44 @@ def build_downscaler(
     x = keras.layers.Add(name="thumbnail")([base, residual])
     x = _clip(x, value_range, name="clip")
     return keras.Model(inputs, x, name=name)
+
+
+# Widths `auto_downscaler_width` chooses from, widest first.
+AUTO_WIDTHS = (32, 24, 16, 12, 8, 6, 4)
+
+
+def auto_downscaler_width(
+    input_shape: Sequence[int],
+    factor: int,
+    student: keras.Model,
+    depth: int = 2,
+    max_share: float = 0.15,
+) -> int:
+    """The widest E (from `AUTO_WIDTHS`) that stays a small part of E + S.
+
+    E's cost grows with the image and its width, S's with the thumbnail and
+    the backbone: a width that is 7% of ResNet-50 at 112x112 can cost more than
+    a tiny student. This picks the largest width whose E costs at most
+    `max_share` of the inference model's multiply-adds, `MACs(E) /
+    (MACs(E) + MACs(S))`, and the narrowest (4) when none does.
+
+    Args:
+        input_shape: `(H, W, C)` of the full-size image.
+        factor: the downscaling factor.
+        student: S at thumbnail size (e.g. `make_student(teacher, factor)`).
+        depth: E's depth, as in `build_downscaler`.
+        max_share: the largest acceptable share, in (0, 1). Defaults to 0.15.
+
+    Returns:
+        An int to pass as `build_downscaler(..., width=...)`.
+    """
+    from thumbnet_keras.evaluation.flops import count_flops
+
+    if not 0 < max_share < 1:
+        raise ValueError(f"`max_share` must be in (0, 1), received {max_share!r}.")
+    student_macs = count_flops(student)
+    for width in AUTO_WIDTHS:
+        e_macs = count_flops(build_downscaler(input_shape, factor, width, depth))
+        if e_macs <= max_share * (e_macs + student_macs):
+            return width
+    return AUTO_WIDTHS[-1]

@@ -4,15 +4,26 @@ Notation: `x` the full-size image batch `(B, H, W, C)`, `t` the thumbnail batch
 `(B, h, w, C)`, `z` logits `(B, K)`, `f` feature maps `(B, h', w', D)`.
 
 * `moment_matching_loss(x, t)` (MM): for each image and channel, the mean and
-  the population standard deviation over spatial positions; the loss is the
-  batch mean of sum_c [(mu_c(t) - mu_c(x))^2 + (sigma_c(t) - sigma_c(x))^2].
+  the population standard deviation over spatial positions. The squared
+  differences between thumbnail and image, summed over the two moments, are
+  divided by the batch's mean per-channel image variance and averaged over
+  images and channels. The loss is therefore unit-free: a thumbnail whose
+  mean (or contrast) is off by one typical image standard deviation costs 1,
+  whatever the value range, so `mm_weight` means the same on [0, 1] pixels
+  and on ImageNet-normalized ones. (An unscaled version was 0.0005-0.005 next
+  to a CL loss near 0.4 on [0, 1] images, so its weight did nothing.)
 * `distillation_loss(z_t, z_s, temperature)` (KD, Hinton et al. 2015):
   tau^2 times the batch mean of KL(softmax(z_t / tau) || softmax(z_s / tau)).
-* `feature_mapping_loss(f_t, f_s)` (FM): the teacher map average-pooled to the
-  student map's spatial size (adaptive pooling, PyTorch's bin rule, so 7x7 ->
-  4x4 works), then the mean squared difference over every element.
-* `classification_loss(y, z)` (CL): sparse categorical cross-entropy on
-  logits, batch mean.
+* `feature_mapping_loss(f_t, f_s, pooling)` (FM): the teacher map pooled onto
+  the student map's cells, then the mean squared difference over every
+  element. `pooling` is a pair of averaging matrices `(M_h, M_w)` from
+  `thumbnet_keras.models.alignment` that make each student cell meet the
+  teacher features of the same image region (the trainer computes them from
+  both networks' padding and strides); without it, adaptive average pooling
+  (PyTorch's bin rule, 7x7 -> 4x4 works), which ignores where cells sit.
+* `classification_loss(y, z, label_smoothing)` (CL): categorical
+  cross-entropy on logits against labels smoothed by `label_smoothing`
+  (Szegedy et al. 2016), batch mean.
 
 Why not `keras.distillation.LogitsDistillation`: it computes KL on softmax
 *probabilities* clipped to [1e-7, 1], which departs from the definition when
@@ -32,6 +43,7 @@ __all__ = [
     "feature_mapping_loss",
     "classification_loss",
     "adaptive_average_pool",
+    "align_pool",
 ]
 
 # Variances below this are treated as this, so the gradient of sqrt stays
@@ -62,8 +74,10 @@ def moment_matching_loss(x, t):
         t: thumbnails, `(B, h, w, C)`.
 
     Returns:
-        A scalar: batch mean of sum over channels of the squared differences
-        of per-channel spatial means and (population) standard deviations.
+        A scalar: mean over images b and channels c of
+        `[(mu_t - mu_x)^2 + (sigma_t - sigma_x)^2] / v_c`, with spatial means
+        `mu`, population standard deviations `sigma`, and `v_c` the batch
+        mean of `sigma_x^2` for channel c (floored at 1e-12): unit-free.
     """
     _check_rank("x", x, 4)
     _check_rank("t", t, 4)
@@ -74,8 +88,9 @@ def moment_matching_loss(x, t):
         )
     mu_x, sigma_x = _spatial_moments(x)
     mu_t, sigma_t = _spatial_moments(t)
-    per_image = ops.sum(ops.square(mu_t - mu_x) + ops.square(sigma_t - sigma_x), -1)
-    return ops.mean(per_image)
+    scale = ops.maximum(ops.mean(ops.square(sigma_x), axis=0), _VARIANCE_FLOOR)
+    squared = ops.square(mu_t - mu_x) + ops.square(sigma_t - sigma_x)
+    return ops.mean(squared / ops.stop_gradient(scale)[None, :])
 
 
 def distillation_loss(z_teacher, z_student, temperature=4.0):
@@ -137,13 +152,36 @@ def adaptive_average_pool(features, output_size):
     return ops.einsum("ih,jw,bhwd->bijd", pool_h, pool_w, features)
 
 
-def feature_mapping_loss(f_teacher, f_student):
+def align_pool(features, pooling):
+    """Pools `(B, H, W, D)` to `(B, h, w, D)` with averaging matrices
+    `pooling = (M_h (h, H), M_w (w, W))`."""
+    _check_rank("features", features, 4)
+    m_h, m_w = (np.asarray(m, dtype="float32") for m in pooling)
+    if m_h.shape[1] != features.shape[1] or m_w.shape[1] != features.shape[2]:
+        raise ValueError(
+            f"Pooling matrices {m_h.shape} x {m_w.shape} do not fit a feature map "
+            f"of shape {tuple(features.shape)}."
+        )
+    features = ops.cast(features, "float32")
+    return ops.einsum(
+        "ih,jw,bhwd->bijd",
+        ops.convert_to_tensor(m_h),
+        ops.convert_to_tensor(m_w),
+        features,
+    )
+
+
+def feature_mapping_loss(f_teacher, f_student, pooling=None):
     """FM loss: MSE between the student map and the teacher map pooled to it.
 
     Args:
         f_teacher: teacher features, `(B, H', W', D)`.
         f_student: student features, `(B, h', w', D)` with h' <= H', w' <= W'.
             Adapt channels first (the trainer owns a 1x1 adapter for that).
+        pooling: optional `(M_h, M_w)` averaging matrices of shapes `(h', H')`
+            and `(w', W')` (`thumbnet_keras.models.alignment.fm_pooling`), so
+            that each student cell meets the teacher cells of the same image
+            region. None: adaptive average pooling.
 
     Returns:
         A scalar: the mean over every element of the squared difference.
@@ -156,15 +194,38 @@ def feature_mapping_loss(f_teacher, f_student):
             f"received {tuple(f_teacher.shape)} and {tuple(f_student.shape)}; "
             "map the student's channels with a 1x1 conv first."
         )
-    pooled = ops.cast(adaptive_average_pool(f_teacher, f_student.shape[1:3]), "float32")
+    if pooling is None:
+        pooled = adaptive_average_pool(f_teacher, f_student.shape[1:3])
+    else:
+        pooled = align_pool(f_teacher, pooling)
+        if tuple(pooled.shape[1:3]) != tuple(f_student.shape[1:3]):
+            raise ValueError(
+                f"`pooling` maps the teacher map to {tuple(pooled.shape[1:3])}, "
+                f"but the student map is {tuple(f_student.shape[1:3])}."
+            )
+    pooled = ops.cast(pooled, "float32")
     return ops.mean(ops.square(pooled - ops.cast(f_student, "float32")))
 
 
-def classification_loss(y_true, z_student):
-    """CL loss: sparse categorical cross-entropy on logits, batch mean."""
+def classification_loss(y_true, z_student, label_smoothing=0.0):
+    """CL loss: cross-entropy on logits, batch mean.
+
+    Args:
+        y_true: integer labels, `(B,)` or `(B, 1)`.
+        z_student: logits, `(B, K)`.
+        label_smoothing: epsilon in [0, 1): the target is `1 - eps` on the
+            label plus `eps / K` on every class. 0: plain sparse
+            cross-entropy.
+    """
     _check_rank("z_student", z_student, 2)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(
+            f"`label_smoothing` must be in [0, 1), received {label_smoothing!r}."
+        )
     y_true = ops.reshape(ops.cast(y_true, "int32"), (-1,))
-    per_example = ops.sparse_categorical_crossentropy(
-        y_true, ops.cast(z_student, "float32"), from_logits=True
-    )
+    logits = ops.cast(z_student, "float32")
+    per_example = ops.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
+    if label_smoothing:
+        uniform = -ops.mean(ops.log_softmax(logits, axis=-1), axis=-1)
+        per_example = (1.0 - label_smoothing) * per_example + label_smoothing * uniform
     return ops.mean(per_example)

@@ -140,7 +140,10 @@ def _try_from_config(cls, config):
 
 
 def make_student(
-    teacher: keras.Model, factor: int, name: str | None = None
+    teacher: keras.Model,
+    factor: int | None = None,
+    name: str | None = None,
+    size: tuple[int, int] | None = None,
 ) -> keras.Model:
     """Builds S: the teacher's architecture at thumbnail size, weights copied.
 
@@ -149,10 +152,16 @@ def make_student(
             and keras-cv classifiers) with one `(H, W, C)` image input.
         factor: integer >= 2; the student's input is `(H/f, W/f, C)`.
         name: the student's name. Defaults to `"<teacher name>_student"`.
+        size: instead of `factor`, the student's input `(h, w)`, any size
+            smaller than the teacher's (e.g. the slightly larger thumbnail of
+            an equal-cost bicubic baseline). Only teachers whose head does not
+            need a fixed spatial size (global pooling) take arbitrary sizes.
 
     Returns:
         A new model with the teacher's weights, whose output shape equals the
-        teacher's.
+        teacher's. Every layer of it is trainable, whatever the teacher's
+        `trainable` flags (a frozen teacher, e.g. one already handed to a
+        `ThumbNetTrainer`, must not give a frozen student).
 
     Raises:
         ValueError: when the factor does not divide the image size, or when the
@@ -168,6 +177,13 @@ def make_student(
     (None, 112, 112, 3)
     """
     height, width, channels = image_input_shape(teacher)
+    if (factor is None) == (size is None):
+        raise ValueError(
+            "Pass exactly one of `factor` and `size` to make_student, received "
+            f"factor={factor!r}, size={size!r}."
+        )
+    if size is not None:
+        return _student_at_size(teacher, size, name)
     if height is None or width is None:
         # Size-agnostic teacher: same architecture, any thumbnail size fits.
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
@@ -205,6 +221,37 @@ def make_student(
             f"differs from the teacher's {tuple(teacher.outputs[0].shape)}; pass a "
             "student explicitly."
         )
+    return _finish_student(teacher, student, name)
+
+
+def _finish_student(teacher, student, name):
     student.set_weights(teacher.get_weights())
     student.name = name or f"{teacher.name}_student"
+    # The config carries the teacher's `trainable` flags; S is trained.
+    # (The setter recurses into every sublayer.)
+    student.trainable = True
     return student
+
+
+def _student_at_size(teacher, size, name):
+    height, width, _ = image_input_shape(teacher)
+    try:
+        new_hw = tuple(int(v) for v in size)
+    except (TypeError, ValueError):
+        new_hw = ()
+    if len(new_hw) != 2 or min(new_hw) < 1 or tuple(size) != new_hw:
+        raise ValueError(f"`size` must be a pair of positive ints, received {size!r}.")
+    if height is not None and (new_hw[0] > height or new_hw[1] > width):
+        raise ValueError(
+            f"`size` {new_hw} is larger than the teacher's input {(height, width)}."
+        )
+    resized = _rewrite_shapes(teacher.get_config(), (height, width), new_hw)
+    student, error = _try_from_config(teacher.__class__, resized)
+    if student is None or not _weights_fit(teacher, student):
+        detail = f" ({error})" if error is not None else ""
+        raise ValueError(
+            f"Cannot rebuild teacher '{teacher.name}' at {new_hw[0]}x{new_hw[1]}: "
+            f"its head needs a fixed spatial size{detail}. Arbitrary thumbnail "
+            "sizes need a global-pooling head."
+        )
+    return _finish_student(teacher, student, name)

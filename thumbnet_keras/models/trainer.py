@@ -19,14 +19,23 @@ Each active term is logged in the `fit` history as `cl_loss`, `kd_loss`,
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 
 import keras
 from keras import ops
 
 from thumbnet_keras.losses import thumbnet_losses as L
+from thumbnet_keras.models.alignment import GeometryError, fm_pooling
 from thumbnet_keras.models.student import image_input_shape
 
-__all__ = ["ThumbNetTrainer", "STAGES", "find_feature_layer"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ThumbNetTrainer", "STAGES", "find_feature_layer", "DOWNSCALER_SHARE"]
+
+# E should stay a small part of the inference model's cost; above this share
+# of MACs(E + S) the trainer warns (see `auto_downscaler_width`).
+DOWNSCALER_SHARE = 0.15
 
 STAGES = {
     "fm_pretrain": ("fm", "mm"),
@@ -100,6 +109,29 @@ def _feature_model(model, layer_name, name):
     )
 
 
+def _warn_downscaler_share(downscaler, student):
+    from thumbnet_keras.evaluation.flops import count_flops
+
+    if not downscaler.trainable_weights:  # A fixed resize is the baseline's.
+        return
+    try:
+        e_macs, s_macs = count_flops(downscaler), count_flops(student)
+    except Exception as error:  # A model whose cost cannot be counted.
+        logger.debug("Downscaler share not checked: %s", error)
+        return
+    share = e_macs / max(e_macs + s_macs, 1)
+    if share > DOWNSCALER_SHARE:
+        warnings.warn(
+            f"The downscaler '{downscaler.name}' costs {e_macs / 1e6:.2f} M MACs, "
+            f"{share:.0%} of the inference model (E + S = "
+            f"{(e_macs + s_macs) / 1e6:.2f} M): more than "
+            f"{DOWNSCALER_SHARE:.0%}, so the thumbnail model saves less than the "
+            "factor promises. Use a narrower E, e.g. `build_downscaler(..., "
+            "width=auto_downscaler_width(input_shape, factor, student))`.",
+            stacklevel=3,
+        )
+
+
 @keras.saving.register_keras_serializable(package="thumbnet_keras")
 class ThumbNetTrainer(keras.Model):
     """Trains a ThumbNet: downscaler E and student S under a frozen teacher T.
@@ -120,10 +152,18 @@ class ThumbNetTrainer(keras.Model):
             four terms in the total loss. Default to 1.0.
         teacher_feature_layer, student_feature_layer: names of the layers
             whose outputs FM compares. Default: the last 4-D feature map of each.
+        label_smoothing: CL's label smoothing epsilon in [0, 1). Defaults to 0.
 
+    S must be trainable and share no weights with T (T is frozen here: a
+    student that is T, or built on T's layers, would be frozen with it); the
+    trainer refuses otherwise. FM compares each S cell with the T features of
+    the same image region: the pooling follows both networks' padding and
+    strides (`thumbnet_keras.models.alignment`); when a network's geometry
+    cannot be traced it falls back to adaptive pooling, with a warning.
     When T's and S's feature maps differ in channels, a trainable 1x1 conv
     (`fm_adapter`) maps S's channels to T's; it belongs to the trainer and is
-    left out of `export()`.
+    left out of `export()`. A downscaler that costs more than 15% of the
+    inference model's MACs (E + S) draws a warning.
 
     Call: `trainer(images)` returns a dict with `"logits"` (B, classes),
     `"thumbnail"` (B, H/f, W/f, C) and `"features"` (S's feature map).
@@ -162,6 +202,7 @@ class ThumbNetTrainer(keras.Model):
         mm_weight: float = 1.0,
         teacher_feature_layer: str | None = None,
         student_feature_layer: str | None = None,
+        label_smoothing: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -177,6 +218,13 @@ class ThumbNetTrainer(keras.Model):
                 f"`downscaler` must be a keras.Model, received {type(downscaler).__name__}."
             )
         self._check_shapes(teacher, downscaler, student)
+        self._check_student_trainable(teacher, student)
+        if not isinstance(label_smoothing, (int, float)) or not (
+            0 <= label_smoothing < 1
+        ):
+            raise ValueError(
+                f"`label_smoothing` must be in [0, 1), received {label_smoothing!r}."
+            )
         if not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, received {temperature!r}.")
         for term, weight in zip(_TERMS, (cl_weight, kd_weight, fm_weight, mm_weight)):
@@ -196,6 +244,7 @@ class ThumbNetTrainer(keras.Model):
         self.kd_weight = float(kd_weight)
         self.fm_weight = float(fm_weight)
         self.mm_weight = float(mm_weight)
+        self.label_smoothing = float(label_smoothing)
         self.teacher_feature_layer = find_feature_layer(
             teacher, teacher_feature_layer, "teacher"
         )
@@ -209,6 +258,8 @@ class ThumbNetTrainer(keras.Model):
         self._student_features = _feature_model(
             student, self.student_feature_layer, "student_features"
         )
+        self.fm_pooling = self._fm_pooling(teacher, downscaler, student)
+        _warn_downscaler_share(downscaler, student)
         t_channels = self._teacher_features.outputs[1].shape[-1]
         s_channels = self._student_features.outputs[1].shape[-1]
         self.fm_adapter = None
@@ -240,6 +291,46 @@ class ThumbNetTrainer(keras.Model):
                 f"The student takes {s_shape} inputs but the downscaler makes "
                 f"{e_out} thumbnails."
             )
+
+    @staticmethod
+    def _check_student_trainable(teacher, student):
+        teacher_ids = {id(v) for v in teacher.weights}
+        shared = [v.path for v in student.weights if id(v) in teacher_ids]
+        if shared:
+            raise ValueError(
+                f"The student '{student.name}' shares {len(shared)} weights with "
+                f"the teacher '{teacher.name}' (e.g. {shared[0]}); the teacher is "
+                "frozen, so they would not train. Derive the student with "
+                "`make_student(teacher, factor)`, which copies the weights."
+            )
+        if student.weights and not student.trainable_weights:
+            raise ValueError(
+                f"The student '{student.name}' has no trainable weights "
+                "(`trainable=False` on it or all its layers); only the "
+                "downscaler would train. Set `student.trainable = True` or derive "
+                "it with `make_student(teacher, factor)`."
+            )
+
+    def _fm_pooling(self, teacher, downscaler, student):
+        image_hw = tuple(image_input_shape(downscaler)[:2])
+        thumb_hw = tuple(downscaler.outputs[0].shape[1:3])
+        try:
+            return fm_pooling(
+                teacher,
+                self.teacher_feature_layer,
+                student,
+                self.student_feature_layer,
+                image_hw,
+                thumb_hw,
+            )
+        except GeometryError as error:
+            warnings.warn(
+                f"FM cannot trace which image region each feature cell sees "
+                f"({error}); it falls back to adaptive average pooling, which "
+                "may compare misaligned cells.",
+                stacklevel=3,
+            )
+            return None
 
     # -- stage ---------------------------------------------------------------
     @property
@@ -292,7 +383,7 @@ class ThumbNetTrainer(keras.Model):
             s_features = self.fm_adapter(s_features)
 
         terms = {
-            "fm": L.feature_mapping_loss(t_features, s_features),
+            "fm": L.feature_mapping_loss(t_features, s_features, self.fm_pooling),
             "mm": L.moment_matching_loss(x, y_pred["thumbnail"]),
         }
         if self.stage == "joint":
@@ -301,7 +392,9 @@ class ThumbNetTrainer(keras.Model):
                     "The 'joint' stage needs labels: fit(x, y) or a dataset of "
                     "(images, labels). The 'fm_pretrain' stage trains without them."
                 )
-            terms["cl"] = L.classification_loss(y, y_pred["logits"])
+            terms["cl"] = L.classification_loss(
+                y, y_pred["logits"], self.label_smoothing
+            )
             terms["kd"] = L.distillation_loss(
                 t_logits, y_pred["logits"], self.temperature
             )
@@ -364,6 +457,7 @@ class ThumbNetTrainer(keras.Model):
                 "mm_weight": self.mm_weight,
                 "teacher_feature_layer": self.teacher_feature_layer,
                 "student_feature_layer": self.student_feature_layer,
+                "label_smoothing": self.label_smoothing,
             }
         )
         return config
