@@ -55,7 +55,7 @@ image: {channels: 3}
 
 def test_good_manifest_has_defaults(tmp_path):
     m = data.load_manifest(_write(tmp_path, GOOD))
-    assert m.split.validation_fraction == 0.0
+    assert m.split.validation_fraction == 0.1
     assert m.source.split_dirs is None
 
 

@@ -33,7 +33,9 @@ def folder_manifest(root, **split) -> data.Manifest:
             "license": "test data",
             "source": {"type": "image_folder", "root": str(root)},
             "image": {"channels": 3},
-            "split": {"test_fraction": 0.34, **split},
+            # The data-layer tests below assume no carved validation split
+            # unless they ask for one (the manifest default is 0.1).
+            "split": {"test_fraction": 0.34, "validation_fraction": 0.0, **split},
         }
     )
 
@@ -259,6 +261,35 @@ def test_validation_fraction_carves_a_stratified_subset_of_train(tmp_path):
     assert keys_of_test(plain) == keys_of_test(carved)  # test never changes
 
 
+def test_default_validation_split_unless_the_source_has_one(tmp_path):
+    make_image_folder(tmp_path / "src", with_bad=False, per_class=12)
+    manifest = folder_manifest(tmp_path / "src").model_dump()
+    del manifest["split"]["validation_fraction"]  # the default: 10% of train
+    carved = data.prepare(data.Manifest.model_validate(manifest), tmp_path / "a")
+    assert carved.splits == {"train": 14, "validation": 2, "test": 8}
+    root = tmp_path / "own"
+    for split in ("train", "validation", "test"):
+        for c in ("a", "b"):
+            for i in range(3):
+                write_good(root / split / c / f"{i}.png", seed=i + 10 * (c == "b"))
+    own = data.Manifest.model_validate(
+        {
+            "name": "own_validation",
+            "description": "d",
+            "license": "l",
+            "source": {
+                "type": "image_folder",
+                "root": str(root),
+                "split_dirs": {s: s for s in ("train", "validation", "test")},
+            },
+            "image": {"channels": 3},
+            "split": {"test_fraction": 0.0},
+        }
+    )
+    kept = data.prepare(own, tmp_path / "b")
+    assert kept.splits == {"train": 6, "validation": 6, "test": 6}
+
+
 def test_split_folders_and_ignored_files(tmp_path):
     root = tmp_path / "src"
     for split, folder in (("train", "tr"), ("test", "val")):
@@ -280,7 +311,7 @@ def test_split_folders_and_ignored_files(tmp_path):
                 "split_dirs": {"train": "tr", "test": "val"},
             },
             "image": {"channels": 3},
-            "split": {"test_fraction": 0.0},
+            "split": {"test_fraction": 0.0, "validation_fraction": 0.0},
         }
     )
     prepared = data.prepare(manifest, tmp_path / "out")
@@ -314,7 +345,7 @@ def test_parquet_source(tmp_path, kind):
             },
             "classes": ["even", "odd"],
             "image": {"channels": 3},
-            "split": {"test_fraction": 0.25},
+            "split": {"test_fraction": 0.25, "validation_fraction": 0.0},
         }
     )
     prepared = data.prepare(manifest, tmp_path / "out")

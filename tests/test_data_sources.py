@@ -34,7 +34,7 @@ def test_elpv_full_split_matches_the_published_protocol():
 def test_elpv_prepares_real_images(tmp_path):
     prepared = data.prepare("elpv", tmp_path, limit_per_class=8)
     assert prepared.class_names == ["0", "1/3", "2/3", "1"]
-    assert prepared.splits == {"train": 24, "test": 8}
+    assert prepared.splits == {"train": 22, "validation": 2, "test": 8}
     assert prepared.image_shape == (300, 300, 1)
     assert prepared.summary()["license"] == "CC BY-NC-SA 4.0"
     rows = prepared.read_index().to_pylist()

@@ -130,15 +130,21 @@ class SplitSpec(_Strict):
 
     Sources with their own split (Fashion-MNIST, TFDS, split folders, a split
     column) keep it; the others are split here, stratified by class.
-    `validation_fraction` always carves a stratified validation subset out of
-    train (fixed seed), for choosing hyper-parameters without touching test.
+    `validation_fraction` carves a stratified validation subset out of train
+    (fixed seed), for choosing epochs and hyper-parameters without touching
+    test; sources that bring their own validation split keep it instead.
+    Defaults to 10%; 0 for none (runs then keep their last epoch).
     """
 
     test_fraction: float = Field(
         0.25, ge=0.0, lt=1.0, description="Used only when the source has no test split."
     )
     validation_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Fraction of train moved to validation."
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of train moved to validation (unless the source "
+        "has a validation split).",
     )
     seed: int = Field(0, description="Seed of the stratified permutation.")
 

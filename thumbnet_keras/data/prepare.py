@@ -121,6 +121,12 @@ def _process(
     return row, decoded
 
 
+def _carves_validation(manifest: Manifest, rows: list[dict]) -> bool:
+    # A source's own validation split is kept; train is carved only without one.
+    own = any(r["source_split"] == "validation" for r in rows)
+    return manifest.split.validation_fraction > 0 and not own
+
+
 def _assign_splits(rows: list[dict], manifest: Manifest) -> None:
     usable = [i for i, r in enumerate(rows) if r["status"] != QUARANTINED]
     for r in rows:
@@ -139,7 +145,7 @@ def _assign_splits(rows: list[dict], manifest: Manifest) -> None:
         if rows[i]["source_split"]:
             rows[i]["split"] = rows[i]["source_split"]
     train = [i for i in usable if rows[i]["split"] == "train"]
-    if manifest.split.validation_fraction > 0 and train:
+    if _carves_validation(manifest, rows) and train:
         held = stratified_holdout(
             [rows[i]["key"] for i in train],
             [rows[i]["label"] for i in train],
@@ -156,7 +162,7 @@ def _expected_splits(manifest: Manifest, rows: list[dict]) -> list[str]:
     expected = {"train"} | given
     if manifest.split.test_fraction > 0 and any(not r["source_split"] for r in rows):
         expected.add("test")
-    if manifest.split.validation_fraction > 0:
+    if _carves_validation(manifest, rows):
         expected.add("validation")
     return [s for s in SPLITS if s in expected]
 

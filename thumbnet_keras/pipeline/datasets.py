@@ -10,7 +10,9 @@ __all__ = [
     "is_prepared",
     "prepare_dataset",
     "prepared_dir",
+    "has_split",
     "run_datasets",
+    "split_batches",
     "test_batches",
 ]
 
@@ -96,13 +98,23 @@ def run_datasets(
     return train, test
 
 
-def test_batches(prepared: dict, image_size: int, channels: int, batch_size: int):
-    """The test split as a tf.data stream (no augmentation, fixed order)."""
+def has_split(prepared: dict, split: str) -> bool:
+    """Whether the prepared dataset has examples in `split`."""
+    return int(prepared["splits"].get(split, 0)) > 0
+
+
+def split_batches(
+    prepared: dict, split: str, image_size: int, channels: int, batch_size: int
+):
+    """A split as a tf.data stream without augmentation, in a fixed order
+    (evaluation, BatchNorm re-estimation); None when the split is empty."""
     from thumbnet_keras import data
 
+    if not has_split(prepared, split):
+        return None
     return data.make_dataset(
         prepared["prepared_dir"],
-        "test",
+        split,
         image_size,
         batch_size,
         False,
@@ -110,3 +122,8 @@ def test_batches(prepared: dict, image_size: int, channels: int, batch_size: int
         normalization=prepared["normalization"],
         cache=_cache(prepared),
     )
+
+
+def test_batches(prepared: dict, image_size: int, channels: int, batch_size: int):
+    """The test split as a tf.data stream (no augmentation, fixed order)."""
+    return split_batches(prepared, "test", image_size, channels, batch_size)
