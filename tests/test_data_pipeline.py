@@ -187,3 +187,24 @@ def test_fit_step_on_real_elpv(tmp_path):
     )
     history = model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0, shuffle=False)
     assert np.isfinite(history.history["loss"][0])
+
+
+def test_rot90_turns_each_image_by_a_multiple_of_90_degrees(toy):
+    plain = data.Augment(
+        crop_area=(1.0, 1.0), flip_left_right=False, brightness=0.0, contrast=0.0
+    )
+    turned = data.Augment(**{**plain.__dict__, "rot90": True})
+    ref, _ = _all(
+        data.make_dataset(toy, "train", 12, 4, True, shuffle=False, augment=plain)
+    )
+    ds = data.make_dataset(toy, "train", 12, 4, True, shuffle=False, augment=turned)
+    seen = set()
+    for _ in range(2):  # Two epochs: new draws.
+        x, _ = _all(ds)
+        for a, r in zip(x, ref):
+            ks = [k for k in range(4) if np.allclose(a, np.rot90(r, k), atol=1e-6)]
+            assert ks, "an output is not a 90-degree rotation of its input"
+            seen.add(ks[0])
+    assert len(seen) >= 3
+    with pytest.raises(ValueError, match="rot90=True\\) needs a square"):
+        data.make_dataset(toy, "train", (12, 16), 4, True, augment=turned)

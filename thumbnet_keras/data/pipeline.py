@@ -49,6 +49,10 @@ class Augment:
         flip_left_right: random horizontal flip.
         flip_up_down: random vertical flip (off by default; on for ELPV-like
             data with no up/down orientation is reasonable).
+        rot90: random rotation by a multiple of 90 degrees (k in {0, 1, 2, 3},
+            uniform; off by default). Needs a square output size. With both
+            flips it draws uniformly from the 8 symmetries of the square,
+            e.g. for solar cells, whose busbars run either way.
         brightness: max absolute delta on the [0, 1] scale (0 disables).
         contrast: max relative contrast change, factor in [1-c, 1+c] (0 disables).
     """
@@ -57,6 +61,7 @@ class Augment:
     crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
     flip_left_right: bool = True
     flip_up_down: bool = False
+    rot90: bool = False
     brightness: float = 0.1
     contrast: float = 0.1
 
@@ -256,6 +261,11 @@ def make_dataset(
     if augment is False or not training:
         augment = NO_AUGMENT
     shuffle = training if shuffle is None else shuffle
+    if augment.rot90 and height != width:
+        raise ValueError(
+            "Augment(rot90=True) needs a square image_size, received "
+            f"image_size={image_size!r}"
+        )
 
     ds, n = _source(prepared, split)
 
@@ -299,6 +309,11 @@ def make_dataset(
             image = tf.image.stateless_random_flip_left_right(image, pair + [1, 0])
         if augment.flip_up_down:
             image = tf.image.stateless_random_flip_up_down(image, pair + [2, 0])
+        if augment.rot90:
+            k = tf.random.stateless_uniform(
+                [], pair + [5, 0], minval=0, maxval=4, dtype=tf.int32
+            )
+            image = tf.image.rot90(image, k)
         if augment.brightness > 0:
             image = tf.image.stateless_random_brightness(
                 image, 255.0 * augment.brightness, pair + [3, 0]
