@@ -12,9 +12,18 @@ import numpy as np
 import pytest
 from pipeline_fixtures import snapshot, tiny_dataset
 
+from thumbnet_keras import pipeline
 from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
 
-ARMS = {"teacher", "teacher_bicubic", "bicubic_cl", "bicubic_kd", "thumbnet"}
+ARMS = {
+    "teacher",
+    "teacher_bicubic",
+    "teacher_bicubic_bn",
+    "bicubic_cl",
+    "bicubic_kd",
+    "bicubic_kd_equal",
+    "thumbnet",
+}
 
 
 def _task_runs(flow_run_id) -> dict[str, str]:
@@ -72,6 +81,7 @@ def test_thumbnet_flow_outputs(finished):
     }
     for arm in metrics["arms"]:
         assert 0.0 <= arm["top1"] <= 1.0 and "top5" not in arm  # 4 classes
+        assert 0.0 <= arm["val_top1"] <= 1.0  # ELPV carves a validation split
         assert arm["flops"] > 0 and arm["params"] > 0 and arm["images_per_second"] > 0
     by_name = {(a["name"], a["factor"]): a for a in metrics["arms"]}
     # The thumbnail arms cost fewer MACs than the full-size teacher.
@@ -79,8 +89,25 @@ def test_thumbnet_flow_outputs(finished):
     assert set(metrics["stages"]) == {"teacher"} | {
         f"f{f}-{s}"
         for f in (2, 4)
-        for s in ("fm_pretrain", "joint", "bicubic_cl", "bicubic_kd")
+        for s in pipeline.STAGES
     }
+    # Stages with labels kept their best validation epoch; fm_pretrain its last.
+    for sid, stage in metrics["stages"].items():
+        if sid.endswith("fm_pretrain"):
+            assert stage["selection"]["monitor"] is None
+        elif not sid.endswith("teacher_bicubic_bn"):
+            assert stage["selection"]["monitor"] == "val_accuracy", sid
+            best = stage["selection"]["best_epoch"]
+            val = stage["history"]["val_accuracy"]
+            assert stage["selection"]["best_value"] == max(val) == val[best - 1]
+    # The equal-cost arm: a larger thumbnail, at least E + S's MACs.
+    for f in (2, 4):
+        equal = by_name[("bicubic_kd_equal", f)]
+        assert equal["input_size"] >= 32 // f
+        cost = metrics["stages"][f"f{f}-bicubic_kd_equal"]["equal_cost"]
+        assert cost["macs"] == equal["flops"]
+        if cost["reached"]:
+            assert equal["flops"] >= by_name[("thumbnet", f)]["flops"]
     joint = metrics["stages"]["f2-joint"]["history"]
     assert {"loss", "cl_loss", "kd_loss", "fm_loss", "mm_loss"} <= set(joint)
     assert metrics["environment"]["backend"] == keras.backend.backend()

@@ -91,7 +91,7 @@ def test_kill_9_mid_stage_then_resume(tmp_path):
     # A valid run folder.
     assert not (run / "checkpoints").exists()  # every stage finished
     metrics = json.loads((run / "metrics.json").read_text())
-    assert len(metrics["arms"]) == 5
+    assert len(metrics["arms"]) == 7  # teacher + 6 arms at f=2
     assert metrics["stages"]["f2-joint"]["resumed_from"] == [resumed_at]
     assert (run / "report.html").is_file() and (run / "report.md").is_file()
     model = keras.saving.load_model(

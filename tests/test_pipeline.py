@@ -213,3 +213,162 @@ def test_unnamed_runs_get_distinct_folders(earlier_run):
     )
     assert run["run_name"].startswith("tiny_brightness-tiny_cnn-")
     assert os.path.isdir(run["run_dir"]) and run["resumed"] is False
+
+
+# Validation top-1 per epoch, forced: labels = argmax(x), 3 of 4 are class 0.
+_VAL_X = np.array([[1, 0], [2, 1], [3, 0], [0, 1]], np.float32)
+_VAL_Y = np.array([0, 0, 0, 1], np.int32)
+_KERNELS = {"zeros": np.zeros((2, 2)), "eye": np.eye(2), "neg": -np.eye(2)}
+_TOP1 = {"zeros": 0.75, "eye": 1.0, "neg": 0.0}  # zeros: ties go to class 0
+
+
+class _ForceKernel(keras.callbacks.Callback):
+    """Sets the model's kernel to a given matrix per epoch (lr is 0)."""
+
+    def __init__(self, plan):
+        super().__init__()
+        self.plan, self.epoch = plan, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        kernel = _KERNELS[self.plan[self.epoch]].astype("float32")
+        self.model.get_layer("out").kernel.assign(kernel)
+
+
+def _select_model():
+    inputs = keras.Input((2,))
+    out = keras.layers.Dense(2, use_bias=False, name="out")(inputs)
+    model = keras.Model(inputs, out)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _val_data():
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices((_VAL_X, _VAL_Y)).batch(4)
+
+
+def _fit_selected(directory, epochs, plan):
+    model = _select_model()
+    record = fit_resumable(
+        model,
+        _val_data(),
+        epochs,
+        directory,
+        verbose=0,
+        log=lambda m: None,
+        validation_data=_val_data(),
+        callbacks=[_ForceKernel(plan)],
+    )
+    return model, record
+
+
+def test_best_epoch_is_selected_on_validation_and_survives_resume(tmp_path):
+    plan = ["zeros", "eye", "neg", "zeros", "eye", "neg"]
+    # First process: epochs 1-3, best is epoch 2 (identity, top-1 1.0).
+    model, record = _fit_selected(tmp_path, 3, plan)
+    assert record["history"]["val_accuracy"] == [0.75, 1.0, 0.0]
+    assert record["selection"] == {
+        "monitor": "val_accuracy", "best_epoch": 2, "best_value": 1.0
+    }  # fmt: skip
+    np.testing.assert_allclose(model.get_layer("out").kernel, np.eye(2))
+    assert load_checkpoint(tmp_path)["best"]["epoch"] == 2
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "best-epoch-0002.weights.h5", "epoch-0003.weights.h5", "state.json"
+    }  # fmt: skip
+    # A new process resumes after epoch 3; epoch 5 ties epoch 2: the first stays.
+    model, record = _fit_selected(tmp_path, 6, plan)
+    assert record["resumed_from"] == [3]
+    assert record["history"]["val_accuracy"] == [0.75, 1.0, 0.0, 0.75, 1.0, 0.0]
+    assert record["selection"]["best_epoch"] == 2
+    np.testing.assert_allclose(model.get_layer("out").kernel, np.eye(2))
+    # A resumed process that finds a better epoch moves the selection.
+    other = tmp_path / "other"
+    _fit_selected(other, 1, ["neg", "zeros"])
+    assert load_checkpoint(other)["best"] == {
+        "monitor": "val_accuracy", "epoch": 1, "value": 0.0
+    }  # fmt: skip
+    model, record = _fit_selected(other, 2, ["neg", "zeros"])
+    assert record["selection"]["best_epoch"] == 2
+    np.testing.assert_allclose(model.get_layer("out").kernel, np.zeros((2, 2)))
+    assert sorted(p.name for p in other.iterdir()) == [
+        "best-epoch-0002.weights.h5", "epoch-0002.weights.h5", "state.json"
+    ]  # fmt: skip
+
+
+def test_no_validation_keeps_the_last_epoch(tmp_path):
+    model = _select_model()
+    record = fit_resumable(
+        model, _val_data(), 2, tmp_path, verbose=0, log=lambda m: None,
+        callbacks=[_ForceKernel(["eye", "neg"])], no_selection_reason="no labels",
+    )  # fmt: skip
+    assert record["selection"] == {
+        "monitor": None, "best_epoch": 2, "reason": "no labels"
+    }  # fmt: skip
+    np.testing.assert_allclose(model.get_layer("out").kernel, -np.eye(2))
+
+
+def test_run_config_and_params_agree():
+    """One definition: every RunConfig field is a ThumbNetParams field with
+    the same default (tuples are lists on the pydantic side)."""
+    import dataclasses
+
+    from thumbnet_keras.pipeline import RunConfig
+
+    params = ThumbNetParams()
+    for field in dataclasses.fields(RunConfig):
+        default = (
+            field.default_factory()
+            if field.default is dataclasses.MISSING
+            else field.default
+        )
+        value = getattr(params, field.name)
+        assert (list(default) if isinstance(default, tuple) else default) == value, (
+            field.name
+        )
+    assert set(ThumbNetParams.model_fields) == {
+        f.name for f in dataclasses.fields(RunConfig)
+    }
+    config = ThumbNetParams(
+        optimizer="sgd", teacher_learning_rate=0.1, learning_rate=0.01
+    ).to_config()
+    assert config.stage_learning_rate("teacher") == 0.1
+    assert config.stage_learning_rate("fm_pretrain") == 0.01
+    assert config.downscaler_width is None and config.label_smoothing == 0.1
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="optimizer"):
+        ThumbNetParams(optimizer="adam")
+
+
+def test_equal_cost_size_is_the_smallest_side_that_costs_enough():
+    from thumbnet_keras import count_flops
+    from thumbnet_keras.layers.downscaler import build_downscaler
+    from thumbnet_keras.models import backbones
+    from thumbnet_keras.models.student import make_student
+    from thumbnet_keras.pipeline.equal_cost import equal_cost_size, resize_downscaler
+
+    teacher = backbones.build("tiny_cnn", (32, 32, 1), 3, widths=(8, 16))
+    student = make_student(teacher, 2)
+    target = count_flops(build_downscaler((32, 32, 1), 2, width=4)) + count_flops(
+        student
+    )
+    found = equal_cost_size(teacher, 2, target, (0.0, 1.0))
+    size = found["size"]
+    assert found["reached"] and 16 < size <= 32 and found["macs"] >= target
+
+    def macs(side):
+        resize = resize_downscaler((32, 32, 1), side, (0.0, 1.0))
+        return count_flops(resize) + count_flops(make_student(teacher, size=(side, side)))
+
+    assert macs(size) == found["macs"] and macs(size - 1) < target
+    # A target no size reaches: the full size, flagged.
+    beyond = equal_cost_size(teacher, 2, 10 * count_flops(teacher))
+    assert beyond["size"] == 32 and not beyond["reached"]

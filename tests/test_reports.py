@@ -27,6 +27,7 @@ def _metrics(top5: bool = False) -> dict:
             "factor": None,
             "input_size": 64,
             "top1": 0.8765,
+            "val_top1": 0.9,
             "flops": 12_345_678,
             "params": 1234567,
             "images_per_second": 812.4,
@@ -37,6 +38,7 @@ def _metrics(top5: bool = False) -> dict:
             "factor": 2,
             "input_size": 32,
             "top1": 0.5,
+            "val_top1": None,
             "flops": 3_500,
             "params": 99,
             "images_per_second": 2000.6,
@@ -60,12 +62,16 @@ def _metrics(top5: bool = False) -> dict:
                 "epochs": 2,
                 "seconds": 3.25,
                 "resumed_from": [1],
+                "selection": {
+                    "monitor": "val_accuracy", "best_epoch": 1, "best_value": 0.625
+                },  # fmt: skip
             },
             "f2-joint": {
                 "history": {"loss": [2.0], "cl_loss": [1.0]},
                 "epochs": 1,
                 "seconds": 1.0,
                 "resumed_from": [],
+                "selection": {"monitor": None, "best_epoch": 1, "reason": "x"},
             },
         },
         "config": {"dataset": "elpv", "factors": [2]},
@@ -80,22 +86,27 @@ def test_arms_table_golden():
         "model": "Teacher (full size)",
         "factor": 1,
         "input": "64x64",
-        "top-1 %": "87.65",
+        "val top-1 %": "90.00",
+        "test top-1 %": "87.65",
         "MACs": "12.35M",
         "params": "1,234,567",
         "images/s": "812",
     }
     assert rows[1]["MACs"] == "3.50K" and rows[1]["images/s"] == "2001"
-    assert "top-5 %" not in rows[0]
-    assert arms_table(_metrics(top5=True))[1]["top-5 %"] == "100.00"
+    assert rows[1]["val top-1 %"] == ""  # no validation split
+    assert "test top-5 %" not in rows[0]
+    assert arms_table(_metrics(top5=True))[1]["test top-5 %"] == "100.00"
 
 
 def test_markdown_has_tables_config_and_environment():
     md = render_markdown(_metrics())
     assert (
-        "| Teacher (full size) | 1 | 64x64 | 87.65 | 12.35M | 1,234,567 | 812 |" in md
+        "| Teacher (full size) | 1 | 64x64 | 90.00 | 87.65 | 12.35M | 1,234,567 | 812 |"
+        in md
     )
-    assert "| teacher | 2 | 0.5000 | 75.00 | 3.2 | 1 |" in md
+    assert "| model | factor | input | val top-1 % | test top-1 % |" in md
+    assert "| teacher | 2 | 1 (val 62.50%) | 0.5000 | 75.00 | 3.2 | 1 |" in md
+    assert "| f2-joint | 1 | 1 | 2.0000 |" in md
     assert '"factors": [\n    2\n  ]' in md
     assert '"backend": "jax"' in md
     assert "CC BY-NC-SA 4.0" in md

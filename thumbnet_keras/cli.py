@@ -71,6 +71,45 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+# The training recipe's options: names, types, choices and help come from
+# `ThumbNetParams` (one definition of a run's parameters).
+_RECIPE = (
+    "optimizer",
+    "weight_decay",
+    "warmup_epochs",
+    "label_smoothing",
+    "learning_rate",
+    "teacher_learning_rate",
+    "fm_learning_rate",
+    "joint_learning_rate",
+    "baseline_learning_rate",
+)
+
+
+def _field_help(name: str) -> str:
+    from thumbnet_keras.pipeline import ThumbNetParams
+
+    field = ThumbNetParams.model_fields[name]
+    return f"{field.description} (default: {field.default})"
+
+
+def _param_option(parser: argparse.ArgumentParser, name: str) -> None:
+    """`--name` for a `ThumbNetParams` field: float, or a Literal's choices."""
+    import typing
+
+    from thumbnet_keras.pipeline import ThumbNetParams
+
+    field = ThumbNetParams.model_fields[name]
+    choices = typing.get_args(field.annotation)
+    if typing.get_origin(field.annotation) is typing.Literal:
+        kind = {"type": str, "choices": choices}
+    else:
+        kind = {"type": float}
+    parser.add_argument(
+        "--" + name.replace("_", "-"), default=None, help=_field_help(name), **kind
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="thumbnet", description=__doc__.split("\n")[0]
@@ -102,7 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=None, help="joint-stage epochs")
     train.add_argument("--fm-epochs", type=int, default=None)
     train.add_argument("--teacher-epochs", type=int, default=None)
-    train.add_argument("--learning-rate", type=float, default=None)
+    for name in _RECIPE:
+        _param_option(train, name)
+    train.add_argument("--bn-batches", type=int, default=None,
+                       help=_field_help("bn_batches"))  # fmt: skip
+    train.add_argument(
+        "--downscaler-width", type=int, default=None, help=_field_help("downscaler_width")
+    )
     train.add_argument(
         "--export-format",
         action="append",
@@ -187,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                     "image_size",
                     "fm_epochs",
                     "teacher_epochs",
-                    "learning_rate",
                     "export_formats",
+                    "bn_batches",
+                    "downscaler_width",
+                    *_RECIPE,
                 ),
             )
             if args.epochs is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +42,7 @@ SMOKE: dict[str, Any] = {
     "downscaler_width": 8,
     "backbone_options": {"widths": [8, 16]},
     "throughput_batches": 2,
+    "bn_batches": 2,
 }
 
 
@@ -87,10 +88,30 @@ class RunConfig(_RunFolder):
         joint_epochs: `joint` epochs (CL + KD + FM + MM). The bicubic
             baselines train for `fm_epochs + joint_epochs`, the same budget.
         batch_size: examples per step.
-        learning_rate: Adam learning rate of every stage.
+        optimizer: "adamw" (AdamW) or "sgd" (SGD, Nesterov momentum 0.9).
+        weight_decay: decoupled weight decay of the optimizer (Keras
+            optimizers' `weight_decay`; biases and BatchNorm scales and
+            offsets are left undecayed). Defaults to 1e-4.
+        warmup_epochs: linear warm-up from 0 to the stage's learning rate,
+            then cosine decay to 0 at the stage's last step (capped at half
+            the stage). Defaults to 1.
+        label_smoothing: label smoothing of the CL (cross-entropy) term of
+            every stage that has labels. Defaults to 0.1.
+        learning_rate: the shared peak learning rate: every per-stage rate
+            below that is None falls back to it. Defaults to 1e-3.
+        teacher_learning_rate, fm_learning_rate, joint_learning_rate,
+        baseline_learning_rate: peak learning rate of stage 0 (when the
+            teacher is trained here), `fm_pretrain`, `joint`, and the
+            bicubic baselines (`bicubic_cl`, `bicubic_kd`,
+            `bicubic_kd_equal`). None: `learning_rate`.
         temperature, cl_weight, kd_weight, fm_weight, mm_weight: ThumbNet loss
             settings (`ThumbNetTrainer`).
-        downscaler_width, downscaler_depth: size of E's learned branch.
+        downscaler_width, downscaler_depth: size of E's learned branch;
+            width None: sized from the student's cost
+            (`auto_downscaler_width`, E a small share of E + S's MACs).
+        bn_batches: batches of bicubic train thumbnails on which S's
+            BatchNorm statistics are re-estimated before S (initialized from
+            T) is trained, and for the `teacher_bicubic_bn` arm; 0: keep T's.
         limit_per_class: keep N examples per class (smoke runs); None: all.
         seed: data shuffling and augmentation seed.
         run_name: folder under `runs_dir`; resolved before the run starts.
@@ -114,14 +135,23 @@ class RunConfig(_RunFolder):
     fm_epochs: int = 2
     joint_epochs: int = 8
     batch_size: int = 32
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
     learning_rate: float = 1e-3
+    teacher_learning_rate: float | None = None
+    fm_learning_rate: float | None = None
+    joint_learning_rate: float | None = None
+    baseline_learning_rate: float | None = None
     temperature: float = 4.0
     cl_weight: float = 1.0
     kd_weight: float = 1.0
     fm_weight: float = 1.0
     mm_weight: float = 1.0
-    downscaler_width: int = 16
+    downscaler_width: int | None = None
     downscaler_depth: int = 2
+    bn_batches: int = 100
     limit_per_class: int | None = None
     seed: int = 0
     run_name: str | None = None
@@ -135,6 +165,15 @@ class RunConfig(_RunFolder):
     def baseline_epochs(self) -> int:
         """Epochs of each bicubic baseline: ThumbNet's whole budget."""
         return self.fm_epochs + self.joint_epochs
+
+    def stage_learning_rate(self, stage: str) -> float:
+        """The peak learning rate of a stage ("teacher", "fm_pretrain",
+        "joint", or a baseline), falling back to `learning_rate`."""
+        field = {"teacher": "teacher", "fm_pretrain": "fm", "joint": "joint"}.get(
+            stage, "baseline"
+        )
+        rate = getattr(self, f"{field}_learning_rate")
+        return self.learning_rate if rate is None else rate
 
     def to_json(self) -> dict:
         """A JSON-able dict (tuples become lists)."""
@@ -179,14 +218,45 @@ class ThumbNetParams(BaseModel):
     fm_epochs: int = Field(2, ge=0, le=1000, description="fm_pretrain epochs.")
     joint_epochs: int = Field(8, ge=1, le=1000, description="joint epochs.")
     batch_size: int = Field(32, ge=1, le=4096, description="Batch size.")
-    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam rate.")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw, or sgd (Nesterov momentum 0.9)."
+    )
+    weight_decay: float = Field(
+        1e-4, ge=0, le=1.0, description="Decoupled weight decay."
+    )
+    warmup_epochs: float = Field(
+        1.0, ge=0, le=1000, description="Linear warm-up epochs before cosine decay."
+    )
+    label_smoothing: float = Field(
+        0.1, ge=0, lt=1.0, description="Label smoothing of the CL loss."
+    )
+    learning_rate: float = Field(
+        1e-3, gt=0, le=10.0, description="Peak rate of every stage without its own."
+    )
+    teacher_learning_rate: float | None = Field(
+        None, gt=0, le=10.0, description="Teacher stage rate (None: learning_rate)."
+    )
+    fm_learning_rate: float | None = Field(
+        None, gt=0, le=10.0, description="fm_pretrain rate (None: learning_rate)."
+    )
+    joint_learning_rate: float | None = Field(
+        None, gt=0, le=10.0, description="joint rate (None: learning_rate)."
+    )
+    baseline_learning_rate: float | None = Field(
+        None, gt=0, le=10.0, description="Bicubic baselines' rate (None: learning_rate)."
+    )
     temperature: float = Field(4.0, gt=0, le=100, description="KD temperature.")
     cl_weight: float = Field(1.0, ge=0, description="CL loss weight.")
     kd_weight: float = Field(1.0, ge=0, description="KD loss weight.")
     fm_weight: float = Field(1.0, ge=0, description="FM loss weight.")
     mm_weight: float = Field(1.0, ge=0, description="MM loss weight.")
-    downscaler_width: int = Field(16, ge=1, le=512, description="E's width.")
+    downscaler_width: int | None = Field(
+        None, ge=1, le=512, description="E's width (None: sized from S's cost)."
+    )
     downscaler_depth: int = Field(2, ge=0, le=16, description="E's depth.")
+    bn_batches: int = Field(
+        100, ge=0, le=100_000, description="Batches to re-estimate S's BatchNorm on."
+    )
     limit_per_class: int | None = Field(None, ge=1, description="Cap per class.")
     seed: int = Field(0, ge=0, description="Data seed.")
     run_name: str | None = Field(

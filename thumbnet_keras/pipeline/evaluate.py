@@ -1,15 +1,22 @@
-"""`evaluate_run`: every arm of a `thumbnet` run on the test split.
+"""`evaluate_run`: every arm of a `thumbnet` run on the validation and test splits.
 
 Arms (per factor f, plus the teacher once):
 
 * `teacher`: T on full-size images.
 * `teacher_bicubic`: T's weights at thumbnail size (S before any training) on
   bicubic thumbnails: what dropping the resolution costs without retraining.
+* `teacher_bicubic_bn`: the same with S's BatchNorm statistics re-estimated
+  on bicubic thumbnails of train images, no other training.
 * `bicubic_cl`: the bicubic baseline (S trained on bicubic thumbnails, CL).
 * `bicubic_kd`: the same trained with CL + KD.
+* `bicubic_kd_equal`: bicubic + KD at equal cost: S on a larger bicubic
+  thumbnail, so that it costs at least E + S's MACs (left out when T's head
+  cannot take another size).
 * `thumbnet`: E + S from the `joint` stage.
 
-For each: top-1 (and top-5 when there are more than 5 classes), multiply-adds
+Every trained arm was selected on validation top-1 during training; here each
+is evaluated once on test. For each: `top1` (test), `val_top1` (None without
+a validation split), `top5` when there are more than 5 classes, multiply-adds
 per image of the whole inference model (downscaler included), parameters, and
 measured images/s. Written to `evaluation.json`.
 """
@@ -29,8 +36,10 @@ __all__ = ["ARM_LABELS", "compose", "evaluate_model", "evaluate_run"]
 ARM_LABELS = {
     "teacher": "Teacher (full size)",
     "teacher_bicubic": "Teacher on bicubic thumbnails (no retraining)",
+    "teacher_bicubic_bn": "Teacher on bicubic thumbnails, BN re-estimated",
     "bicubic_cl": "Bicubic baseline (CL)",
     "bicubic_kd": "Bicubic + KD",
+    "bicubic_kd_equal": "Bicubic + KD at equal MACs (larger thumbnail)",
     "thumbnet": "ThumbNet (E + S)",
 }
 
@@ -47,10 +56,17 @@ def evaluate_model(
     num_classes: int,
     batch_size: int,
     throughput_batches: int,
+    validation=None,
 ) -> dict:
-    """Top-1/top-5, MACs, parameters and images/s of one inference model."""
+    """Top-1/top-5 on `batches` (test), `val_top1` on `validation` (None when
+    not given), MACs, parameters and images/s of one inference model."""
     ks = (1, 5) if num_classes > 5 else (1,)
     result = evaluate_classifier(model, batches, ks=ks, num_classes=num_classes)
+    result["val_top1"] = None
+    if validation is not None:
+        result["val_top1"] = evaluate_classifier(
+            model, validation, ks=(1,), num_classes=num_classes
+        )["top1"]
     result["flops"] = count_flops(model)
     result["params"] = count_params(model)["total"]
     speed = measure_throughput(model, batch_size=batch_size, batches=throughput_batches)
@@ -62,12 +78,14 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
     """Evaluates every arm; skipped when `evaluation.json` exists (unless `force`).
 
     Returns:
-        `{"path": evaluation.json, "arms": [{name, label, factor, top1,
-        [top5], flops, params, images_per_second, examples}, ...]}`.
+        `{"path": evaluation.json, "arms": [{name, label, factor, input_size,
+        top1, val_top1, [top5], flops, params, images_per_second, examples},
+        ...]}`.
     """
     from thumbnet_keras.layers.downscaler import bicubic_downscaler
     from thumbnet_keras.models.student import make_student
-    from thumbnet_keras.pipeline.datasets import test_batches
+    from thumbnet_keras.pipeline.datasets import split_batches, test_batches
+    from thumbnet_keras.pipeline.equal_cost import resize_downscaler
 
     run, config = load_run(run_dir)
     path = run.file("evaluation.json")
@@ -78,27 +96,44 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
     classes = prepared["num_classes"]
     shape = (config.image_size, config.image_size, config.channels)
     test = test_batches(prepared, config.image_size, config.channels, config.batch_size)
+    validation = split_batches(
+        prepared, "validation", config.image_size, config.channels, config.batch_size
+    )
 
     def load(p):
         return keras.saving.load_model(str(p), compile=False)
 
     teacher = load(run.teacher_keras)
     value_range = (0.0, 1.0) if prepared["normalization"] == "unit" else None
-    models: list[tuple[str, int | None, keras.Model]] = [("teacher", None, teacher)]
+    models: list[tuple[str, int | None, int, keras.Model]] = [
+        ("teacher", None, config.image_size, teacher)
+    ]
     for factor in config.factors:
+        size = config.image_size // factor
         bicubic = bicubic_downscaler(shape, factor, value_range=value_range)
         untrained = make_student(teacher, factor)
         models.append(
-            ("teacher_bicubic", factor, compose(bicubic, untrained, "teacher_bicubic"))
-        )
-        for stage in ("bicubic_cl", "bicubic_kd"):
+            ("teacher_bicubic", factor, size,
+             compose(bicubic, untrained, "teacher_bicubic"))
+        )  # fmt: skip
+        for stage in ("teacher_bicubic_bn", "bicubic_cl", "bicubic_kd"):
             student = load(run.stage_dir(stage_id(factor, stage)) / "student.keras")
-            models.append((stage, factor, compose(bicubic, student, stage)))
+            models.append((stage, factor, size, compose(bicubic, student, stage)))
+        equal = read_json(run.stage_record(stage_id(factor, "bicubic_kd_equal")))
+        if "unavailable" not in equal:
+            stage_dir = run.stage_dir(stage_id(factor, "bicubic_kd_equal"))
+            resize = resize_downscaler(shape, equal["input_size"], value_range)
+            student = load(stage_dir / "student.keras")
+            models.append(
+                ("bicubic_kd_equal", factor, equal["input_size"],
+                 compose(resize, student, "bicubic_kd_equal"))
+            )  # fmt: skip
         joint = run.stage_dir(stage_id(factor, "joint"))
         models.append(
             (
                 "thumbnet",
                 factor,
+                size,
                 compose(
                     load(joint / "downscaler.keras"),
                     load(joint / "student.keras"),
@@ -107,17 +142,22 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
             )
         )
     arms = []
-    for name, factor, model in models:
+    for name, factor, size, model in models:
         print(f"[evaluate] {name}" + (f" f={factor}" if factor else ""), flush=True)
         result = evaluate_model(
-            model, test, classes, config.batch_size, config.throughput_batches
+            model,
+            test,
+            classes,
+            config.batch_size,
+            config.throughput_batches,
+            validation=validation,
         )
         arms.append(
             {
                 "name": name,
                 "label": ARM_LABELS[name],
                 "factor": factor,
-                "input_size": config.image_size // (factor or 1),
+                "input_size": size,
                 **result,
             }
         )

@@ -24,8 +24,11 @@ def collect_metrics(run_dir: str) -> dict:
             record = read_json(run.stage_record(sid))
             stages[sid] = {
                 k: record.get(k)
-                for k in ("history", "epochs", "seconds", "resumed_from")
+                for k in ("history", "epochs", "seconds", "resumed_from", "selection")
             }
+            for key in ("bn", "input_size", "equal_cost", "unavailable"):
+                if key in record:
+                    stages[sid][key] = record[key]
             if sid == "teacher":
                 stages[sid]["source"] = record.get("source")
     evaluation = run.file("evaluation.json")

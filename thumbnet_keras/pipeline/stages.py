@@ -3,12 +3,26 @@
 * `get_teacher`: stage 0. Loads a teacher file, builds a backbone with given
   weights, or trains the backbone on the dataset.
 * `train_stage(run_dir, factor, stage)` for `stage` in:
+  - `"teacher_bicubic_bn"`: no training: S = T's weights at thumbnail size
+    with its BatchNorm statistics re-estimated on bicubic thumbnails of train
+    images (the cheap fix practitioners try first);
   - `"fm_pretrain"`: ThumbNet stage 1, E and S with FM + MM (no labels);
   - `"joint"`: ThumbNet stage 2, CL + KD + FM + MM, from stage 1's weights;
   - `"bicubic_cl"`: the bicubic baseline: S (initialized from T) trained on
     bicubic thumbnails with CL only, for ThumbNet's whole epoch budget (the
     "retrain at low resolution" a practitioner would try first);
-  - `"bicubic_kd"`: the same with CL + KD from T.
+  - `"bicubic_kd"`: the same with CL + KD from T;
+  - `"bicubic_kd_equal"`: bicubic + KD at equal cost: S on a bicubic
+    thumbnail a little larger than H/f, so that bicubic + S costs at least
+    as many MACs as E + S (`pipeline.equal_cost`).
+
+The recipe (`pipeline.recipe`): AdamW or SGD-Nesterov with weight decay, a
+linear warm-up then cosine decay over each stage, label smoothing on CL, a
+learning rate per stage. Every stage with labels evaluates validation top-1
+after each epoch and keeps its best epoch (`fit_resumable`); `fm_pretrain`
+(no labels) keeps its last. Every stage that starts S from T's weights
+re-estimates S's BatchNorm statistics on bicubic train thumbnails first
+(`config.bn_batches`).
 
 Every step reads the run's `config.json` and `data.json`, checkpoints every
 epoch under `checkpoints/<stage>/`, and when finished writes its models to
@@ -21,7 +35,7 @@ from __future__ import annotations
 import shutil
 import warnings
 
-from thumbnet_keras.pipeline.checkpoint import fit_resumable
+from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
 from thumbnet_keras.pipeline.config import ConfigError, RunConfig
 from thumbnet_keras.pipeline.rundir import (
     Run,
@@ -31,9 +45,25 @@ from thumbnet_keras.pipeline.rundir import (
     write_json,
 )
 
-__all__ = ["STAGES", "get_teacher", "stage_id", "train_stage", "load_run"]
+__all__ = [
+    "STAGES",
+    "build_run_downscaler",
+    "get_teacher",
+    "load_run",
+    "stage_id",
+    "train_stage",
+]
 
-STAGES = ("fm_pretrain", "joint", "bicubic_cl", "bicubic_kd")
+STAGES = (
+    "teacher_bicubic_bn",
+    "fm_pretrain",
+    "joint",
+    "bicubic_cl",
+    "bicubic_kd",
+    "bicubic_kd_equal",
+)
+# Stages whose S starts from T's weights (BatchNorm re-estimated first).
+_FROM_TEACHER = ("fm_pretrain", "bicubic_cl", "bicubic_kd", "bicubic_kd_equal")
 
 
 def stage_id(factor: int, stage: str) -> str:
@@ -83,10 +113,75 @@ def _skip(run: Run, sid: str) -> dict:
     return record | {"skipped": True}
 
 
-def _classifier_loss():
-    import keras
+def _classifier_loss(config: RunConfig):
+    from thumbnet_keras.pipeline.recipe import SparseCrossentropy
 
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return SparseCrossentropy(label_smoothing=config.label_smoothing)
+
+
+def _compile(model, config: RunConfig, prepared: dict, stage: str, epochs: int,
+             loss=None, metrics=("accuracy",)):  # fmt: skip
+    from thumbnet_keras.pipeline.recipe import make_optimizer, steps_per_epoch
+
+    steps = steps_per_epoch(prepared, config.batch_size)
+    model.compile(
+        optimizer=make_optimizer(config, stage, epochs, steps, model),
+        loss=loss,
+        metrics=list(metrics) if metrics else None,
+    )
+
+
+def _datasets(config: RunConfig, prepared: dict):
+    """(augmented shuffled train, validation or None)."""
+    from thumbnet_keras.pipeline.datasets import run_datasets, split_batches
+
+    train, _ = run_datasets(
+        prepared, config.image_size, config.channels, config.batch_size, config.seed
+    )
+    validation = split_batches(
+        prepared, "validation", config.image_size, config.channels, config.batch_size
+    )
+    return train, validation
+
+
+def _fit(model, config, prepared, run, sid, epochs, verbose, labels=True):
+    """`fit_resumable` with validation selection when there are labels and a
+    validation split, last-epoch selection otherwise."""
+    train, validation = _datasets(config, prepared)
+    reason = "no validation split"
+    if not labels:
+        validation, reason = None, "no labels (FM + MM): last epoch"
+    with warnings.catch_warnings():
+        # fm_pretrain does not use S's logits layer: Keras warns it has no gradient.
+        warnings.filterwarnings("ignore", message="Gradients do not exist")
+        return fit_resumable(
+            model,
+            train,
+            epochs,
+            run.checkpoint_dir(sid),
+            verbose=verbose,
+            log=_log,
+            validation_data=validation,
+            no_selection_reason=reason,
+        )
+
+
+def reestimate_student_bn(
+    config: RunConfig, prepared: dict, downscaler, student
+) -> dict:
+    """Re-estimates `student`'s BatchNorm statistics on `downscaler`'s
+    thumbnails of (unaugmented) train images, `config.bn_batches` batches."""
+    from thumbnet_keras.pipeline.bn_recalibrate import reestimate_batchnorm
+    from thumbnet_keras.pipeline.datasets import split_batches
+    from thumbnet_keras.pipeline.evaluate import compose
+
+    if config.bn_batches == 0:
+        return {"layers": 0, "batches": 0, "examples": 0, "reason": "bn_batches=0"}
+    batches = split_batches(
+        prepared, "train", config.image_size, config.channels, config.batch_size
+    )
+    model = compose(downscaler, student, "bn_calibration")
+    return reestimate_batchnorm(model, batches, num_batches=config.bn_batches)
 
 
 def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> dict:
@@ -95,11 +190,12 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     Records `prepared` (the dataset summary from `prepare_dataset`) as
     `data.json`, then, unless already done: loads `config.teacher`, or builds
     `config.backbone` with `config.backbone_weights`, or trains the backbone
-    for `config.teacher_epochs` (checkpointed every epoch).
+    for `config.teacher_epochs` (checkpointed every epoch, the epoch of best
+    validation top-1 kept).
 
     Returns:
         The stage record: `source` ("file", "weights" or "trained"), path,
-        epochs, history, seconds, `num_classes`.
+        epochs, history, seconds, `selection`, `num_classes`.
     """
     import keras
 
@@ -131,20 +227,9 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
         teacher = backbones.build(
             config.backbone, shape, classes, **config.backbone_options
         )
-        teacher.compile(
-            optimizer=keras.optimizers.Adam(config.learning_rate),
-            loss=_classifier_loss(),
-            metrics=["accuracy"],
-        )
-        train, _ = _datasets(config, prepared)
-        fit = fit_resumable(
-            teacher,
-            train,
-            config.teacher_epochs,
-            run.checkpoint_dir(sid),
-            verbose=verbose,
-            log=_log,
-        )
+        epochs = config.teacher_epochs
+        _compile(teacher, config, prepared, "teacher", epochs, _classifier_loss(config))
+        fit = _fit(teacher, config, prepared, run, sid, epochs, verbose)
         source = "trained"
     save_keras(teacher, run.teacher_keras)
     record = {
@@ -158,14 +243,6 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     return _finish(run, sid, record)
 
 
-def _datasets(config: RunConfig, prepared: dict):
-    from thumbnet_keras.pipeline.datasets import run_datasets
-
-    return run_datasets(
-        prepared, config.image_size, config.channels, config.batch_size, config.seed
-    )
-
-
 def _build_adapter(trainer) -> None:
     # The trainer and its FM adapter are built lazily at the first step; build
     # them now so that weights and optimizer state can be restored first.
@@ -177,7 +254,7 @@ def _build_adapter(trainer) -> None:
         trainer.fm_adapter.build(tuple(layer.output.shape))
 
 
-def _trainer(config, prepared, teacher, downscaler, student, stage, **weights):
+def _trainer(config, teacher, downscaler, student, stage, **weights):
     from thumbnet_keras.models.trainer import ThumbNetTrainer
 
     loss_weights = dict(
@@ -193,31 +270,48 @@ def _trainer(config, prepared, teacher, downscaler, student, stage, **weights):
         student=student,
         stage=stage,
         temperature=config.temperature,
+        label_smoothing=config.label_smoothing,
         **loss_weights,
     )
     _build_adapter(trainer)
     return trainer
 
 
-def _thumbnet_trainer(run: Run, config: RunConfig, prepared: dict, factor: int, stage):
-    """The (E, S) trainer of a ThumbNet stage, starting where it should."""
-    from thumbnet_keras.layers.downscaler import build_downscaler
-    from thumbnet_keras.models.student import make_student
+def build_run_downscaler(
+    config: RunConfig, prepared: dict, factor: int, student
+):
+    """E as the run builds it: `config.downscaler_width`, or when None the
+    width sized from S's cost (`auto_downscaler_width`)."""
+    from thumbnet_keras.layers.downscaler import (
+        auto_downscaler_width,
+        build_downscaler,
+    )
 
-    teacher = _load(run.teacher_keras)
-    downscaler = build_downscaler(
-        _image_shape(config),
+    shape = _image_shape(config)
+    width = config.downscaler_width
+    if width is None:
+        width = auto_downscaler_width(
+            shape, factor, student, depth=config.downscaler_depth
+        )
+    return build_downscaler(
+        shape,
         factor,
-        width=config.downscaler_width,
+        width=width,
         depth=config.downscaler_depth,
         value_range=_value_range(prepared),
     )
+
+
+def _equal_cost(config: RunConfig, prepared: dict, factor: int, teacher) -> dict:
+    """The equal-cost thumbnail side for `factor` (see `pipeline.equal_cost`)."""
+    from thumbnet_keras.evaluation.flops import count_flops
+    from thumbnet_keras.models.student import make_student
+    from thumbnet_keras.pipeline.equal_cost import equal_cost_size
+
     student = make_student(teacher, factor)
-    trainer = _trainer(config, prepared, teacher, downscaler, student, stage)
-    previous = stage_id(factor, "fm_pretrain")
-    if stage == "joint" and run.is_done(previous):
-        trainer.load_weights(str(run.stage_dir(previous) / "trainer.weights.h5"))
-    return trainer
+    downscaler = build_run_downscaler(config, prepared, factor, student)
+    target = count_flops(downscaler) + count_flops(student)
+    return equal_cost_size(teacher, factor, target, _value_range(prepared))
 
 
 def train_stage(
@@ -227,7 +321,10 @@ def train_stage(
 
     Returns:
         The stage record: stage, factor, epochs, history (per-epoch metrics,
-        `loss`, `cl_loss`, ...), `resumed_from`, seconds, model paths.
+        `loss`, `cl_loss`, `val_accuracy`, ...), `selection` (the kept epoch),
+        `bn` (BatchNorm re-estimation), `resumed_from`, seconds, model paths;
+        `bicubic_kd_equal` adds `input_size` and `equal_cost`, or
+        `unavailable` (why) when T's head cannot take another size.
     """
     import keras
 
@@ -243,51 +340,69 @@ def train_stage(
     prepared = run.data()
     keras.utils.set_random_seed(config.seed + factor)
     out = run.stage_dir(sid)
+    teacher = _load(run.teacher_keras)
+    shape, value_range = _image_shape(config), _value_range(prepared)
+    extra: dict = {}
+    if stage == "bicubic_kd_equal":
+        from thumbnet_keras.pipeline.equal_cost import resize_downscaler
+
+        try:
+            cost = _equal_cost(config, prepared, factor, teacher)
+        except ValueError as err:  # T's head needs its own size (Flatten).
+            _log(f"[{sid}] unavailable: {err}")
+            record = {"stage": stage, "factor": factor, "id": sid, "epochs": 0,
+                      "history": {}, "resumed_from": [], "seconds": 0.0,
+                      "unavailable": str(err)}  # fmt: skip
+            return _finish(run, sid, record)
+        size = cost["size"]
+        extra = {"input_size": size, "equal_cost": cost}
+        downscaler = resize_downscaler(shape, size, value_range)
+        student = make_student(teacher, size=(size, size))
+    else:
+        downscaler = bicubic_downscaler(shape, factor, value_range=value_range)
+        student = make_student(teacher, factor)
+    fresh = load_checkpoint(run.checkpoint_dir(sid)) is None
+    starts_from_teacher = stage in _FROM_TEACHER or (
+        stage == "joint" and not run.is_done(stage_id(factor, "fm_pretrain"))
+    )
+    if stage == "teacher_bicubic_bn" or (starts_from_teacher and fresh):
+        # On a resume the checkpoint holds S's statistics already.
+        extra["bn"] = reestimate_student_bn(config, prepared, downscaler, student)
+        _log(f"[{sid}] BatchNorm re-estimated: {extra['bn']}")
+    if stage == "teacher_bicubic_bn":
+        path = save_keras(student, out / "student.keras")
+        record = {"stage": stage, "factor": factor, "id": sid, "epochs": 0,
+                  "history": {}, "resumed_from": [], "seconds": 0.0,
+                  "paths": {"student": path}, **extra}  # fmt: skip
+        return _finish(run, sid, record)
+
     if stage in ("fm_pretrain", "joint"):
         epochs = config.fm_epochs if stage == "fm_pretrain" else config.joint_epochs
-        model = _thumbnet_trainer(run, config, prepared, factor, stage)
-        metrics = ["accuracy"] if stage == "joint" else None
-        model.compile(
-            optimizer=keras.optimizers.Adam(config.learning_rate), metrics=metrics
-        )
+        downscaler = build_run_downscaler(config, prepared, factor, student)
+        model = _trainer(config, teacher, downscaler, student, stage)
+        previous = stage_id(factor, "fm_pretrain")
+        if stage == "joint" and run.is_done(previous):
+            model.load_weights(str(run.stage_dir(previous) / "trainer.weights.h5"))
+        metrics = ("accuracy",) if stage == "joint" else None
+        _compile(model, config, prepared, stage, epochs, metrics=metrics)
     else:
         epochs = config.baseline_epochs
-        teacher = _load(run.teacher_keras)
-        bicubic = bicubic_downscaler(
-            _image_shape(config), factor, value_range=_value_range(prepared)
-        )
-        student = make_student(teacher, factor)
         if stage == "bicubic_cl":
-            image = keras.Input(_image_shape(config), name="image")
-            model = keras.Model(image, student(bicubic(image)), name="bicubic_student")
-            model.compile(
-                optimizer=keras.optimizers.Adam(config.learning_rate),
-                loss=_classifier_loss(),
-                metrics=["accuracy"],
+            image = keras.Input(shape, name="image")
+            model = keras.Model(
+                image, student(downscaler(image)), name="bicubic_student"
             )
-        else:
+            _compile(model, config, prepared, stage, epochs, _classifier_loss(config))
+        else:  # bicubic_kd, bicubic_kd_equal: CL + KD only.
             model = _trainer(
-                config,
-                prepared,
-                teacher,
-                bicubic,
-                student,
-                "joint",
-                fm_weight=0.0,
-                mm_weight=0.0,
-            )
-            model.compile(
-                optimizer=keras.optimizers.Adam(config.learning_rate),
-                metrics=["accuracy"],
-            )
+                config, teacher, downscaler, student, "joint",
+                fm_weight=0.0, mm_weight=0.0,
+            )  # fmt: skip
+            _compile(model, config, prepared, stage, epochs)
     _log(f"[{sid}] training for {epochs} epochs")
-    train, _ = _datasets(config, prepared)
-    with warnings.catch_warnings():
-        # fm_pretrain does not use S's logits layer: Keras warns it has no gradient.
-        warnings.filterwarnings("ignore", message="Gradients do not exist")
-        fit = fit_resumable(
-            model, train, epochs, run.checkpoint_dir(sid), verbose=verbose, log=_log
-        )
+    fit = _fit(
+        model, config, prepared, run, sid, epochs, verbose, stage != "fm_pretrain"
+    )
     paths = {}
     if stage in ("fm_pretrain", "joint"):
         # The trainer's weights (E, S, FM adapter) start the next stage.
@@ -296,7 +411,7 @@ def train_stage(
         paths["downscaler"] = save_keras(model.downscaler, out / "downscaler.keras")
         paths["student"] = save_keras(model.student, out / "student.keras")
     else:
-        student = model.student if stage == "bicubic_kd" else student
         paths["student"] = save_keras(student, out / "student.keras")
-    record = {"stage": stage, "factor": factor, "id": sid, "paths": paths, **fit}
+    record = {"stage": stage, "factor": factor, "id": sid, "paths": paths,
+              **fit, **extra}  # fmt: skip
     return _finish(run, sid, record)

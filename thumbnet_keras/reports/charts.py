@@ -12,8 +12,10 @@ __all__ = ["accuracy_vs_flops_png", "gallery_png", "training_curves_png"]
 _MARKERS = {
     "teacher": "*",
     "teacher_bicubic": "x",
+    "teacher_bicubic_bn": "+",
     "bicubic_cl": "s",
     "bicubic_kd": "D",
+    "bicubic_kd_equal": "d",
     "thumbnet": "o",
 }
 

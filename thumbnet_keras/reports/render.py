@@ -5,9 +5,10 @@
 
     run_name, primary_factor
     dataset: {name, license, num_classes, class_names, splits}
-    arms: [{name, label, factor, input_size, top1, [top5], flops, params,
-            images_per_second, examples}]
-    stages: {stage id: {history, epochs, seconds, resumed_from, ...}}
+    arms: [{name, label, factor, input_size, top1 (test), val_top1, [top5],
+            flops, params, images_per_second, examples}]
+    stages: {stage id: {history, epochs, seconds, resumed_from, selection,
+             ...}}
     config: the resolved RunConfig
     environment: {backend, device, python, platform, versions}
     outputs: {name: path}
@@ -45,8 +46,9 @@ def _flops(value: int) -> str:
 def arms_table(metrics: Mapping) -> list[dict]:
     """One row per evaluated model, ready for a table (strings and numbers).
 
-    Columns: model, factor, input, top-1 %, top-5 % (when measured), MACs,
-    params, images/s.
+    Columns: model, factor, input, val top-1 % (validation split; the
+    trained arms' epochs were selected on it), test top-1 %, test top-5 %
+    (when measured), MACs, params, images/s.
     """
     arms = metrics.get("arms", [])
     with_top5 = any("top5" in a for a in arms)
@@ -56,10 +58,11 @@ def arms_table(metrics: Mapping) -> list[dict]:
             "model": arm["label"],
             "factor": arm.get("factor") or 1,
             "input": f"{arm['input_size']}x{arm['input_size']}",
-            "top-1 %": _pct(arm["top1"]),
+            "val top-1 %": _pct(arm.get("val_top1")),
+            "test top-1 %": _pct(arm["top1"]),
         }
         if with_top5:
-            row["top-5 %"] = _pct(arm.get("top5"))
+            row["test top-5 %"] = _pct(arm.get("top5"))
         row.update(
             {
                 "MACs": _flops(int(arm["flops"])),
@@ -86,10 +89,15 @@ def _stage_rows(metrics: Mapping) -> list[dict]:
     for sid, stage in metrics.get("stages", {}).items():
         history = stage.get("history") or {}
         last = {k: v[-1] for k, v in history.items() if v}
+        selection = stage.get("selection") or {}
+        kept = selection.get("best_epoch")
+        if selection.get("best_value") is not None:
+            kept = f"{kept} (val {_pct(selection['best_value'])}%)"
         rows.append(
             {
                 "stage": sid,
                 "epochs": stage.get("epochs", 0),
+                "kept epoch": "" if kept is None else str(kept),
                 "final loss": f"{last['loss']:.4f}" if "loss" in last else "",
                 "train acc %": _pct(last.get("accuracy")) if "accuracy" in last else "",
                 "seconds": f"{stage.get('seconds', 0):.1f}",
@@ -110,14 +118,21 @@ def _summary(metrics: Mapping) -> str:
     )
 
 
+_RESULTS_NOTE = (
+    "Each trained model kept the epoch of its best validation top-1 (the "
+    "validation split is carved from train); the test split was evaluated "
+    "once, at the end. MACs: multiply-adds per image of the whole inference "
+    "model (the downscaler included); images/s: measured on this machine."
+)
+
+
 def render_markdown(metrics: Mapping) -> str:
     """`report.md`: the tables and the resolved config (no images)."""
     parts = [
         f"# ThumbNet report: {metrics.get('run_name', '')}\n",
         _summary(metrics) + "\n",
-        "## Test-split results\n",
-        "MACs: multiply-adds per image of the whole inference model (the "
-        "downscaler included); images/s: measured on this machine.\n",
+        "## Results\n",
+        _RESULTS_NOTE + "\n",
         _md_table(arms_table(metrics)),
         "## Training stages\n",
         _md_table(_stage_rows(metrics)),
@@ -179,9 +194,8 @@ def render_html(
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{summary}</p>",
-        "<h2>Test-split results</h2>",
-        "<p>MACs: multiply-adds per image of the whole inference model (the "
-        "downscaler included); images/s: measured on this machine.</p>",
+        "<h2>Results</h2>",
+        f"<p>{html.escape(_RESULTS_NOTE)}</p>",
         _html_table(arms_table(metrics)),
     ]
     if metrics.get("arms"):
