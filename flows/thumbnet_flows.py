@@ -104,13 +104,14 @@ def teacher_task(run_dir: str, prepared: dict, verbose: int) -> dict:
 
 @task(name="train-stage", task_run_name="{stage}-f{factor}", cache_policy=NO_CACHE)
 def train_stage_task(run_dir: str, factor: int, stage: str, verbose: int) -> dict:
-    """One training stage (fm_pretrain, joint, bicubic_cl, bicubic_kd) for one factor."""
+    """One stage of `pipeline.STAGES` (teacher_bicubic_bn, fm_pretrain, joint,
+    bicubic_cl, bicubic_kd, bicubic_kd_equal) for one factor."""
     return _small(pipeline.train_stage(run_dir, factor, stage, verbose=verbose))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(run_dir: str) -> dict:
-    """Every arm on the test split."""
+    """Every arm on the validation and test splits."""
     return pipeline.evaluate_run(run_dir)
 
 
@@ -149,8 +150,10 @@ def _small(record: dict) -> dict:
 
 @flow(name="thumbnet", log_prints=True)
 def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
-    """Prepare data, teacher (stage 0), fm_pretrain, joint, the bicubic
-    baselines, evaluate, export, report. Outputs in `runs/<run-name>/`.
+    """Prepare data, teacher (stage 0), then per factor the BN-re-estimated
+    teacher, fm_pretrain, joint and the bicubic baselines (equal-size CL and
+    CL + KD, equal-cost CL + KD), evaluate, export, report. Outputs in
+    `runs/<run-name>/`.
 
     Args:
         params: the run's parameters (`ThumbNetParams`); default: the ELPV demo.

@@ -28,6 +28,7 @@ from thumbnet_keras.pipeline.config import (
     RunConfig,
     ThumbNetParams,
 )
+from thumbnet_keras.pipeline.bn_recalibrate import reestimate_batchnorm
 from thumbnet_keras.pipeline.datasets import prepare_dataset, prepared_dir
 from thumbnet_keras.pipeline.evaluate import evaluate_run
 from thumbnet_keras.pipeline.export import export_model, export_run
@@ -55,6 +56,7 @@ __all__ = [
     "get_teacher",
     "prepare_dataset",
     "prepared_dir",
+    "reestimate_batchnorm",
     "resolve_generalize",
     "resolve_run",
     "run_thumbnet",
