@@ -63,3 +63,23 @@ def test_zero_valued_options_are_kept():
         "fm_epochs": 0,
         "factors": [2],
     }
+
+
+def test_recipe_options_reach_the_params():
+    from thumbnet_keras.cli import _COMMON, _TRAIN, _given, _parser
+    from thumbnet_keras.pipeline import ThumbNetParams
+
+    args = _parser().parse_args(
+        ["train", "--optimizer", "sgd", "--weight-decay", "5e-4",
+         "--warmup-epochs", "0", "--label-smoothing", "0",
+         "--joint-learning-rate", "0.05", "--bn-batches", "0"]
+    )  # fmt: skip
+    config = ThumbNetParams(**_given(args, _COMMON + _TRAIN)).to_config()
+    assert (config.optimizer, config.weight_decay, config.warmup_epochs) == (
+        "sgd", 5e-4, 0.0
+    )  # fmt: skip
+    assert config.label_smoothing == 0.0 and config.bn_batches == 0
+    assert config.stage_learning_rate("joint") == 0.05
+    assert config.stage_learning_rate("teacher") == config.learning_rate
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "--optimizer", "adam"])

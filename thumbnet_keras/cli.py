@@ -197,6 +197,22 @@ def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
 _COMMON = ("runs_dir", "data_dir", "run_name", "limit_per_class", "batch_size", "smoke")
 
 
+_TRAIN = (
+    "dataset",
+    "backbone",
+    "teacher",
+    "backbone_weights",
+    "factors",
+    "image_size",
+    "fm_epochs",
+    "teacher_epochs",
+    "export_formats",
+    "bn_batches",
+    "downscaler_width",
+    *_RECIPE,
+)
+
+
 def _run_thumbnet(values: dict) -> int:
     from flows.thumbnet_flows import thumbnet
     from thumbnet_keras.pipeline import ThumbNetParams
@@ -220,24 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             values = dict(DEMO) | _given(args, _COMMON)
             return _run_thumbnet(values)
         if args.command == "train":
-            values = _given(
-                args,
-                _COMMON
-                + (
-                    "dataset",
-                    "backbone",
-                    "teacher",
-                    "backbone_weights",
-                    "factors",
-                    "image_size",
-                    "fm_epochs",
-                    "teacher_epochs",
-                    "export_formats",
-                    "bn_batches",
-                    "downscaler_width",
-                    *_RECIPE,
-                ),
-            )
+            values = _given(args, _COMMON + _TRAIN)
             if args.epochs is not None:
                 values["joint_epochs"] = args.epochs
             if args.backbone_options:
