@@ -87,9 +87,7 @@ def test_thumbnet_flow_outputs(finished):
     # The thumbnail arms cost fewer MACs than the full-size teacher.
     assert by_name[("bicubic_cl", 4)]["flops"] < by_name[("teacher", None)]["flops"]
     assert set(metrics["stages"]) == {"teacher"} | {
-        f"f{f}-{s}"
-        for f in (2, 4)
-        for s in pipeline.STAGES
+        f"f{f}-{s}" for f in (2, 4) for s in pipeline.STAGES
     }
     # Stages with labels kept their best validation epoch; fm_pretrain its last.
     for sid, stage in metrics["stages"].items():

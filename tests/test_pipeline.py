@@ -366,7 +366,9 @@ def test_equal_cost_size_is_the_smallest_side_that_costs_enough():
 
     def macs(side):
         resize = resize_downscaler((32, 32, 1), side, (0.0, 1.0))
-        return count_flops(resize) + count_flops(make_student(teacher, size=(side, side)))
+        return count_flops(resize) + count_flops(
+            make_student(teacher, size=(side, side))
+        )
 
     assert macs(size) == found["macs"] and macs(size - 1) < target
     # A target no size reaches: the full size, flagged.

@@ -72,7 +72,9 @@ def test_make_optimizer(name):
     if name == "sgd":
         assert optimizer.nesterov and optimizer.momentum == pytest.approx(0.9)
     optimizer.build(model.trainable_variables)
-    decayed = [v.name for v in model.trainable_variables if optimizer._use_weight_decay(v)]
+    decayed = [
+        v.name for v in model.trainable_variables if optimizer._use_weight_decay(v)
+    ]
     assert decayed == ["kernel"]  # no bias, gamma or beta
     assert config.stage_learning_rate("joint") == 0.5
     assert config.stage_learning_rate("bicubic_kd_equal") == 0.5
@@ -147,7 +149,9 @@ def test_reestimate_batchnorm_golden_nested_and_frozen():
         "bn2/moving_mean", "bn2/moving_variance",
     }  # fmt: skip
     assert bn1.momentum == 0.9 and inner.get_layer("bn2").momentum == 0.99
-    assert not bn1.trainable and [v.name for v in model.trainable_variables] == trainable
+    assert (
+        not bn1.trainable and [v.name for v in model.trainable_variables] == trainable
+    )
 
 
 def test_reestimate_batchnorm_num_batches_and_empty():

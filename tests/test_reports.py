@@ -63,7 +63,9 @@ def _metrics(top5: bool = False) -> dict:
                 "seconds": 3.25,
                 "resumed_from": [1],
                 "selection": {
-                    "monitor": "val_accuracy", "best_epoch": 1, "best_value": 0.625
+                    "monitor": "val_accuracy",
+                    "best_epoch": 1,
+                    "best_value": 0.625,
                 },  # fmt: skip
             },
             "f2-joint": {

@@ -146,7 +146,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--bn-batches", type=int, default=None,
                        help=_field_help("bn_batches"))  # fmt: skip
     train.add_argument(
-        "--downscaler-width", type=int, default=None, help=_field_help("downscaler_width")
+        "--downscaler-width",
+        type=int,
+        default=None,
+        help=_field_help("downscaler_width"),
     )
     train.add_argument(
         "--export-format",

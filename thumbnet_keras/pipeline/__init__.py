@@ -21,6 +21,7 @@ and can run without Prefect:
 `run_thumbnet` does exactly that.
 """
 
+from thumbnet_keras.pipeline.bn_recalibrate import reestimate_batchnorm
 from thumbnet_keras.pipeline.config import (
     ConfigError,
     GeneralizeConfig,
@@ -28,7 +29,6 @@ from thumbnet_keras.pipeline.config import (
     RunConfig,
     ThumbNetParams,
 )
-from thumbnet_keras.pipeline.bn_recalibrate import reestimate_batchnorm
 from thumbnet_keras.pipeline.datasets import prepare_dataset, prepared_dir
 from thumbnet_keras.pipeline.evaluate import evaluate_run
 from thumbnet_keras.pipeline.export import export_model, export_run

@@ -243,7 +243,10 @@ class ThumbNetParams(BaseModel):
         None, gt=0, le=10.0, description="joint rate (None: learning_rate)."
     )
     baseline_learning_rate: float | None = Field(
-        None, gt=0, le=10.0, description="Bicubic baselines' rate (None: learning_rate)."
+        None,
+        gt=0,
+        le=10.0,
+        description="Bicubic baselines' rate (None: learning_rate).",
     )
     temperature: float = Field(4.0, gt=0, le=100, description="KD temperature.")
     cl_weight: float = Field(1.0, ge=0, description="CL loss weight.")

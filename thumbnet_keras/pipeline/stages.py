@@ -277,9 +277,7 @@ def _trainer(config, teacher, downscaler, student, stage, **weights):
     return trainer
 
 
-def build_run_downscaler(
-    config: RunConfig, prepared: dict, factor: int, student
-):
+def build_run_downscaler(config: RunConfig, prepared: dict, factor: int, student):
     """E as the run builds it: `config.downscaler_width`, or when None the
     width sized from S's cost (`auto_downscaler_width`)."""
     from thumbnet_keras.layers.downscaler import (
