@@ -1,4 +1,5 @@
-"""The accuracy study (benchmarks/accuracy_study.py) end to end in --quick mode."""
+"""The accuracy study (benchmarks/accuracy_study.py): its selection and target
+checks on hand-made numbers, and the whole protocol end to end in --quick mode."""
 
 from __future__ import annotations
 
@@ -15,15 +16,89 @@ REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def _load_study():
+def _load(name: str):
     sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(
-        "accuracy_study", REPO / "benchmarks" / "accuracy_study.py"
+        name, REPO / "benchmarks" / f"{name}.py"
     )
     module = importlib.util.module_from_spec(spec)
-    sys.modules["accuracy_study"] = module  # dataclasses look the module up
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _row(arm, factor, test, val=None):
+    """A final record's arm with one top-1 per seed (fractions)."""
+    return {"arm": arm, "factor": factor, "input_size": 14, "flops": 1000, "params": 10,
+            "test_top1": test, "val_top1": test if val is None else val}  # fmt: skip
+
+
+def _records(per_seed: dict) -> list[dict]:
+    """`{(arm, factor): [top-1 of seed 0, 1, 2]}` -> three final records."""
+    return [
+        {"kind": "final", "dataset": "toy", "seed": seed,
+         "arms": [_row(a, f, v[seed]) for (a, f), v in per_seed.items()]}
+        for seed in range(3)
+    ]  # fmt: skip
+
+
+def test_targets_on_hand_made_numbers():
+    report = _load("accuracy_report")
+    numbers = {
+        ("teacher", None): [0.910, 0.910, 0.910],
+        # f = 2: ThumbNet 90.5 +- 0.1, 0.5 below T; baselines far below but
+        # bicubic_kd_equal only 0.2 below with a spread of 0.3: missed.
+        ("thumbnet", 2): [0.904, 0.905, 0.906],
+        ("bicubic_cl", 2): [0.880, 0.880, 0.880],
+        ("bicubic_kd_equal", 2): [0.900, 0.903, 0.906],
+        # f = 4: best baseline 85, teacher 91, ThumbNet 89: 4 / 6 = 67% closed.
+        ("thumbnet", 4): [0.890, 0.890, 0.890],
+        ("bicubic_kd", 4): [0.850, 0.850, 0.850],
+        ("teacher_bicubic", 4): [0.500, 0.500, 0.500],
+    }
+    table = report.aggregate(_records(numbers))
+    checks = {c["factor"]: c for c in report.targets(table["toy"], [2, 4])}
+    two, four = checks[2], checks[4]
+    assert two["thumbnet"] == pytest.approx(90.5)
+    assert two["baselines"]["bicubic_kd_equal"]["margin"] == pytest.approx(0.2)
+    assert two["baselines"]["bicubic_kd_equal"]["spread"] == pytest.approx(0.3)
+    assert two["met"] is False  # Above every baseline, but not by the spread.
+    assert four["best_baseline"] == "bicubic_kd"
+    assert four["gap_closed"] == pytest.approx(4 / 6)
+    assert four["met"] is True
+    # The same f = 2 numbers with bicubic_kd_equal 1 point lower: met.
+    numbers[("bicubic_kd_equal", 2)] = [0.890, 0.893, 0.896]
+    table = report.aggregate(_records(numbers))
+    assert report.targets(table["toy"], [2])[0]["met"] is True
+    # f = 2 ThumbNet 1.5 points below the teacher: missed whatever the margins.
+    numbers[("thumbnet", 2)] = [0.894, 0.895, 0.896]
+    table = report.aggregate(_records(numbers))
+    assert report.targets(table["toy"], [2])[0]["met"] is False
+    assert "**missed**" in report.markdown(table)
+
+
+def test_choose_picks_best_validation_per_family_and_refuses_test():
+    report = _load("accuracy_report")
+
+    def variant(lr, thumb, base):
+        arms = [{"arm": "thumbnet", "factor": f, "val_top1": thumb} for f in (2, 4)]
+        arms += [{"arm": a, "factor": 2, "val_top1": base}
+                 for a in ("bicubic_cl", "bicubic_kd")]  # fmt: skip
+        arms += [{"arm": "es_kd", "factor": 2, "val_top1": 0.5}]
+        return {"value": lr, "arms": arms}
+
+    record = {
+        "seed": 100,
+        "variants": [variant(1e-3, 0.8, 0.7), variant(3e-3, 0.9, 0.6)],
+    }
+    chosen = report.choose([record])
+    assert chosen["main"] == {"fm_learning_rate": 3e-3, "joint_learning_rate": 3e-3,
+                              "baseline_learning_rate": 1e-3}  # fmt: skip
+    assert chosen["es_kd"] == {"joint_learning_rate": 1e-3}  # a tie: the first value
+    assert chosen["search_seeds"] == [100]
+    record["variants"][0]["arms"][0]["test_top1"] = 0.8
+    with pytest.raises(ValueError, match="test"):
+        report.choose([record])
 
 
 # CI sets THUMBNET_REQUIRE_DATASETS=1: there a missing package fails the test.
@@ -32,64 +107,49 @@ def _load_study():
     reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist).",
 )
 def test_quick_study_end_to_end(tmp_path):
-    study = _load_study()
-    results = tmp_path / "results"
-    # One arm of each code path (pipeline baseline stage, trainer ablation,
-    # both ThumbNet stages); bicubic_kd, es_kd and es_kd_mm differ from them
-    # only in loss weights. All eight arms: ~2x the time.
-    arms = ("teacher", "teacher_bicubic", "bicubic_cl", "es_cl", "thumbnet")
-    code = study.main(
-        [
-            "--quick",
-            "--seeds",
-            "0",
-            "1",
-            "--arms",
-            *arms,
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--results-dir",
-            str(results),
-            "--markdown",
-            str(tmp_path / "tables.md"),
-            "--verbose",
-            "0",
-        ]
+    study = _load("accuracy_study")
+    common = ["--quick", "--work-dir", str(tmp_path / "work"),
+              "--results-dir", str(tmp_path / "results"), "--verbose", "0"]  # fmt: skip
+    assert study.main([*common, "--search"]) == 0
+    assert (
+        study.main([*common, "--seeds", "0", "--markdown", str(tmp_path / "t.md")]) == 0
     )
-    assert code == 0
+    results = tmp_path / "results"
 
-    records = [json.loads(p.read_text()) for p in sorted(results.glob("*-seed*.json"))]
-    assert [(r["dataset"], r["seed"]) for r in records] == [
-        ("fashion_mnist", 0),
-        ("fashion_mnist", 1),
-    ]
-    for record in records:
-        assert record["schema_version"] == study.SCHEMA_VERSION
-        assert record["environment"]["backend"] == keras.backend.backend()
-        # The validation split is carved out of train; test is separate.
-        assert record["splits"] == {"train": 540, "validation": 60, "test": 600}
-        found = {(r["arm"], r["factor"]) for r in record["results"]}
-        assert found == {("teacher", None)} | {(a, 4) for a in arms[1:]}
-        by_arm = {r["arm"]: r for r in record["results"]}
-        for r in record["results"]:
-            assert 0.0 <= r["test_top1"] <= 1.0 and 0.0 <= r["validation_top1"] <= 1.0
-            assert r["test_examples"] == 600 and r["validation_examples"] == 60
-            assert r["input_size"] == (28 if r["arm"] == "teacher" else 7)
-        # Trained arms all get the same epoch budget (fm + joint epochs).
-        budget = {by_arm[a]["epochs"] for a in arms[2:]}
-        assert budget == {2}
-        # The teacher learned something from 540 images: a collapsed model
-        # scores 10%, and chance has a standard deviation of 1.2 points here.
-        assert by_arm["teacher"]["test_top1"] > 0.15
-        # FLOPs: thumbnails are cheaper; E costs something on top of S.
-        flops = {a: r["flops"] for a, r in by_arm.items()}
-        assert flops["bicubic_cl"] < flops["teacher"] / 4
-        assert flops["thumbnet"] > flops["bicubic_cl"]
-        assert flops["es_cl"] == flops["thumbnet"]
+    search = json.loads((results / "search-fashion_mnist-seed100.json").read_text())
+    assert search["kind"] == "search" and search["seed"] == 100
+    searched = {a["arm"] for v in search["variants"] for a in v["arms"]}
+    assert {
+        "thumbnet",
+        "bicubic_cl",
+        "bicubic_kd",
+        "es_kd",
+        "es_kd_mm",
+        "es_kd_fm",
+    } <= searched
+    # No test number anywhere in the search record: only validation was read.
+    text = json.dumps(search)
+    assert '"top1"' not in text and "test_top1" not in text
+    chosen = json.loads((results / "chosen.json").read_text())["fashion_mnist"]
+    assert chosen["main"]["baseline_learning_rate"] == study.SEARCH_GRID[0]
 
-    summary = json.loads((results / "summary.json").read_text())
-    rows = summary["fashion_mnist"]["arms"]
-    assert sorted(r["arm"] for r in rows) == sorted(arms)
-    assert all(r["seeds"] == [0, 1] for r in rows)
+    record = json.loads((results / "fashion_mnist-seed0.json").read_text())
+    assert record["kind"] == "final" and record["chosen"] == chosen
+    assert record["environment"]["backend"] == keras.backend.backend()
+    arms = {r["arm"]: r for r in record["arms"]}
+    assert set(arms) == set(study.ARM_LABELS), sorted(arms)
+    for r in record["arms"]:
+        assert 0.0 <= r["val_top1"] <= 1.0 and 0.0 <= r["test_top1"] <= 1.0
+        assert r["factor"] == (None if r["arm"] == "teacher" else 4)
+    # Every trained arm has the same epoch budget (fm + joint epochs).
+    trained = ("bicubic_cl", "bicubic_kd", "es_kd", "es_kd_mm", "es_kd_fm", "thumbnet")
+    assert {arms[a]["epochs"] for a in trained} == {2}
+    # Thumbnails are cheaper; E costs something on top of S.
+    assert arms["bicubic_cl"]["flops"] < arms["teacher"]["flops"] / 4
+    assert arms["thumbnet"]["flops"] > arms["bicubic_cl"]["flops"]
+    assert arms["es_kd"]["flops"] == arms["thumbnet"]["flops"]
+
+    summary = json.loads((results / "summary.json").read_text())["fashion_mnist"]
+    assert {r["arm"] for r in summary["arms"]} == set(arms)
     assert (results / "accuracy_vs_flops.png").stat().st_size > 1000
-    assert "ThumbNet" in (tmp_path / "tables.md").read_text()
+    assert "ThumbNet" in (tmp_path / "t.md").read_text()
