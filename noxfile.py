@@ -25,7 +25,7 @@ TEST_REQUIREMENTS = ["torch==2.13.0", "jax[cpu]>=0.10,<0.11"]
 def tests(session: nox.Session) -> None:
     """The test suite, once per Keras backend (tensorflow, jax, torch)."""
     session.install(*TEST_REQUIREMENTS)
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev,export]")
     backends = os.environ.get("THUMBNET_BACKENDS", ",".join(BACKENDS)).split(",")
     prefect_home = tempfile.mkdtemp(prefix="thumbnet-prefect-")
     for backend in backends:

@@ -10,6 +10,7 @@ import numpy as np
 from thumbnet_keras.reports import (
     accuracy_vs_flops_png,
     arms_table,
+    deployables_table,
     gallery_png,
     render_html,
     render_markdown,
@@ -142,3 +143,21 @@ def test_charts_are_pngs():
     assert accuracy_vs_flops_png(_metrics()["arms"]).startswith(PNG)
     assert training_curves_png({}).startswith(PNG)
     assert gallery_png({"a": [np.ones((4, 4, 3))]}).startswith(PNG)
+
+
+def test_deployables_table_golden():
+    metrics = _metrics()
+    assert "Deployable models" not in render_markdown(metrics)
+    metrics["deployables"] = [
+        {"file": "/r/thumbnet_int8.tflite", "format": "litert_int8", "bytes": 2560,
+         "images_per_second": 1234.56, "batch_size": 32},
+    ]  # fmt: skip
+    assert deployables_table(metrics) == [
+        {"file": "thumbnet_int8.tflite", "format": "litert_int8", "size KB": "2.5",
+         "images/s": "1235", "batch": 32},
+    ]  # fmt: skip
+    assert (
+        "| thumbnet_int8.tflite | litert_int8 | 2.5 | 1235 | 32 |"
+        in render_markdown(metrics)
+    )
+    assert "<h2>Deployable models</h2>" in render_html(metrics)

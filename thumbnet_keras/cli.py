@@ -5,7 +5,8 @@
     thumbnet generalize --source-run runs/r1 --experiment fashion_mnist: --experiment :resnet18
     thumbnet evaluate --run runs/r1     # re-evaluate every arm
     thumbnet report --run runs/r1       # rewrite metrics.json and the reports
-    thumbnet export --run runs/r1 --format onnx
+    thumbnet export --run runs/r1 --format onnx   # or litert, litert_int8
+    thumbnet predict --model runs/r1/thumbnet.onnx photos/ --top-k 3
 
 `demo`, `train` and `generalize` run the Prefect flows in this process, with no
 server (Prefect's ephemeral mode): a log line per task, Keras progress per
@@ -155,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         "--export-format",
         action="append",
         dest="export_formats",
-        choices=("saved_model", "onnx", "litert"),
+        choices=("saved_model", "onnx", "litert", "litert_int8"),
     )
 
     gen = sub.add_parser("generalize", help="reuse a trained E, frozen, elsewhere")
@@ -179,12 +180,20 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export thumbnet.keras to another format")
     exp.add_argument("--run", required=True)
     exp.add_argument(
-        "--format", required=True, choices=("saved_model", "onnx", "litert")
+        "--format",
+        required=True,
+        choices=("saved_model", "onnx", "litert", "litert_int8"),
+        help="litert_int8: full-integer, calibrated on the run's train images",
     )
     exp.add_argument(
         "--factor", type=int, default=None, help="default: the primary factor"
     )
     exp.add_argument("--output", default=None)
+    pred = sub.add_parser("predict", help="classify images with an exported model")
+    pred.add_argument("--model", required=True, help=".keras, .onnx or .tflite")
+    pred.add_argument("inputs", nargs="+", metavar="FILES_OR_FOLDERS")
+    pred.add_argument("--top-k", type=int, default=5)
+    pred.add_argument("--output", default=None, help="preds.csv or preds.json")
     return parser
 
 
@@ -228,12 +237,38 @@ def _run_thumbnet(values: dict) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from thumbnet_keras.predict import predict, write_predictions
+
+    try:
+        result = predict(args.model, args.inputs, top_k=args.top_k)
+        if args.output:
+            write_predictions(result, args.output)
+    except ValueError as err:  # A bad model, sidecar or option.
+        print(f"thumbnet: error: {err}", file=sys.stderr)
+        return 2
+    for row in result["skipped"]:
+        print(f"skipped {row['file']}: {row['reason']}", file=sys.stderr)
+    if not args.output:
+        for row in result["predictions"]:
+            top = ", ".join(f"{t['class']} {t['probability']:.4f}" for t in row["top"])
+            print(f"{row['file']}\t{top}")
+    done, skipped = len(result["predictions"]), len(result["skipped"])
+    summary = f"{done} classified, {skipped} of {done + skipped} files skipped"
+    if args.output:
+        summary += f"; written to {args.output}"
+    print(summary, file=sys.stderr)
+    return 0 if done else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `thumbnet` console script."""
     args = _parser().parse_args(argv)
     _setup_env()
     from thumbnet_keras.pipeline import ConfigError
 
+    if args.command == "predict":
+        return _predict(args)
     try:
         if args.command == "demo":
             values = dict(DEMO) | _given(args, _COMMON)
@@ -280,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
             if not source.is_file():
                 raise ConfigError(f"{source} not found: run `thumbnet train` first.")
             try:
-                print(pipeline.export_model(str(source), args.format, args.output))
+                print(
+                    pipeline.export_model(
+                        str(source), args.format, args.output, run_dir=args.run
+                    )
+                )
             except RuntimeError as err:  # The exporter's message names the cause.
                 print(f"thumbnet: error: {err}", file=sys.stderr)
                 return 1

@@ -118,7 +118,7 @@ class RunConfig(_RunFolder):
         runs_dir: where run folders live.
         data_dir: cache of prepared datasets; None: `<runs_dir>/_data`.
         export_formats: extra exports of thumbnet.keras ("saved_model",
-            "onnx", "litert").
+            "onnx", "litert", "litert_int8"; see docs/deploy.md).
         throughput_batches: timed batches per model for images/s.
         smoke: already applied; recorded for the report.
     """
@@ -192,7 +192,7 @@ class RunConfig(_RunFolder):
 
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-EXPORT_FORMATS = ("saved_model", "onnx", "litert")
+EXPORT_FORMATS = ("saved_model", "onnx", "litert", "litert_int8")
 
 
 class ThumbNetParams(BaseModel):

@@ -1,5 +1,11 @@
-"""`export_run`: the deployable models of a run, and `export_model` to other
-formats (TF SavedModel, ONNX, LiteRT) through `keras.Model.export`."""
+"""`export_run`: the deployable models of a run; `export_model`: one of them
+as SavedModel, ONNX or LiteRT (float32 or int8), with its sidecar.
+
+The conversion itself is `thumbnet_keras.deploy.export_model` (a fresh
+TensorFlow process that reads only the `.keras` file); this module adds what
+the run folder knows: the int8 calibration images (the prepared train split)
+and `thumbnet_model.json` (class names, input size, channels, normalization).
+"""
 
 from __future__ import annotations
 
@@ -8,61 +14,153 @@ import shutil
 from pathlib import Path
 
 import keras
+import numpy as np
 
-from thumbnet_keras.pipeline.rundir import atomic_write, save_keras
+from thumbnet_keras import deploy
+from thumbnet_keras.pipeline.rundir import Run, atomic_write, save_keras, write_json
 from thumbnet_keras.pipeline.stages import load_run, stage_id
 
-__all__ = ["FORMAT_SUFFIX", "export_model", "export_run"]
+__all__ = [
+    "FORMAT_SUFFIX",
+    "export_model",
+    "export_run",
+    "find_run_dir",
+    "representative_inputs",
+]
 
-# CLI format name -> (keras.Model.export format, output suffix)
-FORMAT_SUFFIX = {
-    "saved_model": ("tf_saved_model", "_saved_model"),
-    "onnx": ("onnx", ".onnx"),
-    "litert": ("litert", ".tflite"),
-}
+# format -> suffix of the output beside `thumbnet.keras`
+FORMAT_SUFFIX = dict(deploy.FORMATS)
+# Train images the int8 quantizer calibrates its activation ranges on.
+REPRESENTATIVE_IMAGES = 200
 
 
-def export_model(keras_path: str, fmt: str, out_path: str | None = None) -> str:
-    """Exports a `.keras` model with `keras.Model.export`.
+def find_run_dir(keras_path: str | os.PathLike) -> str | None:
+    """The run folder of a model in it (`<run>/` or `<run>/f<factor>/`)."""
+    folder = Path(keras_path).resolve().parent
+    for candidate in (folder, folder.parent):
+        if (candidate / "config.json").is_file() and (
+            candidate / "data.json"
+        ).is_file():
+            return str(candidate)
+    return None
+
+
+def _input(run_dir: str) -> tuple[Run, dict, int, int]:
+    run, config = load_run(run_dir)
+    return run, run.data(), config.image_size, config.channels
+
+
+def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
+    """Up to `count` train images of the run, preprocessed as for evaluation
+    (no augmentation), float32 `(N, H, W, C)`: the int8 calibration set.
+
+    One pixel of the first image is set to the normalized value of 0 and one
+    to that of 255, so the calibrated input range is the whole pixel range:
+    the int8 model's uint8 input then holds any image without clipping (for
+    "unit" normalization: scale 1/255, zero point 0, i.e. raw pixels).
+    """
+    from thumbnet_keras import data
+
+    _, prepared, size, channels = _input(run_dir)
+    stream = data.make_dataset(
+        prepared["prepared_dir"],
+        "train",
+        size,
+        min(count, 64),
+        False,
+        channels=channels,
+        normalization=prepared["normalization"],
+    )
+    images, total = [], 0
+    for batch, _ in stream:
+        images.append(np.asarray(batch))
+        total += len(images[-1])
+        if total >= count:
+            break
+    images = np.concatenate(images)[:count].astype(np.float32)
+    layer = data.normalization_layer(prepared["normalization"], channels)
+    extremes = np.array([[[[0.0] * channels, [255.0] * channels]]], np.float32)
+    low, high = keras.ops.convert_to_numpy(layer(extremes))[0, 0]
+    images[0, 0, 0], images[0, 0, 1] = low, high
+    return images
+
+
+def _write_sidecar(run_dir: str, folder, models: dict, quantization=None) -> str:
+    _, prepared, size, channels = _input(run_dir)
+    return deploy.write_sidecar(
+        folder,
+        class_names=prepared["class_names"],
+        input_size=(size, size),
+        channels=channels,
+        normalization=prepared["normalization"],
+        models=models,
+        quantization=quantization,
+        source=str(Path(run_dir).resolve()),
+    )
+
+
+def export_model(
+    keras_path: str,
+    fmt: str,
+    out_path: str | None = None,
+    run_dir: str | None = None,
+) -> str:
+    """Exports a run's `.keras` model as `fmt` and updates the sidecar.
 
     Args:
         keras_path: e.g. `runs/<run>/thumbnet.keras`.
-        fmt: "saved_model", "onnx" or "litert".
+        fmt: "saved_model", "onnx", "litert" or "litert_int8".
         out_path: default: beside the model (`thumbnet_saved_model/`,
-            `thumbnet.onnx`, `thumbnet.tflite`).
+            `thumbnet.onnx`, `thumbnet.tflite`, `thumbnet_int8.tflite`).
+        run_dir: the run the model belongs to; default: found from
+            `keras_path` (`find_run_dir`). Needed for "litert_int8" (its
+            calibration images) and for the sidecar; without one, only the
+            conversion happens.
 
     Returns:
-        The written path. Errors from the exporter (a missing optional
-        package such as `onnx`/`tf2onnx`, an unsupported backend) are raised
-        with the format named.
+        The written path. Conversion errors (a missing optional package, a
+        failed conversion) are raised as `RuntimeError` naming the format.
     """
     if fmt not in FORMAT_SUFFIX:
         raise ValueError(
             f"Unknown format {fmt!r}; choose from {', '.join(FORMAT_SUFFIX)}."
         )
-    keras_format, suffix = FORMAT_SUFFIX[fmt]
-    if out_path is None:
-        out_path = str(Path(keras_path).with_suffix("")) + suffix
-    model = keras.saving.load_model(keras_path, compile=False)
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    if fmt == "onnx":
-        tmp += ".onnx"
-    elif fmt == "litert":
-        tmp += ".tflite"
-    try:
-        model.export(tmp, format=keras_format, verbose=False)
-    except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else None
-        if os.path.isfile(tmp):
-            os.unlink(tmp)
-        raise RuntimeError(
-            f"Exporting {keras_path} as {fmt} ({keras_format}) on the "
-            f"{keras.backend.backend()} backend failed: {err}"
-        ) from err
-    if os.path.isdir(out_path):
-        shutil.rmtree(out_path)
-    os.replace(tmp, out_path)
-    return out_path
+    run_dir = run_dir or find_run_dir(keras_path)
+    representative = None
+    if fmt == "litert_int8":
+        if run_dir is None:
+            raise ValueError(
+                f"litert_int8 calibrates on the run's train images, and no run "
+                f"folder holds {keras_path}: pass run_dir."
+            )
+        representative = representative_inputs(run_dir)
+    out = deploy.export_model(keras_path, fmt, out_path, representative)
+    if run_dir is not None:
+        quantization = {}
+        if fmt == "litert_int8":
+            quantization[Path(out).name] = deploy.load_runner(out).quantization
+        models = {Path(out).name: fmt, Path(keras_path).name: "keras"}
+        _write_sidecar(run_dir, Path(out).parent, models, quantization)
+    return out
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    return os.path.getsize(path)
+
+
+def _deployable(path: str, fmt: str, batch_size: int, batches: int) -> dict:
+    speed = deploy.measure_runner(
+        deploy.load_runner(path), batch_size=batch_size, batches=batches
+    )
+    return {
+        "file": path,
+        "format": fmt,
+        "bytes": _size(path),
+        "images_per_second": speed["images_per_second"],
+        "batch_size": batch_size,
+    }
 
 
 def export_run(run_dir: str) -> dict:
@@ -71,12 +169,16 @@ def export_run(run_dir: str) -> dict:
     For each factor: `f<f>/thumbnet.keras` (image -> E -> S -> logits),
     `f<f>/thumbnail_model.keras` (S) and `f<f>/downscaler.keras` (E); the
     primary (first) factor's first two also as `thumbnet.keras` and
-    `thumbnail_model.keras` at the top of the run; then the extra formats of
-    `config.export_formats`. Rewrites are atomic and idempotent.
+    `thumbnail_model.keras` at the top of the run; `thumbnet_model.json`
+    beside each `thumbnet.keras`; then `thumbnet.keras` in the formats of
+    `config.export_formats`. Each deployable file's size and images/s on
+    this machine (batch `config.batch_size`) go to `export.json`, which the
+    report shows. Rewrites are atomic and idempotent.
 
     Returns:
         `{"thumbnet": path, "thumbnail_model": path, "factors": {f: {...}},
-        "exports": {format: path}}`.
+        "exports": {format: path}, "deployables": [{file, format, bytes,
+        images_per_second, batch_size}]}`.
     """
     from thumbnet_keras.pipeline.evaluate import compose
 
@@ -94,16 +196,29 @@ def export_run(run_dir: str) -> dict:
             "thumbnail_model": save_keras(student, folder / "thumbnail_model.keras"),
             "downscaler": save_keras(downscaler, folder / "downscaler.keras"),
         }
+        _write_sidecar(run_dir, folder, {"thumbnet.keras": "keras"})
     primary = factors[config.factors[0]]
     top = {}
     for key in ("thumbnet", "thumbnail_model"):
         target = run.file(f"{key}.keras")
         atomic_write(target, lambda tmp, src=primary[key]: shutil.copyfile(src, tmp))
         top[key] = str(target)
-    exports = {fmt: export_model(top["thumbnet"], fmt) for fmt in config.export_formats}
+    _write_sidecar(run_dir, run.path, {"thumbnet.keras": "keras"})
+    exports = {
+        fmt: export_model(top["thumbnet"], fmt, run_dir=run_dir)
+        for fmt in config.export_formats
+    }
+    measure = dict(batch_size=config.batch_size, batches=config.throughput_batches)
+    deployables = [_deployable(top["thumbnet"], "keras", **measure)]
+    deployables += [_deployable(p, fmt, **measure) for fmt, p in exports.items()]
+    write_json(
+        run.file("export.json"),
+        {"backend": keras.backend.backend(), "deployables": deployables},
+    )
     print(f"[export] {top['thumbnet']}", flush=True)
     return {
         **top,
         "factors": {str(f): v for f, v in factors.items()},
         "exports": exports,
+        "deployables": deployables,
     }

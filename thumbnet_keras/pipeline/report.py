@@ -33,6 +33,8 @@ def collect_metrics(run_dir: str) -> dict:
                 stages[sid]["source"] = record.get("source")
     evaluation = run.file("evaluation.json")
     arms = read_json(evaluation)["arms"] if evaluation.is_file() else []
+    exported = run.file("export.json")
+    deployables = read_json(exported)["deployables"] if exported.is_file() else []
     outputs = {
         "thumbnet.keras": str(run.file("thumbnet.keras")),
         "thumbnail_model.keras": str(run.file("thumbnail_model.keras")),
@@ -57,6 +59,7 @@ def collect_metrics(run_dir: str) -> dict:
         "config": saved["config"],
         "environment": saved["environment"],
         "outputs": outputs,
+        "deployables": deployables,
     }
 
 

@@ -5,11 +5,17 @@ from thumbnet_keras.reports.charts import (
     gallery_png,
     training_curves_png,
 )
-from thumbnet_keras.reports.render import arms_table, render_html, render_markdown
+from thumbnet_keras.reports.render import (
+    arms_table,
+    deployables_table,
+    render_html,
+    render_markdown,
+)
 
 __all__ = [
     "accuracy_vs_flops_png",
     "arms_table",
+    "deployables_table",
     "gallery_png",
     "render_html",
     "render_markdown",

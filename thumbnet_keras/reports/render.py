@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from thumbnet_keras.reports.charts import (
     training_curves_png,
 )
 
-__all__ = ["arms_table", "render_html", "render_markdown"]
+__all__ = ["arms_table", "deployables_table", "render_html", "render_markdown"]
 
 
 def _pct(value) -> str:
@@ -107,6 +108,27 @@ def _stage_rows(metrics: Mapping) -> list[dict]:
     return rows
 
 
+def deployables_table(metrics: Mapping) -> list[dict]:
+    """One row per exported file (`export.json`): format, size, images/s."""
+    return [
+        {
+            "file": os.path.basename(d["file"]),
+            "format": d["format"],
+            "size KB": f"{d['bytes'] / 1024:.1f}",
+            "images/s": f"{d['images_per_second']:.0f}",
+            "batch": d["batch_size"],
+        }
+        for d in metrics.get("deployables", [])
+    ]
+
+
+_DEPLOY_NOTE = (
+    "thumbnet.keras and its exports (docs/deploy.md); images/s: measured on "
+    "this machine at the batch size shown, each in its own runtime (Keras, "
+    "ONNX Runtime, LiteRT)."
+)
+
+
 def _summary(metrics: Mapping) -> str:
     dataset = metrics.get("dataset", {})
     env = metrics.get("environment", {})
@@ -139,6 +161,15 @@ def render_markdown(metrics: Mapping) -> str:
         "## Outputs\n",
         "\n".join(f"- {k}: `{v}`" for k, v in metrics.get("outputs", {}).items())
         + "\n",
+        *(
+            [
+                "## Deployable models\n",
+                _DEPLOY_NOTE + "\n",
+                _md_table(deployables_table(metrics)),
+            ]
+            if metrics.get("deployables")
+            else []
+        ),
         "## Resolved config\n",
         "```json\n" + json.dumps(metrics.get("config", {}), indent=2) + "\n```\n",
         "## Environment\n",
@@ -218,7 +249,17 @@ def render_html(
             f"<li>{html.escape(str(k))}: <code>{html.escape(str(v))}</code></li>"
             for k, v in metrics.get("outputs", {}).items()
         ),
-        "</ul><h2>Resolved config</h2>",
+        "</ul>",
+        *(
+            [
+                "<h2>Deployable models</h2>",
+                f"<p>{html.escape(_DEPLOY_NOTE)}</p>",
+                _html_table(deployables_table(metrics)),
+            ]
+            if metrics.get("deployables")
+            else []
+        ),
+        "<h2>Resolved config</h2>",
         f"<pre>{html.escape(json.dumps(metrics.get('config', {}), indent=2))}</pre>",
         "<h2>Environment</h2>",
         f"<pre>{html.escape(json.dumps(metrics.get('environment', {}), indent=2))}</pre>",

@@ -1,0 +1,139 @@
+"""`thumbnet predict` and `thumbnet_keras.predict` on a folder mixing good
+and broken images, with a hand-made model whose answers are known."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from thumbnet_keras import deploy
+from thumbnet_keras.predict import predict, write_predictions
+
+
+def _brightness_model(path: Path) -> str:
+    """logits = (+20, -20) * (mean pixel - 0.5): "bright" above mid-gray."""
+    image = keras.Input((8, 8, 1), name="image")
+    mean = keras.layers.GlobalAveragePooling2D(name="mean")(image)
+    dense = keras.layers.Dense(2, name="logits")
+    logits = dense(mean)
+    dense.set_weights([np.array([[20.0, -20.0]]), np.array([-10.0, 10.0])])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keras.Model(image, logits).save(path)
+    deploy.write_sidecar(
+        path.parent,
+        class_names=["bright", "dark"],
+        input_size=(8, 8),
+        channels=1,
+        normalization="unit",
+        models={path.name: "keras"},
+    )
+    return str(path)
+
+
+def _images(folder: Path) -> dict[str, str]:
+    """Good and broken files; returns name -> expected class or reason."""
+    folder.mkdir()
+    Image.fromarray(np.full((16, 16), 230, np.uint8)).save(folder / "bright.png")
+    # RGB JPEG, not square, not the model's size: converted to gray, cropped.
+    Image.fromarray(np.full((12, 20, 3), 20, np.uint8)).save(folder / "dark.jpg")
+    Image.fromarray(np.full((9, 9, 3), 250, np.uint8)).save(folder / "white.bmp")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    (folder / "sub").mkdir()
+    for name in ("truncated.png", "truncated.jpg"):
+        Image.fromarray(noise).save(folder / "sub" / name)
+        full = (folder / "sub" / name).read_bytes()
+        (folder / "sub" / name).write_bytes(full[: len(full) // 2])
+    (folder / "sub" / "text.png").write_text("not an image at all\n")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored: not an image suffix")
+    return {
+        "bright.png": "bright",
+        "dark.jpg": "dark",
+        "white.bmp": "bright",
+        "truncated.png": "truncated",
+        "truncated.jpg": "truncated",
+        "text.png": "not_an_image",
+        "empty.jpg": "empty_file",
+    }
+
+
+def test_predict_folder_with_broken_files(tmp_path):
+    model = _brightness_model(tmp_path / "m" / "thumbnet.keras")
+    expected = _images(tmp_path / "images")
+    result = predict(model, [tmp_path / "images"], top_k=5)
+    got = {Path(r["file"]).name: r["top"] for r in result["predictions"]}
+    assert {name: top[0]["class"] for name, top in got.items()} == {
+        k: v for k, v in expected.items() if v in ("bright", "dark")
+    }
+    for top in got.values():
+        assert len(top) == 2  # top_k capped at the number of classes
+        assert top[0]["probability"] > 0.99
+        assert sum(t["probability"] for t in top) == pytest.approx(1.0)
+    # Gray 230 -> 230/255 = 0.902: softmax of (+20, -20) * 0.402 * ... exactly.
+    logit = 20 * 230 / 255 - 10
+    assert got["bright.png"][0]["probability"] == pytest.approx(
+        1 / (1 + np.exp(-2 * logit)), rel=1e-5
+    )
+    skipped = {Path(r["file"]).name: r["reason"] for r in result["skipped"]}
+    assert skipped == {k: v for k, v in expected.items() if v not in ("bright", "dark")}
+
+
+def test_write_predictions_csv_and_json(tmp_path):
+    model = _brightness_model(tmp_path / "m" / "thumbnet.keras")
+    _images(tmp_path / "images")
+    result = predict(model, [tmp_path / "images" / "dark.jpg", tmp_path / "nope.png"])
+    assert [r["reason"] for r in result["skipped"]] == ["not_found"]
+    rows = list(csv.DictReader(open(write_predictions(result, tmp_path / "p.csv"))))
+    assert [(r["rank"], r["class"]) for r in rows[:2]] == [
+        ("1", "dark"),
+        ("2", "bright"),
+    ]
+    assert rows[2]["error"] == "not_found" and rows[2]["class"] == ""
+    saved = json.loads(Path(write_predictions(result, tmp_path / "p.json")).read_text())
+    assert saved["predictions"][0]["top"][0]["class"] == "dark"
+    with pytest.raises(ValueError, match=".csv or .json"):
+        write_predictions(result, tmp_path / "p.txt")
+
+
+def test_predict_needs_a_matching_sidecar(tmp_path):
+    model = _brightness_model(tmp_path / "m" / "thumbnet.keras")
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(deploy.SidecarError, match="thumbnet_model.json not found"):
+        predict(model, [], sidecar=other / "thumbnet_model.json")
+    deploy.write_sidecar(
+        other, class_names=["a", "b"], input_size=(16, 16), channels=1,
+        normalization="unit",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="not this model's sidecar"):
+        predict(model, [], sidecar=other / "thumbnet_model.json")
+
+
+def test_cli_predict_exit_codes(tmp_path, capsys):
+    from thumbnet_keras.cli import main
+
+    model = _brightness_model(tmp_path / "m" / "thumbnet.keras")
+    _images(tmp_path / "images")
+    out = tmp_path / "preds.json"
+    assert main(["predict", "--model", model, str(tmp_path / "images"),
+                 "--top-k", "1", "--output", str(out)]) == 0  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert len(saved["predictions"]) == 3 and len(saved["skipped"]) == 4
+    assert all(len(r["top"]) == 1 for r in saved["predictions"])
+    err = capsys.readouterr().err
+    assert "truncated.png: truncated" in err and "4 of 7 files skipped" in err
+    # Printed, not written: one line per image.
+    assert (
+        main(["predict", "--model", model, str(tmp_path / "images" / "dark.jpg")]) == 0
+    )
+    assert "dark.jpg" in capsys.readouterr().out
+    # Nothing readable: non-zero.
+    broken = tmp_path / "images" / "sub"
+    assert main(["predict", "--model", model, str(broken)]) == 1
+    assert main(["predict", "--model", str(tmp_path / "none.keras"), str(broken)]) == 2

@@ -1,0 +1,169 @@
+"""Converts a saved `.keras` classifier to ONNX or LiteRT (float32 or int8).
+
+This file is self-contained on purpose: it imports only the standard library,
+NumPy, Keras and TensorFlow (and tf2onnx, through Keras, for ONNX), never
+`thumbnet_keras`. `thumbnet_keras.deploy.export_model` runs it as a script in
+a fresh process with `KERAS_BACKEND=tensorflow`, so an export reads only the
+saved `.keras` file, as a user's own conversion would, and works the same
+whichever backend trained the model. It also runs by hand:
+
+    KERAS_BACKEND=tensorflow python convert.py runs/r1/thumbnet.keras \
+        --format litert_int8 --representative calib.npy --output m.tflite
+
+Formats:
+    saved_model: `keras.Model.export(format="tf_saved_model")`, a folder.
+    onnx:        `keras.Model.export(format="onnx")` (tf2onnx), float32.
+    litert:      `keras.Model.export(format="litert")`, float32, built-in
+                 TFLite ops only (no Flex ops: runs in the plain LiteRT
+                 interpreter, `ai-edge-litert`).
+    litert_int8: full-integer post-training quantization: int8 weights and
+                 activations (`Optimize.DEFAULT`, a representative dataset,
+                 `TFLITE_BUILTINS_INT8` only), uint8 input and output tensors
+                 (the type camera frames come in and that the LiteRT/MediaPipe
+                 image classifiers accept); their scale and zero point are in
+                 the model's tensor details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+FORMATS = ("saved_model", "onnx", "litert", "litert_int8")
+
+
+def _load(keras_path: str):
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "Converting to ONNX/LiteRT needs the TensorFlow backend, this process "
+            f"runs {keras.backend.backend()!r}: set KERAS_BACKEND=tensorflow."
+        )
+    model = keras.saving.load_model(keras_path, compile=False, safe_mode=True)
+    # The ONNX exporter refuses a model that has never been called.
+    shape = [1 if d is None else d for d in model.inputs[0].shape]
+    model(keras.ops.zeros(shape, dtype=model.inputs[0].dtype), training=False)
+    return model
+
+
+def _to_onnx(model, path: str) -> None:
+    """tf2onnx on the model's frozen graph.
+
+    Not `model.export(format="onnx")`: Keras 3.15 hands tf2onnx a function
+    whose constant captures (e.g. a `Normalization` layer's mean and
+    variance, as in E's bicubic branch) tf2onnx turns into extra graph
+    inputs, so the ONNX model asks for them at run time. Freezing the graph
+    first makes them constants; input "image", output "logits".
+    """
+    import tensorflow as tf
+    import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    try:  # The numpy>=2 fixes Keras applies before its own tf2onnx export.
+        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+        patch_tf2onnx()
+    except ImportError:
+        pass
+    spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name="image")
+    function = tf.function(lambda image: model(image, training=False))
+    frozen = convert_variables_to_constants_v2(function.get_concrete_function(spec))
+    inputs = [t.name for t in frozen.inputs]
+    outputs = [t.name for t in frozen.outputs]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise RuntimeError(
+            f"expected one input and one output, got {inputs} -> {outputs}"
+        )
+    tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(),
+        name=model.name,
+        input_names=inputs,
+        output_names=outputs,
+        tensors_to_rename={inputs[0]: "image", outputs[0]: "logits"},
+        output_path=path,
+    )
+
+
+def _litert_kwargs(int8: bool, representative) -> dict:
+    import tensorflow as tf
+
+    if not int8:
+        return {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
+    if representative is None or len(representative) == 0:
+        raise ValueError("litert_int8 needs a non-empty representative dataset.")
+
+    def samples():
+        for image in representative:
+            yield [image[None].astype("float32")]
+
+    return {
+        "optimizations": [tf.lite.Optimize.DEFAULT],
+        "representative_dataset": samples,
+        "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+        "inference_input_type": tf.uint8,
+        "inference_output_type": tf.uint8,
+    }
+
+
+def convert(keras_path: str, fmt: str, output: str, representative=None) -> str:
+    """Writes `keras_path` as `fmt` to `output` (atomically) and returns it.
+
+    Args:
+        keras_path: a saved `.keras` model, built-in layers only.
+        fmt: "saved_model", "onnx", "litert" or "litert_int8".
+        output: the target file (`.onnx`, `.tflite`) or folder (SavedModel).
+        representative: for "litert_int8", float32 model inputs
+            `(N, H, W, C)`, preprocessed as the model expects (a few hundred
+            training images is the usual amount).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, received {fmt!r}")
+    model = _load(keras_path)
+    suffix = {"saved_model": "", "onnx": ".onnx"}.get(fmt, ".tflite")
+    tmp = f"{output}.tmp-{os.getpid()}{suffix}"
+    try:
+        if fmt == "saved_model":
+            model.export(tmp, format="tf_saved_model", verbose=False)
+        elif fmt == "onnx":
+            _to_onnx(model, tmp)
+        else:
+            kwargs = _litert_kwargs(fmt == "litert_int8", representative)
+            model.export(tmp, format="litert", verbose=False, **kwargs)
+        if os.path.isdir(output):
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
+            os.unlink(tmp)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("keras_path")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--output", required=True)
+    parser.add_argument(
+        "--representative", default=None, help=".npy of float32 model inputs"
+    )
+    args = parser.parse_args(argv)
+    representative = None
+    if args.representative:
+        import numpy as np
+
+        representative = np.load(args.representative)
+    out = convert(args.keras_path, args.format, args.output, representative)
+    print(json.dumps({"output": out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""`thumbnet_model.json`: what a user needs to feed an exported model.
+
+One sidecar per folder of exported models, beside them; `thumbnet predict`
+reads it and guesses nothing. Example:
+
+    {
+      "format_version": 1,
+      "class_names": ["bright", "dark"],
+      "input_size": [32, 32],
+      "channels": 1,
+      "normalization": "unit",
+      "resize": "bilinear, antialias, central crop to the input's aspect ratio",
+      "output": "logits",
+      "models": {"thumbnet.keras": "keras", "thumbnet.onnx": "onnx",
+                 "thumbnet_int8.tflite": "litert_int8"},
+      "quantization": {"thumbnet_int8.tflite": {"input": {"dtype": "uint8",
+                       "scale": 0.00392, "zero_point": 0}, "output": {...}}}
+    }
+
+`normalization` maps 8-bit pixels `p` in [0, 255] to model input: "unit"
+`p / 255`, "symmetric" `p / 127.5 - 1`, "imagenet" `(p / 255 - mean) / std`
+(`thumbnet_keras.data.normalization_layer`), "none" `p` unchanged (a model
+that normalizes inside).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["SIDECAR", "read_sidecar", "write_sidecar"]
+
+SIDECAR = "thumbnet_model.json"
+NORMALIZATIONS = ("unit", "symmetric", "imagenet", "none")
+RESIZE = "bilinear, antialias, central crop to the input's aspect ratio"
+_DESCRIBES = ("class_names", "input_size", "channels", "normalization")
+
+
+class SidecarError(ValueError):
+    """A missing or invalid `thumbnet_model.json`."""
+
+
+def write_sidecar(
+    folder: str | os.PathLike,
+    *,
+    class_names: list[str],
+    input_size: tuple[int, int],
+    channels: int,
+    normalization: str,
+    models: dict[str, str] | None = None,
+    quantization: dict[str, dict] | None = None,
+    source: str | None = None,
+) -> str:
+    """Writes (or updates) `folder/thumbnet_model.json`; returns its path.
+
+    An existing sidecar that describes the same classes, input and
+    normalization keeps its `models` and `quantization` entries (the new
+    ones are added); one that describes something else is replaced.
+
+    Args:
+        folder: the folder of the exported model(s).
+        class_names: in logit order.
+        input_size: `(height, width)` of the model's input.
+        channels: 1 (gray) or 3 (RGB).
+        normalization: see the module docstring.
+        models: file name -> format of the models this sidecar describes.
+        quantization: file name -> quantized input/output parameters.
+        source: the run folder or file the models came from.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization must be one of {NORMALIZATIONS}, received {normalization!r}"
+        )
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, received {channels}")
+    record = {
+        "format_version": 1,
+        "class_names": [str(c) for c in class_names],
+        "input_size": [int(s) for s in input_size],
+        "channels": int(channels),
+        "normalization": normalization,
+        "resize": RESIZE,
+        "output": "logits",
+        "models": {},
+        "quantization": {},
+    }
+    if source is not None:
+        record["source"] = str(source)
+    path = Path(folder) / SIDECAR
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and all(old.get(k) == record[k] for k in _DESCRIBES):
+        record["models"] = dict(old.get("models", {}))
+        record["quantization"] = dict(old.get("quantization", {}))
+    record["models"].update(models or {})
+    record["quantization"].update(quantization or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{SIDECAR}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return str(path)
+
+
+def read_sidecar(model_path: str | os.PathLike, sidecar: str | None = None) -> dict:
+    """The sidecar of `model_path` (its folder's `thumbnet_model.json`, or
+    `sidecar`), checked; raises `SidecarError` naming what is wrong."""
+    model_path = Path(model_path)
+    folder = model_path if model_path.is_dir() else model_path.parent
+    path = Path(sidecar) if sidecar else folder / SIDECAR
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SidecarError(
+            f"{path} not found: export the model with `thumbnet export` (it "
+            f"writes {SIDECAR} beside the model), or pass its sidecar."
+        ) from None
+    except (OSError, ValueError) as err:
+        raise SidecarError(f"{path} is not readable JSON: {err}") from None
+    missing = [k for k in _DESCRIBES if k not in record]
+    if missing:
+        raise SidecarError(f"{path} lacks {', '.join(missing)}.")
+    if record["normalization"] not in NORMALIZATIONS:
+        raise SidecarError(
+            f"{path}: unknown normalization {record['normalization']!r}."
+        )
+    record["path"] = str(path)
+    return record

@@ -1,0 +1,212 @@
+"""`predict`: classify image files with an exported model (`thumbnet predict`).
+
+Works with `.keras`, `.onnx` and `.tflite` models (and SavedModel folders);
+what the model expects (class names, input size, channels, normalization)
+comes from the `thumbnet_model.json` beside it (`deploy.metadata`), never
+guessed. Each image is read and validated as the data layer does
+(`data.validate`: PNG/JPEG as they are; BMP, GIF, TIFF, WebP, palette,
+16-bit converted; broken files rejected with a reason), decoded to the
+model's channels (RGB to gray by luminance, gray repeated to RGB), centrally
+cropped to the input's aspect ratio and resized (bilinear, antialiased) as
+the evaluation pipeline does, normalized, and classified in batches. A bad
+file is reported and skipped, never fatal.
+
+    from thumbnet_keras.predict import predict
+
+    result = predict("runs/r1/thumbnet.onnx", ["photos/"], top_k=3)
+    for row in result["predictions"]:
+        print(row["file"], row["top"][0])
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["IMAGE_SUFFIXES", "collect_files", "predict", "write_predictions"]
+
+logger = logging.getLogger(__name__)
+
+# Files taken from a folder (a file named on the command line is always tried).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[dict]]:
+    """Files to classify: each named file, and each image file (by suffix,
+    hidden files skipped) under each named folder, sorted.
+
+    Returns:
+        `(files, errors)`; `errors` lists inputs that do not exist.
+    """
+    files, errors = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                str(p)
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                errors.append({"file": str(path), "reason": "no_images_in_folder"})
+            files += found
+        elif path.exists():
+            files.append(str(path))
+        else:
+            errors.append({"file": str(path), "reason": "not_found"})
+    return files, errors
+
+
+def _normalize(pixels: np.ndarray, normalization: str, channels: int) -> np.ndarray:
+    if normalization == "none":
+        return pixels
+    import keras
+
+    from thumbnet_keras.data import normalization_layer
+
+    layer = normalization_layer(normalization, channels)
+    return np.asarray(keras.ops.convert_to_numpy(layer(pixels)), np.float32)
+
+
+def _load_image(path: str, height: int, width: int, channels: int):
+    """`(pixels float32 (H, W, C) in [0, 255], None)` or `(None, reason)`."""
+    import tensorflow as tf
+
+    from thumbnet_keras.data.pipeline import _center_crop
+    from thumbnet_keras.data.validate import QUARANTINED, read_file, validate_bytes
+
+    data, failed = read_file(path)
+    if failed is not None:
+        return None, failed.reason
+    check = validate_bytes(data)
+    if check.status == QUARANTINED:
+        return None, check.reason
+    try:
+        image = tf.io.decode_image(
+            check.converted or data, channels=channels, expand_animations=False
+        )
+        # The evaluation pipeline's own crop and resize (data.make_dataset).
+        image = _center_crop(image, height / width, 1.0)
+        image = tf.image.resize(image, (height, width), "bilinear", antialias=True)
+        image = tf.clip_by_value(image, 0.0, 255.0)
+    except Exception as err:  # noqa: BLE001 - a decoder error is this file's problem
+        return None, f"decode_failed: {str(err).splitlines()[0][:200]}"
+    return image.numpy().astype(np.float32), None
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predict(
+    model_path: str | os.PathLike,
+    inputs: list[str | os.PathLike],
+    top_k: int = 5,
+    batch_size: int = 32,
+    sidecar: str | os.PathLike | None = None,
+) -> dict:
+    """Classifies image files and folders with an exported model.
+
+    Args:
+        model_path: a `.keras`, `.onnx`, `.tflite` file or SavedModel folder
+            with `thumbnet_model.json` beside it.
+        inputs: image files and folders (searched recursively).
+        top_k: classes per image (capped at the number of classes).
+        batch_size: images per model call.
+        sidecar: another `thumbnet_model.json` to use.
+
+    Returns:
+        `{"model", "predictions": [{"file", "top": [{"class", "probability"}]}],
+        "skipped": [{"file", "reason"}]}`, predictions in input order.
+        Probabilities are the softmax of the model's logits.
+
+    Raises:
+        deploy.SidecarError: no or a bad sidecar.
+        ValueError: bad arguments, or a model whose input disagrees with its
+            sidecar.
+    """
+    from thumbnet_keras import deploy
+
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(
+            f"top_k and batch_size must be >= 1, received top_k={top_k}, "
+            f"batch_size={batch_size}."
+        )
+    if not Path(model_path).exists():
+        raise ValueError(f"Model {str(model_path)!r} not found.")
+    info = deploy.read_sidecar(model_path, sidecar)
+    height, width = info["input_size"]
+    channels, classes = info["channels"], info["class_names"]
+    runner = deploy.load_runner(model_path)
+    if runner.input_shape != (height, width, channels):
+        raise ValueError(
+            f"{model_path} takes {runner.input_shape} images but {info['path']} "
+            f"describes {(height, width, channels)}: not this model's sidecar."
+        )
+    files, skipped = collect_files(inputs)
+    predictions = []
+    k = min(top_k, len(classes))
+
+    def flush(names, images):
+        x = _normalize(np.stack(images), info["normalization"], channels)
+        logits = runner(x)
+        if logits.shape[-1] != len(classes):
+            raise ValueError(
+                f"{model_path} outputs {logits.shape[-1]} classes, its sidecar "
+                f"names {len(classes)}."
+            )
+        probs = _softmax(logits.astype(np.float64))
+        for name, p in zip(names, probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            top = [{"class": classes[i], "probability": float(p[i])} for i in order]
+            predictions.append({"file": name, "top": top})
+
+    names, images = [], []
+    for path in files:
+        image, reason = _load_image(path, height, width, channels)
+        if image is None:
+            logger.warning("skipped %s: %s", path, reason)
+            skipped.append({"file": path, "reason": reason})
+            continue
+        names.append(path)
+        images.append(image)
+        if len(images) == batch_size:
+            flush(names, images)
+            names, images = [], []
+    if images:
+        flush(names, images)
+    return {"model": str(model_path), "predictions": predictions, "skipped": skipped}
+
+
+def write_predictions(result: dict, path: str | os.PathLike) -> str:
+    """Writes `predict`'s result as `.json` (as returned) or `.csv` (one row
+    per file and rank: file, rank, class, probability, error; a skipped file
+    has one row with its error)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".csv"):
+        raise ValueError(f"--output must end in .csv or .json, received {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".json":
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return str(path)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "rank", "class", "probability", "error"])
+        for row in result["predictions"]:
+            for rank, item in enumerate(row["top"], 1):
+                writer.writerow(
+                    [row["file"], rank, item["class"], f"{item['probability']:.6f}", ""]
+                )
+        for row in result["skipped"]:
+            writer.writerow([row["file"], "", "", "", row["reason"]])
+    return str(path)
