@@ -51,7 +51,7 @@ def test_elpv_prepares_real_images(tmp_path):
 )
 def test_fashion_mnist_prepares_real_idx_files(tmp_path):
     prepared = data.prepare("fashion_mnist", tmp_path, limit_per_class=3)
-    assert prepared.splits == {"train": 30, "test": 30}
+    assert prepared.splits == {"train": 27, "validation": 3, "test": 30}
     assert prepared.image_shape == (28, 28, 1)
     assert prepared.class_names[9] == "Ankle boot"
     x, y = next(
