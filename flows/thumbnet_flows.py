@@ -32,6 +32,7 @@ from prefect.cache_policies import NO_CACHE
 from thumbnet_keras import pipeline
 from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
 from thumbnet_keras.pipeline.datasets import is_prepared
+from thumbnet_keras.pipeline.generalize import ARMS as GENERALIZE_ARMS
 from thumbnet_keras.pipeline.resolve import load_manifest_checked
 
 __all__ = ["generalize", "thumbnet"]
@@ -194,14 +195,19 @@ def resolve_generalize_task(params: dict) -> dict:
 
 
 @task(
-    name="train-fresh-student", task_run_name="exp{index}-{arm}", cache_policy=NO_CACHE
+    name="train-fresh-student",
+    task_run_name="exp{index}-s{seed}-{arm}",
+    cache_policy=NO_CACHE,
 )
 def generalize_arm_task(
-    run_dir: str, index: int, arm: str, prepared: dict, verbose: int
+    run_dir: str, index: int, arm: str, prepared: dict, seed: int, verbose: int
 ) -> dict:
-    """A fresh S on E's (or bicubic) thumbnails, trained and evaluated."""
+    """A fresh S on E's (or bicubic) thumbnails for one seed, trained (best
+    validation epoch kept) and evaluated on validation and test."""
     return _small(
-        pipeline.train_generalize_arm(run_dir, index, arm, prepared, verbose=verbose)
+        pipeline.train_generalize_arm(
+            run_dir, index, arm, prepared, seed=seed, verbose=verbose
+        )
     )
 
 
@@ -215,11 +221,13 @@ def generalize_report_task(run_dir: str, source_name: str) -> dict:
 
 @flow(name="generalize", log_prints=True)
 def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
-    """Reuse a trained E, frozen: a fresh S per (dataset, backbone) on E's
-    thumbnails vs. bicubic thumbnails, same budget.
+    """Reuse a trained E, frozen: per (dataset, backbone) and per seed, a fresh
+    S on E's thumbnails vs. bicubic thumbnails, same recipe and budget; the
+    report gives the difference's mean and spread over seeds.
 
     Args:
-        params: `GeneralizeParams` (source run, factor, experiments, epochs).
+        params: `GeneralizeParams` (source run, factor, experiments, seeds,
+            epochs, recipe).
         verbose: Keras progress output.
     """
     run = resolve_generalize_task(params.model_dump())
@@ -228,12 +236,16 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
     results = []
     for index, experiment in enumerate(run["experiments"]):
         prepared = _prepare(experiment["dataset"], data_dir, config["limit_per_class"])
-        for arm in ("learned", "bicubic"):
-            results.append(generalize_arm_task(run_dir, index, arm, prepared, verbose))
+        for seed in config["seeds"]:
+            for arm in GENERALIZE_ARMS:
+                results.append(
+                    generalize_arm_task(run_dir, index, arm, prepared, seed, verbose)
+                )
     report = generalize_report_task(run_dir, os.path.basename(run["source_run"]))
     print(f"report: {report['report_html']}")
     return {
         "run_dir": run_dir,
         **report,
-        "top1": {f"{r['id']}": r["top1"] for r in results},
+        "top1": {r["id"]: r["top1"] for r in results},
+        "val_top1": {r["id"]: r["val_top1"] for r in results},
     }

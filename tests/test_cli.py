@@ -83,3 +83,24 @@ def test_recipe_options_reach_the_params():
     assert config.stage_learning_rate("teacher") == config.learning_rate
     with pytest.raises(SystemExit):
         _parser().parse_args(["train", "--optimizer", "adam"])
+
+
+def test_generalize_options_reach_the_params():
+    from thumbnet_keras.cli import _generalize_values, _parser
+    from thumbnet_keras.pipeline import GeneralizeParams
+
+    args = _parser().parse_args(
+        ["generalize", "--source-run", "runs/r1", "--experiment", "fashion_mnist:",
+         "--seed", "3", "--seed", "7", "--optimizer", "sgd", "--learning-rate",
+         "0.05", "--warmup-epochs", "0", "--label-smoothing", "0"]
+    )  # fmt: skip
+    config = GeneralizeParams(**_generalize_values(args)).to_config()
+    assert config.seeds == (3, 7) and config.experiments == (("fashion_mnist", None),)
+    assert (config.optimizer, config.learning_rate, config.warmup_epochs) == (
+        "sgd", 0.05, 0.0
+    )  # fmt: skip
+    assert config.label_smoothing == 0.0 and config.weight_decay == 1e-4
+    default = GeneralizeParams(
+        **_generalize_values(_parser().parse_args(["generalize", "--source-run", "r"]))
+    )
+    assert default.seeds == [0, 1, 2]

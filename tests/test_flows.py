@@ -192,6 +192,7 @@ def test_generalize_flow(finished):
         source_run=result["run_dir"],
         factor=2,
         experiments=[{"dataset": other}, {"backbone": "resnet18"}],
+        seeds=[0, 1],
         smoke=True,
         runs_dir=str(root / "runs"),
         run_name="gen",
@@ -201,20 +202,37 @@ def test_generalize_flow(finished):
     out = state.result()
     metrics = json.loads(Path(out["metrics_json"]).read_text())
     got = {
-        (Path(r["dataset"]).name, r["backbone"], r["arm"]) for r in metrics["results"]
+        (Path(r["dataset"]).name, r["backbone"], r["seed"], r["arm"])
+        for r in metrics["results"]
     }
     assert got == {
-        (dataset, backbone, arm)
+        (dataset, backbone, seed, arm)
         for dataset, backbone in (
             ("brightness.yaml", "tiny_cnn"),
             ("elpv", "resnet18"),
         )
+        for seed in (0, 1)
         for arm in ("learned", "bicubic")
     }
     for record in metrics["results"]:
         assert 0.0 <= record["top1"] <= 1.0 and record["epochs"] == 1
+        assert 0.0 <= record["val_top1"] <= 1.0  # both carve a validation split
+        assert record["selection"]["monitor"] == "val_accuracy"
+        assert record["normalization"] == "unit"
+    assert [s["seeds"] for s in metrics["summary"]] == [[0, 1], [0, 1]]
+    # The tiny set's 40x40 images are no smaller than the 16x16 thumbnail:
+    # no note; ELPV is E's own source: none either.
+    assert [s["notes"] for s in metrics["summary"]] == [[], []]
     report = Path(out["report_md"]).read_text()
-    assert "learned E top-1 %" in report and "brightness.yaml" in report
+    assert "difference (points)" in report and "brightness.yaml" in report
+    assert "## Per seed" in report
+    tasks = _task_runs(state.state_details.flow_run_id)
+    assert {n for n in tasks if n.startswith("exp")} == {
+        f"exp{i}-s{s}-{a}"
+        for i in (0, 1)
+        for s in (0, 1)
+        for a in ("learned", "bicubic")
+    }
 
 
 def test_cli_evaluate_report_export(finished, capsys):

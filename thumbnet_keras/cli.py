@@ -87,6 +87,13 @@ _RECIPE = (
 )
 
 
+def _generalize_recipe() -> tuple[str, ...]:
+    """`generalize`'s recipe options (one stage, the fresh S: no per-stage rates)."""
+    from thumbnet_keras.pipeline import GeneralizeParams
+
+    return GeneralizeParams.RECIPE_FIELDS
+
+
 def _field_help(name: str) -> str:
     from thumbnet_keras.pipeline import ThumbNetParams
 
@@ -171,7 +178,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="DATASET:BACKBONE, either side empty for the source run's; repeatable",
     )
-    gen.add_argument("--epochs", type=int, default=None)
+    gen.add_argument("--epochs", type=int, default=None, help="epochs per fresh S")
+    gen.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        dest="seeds",
+        help="repeatable; default 0 1 2 (both arms trained per seed)",
+    )
+    for name in _generalize_recipe():
+        _param_option(gen, name)
 
     ev = sub.add_parser("evaluate", help="re-evaluate every arm of a run")
     ev.add_argument("--run", required=True, help="the run folder")
@@ -223,6 +239,18 @@ _TRAIN = (
     "downscaler_width",
     *_RECIPE,
 )
+
+
+def _generalize_values(args: argparse.Namespace) -> dict:
+    """`GeneralizeParams` fields from `thumbnet generalize`'s options."""
+    names = _COMMON + ("source_run", "factor", "epochs", "seeds")
+    values = _given(args, names + _generalize_recipe())
+    if args.experiment:
+        values["experiments"] = [
+            {"dataset": d or None, "backbone": b or None}
+            for d, _, b in (e.partition(":") for e in args.experiment)
+        ]
+    return values
 
 
 def _run_thumbnet(values: dict) -> int:
@@ -284,13 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             from flows.thumbnet_flows import generalize
             from thumbnet_keras.pipeline import GeneralizeParams
 
-            values = _given(args, _COMMON + ("source_run", "factor", "epochs"))
-            if args.experiment:
-                values["experiments"] = [
-                    {"dataset": d or None, "backbone": b or None}
-                    for d, _, b in (e.partition(":") for e in args.experiment)
-                ]
-            result = generalize(GeneralizeParams(**values), verbose=_verbose())
+            params = GeneralizeParams(**_generalize_values(args))
+            result = generalize(params, verbose=_verbose())
             print(f"\nreport: {result['report_html']}")
             return 0
         from thumbnet_keras import pipeline

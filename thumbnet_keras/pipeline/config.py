@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "ConfigError",
@@ -299,29 +299,47 @@ class GeneralizeConfig(_RunFolder):
             dataset and backbone with a fresh S; pass (another dataset, None)
             and (None, another backbone) to test the paper's two
             generalization claims, as the `generalize` deployment does.
-        epochs: training epochs of each fresh S.
-        batch_size, learning_rate, limit_per_class, seed, run_name, runs_dir,
-        data_dir, throughput_batches, smoke: as in `RunConfig`.
+        epochs: training epochs of each fresh S (the epoch of best validation
+            top-1 is kept).
+        seeds: every experiment trains both arms once per seed (S's
+            initialization, data order and augmentation); the report gives
+            the mean and spread of the difference over seeds.
+        optimizer, weight_decay, warmup_epochs, label_smoothing,
+        learning_rate: the training recipe of `RunConfig` (same defaults;
+        `learning_rate` is the fresh S's peak rate).
+        batch_size, limit_per_class, run_name, runs_dir, data_dir,
+        throughput_batches, smoke: as in `RunConfig`.
     """
 
     source_run: str
     factor: int = 2
     experiments: tuple[tuple[str | None, str | None], ...] = ((None, None),)
     epochs: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2)
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    # The recipe's defaults are RunConfig's (one definition).
+    optimizer: str = RunConfig.optimizer
+    weight_decay: float = RunConfig.weight_decay
+    warmup_epochs: float = RunConfig.warmup_epochs
+    label_smoothing: float = RunConfig.label_smoothing
+    learning_rate: float = RunConfig.learning_rate
     limit_per_class: int | None = None
-    seed: int = 0
     run_name: str | None = None
     runs_dir: str = "runs"
     data_dir: str | None = None
     throughput_batches: int = 5
     smoke: bool = False
 
+    def stage_learning_rate(self, stage: str) -> float:
+        """`learning_rate` (a generalize run has one stage: the fresh S), so
+        that `pipeline.recipe.make_optimizer` takes this config too."""
+        return self.learning_rate
+
     def to_json(self) -> dict:
         """A JSON-able dict."""
         return dataclasses.asdict(self) | {
-            "experiments": [list(e) for e in self.experiments]
+            "experiments": [list(e) for e in self.experiments],
+            "seeds": list(self.seeds),
         }
 
     @classmethod
@@ -329,6 +347,7 @@ class GeneralizeConfig(_RunFolder):
         """Inverse of `to_json`."""
         obj = dict(obj)
         obj["experiments"] = tuple(tuple(e) for e in obj["experiments"])
+        obj["seeds"] = tuple(obj["seeds"])
         return cls(**obj)
 
 
@@ -341,10 +360,28 @@ class Experiment(BaseModel):
     backbone: str | None = Field(None, description="None: the source run's backbone.")
 
 
+def _run_field(name: str):
+    """A copy of `ThumbNetParams`' field `name` (default, bounds, description)."""
+    import copy
+
+    return copy.deepcopy(ThumbNetParams.model_fields[name])
+
+
 class GeneralizeParams(BaseModel):
-    """Parameters of the `generalize` flow (see `GeneralizeConfig`)."""
+    """Parameters of the `generalize` flow (see `GeneralizeConfig`).
+
+    The recipe fields (`RECIPE_FIELDS`) are `ThumbNetParams`' own, so their
+    defaults, bounds and help cannot drift apart.
+    """
 
     model_config = ConfigDict(extra="forbid")
+    RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "optimizer",
+        "weight_decay",
+        "warmup_epochs",
+        "label_smoothing",
+        "learning_rate",
+    )
 
     source_run: str = Field(..., description="A finished thumbnet run folder.")
     factor: int = Field(2, ge=2, le=32, description="Which E of the run to reuse.")
@@ -354,15 +391,31 @@ class GeneralizeParams(BaseModel):
         description="(dataset, backbone) pairs to train a fresh S on.",
     )
     epochs: int = Field(5, ge=1, le=1000, description="Epochs per fresh S.")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        [0, 1, 2],
+        min_length=1,
+        max_length=20,
+        description="Both arms of every experiment are trained once per seed.",
+    )
     batch_size: int = Field(32, ge=1, le=4096, description="Batch size.")
-    learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Adam rate.")
+    optimizer: Literal["adamw", "sgd"] = _run_field("optimizer")
+    weight_decay: float = _run_field("weight_decay")
+    warmup_epochs: float = _run_field("warmup_epochs")
+    label_smoothing: float = _run_field("label_smoothing")
+    learning_rate: float = _run_field("learning_rate")
     limit_per_class: int | None = Field(None, ge=1, description="Cap per class.")
-    seed: int = Field(0, ge=0, description="Data seed.")
     run_name: str | None = Field(None, pattern=_NAME_PATTERN, description="Run name.")
     runs_dir: str = Field("runs", description="Parent folder of run folders.")
     data_dir: str | None = Field(None, description="Prepared-data cache folder.")
     throughput_batches: int = Field(5, ge=1, le=1000, description="Timed batches.")
     smoke: bool = Field(False, description="Shrink to seconds (tests).")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, received {seeds}")
+        return seeds
 
     def to_config(self) -> GeneralizeConfig:
         """The frozen `GeneralizeConfig`, with `smoke` applied."""
@@ -370,6 +423,7 @@ class GeneralizeParams(BaseModel):
         values["experiments"] = tuple(
             (e["dataset"], e["backbone"]) for e in values["experiments"]
         )
+        values["seeds"] = tuple(values["seeds"])
         if self.smoke:
             values.update(epochs=1, limit_per_class=8, batch_size=8)
             values["throughput_batches"] = 2

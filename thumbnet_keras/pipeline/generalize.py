@@ -1,20 +1,33 @@
 """The `generalize` run: is a trained downscaler E a generic one?
 
 ThumbNet claims E transfers: frozen, it should serve (a) another dataset and
-(b) another backbone. For each experiment `(dataset, backbone)`, a fresh S of
-`backbone` at thumbnail size (random init, the same seed for both arms) is
+(b) another backbone. For each experiment `(dataset, backbone)` and each seed,
+a fresh S of `backbone` at thumbnail size (random init, the same seed for
+both arms; the source's own backbone keeps its `backbone_options`) is
 trained with CL on
 
 * `learned`: E's thumbnails (E frozen), and
 * `bicubic`: antialiased bicubic thumbnails,
 
-for the same number of epochs, and both are evaluated on the test split. The
-report shows what was measured, whichever way it comes out.
+with the pipeline's recipe (`pipeline.recipe`: AdamW or SGD-Nesterov with
+weight decay, warm-up + cosine, label smoothing) for the same epochs, keeping
+the epoch of best validation top-1 (`fit_resumable`); both are then evaluated
+once on validation and test. The report (`generalize_report`) gives the mean
+and spread over seeds of the difference learned - bicubic, whichever way it
+comes out.
+
+E's inputs: both arms read the target images as E's source run did, at its
+image size and channels and in its value range (its normalization), whatever
+the target's manifest says; E was trained, and clips, in that range.
+`input_notes` lists where the target differs from E's source in a way that
+limits what E can do (native resolution at or below the thumbnail's, colour
+dropped, a different normalization); the report shows them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 from thumbnet_keras.pipeline.checkpoint import fit_resumable
 from thumbnet_keras.pipeline.config import (
@@ -34,6 +47,8 @@ from thumbnet_keras.pipeline.rundir import (
 
 __all__ = [
     "ARMS",
+    "arm_id",
+    "input_notes",
     "resolve_generalize",
     "train_generalize_arm",
     "write_generalize_report",
@@ -42,7 +57,16 @@ __all__ = [
 ARMS = ("learned", "bicubic")
 
 
-def _source(config: GeneralizeConfig) -> tuple[Run, dict]:
+def arm_id(index: int, seed: int, arm: str) -> str:
+    """`exp<index>-s<seed>-<arm>`, the name of an arm's record and checkpoint."""
+    return f"exp{index}-s{seed}-{arm}"
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _source(config: GeneralizeConfig) -> tuple[Run, dict, dict]:
     source = Run(config.source_run)
     if not source.config_json.is_file():
         raise ConfigError(
@@ -56,7 +80,74 @@ def _source(config: GeneralizeConfig) -> tuple[Run, dict]:
             f"Source run {config.source_run!r} has no downscaler for factor "
             f"{config.factor} ({downscaler} missing); its factors: {saved['factors']}."
         )
-    return source, saved
+    if not source.data_json.is_file():
+        raise ConfigError(
+            f"Source run {config.source_run!r} has no data.json: E's input "
+            "range (its dataset's normalization) is unknown."
+        )
+    return source, saved, source.data()
+
+
+def input_notes(
+    source: dict, target: dict, image_size: int, channels: int, factor: int
+) -> list[str]:
+    """Where a target dataset differs from E's source in a way that limits E.
+
+    Args:
+        source, target: `{"name", "image_shape": [H, W, C], "normalization"}`
+            of E's source dataset and of the target (H, W None if they vary).
+        image_size, channels: E's input (the source run's).
+        factor: E's factor; the thumbnail side is `image_size // factor`.
+
+    Returns:
+        Sentences for the report, empty when nothing differs.
+    """
+    notes = []
+    thumb = image_size // factor
+    height, width, target_channels = target["image_shape"]
+    if height and width and max(height, width) <= thumb:
+        notes.append(
+            f"its images are {height}x{width}, no larger than the {thumb}x{thumb} "
+            f"thumbnail (after resizing to {image_size}x{image_size}): the bicubic "
+            "thumbnail already keeps their detail, so E has little to recover and "
+            "its learned correction (fitted to the source's images) is mostly "
+            "noise here; do not expect E to beat bicubic."
+        )
+    elif height and width and max(height, width) < image_size:
+        notes.append(
+            f"its images ({height}x{width}) are upsampled to E's "
+            f"{image_size}x{image_size} input, so they hold less fine detail than "
+            "the images E was trained on."
+        )
+    if target_channels != channels:
+        what = (
+            "RGB images are converted to gray (luminance): colour is lost in both arms"
+            if target_channels == 3
+            else "gray images are repeated to 3 channels"
+        )
+        notes.append(f"E takes {channels} channel(s): its {what}.")
+    if target["normalization"] != source["normalization"]:
+        notes.append(
+            f"its manifest normalizes '{target['normalization']}', E's source "
+            f"'{source['normalization']}': both arms read it in E's range "
+            f"('{source['normalization']}')."
+        )
+    return notes
+
+
+def _dataset_info(prepared_or_manifest) -> dict:
+    if isinstance(prepared_or_manifest, dict):  # a prepared summary (data.json)
+        return {
+            "name": prepared_or_manifest["name"],
+            "image_shape": list(prepared_or_manifest["image_shape"]),
+            "normalization": prepared_or_manifest["normalization"],
+        }
+    image = prepared_or_manifest.image
+    return {
+        "name": prepared_or_manifest.name,
+        "image_shape": [image.height, image.width, image.channels],
+        "normalization": prepared_or_manifest.normalization,
+    }
 
 
 def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> dict:
@@ -64,21 +155,39 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
 
     Returns:
         `{"run_dir", "run_name", "resumed", "config", "experiments":
-        [{"dataset", "backbone"}], "image_size", "channels", "downscaler"}`.
+        [{"dataset", "backbone", "backbone_options", "notes"}], "image_size", "channels",
+        "normalization", "downscaler", "source_run"}`.
     """
     from thumbnet_keras.pipeline.resolve import check_backbone, load_manifest_checked
 
     if isinstance(params, dict):
         params = GeneralizeParams.model_validate(params)
     config = params.to_config() if isinstance(params, GeneralizeParams) else params
-    source, saved = _source(config)
+    source, saved, source_data = _source(config)
+    source_info = _dataset_info(source_data)
     experiments = []
     for dataset, backbone in config.experiments:
         dataset = dataset or saved["dataset"]
         backbone = backbone or saved["backbone"]
-        load_manifest_checked(dataset)
+        manifest = load_manifest_checked(dataset)
         check_backbone(backbone)
-        experiments.append({"dataset": dataset, "backbone": backbone})
+        notes = input_notes(
+            source_info,
+            _dataset_info(manifest),
+            saved["image_size"],
+            saved["channels"],
+            config.factor,
+        )
+        # The source's backbone keeps its options (e.g. tiny_cnn's widths).
+        options = saved["backbone_options"] if backbone == saved["backbone"] else {}
+        experiments.append(
+            {
+                "dataset": dataset,
+                "backbone": backbone,
+                "backbone_options": options,
+                "notes": notes,
+            }
+        )
     resolved = tuple((e["dataset"], e["backbone"]) for e in experiments)
     config = dataclasses.replace(config, experiments=resolved)
     if config.run_name is None:
@@ -91,6 +200,8 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
         "experiments": experiments,
         "image_size": saved["image_size"],
         "channels": saved["channels"],
+        "normalization": source_info["normalization"],
+        "source_dataset": source_info,
         "downscaler": str(source.factor_dir(config.factor) / "downscaler.keras"),
         "source_run": str(source.path),
     }
@@ -105,20 +216,35 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
 
 
 def train_generalize_arm(
-    run_dir: str, index: int, arm: str, prepared: dict, verbose: int | str = "auto"
+    run_dir: str,
+    index: int,
+    arm: str,
+    prepared: dict,
+    seed: int = 0,
+    verbose: int | str = "auto",
 ) -> dict:
     """Trains and evaluates a fresh S of experiment `index` on `arm` thumbnails.
 
+    S is initialized, and the data shuffled and augmented, with `seed` (the
+    same for both arms). The target images are read in E's value range (the
+    source run's normalization), for both arms.
+
     Returns:
-        The arm's record: experiment, arm, top1 (top5), flops, params,
-        images_per_second, history, seconds.
+        The arm's record: id, experiment, seed, arm, dataset, backbone,
+        factor, normalization, top1 (test), val_top1, (top5), flops, params,
+        images_per_second, history, epochs, selection, seconds.
     """
     import keras
 
     from thumbnet_keras.layers.downscaler import bicubic_downscaler
     from thumbnet_keras.models import backbones
-    from thumbnet_keras.pipeline.datasets import run_datasets
+    from thumbnet_keras.pipeline.datasets import run_datasets, split_batches
     from thumbnet_keras.pipeline.evaluate import compose, evaluate_model
+    from thumbnet_keras.pipeline.recipe import (
+        SparseCrossentropy,
+        make_optimizer,
+        steps_per_epoch,
+    )
 
     if arm not in ARMS:
         raise ConfigError(f"Unknown arm {arm!r}; arms: {', '.join(ARMS)}.")
@@ -126,12 +252,15 @@ def train_generalize_arm(
     config = GeneralizeConfig.from_json(run.config()["config"])
     info = read_json(run.file("source.json"))
     experiment = info["experiments"][index]
-    sid = f"exp{index}-{arm}"
+    sid = arm_id(index, seed, arm)
     if run.is_done(sid):
-        print(f"[{sid}] already finished, skipped", flush=True)
+        _log(f"[{sid}] already finished, skipped")
         return read_json(run.stage_record(sid)) | {"skipped": True}
     size, channels = info["image_size"], info["channels"]
     shape = (size, size, channels)
+    # E was trained on, and clips to, its source's value range: read the
+    # target in that range (both arms, so that they stay comparable).
+    data = dict(prepared, normalization=info["normalization"])
     if arm == "learned":
         downscaler = keras.saving.load_model(info["downscaler"], compile=False)
         if tuple(downscaler.inputs[0].shape[1:]) != shape:
@@ -139,42 +268,61 @@ def train_generalize_arm(
                 f"The downscaler takes {downscaler.inputs[0].shape[1:]}, not {shape}."
             )
     else:
-        value_range = (0.0, 1.0) if prepared["normalization"] == "unit" else None
+        value_range = (0.0, 1.0) if data["normalization"] == "unit" else None
         downscaler = bicubic_downscaler(shape, config.factor, value_range=value_range)
     downscaler.trainable = False
     thumb = tuple(downscaler.outputs[0].shape[1:])
-    keras.utils.set_random_seed(config.seed + index)
-    student = backbones.build(experiment["backbone"], thumb, prepared["num_classes"])
+    keras.utils.set_random_seed(seed)  # After E: S starts equal in both arms.
+    student = backbones.build(
+        experiment["backbone"],
+        thumb,
+        data["num_classes"],
+        **experiment.get("backbone_options", {}),
+    )
     model = compose(downscaler, student, f"{arm}_student")
+    steps = steps_per_epoch(data, config.batch_size)
     model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=make_optimizer(config, "student", config.epochs, steps, model),
+        loss=SparseCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
-    print(
-        f"[{sid}] {experiment['backbone']} on {experiment['dataset']}, {arm} thumbnails",
-        flush=True,
+    _log(
+        f"[{sid}] {experiment['backbone']} on {experiment['dataset']}, "
+        f"{arm} thumbnails, seed {seed}"
     )
-    train, test = run_datasets(prepared, size, channels, config.batch_size, config.seed)
+    train, test = run_datasets(data, size, channels, config.batch_size, seed)
+    validation = split_batches(data, "validation", size, channels, config.batch_size)
     fit = fit_resumable(
-        model, train, config.epochs, run.checkpoint_dir(sid), verbose=verbose
+        model,
+        train,
+        config.epochs,
+        run.checkpoint_dir(sid),
+        verbose=verbose,
+        log=_log,
+        validation_data=validation,
     )
     result = evaluate_model(
         model,
         test,
-        prepared["num_classes"],
+        data["num_classes"],
         config.batch_size,
         config.throughput_batches,
+        validation=validation,
     )
     record = {
         "id": sid,
+        "experiment": index,
+        "seed": seed,
         "arm": arm,
-        **experiment,
+        "dataset": experiment["dataset"],
+        "backbone": experiment["backbone"],
         "factor": config.factor,
+        "normalization": data["normalization"],
         **result,
         **fit,
     }
     write_json(run.stage_record(sid), record)
+    shutil.rmtree(run.checkpoint_dir(sid), ignore_errors=True)
     return record
 
 
@@ -182,58 +330,65 @@ def write_generalize_report(run_dir: str) -> dict:
     """Writes `metrics.json` and `report.md` / `report.html` of a generalize run.
 
     Returns:
-        `{"report_md", "report_html", "metrics_json", "markdown", "table"}`.
+        `{"report_md", "report_html", "metrics_json", "markdown", "table",
+        "per_seed", "summary"}`.
     """
     import html
     from pathlib import Path
 
-    from thumbnet_keras.reports.render import _CSS, _html_table, _md_table
+    from thumbnet_keras.pipeline.generalize_report import (
+        generalize_markdown,
+        summarize_generalize,
+    )
+    from thumbnet_keras.reports.render import _CSS, _html_table
 
     run = Run(run_dir)
     saved = run.config()
+    config = GeneralizeConfig.from_json(saved["config"])
     info = read_json(run.file("source.json"))
-    rows, records = [], []
-    for index, experiment in enumerate(info["experiments"]):
-        result = {}
-        for arm in ARMS:
-            path = run.stage_record(f"exp{index}-{arm}")
-            if path.is_file():
-                result[arm] = read_json(path)
-                records.append(result[arm])
-        if len(result) < len(ARMS):
-            continue
-        learned, bicubic = result["learned"]["top1"], result["bicubic"]["top1"]
-        rows.append(
-            {
-                "dataset": experiment["dataset"],
-                "backbone": experiment["backbone"],
-                "learned E top-1 %": f"{100 * learned:.2f}",
-                "bicubic top-1 %": f"{100 * bicubic:.2f}",
-                "difference (points)": f"{100 * (learned - bicubic):+.2f}",
-                "epochs": result["learned"]["epochs"],
-            }
-        )
+    records = []
+    for index in range(len(info["experiments"])):
+        for seed in config.seeds:
+            for arm in ARMS:
+                path = run.stage_record(arm_id(index, seed, arm))
+                if path.is_file():
+                    records.append(read_json(path))
+    summary = summarize_generalize(info["experiments"], records)
+    title = f"ThumbNet generalization: {run.name}"
+    intro = (
+        f"A frozen downscaler E from `{info['source_run']}` (factor "
+        f"{config.factor}) against bicubic thumbnails: for each seed "
+        f"({', '.join(map(str, config.seeds))}), a fresh S (random init, the "
+        f"same for both arms) trained with CL for {config.epochs} epochs "
+        f"({config.optimizer}, peak rate {config.learning_rate}, warm-up + "
+        "cosine), the epoch of best validation top-1 kept, then evaluated on "
+        "validation and test. Differences are learned - bicubic in points, "
+        "mean ± sample std over seeds."
+    )
+    markdown, table, per_seed = generalize_markdown(title, intro, summary)
     metrics = {
         "run_name": run.name,
         "source_run": info["source_run"],
         "downscaler": info["downscaler"],
+        "summary": summary,
         "results": records,
         "config": saved["config"],
         "environment": saved["environment"],
     }
     write_json(run.metrics_json, metrics)
-    title = f"ThumbNet generalization: {run.name}"
-    intro = (
-        f"A frozen downscaler E from `{info['source_run']}` (factor "
-        f"{saved['config']['factor']}) against bicubic thumbnails: a fresh S "
-        "(random init, same seed) trained with CL on each, same budget, "
-        "evaluated on the test split."
+    notes = "".join(
+        f"<li><b>{html.escape(r['dataset'])} / {html.escape(r['backbone'])}</b>: "
+        f"{html.escape(n)}</li>"
+        for r in summary
+        for n in r["notes"]
     )
-    markdown = f"# {title}\n\n{intro}\n\n{_md_table(rows)}"
+    if notes:
+        notes = f"<h2>Where the target differs from E's source</h2><ul>{notes}</ul>"
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
         f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>{html.escape(intro)}</p>{_html_table(rows)}</body></html>\n"
+        f"<p>{html.escape(intro)}</p>{_html_table(table)}{notes}"
+        f"<h2>Per seed</h2>{_html_table(per_seed)}</body></html>\n"
     )
     for name, text in (("report.md", markdown), ("report.html", page)):
         atomic_write(run.file(name), lambda tmp, t=text: Path(tmp).write_text(t))
@@ -242,5 +397,7 @@ def write_generalize_report(run_dir: str) -> dict:
         "report_md": str(run.file("report.md")),
         "report_html": str(run.file("report.html")),
         "markdown": markdown,
-        "table": rows,
+        "table": table,
+        "per_seed": per_seed,
+        "summary": summary,
     }

@@ -1,0 +1,223 @@
+"""The `generalize` run without Prefect: its configuration, the pure report,
+the notes on when E cannot help, and fresh students trained with the recipe,
+per seed, on a source run whose E is still the bicubic thumbnail."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipeline_fixtures import tiny_dataset
+
+from thumbnet_keras import pipeline
+from thumbnet_keras.pipeline import (
+    GeneralizeConfig,
+    GeneralizeParams,
+    RunConfig,
+    ThumbNetParams,
+)
+from thumbnet_keras.pipeline.generalize import (
+    arm_id,
+    input_notes,
+    resolve_generalize,
+    train_generalize_arm,
+    write_generalize_report,
+)
+from thumbnet_keras.pipeline.generalize_report import (
+    generalize_markdown,
+    mean_std,
+    summarize_generalize,
+)
+
+
+def test_recipe_fields_are_the_runs_own():
+    """The recipe's defaults, bounds and help are ThumbNetParams' / RunConfig's."""
+    for name in GeneralizeParams.RECIPE_FIELDS:
+        mine, theirs = (
+            GeneralizeParams.model_fields[name],
+            ThumbNetParams.model_fields[name],
+        )
+        assert mine.default == theirs.default, name
+        assert mine.metadata == theirs.metadata and mine.annotation == theirs.annotation
+        assert getattr(GeneralizeConfig, name) == getattr(RunConfig, name), name
+    assert set(GeneralizeParams.model_fields) == {
+        f.name for f in dataclasses.fields(GeneralizeConfig)
+    }
+    config = GeneralizeParams(source_run="r", learning_rate=0.05).to_config()
+    assert config.seeds == (0, 1, 2) and config.stage_learning_rate("x") == 0.05
+    assert GeneralizeConfig.from_json(config.to_json()) == config
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="distinct"):
+        GeneralizeParams(source_run="r", seeds=[1, 1])
+    with pytest.raises(ValidationError, match="optimizer"):
+        GeneralizeParams(source_run="r", optimizer="adam")
+
+
+def test_mean_std_golden():
+    assert mean_std([2.0, -1.0, 5.0]) == (2.0, 3.0)  # var = (0 + 9 + 9) / 2
+    assert mean_std([4.0]) == (4.0, None)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def _record(experiment, seed, arm, top1, val):
+    return {"experiment": experiment, "seed": seed, "arm": arm, "top1": top1,
+            "val_top1": val}  # fmt: skip
+
+
+def test_summary_pairs_arms_per_seed_golden():
+    experiments = [
+        {"dataset": "a", "backbone": "tiny_cnn", "notes": ["no detail"]},
+        {"dataset": "b", "backbone": "resnet18", "notes": []},
+    ]
+    # Experiment 0: test differences +2, -1, +5 points; val +1, +1, +1.
+    records = [
+        _record(0, 0, "learned", 0.52, 0.41), _record(0, 0, "bicubic", 0.50, 0.40),
+        _record(0, 1, "learned", 0.60, 0.51), _record(0, 1, "bicubic", 0.61, 0.50),
+        _record(0, 2, "learned", 0.75, 0.61), _record(0, 2, "bicubic", 0.70, 0.60),
+        # Experiment 1: one complete seed (no validation), one bicubic alone.
+        _record(1, 0, "learned", 0.30, None), _record(1, 0, "bicubic", 0.40, None),
+        _record(1, 1, "bicubic", 0.40, None),
+    ]  # fmt: skip
+    first, second = summarize_generalize(experiments, records)
+    assert first["seeds"] == [0, 1, 2]
+    assert [round(s["diff"], 6) for s in first["per_seed"]] == [2.0, -1.0, 5.0]
+    assert first["diff"]["mean"] == pytest.approx(2.0)
+    assert first["diff"]["std"] == pytest.approx(3.0)
+    assert first["val_diff"]["mean"] == pytest.approx(1.0)
+    assert first["val_diff"]["std"] == pytest.approx(0.0, abs=1e-9)
+    assert first["learned"]["mean"] == pytest.approx(62.333333)
+    assert first["sign"] == "mixed"
+    assert second["seeds"] == [0] and second["diff"]["std"] is None
+    assert second["val_diff"] is None and second["sign"] == "one seed"
+    markdown, table, per_seed = generalize_markdown("T", "intro", [first, second])
+    assert table[0]["difference (points)"] == "+2.00 ± 3.00"
+    assert table[0]["per seed"] == "s0 +2.00, s1 -1.00, s2 +5.00"
+    assert table[1]["difference (points)"] == "-10.00"
+    assert table[1]["val difference (points)"] == "n/a"
+    assert len(per_seed) == 4 and per_seed[3]["difference test (points)"] == "-10.00"
+    assert "**a / tiny_cnn**: no detail" in markdown and "## Per seed" in markdown
+    # Every seed on one side: said so.
+    flipped = [dict(r, top1=r["top1"] + (0.1 if r["arm"] == "learned" else 0))
+               for r in records[:6]]  # fmt: skip
+    assert summarize_generalize(experiments, flipped)[0]["sign"] == (
+        "E better on every seed"
+    )
+
+
+ELPV = {"name": "elpv", "image_shape": [300, 300, 1], "normalization": "unit"}
+
+
+def test_input_notes_say_when_e_cannot_help():
+    assert input_notes(ELPV, ELPV, 64, 1, 2) == []
+    fashion = {"name": "fm", "image_shape": [28, 28, 1], "normalization": "unit"}
+    (note,) = input_notes(ELPV, fashion, 64, 1, 2)
+    assert "28x28, no larger than the 32x32 thumbnail" in note
+    # At f = 4 (16x16 thumbnails) the 28x28 images keep detail E can recover,
+    # but they are upsampled to E's 64x64 input.
+    (note,) = input_notes(ELPV, fashion, 64, 1, 4)
+    assert "upsampled" in note
+    rgb = {"name": "rgb", "image_shape": [None, None, 3], "normalization": "imagenet"}
+    channels, normalization = input_notes(ELPV, rgb, 64, 1, 2)
+    assert "converted to gray" in channels
+    assert "'imagenet'" in normalization and "E's range ('unit')" in normalization
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A thumbnet run folder whose E (f = 2) is untrained: E = bicubic."""
+    import keras
+
+    from thumbnet_keras.layers.downscaler import build_downscaler
+
+    root = tmp_path_factory.mktemp("gen")
+    manifest = tiny_dataset(root)
+    run = pipeline.resolve_run(
+        ThumbNetParams(
+            dataset=manifest, smoke=True, runs_dir=str(root / "runs"), run_name="src"
+        )
+    )
+    prepared = pipeline.prepare_dataset(manifest, str(root / "data"), 8)
+    Path(run["run_dir"], "data.json").write_text(json.dumps(prepared))
+    folder = Path(run["run_dir"], "f2")
+    folder.mkdir()
+    keras.utils.set_random_seed(5)
+    downscaler = build_downscaler((32, 32, 1), 2, width=4, value_range=(0.0, 1.0))
+    downscaler.save(folder / "downscaler.keras")
+    # The same images, but a manifest that normalizes them to [-1, 1].
+    symmetric = root / "symmetric.yaml"
+    symmetric.write_text(
+        Path(manifest).read_text().replace("name: tiny_brightness", "name: tiny_sym")
+        + "normalization: symmetric\n"
+    )
+    return root, run["run_dir"], str(symmetric)
+
+
+def test_fresh_students_per_seed_with_recipe(source_run):
+    """An untrained E is the bicubic thumbnail, so for every seed both arms
+    must train identically; the target's manifest normalizes to [-1, 1], E's
+    source to [0, 1], and both arms must read E's range (before, the learned
+    arm fed [-1, 1] images to an E that clips to [0, 1])."""
+    root, source, symmetric = source_run
+    config = GeneralizeConfig(
+        source_run=source,
+        experiments=((symmetric, None),),
+        epochs=2,
+        seeds=(0, 1),
+        batch_size=8,
+        learning_rate=3e-3,
+        limit_per_class=8,
+        runs_dir=str(root / "runs"),
+        data_dir=str(root / "data"),
+        run_name="gen",
+        throughput_batches=1,
+    )
+    resolved = resolve_generalize(config)
+    (experiment,) = resolved["experiments"]
+    assert resolved["normalization"] == "unit"
+    assert any("normalizes 'symmetric'" in n for n in experiment["notes"])
+    prepared = pipeline.prepare_dataset(symmetric, str(root / "data"), 8)
+    assert prepared["normalization"] == "symmetric" and prepared["splits"]["validation"]
+    records = {}
+    for seed in config.seeds:
+        for arm in ("learned", "bicubic"):
+            record = train_generalize_arm(
+                resolved["run_dir"], 0, arm, prepared, seed=seed, verbose=0
+            )
+            assert record["id"] == arm_id(0, seed, arm)
+            assert record["normalization"] == "unit"
+            selection = record["selection"]
+            assert selection["monitor"] == "val_accuracy"
+            val = record["history"]["val_accuracy"]
+            best = val[selection["best_epoch"] - 1]
+            assert selection["best_value"] == max(val) == best
+            assert record["val_top1"] == pytest.approx(selection["best_value"])
+            records[seed, arm] = record
+    for seed in config.seeds:
+        learned, bicubic = records[seed, "learned"], records[seed, "bicubic"]
+        np.testing.assert_allclose(
+            learned["history"]["loss"], bicubic["history"]["loss"], rtol=1e-4
+        )
+        assert learned["top1"] == bicubic["top1"]
+    # The seed changes S's start: the two seeds' first-epoch losses differ.
+    assert records[0, "bicubic"]["history"]["loss"][0] != pytest.approx(
+        records[1, "bicubic"]["history"]["loss"][0], rel=1e-6
+    )
+    # Done arms are skipped on a rerun; the report pairs them per seed.
+    again = train_generalize_arm(
+        resolved["run_dir"], 0, "learned", prepared, seed=0, verbose=0
+    )
+    assert again["skipped"] is True
+    run_dir = Path(resolved["run_dir"])
+    assert not (run_dir / "checkpoints" / arm_id(0, 0, "learned")).exists()
+    report = write_generalize_report(resolved["run_dir"])
+    (summary,) = report["summary"]
+    assert summary["seeds"] == [0, 1]
+    assert summary["diff"] == {"mean": 0.0, "std": 0.0}
+    assert "+0.00 ± 0.00" in report["markdown"]
+    metrics = json.loads(Path(report["metrics_json"]).read_text())
+    assert len(metrics["results"]) == 4 and metrics["summary"] == report["summary"]
