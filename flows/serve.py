@@ -25,12 +25,12 @@ import argparse
 import copy
 
 from flows.thumbnet_flows import generalize, thumbnet
-from thumbnet_keras.cli import DEMO
+from thumbnet_keras.pipeline.presets import demo
 
 __all__ = ["DEPLOYMENTS", "build_deployments", "main"]
 
 # The README's demo settings (`thumbnet demo`), without the run-folder name.
-_ELPV = {k: v for k, v in DEMO.items() if k not in ("run_name", "batch_size")}
+_ELPV = {k: v for k, v in demo().items() if k not in ("run_name", "batch_size")}
 
 # name -> (flow name, parameters). ImageNet/Places settings follow ThumbNet
 # (224x224 teacher input, f = 2 on ImageNet, f = 4 on Places).

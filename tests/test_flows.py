@@ -13,7 +13,7 @@ import pytest
 from pipeline_fixtures import snapshot, tiny_dataset
 
 from thumbnet_keras import pipeline
-from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
+from thumbnet_keras.pipeline import ConfigError, GeneralizeParams, ThumbNetParams
 
 ARMS = {
     "teacher",
@@ -39,10 +39,34 @@ def _task_runs(flow_run_id) -> dict[str, str]:
 
 
 def _demo_params(root: Path) -> ThumbNetParams:
-    """`thumbnet demo`'s parameters (real ELPV, f = 2 and 4), with `--smoke`."""
-    from thumbnet_keras.cli import DEMO
+    """`thumbnet demo`'s flow (real ELPV, f = 2 and 4, every arm) with `smoke`
+    and a tiny teacher trained in the run: the shipped MobileNetV2 teacher
+    takes ~40 s of graph tracing per stage on this CPU, too slow for a test run
+    on three backends (its own path is tested in test_demo_preset_*)."""
+    from thumbnet_keras.pipeline.presets import demo
 
-    return ThumbNetParams(**(DEMO | {"smoke": True, "runs_dir": str(root / "runs")}))
+    tiny = {"teacher": None, "backbone": "tiny_cnn", "backbone_options": {}}
+    return ThumbNetParams(
+        **(demo() | tiny | {"smoke": True, "runs_dir": str(root / "runs")})
+    )
+
+
+def test_demo_preset_uses_the_shipped_teacher(tmp_path):
+    from thumbnet_keras.pipeline import resolve_run
+    from thumbnet_keras.pipeline.presets import demo
+    from thumbnet_keras.pretrained import elpv_teacher_info
+
+    params = ThumbNetParams(**(demo() | {"runs_dir": str(tmp_path / "runs")}))
+    assert params.teacher == "pretrained:elpv"
+    assert params.image_size == elpv_teacher_info()["image_size"]
+    # resolve_run loads and checks the shipped file (input shape, classes).
+    run = resolve_run(params)
+    assert run["config"]["teacher"] == "pretrained:elpv"
+    # Smoke keeps the image size a given teacher fixes.
+    assert ThumbNetParams(**(demo() | {"smoke": True})).to_config().image_size == 128
+    bad = ThumbNetParams(**(demo() | {"teacher": "pretrained:cifar"}))
+    with pytest.raises(ConfigError, match="pretrained:elpv"):
+        resolve_run(bad.model_copy(update={"runs_dir": str(tmp_path / "r2")}))
 
 
 @pytest.fixture(scope="module")

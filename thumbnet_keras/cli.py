@@ -21,23 +21,7 @@ import json
 import os
 import sys
 
-__all__ = ["DEMO", "main"]
-
-# The README's main job: a real dataset, the whole flow, <= 20 min on 2 CPU
-# cores. See docs/flows.md for why these sizes.
-DEMO: dict = {
-    "dataset": "elpv",
-    "backbone": "tiny_cnn",
-    "backbone_options": {"widths": [32, 64, 128]},
-    "factors": [2, 4],
-    "image_size": 64,
-    "teacher_epochs": 20,
-    "fm_epochs": 2,
-    "joint_epochs": 10,
-    "downscaler_width": 8,
-    "batch_size": 32,
-    "run_name": "elpv-demo",
-}
+__all__ = ["main"]
 
 
 def _verbose() -> int:
@@ -299,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         return _predict(args)
     try:
         if args.command == "demo":
-            values = dict(DEMO) | _given(args, _COMMON)
+            from thumbnet_keras.pipeline.presets import demo
+
+            values = demo() | _given(args, _COMMON)
             return _run_thumbnet(values)
         if args.command == "train":
             values = _given(args, _COMMON + _TRAIN)

@@ -205,7 +205,10 @@ class ThumbNetParams(BaseModel):
     backbone_options: dict[str, Any] = Field(
         default_factory=dict, description="Options of backbones.build."
     )
-    teacher: str | None = Field(None, description="A trained teacher .keras file.")
+    teacher: str | None = Field(
+        None,
+        description="A trained teacher .keras file, or 'pretrained:elpv' (shipped).",
+    )
     backbone_weights: str | None = Field(
         None, description="Local weights file or 'imagenet' for the backbone."
     )
@@ -277,7 +280,10 @@ class ThumbNetParams(BaseModel):
         """The frozen `RunConfig`, with `smoke` applied."""
         values = self.model_dump()
         if self.smoke:
-            values.update({k: v for k, v in SMOKE.items() if k != "backbone_options"})
+            kept = {"backbone_options"}
+            if self.teacher is not None:  # A given teacher fixes the image size.
+                kept.add("image_size")
+            values.update({k: v for k, v in SMOKE.items() if k not in kept})
             if self.backbone == "tiny_cnn" and not self.backbone_options:
                 values["backbone_options"] = dict(SMOKE["backbone_options"])
         values["factors"] = tuple(values["factors"])

@@ -73,6 +73,12 @@ def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None) -
     `image_shape` and giving `num_classes` logits."""
     import keras
 
+    from thumbnet_keras.pretrained import resolve_teacher
+
+    try:
+        path = resolve_teacher(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from err
     if not os.path.isfile(path):
         raise ConfigError(f"Teacher file not found: {path!r}.")
     try:

@@ -211,7 +211,9 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     fit = {"history": {}, "epochs": 0, "resumed_from": [], "seconds": 0.0}
     if config.teacher is not None:
         check_teacher_file(config.teacher, shape, classes)
-        teacher, source = _load(config.teacher), "file"
+        from thumbnet_keras.pretrained import resolve_teacher
+
+        teacher, source = _load(resolve_teacher(config.teacher)), "file"
     elif config.backbone_weights is not None:
         teacher = backbones.build(
             config.backbone,

@@ -26,7 +26,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["elpv_teacher_info", "elpv_teacher_path"]
+__all__ = ["elpv_teacher_info", "elpv_teacher_path", "resolve_teacher"]
+
+# `teacher="pretrained:<name>"` in a run's parameters names a shipped teacher,
+# so deployments and prefect.yaml need no machine-specific path.
+PREFIX = "pretrained:"
 
 _HERE = Path(__file__).resolve().parent
 
@@ -48,3 +52,16 @@ def elpv_teacher_info() -> dict:
     normalization, split, licence, validation and test top-1."""
     with open(_HERE / "elpv_teacher.json", encoding="utf-8") as f:
         return json.load(f)
+
+
+def resolve_teacher(teacher: str) -> str:
+    """A run's `teacher` value as a file path: `"pretrained:elpv"` is the
+    shipped ELPV teacher; anything else is returned unchanged."""
+    if not teacher.startswith(PREFIX):
+        return teacher
+    name = teacher[len(PREFIX) :]
+    if name != "elpv":
+        raise ValueError(
+            f"Unknown shipped teacher {teacher!r}; shipped: 'pretrained:elpv'."
+        )
+    return elpv_teacher_path()
