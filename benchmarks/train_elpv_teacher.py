@@ -56,7 +56,9 @@ def _parse(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--image-size", type=int, default=128, help="square side, a multiple of 4")
+    p.add_argument(
+        "--image-size", type=int, default=128, help="square side, a multiple of 4"
+    )
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--backbone", default="tiny_cnn")

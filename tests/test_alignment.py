@@ -40,7 +40,9 @@ def test_fashion_mnist_teacher_geometry_by_hand():
     # i.e. image x = 2 * (8j + 5.5) = 16j + 11.
     s_axes = feature_geometry(student, "stage3_relu", (14, 14))
     assert s_axes[0] == Axis(8.0, 5.0, 2)
-    m_h, m_w = fm_pooling(teacher, "stage3_relu", student, "stage3_relu", (28, 28), (14, 14))
+    m_h, m_w = fm_pooling(
+        teacher, "stage3_relu", student, "stage3_relu", (28, 28), (14, 14)
+    )
     # S cell 0 spans image x in [3, 19]; T cells span [-0.5, 7.5], [7.5, 15.5],
     # [15.5, 23.5]: overlaps 4.5, 8, 3.5 of 16. S cell 1 spans [19, 35]:
     # 4.5 and 8 of T's cells 2 and 3 (12.5 inside T's map).
@@ -79,9 +81,9 @@ def test_aligned_pooling_centres_on_student_cells(name, size, factor, options):
     s_centres = _centres(s_axis, factor)
     t_centres = _centres(t_axis)
     # Where S's cell lies inside T's map, the pooled T centre is S's centre.
-    inside = (s_centres - factor * s_axis.stride / 2 >= t_centres[0] - t_axis.stride / 2) & (
-        s_centres + factor * s_axis.stride / 2 <= t_centres[-1] + t_axis.stride / 2
-    )
+    inside = (
+        s_centres - factor * s_axis.stride / 2 >= t_centres[0] - t_axis.stride / 2
+    ) & (s_centres + factor * s_axis.stride / 2 <= t_centres[-1] + t_axis.stride / 2)
     assert inside.any()
     np.testing.assert_allclose((m_h @ t_centres)[inside], s_centres[inside], atol=1e-4)
 

@@ -114,10 +114,7 @@ def test_against_independent_numpy_implementation(rng):
     x = rng.normal(size=(3, 8, 6, 2)).astype("float32")
     t = rng.normal(size=(3, 4, 3, 2)).astype("float32")
     mm = np.mean(
-        (
-            (t.mean((1, 2)) - x.mean((1, 2))) ** 2
-            + (t.std((1, 2)) - x.std((1, 2))) ** 2
-        )
+        ((t.mean((1, 2)) - x.mean((1, 2))) ** 2 + (t.std((1, 2)) - x.std((1, 2))) ** 2)
         / x.var((1, 2)).mean(0)
     )
     assert _value(L.moment_matching_loss(x, t)) == pytest.approx(mm, rel=1e-5)
