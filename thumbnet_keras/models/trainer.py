@@ -417,21 +417,34 @@ class ThumbNetTrainer(keras.Model):
         return super().compute_metrics(x, y, logits, sample_weight)
 
     # -- export --------------------------------------------------------------
-    def export(self, filepath=None, format="tf_saved_model", **kwargs):
+    def export(self, filepath=None, format="saved_model", representative=None):
         """Returns the deployable model: full-size image -> E -> S -> logits.
 
         A Functional model of E and S (built-in layers only when E and S are),
         sharing their weights; the teacher and `fm_adapter` are left out.
-        Save it with `.save("thumbnet.keras")`. With `filepath`, it is instead
-        exported like `keras.Model.export(filepath, format=...)`
-        (`"tf_saved_model"`, `"onnx"`, `"litert"`), and returned.
+        Save it with `.save("thumbnet.keras")`. With `filepath`, it is also
+        converted to `format` ("saved_model", "onnx", "litert", or
+        "litert_int8" with `representative` calibration inputs) by
+        `thumbnet_keras.deploy.export_model`: the verified converters, run in a
+        fresh TensorFlow process on the saved `.keras` file, whatever this
+        process's backend. (`keras.Model.export(format="onnx")` turns E's
+        normalization constants into graph inputs that ONNX Runtime refuses.)
         """
         shape = image_input_shape(self.downscaler)
         image = keras.Input(shape, name="image")
         logits = self.student(self.downscaler(image))
         model = keras.Model(image, logits, name="thumbnet")
         if filepath is not None:
-            model.export(filepath, format=format, **kwargs)
+            import os
+            import tempfile
+
+            from thumbnet_keras.deploy import export_model
+
+            fmt = {"tf_saved_model": "saved_model"}.get(format, format)
+            with tempfile.TemporaryDirectory() as tmp:
+                source = os.path.join(tmp, "thumbnet.keras")
+                model.save(source)
+                export_model(source, fmt, filepath, representative=representative)
         return model
 
     def export_thumbnail_model(self) -> keras.Model:
