@@ -163,6 +163,8 @@ def test_bad_input_fails_first_and_touches_nothing(case, earlier_run, tmp_path):
         "run_name": "new",
     }
     params.update(overrides)
+    if "teacher" in params:  # smoke keeps the size a given teacher fixes
+        params["image_size"] = 32
     if params.get("teacher") == "CLASSES3":
         params["teacher"] = _teacher(tmp_path / "t3.keras", 3)
     if params.get("teacher") == "SIZE48":
