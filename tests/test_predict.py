@@ -137,3 +137,16 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
     broken = tmp_path / "images" / "sub"
     assert main(["predict", "--model", model, str(broken)]) == 1
     assert main(["predict", "--model", str(tmp_path / "none.keras"), str(broken)]) == 2
+
+
+def test_saved_model_folder_finds_the_sidecar_beside_it(tmp_path):
+    # The exporter writes thumbnet_model.json beside thumbnet_saved_model/.
+    saved = tmp_path / "thumbnet_saved_model"
+    saved.mkdir()
+    deploy.write_sidecar(
+        tmp_path, class_names=["a", "b"], input_size=(16, 16), channels=1,
+        normalization="unit",
+    )  # fmt: skip
+    record = deploy.read_sidecar(saved)
+    assert record["path"] == str(tmp_path / "thumbnet_model.json")
+    assert record["class_names"] == ["a", "b"]

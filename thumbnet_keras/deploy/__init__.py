@@ -9,7 +9,7 @@ their `thumbnet_model.json` sidecar, and one way to run any of them.
 
 Nothing here imports TensorFlow at import time; the conversions run in a
 fresh TensorFlow-backend process (`deploy/convert.py`). For a run folder, use
-`thumbnet_keras.pipeline.export_from_run` (it adds the int8 calibration images
+`thumbnet_keras.pipeline.export_model` (it adds the int8 calibration images
 and the sidecar); see docs/deploy.md.
 """
 

@@ -108,8 +108,9 @@ def read_sidecar(model_path: str | os.PathLike, sidecar: str | None = None) -> d
     """The sidecar of `model_path` (its folder's `thumbnet_model.json`, or
     `sidecar`), checked; raises `SidecarError` naming what is wrong."""
     model_path = Path(model_path)
-    folder = model_path if model_path.is_dir() else model_path.parent
-    path = Path(sidecar) if sidecar else folder / SIDECAR
+    path = Path(sidecar) if sidecar else model_path.parent / SIDECAR
+    if not sidecar and model_path.is_dir() and (model_path / SIDECAR).is_file():
+        path = model_path / SIDECAR  # A SavedModel folder holding its own.
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:

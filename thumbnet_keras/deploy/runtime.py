@@ -159,7 +159,19 @@ def load_runner(path: str | os.PathLike) -> Runner:
         "litert": _litert,
         "saved_model": _saved_model,
     }[model_kind(path)]
-    return loader(str(path))
+    try:
+        return loader(str(path))
+    except ImportError as err:
+        raise ValueError(
+            f"Cannot run {path}: {err}. Install the runtimes with "
+            "`pip install 'thumbnet-keras[export]'`."
+        ) from err
+    except ValueError:
+        raise
+    except Exception as err:  # The runtime's own "not a model" errors.
+        raise ValueError(
+            f"Cannot load {path} as a {model_kind(path)} model: {err}"
+        ) from err
 
 
 def measure_runner(

@@ -50,6 +50,7 @@ __all__ = [
 # finite on flat (constant) channels. sqrt(1e-12) = 1e-6, far below any
 # difference the loss cares about.
 _VARIANCE_FLOOR = 1e-12
+_MM_SCALE_FLOOR = 1e-6
 
 
 def _check_rank(name, tensor, rank):
@@ -77,7 +78,7 @@ def moment_matching_loss(x, t):
         A scalar: mean over images b and channels c of
         `[(mu_t - mu_x)^2 + (sigma_t - sigma_x)^2] / v_c`, with spatial means
         `mu`, population standard deviations `sigma`, and `v_c` the batch
-        mean of `sigma_x^2` for channel c (floored at 1e-12): unit-free.
+        mean of `sigma_x^2` for channel c (floored at 1e-6): unit-free.
     """
     _check_rank("x", x, 4)
     _check_rank("t", t, 4)
@@ -88,7 +89,9 @@ def moment_matching_loss(x, t):
         )
     mu_x, sigma_x = _spatial_moments(x)
     mu_t, sigma_t = _spatial_moments(t)
-    scale = ops.maximum(ops.mean(ops.square(sigma_x), axis=0), _VARIANCE_FLOOR)
+    # Floored so a batch that is flat in a channel (blank frames) cannot blow
+    # the loss up: 1e-6 is a standard deviation of 1e-3 value units.
+    scale = ops.maximum(ops.mean(ops.square(sigma_x), axis=0), _MM_SCALE_FLOOR)
     squared = ops.square(mu_t - mu_x) + ops.square(sigma_t - sigma_x)
     return ops.mean(squared / ops.stop_gradient(scale)[None, :])
 

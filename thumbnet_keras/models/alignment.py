@@ -151,6 +151,8 @@ def feature_geometry(
         GeometryError: when a layer on the path changes the grid in a way not
             traced here (resizing, reshapes, transposed convolutions).
     """
+    if any(not isinstance(d, int) for d in input_hw):
+        raise GeometryError(f"The input size {tuple(input_hw)} is not fixed.")
     output = model.get_layer(layer_name).output
     steps = list(reversed(_path(output, id(model.inputs[0]))))
     axes = []

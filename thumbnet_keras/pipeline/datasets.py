@@ -104,10 +104,17 @@ def has_split(prepared: dict, split: str) -> bool:
 
 
 def split_batches(
-    prepared: dict, split: str, image_size: int, channels: int, batch_size: int
+    prepared: dict,
+    split: str,
+    image_size: int,
+    channels: int,
+    batch_size: int,
+    shuffle_seed: int | None = None,
 ):
-    """A split as a tf.data stream without augmentation, in a fixed order
-    (evaluation, BatchNorm re-estimation); None when the split is empty."""
+    """A split as a tf.data stream without augmentation (evaluation, BatchNorm
+    re-estimation); None when the split is empty. In the index's order, or,
+    with `shuffle_seed`, shuffled with that seed: a prefix of the stream then
+    samples every class (an index lists folder sources class by class)."""
     from thumbnet_keras import data
 
     if not has_split(prepared, split):
@@ -121,6 +128,8 @@ def split_batches(
         channels=channels,
         normalization=prepared["normalization"],
         cache=_cache(prepared),
+        shuffle=shuffle_seed is not None,
+        seed=shuffle_seed or 0,
     )
 
 

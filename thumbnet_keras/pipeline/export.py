@@ -70,6 +70,8 @@ def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
         False,
         channels=channels,
         normalization=prepared["normalization"],
+        shuffle=True,  # fixed seed: a sample of every class, not the first
+        seed=0,
     )
     images, total = [], 0
     for batch, _ in stream:

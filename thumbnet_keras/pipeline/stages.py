@@ -178,7 +178,12 @@ def reestimate_student_bn(
     if config.bn_batches == 0:
         return {"layers": 0, "batches": 0, "examples": 0, "reason": "bn_batches=0"}
     batches = split_batches(
-        prepared, "train", config.image_size, config.channels, config.batch_size
+        prepared,
+        "train",
+        config.image_size,
+        config.channels,
+        config.batch_size,
+        shuffle_seed=config.seed,  # the first bn_batches sample every class
     )
     model = compose(downscaler, student, "bn_calibration")
     return reestimate_batchnorm(model, batches, num_batches=config.bn_batches)
