@@ -148,6 +148,7 @@ def test_served_deployment_runs_on_local_server(tmp_path):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {a["name"] for a in metrics["arms"]} == {
-        "teacher", "teacher_bicubic", "bicubic_cl", "bicubic_kd", "thumbnet",
+        "teacher", "teacher_bicubic", "teacher_bicubic_bn", "bicubic_cl",
+        "bicubic_kd", "bicubic_kd_equal", "thumbnet",
     }  # fmt: skip
     assert server.poll() is not None and serve.poll() is not None
