@@ -113,6 +113,12 @@ def test_markdown_has_tables_config_and_environment():
     assert '"factors": [\n    2\n  ]' in md
     assert '"backend": "jax"' in md
     assert "CC BY-NC-SA 4.0" in md
+    # The fixture has no validation split: the note must not claim selection.
+    assert "No validation split: every model kept its last epoch" in md
+    assert "best validation top-1" not in md
+    with_val = _metrics()
+    with_val["dataset"]["splits"] = {"train": 1771, "validation": 197, "test": 656}
+    assert "best validation top-1" in render_markdown(with_val)
 
 
 def test_html_is_self_contained_and_escaped():

@@ -140,12 +140,27 @@ def _summary(metrics: Mapping) -> str:
     )
 
 
-_RESULTS_NOTE = (
-    "Each trained model kept the epoch of its best validation top-1 (the "
-    "validation split is carved from train); the test split was evaluated "
-    "once, at the end. MACs: multiply-adds per image of the whole inference "
-    "model (the downscaler included); images/s: measured on this machine."
+_COST_NOTE = (
+    "MACs: multiply-adds per image of the whole inference model (the "
+    "downscaler included); images/s: measured on this machine."
 )
+
+
+def _results_note(metrics: Mapping) -> str:
+    """What the table's numbers are, from how the stages were selected."""
+    splits = metrics.get("dataset", {}).get("splits", {})
+    if splits.get("validation"):
+        selection = (
+            "Each model trained with labels kept the epoch of its best "
+            "validation top-1 (FM pre-training, which has no labels, its last "
+            "epoch); the test split was evaluated once, at the end."
+        )
+    else:
+        selection = (
+            "No validation split: every model kept its last epoch; the test "
+            "split was evaluated once, at the end."
+        )
+    return f"{selection} {_COST_NOTE}"
 
 
 def render_markdown(metrics: Mapping) -> str:
@@ -154,7 +169,7 @@ def render_markdown(metrics: Mapping) -> str:
         f"# ThumbNet report: {metrics.get('run_name', '')}\n",
         _summary(metrics) + "\n",
         "## Results\n",
-        _RESULTS_NOTE + "\n",
+        _results_note(metrics) + "\n",
         _md_table(arms_table(metrics)),
         "## Training stages\n",
         _md_table(_stage_rows(metrics)),
@@ -226,7 +241,7 @@ def render_html(
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{summary}</p>",
         "<h2>Results</h2>",
-        f"<p>{html.escape(_RESULTS_NOTE)}</p>",
+        f"<p>{html.escape(_results_note(metrics))}</p>",
         _html_table(arms_table(metrics)),
     ]
     if metrics.get("arms"):
