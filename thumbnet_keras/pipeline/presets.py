@@ -5,7 +5,7 @@ embedded ELPV solar-cell images with the teacher that ships in the package
 (`thumbnet_keras.pretrained`, MobileNetV2 alpha 0.35 at 128x128 gray, built
 by `benchmarks/train_elpv_teacher.py`), so the demo trains only E and S:
 f = 2 (64x64 thumbnails) and f = 4 (32x32), every bicubic baseline, report.
-Aimed at 15 minutes on a 2-core CPU; measured at 29 min 49 s on a loaded
+Aimed at 15 minutes on a 2-core CPU; measured at 21-30 minutes on a shared
 one (docs/flows.md), so over budget there.
 The presets live here, below both the CLI and `flows/`, so neither reaches
 up into the other for them.
