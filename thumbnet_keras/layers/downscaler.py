@@ -170,7 +170,8 @@ def _bicubic_branch(inputs, height, width, channels, factor):
     )(x)
 
 
-def _clip(x, value_range, name):
+def clip_to_range(x, value_range, name):
+    """Clips a tensor to `(low, high)` with stock layers (None: unchanged)."""
     if value_range is None:
         return x
     low, high = value_range
@@ -181,7 +182,8 @@ def _clip(x, value_range, name):
     return keras.layers.Rescaling(1.0, offset=low, name=f"{name}_unshift")(x)
 
 
-def _validate_value_range(value_range):
+def validate_value_range(value_range):
+    """`value_range` as a float `(low, high)` with low < high, or None."""
     if value_range is None:
         return None
     try:
@@ -217,10 +219,10 @@ def bicubic_downscaler(
         A Functional `keras.Model` mapping `(B, H, W, C)` to `(B, H/f, W/f, C)`.
     """
     height, width, channels = validate_image_shape(input_shape, factor)
-    value_range = _validate_value_range(value_range)
+    value_range = validate_value_range(value_range)
     inputs = keras.Input((height, width, channels), name="image")
     x = _bicubic_branch(inputs, height, width, channels, factor)
-    x = _clip(x, value_range, name="clip")
+    x = clip_to_range(x, value_range, name="clip")
     return keras.Model(inputs, x, name=name)
 
 
@@ -267,7 +269,7 @@ def build_downscaler(
         raise ValueError(
             f"`kernel_size` must be an odd positive integer, received {kernel_size!r}."
         )
-    value_range = _validate_value_range(value_range)
+    value_range = validate_value_range(value_range)
 
     inputs = keras.Input((height, img_width, channels), name="image")
     base = _bicubic_branch(inputs, height, img_width, channels, factor)
@@ -306,7 +308,7 @@ def build_downscaler(
         name="residual_conv",
     )(x)
     x = keras.layers.Add(name="thumbnail")([base, residual])
-    x = _clip(x, value_range, name="clip")
+    x = clip_to_range(x, value_range, name="clip")
     return keras.Model(inputs, x, name=name)
 
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import keras
 
 from thumbnet_keras.evaluation.flops import count_flops
+from thumbnet_keras.layers.downscaler import clip_to_range, validate_value_range
 
 __all__ = ["equal_cost_size", "resize_downscaler"]
 
@@ -39,11 +40,7 @@ def resize_downscaler(
     x = keras.layers.Resizing(
         size, size, interpolation="bicubic", antialias=True, name="resize"
     )(image)
-    if value_range is not None:
-        low, high = (float(v) for v in value_range)
-        x = keras.layers.Rescaling(1.0, offset=-low, name="clip_shift")(x)
-        x = keras.layers.ReLU(max_value=high - low, name="clip_relu")(x)
-        x = keras.layers.Rescaling(1.0, offset=low, name="clip_unshift")(x)
+    x = clip_to_range(x, validate_value_range(value_range), name="clip")
     return keras.Model(image, x, name=name)
 
 
