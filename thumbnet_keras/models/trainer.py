@@ -376,15 +376,21 @@ class ThumbNetTrainer(keras.Model):
         if y_pred is None:
             y_pred = self(x, training=training)
         t_logits, t_features = self._teacher_features(x, training=False)
-        t_logits = ops.stop_gradient(t_logits)
-        t_features = ops.stop_gradient(t_features)
+        # Losses are computed in float32 whatever the compute dtype (a
+        # mixed_bfloat16 policy makes every output bfloat16).
+        t_logits = ops.stop_gradient(ops.cast(t_logits, "float32"))
+        t_features = ops.stop_gradient(ops.cast(t_features, "float32"))
         s_features = y_pred["features"]
         if self.fm_adapter is not None:
             s_features = self.fm_adapter(s_features)
+        s_features = ops.cast(s_features, "float32")
+        s_logits = ops.cast(y_pred["logits"], "float32")
 
         terms = {
             "fm": L.feature_mapping_loss(t_features, s_features, self.fm_pooling),
-            "mm": L.moment_matching_loss(x, y_pred["thumbnail"]),
+            "mm": L.moment_matching_loss(
+                ops.cast(x, "float32"), ops.cast(y_pred["thumbnail"], "float32")
+            ),
         }
         if self.stage == "joint":
             if y is None:
@@ -392,12 +398,8 @@ class ThumbNetTrainer(keras.Model):
                     "The 'joint' stage needs labels: fit(x, y) or a dataset of "
                     "(images, labels). The 'fm_pretrain' stage trains without them."
                 )
-            terms["cl"] = L.classification_loss(
-                y, y_pred["logits"], self.label_smoothing
-            )
-            terms["kd"] = L.distillation_loss(
-                t_logits, y_pred["logits"], self.temperature
-            )
+            terms["cl"] = L.classification_loss(y, s_logits, self.label_smoothing)
+            terms["kd"] = L.distillation_loss(t_logits, s_logits, self.temperature)
         weights = {
             "cl": self.cl_weight,
             "kd": self.kd_weight,
