@@ -10,21 +10,38 @@ The public API is re-exported here by hand. Nothing in this package imports
 TensorFlow except `thumbnet_keras.data`, which is imported lazily.
 """
 
-from thumbnet_keras.evaluation.flops import count_flops, count_params
-from thumbnet_keras.layers.downscaler import (
-    auto_downscaler_width,
-    bicubic_downscaler,
-    build_downscaler,
-)
-from thumbnet_keras.losses.thumbnet_losses import (
-    classification_loss,
-    distillation_loss,
-    feature_mapping_loss,
-    moment_matching_loss,
-)
-from thumbnet_keras.models import backbones
-from thumbnet_keras.models.student import make_student
-from thumbnet_keras.models.trainer import ThumbNetTrainer
+# Imported on first use (PEP 562), so `import thumbnet_keras.cli` and
+# `thumbnet --help` do not start Keras or a backend.
+_LAZY = {
+    "count_flops": "thumbnet_keras.evaluation.flops",
+    "count_params": "thumbnet_keras.evaluation.flops",
+    "auto_downscaler_width": "thumbnet_keras.layers.downscaler",
+    "bicubic_downscaler": "thumbnet_keras.layers.downscaler",
+    "build_downscaler": "thumbnet_keras.layers.downscaler",
+    "classification_loss": "thumbnet_keras.losses.thumbnet_losses",
+    "distillation_loss": "thumbnet_keras.losses.thumbnet_losses",
+    "feature_mapping_loss": "thumbnet_keras.losses.thumbnet_losses",
+    "moment_matching_loss": "thumbnet_keras.losses.thumbnet_losses",
+    "backbones": "thumbnet_keras.models.backbones",  # the module itself
+    "make_student": "thumbnet_keras.models.student",
+    "ThumbNetTrainer": "thumbnet_keras.models.trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        value = module if _LAZY[name].endswith("." + name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,9 @@ and can run without Prefect:
 `run_thumbnet` does exactly that.
 """
 
-from thumbnet_keras.pipeline.bn_recalibrate import reestimate_batchnorm
+# The parameter models are cheap (pydantic only) and imported now; every
+# step is imported on first use (PEP 562), so the CLI can check a run's
+# parameters before Keras, TensorFlow or Prefect start.
 from thumbnet_keras.pipeline.config import (
     ConfigError,
     GeneralizeConfig,
@@ -29,18 +31,40 @@ from thumbnet_keras.pipeline.config import (
     RunConfig,
     ThumbNetParams,
 )
-from thumbnet_keras.pipeline.datasets import prepare_dataset, prepared_dir
-from thumbnet_keras.pipeline.evaluate import evaluate_run
-from thumbnet_keras.pipeline.export import export_model, export_run
-from thumbnet_keras.pipeline.generalize import (
-    resolve_generalize,
-    train_generalize_arm,
-    write_generalize_report,
-)
-from thumbnet_keras.pipeline.report import write_report
-from thumbnet_keras.pipeline.resolve import resolve_run
-from thumbnet_keras.pipeline.rundir import Run
-from thumbnet_keras.pipeline.stages import STAGES, get_teacher, train_stage
+
+_LAZY = {
+    "reestimate_batchnorm": "bn_recalibrate",
+    "prepare_dataset": "datasets",
+    "prepared_dir": "datasets",
+    "evaluate_run": "evaluate",
+    "export_model": "export",
+    "export_run": "export",
+    "resolve_generalize": "generalize",
+    "train_generalize_arm": "generalize",
+    "write_generalize_report": "generalize",
+    "write_report": "report",
+    "resolve_run": "resolve",
+    "Run": "rundir",
+    "STAGES": "stages",
+    "get_teacher": "stages",
+    "train_stage": "stages",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "STAGES",
@@ -70,6 +94,13 @@ __all__ = [
 def run_thumbnet(params, verbose="auto") -> dict:
     """Runs every step of a `thumbnet` run in this process, without Prefect."""
     import os
+
+    from thumbnet_keras.pipeline.datasets import prepare_dataset
+    from thumbnet_keras.pipeline.evaluate import evaluate_run
+    from thumbnet_keras.pipeline.export import export_run
+    from thumbnet_keras.pipeline.report import write_report
+    from thumbnet_keras.pipeline.resolve import resolve_run
+    from thumbnet_keras.pipeline.stages import STAGES, get_teacher, train_stage
 
     run = resolve_run(params)
     cfg = run["config"]
