@@ -12,12 +12,18 @@
 server (Prefect's ephemeral mode): a log line per task, Keras progress per
 stage. Rerunning the same command after an interruption resumes the run.
 `evaluate`, `report` and `export` call the library directly.
+
+Every input is checked before Prefect, Keras or a backend starts
+(`thumbnet_keras.pipeline.preflight`): a user error is one line,
+`thumbnet: error: ...`, exit status 2, and nothing is written. One process
+works in a run folder at a time (its `.lock`). Quiet by default: `-v` shows
+the frameworks' warnings, `-vv` everything, `--debug` the traceback of a user
+error too.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,9 +34,23 @@ def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def _setup_env() -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _flags() -> argparse.ArgumentParser:
+    """-v and --debug, accepted before or after the command."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="-v: the frameworks' warnings; -vv: all their logs",
+    )
+    flags.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of a user error too",
+    )
+    return flags
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -103,22 +123,33 @@ def _param_option(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    flags = _flags()
     parser = argparse.ArgumentParser(
-        prog="thumbnet", description=__doc__.split("\n")[0]
+        prog="thumbnet", description=__doc__.split("\n")[0], parents=[flags]
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the whole thumbnet flow on ELPV (f = 2 and 4)")
+    demo = sub.add_parser(
+        "demo", parents=[flags], help="the whole thumbnet flow on ELPV (f = 2 and 4)"
+    )
     _common(demo)
 
-    train = sub.add_parser("train", help="the thumbnet flow on any dataset")
+    train = sub.add_parser(
+        "train", parents=[flags], help="the thumbnet flow on any dataset"
+    )
     _common(train)
     train.add_argument("--dataset", default="elpv", help="manifest name or YAML path")
     train.add_argument("--backbone", default="tiny_cnn")
     train.add_argument(
         "--backbone-options", default=None, help="JSON, e.g. '{\"widths\": [32, 64]}'"
     )
-    train.add_argument("--teacher", default=None, help="a trained teacher .keras file")
+    train.add_argument(
+        "--teacher",
+        default=None,
+        help="a trained teacher .keras file, 'pretrained:elpv', "
+        "'applications:<Name>[:imagenet|<weights file>]' or "
+        "'keras_hub:<preset or saved folder>' (preprocessing inside)",
+    )
     train.add_argument(
         "--backbone-weights", default=None, help="local weights file or 'imagenet'"
     )
@@ -143,6 +174,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=_field_help("downscaler_width"),
     )
+    train.add_argument("--seed", type=int, default=None, help=_field_help("seed"))
+    _param_option(train, "on_nonfinite")
+    train.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=_field_help("deterministic"),
+    )
     train.add_argument(
         "--export-format",
         action="append",
@@ -150,7 +189,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=("saved_model", "onnx", "litert", "litert_int8"),
     )
 
-    gen = sub.add_parser("generalize", help="reuse a trained E, frozen, elsewhere")
+    gen = sub.add_parser(
+        "generalize", parents=[flags], help="reuse a trained E, frozen, elsewhere"
+    )
     _common(gen)
     gen.add_argument(
         "--source-run", required=True, help="a finished thumbnet run folder"
@@ -173,11 +214,17 @@ def _parser() -> argparse.ArgumentParser:
     for name in _generalize_recipe():
         _param_option(gen, name)
 
-    ev = sub.add_parser("evaluate", help="re-evaluate every arm of a run")
+    ev = sub.add_parser(
+        "evaluate", parents=[flags], help="re-evaluate every arm of a run"
+    )
     ev.add_argument("--run", required=True, help="the run folder")
-    rep = sub.add_parser("report", help="rewrite metrics.json, report.md, report.html")
+    rep = sub.add_parser(
+        "report", parents=[flags], help="rewrite metrics.json, report.md, report.html"
+    )
     rep.add_argument("--run", required=True)
-    exp = sub.add_parser("export", help="export thumbnet.keras to another format")
+    exp = sub.add_parser(
+        "export", parents=[flags], help="export thumbnet.keras to another format"
+    )
     exp.add_argument("--run", required=True)
     exp.add_argument(
         "--format",
@@ -189,7 +236,9 @@ def _parser() -> argparse.ArgumentParser:
         "--factor", type=int, default=None, help="default: the primary factor"
     )
     exp.add_argument("--output", default=None)
-    pred = sub.add_parser("predict", help="classify images with an exported model")
+    pred = sub.add_parser(
+        "predict", parents=[flags], help="classify images with an exported model"
+    )
     pred.add_argument("--model", required=True, help=".keras, .onnx or .tflite")
     pred.add_argument("inputs", nargs="+", metavar="FILES_OR_FOLDERS")
     pred.add_argument("--top-k", type=int, default=5)
@@ -221,6 +270,8 @@ _TRAIN = (
     "export_formats",
     "bn_batches",
     "downscaler_width",
+    "seed",
+    "on_nonfinite",
     *_RECIPE,
 )
 
@@ -237,16 +288,182 @@ def _generalize_values(args: argparse.Namespace) -> dict:
     return values
 
 
-def _run_thumbnet(values: dict) -> int:
+def _run_thumbnet(params) -> int:
     from flows.thumbnet_flows import thumbnet
-    from thumbnet_keras.pipeline import ThumbNetParams
 
-    result = thumbnet(ThumbNetParams(**values), verbose=_verbose())
+    result = thumbnet(params, verbose=_verbose())
     print()
     print(f"thumbnet.keras: {result['thumbnet']}")
     print(f"report:         {result['report_html']}")
     print(f"                {result['report_md']}")
     return 0
+
+
+def _die_with_parent() -> None:
+    """Runs in the Prefect server child between fork and exec: the kernel
+    sends it SIGTERM when this process ends, however it ends (kill -9
+    included). Linux only (prctl)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # The parent died before prctl took effect.
+        os._exit(1)
+
+
+def _start_prefect_server() -> None:
+    """Starts Prefect's temporary API server (what a flow starts when no
+    `PREFECT_API_URL` is set) from this thread, as a child that cannot
+    outlive this process. Prefect reuses it for the flow (one instance per
+    process); it stops it at exit, and the kernel kills it if this process is
+    killed."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    if not sys.platform.startswith("linux"):
+        return
+    import subprocess
+
+    from prefect.server.api import server
+
+    popen = subprocess.Popen
+
+    def child_popen(*args, **kwargs):
+        kwargs.setdefault("preexec_fn", _die_with_parent)
+        return popen(*args, **kwargs)
+
+    instance = server.SubprocessASGIServer()
+    if instance.running:
+        return
+    server.subprocess.Popen = child_popen
+    try:
+        instance.start()
+    finally:
+        server.subprocess.Popen = popen
+
+
+def _in_run_folder(run_dir: str, work, *, fresh: bool):
+    """Runs `work()` holding the run folder's lock; a run (`fresh`) that
+    fails before its first stage leaves no folder behind."""
+    from thumbnet_keras.pipeline.rundir import discard_unstarted, lock_run, unlock_run
+
+    lock_run(run_dir)
+    done = False
+    try:
+        result = work()
+        done = True
+        return result
+    finally:
+        if fresh and not done:
+            discard_unstarted(run_dir)
+        unlock_run(run_dir)
+
+
+def _configure_logging(verbosity: int, flow: bool) -> None:
+    """The library logs through `logging` (`thumbnet_keras.*`): INFO shows
+    (DEBUG with -vv). A flow command leaves the handlers to Prefect, which
+    also sends the records to the run's logs."""
+    import logging
+
+    level = logging.DEBUG if verbosity >= 2 else logging.INFO
+    logger = logging.getLogger("thumbnet_keras")
+    logger.setLevel(level)
+    if flow:
+        os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "thumbnet_keras")
+    elif not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _train_values(args: argparse.Namespace) -> dict:
+    from thumbnet_keras.pipeline.preflight import parse_json_option
+
+    values = _given(args, _COMMON + _TRAIN)
+    if args.epochs is not None:
+        values["joint_epochs"] = args.epochs
+    if args.backbone_options:
+        values["backbone_options"] = parse_json_option(
+            args.backbone_options, "--backbone-options"
+        )
+    return values
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from thumbnet_keras.pipeline import preflight
+    from thumbnet_keras.pipeline.environment import import_backend_quietly
+
+    if args.command in ("demo", "train"):
+        if args.command == "demo":
+            from thumbnet_keras.pipeline.presets import demo
+
+            values = demo() | _given(args, _COMMON)
+        else:
+            values = _train_values(args)
+        params = preflight.check_thumbnet(values)
+        run_dir = os.path.join(params.runs_dir, params.run_name)
+        import_backend_quietly()
+        _start_prefect_server()
+        return _in_run_folder(run_dir, lambda: _run_thumbnet(params), fresh=True)
+    if args.command == "generalize":
+        params = preflight.check_generalize(_generalize_values(args))
+        run_dir = os.path.join(params.runs_dir, params.run_name)
+
+        def work() -> int:
+            from flows.thumbnet_flows import generalize
+
+            result = generalize(params, verbose=_verbose())
+            print(f"\nreport: {result['report_html']}")
+            return 0
+
+        import_backend_quietly()
+        _start_prefect_server()
+        return _in_run_folder(run_dir, work, fresh=True)
+    if args.command in ("evaluate", "report"):
+        preflight.check_finished_run(args.run)
+        import_backend_quietly()
+        from thumbnet_keras import pipeline
+
+        if args.command == "evaluate":
+
+            def work() -> int:
+                result = pipeline.evaluate_run(args.run, force=True)
+                for arm in result["arms"]:
+                    factor = f" f={arm['factor']}" if arm["factor"] else ""
+                    print(f"{arm['label']}{factor}: top-1 {100 * arm['top1']:.2f}%")
+                return 0
+
+        else:
+
+            def work() -> int:
+                result = pipeline.write_report(args.run)
+                print(f"report: {result['report_html']}\n        {result['report_md']}")
+                return 0
+
+        return _in_run_folder(args.run, work, fresh=False)
+    if args.command == "export":
+        source = preflight.check_export(args.run, args.factor, args.format)
+        import_backend_quietly()
+        from thumbnet_keras import pipeline
+
+        def work() -> int:
+            try:
+                print(
+                    pipeline.export_model(
+                        source, args.format, args.output, run_dir=args.run
+                    )
+                )
+            except RuntimeError as err:  # The exporter's message names the cause.
+                print(f"thumbnet: error: {err}", file=sys.stderr)
+                return 1
+            return 0
+
+        return _in_run_folder(args.run, work, fresh=False)
+    raise AssertionError(args.command)  # pragma: no cover
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -276,67 +493,31 @@ def _predict(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `thumbnet` console script."""
     args = _parser().parse_args(argv)
-    _setup_env()
+    verbosity = getattr(args, "verbose", 0)
+    from thumbnet_keras.pipeline.environment import quiet_frameworks
+
+    quiet_frameworks(verbosity)  # Before Keras, a backend or Prefect import.
+    _configure_logging(verbosity, args.command in ("demo", "train", "generalize"))
     from thumbnet_keras.pipeline import ConfigError
+    from thumbnet_keras.pipeline.rundir import RunLockedError
 
-    if args.command == "predict":
-        return _predict(args)
     try:
-        if args.command == "demo":
-            from thumbnet_keras.pipeline.presets import demo
+        if args.command == "predict":
+            return _predict(args)
+        return _dispatch(args)
+    except (ConfigError, RunLockedError) as err:
+        if getattr(args, "debug", False):
+            import traceback
 
-            values = demo() | _given(args, _COMMON)
-            return _run_thumbnet(values)
-        if args.command == "train":
-            values = _given(args, _COMMON + _TRAIN)
-            if args.epochs is not None:
-                values["joint_epochs"] = args.epochs
-            if args.backbone_options:
-                values["backbone_options"] = json.loads(args.backbone_options)
-            return _run_thumbnet(values)
-        if args.command == "generalize":
-            from flows.thumbnet_flows import generalize
-            from thumbnet_keras.pipeline import GeneralizeParams
-
-            params = GeneralizeParams(**_generalize_values(args))
-            result = generalize(params, verbose=_verbose())
-            print(f"\nreport: {result['report_html']}")
-            return 0
-        from thumbnet_keras import pipeline
-
-        if args.command == "evaluate":
-            result = pipeline.evaluate_run(args.run, force=True)
-            for arm in result["arms"]:
-                factor = f" f={arm['factor']}" if arm["factor"] else ""
-                print(f"{arm['label']}{factor}: top-1 {100 * arm['top1']:.2f}%")
-            return 0
-        if args.command == "report":
-            result = pipeline.write_report(args.run)
-            print(f"report: {result['report_html']}\n        {result['report_md']}")
-            return 0
-        if args.command == "export":
-            run = pipeline.Run(args.run)
-            source = (
-                run.factor_dir(args.factor) / "thumbnet.keras"
-                if args.factor
-                else run.file("thumbnet.keras")
-            )
-            if not source.is_file():
-                raise ConfigError(f"{source} not found: run `thumbnet train` first.")
-            try:
-                print(
-                    pipeline.export_model(
-                        str(source), args.format, args.output, run_dir=args.run
-                    )
-                )
-            except RuntimeError as err:  # The exporter's message names the cause.
-                print(f"thumbnet: error: {err}", file=sys.stderr)
-                return 1
-            return 0
-    except ConfigError as err:
+            traceback.print_exc()
         print(f"thumbnet: error: {err}", file=sys.stderr)
         return 2
-    return 1
+    except KeyboardInterrupt:
+        print(
+            "\nthumbnet: interrupted; rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -198,7 +198,8 @@ EXPORT_FORMATS = ("saved_model", "onnx", "litert", "litert_int8")
 class ThumbNetParams(BaseModel):
     """Parameters of the `thumbnet` flow (see `RunConfig` for their meaning)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are refused (a NaN passes no bound check's message).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dataset: str = Field("elpv", description="Manifest name or YAML path.")
     backbone: str = Field("tiny_cnn", description="Teacher architecture.")
@@ -380,7 +381,7 @@ class GeneralizeParams(BaseModel):
     defaults, bounds and help cannot drift apart.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     RECIPE_FIELDS: ClassVar[tuple[str, ...]] = (
         "optimizer",
         "weight_decay",

@@ -1,13 +1,80 @@
-"""The environment a run executed in: backend, versions, device."""
+"""The environment a run executed in (backend, versions, device), and the
+switches that keep the frameworks quiet, set before they are imported."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import sys
+import tempfile
 from importlib import metadata
 
-__all__ = ["environment"]
+__all__ = ["environment", "import_backend_quietly", "quiet_frameworks"]
+
+# Loggers of the frameworks that warn about things a user cannot act on
+# (tf.function retracing, the tf.data cache, JAX's missing-GPU notice).
+_CHATTY_LOGGERS = ("tensorflow", "absl", "jax._src.xla_bridge", "h5py")
+
+
+def quiet_frameworks(verbosity: int = 0) -> None:
+    """Sets the logging switches of TensorFlow, absl, oneDNN, gRPC and JAX.
+
+    Call it before Keras or a backend is imported (the C++ switches are read
+    once, at import). `verbosity` 0 (default): errors only, and the C++
+    start-up lines (oneDNN, CUDA drivers, CPU instructions, cuInit) are
+    hidden; 1: warnings; 2: everything. A switch the user set in the
+    environment is kept at verbosity 0.
+    """
+    level = {0: "3", 1: "1"}.get(verbosity, "0")
+    env = {
+        "TF_CPP_MIN_LOG_LEVEL": level,
+        "GRPC_VERBOSITY": "ERROR" if verbosity == 0 else "INFO",
+        "GLOG_minloglevel": "2" if verbosity == 0 else "0",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    for key, value in env.items():
+        if verbosity == 0:
+            os.environ.setdefault(key, value)
+        else:
+            os.environ[key] = value
+    py_level = {0: logging.ERROR, 1: logging.WARNING}.get(verbosity, logging.DEBUG)
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(py_level)
+
+
+@contextlib.contextmanager
+def _stderr_to(file) -> object:
+    """Points file descriptor 2 (where C++ writes) at `file` meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def import_backend_quietly() -> None:
+    """Imports Keras (and its backend) with the C++ start-up lines hidden.
+
+    TensorFlow writes its oneDNN / CUDA-driver / CPU-instruction notices
+    before its logging is initialized, so `TF_CPP_MIN_LOG_LEVEL` does not
+    reach them; they go to a temporary file here, shown if the import fails.
+    """
+    if "keras" in sys.modules:
+        return
+    with tempfile.TemporaryFile(mode="w+") as captured:
+        try:
+            with _stderr_to(captured):
+                import keras  # noqa: F401
+        except BaseException:
+            captured.seek(0)
+            sys.stderr.write(captured.read())
+            raise
 
 
 def _version(package: str) -> str | None:

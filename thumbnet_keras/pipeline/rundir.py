@@ -11,6 +11,7 @@ Layout of `runs/<run-name>/` (a `thumbnet` run):
     f<factor>/             thumbnet.keras, thumbnail_model.keras, downscaler.keras
     metrics.json           every evaluated arm, stage histories, environment
     report.md, report.html
+    .lock                  held by the one process working in the folder
     stages/<stage>.json    a finished stage's record (its presence = done)
     stages/<stage>/        the stage's products (.keras files)
     checkpoints/<stage>/   per-epoch checkpoints of an unfinished stage
@@ -18,14 +19,23 @@ Layout of `runs/<run-name>/` (a `thumbnet` run):
 Every file is written to a temporary name in the same folder and moved into
 place with `os.replace`, so a process killed at any moment (kill -9) leaves
 either the old file or the new one, never half of one.
+
+One process at a time works in a run folder: `lock_run` takes `.lock` (an
+exclusive `flock`, with the holder's pid, host, start time and command in
+the file). A second process is refused with a message naming the holder; a
+lock left by a killed process is free again (the kernel drops a dead
+process's `flock`) and is taken over, the message naming the dead holder.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +43,10 @@ from typing import Any
 
 __all__ = [
     "Run",
+    "RunLockedError",
+    "discard_unstarted",
+    "lock_run",
+    "unlock_run",
     "atomic_write",
     "check_writable",
     "read_json",
@@ -102,6 +116,159 @@ def check_writable(directory: str | os.PathLike) -> None:
         raise ConfigError(
             f"Output directory {str(directory)!r} is not writable: {err.strerror or err}."
         ) from err
+
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+# Files a run writes before its first stage starts; a folder holding only
+# these (and the lock) has no work to lose.
+_UNSTARTED = {"config.json", "data.json", "source.json", LOCK_NAME}
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+# path -> open file descriptor holding the flock (this process's locks).
+_HELD: dict[str, int] = {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Alive, someone else's.
+        return True
+    return True
+
+
+def _holder_text(info: dict) -> str:
+    return (
+        f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}"
+        + (f" ({info['command']})" if info.get("command") else "")
+    )
+
+
+def _read_lock(fd: int) -> dict:
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        return json.loads(os.read(fd, 65536).decode() or "{}")
+    except (ValueError, UnicodeDecodeError):
+        return {}
+
+
+def lock_run(path: str | os.PathLike) -> Path:
+    """Takes the run folder's lock for this process (creating the folder).
+
+    Re-entrant within a process. Released by `unlock_run` or when the
+    process ends, however it ends.
+
+    Raises:
+        RunLockedError: another live process holds it; the message names it.
+        ConfigError: the folder cannot be created or written.
+    """
+    from thumbnet_keras.pipeline.config import ConfigError
+
+    folder = Path(path)
+    lock = folder / LOCK_NAME
+    key = os.path.abspath(lock)
+    if key in _HELD:
+        return lock
+    try:
+        import fcntl
+    except ImportError:  # Not POSIX: no lock (documented in docs/flows.md).
+        return lock
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ConfigError(
+                f"Run folder {str(folder)!r} is not writable: {err.strerror or err}."
+            ) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_lock(fd)
+            os.close(fd)
+            raise RunLockedError(
+                f"Run folder {str(folder)!r} is in use by another thumbnet process "
+                f"({_holder_text(holder)}). Wait for it to finish or stop it, or "
+                "choose another run name."
+            ) from None
+        # The file may have been removed (unlock_run) between open and flock:
+        # then this lock guards nothing; try again on the new file.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    previous = _read_lock(fd)
+    if previous.get("pid"):
+        alive = previous.get("host") == socket.gethostname() and _pid_alive(
+            int(previous["pid"])
+        )
+        logger.warning(
+            "Run folder %s: taking over the lock of a process that ended without "
+            "releasing it (%s%s).",
+            folder,
+            _holder_text(previous),
+            "" if not alive else "; that pid is now another process",
+        )
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:500],
+    }
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(info) + "\n").encode())
+    _HELD[key] = fd
+    return lock
+
+
+def unlock_run(path: str | os.PathLike) -> None:
+    """Releases this process's lock on the run folder (no-op if not held)."""
+    lock = Path(path) / LOCK_NAME
+    fd = _HELD.pop(os.path.abspath(lock), None)
+    if fd is None:
+        return
+    try:
+        lock.unlink()  # While still locked: a waiter re-checks the inode.
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def discard_unstarted(path: str | os.PathLike) -> bool:
+    """Removes a run folder that holds nothing but what a run writes before
+    its first stage (config.json, data.json, the lock), so a run that failed
+    early leaves nothing that blocks its name. Returns whether it did."""
+    folder = Path(path)
+    if not folder.is_dir() or any(p.name not in _UNSTARTED for p in folder.iterdir()):
+        return False
+    unlock_run(folder)
+    for name in _UNSTARTED:
+        try:
+            (folder / name).unlink()
+        except FileNotFoundError:
+            pass
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def is_unstarted(path: str | os.PathLike) -> bool:
+    """Whether the folder holds only what a run writes before its first stage."""
+    folder = Path(path)
+    return folder.is_dir() and all(p.name in _UNSTARTED for p in folder.iterdir())
 
 
 def default_run_name(prefix: str) -> str:
@@ -175,26 +342,29 @@ class Run:
         return read_json(self.data_json)
 
 
-def claim(
+def check_claimable(
     path: str | os.PathLike, config: dict, kind: str, inputs: dict | None = None
-) -> tuple[Run, bool]:
-    """Creates the run folder, or reopens it when it belongs to this same run.
-
-    A folder that already holds a `config.json` is reopened (to resume) only
-    when the saved config equals `config` and the saved `inputs` (content
-    hashes of what the run reads, e.g. the dataset manifest) equal `inputs`;
-    otherwise `ConfigError` is raised and nothing is written. A non-empty
-    folder without `config.json` is someone else's: also refused.
-
-    Returns:
-        `(run, resumed)`.
-    """
+) -> bool:
+    """`claim`'s checks, reading only: raises `ConfigError` (or
+    `RunLockedError`) when the folder cannot be claimed; returns whether the
+    run would resume. A folder that had not started (see `is_unstarted`) is
+    claimable whatever its saved settings."""
     from thumbnet_keras.pipeline.config import ConfigError
 
     run = Run(path)
+    holder = lock_holder(run.path)
+    if holder is not None:
+        raise RunLockedError(
+            f"Run folder {str(run.path)!r} is in use by another thumbnet process "
+            f"({_holder_text(holder)}). Wait for it to finish or stop it, or "
+            "choose another run name."
+        )
     if run.config_json.is_file():
         saved = run.config()
-        if saved.get("kind") != kind or saved.get("config") != config:
+        same = saved.get("kind") == kind and saved.get("config") == config
+        if not (same and saved.get("inputs") == inputs) and is_unstarted(run.path):
+            return False
+        if not same:
             old, new = saved.get("config", {}), config
             keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigError(
@@ -210,13 +380,71 @@ def claim(
                 "changed since. Finished stages used the old data, so the run is not "
                 "resumed; its outputs are left untouched. Choose another run name."
             )
-        return run, True
-    if run.path.exists() and any(run.path.iterdir()):
+        return True
+    if run.path.exists() and any(p.name != LOCK_NAME for p in run.path.iterdir()):
         raise ConfigError(
             f"Run folder {str(run.path)!r} exists and is not a thumbnet run folder "
             "(no config.json); choose another run name."
         )
+    return False
+
+
+def lock_holder(path: str | os.PathLike) -> dict | None:
+    """Who holds the run folder's lock (pid, host, started, command), or
+    None when it is free or held by this process. Creates nothing."""
+    lock = Path(path) / LOCK_NAME
+    if os.path.abspath(lock) in _HELD:
+        return None
+    try:
+        import fcntl
+
+        fd = os.open(lock, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_lock(fd)
+    finally:
+        os.close(fd)  # Also drops the shared lock taken just now.
+    return None
+
+
+def claim(
+    path: str | os.PathLike, config: dict, kind: str, inputs: dict | None = None
+) -> tuple[Run, bool]:
+    """Creates the run folder, or reopens it when it belongs to this same run,
+    and takes its lock (`lock_run`) for this process.
+
+    A folder that already holds a `config.json` is reopened (to resume) only
+    when the saved config equals `config` and the saved `inputs` (content
+    hashes of what the run reads, e.g. the dataset manifest) equal `inputs`;
+    otherwise `ConfigError` is raised and nothing is written. A folder that
+    had not started (`is_unstarted`: only config.json, data.json, the lock)
+    is started afresh whatever it saved. A non-empty folder without
+    `config.json` is someone else's: also refused; so is a folder another
+    live process works in (`RunLockedError`).
+
+    Returns:
+        `(run, resumed)`.
+    """
+    run = Run(path)
+    check_claimable(run.path, config, kind, inputs)  # Reads only.
     check_writable(run.path)
+    lock_run(run.path)
+    if run.config_json.is_file() and is_unstarted(run.path):
+        saved = run.config()
+        if (saved.get("kind"), saved.get("config"), saved.get("inputs")) != (
+            kind,
+            config,
+            inputs,
+        ):
+            # A run that failed before its first stage: nothing to lose.
+            logger.info("Run folder %s had not started; starting it afresh.", run.path)
+            for name in ("config.json", "data.json", "source.json"):
+                run.file(name).unlink(missing_ok=True)
+    if check_claimable(run.path, config, kind, inputs):  # Again, under the lock.
+        return run, True
     from thumbnet_keras.pipeline.environment import environment
 
     write_json(

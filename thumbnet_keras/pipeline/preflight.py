@@ -1,0 +1,448 @@
+"""Checks a command's inputs before Prefect, Keras or a backend start.
+
+Everything here reads files and validates parameters with pydantic, numpy
+and PyYAML only (no Keras, TensorFlow or Prefect import), so a user error is
+reported in well under a second, and nothing is written:
+
+* the parameters (`ThumbNetParams`, `GeneralizeParams`), with pydantic's
+  messages mapped back to the command line's option names (`--epochs`, not
+  `joint_epochs`);
+* the dataset manifest and its source (an image folder that is missing or
+  holds no image, a Parquet file, the ELPV package);
+* the backbone name, the factors against the image size, the export
+  formats and their packages;
+* the teacher file (a `.keras` archive, its input shape and classes read from
+  the archive's `config.json`) and the backbone weights file;
+* the output folders (`--runs-dir`, `--data-dir`) and the run folder (a
+  different run, another live process holding its lock);
+* for `evaluate`, `report`, `export` and `generalize`: a finished run folder,
+  and the factor asked for.
+
+Each check raises `ConfigError` with a message that names the problem and
+the fix. The flows and `resolve_run` repeat the checks that need Keras (a
+teacher is loaded once, there).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import zipfile
+from functools import cache
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from thumbnet_keras.pipeline.config import (
+    EXPORT_FORMATS,
+    ConfigError,
+    GeneralizeParams,
+    ThumbNetParams,
+)
+from thumbnet_keras.pipeline.rundir import Run, check_claimable, default_run_name
+
+__all__ = [
+    "check_export",
+    "check_finished_run",
+    "check_generalize",
+    "check_thumbnet",
+    "option_name",
+    "validate_params",
+]
+
+# Parameter -> command-line option, where they differ.
+_OPTIONS = {
+    "joint_epochs": "--epochs",
+    "factors": "--factor",
+    "export_formats": "--export-format",
+    "seeds": "--seed",
+    "experiments": "--experiment",
+}
+# Packages an export format needs beyond TensorFlow (thumbnet_keras.deploy).
+_EXPORT_NEEDS = {"onnx": ("tf2onnx", "onnx")}
+EXPORT_FIX = (
+    'pip install -e ".[export]" (from a clone) or pip install "thumbnet-keras[export]"'
+)
+
+
+def option_name(field: str) -> str:
+    """The command-line option of a parameter (`joint_epochs` -> `--epochs`)."""
+    return _OPTIONS.get(field, "--" + field.replace("_", "-"))
+
+
+def _message(error: dict) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    kind, ctx = error["type"], error.get("ctx", {})
+    if field == "run_name" and kind == "string_pattern_mismatch":
+        return (
+            "a run name is a folder name: letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit (no '/')"
+        )
+    if kind == "finite_number":
+        return "must be a finite number"
+    if kind == "extra_forbidden":
+        return "unknown parameter"
+    bounds = {
+        "greater_than_equal": ">=",
+        "greater_than": ">",
+        "less_than_equal": "<=",
+        "less_than": "<",
+    }
+    if kind in bounds:
+        return f"must be {bounds[kind]} {next(iter(ctx.values()))}"
+    msg = error["msg"]
+    return msg[0].lower() + msg[1:]
+
+
+def validate_params(model: type[BaseModel], values: dict) -> BaseModel:
+    """`model.model_validate(values)`, as `ConfigError` naming the options."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            field = str(error["loc"][0]) if error["loc"] else "parameters"
+            given = error.get("input")
+            shown = "" if isinstance(given, dict) else f" {given!r}"
+            if len(error["loc"]) > 1 and field in values:  # An item of a list.
+                shown = f" {values[field]!r}"
+            problems.append(f"{option_name(field)}{shown}: {_message(error)}")
+        raise ConfigError("; ".join(problems) + ".") from None
+
+
+def _check_manifest(dataset: str):
+    from thumbnet_keras.pipeline.resolve import load_manifest_checked
+
+    try:
+        return load_manifest_checked(dataset)
+    except ConfigError as err:
+        raise ConfigError(
+            f"{err}. --dataset takes a manifest name (the YAML files in "
+            "data_manifests/, e.g. elpv, fashion_mnist) or a manifest's path."
+        ) from None
+
+
+def _check_source(manifest) -> None:
+    """The data a manifest points at is there (cheap: no image is decoded)."""
+    source = manifest.source
+    name = f"Dataset {manifest.name!r} ({manifest.path})"
+    if source.type == "image_folder":
+        root = Path(source.root).expanduser()
+        if not root.is_dir():
+            raise ConfigError(
+                f"{name}: image folder {str(root)!r} not found. Fix `source.root` "
+                "in the manifest, or put the class folders there."
+            )
+        extensions = tuple(e.lower() for e in source.extensions)
+        for _, _, files in os.walk(root):
+            if any(f.lower().endswith(extensions) for f in files):
+                return
+        raise ConfigError(
+            f"{name}: image folder {str(root)!r} holds no image "
+            f"({', '.join(extensions)}); expected <root>/<class_name>/<image>."
+        )
+    if source.type == "parquet" and not Path(source.path).expanduser().is_file():
+        raise ConfigError(f"{name}: Parquet file {source.path!r} not found.")
+    if source.type == "elpv" and importlib.util.find_spec("elpv_dataset") is None:
+        raise ConfigError(
+            f"{name} needs the elpv-dataset package: pip install elpv-dataset."
+        )
+    if source.type == "fashion_mnist" and not Path(source.directory).is_dir():
+        raise ConfigError(
+            f"{name}: folder {source.directory!r} not found (Debian: "
+            "apt-get install dataset-fashion-mnist)."
+        )
+
+
+@cache
+def _module_constant(module: str, name: str):
+    """A literal constant of a thumbnet_keras module, read from its source
+    without importing it (those modules import Keras)."""
+    path = Path(__file__).resolve().parents[1].joinpath(*module.split(".")[1:])
+    tree = ast.parse(path.with_suffix(".py").read_text())
+    for node in tree.body:
+        target = getattr(node, "target", None) or (getattr(node, "targets", [None])[0])
+        if isinstance(target, ast.Name) and target.id == name:
+            return ast.literal_eval(node.value)
+    raise LookupError(f"{name} not found in {module}")  # pragma: no cover
+
+
+def known_backbones() -> tuple[str, ...]:
+    return _module_constant("thumbnet_keras.models.backbones", "KNOWN_BACKBONES")
+
+
+def stages() -> tuple[str, ...]:
+    return _module_constant("thumbnet_keras.pipeline.stages", "STAGES")
+
+
+def _check_backbone(name: str, option: str = "--backbone") -> None:
+    if name not in known_backbones():
+        raise ConfigError(
+            f"{option} {name!r}: unknown backbone; choose from "
+            f"{', '.join(known_backbones())}."
+        )
+
+
+def check_export_packages(fmt: str) -> None:
+    """Raises `ConfigError` when `fmt` needs packages that are not installed."""
+    missing = [m for m in _EXPORT_NEEDS.get(fmt, ()) if not importlib.util.find_spec(m)]
+    if missing:
+        raise ConfigError(
+            f"Exporting as {fmt} needs {', '.join(missing)}, not installed: "
+            f"{EXPORT_FIX}."
+        )
+
+
+def keras_archive_shape(
+    path: str, option: str = "--teacher"
+) -> tuple[tuple | None, int | None]:
+    """(input shape without the batch axis, number of outputs) read from a
+    `.keras` archive's `config.json`; either is None when the model's config
+    does not say it plainly. Raises `ConfigError` if it is not an archive."""
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(
+            f"{option} {path!r} is not a Keras archive (a .keras file is a zip holding "
+            "config.json and the weights); give a model saved with model.save(...)."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise ConfigError(
+            f"{option} {path!r} is not a Keras archive (no readable config.json: "
+            f"{err})."
+        ) from None
+    layers = {
+        layer.get("name") or layer.get("config", {}).get("name"): layer
+        for layer in config.get("config", {}).get("layers", [])
+        if isinstance(layer, dict)
+    }
+
+    def _named(key):
+        refs = config.get("config", {}).get(key) or []
+        if refs and isinstance(refs[0], str):  # One tensor: [name, 0, 0].
+            refs = [refs]
+        return [layers.get(r[0]) for r in refs if isinstance(r, list) and r]
+
+    inputs, outputs = _named("input_layers"), _named("output_layers")
+    shape = classes = None
+    if len(inputs) == 1 and inputs[0] and inputs[0].get("class_name") == "InputLayer":
+        batch_shape = inputs[0]["config"].get("batch_shape")
+        if batch_shape:
+            shape = tuple(batch_shape[1:])
+    if len(outputs) == 1 and outputs[0] and outputs[0].get("class_name") == "Dense":
+        classes = outputs[0]["config"].get("units")
+    return shape, classes
+
+
+def _check_teacher(path: str, shape: tuple, num_classes: int | None) -> None:
+    from thumbnet_keras.pretrained import resolve_teacher
+
+    try:
+        path = resolve_teacher(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"--teacher: {err}") from None
+    if not os.path.isfile(path):
+        raise ConfigError(f"--teacher {path!r}: file not found.")
+    teacher_shape, classes = keras_archive_shape(path)
+    if teacher_shape is not None and teacher_shape != tuple(shape):
+        raise ConfigError(
+            f"--teacher {path!r} takes {teacher_shape} images but the run uses "
+            f"{tuple(shape)} (--image-size x --image-size x channels); set "
+            f"--image-size {teacher_shape[0]}."
+        )
+    if None not in (classes, num_classes) and classes != num_classes:
+        raise ConfigError(
+            f"--teacher {path!r} outputs {classes} classes but the dataset has "
+            f"{num_classes}; they must agree."
+        )
+
+
+def _check_writable(path: str, option: str) -> None:
+    """`path` (made later if missing) can be created and written; creates
+    nothing."""
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"{option} {path!r} cannot be created: {str(probe)!r} is a file, "
+            "not a folder. Choose another location."
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{option} {path!r} is not writable ({str(probe)!r} does not accept "
+            "new files). Choose another location, or fix its permissions."
+        )
+
+
+def _dataset_classes(manifest) -> int | None:
+    return len(manifest.classes) if manifest.classes else None
+
+
+def check_thumbnet(values: dict) -> ThumbNetParams:
+    """Every check of a `thumbnet` run that needs no framework.
+
+    Returns:
+        The validated `ThumbNetParams`, with `run_name` resolved (the dated
+        default when none was given), so the run's folder is known.
+    """
+    params = validate_params(ThumbNetParams, values)
+    config = params.to_config()
+    manifest = _check_manifest(config.dataset)
+    _check_backbone(config.backbone)
+    channels = config.channels or manifest.image.channels
+    if channels not in (1, 3):
+        raise ConfigError(f"--channels must be 1 or 3, received {channels}.")
+    if len(set(config.factors)) != len(config.factors):
+        raise ConfigError(f"--factor given twice: {list(config.factors)}.")
+    for factor in config.factors:
+        if factor < 2 or config.image_size % factor:
+            raise ConfigError(
+                f"--factor {factor} does not fit --image-size {config.image_size}: "
+                "a factor is an integer >= 2 that divides the image size "
+                f"(the thumbnail would be {config.image_size / factor:g} pixels)."
+            )
+    for fmt in config.export_formats:
+        if fmt not in EXPORT_FORMATS:
+            raise ConfigError(
+                f"--export-format {fmt!r}: choose from {', '.join(EXPORT_FORMATS)}."
+            )
+        check_export_packages(fmt)
+    if config.teacher is not None:
+        _check_teacher(
+            config.teacher,
+            (config.image_size, config.image_size, channels),
+            _dataset_classes(manifest),
+        )
+    weights = config.backbone_weights
+    if weights not in (None, "imagenet") and not os.path.isfile(weights):
+        raise ConfigError(f"--backbone-weights {weights!r}: file not found.")
+    _check_writable(config.runs_dir, "--runs-dir")
+    if config.data_dir:
+        _check_writable(config.data_dir, "--data-dir")
+    from thumbnet_keras.pipeline.datasets import is_prepared
+
+    if not is_prepared(
+        config.dataset, config.resolved_data_dir, config.limit_per_class
+    ):
+        _check_source(manifest)
+    run_name = config.run_name or default_run_name(f"{manifest.name}-{config.backbone}")
+    resolved = dataclasses.replace(config, channels=channels, run_name=run_name)
+    check_claimable(
+        resolved.run_path,
+        resolved.to_json(),
+        kind="thumbnet",
+        inputs={"manifest_sha256": manifest.content_hash()},
+    )
+    return params.model_copy(update={"run_name": run_name})
+
+
+def _run_config(run_dir: str, kind: str = "thumbnet") -> tuple[Run, dict]:
+    run = Run(run_dir)
+    if not run.path.is_dir():
+        raise ConfigError(
+            f"--run {run_dir!r}: no such folder. Give a run folder made by "
+            "`thumbnet train` (runs/<run-name>)."
+        )
+    try:
+        saved = run.config()
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"--run {run_dir!r} is not a thumbnet run folder (no readable "
+            "config.json). Give a run folder made by `thumbnet train`."
+        ) from None
+    if saved.get("kind") != kind:
+        raise ConfigError(
+            f"--run {run_dir!r} holds a {saved.get('kind')!r} run, not a {kind!r} run."
+        )
+    return run, saved["config"]
+
+
+def check_finished_run(run_dir: str) -> Run:
+    """A `thumbnet` run folder whose every stage finished (`evaluate`,
+    `report`)."""
+    run, config = _run_config(run_dir)
+    wanted = ["teacher"] + [f"f{f}-{s}" for f in config["factors"] for s in stages()]
+    missing = [sid for sid in wanted if not run.is_done(sid)]
+    if missing or not run.data_json.is_file():
+        raise ConfigError(
+            f"--run {run_dir!r} is unfinished ({len(wanted) - len(missing)} of "
+            f"{len(wanted)} stages done; next: {missing[0] if missing else 'data'}). "
+            "Rerun the `thumbnet train` command that started it (same options) "
+            "to finish it."
+        )
+    return run
+
+
+def check_export(run_dir: str, factor: int | None, fmt: str) -> str:
+    """The `.keras` file `thumbnet export` converts; checks the packages."""
+    run, config = _run_config(run_dir)
+    factors = config["factors"]
+    if factor is not None and factor not in factors:
+        raise ConfigError(
+            f"--factor {factor}: run {run_dir!r} has factors "
+            f"{', '.join(map(str, factors))}; choose one of them."
+        )
+    source = run.factor_dir(factor) / "thumbnet.keras" if factor else None
+    source = source or run.file("thumbnet.keras")
+    if not source.is_file():
+        raise ConfigError(
+            f"{source} not found: run {run_dir!r} is unfinished. Rerun the "
+            "`thumbnet train` command that started it (same options) to finish it."
+        )
+    check_export_packages(fmt)
+    return str(source)
+
+
+def check_generalize(values: dict) -> GeneralizeParams:
+    """Every check of a `generalize` run that needs no framework; returns the
+    validated `GeneralizeParams` with `run_name` resolved."""
+    params = validate_params(GeneralizeParams, values)
+    config = params.to_config()
+    run, saved = _run_config(config.source_run)
+    if config.factor not in saved["factors"]:
+        raise ConfigError(
+            f"--factor {config.factor}: source run {config.source_run!r} has factors "
+            f"{', '.join(map(str, saved['factors']))}; choose one of them."
+        )
+    if not (run.factor_dir(config.factor) / "downscaler.keras").is_file():
+        raise ConfigError(
+            f"--source-run {config.source_run!r} is unfinished (no "
+            f"f{config.factor}/downscaler.keras). Rerun its `thumbnet train` "
+            "command to finish it."
+        )
+    for dataset, backbone in config.experiments:
+        if dataset:
+            _check_manifest(dataset)
+        if backbone:
+            _check_backbone(backbone, "--experiment")
+    _check_writable(config.runs_dir, "--runs-dir")
+    if config.data_dir:
+        _check_writable(config.data_dir, "--data-dir")
+    run_name = config.run_name or default_run_name(f"generalize-{run.name}")
+    lock_free = os.path.join(config.runs_dir, run_name)
+    from thumbnet_keras.pipeline.rundir import lock_holder
+
+    holder = lock_holder(lock_free)
+    if holder is not None:
+        check_claimable(lock_free, {}, kind="generalize")  # Raises, naming it.
+    return params.model_copy(update={"run_name": run_name})
+
+
+def parse_json_option(text: str, option: str) -> dict:
+    """A JSON object given on the command line, or `ConfigError` naming it."""
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(
+            f"{option} is not valid JSON ({err}): {text!r}. Example: "
+            f"{option} '{{\"widths\": [32, 64]}}'."
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object ({{...}}), got {text!r}.")
+    return value
