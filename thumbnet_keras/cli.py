@@ -175,7 +175,6 @@ def _parser() -> argparse.ArgumentParser:
         help=_field_help("downscaler_width"),
     )
     train.add_argument("--seed", type=int, default=None, help=_field_help("seed"))
-    _param_option(train, "on_nonfinite")
     train.add_argument(
         "--deterministic",
         action=argparse.BooleanOptionalAction,
@@ -271,7 +270,6 @@ _TRAIN = (
     "bn_batches",
     "downscaler_width",
     "seed",
-    "on_nonfinite",
     *_RECIPE,
 )
 
