@@ -63,6 +63,8 @@ _OPTIONS = {
 }
 # Packages an export format needs beyond TensorFlow (thumbnet_keras.deploy).
 _EXPORT_NEEDS = {"onnx": ("tf2onnx", "onnx")}
+# Teacher specifications that are not files (`thumbnet_keras.models.teachers`).
+_BUILT_TEACHERS = ("applications:", "keras_hub:")
 EXPORT_FIX = (
     'pip install -e ".[export]" (from a clone) or pip install "thumbnet-keras[export]"'
 )
@@ -119,6 +121,8 @@ def _check_manifest(dataset: str):
     try:
         return load_manifest_checked(dataset)
     except ConfigError as err:
+        if "no manifest named" not in str(err):
+            raise
         raise ConfigError(
             f"{err}. --dataset takes a manifest name (the YAML files in "
             "data_manifests/, e.g. elpv, fashion_mnist) or a manifest's path."
@@ -241,6 +245,8 @@ def keras_archive_shape(
 def _check_teacher(path: str, shape: tuple, num_classes: int | None) -> None:
     from thumbnet_keras.pretrained import resolve_teacher
 
+    if path.startswith(_BUILT_TEACHERS):  # Built by Keras: checked in resolve_run.
+        return
     try:
         path = resolve_teacher(path)
     except (ValueError, FileNotFoundError) as err:

@@ -1,0 +1,171 @@
+"""Every user error of the `thumbnet` command, run as a user runs it.
+
+Each case is a real `python -m thumbnet_keras.cli` process: exit status 2, one
+line `thumbnet: error: ...` that names the problem, no traceback, and nothing
+written under the runs folder. They all answer before Keras, TensorFlow or
+Prefect is imported, so the whole module takes a few seconds; the elapsed time
+of each is printed (`pytest -s`), not asserted. They run under one backend
+(tensorflow): no backend is imported before the message.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import pytest
+from pipeline_fixtures import snapshot, subprocess_env, tiny_dataset
+
+# The errors are found before any backend is imported: the same on all three.
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent subprocess checks: run under one backend only",
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A folder with a good manifest, broken ones, a fake teacher and run
+    folders in every state a command can refuse."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    tiny_dataset(root, per_class=2)
+    (root / "empty").mkdir()
+    for name, folder in (("empty", root / "empty"), ("gone", root / "gone")):
+        (root / f"{name}.yaml").write_text(
+            f"name: {name}\ndescription: test\nlicense: CC0\n"
+            f"source: {{type: image_folder, root: '{folder}'}}\n"
+            "classes: [a, b]\nimage: {height: 40, width: 40, channels: 1}\n"
+        )
+    (root / "fake.keras").write_text("this is a text file, not a model\n")
+    (root / "a_file").write_text("x")
+    runs = root / "runs"
+    # A finished-looking run with factors 2 and 4 (export), one stage done.
+    run = runs / "r24"
+    for factor in (2, 4):
+        (run / f"f{factor}").mkdir(parents=True)
+        (run / f"f{factor}" / "thumbnet.keras").write_bytes(b"PK")
+    (run / "stages").mkdir()
+    (run / "stages" / "teacher.json").write_text("{}")
+    (run / "config.json").write_text(
+        json.dumps({"kind": "thumbnet", "config": {"factors": [2, 4]}})
+    )
+    # A started run with other settings (its name is taken).
+    taken = runs / "taken"
+    (taken / "stages").mkdir(parents=True)
+    (taken / "stages" / "teacher.json").write_text("{}")
+    (taken / "config.json").write_text(
+        json.dumps({"kind": "thumbnet", "config": {"dataset": "other"}})
+    )
+    # export --format onnx with tf2onnx and onnx hidden from the interpreter.
+    (root / "no_onnx").mkdir()
+    (root / "no_onnx" / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['tf2onnx'] = None\nsys.modules['onnx'] = None\n"
+    )
+    return root
+
+
+TRAIN = ["train", "--dataset", "{root}/brightness.yaml", "--runs-dir", "{root}/runs"]
+
+# (id, arguments, what the message must say)
+CASES = [
+    ("batch-size", [*TRAIN, "--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    ("image-size", [*TRAIN, "--image-size", "0"], "--image-size 0: must be >= 8"),
+    ("epochs", [*TRAIN, "--epochs", "-1"], "--epochs -1: must be >= 1"),
+    ("lr-nan", [*TRAIN, "--learning-rate", "nan"], "--learning-rate nan: must be a finite"),
+    ("run-name", [*TRAIN, "--run-name", "../../x"], "--run-name '../../x': a run name"),
+    ("json", [*TRAIN, "--backbone-options", "{bad json"], "--backbone-options is not valid JSON"),
+    ("json-list", [*TRAIN, "--backbone-options", "[1]"], "--backbone-options must be a JSON object"),
+    ("dataset", [*TRAIN[:1], "--dataset", "no_such_set", "--runs-dir", "{root}/runs"],
+     "Unknown or invalid dataset 'no_such_set'"),
+    ("empty-folder", [*TRAIN[:1], "--dataset", "{root}/empty.yaml", "--runs-dir", "{root}/runs"],
+     "holds no image"),
+    ("missing-folder", [*TRAIN[:1], "--dataset", "{root}/gone.yaml", "--runs-dir", "{root}/runs"],
+     "image folder '{root}/gone' not found"),
+    ("backbone", [*TRAIN, "--backbone", "resnet19"], "--backbone 'resnet19': unknown backbone"),
+    ("factor", [*TRAIN, "--factor", "3"], "--factor 3 does not fit --image-size 64"),
+    ("factor-twice", [*TRAIN, "--factor", "2", "--factor", "2"], "--factor given twice"),
+    ("teacher-text", [*TRAIN, "--teacher", "{root}/fake.keras"], "is not a Keras archive"),
+    ("teacher-missing", [*TRAIN, "--teacher", "{root}/nope.keras"], "file not found"),
+    ("teacher-shipped", [*TRAIN, "--teacher", "pretrained:cifar"], "'pretrained:elpv'"),
+    ("data-dir", [*TRAIN, "--data-dir", "{root}/a_file/data"], "--data-dir '{root}/a_file/data' cannot be created"),
+    ("runs-dir", [*TRAIN[:3], "--runs-dir", "{root}/a_file/runs"], "--runs-dir '{root}/a_file/runs' cannot be created"),
+    ("name-taken", [*TRAIN, "--run-name", "taken"], "already holds a 'thumbnet' run"),
+    ("demo", ["demo", "--runs-dir", "{root}/runs", "--batch-size", "0"], "--batch-size 0"),
+    ("evaluate-missing", ["evaluate", "--run", "{root}/runs/nope"], "no such folder"),
+    ("evaluate-unfinished", ["evaluate", "--run", "{root}/runs/r24"], "is unfinished (1 of "),
+    ("report-not-a-run", ["report", "--run", "{root}/empty"], "is not a thumbnet run folder"),
+    ("report-unfinished", ["report", "--run", "{root}/runs/r24"], "is unfinished"),
+    ("export-factor", ["export", "--run", "{root}/runs/r24", "--factor", "3", "--format", "onnx"],
+     "--factor 3: run '{root}/runs/r24' has factors 2, 4"),
+    ("export-missing", ["export", "--run", "{root}/runs/nope", "--format", "onnx"], "no such folder"),
+    ("export-packages", ["export", "--run", "{root}/runs/r24", "--factor", "4", "--format", "onnx"],
+     'pip install -e ".[export]"'),
+    ("generalize-source", ["generalize", "--source-run", "{root}/runs/nope", "--runs-dir", "{root}/runs"],
+     "no such folder"),
+    ("generalize-factor", ["generalize", "--source-run", "{root}/runs/r24", "--factor", "8",
+                           "--runs-dir", "{root}/runs"], "has factors 2, 4"),
+]  # fmt: skip
+
+
+def run_cli(args: list[str], root: Path, env_extra: dict | None = None):
+    env = subprocess_env() | (env_extra or {})
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "thumbnet_keras.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=120,
+    )
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize("case,args,expected", CASES, ids=[c[0] for c in CASES])
+def test_user_error_is_one_line_and_exit_2(world, case, args, expected):
+    root = str(world)
+    args = [a.replace("{root}", root) for a in args]
+    env = {}
+    if case == "export-packages":
+        env["PYTHONPATH"] = f"{root}/no_onnx:" + subprocess_env()["PYTHONPATH"]
+    before = snapshot(world)
+    result, seconds = run_cli(args, world, env)
+    print(f"{seconds:.2f}s  thumbnet {' '.join(args)}\n  {result.stderr.strip()}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("thumbnet: error: "), lines
+    assert expected.replace("{root}", root) in lines[0]
+    assert snapshot(world) == before  # Nothing written, nothing touched.
+
+
+def test_debug_shows_the_traceback(world):
+    result, _ = run_cli(["train", "--batch-size", "0", "--debug"], world)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("thumbnet: error:")
+
+
+def test_help_imports_no_framework():
+    code = (
+        "import sys, contextlib, io\n"
+        "from thumbnet_keras.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(['train', '--help'])\n"
+        "    except SystemExit: pass\n"
+        "print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'torch', 'prefect')"
+        " if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert result.stdout.strip() == "[]", result.stderr[-2000:]
+    assert result.stderr == ""  # No framework start-up lines either.
