@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import numpy as np
 
 from thumbnet_keras.reports import (
+    accuracy_vs_flops_figure,
     accuracy_vs_flops_png,
     arms_table,
     deployables_table,
+    gallery_figure,
     gallery_png,
+    headline,
+    health_warnings,
     render_html,
     render_markdown,
     training_curves_png,
+    validation_curves_figure,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -167,3 +173,188 @@ def test_deployables_table_golden():
         in render_markdown(metrics)
     )
     assert "<h2>Deployable models</h2>" in render_html(metrics)
+
+
+# --- headline, plot, gallery, curves, report files (issue 9) -----------------
+
+
+def _arm(name, factor, top1, flops, val=None):
+    return {"name": name, "label": name, "factor": factor, "top1": top1,
+            "val_top1": val, "flops": flops, "params": 10, "images_per_second": 1.0,
+            "input_size": 128 if factor is None else 128 // factor}  # fmt: skip
+
+
+def _two_factors() -> dict:
+    """Teacher 40M MACs 72.4%; f=2 ThumbNet 10.25M 68.8% (best baseline KD
+    67.1%); f=4 ThumbNet 2.7M 66.0% (best baseline CL 65.0%)."""
+    arms = [_arm("teacher", None, 0.724, 40_000_000, 0.75)]
+    for f, scale, tops in (
+        (2, 1.0, (0.40, 0.60, 0.65, 0.671, 0.66, 0.688)),
+        (4, 0.25, (0.30, 0.55, 0.65, 0.64, 0.62, 0.66)),
+    ):
+        names = ("teacher_bicubic", "teacher_bicubic_bn", "bicubic_cl",
+                 "bicubic_kd", "bicubic_kd_equal", "thumbnet")  # fmt: skip
+        flops = (10e6, 10e6, 10e6, 10e6, 10.5e6, 10.8e6 if f == 4 else 10.25e6)
+        for name, top1, cost in zip(names, tops, flops):
+            arms.append(_arm(name, f, top1, int(cost * scale)))
+    return _metrics() | {
+        "run_name": "demo",
+        "primary_factor": 2,
+        "arms": arms,
+        "config": {"factors": [2, 4], "image_size": 128},
+        "dataset": _metrics()["dataset"] | {"majority": {"test": 0.575}},
+    }
+
+
+def test_headline_golden():
+    assert headline(_two_factors()) == (
+        "ThumbNet f=2: 68.8% test top-1 at 3.9× fewer MACs; teacher 72.4%, best "
+        "bicubic baseline 67.1% (Bicubic + KD). ThumbNet f=4: 66.0% test top-1 at "
+        "14.8× fewer MACs; best bicubic baseline 65.0% (Bicubic + CL)."
+    )
+    # The primary factor first, whatever the arms' order.
+    four_first = _two_factors() | {"primary_factor": 4}
+    assert headline(four_first).startswith("ThumbNet f=4: 66.0% test top-1 at 14.8×")
+    # E + S dearer than T (a tiny smoke teacher): said as such.
+    m = _metrics()
+    m["arms"][1]["flops"] = 2 * m["arms"][0]["flops"]
+    assert headline(m) == (
+        "ThumbNet f=2: 50.0% test top-1 at 2.0× more MACs than the teacher; "
+        "teacher 87.6%."  # 87.65 in binary is 87.6499...
+    )
+    assert headline({"arms": []}) == "Nothing evaluated yet."
+
+
+def test_markdown_opens_with_headline_health_and_notes():
+    m = _two_factors()
+    md = render_markdown(m)
+    lines = md.splitlines()
+    assert lines[2] == f"**{headline(m)}**"
+    assert '"Full size" is this run\'s `image_size`, 128x128' in md
+    assert "The top-level `thumbnet.keras` is the model of f=2 (the first factor)" in md
+    assert "- thumbnet.keras: `runs/x/thumbnet.keras` (f=2, the first factor)" in md
+    sick = m | {"health": {"status": "failed", "problems": [
+        "f2-joint: non-finite loss at epoch 3", {"message": "teacher at chance"},
+        {"check": "input_dependence", "ok": True}]}}  # fmt: skip
+    lines = render_markdown(sick).splitlines()
+    assert lines[2] == "> **Warning: This run is marked FAILED by its health checks:**"
+    assert lines[3:5] == ["> - f2-joint: non-finite loss at epoch 3",
+                          "> - teacher at chance"]  # fmt: skip
+    page = render_html(sick)
+    assert page.index('class="health"') < page.index('class="headline"')
+    assert health_warnings(m | {"health": {"status": "ok", "problems": []}}) == []
+
+
+def test_accuracy_plot_labels_every_point_and_joins_factors():
+    m = _two_factors()
+    fig = accuracy_vs_flops_figure(m["arms"], majority=0.575)
+    (ax,) = fig.axes
+    labels = {t.get_gid(): t.get_text() for t in ax.texts if t.get_gid()}
+    expected = {f"{a['name']}@{a['factor'] or '-'}" for a in m["arms"]}
+    assert set(labels) == expected and len(ax.texts) == len(expected) == 13
+    assert labels["thumbnet@2"] == "ThumbNet f=2: 68.8%"
+    assert labels["bicubic_kd@4"] == "KD f=4: 64.0%"
+    assert labels["teacher@-"] == "Teacher: 72.4%"
+    # One line per method through its factors' points, cheapest first.
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    thumbnet = lines["ThumbNet (E + S)"]
+    assert list(thumbnet.get_xdata()) == [2_700_000, 10_250_000]
+    assert list(thumbnet.get_ydata()) == [66.0, 68.8]
+    assert thumbnet.get_linestyle() == "-"
+    assert len(lines["Teacher (full size)"].get_xdata()) == 1
+    majority = lines["majority class (57.5%)"]
+    assert np.allclose(majority.get_ydata(), [57.5, 57.5])
+    # The legend sits right of the axes, over no data.
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 > ax.get_window_extent().x1
+    # No two point labels overlap.
+    boxes = [t.get_window_extent() for t in ax.texts]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)
+
+
+def test_gallery_lists_true_and_predicted_labels():
+    rows = {
+        "original": [np.full((8, 8, 1), 0.5, np.float32)] * 2,
+        "bicubic f=2": [np.zeros((4, 4, 1), np.float32)] * 2,
+        "learned f=2": [np.ones((4, 4, 1), np.float32)] * 2,
+    }
+    truth = ["cat", "dog"]
+    predictions = {
+        "original": {"Teacher": ["cat", "cat"]},
+        "bicubic f=2": {"Bicubic + CL": ["dog", "dog"], "Bicubic + KD": ["cat", "dog"]},
+        "learned f=2": {"ThumbNet": ["cat", "dog"]},
+    }
+    fig = gallery_figure(rows, truth, predictions)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["true: cat", "true: dog"]
+    assert {t.get_text() for t in fig.texts} == {
+        "Teacher: cat", "Bicubic + CL: dog", "Bicubic + KD: cat",
+        "Bicubic + KD: dog", "ThumbNet: cat", "ThumbNet: dog",
+    }  # fmt: skip
+    assert len(fig.texts) == 8  # one per (model, image)
+    wrong = [t for t in fig.texts if t.get_color() == "tab:red"]
+    assert sorted(t.get_text() for t in wrong) == [
+        "Bicubic + CL: dog",
+        "Teacher: cat",
+    ]  # fmt: skip: CL wrong on image 1, the teacher on image 2
+
+
+def test_validation_curves_show_val_top1_and_drop_flat_panels():
+    stages = {
+        "teacher": {"history": {"val_accuracy": [0.5]}},  # one epoch: no panel
+        "f2-fm_pretrain": {"history": {"loss": [0.4, 0.3], "mm_loss": [0.0, 0.0]}},
+        "f2-joint": {
+            "history": {
+                "loss": [2.0, 1.5, 1.2],
+                "mm_loss": [0.0] * 3,
+                "val_accuracy": [0.5, 0.7, 0.6],
+            },
+            "selection": {"best_epoch": 2},
+        },  # fmt: skip
+        "f2-bicubic_cl": {"history": {"val_accuracy": [0.4, 0.45]}},
+    }
+    fig = validation_curves_figure(stages)
+    assert [ax.get_title() for ax in fig.axes] == ["f=2"]
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert list(lines["joint"].get_ydata()) == [50.0, 70.0, 60.0]
+    assert list(lines["bicubic_cl"].get_ydata()) == [40.0, 45.0]
+    circled = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("_")]
+    assert [list(ln.get_xdata()) for ln in circled] == [[2]]  # joint's kept epoch
+    # MM constant at 0 is not a curve; single-epoch stages have none.
+    from thumbnet_keras.reports.charts import _loss_panels, has_validation_curves
+
+    assert _loss_panels(stages) == [
+        ("f2-fm_pretrain", {"loss": [0.4, 0.3]}),
+        ("f2-joint", {"loss": [2.0, 1.5, 1.2]}),
+    ]
+    assert not has_validation_curves({"teacher": stages["teacher"]})
+
+
+def test_saved_report_md_links_image_files_that_exist(tmp_path):
+    from thumbnet_keras.pipeline.report import save_report
+
+    m = _two_factors()
+    m["stages"]["f2-joint"]["history"]["val_accuracy"] = [0.5, 0.6]
+    gallery = {
+        "rows": {"original": [np.zeros((8, 8, 1), np.float32)]},
+        "truth": ["0"],
+        "predictions": {"original": {"Teacher": ["0"]}},
+    }
+    out = save_report(str(tmp_path), m, gallery)
+    md = (tmp_path / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert links == [
+        "report_images/accuracy_vs_macs.png",
+        "report_images/gallery.png",
+        "report_images/validation_curves.png",
+        "report_images/training_curves.png",
+    ]
+    for link in links:
+        assert (tmp_path / link).read_bytes().startswith(PNG), link
+    assert sorted(out["images"].values()) == sorted(str(tmp_path / k) for k in links)
+    page = (tmp_path / "report.html").read_text()
+    assert len(re.findall(r"data:image/png;base64", page)) == 4
+    assert json.loads((tmp_path / "metrics.json").read_text())["run_name"] == "demo"

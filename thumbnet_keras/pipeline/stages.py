@@ -35,6 +35,7 @@ from __future__ import annotations
 import shutil
 import warnings
 
+from thumbnet_keras.pipeline import progress
 from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
 from thumbnet_keras.pipeline.config import ConfigError, RunConfig
 from thumbnet_keras.pipeline.rundir import (
@@ -104,6 +105,7 @@ def _finish(run: Run, sid: str, record: dict) -> dict:
     except OSError:
         pass
     _log(f"[{sid}] done")
+    progress.stage_done(run, sid, record)
     return record
 
 
@@ -159,8 +161,9 @@ def _fit(model, config, prepared, run, sid, epochs, verbose, labels=True):
             train,
             epochs,
             run.checkpoint_dir(sid),
-            verbose=verbose,
+            verbose=progress.keras_verbose(verbose),
             log=_log,
+            callbacks=[progress.EpochProgress(sid, epochs, config.factors)],
             validation_data=validation,
             no_selection_reason=reason,
         )
@@ -210,6 +213,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     run, config = load_run(run_dir)
     write_json(run.data_json, prepared)
     sid = "teacher"
+    progress.stage_started(config.factors, sid)
     if run.is_done(sid):
         return _skip(run, sid)
     shape, classes = _image_shape(config), prepared["num_classes"]
@@ -340,6 +344,7 @@ def train_stage(
         raise ConfigError(f"Unknown stage {stage!r}; stages: {', '.join(STAGES)}.")
     run, config = load_run(run_dir)
     sid = stage_id(factor, stage)
+    progress.stage_started(config.factors, sid)
     if run.is_done(sid):
         return _skip(run, sid)
     prepared = run.data()

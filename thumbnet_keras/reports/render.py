@@ -3,8 +3,9 @@
 
 `metrics` is the dict written to `metrics.json`:
 
-    run_name, primary_factor
-    dataset: {name, license, num_classes, class_names, splits}
+    run_name, primary_factor (the factor of the top-level thumbnet.keras)
+    dataset: {name, license, num_classes, class_names, splits,
+              [majority: {split: the most frequent class's share}]}
     arms: [{name, label, factor, input_size, top1 (test), val_top1, [top5],
             flops, params, images_per_second, examples}]
     stages: {stage id: {history, epochs, seconds, resumed_from, selection,
@@ -12,6 +13,11 @@
     config: the resolved RunConfig
     environment: {backend, device, python, platform, versions}
     outputs: {name: path}
+    [health]: {status: "ok" | "degraded" | "failed", problems: [...]}, from
+              the run's health checks when it has them (`health_warnings`)
+
+The report opens with the health warnings (if any) and `headline`, one
+sentence of what the run produced.
 """
 
 from __future__ import annotations
@@ -22,15 +28,146 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
 from thumbnet_keras.reports.charts import (
     accuracy_vs_flops_png,
     gallery_png,
     training_curves_png,
+    validation_curves_png,
 )
 
-__all__ = ["arms_table", "deployables_table", "render_html", "render_markdown"]
+__all__ = [
+    "IMAGES",
+    "arms_table",
+    "deployables_table",
+    "headline",
+    "health_warnings",
+    "render_html",
+    "render_markdown",
+    "report_images",
+]
+
+# Arms that classify a bicubic thumbnail (the baselines ThumbNet must beat).
+BICUBIC_ARMS = (
+    "teacher_bicubic",
+    "teacher_bicubic_bn",
+    "bicubic_cl",
+    "bicubic_kd",
+    "bicubic_kd_equal",
+)
+SHORT_LABELS = {
+    "teacher": "Teacher",
+    "teacher_bicubic": "Teacher on bicubic",
+    "teacher_bicubic_bn": "Teacher on bicubic + BN",
+    "bicubic_cl": "Bicubic + CL",
+    "bicubic_kd": "Bicubic + KD",
+    "bicubic_kd_equal": "Bicubic + KD, equal MACs",
+    "thumbnet": "ThumbNet",
+}
+
+
+def _pct1(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def headline(metrics: Mapping) -> str:
+    """One sentence of what the run produced, primary factor first:
+
+    "ThumbNet f=2: 68.8% test top-1 at 3.9× fewer MACs; teacher 72.4%, best
+    bicubic baseline 67.1% (Bicubic + KD)." and, per other factor, "ThumbNet
+    f=4: ... at ...× fewer MACs; best bicubic baseline ...". "Best" is the
+    highest test top-1 among the bicubic arms of that factor (the strongest
+    competitor, so the comparison favours the baseline).
+    """
+    arms = metrics.get("arms", [])
+    teacher = next((a for a in arms if a["name"] == "teacher"), None)
+    thumbnets = {a["factor"]: a for a in arms if a["name"] == "thumbnet"}
+    if not thumbnets:
+        if teacher is not None:
+            return (
+                f"Teacher {_pct1(teacher['top1'])} test top-1; no ThumbNet evaluated."
+            )
+        return "Nothing evaluated yet."
+    primary = metrics.get("primary_factor")
+    factors = sorted(thumbnets, key=lambda f: (f != primary, f))
+    sentences = []
+    for i, factor in enumerate(factors):
+        arm = thumbnets[factor]
+        text = f"ThumbNet f={factor}: {_pct1(arm['top1'])} test top-1"
+        if teacher is not None and arm["flops"]:
+            ratio = teacher["flops"] / arm["flops"]
+            if ratio >= 1:
+                text += f" at {ratio:.1f}× fewer MACs"
+            else:  # E + S costs more than T (a tiny teacher, a large E).
+                text += f" at {1 / ratio:.1f}× more MACs than the teacher"
+        extra = []
+        if i == 0 and teacher is not None:
+            extra.append(f"teacher {_pct1(teacher['top1'])}")
+        baselines = [
+            a for a in arms if a["name"] in BICUBIC_ARMS and a["factor"] == factor
+        ]
+        if baselines:
+            best = max(baselines, key=lambda a: a["top1"])
+            extra.append(
+                f"best bicubic baseline {_pct1(best['top1'])} "
+                f"({SHORT_LABELS.get(best['name'], best['label'])})"
+            )
+        sentences.append(text + ("; " + ", ".join(extra) if extra else "") + ".")
+    return " ".join(sentences)
+
+
+_HEALTHY = ("ok", "healthy", "passed", None)
+
+
+def health_warnings(metrics: Mapping) -> list[str]:
+    """What the run's health checks found, as sentences; [] when the run is
+    healthy or was not checked.
+
+    Reads `metrics["health"]`: `{"status": ..., "problems" | "messages" |
+    "warnings" | "checks": [str or {"message": ...}]}`, or a status string.
+    """
+    health = metrics.get("health")
+    if not health:
+        return []
+    if isinstance(health, str):
+        status, items = health, []
+    else:
+        status = health.get("status")
+        items = []
+        for key in ("problems", "messages", "warnings", "checks"):
+            items += list(health.get(key) or [])
+    texts = []
+    for item in items:
+        if isinstance(item, Mapping):
+            if item.get("ok") is True or item.get("status") in ("ok", "passed"):
+                continue
+            item = item.get("message") or json.dumps(dict(item), sort_keys=True)
+        texts.append(str(item))
+    if status in _HEALTHY and not texts:
+        return []
+    head = (
+        f"This run is marked {str(status).upper()} by its health checks"
+        if status not in _HEALTHY
+        else "The run's health checks reported problems"
+    )
+    return [head + (":" if texts else "."), *texts]
+
+
+def _full_size_note(metrics: Mapping) -> str:
+    size = (metrics.get("config") or {}).get("image_size")
+    primary = metrics.get("primary_factor")
+    parts = []
+    if size:
+        parts.append(
+            f'"Full size" is this run\'s `image_size`, {size}x{size} (every '
+            "image is resized to it; the teacher's input); a factor f gives "
+            f"thumbnails of {size}/f."
+        )
+    if primary:
+        parts.append(
+            f"The top-level `thumbnet.keras` is the model of f={primary} "
+            "(the first factor); every factor's is in `f<factor>/`."
+        )
+    return " ".join(parts)
 
 
 def _pct(value) -> str:
@@ -163,19 +300,78 @@ def _results_note(metrics: Mapping) -> str:
     return f"{selection} {_COST_NOTE}"
 
 
-def render_markdown(metrics: Mapping) -> str:
-    """`report.md`: the tables and the resolved config (no images)."""
+# The report's images: key -> (file name under `report_images/`, alt text).
+IMAGES = {
+    "accuracy_vs_macs": ("accuracy_vs_macs.png", "Test top-1 vs. MACs per image"),
+    "gallery": ("gallery.png", "Test images, thumbnails, true labels and predictions"),
+    "validation_curves": ("validation_curves.png", "Validation top-1 per epoch"),
+    "training_curves": ("training_curves.png", "Training losses per epoch"),
+}
+_GALLERY_NOTE = (
+    "Test images (one per class where possible): the original with the "
+    "teacher's prediction, and per factor the bicubic thumbnail with the "
+    "bicubic baselines' predictions and the learned thumbnail of E with "
+    "ThumbNet's. Green: correct; red: wrong."
+)
+_CURVES_NOTE = (
+    "Validation top-1 after every epoch of each stage that has labels (the "
+    "kept epoch circled); below, the training losses that change (constant "
+    "terms and single-epoch stages left out)."
+)
+
+
+def _health_md(metrics: Mapping) -> list[str]:
+    warnings = health_warnings(metrics)
+    if not warnings:
+        return []
+    lines = [f"> **Warning: {warnings[0]}**"] + [f"> - {w}" for w in warnings[1:]]
+    return ["\n".join(lines) + "\n"]
+
+
+def _outputs_md(metrics: Mapping) -> str:
+    primary = metrics.get("primary_factor")
+    lines = []
+    for key, value in metrics.get("outputs", {}).items():
+        note = f" (f={primary}, the first factor)" if key == "thumbnet.keras" else ""
+        note = note if primary else ""
+        lines.append(f"- {key}: `{value}`{note}")
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(metrics: Mapping, images: Mapping[str, str] | None = None) -> str:
+    """`report.md`: health warnings, the headline, the tables, links to the
+    report's images and the resolved config.
+
+    Args:
+        metrics: see the module docstring.
+        images: image key (`IMAGES`) -> path relative to `report.md`; a key
+            left out (or None) links no image.
+    """
+    images = images or {}
+
+    def image(key: str) -> list[str]:
+        if key not in images:
+            return []
+        return [f"![{IMAGES[key][1]}]({images[key]})\n"]
+
     parts = [
         f"# ThumbNet report: {metrics.get('run_name', '')}\n",
-        _summary(metrics) + "\n",
+        *_health_md(metrics),
+        f"**{headline(metrics)}**\n",
+        _summary(metrics) + " " + _full_size_note(metrics) + "\n",
         "## Results\n",
         _results_note(metrics) + "\n",
         _md_table(arms_table(metrics)),
+        *image("accuracy_vs_macs"),
+        *(["## Thumbnails\n", _GALLERY_NOTE + "\n"] if "gallery" in images else []),
+        *image("gallery"),
         "## Training stages\n",
         _md_table(_stage_rows(metrics)),
+        *([_CURVES_NOTE + "\n"] if "validation_curves" in images else []),
+        *image("validation_curves"),
+        *image("training_curves"),
         "## Outputs\n",
-        "\n".join(f"- {k}: `{v}`" for k, v in metrics.get("outputs", {}).items())
-        + "\n",
+        _outputs_md(metrics),
         *(
             [
                 "## Deployable models\n",
@@ -222,47 +418,110 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}
+.headline{font-size:1.2em;font-weight:600}
+.health{background:#fff3cd;border:1px solid #e0b000;padding:.5em 1em;margin:1em 0}
 """
 
 
+def report_images(metrics: Mapping, gallery: Mapping | None = None) -> dict[str, bytes]:
+    """The report's PNG images (keys of `IMAGES`): the accuracy-vs-MACs plot
+    when models were evaluated, the gallery when given, the validation curves
+    when a stage logged validation top-1, the training losses when any loss
+    changes.
+
+    Args:
+        metrics: see the module docstring.
+        gallery: `{"rows": {title: [images]}, "truth": [class names],
+            "predictions": {title: {model: [class names]}}}`, or a plain
+            `{title: [images]}`; None: no gallery.
+    """
+    from thumbnet_keras.reports.charts import has_training_curves, has_validation_curves
+
+    stages = metrics.get("stages", {})
+    out = {}
+    if metrics.get("arms"):
+        out["accuracy_vs_macs"] = accuracy_vs_flops_png(
+            metrics["arms"], majority=_majority(metrics)
+        )
+    if gallery:
+        if "rows" in gallery:
+            out["gallery"] = gallery_png(
+                gallery["rows"], gallery.get("truth"), gallery.get("predictions")
+            )
+        else:
+            out["gallery"] = gallery_png(gallery)
+    if has_validation_curves(stages):
+        out["validation_curves"] = validation_curves_png(stages)
+    if has_training_curves(stages):
+        out["training_curves"] = training_curves_png(stages)
+    return out
+
+
+def _majority(metrics: Mapping) -> float | None:
+    return (metrics.get("dataset", {}).get("majority") or {}).get("test")
+
+
 def render_html(
-    metrics: Mapping, gallery: Mapping[str, Sequence[np.ndarray]] | None = None
+    metrics: Mapping,
+    gallery: Mapping | None = None,
+    images: Mapping[str, bytes] | None = None,
 ) -> str:
     """`report.html`: self-contained (inline CSS and base64 PNG charts).
 
     Args:
         metrics: see the module docstring.
-        gallery: row title -> list of images (original, bicubic, learned
-            thumbnails); None or empty: no gallery section.
+        gallery: see `report_images`; None or empty: no gallery section.
+        images: the PNGs already rendered (`report_images`); None: rendered
+            here from `metrics` and `gallery`.
     """
+    if images is None:
+        images = report_images(metrics, gallery)
     title = f"ThumbNet report: {metrics.get('run_name', '')}"
-    summary = html.escape(_summary(metrics)).replace("**", "")
-    sections = [
-        f"<h1>{html.escape(title)}</h1>",
+    summary = html.escape(_summary(metrics) + " " + _full_size_note(metrics))
+    summary = summary.replace("**", "").replace("`", "")
+
+    def image(key: str) -> list[str]:
+        return [_img(images[key], IMAGES[key][1])] if key in images else []
+
+    warnings = health_warnings(metrics)
+    sections = [f"<h1>{html.escape(title)}</h1>"]
+    if warnings:
+        sections.append(
+            '<div class="health"><strong>Warning: '
+            + html.escape(warnings[0])
+            + "</strong><ul>"
+            + "".join(f"<li>{html.escape(w)}</li>" for w in warnings[1:])
+            + "</ul></div>"
+        )
+    sections += [
+        f'<p class="headline">{html.escape(headline(metrics))}</p>',
         f"<p>{summary}</p>",
         "<h2>Results</h2>",
         f"<p>{html.escape(_results_note(metrics))}</p>",
         _html_table(arms_table(metrics)),
+        *image("accuracy_vs_macs"),
     ]
-    if metrics.get("arms"):
-        sections.append(
-            _img(accuracy_vs_flops_png(metrics["arms"]), "accuracy vs FLOPs")
-        )
-    if gallery:
+    if "gallery" in images:
         sections += [
             "<h2>Thumbnails</h2>",
-            "<p>Test images: the original, the bicubic thumbnail and the learned "
-            "thumbnail of E, for every factor.</p>",
-            _img(gallery_png(gallery), "thumbnail gallery"),
+            f"<p>{html.escape(_GALLERY_NOTE)}</p>",
+            *image("gallery"),
         ]
     sections += [
         "<h2>Training</h2>",
         _html_table(_stage_rows(metrics)),
-        _img(training_curves_png(metrics.get("stages", {})), "training curves"),
-        "<h2>Outputs</h2><ul>",
         *(
-            f"<li>{html.escape(str(k))}: <code>{html.escape(str(v))}</code></li>"
-            for k, v in metrics.get("outputs", {}).items()
+            [f"<p>{html.escape(_CURVES_NOTE)}</p>"]
+            if "validation_curves" in images
+            else []
+        ),
+        *image("validation_curves"),
+        *image("training_curves"),
+        "<h2>Outputs</h2>",
+        "<ul>",
+        *(
+            f"<li>{html.escape(line[2:])}</li>"
+            for line in _outputs_md(metrics).replace("`", "").splitlines()
         ),
         "</ul>",
         *(

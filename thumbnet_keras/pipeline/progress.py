@@ -1,0 +1,306 @@
+"""Progress a person can follow, and the end-of-run summary.
+
+While a run trains, everything goes through the `thumbnet_keras.progress`
+logger (`logging`, never `print`: the command line, Prefect's run logs or a
+user's own configuration decide where it shows):
+
+    [3/13] fm_pretrain f=2: training for 5 epochs
+      epoch 1/5  loss 0.4334  (12.1 s, ETA 48s)
+      ...
+    [4/13] joint f=2: training for 10 epochs
+      epoch 1/10  loss 1.8489  train top-1 27.3%  val top-1 50.0% (best)  (3.0 s, ETA 27s)
+    [4/13] joint f=2: done in 31s, kept epoch 4 (val top-1 52.0%)
+
+The stage count comes from the run's config: the teacher, then every stage of
+`STAGES` per factor. In a terminal Keras draws its progress bar as well
+(`keras_verbose`); piped, the epoch line above is the only per-epoch output.
+
+`format_summary(metrics)` (and `run_summary(run_dir)`, which reads the run's
+`metrics.json`) is the table the command line prints when a run ends: the
+teacher, every baseline and ThumbNet per factor with validation and test
+top-1, MACs and speed-up over the teacher, then the output paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import keras
+
+__all__ = [
+    "EpochProgress",
+    "stage_done",
+    "stage_started",
+    "format_duration",
+    "format_summary",
+    "keras_verbose",
+    "logger",
+    "run_stage_ids",
+    "run_summary",
+    "stage_label",
+    "summary_rows",
+]
+
+logger = logging.getLogger("thumbnet_keras.progress")
+
+
+def run_stage_ids(factors: Sequence[int]) -> list[str]:
+    """The stage ids of a `thumbnet` run, in the order they run."""
+    from thumbnet_keras.pipeline.stages import STAGES, stage_id
+
+    return ["teacher"] + [stage_id(f, s) for f in factors for s in STAGES]
+
+
+def _title(sid: str) -> str:
+    """`f2-joint` -> `joint f=2`; `teacher` stays."""
+    head, sep, stage = sid.partition("-")
+    if sep and head[:1] == "f" and head[1:].isdigit():
+        return f"{stage} f={head[1:]}"
+    return sid
+
+
+def stage_label(factors: Sequence[int], sid: str) -> str:
+    """`[3/13] fm_pretrain f=2`: the stage's place in the run and its name."""
+    ids = run_stage_ids(factors)
+    if sid not in ids:
+        return f"[{_title(sid)}]"
+    return f"[{ids.index(sid) + 1}/{len(ids)}] {_title(sid)}"
+
+
+def format_duration(seconds: float) -> str:
+    """`48s`, `3m05s`, `1h02m`."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def keras_verbose(verbose: int | str) -> int:
+    """Keras' own `verbose` for `model.fit`, given the run's setting.
+
+    `1`: Keras' progress bar (a terminal); `2` (piped) and `0`: Keras says
+    nothing, `EpochProgress` logs one line per epoch instead (Keras' `2`
+    prints two lines per epoch and every loss term). `"auto"`: `1` in a
+    terminal, else `0`.
+    """
+    if verbose == "auto":
+        return 1 if sys.stdout.isatty() else 0
+    return 1 if int(verbose) == 1 else 0
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def stage_started(factors: Sequence[int], sid: str) -> None:
+    """Logs `[3/13] fm_pretrain f=2`: a stage starts (or is found done)."""
+    logger.info(stage_label(factors, sid))
+
+
+def stage_done(run, sid: str, record: Mapping) -> None:
+    """Logs the end of a stage: its time and the epoch it kept.
+
+    Args:
+        run: the `Run` (its config gives the stage count).
+        sid: the stage id.
+        record: the stage record (`seconds`, `selection`, `unavailable`).
+    """
+    factors = run.config()["config"]["factors"]
+    text = f"{stage_label(factors, sid)}: "
+    if record.get("unavailable"):
+        text += "unavailable"
+    else:
+        text += f"done in {format_duration(record.get('seconds') or 0)}"
+        selection = record.get("selection") or {}
+        if selection.get("best_value") is not None:
+            text += (
+                f", kept epoch {selection['best_epoch']} "
+                f"(val top-1 {_pct(selection['best_value'])})"
+            )
+    logger.info(text)
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """Logs one line per epoch: the loss, train and validation top-1 (when
+    the stage has them, with the best so far marked) and, once the first
+    epoch is timed, the stage's estimated time left.
+
+    Args:
+        sid: the stage id (`teacher`, `f2-joint`, ...).
+        epochs: the stage's total epochs (a resumed `fit` starts later).
+        factors: the run's factors (for the stage count), or None.
+        log: a `logging.Logger` (default: `thumbnet_keras.progress`).
+    """
+
+    def __init__(
+        self,
+        sid: str,
+        epochs: int,
+        factors: Sequence[int] | None = None,
+        log: logging.Logger | None = None,
+    ):
+        super().__init__()
+        self.label = stage_label(factors or [], sid)
+        self.epochs = int(epochs)
+        self.log = log or logger
+        self.durations: list[float] = []
+        self.best: float | None = None
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self._start = time.perf_counter()
+
+    def format_epoch(self, epoch: int, logs: Mapping, seconds: float) -> str:
+        """The line for (0-based) `epoch`; updates the timing and best value."""
+        self.durations.append(seconds)
+        parts = [f"{self.label} epoch {epoch + 1}/{self.epochs}:"]
+        if "loss" in logs:
+            parts.append(f"loss {float(logs['loss']):.4f}")
+        if "accuracy" in logs:
+            parts.append(f"train top-1 {_pct(float(logs['accuracy']))}")
+        if "val_accuracy" in logs:
+            value = float(logs["val_accuracy"])
+            text = f"val top-1 {_pct(value)}"
+            if value == value and (self.best is None or value > self.best):
+                self.best = value
+                text += " (best)"
+            parts.append(text)
+        left = self.epochs - (epoch + 1)
+        mean = sum(self.durations) / len(self.durations)
+        timing = f"({format_duration(seconds)}"
+        timing += f", ETA {format_duration(mean * left)})" if left > 0 else ")"
+        return "  ".join(parts) + "  " + timing
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        seconds = time.perf_counter() - self._start
+        self.log.info(self.format_epoch(epoch, logs or {}, seconds))
+
+
+# --- the end-of-run summary ------------------------------------------------
+
+_BASELINE_ORDER = (
+    "teacher_bicubic",
+    "teacher_bicubic_bn",
+    "bicubic_cl",
+    "bicubic_kd",
+    "bicubic_kd_equal",
+)
+_SHORT = {
+    "teacher": "Teacher",
+    "teacher_bicubic": "Teacher on bicubic (no retraining)",
+    "teacher_bicubic_bn": "Teacher on bicubic, BN re-estimated",
+    "bicubic_cl": "Bicubic + CL",
+    "bicubic_kd": "Bicubic + KD",
+    "bicubic_kd_equal": "Bicubic + KD, equal MACs",
+    "thumbnet": "ThumbNet (E + S)",
+}
+
+
+def _macs(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _ordered_arms(arms: Sequence[Mapping]) -> list[Mapping]:
+    """The teacher, then per factor the baselines, then ThumbNet."""
+    order = {
+        name: i for i, name in enumerate(("teacher", *_BASELINE_ORDER, "thumbnet"))
+    }
+
+    def key(arm):
+        factor = arm.get("factor") or 0
+        return (factor, order.get(arm["name"], len(order)))
+
+    return sorted(arms, key=key)
+
+
+def summary_rows(metrics: Mapping) -> list[dict]:
+    """One row per evaluated model: model, f, input, val top-1, test top-1,
+    MACs, speed-up (the teacher's MACs over the model's)."""
+    arms = metrics.get("arms", [])
+    teacher = next((a for a in arms if a["name"] == "teacher"), None)
+    rows = []
+    for arm in _ordered_arms(arms):
+        speedup = ""
+        if teacher is not None and arm["flops"]:
+            speedup = f"{teacher['flops'] / arm['flops']:.1f}x"
+        val = arm.get("val_top1")
+        rows.append(
+            {
+                "model": _SHORT.get(arm["name"], arm.get("label", arm["name"])),
+                "f": str(arm.get("factor") or "-"),
+                "input": f"{arm['input_size']}x{arm['input_size']}",
+                "val top-1": "" if val is None else f"{100 * val:.2f}%",
+                "test top-1": f"{100 * arm['top1']:.2f}%",
+                "MACs": _macs(arm["flops"]),
+                "speed-up": speedup,
+            }
+        )
+    return rows
+
+
+def _text_table(rows: Sequence[Mapping]) -> list[str]:
+    head = list(rows[0])
+    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in head]
+    left = {"model"}
+
+    def line(cells):
+        return "  ".join(
+            str(c).ljust(w) if h in left else str(c).rjust(w)
+            for h, c, w in zip(head, cells, widths)
+        ).rstrip()
+
+    out = [line(head), line(["-" * w for w in widths])]
+    out += [line([r[h] for h in head]) for r in rows]
+    return out
+
+
+def _health_lines(metrics: Mapping) -> list[str]:
+    from thumbnet_keras.reports.render import health_warnings
+
+    return [f"WARNING: {text}" for text in health_warnings(metrics)]
+
+
+def format_summary(metrics: Mapping) -> str:
+    """The end-of-run summary: health warnings first (when the run has any),
+    the headline, the results table and the output paths, with which factor
+    the top-level `thumbnet.keras` is.
+
+    Args:
+        metrics: the run's `metrics.json` (see `reports.render`).
+    """
+    from thumbnet_keras.reports.render import headline
+
+    lines = _health_lines(metrics)
+    lines.append(f"Run {metrics.get('run_name', '')}: {headline(metrics)}")
+    if metrics.get("arms"):
+        lines += ["", *_text_table(summary_rows(metrics))]
+    outputs = metrics.get("outputs", {})
+    primary = metrics.get("primary_factor")
+    factors = (metrics.get("config") or {}).get("factors") or []
+    lines.append("")
+    if "thumbnet.keras" in outputs:
+        note = f"  (f={primary}, the first factor)" if primary else ""
+        lines.append(f"thumbnet.keras: {outputs['thumbnet.keras']}{note}")
+    for factor in factors:
+        key = f"f{factor}/thumbnet.keras"
+        if key in outputs and len(factors) > 1:
+            lines.append(f"  f={factor}:      {outputs[key]}")
+    for key in ("report.html", "report.md", "metrics.json"):
+        if key in outputs:
+            lines.append(f"{key + ':':<15} {outputs[key]}")
+    return "\n".join(lines)
+
+
+def run_summary(run_dir: str) -> str:
+    """`format_summary` of the run folder's `metrics.json`."""
+    from thumbnet_keras.pipeline.rundir import Run, read_json
+
+    return format_summary(read_json(Run(run_dir).metrics_json))
