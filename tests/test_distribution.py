@@ -42,3 +42,112 @@ def test_data_parallel_fit_on_two_cpu_devices():
     assert result["devices"] == 2
     assert result["kernel_devices"] == 2  # weights replicated on both devices
     assert result["loss"][-1] < result["loss"][0]
+
+
+# One SGD step on 2 replicas must move every weight exactly as one step on one
+# device with the same global batch. Run once with the trainer's loss scaling
+# and once with it disabled (a plain mean, as before the fix): on TensorFlow
+# that moves the weights 2x as far, so the check can fail.
+_EQUIVALENCE = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import keras, numpy as np
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from conftest import tiny_teacher
+from thumbnet_keras import ThumbNetTrainer, build_downscaler, make_student
+from thumbnet_keras.models import trainer as trainer_module
+from thumbnet_keras.pipeline.compute import (
+    distribution_scope, local_devices, with_sync_batchnorm)
+
+def teacher_no_bn():
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = inputs
+    for i in range(2):
+        x = keras.layers.Conv2D(8 * (i + 1), 3, padding="same", activation="relu",
+                                name=f"conv{{i}}")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x), name="nobn")
+
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+x = rng.random((8, 16, 16, 3), dtype="float32")
+y = rng.integers(0, 3, 8).astype("int32")
+reference = {{"nobn": teacher_no_bn(), "bn": tiny_teacher()}}
+T = {{k: m.get_weights() for k, m in reference.items()}}
+E = build_downscaler((16, 16, 3), 2, width=8).get_weights()
+
+def step(kind, stage, distribution, scale=True, sync_bn=False):
+    trainer_module.scale_loss_for_replicas = (
+        original if scale else (lambda loss: loss))
+    with distribution_scope(distribution) as replicas:
+        teacher = teacher_no_bn() if kind == "nobn" else tiny_teacher()
+        teacher.set_weights(T[kind])
+        student = make_student(teacher, 2)
+        if sync_bn:
+            student = with_sync_batchnorm(student)
+        downscaler = build_downscaler((16, 16, 3), 2, width=8)
+        downscaler.set_weights(E)
+        trainer = ThumbNetTrainer(teacher, downscaler, student, stage=stage,
+                                  mm_weight=5.0)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.5))
+        before = [keras.ops.convert_to_numpy(v) for v in trainer.trainable_weights]
+        trainer.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        after = [keras.ops.convert_to_numpy(v) for v in trainer.trainable_weights]
+    return replicas, before, after
+
+original = trainer_module.scale_loss_for_replicas
+out = {{"devices": len(local_devices())}}
+tf_backend = keras.backend.backend() == "tensorflow"
+cases = [("nobn", "joint", False), ("nobn", "fm_pretrain", False), ("bn", "joint", False)]
+if tf_backend:  # per-replica BatchNorm statistics, then synchronized ones
+    cases.append(("bn", "joint", True))
+for kind, stage, sync_bn in cases:
+    _, before, single = step(kind, stage, "none")
+    replicas, _, multi = step(kind, stage, "data_parallel", sync_bn=sync_bn)
+    moved = sum(float(np.abs(a - b).sum()) for a, b in zip(single, before))
+    key = f"{{kind}}-{{stage}}" + ("-sync" if sync_bn else "")
+    out[key] = {{
+        "replicas": replicas,
+        "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(multi, single)),
+        "moved": moved,
+    }}
+    if key == "nobn-joint":
+        _, _, plain = step(kind, stage, "data_parallel", scale=False)
+        out[key]["plain_ratio"] = sum(
+            float(np.abs(a - b).sum()) for a, b in zip(plain, before)) / moved
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    BACKEND not in ("tensorflow", "jax"),
+    reason="data parallelism is offered on jax and tensorflow only",
+)
+def test_two_replicas_step_equals_one_device_step():
+    env = {"KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if BACKEND == "jax":
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    result = run_python(_EQUIVALENCE.format(tests=str(REPO / "tests")), env=env)
+    assert result["devices"] == 2
+    for key in ("nobn-joint", "nobn-fm_pretrain"):
+        case = result[key]
+        assert case["replicas"] == 2, key
+        assert case["moved"] > 1e-2, key  # the step does move the weights
+        assert case["max_diff"] < 1e-5, (key, case)
+    # Without the loss scaling, TensorFlow's replicas' gradients add up: 2x.
+    # JAX sees the global batch: the plain mean is right there.
+    expected = 2.0 if BACKEND == "tensorflow" else 1.0
+    assert result["nobn-joint"]["plain_ratio"] == pytest.approx(expected, rel=1e-3)
+    if BACKEND == "jax":
+        # DataParallel traces one program over the global batch: BatchNorm's
+        # statistics are the global batch's, with no option needed.
+        assert result["bn-joint"]["max_diff"] < 1e-5, result["bn-joint"]
+    else:
+        # MirroredStrategy: each replica normalizes by its own half-batch's
+        # statistics unless BatchNormalization(synchronized=True).
+        assert result["bn-joint"]["max_diff"] > 1e-4, result["bn-joint"]
+        assert result["bn-joint-sync"]["max_diff"] < 1e-5, result["bn-joint-sync"]

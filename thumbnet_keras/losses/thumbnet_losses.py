@@ -67,12 +67,14 @@ def _spatial_moments(images):
     return mean, ops.sqrt(ops.maximum(var, _VARIANCE_FLOOR))
 
 
-def moment_matching_loss(x, t):
+def moment_matching_loss(x, t, scale=None):
     """MM loss: the thumbnail keeps each channel's mean and standard deviation.
 
     Args:
         x: original images, `(B, H, W, C)`.
         t: thumbnails, `(B, h, w, C)`.
+        scale: `v_c` given, `(C,)` (e.g. averaged over the replicas of a
+            distributed batch, as `ThumbNetTrainer` does); None: this batch's.
 
     Returns:
         A scalar: mean over images b and channels c of
@@ -91,7 +93,9 @@ def moment_matching_loss(x, t):
     mu_t, sigma_t = _spatial_moments(t)
     # Floored so a batch that is flat in a channel (blank frames) cannot blow
     # the loss up: 1e-6 is a standard deviation of 1e-3 value units.
-    scale = ops.maximum(ops.mean(ops.square(sigma_x), axis=0), _MM_SCALE_FLOOR)
+    if scale is None:
+        scale = ops.mean(ops.square(sigma_x), axis=0)
+    scale = ops.maximum(ops.cast(scale, "float32"), _MM_SCALE_FLOOR)
     squared = ops.square(mu_t - mu_x) + ops.square(sigma_t - sigma_x)
     return ops.mean(squared / ops.stop_gradient(scale)[None, :])
 

@@ -31,7 +31,13 @@ from thumbnet_keras.models.student import image_input_shape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ThumbNetTrainer", "STAGES", "find_feature_layer", "DOWNSCALER_SHARE"]
+__all__ = [
+    "ThumbNetTrainer",
+    "STAGES",
+    "find_feature_layer",
+    "DOWNSCALER_SHARE",
+    "scale_loss_for_replicas",
+]
 
 # E should stay a small part of the inference model's cost; above this share
 # of MACs(E + S) the trainer warns (see `auto_downscaler_width`).
@@ -99,6 +105,45 @@ def _check_logits_model(model, role):
             "`activation=None` on its last layer; the weights are unchanged."
         )
     return model.outputs[0].shape[-1]
+
+
+def scale_loss_for_replicas(loss):
+    """`loss` divided by the number of replicas under a `tf.distribute` strategy.
+
+    Keras' TensorFlow trainer sums the replicas' gradients, so the loss each
+    replica returns must be its share of the global mean: Keras' own
+    `CompileLoss` applies the same scaling (`scale_loss_for_distribution`,
+    only under `keras.src`, not public in Keras 3.15); a `compute_loss`
+    override that returns a plain mean makes every update N times too large
+    on N replicas. The trainer logs the loss unscaled again. JAX
+    (`keras.distribution`) and torch see the global batch: unchanged there.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return loss
+    import tensorflow as tf  # Already imported: this is the TF backend.
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+        loss = loss * ops.cast(1.0 / replicas, loss.dtype)
+    return loss
+
+
+def _replica_mean_mm_scale(images):
+    """MM's per-channel scale (the batch mean of each image's variance) over
+    the global batch under `tf.distribute` (each replica sees its share; the
+    mean of equal shares' means is the global mean); None elsewhere (the
+    loss takes the batch's own, which is the global batch on JAX and torch)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    mean = ops.mean(images, axis=(1, 2), keepdims=True)
+    variance = ops.mean(ops.square(images - mean), axis=(1, 2))
+    scale = ops.stop_gradient(ops.mean(variance, axis=0))
+    return context.all_reduce(tf.distribute.ReduceOp.MEAN, scale)
 
 
 def _feature_model(model, layer_name, name):
@@ -386,10 +431,13 @@ class ThumbNetTrainer(keras.Model):
         s_features = ops.cast(s_features, "float32")
         s_logits = ops.cast(y_pred["logits"], "float32")
 
+        images = ops.cast(x, "float32")
         terms = {
             "fm": L.feature_mapping_loss(t_features, s_features, self.fm_pooling),
             "mm": L.moment_matching_loss(
-                ops.cast(x, "float32"), ops.cast(y_pred["thumbnail"], "float32")
+                images,
+                ops.cast(y_pred["thumbnail"], "float32"),
+                scale=_replica_mean_mm_scale(images),
             ),
         }
         if self.stage == "joint":
@@ -410,9 +458,15 @@ class ThumbNetTrainer(keras.Model):
         for term in self.active_terms:
             self._term_trackers[term].update_state(terms[term])
             total = total + weights[term] * terms[term]
+        if self.stage == "fm_pretrain":
+            # S's head past the feature layer gets a zero gradient instead of
+            # none: JAX differentiates it to zeros anyway, and under
+            # tf.distribute replicas whose gradient lists differ abort the
+            # all-reduce (shape mismatch).
+            total = total + 0.0 * ops.mean(s_logits)
         if self.losses:
             total = total + ops.sum(ops.stack(self.losses))
-        return total
+        return scale_loss_for_replicas(total)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred

@@ -1,0 +1,221 @@
+"""How a run computes: precision (dtype policy), XLA and data parallelism.
+
+* `precision_scope(precision)`: sets Keras' global dtype policy ("float32",
+  "mixed_bfloat16", "mixed_float16") for the models built inside it and
+  restores the previous one on exit. Models loaded from disk keep the policy
+  they were saved with, so `with_precision(model, policy)` rebuilds them under
+  the run's policy (same weights). Variables stay float32 under both mixed
+  policies; `compile()` wraps the optimizer in
+  `keras.optimizers.LossScaleOptimizer` (dynamic loss scaling) when the
+  model's policy is `mixed_float16`. Models are saved in float32
+  (`with_precision(model, "float32")`): a user loads a plain float32 model.
+* `distribution_scope(distribution)`: `"data_parallel"` replicates the models
+  on every local accelerator (every local CPU device when there is none) and
+  splits each global batch between them: `keras.distribution.DataParallel`
+  on JAX, `tf.distribute.MirroredStrategy` on TensorFlow. Build, compile and
+  fit inside it. `batch_size` stays the global batch. torch: refused.
+* `jit_compile_option(value)`: the `jit_compile` argument of `compile()`.
+
+`with_sync_batchnorm(model)` turns a model's `BatchNormalization` layers into
+synchronized ones (statistics over the global batch under
+`tf.distribute`). JAX's DataParallel traces one program over the global
+batch, so its BatchNorm statistics are already the global batch's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "JIT_COMPILE",
+    "PRECISIONS",
+    "distribution_scope",
+    "jit_compile_option",
+    "local_devices",
+    "precision_scope",
+    "with_precision",
+    "with_sync_batchnorm",
+]
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+DISTRIBUTIONS = ("none", "data_parallel")
+JIT_COMPILE = ("auto", "on", "off")
+_STRATEGIES: dict = {}
+
+
+def _error(message: str) -> Exception:
+    from thumbnet_keras.pipeline.config import ConfigError
+
+    return ConfigError(message)
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str = "float32"):
+    """Sets Keras' global dtype policy to `precision` inside the block."""
+    import keras
+
+    if precision not in PRECISIONS:
+        raise _error(
+            f"`precision` must be one of {PRECISIONS}, received {precision!r}."
+        )
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        yield precision
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _rewrite(obj: Any, edit) -> Any:
+    """`obj` (a nested config) with `edit(layer_config_dict)` applied to
+    every layer config (a dict with "class_name" and "config")."""
+    if isinstance(obj, list):
+        return [_rewrite(v, edit) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    obj = {k: _rewrite(v, edit) for k, v in obj.items()}
+    if "class_name" in obj and isinstance(obj.get("config"), dict):
+        obj = edit(obj)
+    return obj
+
+
+def _rebuild(model, edit):
+    import keras
+
+    config = _rewrite(keras.saving.serialize_keras_object(model), edit)
+    new = keras.saving.deserialize_keras_object(config)
+    new.set_weights(model.get_weights())
+    return new
+
+
+def _policies(model) -> set[str]:
+    return {layer.dtype_policy.name for layer in model._flatten_layers()}
+
+
+def with_precision(model, policy: str):
+    """`model` rebuilt with every layer under `policy` (same weights, same
+    trainable flags), or `model` itself when it already is.
+
+    A loaded `.keras` model keeps the dtype policy it was saved with,
+    whatever the global policy; this applies the run's. Input layers keep
+    their input dtype; quantized layers are refused.
+    """
+    if policy not in PRECISIONS:
+        raise _error(f"`precision` must be one of {PRECISIONS}, received {policy!r}.")
+    present = _policies(model)
+    if present == {policy}:
+        return model
+    if not present <= set(PRECISIONS) | {"float32"}:
+        raise _error(
+            f"Model '{model.name}' has layers under dtype policies {sorted(present)}; "
+            f"only {PRECISIONS} can be converted to {policy!r}."
+        )
+
+    def edit(layer):
+        config = layer["config"]
+        dtype = config.get("dtype")
+        if layer["class_name"] == "InputLayer":
+            return layer
+        if isinstance(dtype, dict) and dtype.get("class_name") == "DTypePolicy":
+            dtype = dict(dtype, config=dict(dtype["config"], name=policy))
+        elif isinstance(dtype, str) and dtype in PRECISIONS:
+            dtype = policy
+        else:
+            return layer
+        return dict(layer, config=dict(config, dtype=dtype))
+
+    return _rebuild(model, edit)
+
+
+def with_sync_batchnorm(model):
+    """`model` with `synchronized=True` on every `BatchNormalization` layer
+    (same weights), or `model` itself when none needs it."""
+    import keras
+
+    if not any(
+        isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized
+        for layer in model._flatten_layers()
+    ):
+        return model
+
+    def edit(layer):
+        if layer["class_name"] != "BatchNormalization":
+            return layer
+        return dict(layer, config=dict(layer["config"], synchronized=True))
+
+    return _rebuild(model, edit)
+
+
+def local_devices() -> list[str]:
+    """The devices data parallelism spreads over: every local accelerator,
+    else every local CPU device (e.g. virtual ones)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        accelerators = [d for d in jax.local_devices() if d.platform != "cpu"]
+        chosen = accelerators or jax.local_devices(backend="cpu")
+        return [f"{d.platform}:{d.id}" for d in chosen]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        return [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+    return []
+
+
+@contextlib.contextmanager
+def distribution_scope(distribution: str = "none"):
+    """Data parallelism over `local_devices()` inside the block (see the
+    module docstring). Yields the number of replicas."""
+    import keras
+
+    if distribution not in DISTRIBUTIONS:
+        raise _error(
+            f"`distribution` must be one of {DISTRIBUTIONS}, received {distribution!r}."
+        )
+    if distribution == "none":
+        yield 1
+        return
+    backend = keras.backend.backend()
+    if backend == "jax":
+        devices = local_devices()
+        previous = keras.distribution.distribution()
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=devices)
+        )
+        try:
+            yield len(devices)
+        finally:
+            keras.distribution.set_distribution(previous)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        devices = tuple(local_devices())
+        if devices not in _STRATEGIES:
+            # One strategy per process and device set: strategies created one
+            # after another in a process reuse collective keys, and their
+            # all-reduces then clash (synchronized BatchNorm aborts).
+            _STRATEGIES[devices] = tf.distribute.MirroredStrategy(devices=devices)
+        strategy = _STRATEGIES[devices]
+        with strategy.scope():
+            yield strategy.num_replicas_in_sync
+    else:
+        raise _error(
+            f"distribution='data_parallel' needs the jax or tensorflow backend "
+            f"(KERAS_BACKEND); this process runs {backend!r}."
+        )
+
+
+def jit_compile_option(value: str = "auto"):
+    """`compile(jit_compile=...)`: "auto" (Keras' choice: XLA on JAX, and on
+    TensorFlow with a GPU and no tf.distribute strategy; eager on torch),
+    "on" (XLA on JAX and TensorFlow, CPU included; torch: `torch.compile`)
+    or "off"."""
+    if value not in JIT_COMPILE:
+        raise _error(f"`jit_compile` must be one of {JIT_COMPILE}, received {value!r}.")
+    return {"auto": "auto", "on": True, "off": False}[value]
