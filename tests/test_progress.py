@@ -149,6 +149,6 @@ def test_format_summary_puts_health_warnings_first():
                                 "problems": ["f2-joint: at the majority-class rate"]}}  # fmt: skip
     lines = format_summary(m).splitlines()
     assert lines[0] == "WARNING: This run is marked DEGRADED by its health checks:"
-    assert lines[1] == "WARNING: f2-joint: at the majority-class rate"
+    assert lines[1] == "  - f2-joint: at the majority-class rate"
     assert lines[2].startswith("Run demo: ThumbNet f=2")
     assert not format_summary(metrics()).startswith("WARNING")

@@ -290,10 +290,12 @@ def _run_thumbnet(params) -> int:
     from flows.thumbnet_flows import thumbnet
 
     result = thumbnet(params, verbose=_verbose())
+    from thumbnet_keras.pipeline.progress import run_summary
+
+    # Health warnings first (health.json), the headline, the results table
+    # and the output paths (which factor thumbnet.keras is).
     print()
-    print(f"thumbnet.keras: {result['thumbnet']}")
-    print(f"report:         {result['report_html']}")
-    print(f"                {result['report_md']}")
+    print(run_summary(result["run_dir"]))
     return 0
 
 

@@ -265,7 +265,10 @@ def _text_table(rows: Sequence[Mapping]) -> list[str]:
 def _health_lines(metrics: Mapping) -> list[str]:
     from thumbnet_keras.reports.render import health_warnings
 
-    return [f"WARNING: {text}" for text in health_warnings(metrics)]
+    warnings = health_warnings(metrics)
+    if not warnings:
+        return []
+    return [f"WARNING: {warnings[0]}", *(f"  - {text}" for text in warnings[1:])]
 
 
 def format_summary(metrics: Mapping) -> str:

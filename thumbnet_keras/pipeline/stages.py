@@ -104,8 +104,7 @@ def _finish(run: Run, sid: str, record: dict) -> dict:
         run.checkpoint_dir(sid).parent.rmdir()  # Only when no stage is left.
     except OSError:
         pass
-    _log(f"[{sid}] done")
-    progress.stage_done(run, sid, record)
+    progress.stage_done(run, sid, record)  # "[k/N] <stage>: done in ..."
     return record
 
 
