@@ -356,3 +356,21 @@ def test_parquet_source(tmp_path, kind):
     assert sum(prepared.splits.values()) == 7
     x, y = next(iter(data.make_dataset(prepared, "train", 8, 2, training=False)))
     assert x.shape == (2, 8, 8, 3) and set(y.numpy()) <= {0, 1}
+
+
+def test_index_is_byte_identical_for_any_number_of_workers(tmp_path):
+    import shutil
+
+    make_image_folder(tmp_path / "src")
+    manifest = folder_manifest(tmp_path / "src")
+    out = tmp_path / "out"
+    names = ("index.parquet", "summary.json", "quarantine.json")
+    outputs = {}
+    for workers in (1, 4):
+        shutil.rmtree(out, ignore_errors=True)
+        prepared = data.prepare(manifest, out, workers=workers)
+        assert prepared.decoded == 20 and not prepared.reused
+        outputs[workers] = {n: (out / n).read_bytes() for n in names}
+    assert outputs[1] == outputs[4]
+    with pytest.raises(ValueError, match="`workers` must be an integer >= 1"):
+        data.prepare(manifest, tmp_path / "bad", workers=0)

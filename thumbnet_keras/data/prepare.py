@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,19 +49,67 @@ def _previous_rows(out_dir: Path) -> dict[tuple[str, str], dict]:
     return {(r["key"], r["sha256"]): r for r in rows if r["sha256"]}
 
 
-def _process(
-    cand: Candidate, prev: dict, out_dir: Path, is_tfds: bool
-) -> tuple[dict, bool]:
-    """Validate one candidate (or reuse its previous row). Returns (row, decoded)."""
+def _examine(
+    cand: Candidate, prev_sha: str | None
+) -> tuple[bytes | None, str, Validation | None, bool]:
+    """The costly part of one candidate: read, hash and (unless the previous
+    index has this key with these bytes) decode and validate.
+
+    Pure, and safe to run in a worker thread: Pillow's decoders, zlib, file
+    reads and sha256 release the GIL. Returns `(data, sha256, validation,
+    decoded)`; `validation` is None when the previous row can be reused.
+    """
     data: bytes | None = cand.data
-    early: Validation | None = None
     if cand.array is not None:
         arr = np.ascontiguousarray(cand.array)
         sha = hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
-    else:
-        if data is None and cand.uri is not None:
-            data, early = read_file(cand.uri)
-        sha = hashlib.sha256(data).hexdigest() if data is not None else ""
+        if sha == prev_sha:
+            return None, sha, None, False
+        return None, sha, validate_array(cand.array), True
+    early: Validation | None = None
+    if data is None and cand.uri is not None:
+        data, early = read_file(cand.uri)
+    sha = hashlib.sha256(data).hexdigest() if data is not None else ""
+    if early is not None:
+        return data, sha, early, False
+    if sha and sha == prev_sha:
+        return data, sha, None, False
+    return data, sha, validate_bytes(data), True
+
+
+def _examined(
+    candidates: Iterable[Candidate], prev: dict, workers: int
+) -> Iterator[tuple[Candidate, tuple]]:
+    """`(candidate, _examine(candidate))` in the candidates' order.
+
+    With `workers` > 1 the examinations run in a thread pool, at most a few
+    hundred candidates ahead of the consumer (so an ImageNet-size stream is
+    never held in memory); the order, and so the index, is the same for any
+    number of workers.
+    """
+    prev_sha = {key: sha for key, sha in prev}
+    if workers <= 1:
+        for cand in candidates:
+            yield cand, _examine(cand, prev_sha.get(cand.key))
+        return
+    ahead = 64 * workers
+    window: deque = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="thumbnet-prepare") as pool:
+        for cand in candidates:
+            window.append((cand, pool.submit(_examine, cand, prev_sha.get(cand.key))))
+            if len(window) >= ahead:
+                done, future = window.popleft()
+                yield done, future.result()
+        while window:
+            done, future = window.popleft()
+            yield done, future.result()
+
+
+def _process(
+    cand: Candidate, examined: tuple, prev: dict, out_dir: Path, is_tfds: bool
+) -> tuple[dict, bool]:
+    """The index row of one examined candidate. Returns (row, decoded)."""
+    data, sha, v, decoded = examined
     row = {
         "key": cand.key,
         "image_uri": None,
@@ -88,13 +138,13 @@ def _process(
         ):
             row[k] = old[k]
         return row, False
-    if early is not None:
-        v = early
-    elif cand.array is not None:
-        v = validate_array(cand.array)
-    else:
-        v = validate_bytes(data)
-    decoded = early is None
+    if v is None:  # Reusable by hash, but its converted file is gone.
+        v = (
+            validate_array(cand.array)
+            if cand.array is not None
+            else validate_bytes(data)
+        )
+        decoded = True
     if is_tfds and v.status == CONVERTED:
         # TFDS images are read from the TFDS records at train time, unconverted.
         v = quarantine(f"needs_conversion:{v.reason}")
@@ -191,6 +241,7 @@ def prepare(
     out_dir: str | os.PathLike,
     *,
     limit_per_class: int | None = None,
+    workers: int | None = None,
 ) -> idx.PreparedDataset:
     """Validate, split and index a dataset; reuse the previous index if unchanged.
 
@@ -201,6 +252,9 @@ def prepare(
         limit_per_class: keep only the first N examples of each class in each
             source split (in the source's deterministic order); for tests and
             smoke runs. Splits made here (ELPV) are then made from those N.
+        workers: threads that read, hash and decode images (Pillow, zlib and
+            sha256 release the GIL); None: one per CPU core (at most 16). The
+            index is byte-identical for any number of workers.
 
     Returns:
         A `PreparedDataset`; `reused` is True when nothing changed.
@@ -225,8 +279,13 @@ def prepare(
         stream = iter_candidates(manifest, ignored)
     prev = _previous_rows(out)
     rows, decoded = [], 0
-    for cand in limit(stream, limit_per_class):
-        row, did_decode = _process(cand, prev, out, is_tfds)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 16)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"`workers` must be an integer >= 1, received {workers!r}.")
+    examined = _examined(limit(stream, limit_per_class), prev, workers)
+    for cand, result in examined:
+        row, did_decode = _process(cand, result, prev, out, is_tfds)
         rows.append(row)
         decoded += did_decode
 
