@@ -116,6 +116,14 @@ def evaluate_task(run_dir: str) -> dict:
     return pipeline.evaluate_run(run_dir)
 
 
+@task(name="health", cache_policy=NO_CACHE)
+def health_task(run_dir: str) -> dict:
+    """The run's health (`health.json`) from its stages' sanity checks."""
+    from thumbnet_keras.pipeline.health import write_run_health
+
+    return write_run_health(run_dir)
+
+
 @task(name="export", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def export_task(run_dir: str) -> dict:
     """thumbnet.keras, the thumbnail-only model, the downscalers, extra formats."""
@@ -170,6 +178,12 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
         for stage in pipeline.STAGES:
             train_stage_task(run_dir, factor, stage, verbose)
     evaluation = evaluate_task(run_dir)
+    health = health_task(run_dir)
+    if health["status"] == "failed":  # Report it; export nothing.
+        from thumbnet_keras.pipeline.health import TrainingHealthError, failed_message
+
+        report = report_task(run_dir, prepared["name"])
+        raise TrainingHealthError(failed_message(health, report["report_html"]))
     exported = export_task(run_dir)
     report = report_task(run_dir, prepared["name"])
     print(f"thumbnet.keras: {exported['thumbnet']}")
@@ -181,6 +195,7 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
         "report_html": report["report_html"],
         "report_md": report["report_md"],
         "metrics_json": report["metrics_json"],
+        "health": health,
         "top1": {
             f"{a['name']}" + (f"-f{a['factor']}" if a["factor"] else ""): a["top1"]
             for a in evaluation["arms"]

@@ -319,6 +319,8 @@ def _start_prefect_server() -> None:
     outlive this process. Prefect reuses it for the flow (one instance per
     process); it stops it at exit, and the kernel kills it if this process is
     killed."""
+    # Its first start creates the database: slow on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
@@ -406,8 +408,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             values = _train_values(args)
         params = preflight.check_thumbnet(values)
         run_dir = os.path.join(params.runs_dir, params.run_name)
+        _start_prefect_server()  # Forked before Keras fills this process.
         import_backend_quietly()
-        _start_prefect_server()
         return _in_run_folder(run_dir, lambda: _run_thumbnet(params), fresh=True)
     if args.command == "generalize":
         params = preflight.check_generalize(_generalize_values(args))
@@ -420,8 +422,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"\nreport: {result['report_html']}")
             return 0
 
+        _start_prefect_server()  # Forked before Keras fills this process.
         import_backend_quietly()
-        _start_prefect_server()
         return _in_run_folder(run_dir, work, fresh=True)
     if args.command in ("evaluate", "report"):
         preflight.check_finished_run(args.run)
@@ -490,6 +492,20 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if done else 1
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message names a problem the user can fix: shown as one
+    line, exit status 2 (the traceback only with --debug)."""
+    from thumbnet_keras.pipeline import ConfigError
+    from thumbnet_keras.pipeline.rundir import RunLockedError
+
+    errors: tuple = (ConfigError, RunLockedError)
+    if "thumbnet_keras.data" in sys.modules:  # Data errors found while preparing.
+        from thumbnet_keras.data import DataSourceError, ManifestError, PrepareError
+
+        errors += (DataSourceError, ManifestError, PrepareError)
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `thumbnet` console script."""
     args = _parser().parse_args(argv)
@@ -498,26 +514,25 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_frameworks(verbosity)  # Before Keras, a backend or Prefect import.
     _configure_logging(verbosity, args.command in ("demo", "train", "generalize"))
-    from thumbnet_keras.pipeline import ConfigError
-    from thumbnet_keras.pipeline.rundir import RunLockedError
-
     try:
         if args.command == "predict":
             return _predict(args)
         return _dispatch(args)
-    except (ConfigError, RunLockedError) as err:
-        if getattr(args, "debug", False):
-            import traceback
-
-            traceback.print_exc()
-        print(f"thumbnet: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(
             "\nthumbnet: interrupted; rerun the same command to resume.",
             file=sys.stderr,
         )
         return 130
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise  # A bug: its traceback.
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"thumbnet: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

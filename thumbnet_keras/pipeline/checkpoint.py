@@ -14,10 +14,27 @@ are saved as `best-epoch-000K.weights.h5`, before the state file that names
 it, so the best-so-far epoch and value survive a kill and a resume like the
 rest; when training ends, the model is left with the best epoch's weights.
 
+Resume continues the same run: with `train_data` given as a function of the
+epoch (a stream whose order and augmentation depend only on the epoch's seed,
+`health.epoch_seed`), every epoch is one `fit` call that starts from the
+same state in an uninterrupted and in a resumed process: weights and
+optimizer moments and step (so the schedule's position) from the checkpoint,
+the epoch's data stream, the global RNG and every layer's SeedGenerator
+(dropout) reseeded from (seed, epoch). The old single-stream resume restarted
+the tf.data shuffle at its first epoch's order, which is why a resumed stage
+drifted from the uninterrupted one from its first resumed epoch.
+
+Training health: a `NonFiniteGuard` runs before the checkpoint; a non-finite
+loss, metric or weight stops the stage before that epoch is checkpointed, the
+last good epoch's weights are restored, and `TrainingDivergedError` names the
+stage, the epoch and the learning rate (`on_nonfinite="continue"`: recorded
+in `nonfinite` and training goes on).
+
 Files in a checkpoint folder:
 
     state.json               {"epoch": N, "history": {...}, "resumed_from": [...],
-                              "best": {"monitor", "epoch", "value"} or null}
+                              "best": {"monitor", "epoch", "value"} or null,
+                              "seed": stage seed or null, "nonfinite": [...]}
     epoch-000N.weights.h5    model and optimizer variables after epoch N
     best-epoch-000K.weights.h5   the same after the best epoch K so far
 """
@@ -29,7 +46,15 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
+from thumbnet_keras.pipeline.health import (
+    NonFiniteGuard,
+    TrainingDivergedError,
+    _Stop,
+    diverged_message,
+    epoch_seed,
+)
 from thumbnet_keras.pipeline.rundir import atomic_write, read_json, write_json
 
 __all__ = ["EpochCheckpoint", "fit_resumable", "load_checkpoint"]
@@ -59,6 +84,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             the best epoch so far are kept too. None: no selection.
         best: the best epoch so far, `{"monitor", "epoch", "value"}` (when
             resuming).
+        extra: more JSON-able entries of the state file (seed, nonfinite).
     """
 
     def __init__(
@@ -68,8 +94,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
         resumed_from: list[int] | None = None,
         monitor: str | None = None,
         best: dict | None = None,
+        extra: dict | None = None,
     ):
         super().__init__()
+        self.extra = dict(extra or {})
         self.directory = Path(directory)
         self.history = {k: list(v) for k, v in (history or {}).items()}
         self.resumed_from = list(resumed_from or [])
@@ -104,6 +132,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
                 "history": self.history,
                 "resumed_from": self.resumed_from,
                 "best": self.best,
+                **self.extra,
                 "time": time.time(),
             },
         )
@@ -134,6 +163,30 @@ def load_checkpoint(directory: str | os.PathLike) -> dict | None:
     return state
 
 
+def _reseed(model: keras.Model, seed: int, epoch: int) -> None:
+    """Global RNG and every layer's SeedGenerator (dropout) from (seed, epoch)
+    only: SeedGenerator states are not in a weights file."""
+    keras.utils.set_random_seed(epoch_seed(seed, epoch))
+    for layer in model._flatten_layers():
+        for generator in getattr(layer, "_seed_generators", ()):
+            state = keras.ops.convert_to_numpy(generator.state)
+            generator.state.assign(
+                np.array([state[0], epoch * 2**20], dtype=state.dtype)
+            )
+
+
+def _prebuild(model: keras.Model, batches) -> None:
+    """Builds the model's compiled metrics and loss from one batch of a
+    separate stream, so that `fit` never peeks at (and so advances) the
+    epoch's stream: the first epoch of a resumed process then reads what the
+    uninterrupted process read (JAX and torch peek when unbuilt)."""
+    build = getattr(model, "_symbolic_build", None)
+    if build is None or keras.backend.backend() == "tensorflow":
+        return  # TF builds when tracing (no peek without a distribution).
+    batch = next(iter(batches.as_numpy_iterator()))
+    build(data_batch=batch)
+
+
 def fit_resumable(
     model: keras.Model,
     train_data,
@@ -144,6 +197,10 @@ def fit_resumable(
     validation_data=None,
     no_selection_reason: str = "no validation split",
     callbacks: list | None = None,
+    seed: int | None = None,
+    on_nonfinite: str = "fail",
+    stage: str = "stage",
+    learning_rate: float | None = None,
 ) -> dict:
     """`model.fit` for `epochs`, checkpointing each epoch and resuming.
 
@@ -156,25 +213,35 @@ def fit_resumable(
     of highest validation top-1; without, with those of the last epoch.
 
     Args:
-        model, train_data, epochs: as in `model.fit`.
+        model, epochs: as in `model.fit`.
+        train_data: a batched dataset, or a function `epoch -> dataset`
+            (0-based) whose stream depends only on the epoch: then each epoch
+            is its own `fit` call, and a resumed stage reads exactly the data
+            the uninterrupted one read.
         checkpoint_dir: the stage's checkpoint folder.
         verbose: Keras progress output.
         log: where progress messages go.
         validation_data: batches of `(images, labels)`, or None.
         no_selection_reason: recorded when `validation_data` is None.
         callbacks: more Keras callbacks, run before the checkpoint's.
+        seed: with a per-epoch `train_data`: the global RNG and layers'
+            SeedGenerators are reseeded from (seed, epoch) before each epoch.
+        on_nonfinite: "fail": a non-finite loss, metric or weight stops the
+            stage, restores the last good epoch and raises
+            `TrainingDivergedError`; "continue": recorded, training goes on.
+        stage, learning_rate: named in that error.
 
     Returns:
         `{"history": {metric: [per epoch]}, "epochs": epochs,
         "resumed_from": [epochs at which a process resumed], "seconds": s,
-        "selection": {...}}` (seconds of this process's training).
-        `selection` is `{"monitor": "val_accuracy", "best_epoch": K,
-        "best_value": v}`, or `{"monitor": None, "best_epoch": epochs,
-        "reason": ...}` for last-epoch selection.
+        "selection": {...}, "nonfinite": [{"epoch", "values"}]}` (seconds
+        of this process's training). `selection` is `{"monitor":
+        "val_accuracy", "best_epoch": K, "best_value": v}`, or `{"monitor":
+        None, "best_epoch": epochs, "reason": ...}` for last-epoch selection.
     """
     state = load_checkpoint(checkpoint_dir)
     monitor = MONITOR if validation_data is not None else None
-    history, resumed_from, initial, best = {}, [], 0, None
+    history, resumed_from, initial, best, nonfinite = {}, [], 0, None, []
     if state is not None:
         if not model.optimizer.built:  # So that load_weights restores it too.
             model.optimizer.build(model.trainable_variables)
@@ -182,21 +249,50 @@ def fit_resumable(
         history, resumed_from = state["history"], list(state["resumed_from"])
         initial = int(state["epoch"])
         best = state.get("best") if monitor is not None else None
+        nonfinite = list(state.get("nonfinite", []))
         if initial < epochs:
             resumed_from.append(initial)
             log(f"  resuming from the checkpoint after epoch {initial}/{epochs}")
-    callback = EpochCheckpoint(checkpoint_dir, history, resumed_from, monitor, best)
+    per_epoch = callable(train_data)
+    extra = {"seed": seed if per_epoch else None, "nonfinite": nonfinite}
+    callback = EpochCheckpoint(
+        checkpoint_dir, history, resumed_from, monitor, best, extra
+    )
+    guard = NonFiniteGuard(on_nonfinite, log=log)
+    guard.events = extra["nonfinite"]  # Shared: the checkpoint saves them.
     start = time.perf_counter()
-    if initial < epochs:
-        model.fit(
-            train_data,
-            epochs=epochs,
-            initial_epoch=initial,
-            callbacks=[*(callbacks or []), callback],
-            shuffle=False,  # The tf.data stream is already shuffled.
-            validation_data=validation_data,
-            verbose=verbose,
-        )
+    fit_args = dict(
+        callbacks=[*(callbacks or []), guard, callback],
+        shuffle=False,  # The tf.data stream is already shuffled.
+        validation_data=validation_data,
+        verbose=verbose,
+    )
+    good = model.get_weights() if initial == 0 else None
+    try:
+        if initial < epochs and per_epoch:
+            _prebuild(model, train_data(initial))
+            for epoch in range(initial, epochs):
+                if seed is not None:
+                    _reseed(model, seed, epoch)
+                model.fit(
+                    train_data(epoch), epochs=epoch + 1, initial_epoch=epoch,
+                    **fit_args,
+                )  # fmt: skip
+        elif initial < epochs:
+            model.fit(train_data, epochs=epochs, initial_epoch=initial, **fit_args)
+    except _Stop:
+        event = guard.stopped
+        restored = load_checkpoint(checkpoint_dir)
+        if restored is not None:
+            model.load_weights(restored["weights"])
+            last = int(restored["epoch"])
+        else:
+            model.set_weights(good)
+            last = 0
+        message = diverged_message(stage, event, epochs, last, learning_rate)
+        log(message)
+        raise TrainingDivergedError(message) from None
+    nonfinite = guard.events
     if callback.best is not None:
         best_file = _best_file(Path(checkpoint_dir), callback.best["epoch"])
         model.load_weights(str(best_file))
@@ -218,4 +314,5 @@ def fit_resumable(
         "resumed_from": callback.resumed_from,
         "seconds": round(time.perf_counter() - start, 3),
         "selection": selection,
+        "nonfinite": nonfinite,
     }

@@ -31,6 +31,11 @@ class ConfigError(ValueError):
     """A run's inputs are invalid; the message names the problem."""
 
 
+class TrainingHealthError(RuntimeError):
+    """A run finished with a failed stage (`pipeline.health`); the message
+    lists the stages and problems."""
+
+
 # What `smoke=True` overrides: a whole run in seconds on a CPU (tests, CI).
 SMOKE: dict[str, Any] = {
     "image_size": 32,
@@ -113,7 +118,16 @@ class RunConfig(_RunFolder):
             BatchNorm statistics are re-estimated before S (initialized from
             T) is trained, and for the `teacher_bicubic_bn` arm; 0: keep T's.
         limit_per_class: keep N examples per class (smoke runs); None: all.
-        seed: data shuffling and augmentation seed.
+        seed: the seed of data order, augmentation, initialization and
+            dropout (each epoch's draws depend on (seed, epoch) only, so a
+            resumed stage continues the same run).
+        deterministic: also use deterministic kernels (TensorFlow's op
+            determinism, which the tf.data input pipeline uses on every
+            backend; torch's deterministic algorithms): same seed, same
+            weights bit for bit, even on a busy machine. Defaults to True.
+        on_nonfinite: "fail" (default): a non-finite loss stops the stage,
+            restores its last good epoch and fails the run with the stage,
+            epoch and likely cause; "continue": record it and train on.
         run_name: folder under `runs_dir`; resolved before the run starts.
         runs_dir: where run folders live.
         data_dir: cache of prepared datasets; None: `<runs_dir>/_data`.
@@ -154,6 +168,8 @@ class RunConfig(_RunFolder):
     bn_batches: int = 100
     limit_per_class: int | None = None
     seed: int = 0
+    deterministic: bool = True
+    on_nonfinite: str = "fail"
     run_name: str | None = None
     runs_dir: str = "runs"
     data_dir: str | None = None
@@ -265,7 +281,18 @@ class ThumbNetParams(BaseModel):
         100, ge=0, le=100_000, description="Batches to re-estimate S's BatchNorm on."
     )
     limit_per_class: int | None = Field(None, ge=1, description="Cap per class.")
-    seed: int = Field(0, ge=0, description="Data seed.")
+    seed: int = Field(
+        0, ge=0, description="Seed of data order, augmentation, init and dropout."
+    )
+    deterministic: bool = Field(
+        True,
+        description="Deterministic kernels: a seed reproduces a run bit for bit.",
+    )
+    on_nonfinite: Literal["fail", "continue"] = Field(
+        "fail",
+        description="A non-finite loss: fail the run (restoring the last good "
+        "epoch), or continue training.",
+    )
     run_name: str | None = Field(
         None, pattern=_NAME_PATTERN, description="Run folder name (default: dated)."
     )

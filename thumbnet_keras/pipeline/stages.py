@@ -38,6 +38,7 @@ import warnings
 from thumbnet_keras.pipeline import progress
 from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
 from thumbnet_keras.pipeline.config import ConfigError, RunConfig
+from thumbnet_keras.pipeline.health import configure_determinism
 from thumbnet_keras.pipeline.rundir import (
     Run,
     atomic_write,
@@ -132,23 +133,40 @@ def _compile(model, config: RunConfig, prepared: dict, stage: str, epochs: int,
     )
 
 
-def _datasets(config: RunConfig, prepared: dict):
-    """(augmented shuffled train, validation or None)."""
+def _datasets(config: RunConfig, prepared: dict, seed: int):
+    """(epoch -> augmented shuffled train stream, validation or None). Each
+    epoch's stream is seeded by (seed, epoch) only, so a resumed stage reads
+    what the uninterrupted one read (`health.epoch_seed`)."""
     from thumbnet_keras.pipeline.datasets import run_datasets, split_batches
+    from thumbnet_keras.pipeline.health import epoch_seed
 
-    train, _ = run_datasets(
-        prepared, config.image_size, config.channels, config.batch_size, config.seed
-    )
+    def train(epoch: int):
+        return run_datasets(
+            prepared,
+            config.image_size,
+            config.channels,
+            config.batch_size,
+            epoch_seed(seed, epoch),
+        )[0]
+
     validation = split_batches(
         prepared, "validation", config.image_size, config.channels, config.batch_size
     )
     return train, validation
 
 
+def _stage_seed(config: RunConfig, sid: str) -> int:
+    """The seed of a stage: the run's seed, plus the factor for f<k>-stages."""
+    if sid == "teacher":
+        return config.seed
+    return config.seed + int(sid.split("-")[0][1:])
+
+
 def _fit(model, config, prepared, run, sid, epochs, verbose, labels=True):
     """`fit_resumable` with validation selection when there are labels and a
     validation split, last-epoch selection otherwise."""
-    train, validation = _datasets(config, prepared)
+    seed = _stage_seed(config, sid)
+    train, validation = _datasets(config, prepared, seed)
     reason = "no validation split"
     if not labels:
         validation, reason = None, "no labels (FM + MM): last epoch"
@@ -165,7 +183,47 @@ def _fit(model, config, prepared, run, sid, epochs, verbose, labels=True):
             callbacks=[progress.EpochProgress(sid, epochs, config.factors)],
             validation_data=validation,
             no_selection_reason=reason,
+            seed=seed,
+            on_nonfinite=config.on_nonfinite,
+            stage=sid,
+            learning_rate=config.stage_learning_rate(sid.split("-", 1)[-1]),
         )
+
+
+def _health(config: RunConfig, prepared: dict, model, fit: dict | None = None,
+            judge_accuracy: bool = True) -> dict:  # fmt: skip
+    """Sanity checks of a stage's inference model (`health.check_predictions`)
+    on the validation split (test when there is none), plus the non-finite
+    epochs a `continue` run trained through."""
+    from thumbnet_keras.pipeline.datasets import split_batches
+    from thumbnet_keras.pipeline.health import MIN_IMAGES, check_predictions, worst
+
+    sizes = {k: int(prepared["splits"].get(k, 0)) for k in ("validation", "test")}
+    # Validation; test when validation is too small to judge accuracy.
+    split = "validation" if sizes["validation"] >= MIN_IMAGES else "test"
+    if sizes[split] == 0:
+        split = max(sizes, key=sizes.get)
+    batches = split_batches(
+        prepared, split, config.image_size, config.channels, config.batch_size
+    )
+    if batches is None:
+        return {"status": "ok", "problems": [], "reason": "no held-out images"}
+    health = check_predictions(
+        model, batches, prepared["num_classes"], judge_accuracy=judge_accuracy
+    )
+    health["split"] = split
+    events = (fit or {}).get("nonfinite") or []
+    if events:
+        epochs = ", ".join(str(e["epoch"]) for e in events)
+        health["status"] = worst([health["status"], "degraded"])
+        health["problems"] = [
+            f"non-finite values in epoch(s) {epochs}, trained through "
+            "(on_nonfinite=continue)",
+            *health["problems"],
+        ]
+    if health["status"] != "ok":
+        _log(f"  health: {health['status']}: " + "; ".join(health["problems"]))
+    return health
 
 
 def reestimate_student_bn(
@@ -204,8 +262,6 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
         The stage record: `source` ("file", "weights" or "trained"), path,
         epochs, history, seconds, `selection`, `num_classes`.
     """
-    import keras
-
     from thumbnet_keras.models import backbones
     from thumbnet_keras.pipeline.resolve import check_teacher_file
 
@@ -233,7 +289,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
         source = "weights"
     else:
         _log(f"[{sid}] training {config.backbone} for {config.teacher_epochs} epochs")
-        keras.utils.set_random_seed(config.seed)
+        configure_determinism(config.seed, config.deterministic)
         teacher = backbones.build(
             config.backbone, shape, classes, **config.backbone_options
         )
@@ -249,8 +305,19 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
         "backbone": teacher.name,
         "num_classes": classes,
         **fit,
+        "health": _health(config, prepared, teacher, fit),
     }
-    return _finish(run, sid, record)
+    record = _finish(run, sid, record)
+    if record["health"]["status"] == "failed":  # Every later stage learns from T.
+        from thumbnet_keras.pipeline.config import TrainingHealthError
+
+        raise TrainingHealthError(
+            "[teacher] failed its health checks: "
+            + "; ".join(record["health"]["problems"])
+            + ". Every later stage learns from the teacher, so the run stops "
+            "here; likely cause: a learning rate too high (or too few epochs)."
+        )
+    return record
 
 
 def _build_adapter(trainer) -> None:
@@ -347,7 +414,7 @@ def train_stage(
     if run.is_done(sid):
         return _skip(run, sid)
     prepared = run.data()
-    keras.utils.set_random_seed(config.seed + factor)
+    configure_determinism(config.seed + factor, config.deterministic)
     out = run.stage_dir(sid)
     teacher = _load(run.teacher_keras)
     shape, value_range = _image_shape(config), _value_range(prepared)
@@ -379,7 +446,12 @@ def train_stage(
         extra["bn"] = reestimate_student_bn(config, prepared, downscaler, student)
         _log(f"[{sid}] BatchNorm re-estimated: {extra['bn']}")
     if stage == "teacher_bicubic_bn":
+        from thumbnet_keras.pipeline.evaluate import compose
+
         path = save_keras(student, out / "student.keras")
+        extra["health"] = _health(
+            config, prepared, compose(downscaler, student, "check")
+        )
         record = {"stage": stage, "factor": factor, "id": sid, "epochs": 0,
                   "history": {}, "resumed_from": [], "seconds": 0.0,
                   "paths": {"student": path}, **extra}  # fmt: skip
@@ -412,7 +484,17 @@ def train_stage(
     fit = _fit(
         model, config, prepared, run, sid, epochs, verbose, stage != "fm_pretrain"
     )
+    from thumbnet_keras.pipeline.evaluate import compose
+
     paths = {}
+    checked = compose(
+        model.downscaler if stage in ("fm_pretrain", "joint") else downscaler,
+        student,
+        "check",
+    )
+    extra["health"] = _health(
+        config, prepared, checked, fit, judge_accuracy=stage != "fm_pretrain"
+    )
     if stage in ("fm_pretrain", "joint"):
         # The trainer's weights (E, S, FM adapter) start the next stage.
         atomic_write(out / "trainer.weights.h5", model.save_weights)

@@ -1,0 +1,203 @@
+"""Training health (issue 12): non-finite losses stop a stage and name the
+cause; a model whose predictions do not depend on its input, or that is no
+better than the majority class, is flagged. Golden values by hand; real
+Keras models and `fit_resumable`, no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from pipeline_fixtures import REPO, subprocess_env, tiny_dataset
+
+from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
+from thumbnet_keras.pipeline.health import (
+    TrainingDivergedError,
+    check_logits,
+    check_predictions,
+    run_health,
+)
+
+
+def test_constant_logits_fail():
+    logits = np.tile([[1.0, 2.0, 3.0]], (12, 1))
+    labels = np.array([0, 1, 2] * 4)
+    health = check_logits(logits, labels, 3)
+    assert health["status"] == "failed"
+    assert health["logit_spread"] == 0.0
+    assert "do not depend on the input" in health["problems"][0]
+    # Also: always class 2, top-1 4/12 = majority 4/12 (at, not below).
+    assert health["top1"] == pytest.approx(1 / 3)
+    assert health["majority_rate"] == pytest.approx(1 / 3)
+    assert any("majority-class rate 33.33%" in p for p in health["problems"])
+    assert any("class 2 predicted for all 12 images" in p for p in health["problems"])
+
+
+def test_healthy_logits_pass():
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 0])
+    logits = 5.0 * np.eye(3)[labels]
+    logits[0] = [0.0, 5.0, 0.0]  # one mistake: 11/12 > majority 5/12
+    health = check_logits(logits, labels, 3)
+    assert health == health | {"status": "ok", "problems": []}
+    assert health["top1"] == pytest.approx(11 / 12)
+    assert health["majority_rate"] == pytest.approx(5 / 12)
+
+
+def test_majority_rate_degrades():
+    # Varying logits (input-dependent) but always class 0: top-1 = 8/12 =
+    # the majority rate.
+    labels = np.array([0] * 8 + [1] * 4)
+    logits = np.stack([np.linspace(1, 2, 12), np.zeros(12)], axis=1)
+    health = check_logits(logits, labels, 2)
+    assert health["status"] == "degraded"
+    assert health["top1"] == health["majority_rate"] == pytest.approx(8 / 12)
+    assert health["problems"] == [
+        "top-1 66.67% is at or below the majority-class rate 66.67% (12 images)",
+        "class 0 predicted for all 12 images",
+    ]
+
+
+def test_small_sets_judge_only_constancy():
+    # 3 images: the majority rate is not judged; constancy still is.
+    labels = np.array([0, 0, 1])
+    varied = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
+    assert check_logits(varied, labels, 2)["status"] == "ok"
+    assert check_logits(np.ones((3, 2)), labels, 2)["status"] == "failed"
+
+
+def test_nonfinite_logits_fail():
+    logits = np.array([[0.0, 1.0], [np.nan, 1.0], [1.0, 0.0]])
+    health = check_logits(logits, np.array([1, 0, 0]), 2)
+    assert health["status"] == "failed"
+    assert health["problems"] == ["non-finite predictions for 1 of 3 images"]
+
+
+def test_run_health_worst_status_and_problems():
+    records = {
+        "teacher": {"health": {"status": "ok", "problems": []}},
+        "f2-joint": {"health": {"status": "failed", "problems": ["a", "b"]}},
+        "f2-bicubic_cl": {"health": {"status": "degraded", "problems": ["c"]}},
+        "f2-fm_pretrain": {},  # a record from before health checks
+    }
+    health = run_health(records)
+    assert health["status"] == "failed"
+    assert health["problems"] == ["f2-joint: a", "f2-joint: b", "f2-bicubic_cl: c"]
+    assert set(health["stages"]) == {"f2-joint", "f2-bicubic_cl"}
+
+
+def _batches(n=16, classes=2, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6, 6, 1)).astype("float32")
+    y = np.arange(n) % classes
+    return [(x[i : i + 8], y[i : i + 8]) for i in range(0, n, 8)]
+
+
+def test_constant_keras_model_is_flagged():
+    """A real network whose output does not depend on its input (a zero
+    kernel: logits = bias) fails the check; the same network with a random
+    kernel passes the constancy check."""
+    inputs = keras.Input((6, 6, 1))
+    x = keras.layers.Flatten()(inputs)
+    outputs = keras.layers.Dense(2, name="logits")(x)
+    model = keras.Model(inputs, outputs)
+    dense = model.get_layer("logits")
+    dense.set_weights([np.zeros((36, 2), "float32"), np.array([0.3, -0.2], "float32")])
+    health = check_predictions(model, _batches(), 2)
+    assert health["status"] == "failed", health
+    assert health["images"] == 16 and health["logit_spread"] == 0.0
+    kernel = np.random.default_rng(1).normal(size=(36, 2)).astype("float32")
+    dense.set_weights([kernel, np.zeros(2, "float32")])
+    health = check_predictions(model, _batches(), 2, judge_accuracy=False)
+    assert health["status"] == "ok" and health["logit_spread"] > 0.1
+
+
+def _diverging_model(learning_rate: float) -> keras.Model:
+    # w <- w - lr * d(w^2)/dw = (1 - 2 lr) w: with lr = 10, w grows 19x a step
+    # and w^2 overflows float32 after about 15 steps (4 steps an epoch).
+    model = keras.Sequential(
+        [keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate), loss="mse")
+    return model
+
+
+def _regression():
+    import tensorflow as tf
+
+    x = np.ones((4, 1), "float32")
+    return tf.data.Dataset.from_tensor_slices((x, np.zeros((4, 1), "float32"))).batch(1)
+
+
+def test_nonfinite_loss_stops_restores_and_names_the_cause(tmp_path):
+    model = _diverging_model(10.0)
+    logs = []
+    with pytest.raises(TrainingDivergedError) as err:
+        fit_resumable(model, _regression(), 10, tmp_path, verbose=0,
+                      log=logs.append, stage="f2-joint", learning_rate=10.0)  # fmt: skip
+    message = str(err.value)
+    state = load_checkpoint(tmp_path)
+    last_good = state["epoch"]
+    # Step k's loss is w_k^2 = 19^(2k): epoch 4's last (k = 15) is 19^30 =
+    # 2.3e38, finite; epoch 5's first, 19^32 = 8e40, overflows.
+    assert last_good == 4
+    assert "[f2-joint] training diverged" in message
+    assert f"epoch {last_good + 1}/10" in message
+    assert f"weights of epoch {last_good} were restored" in message
+    assert "learning rate is too high" in message and "10" in message
+    assert "--on-nonfinite continue" in message
+    w = float(keras.ops.convert_to_numpy(model.weights[0])[0, 0])
+    assert np.isfinite(w) and w == pytest.approx(19.0**16, rel=1e-5)
+    assert all(np.isfinite(v) for v in state["history"]["loss"])
+
+
+def test_nonfinite_loss_first_epoch_restores_initial_weights(tmp_path):
+    model = _diverging_model(1e20)  # inf after the first step
+    with pytest.raises(TrainingDivergedError, match="epoch 1/3.*starting weights"):
+        fit_resumable(model, _regression(), 3, tmp_path, verbose=0, log=lambda m: None)
+    assert float(keras.ops.convert_to_numpy(model.weights[0])[0, 0]) == 1.0
+    assert load_checkpoint(tmp_path) is None
+
+
+def test_on_nonfinite_continue_records_and_trains_on(tmp_path):
+    model = _diverging_model(10.0)
+    record = fit_resumable(model, _regression(), 6, tmp_path, verbose=0,
+                           log=lambda m: None, on_nonfinite="continue")  # fmt: skip
+    assert [e["epoch"] for e in record["nonfinite"]] == [5, 6]
+    assert len(record["history"]["loss"]) == 6
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert [e["epoch"] for e in state["nonfinite"]] == [5, 6]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="one backend is enough for the CLI path (subprocess, TF)",
+)
+def test_cli_diverging_learning_rate_fails_with_the_cause(tmp_path):
+    manifest = tiny_dataset(tmp_path)
+    command = [
+        sys.executable, "-m", "thumbnet_keras.cli", "train", "--dataset", manifest,
+        "--runs-dir", str(tmp_path / "runs"), "--run-name", "lr",
+        "--image-size", "32", "--limit-per-class", "8", "--batch-size", "1",
+        "--backbone-options", '{"widths": [8, 16]}', "--teacher-epochs", "10",
+        # lr x decoupled weight decay > 2: kernels grow |1 - lr wd| (up to
+        # 9x) a step and overflow float32 around epoch 4 (44 steps).
+        "--learning-rate", "10", "--weight-decay", "1", "--warmup-epochs", "0",
+    ]  # fmt: skip
+    env = subprocess_env() | {"KERAS_BACKEND": "tensorflow"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert "thumbnet: error: [teacher] training diverged: non-finite" in output
+    assert "learning rate is too high for this stage (peak learning rate 10)" in output
+    assert "restored" in output
+    run = tmp_path / "runs" / "lr"
+    assert not (run / "thumbnet.keras").exists()
+    assert not (run / "stages" / "teacher.json").exists()
+    assert os.path.isdir(run)

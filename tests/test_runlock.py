@@ -1,0 +1,193 @@
+"""One process per run folder, and nothing outlives `thumbnet`.
+
+* a second process meets the lock and is refused, naming the holder;
+* a lock left by a process killed with SIGKILL is taken over;
+* a run folder that never started a stage does not block its name;
+* `kill -9` of a running `thumbnet train` leaves no process behind (Prefect's
+  temporary server dies with it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+from pipeline_fixtures import subprocess_env, tiny_dataset
+
+from thumbnet_keras.pipeline import ConfigError
+from thumbnet_keras.pipeline.rundir import (
+    RunLockedError,
+    claim,
+    discard_unstarted,
+    lock_holder,
+    lock_run,
+    unlock_run,
+)
+
+HOLDER = """
+import sys, time
+from thumbnet_keras.pipeline.rundir import lock_run
+lock_run(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold(folder) -> subprocess.Popen:
+    """Another process that takes the folder's lock and keeps it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_second_process_is_refused_then_takes_over_a_stale_lock(tmp_path, caplog):
+    folder = tmp_path / "runs" / "r"
+    proc = _hold(folder)
+    try:
+        holder = json.loads((folder / ".lock").read_text())
+        assert holder["pid"] == proc.pid
+        assert lock_holder(folder)["pid"] == proc.pid
+        with pytest.raises(
+            RunLockedError,
+            match=f"in use by another thumbnet process \\(pid {proc.pid} on",
+        ):
+            lock_run(folder)
+        # The command line refuses too, before any framework starts.
+        result = subprocess.run(
+            [sys.executable, "-m", "thumbnet_keras.cli", "train", "--dataset",
+             tiny_dataset(tmp_path, per_class=8), "--runs-dir", str(tmp_path / "runs"),
+             "--run-name", "r"],
+            capture_output=True, text=True, env=subprocess_env(), timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert (
+            f"(pid {proc.pid} on" in result.stderr and "Traceback" not in result.stderr
+        )
+    finally:
+        _kill(proc)
+    # The holder died without unlocking: its lock file is still there, stale.
+    assert json.loads((folder / ".lock").read_text())["pid"] == proc.pid
+    assert lock_holder(folder) is None
+    with caplog.at_level("WARNING", logger="thumbnet_keras.pipeline.rundir"):
+        lock_run(folder)
+    assert f"pid {proc.pid}" in caplog.text and "taking over" in caplog.text
+    assert json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
+    lock_run(folder)  # Re-entrant in the holding process.
+    unlock_run(folder)
+    assert not (folder / ".lock").exists()
+
+
+def test_a_run_that_never_started_does_not_block_its_name(tmp_path):
+    folder = tmp_path / "r"
+    run, resumed = claim(folder, {"a": 1}, kind="thumbnet", inputs={"m": "old"})
+    assert not resumed and (folder / "config.json").is_file()
+    unlock_run(folder)
+    # The data step failed, the user fixed the manifest: same name accepted.
+    run, resumed = claim(folder, {"a": 1}, kind="thumbnet", inputs={"m": "new"})
+    assert not resumed
+    assert json.loads((folder / "config.json").read_text())["inputs"] == {"m": "new"}
+    # Once a stage finished, the name is taken.
+    (folder / "stages").mkdir()
+    (folder / "stages" / "teacher.json").write_text("{}")
+    unlock_run(folder)
+    with pytest.raises(ConfigError, match="different inputs"):
+        claim(folder, {"a": 1}, kind="thumbnet", inputs={"m": "newer"})
+    assert not discard_unstarted(folder)  # Work in it: kept.
+    (folder / "stages" / "teacher.json").unlink()
+    (folder / "stages").rmdir()
+    assert discard_unstarted(folder) and not folder.exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _cmdline(pid: int) -> list[str]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return found
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow" or not sys.platform.startswith("linux"),
+    reason="one real `thumbnet train` process (slow): tensorflow backend, Linux",
+)
+def test_kill_9_leaves_no_process_behind(tmp_path):
+    env = subprocess_env() | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thumbnet_keras.cli", "train", "--smoke",
+         "--dataset", tiny_dataset(tmp_path, per_class=8),
+         "--runs-dir", str(tmp_path / "runs"), "--run-name", "k"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    children: set[int] = set()
+    deadline = time.monotonic() + 240
+    try:
+        # Until Prefect's temporary server (a uvicorn child) has started.
+        while time.monotonic() < deadline and proc.poll() is None:
+            children |= _descendants(proc.pid)
+            if any("uvicorn" in " ".join(_cmdline(p)) for p in children):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert children, "no child process was started"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in children):
+        time.sleep(0.2)
+    left = sorted(p for p in children if _alive(p))
+    for pid in left:  # Do not leak them into the rest of the test session.
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes outlived `thumbnet train`: {left}"
+    assert not _group(proc.pid), "its process group still has live processes"
