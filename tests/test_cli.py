@@ -1,9 +1,7 @@
-"""The `thumbnet` command line: help, and errors that name the problem."""
+"""The `thumbnet` command line: help, options, and errors that name the
+problem (every user error, as a real process: tests/test_cli_errors.py)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 
@@ -19,32 +17,30 @@ def test_help_lists_every_command(capsys):
         assert command in out
 
 
-def test_unknown_dataset_exits_2_with_message(tmp_path):
-    # A real process, as users run it: the flow starts Prefect's ephemeral
-    # server, whose log handlers must not outlive pytest's captured streams.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "thumbnet_keras.cli",
-            "train",
-            "--dataset",
-            "no_such_set",
-            "--runs-dir",
-            str(tmp_path / "runs"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Unknown or invalid dataset 'no_such_set'" in result.stderr
-    assert not (tmp_path / "runs").exists()  # failed before writing anything
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    # A bug is not a user error: it propagates (Python prints its traceback).
+    from thumbnet_keras.pipeline import preflight
+
+    def broken(values):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(preflight, "check_thumbnet", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train"])
+
+
+def test_verbose_and_debug_go_before_or_after_the_command():
+    from thumbnet_keras.cli import _parser
+
+    args = _parser().parse_args(["train", "-vv", "--debug"])
+    assert (args.verbose, args.debug) == (2, True)
+    args = _parser().parse_args(["-v", "report", "--run", "r"])
+    assert args.verbose == 1 and not hasattr(args, "debug")
 
 
 def test_export_of_missing_run(tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path), "--format", "onnx"]) == 2
-    assert "thumbnet.keras not found" in capsys.readouterr().err
+    assert "is not a thumbnet run folder" in capsys.readouterr().err
 
 
 def test_bad_format_is_rejected(capsys):
