@@ -1,6 +1,9 @@
-"""ThumbNetTrainer under keras.distribution.DataParallel on two virtual CPU
-devices (JAX only: keras.distribution is implemented for the JAX backend)."""
+"""Data parallelism on two virtual CPU devices: keras.distribution.DataParallel
+(JAX) and tf.distribute.MirroredStrategy (TensorFlow), through
+`thumbnet_keras.pipeline.compute`. Each test runs in a subprocess (the devices
+must be configured before the backend starts)."""
 
+import numpy as np
 import pytest
 from conftest import BACKEND, REPO, run_python
 
@@ -151,3 +154,50 @@ def test_two_replicas_step_equals_one_device_step():
         # statistics unless BatchNormalization(synchronized=True).
         assert result["bn-joint"]["max_diff"] > 1e-4, result["bn-joint"]
         assert result["bn-joint-sync"]["max_diff"] < 1e-5, result["bn-joint-sync"]
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="one backend runs the distributed smoke run (cost); TF: MirroredStrategy",
+)
+def test_smoke_run_trains_distributed_in_mixed_precision(tmp_path):
+    """The flow's steps (what `thumbnet` runs, without Prefect's server, which
+    a loaded CI machine can be too slow to start) on 2 replicas in
+    mixed_bfloat16 with synchronized BatchNorm, to a float32 thumbnet.keras."""
+    from pipeline_fixtures import subprocess_env, tiny_dataset
+
+    manifest = tiny_dataset(tmp_path)
+    runs = str(tmp_path / "runs")
+    result = run_python(
+        f"""
+        import json
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras
+        from thumbnet_keras import pipeline
+        params = pipeline.ThumbNetParams(
+            dataset={manifest!r}, smoke=True, runs_dir={runs!r}, run_name="dp",
+            precision="mixed_bfloat16", distribution="data_parallel",
+            sync_batchnorm=True, bn_batches=1)
+        run_dir = pipeline.resolve_run(params)["run_dir"]
+        prepared = pipeline.prepare_dataset({manifest!r}, {runs!r} + "/_data")
+        pipeline.get_teacher(run_dir, prepared, verbose=0)
+        records = {{s: pipeline.train_stage(run_dir, 2, s, verbose=0)
+                   for s in ("fm_pretrain", "joint")}}
+        model = keras.saving.load_model(
+            pipeline.export_run(run_dir)["factors"]["2"]["thumbnet"])
+        print(json.dumps({{
+            "policies": sorted({{l.dtype_policy.name for l in model._flatten_layers()}}),
+            "losses": {{s: r["history"]["loss"] for s, r in records.items()}},
+            "policy_after": keras.config.dtype_policy().name,
+        }}))
+        """,
+        env=subprocess_env() | {"KERAS_BACKEND": "tensorflow"},
+        timeout=600,
+    )
+    assert result["policies"] == ["float32"]  # saved as float32 for users
+    for stage, losses in result["losses"].items():
+        assert losses and all(np.isfinite(losses)), stage
+    assert result["policy_after"] == "float32"

@@ -29,9 +29,13 @@ from typing import Any
 
 __all__ = [
     "DISTRIBUTIONS",
+    "compute_scope",
+    "prepare_model",
+    "run_compute",
     "JIT_COMPILE",
     "PRECISIONS",
     "distribution_scope",
+    "float32_model",
     "jit_compile_option",
     "local_devices",
     "precision_scope",
@@ -43,6 +47,8 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DISTRIBUTIONS = ("none", "data_parallel")
 JIT_COMPILE = ("auto", "on", "off")
 _STRATEGIES: dict = {}
+# The active `compute_scope`'s settings (None outside one).
+_ACTIVE: dict | None = None
 
 
 def _error(message: str) -> Exception:
@@ -127,6 +133,15 @@ def with_precision(model, policy: str):
         return dict(layer, config=dict(config, dtype=dtype))
 
     return _rebuild(model, edit)
+
+
+def float32_model(model):
+    """`model` under float32 when its layers are under mixed policies (what a
+    run saves, so users load float32 models); otherwise `model` itself."""
+    present = _policies(model)
+    if present <= {"float32"} or not present <= set(PRECISIONS):
+        return model
+    return with_precision(model, "float32")
 
 
 def with_sync_batchnorm(model):
@@ -219,3 +234,55 @@ def jit_compile_option(value: str = "auto"):
     if value not in JIT_COMPILE:
         raise _error(f"`jit_compile` must be one of {JIT_COMPILE}, received {value!r}.")
     return {"auto": "auto", "on": True, "off": False}[value]
+
+
+@contextlib.contextmanager
+def compute_scope(
+    precision: str = "float32",
+    distribution: str = "none",
+    sync_batchnorm: bool = False,
+):
+    """`precision_scope` and `distribution_scope` together; models loaded
+    inside go through `prepare_model`. Yields the number of replicas."""
+    global _ACTIVE
+    previous = _ACTIVE
+    with precision_scope(precision), distribution_scope(distribution) as replicas:
+        _ACTIVE = {
+            "precision": precision,
+            "sync_batchnorm": bool(sync_batchnorm) and replicas > 1,
+        }
+        try:
+            yield replicas
+        finally:
+            _ACTIVE = previous
+
+
+def prepare_model(model):
+    """A loaded model under the active `compute_scope`: the run's precision
+    (`with_precision`) and, with `sync_batchnorm` on several replicas,
+    synchronized BatchNorm. Unchanged outside a scope."""
+    if _ACTIVE is None:
+        return model
+    model = with_precision(model, _ACTIVE["precision"])
+    if _ACTIVE["sync_batchnorm"]:
+        model = with_sync_batchnorm(model)
+    return model
+
+
+def run_compute(function):
+    """Decorates a run step `function(run_dir, ...)`: it runs inside the
+    `compute_scope` of the run's `config.json` (precision, distribution)."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(run_dir, *args, **kwargs):
+        from thumbnet_keras.pipeline.config import RunConfig
+        from thumbnet_keras.pipeline.rundir import Run
+
+        config = RunConfig.from_json(Run(run_dir).config()["config"])
+        with compute_scope(
+            config.precision, config.distribution, config.sync_batchnorm
+        ):
+            return function(run_dir, *args, **kwargs)
+
+    return wrapper

@@ -134,6 +134,19 @@ class RunConfig(_RunFolder):
         export_formats: extra exports of thumbnet.keras ("saved_model",
             "onnx", "litert", "litert_int8"; see docs/deploy.md).
         throughput_batches: timed batches per model for images/s.
+        precision: dtype policy of every training stage, teacher included:
+            "float32", "mixed_bfloat16" or "mixed_float16" (dynamic loss
+            scaling); variables and losses stay float32, saved models are
+            float32 (`pipeline.compute`).
+        distribution: "none" or "data_parallel" (every local accelerator:
+            `keras.distribution.DataParallel` on JAX,
+            `tf.distribute.MirroredStrategy` on TensorFlow); `batch_size` is
+            the global batch.
+        sync_batchnorm: with data_parallel on TensorFlow, BatchNorm
+            statistics over the global batch (`synchronized=True`); JAX's
+            are the global batch's anyway.
+        jit_compile: "auto" (Keras': XLA on JAX, on TensorFlow with a GPU),
+            "on" (XLA on TensorFlow's CPU too) or "off".
         smoke: already applied; recorded for the report.
     """
 
@@ -175,6 +188,10 @@ class RunConfig(_RunFolder):
     data_dir: str | None = None
     export_formats: tuple[str, ...] = ()
     throughput_batches: int = 10
+    precision: str = "float32"
+    distribution: str = "none"
+    sync_batchnorm: bool = False
+    jit_compile: str = "auto"
     smoke: bool = False
 
     @property
@@ -302,6 +319,21 @@ class ThumbNetParams(BaseModel):
         [], description=f"Extra exports, any of {EXPORT_FORMATS}."
     )
     throughput_batches: int = Field(10, ge=1, le=1000, description="Timed batches.")
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = Field(
+        "float32",
+        description="Dtype policy of every stage (mixed_float16: loss scaling).",
+    )
+    distribution: Literal["none", "data_parallel"] = Field(
+        "none",
+        description="data_parallel: every local GPU/TPU (JAX or TensorFlow); "
+        "batch_size is global.",
+    )
+    sync_batchnorm: bool = Field(
+        False, description="Synchronized BatchNorm under data_parallel (TF)."
+    )
+    jit_compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="XLA: auto (Keras' choice), on, or off."
+    )
     smoke: bool = Field(False, description="Shrink the run to seconds (tests).")
 
     def to_config(self) -> RunConfig:

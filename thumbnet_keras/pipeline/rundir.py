@@ -97,7 +97,11 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_keras(model, path: str | os.PathLike) -> str:
-    """Atomically saves a Keras model to a `.keras` file; returns the path."""
+    """Atomically saves a Keras model to a `.keras` file; returns the path.
+    A mixed-precision model is saved as float32 (`compute.float32_model`)."""
+    from thumbnet_keras.pipeline.compute import float32_model
+
+    model = float32_model(model)
     atomic_write(path, lambda tmp: model.save(tmp))
     return str(path)
 

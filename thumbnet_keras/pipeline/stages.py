@@ -37,6 +37,11 @@ import warnings
 
 from thumbnet_keras.pipeline import progress
 from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
+from thumbnet_keras.pipeline.compute import (
+    jit_compile_option,
+    prepare_model,
+    run_compute,
+)
 from thumbnet_keras.pipeline.config import ConfigError, RunConfig
 from thumbnet_keras.pipeline.health import configure_determinism
 from thumbnet_keras.pipeline.rundir import (
@@ -95,7 +100,8 @@ def _value_range(prepared: dict):
 def _load(path):
     import keras
 
-    return keras.saving.load_model(str(path), compile=False)
+    # Under the run's precision (and synchronized BatchNorm), `run_compute`.
+    return prepare_model(keras.saving.load_model(str(path), compile=False))
 
 
 def _finish(run: Run, sid: str, record: dict) -> dict:
@@ -130,6 +136,7 @@ def _compile(model, config: RunConfig, prepared: dict, stage: str, epochs: int,
         optimizer=make_optimizer(config, stage, epochs, steps, model),
         loss=loss,
         metrics=list(metrics) if metrics else None,
+        jit_compile=jit_compile_option(config.jit_compile),
     )
 
 
@@ -249,6 +256,7 @@ def reestimate_student_bn(
     return reestimate_batchnorm(model, batches, num_batches=config.bn_batches)
 
 
+@run_compute  # the run's precision and distribution
 def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> dict:
     """Stage 0: the run's teacher, saved as `teacher.keras`.
 
@@ -290,8 +298,8 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     else:
         _log(f"[{sid}] training {config.backbone} for {config.teacher_epochs} epochs")
         configure_determinism(config.seed, config.deterministic)
-        teacher = backbones.build(
-            config.backbone, shape, classes, **config.backbone_options
+        teacher = prepare_model(
+            backbones.build(config.backbone, shape, classes, **config.backbone_options)
         )
         epochs = config.teacher_epochs
         _compile(teacher, config, prepared, "teacher", epochs, _classifier_loss(config))
@@ -389,6 +397,7 @@ def _equal_cost(config: RunConfig, prepared: dict, factor: int, teacher) -> dict
     return equal_cost_size(teacher, factor, target, _value_range(prepared))
 
 
+@run_compute  # the run's precision and distribution
 def train_stage(
     run_dir: str, factor: int, stage: str, verbose: int | str = "auto"
 ) -> dict:

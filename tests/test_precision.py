@@ -1,0 +1,116 @@
+"""Mixed precision and XLA: `pipeline.compute` on the current backend.
+
+A few steps of a tiny ThumbNet under each dtype policy: the losses are finite,
+every variable stays float32, the layers compute in the dtype asked for, and
+mixed_float16 trains through a LossScaleOptimizer.
+"""
+
+import keras
+import numpy as np
+import pytest
+from conftest import BACKEND, tiny_teacher
+
+from thumbnet_keras import ThumbNetTrainer, build_downscaler, make_student
+from thumbnet_keras.pipeline import ConfigError
+from thumbnet_keras.pipeline.compute import (
+    jit_compile_option,
+    precision_scope,
+    with_precision,
+)
+from thumbnet_keras.pipeline.recipe import SparseCrossentropy
+
+
+def _tf_gpu():
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _data(n=8):
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 16, 16, 3), dtype="float32")
+    return x, rng.integers(0, 3, n).astype("int32")
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_trainer_steps_under_mixed_precision(precision):
+    if precision == "mixed_float16" and BACKEND in ("torch", "tensorflow"):
+        # Both are GPU kernels there (mixed_float16 is a GPU policy): torch
+        # has no float16 convolutions on CPU, and TensorFlow's CPU float16
+        # depthwise conv refuses unequal strides (E's separable bicubic).
+        if BACKEND == "torch" or not _tf_gpu():
+            pytest.skip(f"{BACKEND} has no float16 CPU kernels for E's convolutions")
+    compute = precision.removeprefix("mixed_")
+    keras.utils.set_random_seed(0)
+    saved = tiny_teacher()  # float32, as a loaded .keras teacher would be
+    with precision_scope(precision):
+        teacher = with_precision(saved, precision)
+        student = make_student(teacher, 2)
+        trainer = ThumbNetTrainer(
+            teacher, build_downscaler((16, 16, 3), 2, width=8), student
+        )
+        trainer.compile(optimizer=keras.optimizers.SGD(0.01))
+        x, y = _data()
+        history = trainer.fit(x, y, batch_size=4, epochs=1, verbose=0).history
+    assert keras.config.dtype_policy().name == "float32"  # restored
+    for key in ("loss", "cl_loss", "kd_loss", "fm_loss", "mm_loss"):
+        assert np.isfinite(history[key][-1]), key
+    assert {v.dtype for v in trainer.variables} == {"float32"}
+    assert student.get_layer("conv0").compute_dtype == compute
+    assert teacher.get_layer("conv0").compute_dtype == compute
+    assert trainer.downscaler.get_layer("residual_conv").compute_dtype == compute
+    is_scaled = isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert is_scaled == (precision == "mixed_float16")
+    # The teacher's weights were carried over, and a float32 copy is exact.
+    back = with_precision(teacher, "float32")
+    for a, b in zip(back.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(back(x)),
+        keras.ops.convert_to_numpy(saved(x)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_with_precision_is_identity_when_already_there():
+    model = tiny_teacher()
+    assert with_precision(model, "float32") is model
+    with pytest.raises(ConfigError, match="precision"):
+        with_precision(model, "float16")
+    with pytest.raises(ConfigError, match="precision"):
+        with precision_scope("bfloat16"):
+            pass
+
+
+def test_classifier_loss_is_float32_on_bfloat16_logits():
+    logits = keras.ops.cast(
+        np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]], "float32"), "bfloat16"
+    )
+    labels = np.array([0, 2])
+    loss = SparseCrossentropy(label_smoothing=0.1)(labels, logits)
+    assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+    # Golden: the same (bfloat16-exact) logits in float64.
+    z = keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32")).astype("f8")
+    target = np.full((2, 3), 0.1 / 3) + 0.9 * np.eye(3)[labels]
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    expected = -(target * log_p).sum(axis=1).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.skipif(
+    BACKEND == "torch", reason="torch.compile (Inductor) crashes on this CPU"
+)
+def test_trainer_step_with_jit_compile():
+    keras.utils.set_random_seed(0)
+    teacher = tiny_teacher()
+    trainer = ThumbNetTrainer(
+        teacher, build_downscaler((16, 16, 3), 2, width=8), make_student(teacher, 2)
+    )
+    trainer.compile(optimizer="sgd", jit_compile=jit_compile_option("on"))
+    assert trainer.jit_compile is True  # not silently turned off
+    x, y = _data()
+    history = trainer.fit(x, y, batch_size=4, epochs=1, verbose=0).history
+    assert np.isfinite(history["loss"][-1])
+    with pytest.raises(ConfigError, match="jit_compile"):
+        jit_compile_option("yes")
