@@ -29,7 +29,9 @@ import numpy as np
 from thumbnet_keras.data.index import PreparedDataset
 from thumbnet_keras.data.validate import QUARANTINED
 
-NORMALIZATIONS = ("unit", "symmetric", "imagenet")
+# "raw": pixels in [0, 255] unchanged, for a model that normalizes inside (a
+# teacher with its own preprocessing, `models.teachers`).
+NORMALIZATIONS = ("unit", "symmetric", "imagenet", "raw")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # One-channel version: the means of the RGB statistics.
@@ -89,7 +91,8 @@ def normalization_layer(normalization: str = "unit", channels: int = 3):
     Args:
         normalization: "unit" -> [0, 1]; "symmetric" -> [-1, 1];
             "imagenet" -> ((x / 255) - mean) / std with the torchvision /
-            keras-hub ImageNet statistics (gray: their RGB means).
+            keras-hub ImageNet statistics (gray: their RGB means); "raw" ->
+            unchanged (scale 1).
         channels: 1 or 3.
 
     Returns:
@@ -103,6 +106,8 @@ def normalization_layer(normalization: str = "unit", channels: int = 3):
         )
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, received {channels}")
+    if normalization == "raw":
+        return keras.layers.Rescaling(1.0, name="normalize_raw")
     if normalization == "unit":
         return keras.layers.Rescaling(1.0 / 255.0, name="normalize_unit")
     if normalization == "symmetric":
@@ -120,6 +125,31 @@ def normalization_layer(normalization: str = "unit", channels: int = 3):
     # cannot build itself there.
     layer.build((None, None, None, channels))
     return layer
+
+
+def value_range(normalization: str) -> tuple[float, float] | None:
+    """The range of a normalization's images, where thumbnails are clipped:
+    (0, 1) for "unit", (0, 255) for "raw", None for the mean/std ones."""
+    return {"unit": (0.0, 1.0), "raw": (0.0, 255.0)}.get(normalization)
+
+
+def raw_pixel_model(models, normalization: str, channels: int, name: str):
+    """`pixels [0, 255] -> normalization_layer(normalization) -> models[0] ->
+    models[1] ...` as one Functional model of built-in layers (the layer is
+    left out for "raw"): a model trained on `make_dataset(...,
+    normalization=normalization)` batches that takes raw pixels (uint8 or
+    float) at the size of `models[0]`'s input.
+    """
+    import keras
+
+    shape = tuple(models[0].inputs[0].shape[1:])
+    pixels = keras.Input(shape, name="pixels")
+    x = pixels
+    if normalization != "raw":
+        x = normalization_layer(normalization, channels)(x)
+    for model in models:
+        x = model(x)
+    return keras.Model(pixels, x, name=name)
 
 
 def _size(image_size: int | Sequence[int]) -> tuple[int, int]:

@@ -8,7 +8,8 @@ reads it and guesses nothing. Example:
       "class_names": ["bright", "dark"],
       "input_size": [32, 32],
       "channels": 1,
-      "normalization": "unit",
+      "normalization": "none",
+      "input_value_range": [0, 255],
       "resize": "bilinear, antialias, central crop to the input's aspect ratio",
       "output": "logits",
       "models": {"thumbnet.keras": "keras", "thumbnet.onnx": "onnx",
@@ -20,7 +21,10 @@ reads it and guesses nothing. Example:
 `normalization` maps 8-bit pixels `p` in [0, 255] to model input: "unit"
 `p / 255`, "symmetric" `p / 127.5 - 1`, "imagenet" `(p / 255 - mean) / std`
 (`thumbnet_keras.data.normalization_layer`), "none" `p` unchanged (a model
-that normalizes inside).
+that normalizes inside). A run's exported models (`thumbnet.keras` and its
+conversions) normalize inside: "none", i.e. they take raw pixels (uint8, or
+float in [0, 255]). `input_value_range` is the range of the model's input
+that follows (null for "imagenet": mean/std units).
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ SIDECAR = "thumbnet_model.json"
 NORMALIZATIONS = ("unit", "symmetric", "imagenet", "none")
 RESIZE = "bilinear, antialias, central crop to the input's aspect ratio"
 _DESCRIBES = ("class_names", "input_size", "channels", "normalization")
+# normalization -> the model input's value range.
+INPUT_VALUE_RANGE = {
+    "unit": [0, 1],
+    "symmetric": [-1, 1],
+    "imagenet": None,
+    "none": [0, 255],
+}
 
 
 class SidecarError(ValueError):
@@ -80,6 +91,7 @@ def write_sidecar(
         "input_size": [int(s) for s in input_size],
         "channels": int(channels),
         "normalization": normalization,
+        "input_value_range": INPUT_VALUE_RANGE[normalization],
         "resize": RESIZE,
         "output": "logits",
         "models": {},

@@ -25,6 +25,8 @@ __all__ = ["make_student", "image_input_shape"]
 _POOLING_CLASSES = ("MaxPooling2D", "AveragePooling2D", "MaxPool2D", "AvgPool2D")
 _SHAPE_KEYS = ("batch_shape", "batch_input_shape")
 _IMAGE_SHAPE_KEYS = ("image_shape", "input_shape")
+# Layers of a teacher's embedded preprocessing (`models.teachers`).
+PREPROCESS_PREFIX = "preprocess_"
 
 
 def image_input_shape(model: keras.Model) -> tuple:
@@ -161,7 +163,9 @@ def make_student(
         A new model with the teacher's weights, whose output shape equals the
         teacher's. Every layer of it is trainable, whatever the teacher's
         `trainable` flags (a frozen teacher, e.g. one already handed to a
-        `ThumbNetTrainer`, must not give a frozen student).
+        `ThumbNetTrainer`, must not give a frozen student), except the
+        teacher's embedded preprocessing (layers named `preprocess_*`, see
+        `thumbnet_keras.models.teachers`), which S keeps frozen.
 
     Raises:
         ValueError: when the factor does not divide the image size, or when the
@@ -228,8 +232,13 @@ def _finish_student(teacher, student, name):
     student.set_weights(teacher.get_weights())
     student.name = name or f"{teacher.name}_student"
     # The config carries the teacher's `trainable` flags; S is trained.
-    # (The setter recurses into every sublayer.)
+    # (The setter recurses into every sublayer.) Except an embedded
+    # preprocessing (`teachers.preprocessing_layers`, named `preprocess_*`):
+    # it is the input contract, not a weight to learn.
     student.trainable = True
+    for layer in student.layers:
+        if layer.name.startswith(PREPROCESS_PREFIX):
+            layer.trainable = False
     return student
 
 
