@@ -18,6 +18,7 @@ command (or deployment run) after a crash continues where it stopped.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 
@@ -28,14 +29,32 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.states import Failed
 
 from thumbnet_keras import pipeline
 from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
 from thumbnet_keras.pipeline.datasets import is_prepared
 from thumbnet_keras.pipeline.generalize import ARMS as GENERALIZE_ARMS
+from thumbnet_keras.pipeline.preflight import check_generalize, check_thumbnet
 from thumbnet_keras.pipeline.resolve import load_manifest_checked
 
 __all__ = ["generalize", "thumbnet"]
+
+
+def _capture_library_logs() -> None:
+    """The library logs through `logging` (`thumbnet_keras.*`): its INFO
+    records go to the flow run's logs too, as Prefect does for the loggers in
+    PREFECT_LOGGING_EXTRA_LOGGERS (deployments need no setting)."""
+    library = logging.getLogger("thumbnet_keras")
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.INFO)
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in library.handlers:
+            library.addHandler(handler)
+
+
+_capture_library_logs()
 
 
 def _artifact_key(*parts: str) -> str:
@@ -152,6 +171,19 @@ def _publish(dataset_name: str, kind: str, report: dict, title: str) -> None:
         )
 
 
+def _refused(err: Exception) -> Failed:
+    """A user error found before any task ran: the flow run ends Failed at
+    once, the message (no traceback) in its log and as its state message."""
+    get_run_logger().error("thumbnet: error: %s", err)
+    return Failed(message=str(err))
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from thumbnet_keras.pipeline.rundir import RunLockedError
+
+    return (pipeline.ConfigError, RunLockedError)
+
+
 def _small(record: dict) -> dict:
     """A stage record without its per-epoch history (kept in the run folder)."""
     return {k: v for k, v in record.items() if k != "history"}
@@ -168,7 +200,10 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
         params: the run's parameters (`ThumbNetParams`); default: the ELPV demo.
         verbose: Keras progress output (0 silent, 1 progress bar, 2 a line per epoch).
     """
-    params = params or ThumbNetParams()
+    try:  # Every check that needs no framework, before any task.
+        params = check_thumbnet((params or ThumbNetParams()).model_dump())
+    except _user_errors() as err:
+        return _refused(err)
     run = resolve_run_task(params.model_dump())
     config, run_dir = run["config"], run["run_dir"]
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
@@ -245,6 +280,10 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
             epochs, recipe).
         verbose: Keras progress output.
     """
+    try:
+        params = check_generalize(params.model_dump())
+    except _user_errors() as err:
+        return _refused(err)
     run = resolve_generalize_task(params.model_dump())
     config, run_dir = run["config"], run["run_dir"]
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")

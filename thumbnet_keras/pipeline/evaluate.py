@@ -23,6 +23,8 @@ measured images/s. Written to `evaluation.json`.
 
 from __future__ import annotations
 
+import logging
+
 import keras
 
 from thumbnet_keras.evaluation.accuracy import evaluate_classifier
@@ -42,6 +44,9 @@ ARM_LABELS = {
     "bicubic_kd_equal": "Bicubic + KD at equal MACs (larger thumbnail)",
     "thumbnet": "ThumbNet (E + S)",
 }
+
+
+logger = logging.getLogger(__name__)
 
 
 def compose(downscaler: keras.Model, student: keras.Model, name: str) -> keras.Model:
@@ -90,7 +95,7 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
     run, config = load_run(run_dir)
     path = run.file("evaluation.json")
     if path.is_file() and not force:
-        print("[evaluate] already finished, skipped", flush=True)
+        logger.info("[evaluate] already finished, skipped")
         return read_json(path) | {"skipped": True}
     prepared = run.data()
     classes = prepared["num_classes"]
@@ -104,7 +109,9 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
         return keras.saving.load_model(str(p), compile=False)
 
     teacher = load(run.teacher_keras)
-    value_range = (0.0, 1.0) if prepared["normalization"] == "unit" else None
+    from thumbnet_keras.data.pipeline import value_range as _range
+
+    value_range = _range(prepared["normalization"])
     models: list[tuple[str, int | None, int, keras.Model]] = [
         ("teacher", None, config.image_size, teacher)
     ]
@@ -143,7 +150,7 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
         )
     arms = []
     for name, factor, size, model in models:
-        print(f"[evaluate] {name}" + (f" f={factor}" if factor else ""), flush=True)
+        logger.info("[evaluate] %s%s", name, f" f={factor}" if factor else "")
         result = evaluate_model(
             model,
             test,

@@ -9,6 +9,7 @@ and `thumbnet_model.json` (class names, input size, channels, normalization).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -34,6 +35,9 @@ FORMAT_SUFFIX = dict(deploy.FORMATS)
 REPRESENTATIVE_IMAGES = 200
 
 
+logger = logging.getLogger(__name__)
+
+
 def find_run_dir(keras_path: str | os.PathLike) -> str | None:
     """The run folder of a model in it (`<run>/` or `<run>/f<factor>/`)."""
     folder = Path(keras_path).resolve().parent
@@ -54,10 +58,10 @@ def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
     """Up to `count` train images of the run, preprocessed as for evaluation
     (no augmentation), float32 `(N, H, W, C)`: the int8 calibration set.
 
-    One pixel of the first image is set to the normalized value of 0 and one
-    to that of 255, so the calibrated input range is the whole pixel range:
-    the int8 model's uint8 input then holds any image without clipping (for
-    "unit" normalization: scale 1/255, zero point 0, i.e. raw pixels).
+    Raw pixels (`thumbnet.keras` normalizes inside). One pixel of the first
+    image is set to 0 and one to 255, so the calibrated input range is the
+    whole pixel range: the int8 model's uint8 input then holds any image
+    without clipping (scale 1, zero point 0, i.e. raw pixels).
     """
     from thumbnet_keras import data
 
@@ -69,7 +73,7 @@ def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
         min(count, 64),
         False,
         channels=channels,
-        normalization=prepared["normalization"],
+        normalization="raw",  # thumbnet.keras normalizes inside
         shuffle=True,  # fixed seed: a sample of every class, not the first
         seed=0,
     )
@@ -80,7 +84,7 @@ def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
         if total >= count:
             break
     images = np.concatenate(images)[:count].astype(np.float32)
-    layer = data.normalization_layer(prepared["normalization"], channels)
+    layer = data.normalization_layer("raw", channels)
     extremes = np.array([[[[0.0] * channels, [255.0] * channels]]], np.float32)
     low, high = keras.ops.convert_to_numpy(layer(extremes))[0, 0]
     images[0, 0, 0], images[0, 0, 1] = low, high
@@ -94,7 +98,7 @@ def _write_sidecar(run_dir: str, folder, models: dict, quantization=None) -> str
         class_names=prepared["class_names"],
         input_size=(size, size),
         channels=channels,
-        normalization=prepared["normalization"],
+        normalization="none",  # thumbnet.keras takes raw pixels
         models=models,
         quantization=quantization,
         source=str(Path(run_dir).resolve()),
@@ -168,7 +172,8 @@ def _deployable(path: str, fmt: str, batch_size: int, batches: int) -> dict:
 def export_run(run_dir: str) -> dict:
     """Writes the run's deployable models.
 
-    For each factor: `f<f>/thumbnet.keras` (image -> E -> S -> logits),
+    For each factor: `f<f>/thumbnet.keras` (raw pixels [0, 255] -> the
+    run's normalization -> E -> S -> logits),
     `f<f>/thumbnail_model.keras` (S) and `f<f>/downscaler.keras` (E); the
     primary (first) factor's first two also as `thumbnet.keras` and
     `thumbnail_model.keras` at the top of the run; `thumbnet_model.json`
@@ -182,19 +187,23 @@ def export_run(run_dir: str) -> dict:
         "exports": {format: path}, "deployables": [{file, format, bytes,
         images_per_second, batch_size}]}`.
     """
-    from thumbnet_keras.pipeline.evaluate import compose
+    from thumbnet_keras.data.pipeline import raw_pixel_model
 
     run, config = load_run(run_dir)
+    prepared = run.data()
     factors = {}
     for factor in config.factors:
         joint = run.stage_dir(stage_id(factor, "joint"))
         downscaler = keras.saving.load_model(joint / "downscaler.keras", compile=False)
         student = keras.saving.load_model(joint / "student.keras", compile=False)
         folder = run.factor_dir(factor)
+        # Raw pixels in: the run's normalization is the model's first layer.
+        thumbnet = raw_pixel_model(
+            [downscaler, student], prepared["normalization"], config.channels,
+            "thumbnet",
+        )  # fmt: skip
         factors[factor] = {
-            "thumbnet": save_keras(
-                compose(downscaler, student, "thumbnet"), folder / "thumbnet.keras"
-            ),
+            "thumbnet": save_keras(thumbnet, folder / "thumbnet.keras"),
             "thumbnail_model": save_keras(student, folder / "thumbnail_model.keras"),
             "downscaler": save_keras(downscaler, folder / "downscaler.keras"),
         }
@@ -217,7 +226,7 @@ def export_run(run_dir: str) -> dict:
         run.file("export.json"),
         {"backend": keras.backend.backend(), "deployables": deployables},
     )
-    print(f"[export] {top['thumbnet']}", flush=True)
+    logger.info("[export] %s", top["thumbnet"])
     return {
         **top,
         "factors": {str(f): v for f, v in factors.items()},

@@ -27,6 +27,7 @@ dropped, a different normalization); the report shows them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 
 from thumbnet_keras.pipeline.checkpoint import fit_resumable
@@ -62,8 +63,11 @@ def arm_id(index: int, seed: int, arm: str) -> str:
     return f"exp{index}-s{seed}-{arm}"
 
 
+logger = logging.getLogger(__name__)
+
+
 def _log(message: str) -> None:
-    print(message, flush=True)
+    logger.info(message)
 
 
 def _source(config: GeneralizeConfig) -> tuple[Run, dict, dict]:

@@ -1,7 +1,10 @@
 """The training steps of a `thumbnet` run, each resumable and skipped once done.
 
-* `get_teacher`: stage 0. Loads a teacher file, builds a backbone with given
-  weights, or trains the backbone on the dataset.
+* `get_teacher`: stage 0. Loads a teacher (a file, or a keras.applications /
+  keras-hub classifier with its preprocessing inside, `models.teachers`: the
+  run then feeds raw [0, 255] pixels, `normalization` "raw" in `data.json`),
+  builds a backbone with given weights, or trains the backbone on the
+  dataset.
 * `train_stage(run_dir, factor, stage)` for `stage` in:
   - `"teacher_bicubic_bn"`: no training: S = T's weights at thumbnail size
     with its BatchNorm statistics re-estimated on bicubic thumbnails of train
@@ -32,6 +35,7 @@ written last: its presence means the stage is done, and a rerun skips it).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import warnings
 
@@ -84,8 +88,11 @@ def load_run(run_dir: str) -> tuple[Run, RunConfig]:
     return run, RunConfig.from_json(run.config()["config"])
 
 
+logger = logging.getLogger(__name__)
+
+
 def _log(message: str) -> None:
-    print(message, flush=True)
+    logger.info(message)
 
 
 def _image_shape(config: RunConfig) -> tuple[int, int, int]:
@@ -93,8 +100,11 @@ def _image_shape(config: RunConfig) -> tuple[int, int, int]:
 
 
 def _value_range(prepared: dict):
-    # Unit-normalized images live in [0, 1]; clip thumbnails there too.
-    return (0.0, 1.0) if prepared["normalization"] == "unit" else None
+    # Unit-normalized images live in [0, 1], raw ones in [0, 255]; clip
+    # thumbnails there too.
+    from thumbnet_keras.data.pipeline import value_range
+
+    return value_range(prepared["normalization"])
 
 
 def _load(path):
@@ -270,10 +280,15 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
         The stage record: `source` ("file", "weights" or "trained"), path,
         epochs, history, seconds, `selection`, `num_classes`.
     """
+
     from thumbnet_keras.models import backbones
+    from thumbnet_keras.models.teachers import is_raw_pixel_teacher, load_teacher
     from thumbnet_keras.pipeline.resolve import check_teacher_file
 
     run, config = load_run(run_dir)
+    if is_raw_pixel_teacher(config.teacher):
+        # Its preprocessing is inside: every stage feeds raw [0, 255] pixels.
+        prepared = {**prepared, "normalization": "raw"}
     write_json(run.data_json, prepared)
     sid = "teacher"
     progress.stage_started(config.factors, sid)
@@ -283,9 +298,10 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     fit = {"history": {}, "epochs": 0, "resumed_from": [], "seconds": 0.0}
     if config.teacher is not None:
         check_teacher_file(config.teacher, shape, classes)
-        from thumbnet_keras.pretrained import resolve_teacher
-
-        teacher, source = _load(resolve_teacher(config.teacher)), "file"
+        teacher = load_teacher(config.teacher, shape, classes)
+        source = config.teacher.split(":")[0] if is_raw_pixel_teacher(
+            config.teacher
+        ) else "file"
     elif config.backbone_weights is not None:
         teacher = backbones.build(
             config.backbone,
@@ -374,13 +390,18 @@ def build_run_downscaler(config: RunConfig, prepared: dict, factor: int, student
     width = config.downscaler_width
     if width is None:
         width = auto_downscaler_width(
-            shape, factor, student, depth=config.downscaler_depth
+            shape,
+            factor,
+            student,
+            depth=config.downscaler_depth,
+            variant=config.downscaler_variant,
         )
     return build_downscaler(
         shape,
         factor,
         width=width,
         depth=config.downscaler_depth,
+        variant=config.downscaler_variant,
         value_range=_value_range(prepared),
     )
 
