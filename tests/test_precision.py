@@ -114,3 +114,21 @@ def test_trainer_step_with_jit_compile():
     assert np.isfinite(history["loss"][-1])
     with pytest.raises(ConfigError, match="jit_compile"):
         jit_compile_option("yes")
+
+
+def test_cli_options_reach_the_run_config():
+    from thumbnet_keras.cli import _parser, _train_values
+    from thumbnet_keras.pipeline import ThumbNetParams
+
+    argv = ["train", "--precision", "mixed_bfloat16", "--distribution",
+            "data_parallel", "--jit-compile", "on", "--sync-batchnorm"]  # fmt: skip
+    config = ThumbNetParams(**_train_values(_parser().parse_args(argv))).to_config()
+    assert (config.precision, config.distribution) == (
+        "mixed_bfloat16",
+        "data_parallel",
+    )
+    assert (config.jit_compile, config.sync_batchnorm) == ("on", True)
+    default = ThumbNetParams().to_config()
+    assert (default.precision, default.distribution) == ("float32", "none")
+    with pytest.raises(ValueError, match="precision"):
+        ThumbNetParams(precision="float16")
