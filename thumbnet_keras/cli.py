@@ -24,6 +24,7 @@ error too.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -174,11 +175,18 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=_field_help("downscaler_width"),
     )
+    train.add_argument(
+        "--downscaler-variant",
+        choices=("space_to_depth", "strided"),
+        default=None,
+        help=_field_help("downscaler_variant"),
+    )
     train.add_argument("--seed", type=int, default=None, help=_field_help("seed"))
     for name in ("precision", "distribution", "jit_compile"):
         _param_option(train, name)
     train.add_argument("--sync-batchnorm", action="store_true",
                        help=_field_help("sync_batchnorm"))  # fmt: skip
+    _param_option(train, "on_nonfinite")
     train.add_argument(
         "--deterministic",
         action=argparse.BooleanOptionalAction,
@@ -273,11 +281,13 @@ _TRAIN = (
     "export_formats",
     "bn_batches",
     "downscaler_width",
+    "downscaler_variant",
     "seed",
     "precision",
     "distribution",
     "jit_compile",
     "sync_batchnorm",
+    "on_nonfinite",
     *_RECIPE,
 )
 
@@ -372,22 +382,31 @@ def _in_run_folder(run_dir: str, work, *, fresh: bool):
         unlock_run(run_dir)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current `sys.stderr` (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _configure_logging(verbosity: int, flow: bool) -> None:
     """The library logs through `logging` (`thumbnet_keras.*`): INFO shows
     (DEBUG with -vv). A flow command leaves the handlers to Prefect, which
     also sends the records to the run's logs."""
-    import logging
-
     level = logging.DEBUG if verbosity >= 2 else logging.INFO
     logger = logging.getLogger("thumbnet_keras")
     logger.setLevel(level)
     if flow:
         os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "thumbnet_keras")
-    elif not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    elif not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-        logger.propagate = False
 
 
 def _train_values(args: argparse.Namespace) -> dict:
@@ -396,6 +415,8 @@ def _train_values(args: argparse.Namespace) -> dict:
     values = _given(args, _COMMON + _TRAIN)
     if args.epochs is not None:
         values["joint_epochs"] = args.epochs
+    if args.deterministic is not None:  # --no-deterministic is False.
+        values["deterministic"] = args.deterministic
     if args.backbone_options:
         values["backbone_options"] = parse_json_option(
             args.backbone_options, "--backbone-options"
@@ -522,10 +543,15 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_frameworks(verbosity)  # Before Keras, a backend or Prefect import.
     _configure_logging(verbosity, args.command in ("demo", "train", "generalize"))
+    from thumbnet_keras.pipeline.config import TrainingHealthError
+
     try:
         if args.command == "predict":
             return _predict(args)
         return _dispatch(args)
+    except TrainingHealthError as err:  # Finished, but a stage is broken.
+        print(f"thumbnet: error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(
             "\nthumbnet: interrupted; rerun the same command to resume.",
