@@ -186,7 +186,7 @@ def test_rerun_skips_everything_and_keeps_outputs(finished):
     assert prepare == ["Cached"]  # keyed on the manifest content
 
 
-def test_bad_input_fails_in_first_task(finished):
+def test_bad_input_fails_before_any_task(finished):
     from flows.thumbnet_flows import thumbnet
 
     root, _, _ = finished
@@ -200,10 +200,12 @@ def test_bad_input_fails_in_first_task(finished):
     )
     state = thumbnet(params, verbose=0, return_state=True)
     assert state.is_failed()
-    assert "not divisible by factor=3" in state.message
-    tasks = _task_runs(state.state_details.flow_run_id)
-    assert len(tasks) == 1 and next(iter(tasks)).startswith("resolve-run")
-    assert next(iter(tasks.values())) == "Failed"
+    # The preflight message (as the command line prints it) is the state's.
+    assert state.message == (
+        "--factor 3 does not fit --image-size 32: a factor is an integer >= 2 "
+        "that divides the image size (the thumbnail would be 10.6667 pixels)."
+    )
+    assert _task_runs(state.state_details.flow_run_id) == {}
     assert snapshot(root / "runs") == before
 
 
