@@ -69,24 +69,15 @@ def check_backbone(name: str) -> None:
 
 
 def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None) -> None:
-    """Raises `ConfigError` unless `path` is a `.keras` classifier taking
-    `image_shape` and giving `num_classes` logits."""
-    import keras
-
-    from thumbnet_keras.pretrained import resolve_teacher
+    """Raises `ConfigError` unless the teacher `path` (a `.keras` file or a
+    `models.teachers` specification) takes `image_shape` and gives
+    `num_classes` logits."""
+    from thumbnet_keras.models.teachers import TeacherSpecError, load_teacher
 
     try:
-        path = resolve_teacher(path)
-    except (ValueError, FileNotFoundError) as err:
+        teacher = load_teacher(path, tuple(image_shape), num_classes)
+    except TeacherSpecError as err:
         raise ConfigError(str(err)) from err
-    if not os.path.isfile(path):
-        raise ConfigError(f"Teacher file not found: {path!r}.")
-    try:
-        teacher = keras.saving.load_model(path, compile=False)
-    except Exception as err:
-        raise ConfigError(
-            f"Teacher file {path!r} is not a loadable .keras model: {err}"
-        ) from err
     shape = tuple(teacher.inputs[0].shape[1:])
     if shape != tuple(image_shape):
         raise ConfigError(
