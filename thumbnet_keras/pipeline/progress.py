@@ -151,8 +151,15 @@ class EpochProgress(keras.callbacks.Callback):
         self.durations: list[float] = []
         self.best: float | None = None
         self._start = 0.0
+        self._pending: str | None = None
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            self.log.info(self._pending)
+            self._pending = None
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self._flush()
         self._start = time.perf_counter()
 
     def format_epoch(self, epoch: int, logs: Mapping, seconds: float) -> str:
@@ -177,8 +184,13 @@ class EpochProgress(keras.callbacks.Callback):
         return "  ".join(parts) + "  " + timing
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
+        # Logged once Keras' progress bar (which runs after this callback)
+        # has ended its line: at the next epoch's start or the end of `fit`.
         seconds = time.perf_counter() - self._start
-        self.log.info(self.format_epoch(epoch, logs or {}, seconds))
+        self._pending = self.format_epoch(epoch, logs or {}, seconds)
+
+    def on_train_end(self, logs=None) -> None:
+        self._flush()
 
 
 # --- the end-of-run summary ------------------------------------------------
