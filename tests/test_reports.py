@@ -355,6 +355,7 @@ def test_saved_report_md_links_image_files_that_exist(tmp_path):
     for link in links:
         assert (tmp_path / link).read_bytes().startswith(PNG), link
     assert sorted(out["images"].values()) == sorted(str(tmp_path / k) for k in links)
+    assert "report_images/" not in out["markdown"]  # the Prefect artifact's copy
     page = (tmp_path / "report.html").read_text()
     assert len(re.findall(r"data:image/png;base64", page)) == 4
     assert json.loads((tmp_path / "metrics.json").read_text())["run_name"] == "demo"

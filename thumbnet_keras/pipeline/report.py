@@ -234,7 +234,8 @@ def save_report(folder: str, metrics: dict, gallery: dict | None = None) -> dict
     Returns:
         `{"metrics_json", "report_md", "report_html", "images": {key: path},
         "markdown", "table", "accuracy_vs_flops_png_base64"}`, the last three
-        for Prefect artifacts.
+        for Prefect artifacts ("markdown": `report.md` without its image
+        links, which a Prefect UI cannot follow).
     """
     import base64
 
@@ -265,7 +266,9 @@ def save_report(folder: str, metrics: dict, gallery: dict | None = None) -> dict
         "report_md": str(run.file("report.md")),
         "report_html": str(run.file("report.html")),
         "images": paths,
-        "markdown": markdown,
+        # The Prefect artifact: no links to files the UI cannot reach (the
+        # accuracy chart is published as its own image artifact).
+        "markdown": render_markdown(metrics),
         "table": arms_table(metrics),
         "accuracy_vs_flops_png_base64": base64.b64encode(chart).decode("ascii"),
     }
