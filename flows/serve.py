@@ -8,8 +8,9 @@
 Deployments (parameters in `DEPLOYMENTS`, the same as in `prefect.yaml`):
 
 * `thumbnet/train-imagenet`: ImageNet (ILSVRC2012 tars in the TFDS manual
-  dir), ResNet-50, f = 2, 224x224. Give a trained teacher (`teacher` or
-  `backbone_weights`), or it trains one first (days on ImageNet).
+  dir), f = 2, 224x224, the keras.applications ResNet-50 with its ImageNet
+  weights as teacher (`applications:ResNet50`; `teacher: null` trains one
+  first, days on ImageNet); SGD-Nesterov, warm-up + cosine, label smoothing.
 * `thumbnet/train-places`: Places365 (TFDS places365_small), ResNet-50, f = 4.
 * `thumbnet/train-elpv`: the embedded ELPV demo (f = 2 and 4).
 * `generalize/generalize`: reuse the ELPV demo's E on Fashion-MNIST and with
@@ -39,15 +40,22 @@ DEPLOYMENTS: dict[str, tuple[str, dict]] = {
         "thumbnet",
         {
             "params": {
+                # The usual ImageNet recipe (sources: docs/flows.md).
                 "dataset": "imagenet2012",
                 "backbone": "resnet50",
+                "teacher": "applications:ResNet50",
                 "factors": [2],
                 "image_size": 224,
                 "teacher_epochs": 90,
                 "fm_epochs": 5,
                 "joint_epochs": 30,
-                "batch_size": 64,
-                "learning_rate": 1e-4,
+                "batch_size": 256,
+                "optimizer": "sgd",
+                "weight_decay": 1e-4,
+                "warmup_epochs": 5,
+                "label_smoothing": 0.1,
+                "teacher_learning_rate": 0.1,
+                "learning_rate": 0.01,
             }
         },
     ),

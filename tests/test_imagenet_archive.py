@@ -1,0 +1,149 @@
+"""ImageNet for real, offline: TFDS's own `imagenet2012` builder on tiny
+archives in the official ILSVRC2012 layout, then the `train-imagenet`
+deployment's parameters (prefect.yaml) in smoke size to a `thumbnet.keras`.
+
+The archives: `ILSVRC2012_img_train.tar` holds one `<wnid>.tar` per class, each
+holding `<wnid>_<n>.JPEG` files; `ILSVRC2012_img_val.tar` holds
+`ILSVRC2012_val_<8 digits>.JPEG` files, whose labels TFDS takes from its
+`validation_labels.txt` (line i labels the i-th file name in sorted order).
+The train classes are those of the first validation files, so every test
+image has a class seen in training. Nothing is mocked: the manifest is
+`data_manifests/imagenet2012.yaml`, TFDS builds its records from the
+manual dir (1000-class ClassLabel), `prepare` writes the Parquet index.
+
+TensorFlow only: TFDS and the whole flow are the same on every backend, and
+this is the suite's most expensive test (a ResNet-50 teacher).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import BACKEND
+from PIL import Image
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        BACKEND != "tensorflow",
+        reason="TFDS and the flow are backend-independent; one backend pays",
+    ),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+VAL_IMAGES = 4  # ILSVRC2012_val_00000001 ... 04
+TRAIN_PER_CLASS = 3
+
+
+def _jpeg(rng, colour) -> bytes:
+    image = rng.normal(colour, 30, (40, 48, 3)).clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_ilsvrc2012(manual_dir: Path) -> dict:
+    """Tiny ILSVRC2012 archives in the official layout; returns
+    `{"classes": [wnid, ...], "val_labels": [wnid of val file 1, ...]}`."""
+    import tensorflow_datasets as tfds
+
+    lines = tfds.core.tfds_path("datasets/imagenet2012/validation_labels.txt")
+    val_labels = Path(os.fspath(lines)).read_text().split()[:VAL_IMAGES]
+    classes = sorted(set(val_labels))
+    rng = np.random.default_rng(0)
+    colour = {wnid: rng.uniform(40, 215, 3) for wnid in classes}
+    manual_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(manual_dir / "ILSVRC2012_img_train.tar", "w") as train:
+        for wnid in classes:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as per_class:
+                for n in range(TRAIN_PER_CLASS):
+                    _add(per_class, f"{wnid}_{n + 1}.JPEG", _jpeg(rng, colour[wnid]))
+            _add(train, f"{wnid}.tar", inner.getvalue())
+    with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as val:
+        for i, wnid in enumerate(val_labels, start=1):
+            _add(val, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(rng, colour[wnid]))
+    return {"classes": classes, "val_labels": val_labels}
+
+
+def deployment_params(name: str) -> dict:
+    """The `params` of a deployment in prefect.yaml."""
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (deployment,) = [d for d in spec["deployments"] if d["name"] == name]
+    return dict(deployment["parameters"]["params"])
+
+
+def test_train_imagenet_from_ilsvrc2012_archives(tmp_path, monkeypatch):
+    import keras
+
+    from thumbnet_keras import pipeline
+    from thumbnet_keras.data import PreparedDataset
+
+    tfds_dir = tmp_path / "tensorflow_datasets"
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
+    written = write_ilsvrc2012(tfds_dir / "downloads" / "manual")
+
+    # The deployment's parameters, in smoke size, with a local teacher: the
+    # deployment's keras.applications ResNet-50 with random weights saved to a
+    # local file (its ImageNet weights download).
+    params = deployment_params("train-imagenet")
+    assert params["dataset"] == "imagenet2012"
+    assert params["teacher"] == "applications:ResNet50"
+    size = 32
+    weights = str(tmp_path / "resnet50.weights.h5")
+    keras.applications.ResNet50(
+        weights=None, input_shape=(size, size, 3), classes=1000,
+        classifier_activation=None,
+    ).save_weights(weights)  # fmt: skip
+    params.update(
+        teacher=f"applications:ResNet50:{weights}",
+        image_size=size,
+        smoke=True,
+        runs_dir=str(tmp_path / "runs"),
+        run_name="imagenet-smoke",
+        export_formats=[],
+    )
+    result = pipeline.run_thumbnet(params, verbose=0)
+    run_dir = Path(result["run_dir"])
+
+    # TFDS built the real builder's records; prepare indexed every image.
+    data = json.loads((run_dir / "data.json").read_text())
+    assert data["num_classes"] == 1000 and data["normalization"] == "raw"
+    prepared = PreparedDataset.load(data["prepared_dir"])
+    table = prepared.read_index(["label", "split", "tfds_split"]).to_pydict()
+    names = data["class_names"]
+    test_labels = sorted(
+        names[label]
+        for label, split in zip(table["label"], table["split"], strict=True)
+        if split == "test"
+    )
+    assert test_labels == sorted(written["val_labels"])
+    train_labels = [
+        names[label]
+        for label, split in zip(table["label"], table["split"], strict=True)
+        if split == "train"
+    ]
+    assert sorted(set(train_labels)) == written["classes"]
+    assert len(train_labels) == TRAIN_PER_CLASS * len(written["classes"])
+
+    # A thumbnet.keras that takes raw pixels at the run's size.
+    model = keras.saving.load_model(run_dir / "thumbnet.keras", safe_mode=True)
+    assert model.input_shape == (None, size, size, 3)
+    assert model.output_shape == (None, 1000)
+    pixels = np.random.default_rng(1).integers(0, 256, (2, size, size, 3), np.uint8)
+    assert np.isfinite(np.asarray(model.predict(pixels, verbose=0))).all()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics  # the report step ran
