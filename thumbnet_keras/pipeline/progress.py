@@ -4,15 +4,18 @@ While a run trains, everything goes through the `thumbnet_keras.progress`
 logger (`logging`, never `print`: the command line, Prefect's run logs or a
 user's own configuration decide where it shows):
 
-    [3/13] fm_pretrain f=2: training for 5 epochs
-      epoch 1/5  loss 0.4334  (12.1 s, ETA 48s)
-      ...
-    [4/13] joint f=2: training for 10 epochs
-      epoch 1/10  loss 1.8489  train top-1 27.3%  val top-1 50.0% (best)  (3.0 s, ETA 27s)
+    [3/13] fm_pretrain f=2
+    [3/13] fm_pretrain f=2 epoch 1/5:  loss 0.4334  (12s, ETA 48s)
+    ...
+    [3/13] fm_pretrain f=2: done in 1m01s
+    [4/13] joint f=2
+    [4/13] joint f=2 epoch 1/10:  loss 1.8489  train top-1 27.3%  val top-1 50.0% (best)  (3s, ETA 27s)
+    ...
     [4/13] joint f=2: done in 31s, kept epoch 4 (val top-1 52.0%)
 
-The stage count comes from the run's config: the teacher, then every stage of
-`STAGES` per factor. In a terminal Keras draws its progress bar as well
+(the stage modules add their own lines between these, e.g. BatchNorm
+re-estimation). The stage count comes from the run's config: the teacher,
+then every stage of `STAGES` per factor. In a terminal Keras draws its progress bar as well
 (`keras_verbose`); piped, the epoch line above is the only per-epoch output.
 
 `format_summary(metrics)` (and `run_summary(run_dir)`, which reads the run's
@@ -32,15 +35,15 @@ import keras
 
 __all__ = [
     "EpochProgress",
-    "stage_done",
-    "stage_started",
     "format_duration",
     "format_summary",
     "keras_verbose",
     "logger",
     "run_stage_ids",
     "run_summary",
+    "stage_done",
     "stage_label",
+    "stage_started",
     "summary_rows",
 ]
 
