@@ -131,3 +131,53 @@ def test_bad_input(kwargs, message):
 def test_bicubic_bad_input():
     with pytest.raises(ValueError, match="not divisible"):
         bicubic_downscaler((9, 9, 3), 2)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_space_to_depth_moves_blocks_to_channels(factor):
+    """Golden: channel (dy * f + dx) * C + c of thumbnail pixel (i, j) is
+    image pixel (i * f + dy, j * f + dx, c), the order of tf.nn.space_to_depth."""
+    from thumbnet_keras.layers.downscaler import space_to_depth
+
+    shape = (2 * factor, 3 * factor, 2)
+    x = np.arange(np.prod(shape), dtype="float32").reshape((1, *shape))
+    inputs = keras.Input(shape)
+    out = to_numpy(keras.Model(inputs, space_to_depth(inputs, factor))(x))
+    assert out.shape == (1, 2, 3, factor * factor * 2)
+    for i, j, dy, dx, c in np.ndindex(2, 3, factor, factor, 2):
+        assert out[0, i, j, (dy * factor + dx) * 2 + c] == x[
+            0, i * factor + dy, j * factor + dx, c
+        ]
+
+
+@pytest.mark.parametrize("variant", ["space_to_depth", "strided"])
+def test_variants_start_as_bicubic_and_roundtrip(variant, rng):
+    shape = (16, 24, 1)
+    x = rng.random((2, *shape), dtype="float32")
+    e = build_downscaler(shape, 4, width=4, depth=1, variant=variant)
+    np.testing.assert_array_equal(
+        to_numpy(e(x)), to_numpy(bicubic_downscaler(shape, 4)(x))
+    )
+    assert_config_roundtrip(e, x)
+    layer_types = {type(layer).__name__ for layer in e.layers}
+    assert ("SeparableConv2D" in layer_types) == (variant == "space_to_depth")
+
+
+def test_default_variant_is_space_to_depth_and_cheaper():
+    from thumbnet_keras.evaluation.flops import count_flops
+
+    new = build_downscaler((64, 64, 3), 2)
+    old = build_downscaler((64, 64, 3), 2, variant="strided")
+    assert "space_to_depth" in {layer.name for layer in new.layers}
+    assert count_flops(new) < 0.4 * count_flops(old)
+
+
+def test_bad_variant():
+    from thumbnet_keras import auto_downscaler_width
+    from thumbnet_keras.models import backbones
+
+    with pytest.raises(ValueError, match="variant='s2d'"):
+        build_downscaler((8, 8, 1), 2, variant="s2d")
+    student = backbones.build("tiny_cnn", (4, 4, 1), 2, widths=[4])
+    with pytest.raises(ValueError, match="variant"):
+        auto_downscaler_width((8, 8, 1), 2, student, variant="s2d")

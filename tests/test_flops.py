@@ -226,3 +226,36 @@ def test_unknown_weighted_layer_warns():
     layer = keras.layers.EinsumDense("abc,cd->abd", output_shape=(4, 2), name="ein")
     with pytest.warns(UserWarning, match="'ein'"):
         assert count_flops(keras.Model(inputs, layer(inputs))) == 0
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        # E on 8x8x1, f=2, width 4, depth 1 (thumbnail 4x4, 16 positions);
+        # both variants share the frozen bicubic branch: rows (8, 1) taps at
+        # stride (2, 1) -> 4x8 outputs = 4*8*8 = 256, cols (1, 8) -> 4x4
+        # outputs = 4*4*8 = 128; the zero-initialized output conv 3x3, 4 -> 1:
+        # 16*9*4 = 576.
+        # space_to_depth: Reshape/Permute/Reshape 0, concat 4 + 1 = 5
+        # channels, mix 1x1 5 -> 4: 16*5*4 = 320, SeparableConv2D 3x3 4 -> 4:
+        # depthwise 16*9*4 = 576 + pointwise 16*4*4 = 256.
+        ("space_to_depth", 256 + 128 + 320 + 576 + 256 + 576),
+        # strided: down0 3x3 stride 2, 1 -> 4: 16*9*1*4 = 576, concat 5,
+        # body0 3x3 5 -> 4: 16*9*5*4 = 2880.
+        ("strided", 256 + 128 + 576 + 2880 + 576),
+    ],
+)
+def test_downscaler_variants_golden(variant, expected):
+    e = build_downscaler((8, 8, 1), 2, width=4, depth=1, variant=variant)
+    assert count_flops(e) == expected
+
+
+def test_space_to_depth_downscaler_has_no_full_resolution_conv():
+    e = build_downscaler((32, 32, 3), 4, width=8, depth=2)
+    for layer in e.layers:
+        if isinstance(layer, keras.layers.Conv2D | keras.layers.SeparableConv2D):
+            assert tuple(layer.input.shape[1:3]) == (8, 8), layer.name
+    # The learned branch at f=4 costs per thumbnail pixel (4*4*3 + 3)*8 (mix)
+    # + 2*(9*8 + 8*8) (separable body) + 9*8*3 (output conv) = 896 MACs.
+    bicubic = 8 * 32 * 16 * 3 + 8 * 8 * 16 * 3
+    assert count_flops(e) == 64 * 896 + bicubic

@@ -37,6 +37,7 @@ __all__ = [
     "bicubic_downscaler",
     "bicubic_taps",
     "build_downscaler",
+    "space_to_depth",
     "validate_image_shape",
 ]
 
@@ -133,9 +134,11 @@ def bicubic_taps(size: int, factor: int):
 def _bicubic_branch(inputs, height, width, channels, factor):
     """The fixed antialiased bicubic resize, in stock Keras layers.
 
-    Zero padding, a (K, 1) then a (1, K) stride-f depthwise conv with frozen
-    bicubic taps, then a `Normalization` layer (mean 0, per-position variance)
-    that divides border outputs by the share of their weights inside the image.
+    A (K, 1) then a (1, K) stride-f depthwise conv with frozen bicubic taps
+    and "same" padding (for these kernels exactly the zero padding
+    `bicubic_taps` asks for, so no padded copy of the image is made), then a
+    `Normalization` layer (mean 0, per-position variance) that divides border
+    outputs by the share of their weights inside the image.
     (`keras.layers.Resizing` would be shorter, but as the first layer of a
     model it sets `training=True` for every later layer when the model is
     called without `training`, so the student's BatchNorm would use batch
@@ -143,9 +146,17 @@ def _bicubic_branch(inputs, height, width, channels, factor):
     """
     taps_h, before_h, after_h, border_h = bicubic_taps(height, factor)
     taps_w, before_w, after_w, border_w = bicubic_taps(width, factor)
-    x = keras.layers.ZeroPadding2D(
-        ((before_h, after_h), (before_w, after_w)), name="bicubic_pad"
-    )(inputs)
+    x = inputs
+    for taps, before, after in (
+        (taps_h, before_h, after_h),
+        (taps_w, before_w, after_w),
+    ):
+        # "same" pads K - f in total, the smaller half first.
+        if (before, after) != (
+            (len(taps) - factor) // 2,
+            -(-(len(taps) - factor) // 2),
+        ):
+            raise AssertionError(f"bicubic padding {(before, after)} is not 'same'")
     rows = np.tile(taps_h[:, None, None, None], (1, 1, channels, 1))
     cols = np.tile(taps_w[None, :, None, None], (1, 1, channels, 1))
     for direction, kernel, strides in (
@@ -155,7 +166,7 @@ def _bicubic_branch(inputs, height, width, channels, factor):
         x = keras.layers.DepthwiseConv2D(
             kernel.shape[:2],
             strides=strides,
-            padding="valid",
+            padding="same",
             use_bias=False,
             depthwise_initializer=keras.initializers.Constant(kernel.tolist()),
             trainable=False,
@@ -226,6 +237,38 @@ def bicubic_downscaler(
     return keras.Model(inputs, x, name=name)
 
 
+# E's designs: "space_to_depth" (default) and "strided" (the E before it).
+VARIANTS = ("space_to_depth", "strided")
+
+
+def validate_variant(variant: str) -> str:
+    """`variant` if it names one of `VARIANTS`; else a `ValueError`."""
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"`variant` must be one of {VARIANTS}, received variant={variant!r}."
+        )
+    return variant
+
+
+def space_to_depth(x, factor: int, name: str = "space_to_depth"):
+    """(B, H, W, C) -> (B, H/f, W/f, f*f*C): each f x f block to channels.
+
+    Pure data movement in stock layers (`Reshape`, `Permute`, `Reshape`, i.e.
+    `tf.nn.space_to_depth`'s channel order (row, column, channel)); it exports
+    to ONNX and LiteRT as Reshape/Transpose and costs no multiply-adds.
+    """
+    height, width, channels = (int(d) for d in x.shape[1:])
+    x = keras.layers.Reshape(
+        (height // factor, factor, width // factor, factor, channels),
+        name=f"{name}_split",
+    )(x)
+    x = keras.layers.Permute((1, 3, 2, 4, 5), name=f"{name}_permute")(x)
+    return keras.layers.Reshape(
+        (height // factor, width // factor, factor * factor * channels),
+        name=name,
+    )(x)
+
+
 def build_downscaler(
     input_shape: Sequence[int],
     factor: int,
@@ -233,20 +276,38 @@ def build_downscaler(
     depth: int = 2,
     kernel_size: int = 3,
     value_range: Sequence[float] | None = None,
+    variant: str = "space_to_depth",
     name: str = "downscaler",
 ) -> keras.Model:
     """Builds the learned downscaler E: bicubic thumbnail + learned residual.
+
+    Two designs of the learned branch (the bicubic branch is the same):
+
+    * `"space_to_depth"` (default): every f x f block of the image is moved
+      to channels (`space_to_depth`, no arithmetic), concatenated with the
+      bicubic thumbnail and mixed by a 1x1 conv to `width` channels; then
+      `depth` depthwise-separable convs (`SeparableConv2D`, kernel
+      `kernel_size`) and the zero-initialized output conv, all at thumbnail
+      resolution. No convolution runs at full resolution; per thumbnail pixel
+      the learned branch costs `(f*f*C + C) * width` + `depth * (k*k*width +
+      width*width)` + `k*k*width*C` multiply-adds.
+    * `"strided"`: the earlier E: one strided conv per prime factor of f (the
+      first reads the image at full resolution), then `depth` full
+      `kernel_size` convs at thumbnail resolution that also see the bicubic
+      thumbnail. Kept for comparison and for runs that ask for it; models
+      saved with it load unchanged either way (both are stock layers).
 
     Args:
         input_shape: `(H, W, C)`, channels last; H and W divisible by `factor`.
         factor: integer >= 2, the downscaling factor per side (FLOPs of the
             inference network drop by about `factor**2`).
         width: channels of the residual branch's hidden convs. Defaults to 16.
-        depth: number of 3x3 conv layers at thumbnail resolution before the
+        depth: number of conv layers at thumbnail resolution before the
             output conv. Defaults to 2.
         kernel_size: kernel size of the non-strided convs. Defaults to 3.
         value_range: optional `(low, high)`; when given the thumbnail is
             clipped to it (use the range of the input images).
+        variant: `"space_to_depth"` (default) or `"strided"`, see above.
         name: model name. Defaults to `"downscaler"`.
 
     Returns:
@@ -270,35 +331,46 @@ def build_downscaler(
             f"`kernel_size` must be an odd positive integer, received {kernel_size!r}."
         )
     value_range = validate_value_range(value_range)
+    validate_variant(variant)
 
     inputs = keras.Input((height, img_width, channels), name="image")
     base = _bicubic_branch(inputs, height, img_width, channels, factor)
-
-    # No full-resolution conv: the first strided conv reads the image itself,
-    # so E costs little next to S (about 7% of ResNet-50 at 112x112).
-    x = inputs
-    for i, stride in enumerate(_prime_factors(factor)):
-        # Kernel 2*stride - 1 (3 for stride 2, 5 for stride 3) overlaps
-        # neighbouring windows, like the antialiasing filter it corrects.
-        x = keras.layers.Conv2D(
-            width,
-            2 * stride - 1,
-            strides=stride,
-            padding="same",
-            activation="relu",
-            name=f"down{i}_conv",
-        )(x)
-    # The bicubic thumbnail is fed to the thumbnail-resolution convs so the
-    # residual is computed with the thing it corrects in view.
-    x = keras.layers.Concatenate(name="with_bicubic")([x, base])
-    for i in range(depth):
-        x = keras.layers.Conv2D(
-            width,
-            kernel_size,
-            padding="same",
-            activation="relu",
-            name=f"body{i}_conv",
-        )(x)
+    if variant == "space_to_depth":
+        x = space_to_depth(inputs, factor)
+        # The bicubic thumbnail is mixed in so the residual is computed with
+        # the thing it corrects in view.
+        x = keras.layers.Concatenate(name="with_bicubic")([x, base])
+        x = keras.layers.Conv2D(width, 1, activation="relu", name="mix_conv")(x)
+        for i in range(depth):
+            x = keras.layers.SeparableConv2D(
+                width,
+                kernel_size,
+                padding="same",
+                activation="relu",
+                name=f"body{i}_sepconv",
+            )(x)
+    else:
+        x = inputs
+        for i, stride in enumerate(_prime_factors(factor)):
+            # Kernel 2*stride - 1 (3 for stride 2, 5 for stride 3) overlaps
+            # neighbouring windows, like the antialiasing filter it corrects.
+            x = keras.layers.Conv2D(
+                width,
+                2 * stride - 1,
+                strides=stride,
+                padding="same",
+                activation="relu",
+                name=f"down{i}_conv",
+            )(x)
+        x = keras.layers.Concatenate(name="with_bicubic")([x, base])
+        for i in range(depth):
+            x = keras.layers.Conv2D(
+                width,
+                kernel_size,
+                padding="same",
+                activation="relu",
+                name=f"body{i}_conv",
+            )(x)
     residual = keras.layers.Conv2D(
         channels,
         kernel_size,
@@ -322,6 +394,7 @@ def auto_downscaler_width(
     student: keras.Model,
     depth: int = 2,
     max_share: float = 0.15,
+    variant: str = "space_to_depth",
 ) -> int:
     """The widest E (from `AUTO_WIDTHS`) that stays a small part of E + S.
 
@@ -337,6 +410,7 @@ def auto_downscaler_width(
         student: S at thumbnail size (e.g. `make_student(teacher, factor)`).
         depth: E's depth, as in `build_downscaler`.
         max_share: the largest acceptable share, in (0, 1). Defaults to 0.15.
+        variant: E's design, as in `build_downscaler`.
 
     Returns:
         An int to pass as `build_downscaler(..., width=...)`.
@@ -345,9 +419,12 @@ def auto_downscaler_width(
 
     if not 0 < max_share < 1:
         raise ValueError(f"`max_share` must be in (0, 1), received {max_share!r}.")
+    validate_variant(variant)
     student_macs = count_flops(student)
     for width in AUTO_WIDTHS:
-        e_macs = count_flops(build_downscaler(input_shape, factor, width, depth))
+        e_macs = count_flops(
+            build_downscaler(input_shape, factor, width, depth, variant=variant)
+        )
         if e_macs <= max_share * (e_macs + student_macs):
             return width
     return AUTO_WIDTHS[-1]

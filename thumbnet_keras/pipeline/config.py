@@ -114,6 +114,8 @@ class RunConfig(_RunFolder):
         downscaler_width, downscaler_depth: size of E's learned branch;
             width None: sized from the student's cost
             (`auto_downscaler_width`, E a small share of E + S's MACs).
+        downscaler_variant: E's design, "space_to_depth" (default) or
+            "strided" (the earlier E; `build_downscaler(variant=...)`).
         bn_batches: batches of bicubic train thumbnails on which S's
             BatchNorm statistics are re-estimated before S (initialized from
             T) is trained, and for the `teacher_bicubic_bn` arm; 0: keep T's.
@@ -178,6 +180,7 @@ class RunConfig(_RunFolder):
     mm_weight: float = 1.0
     downscaler_width: int | None = None
     downscaler_depth: int = 2
+    downscaler_variant: str = "space_to_depth"
     bn_batches: int = 100
     limit_per_class: int | None = None
     seed: int = 0
@@ -221,6 +224,8 @@ class RunConfig(_RunFolder):
         obj = dict(obj)
         obj["factors"] = tuple(obj["factors"])
         obj["export_formats"] = tuple(obj.get("export_formats", ()))
+        # Runs saved before E had variants used the strided E.
+        obj.setdefault("downscaler_variant", "strided")
         return cls(**obj)
 
 
@@ -294,6 +299,11 @@ class ThumbNetParams(BaseModel):
         None, ge=1, le=512, description="E's width (None: sized from S's cost)."
     )
     downscaler_depth: int = Field(2, ge=0, le=16, description="E's depth.")
+    downscaler_variant: Literal["space_to_depth", "strided"] = Field(
+        "space_to_depth",
+        description="E's design: space_to_depth (no full-resolution conv) or "
+        "strided (the earlier E).",
+    )
     bn_batches: int = Field(
         100, ge=0, le=100_000, description="Batches to re-estimate S's BatchNorm on."
     )

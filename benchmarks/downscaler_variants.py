@@ -1,0 +1,106 @@
+"""E's two designs on the accuracy study's Fashion-MNIST setting, validation only.
+
+Trains the study's "E + S with CL + KD" arm (`accuracy_study.ABLATIONS["es_kd"]`:
+no FM pre-training, `joint` stage for the whole budget, the learning rate
+`chosen.json` picked for it) once per seed and factor with
+`downscaler_variant="strided"` (the earlier E) and `"space_to_depth"` (the
+default since issue 11), on the study's teacher, data and recipe. E's width is
+sized as the product sizes it (`auto_downscaler_width`, per design). Reports
+the best-epoch validation top-1 the pipeline recorded; no test batch is read.
+
+    KERAS_BACKEND=tensorflow python benchmarks/downscaler_variants.py \
+        --seeds 0 1 2 --out docs/results/downscaler_variants.json
+
+The teacher is the study's: `--teacher` names its file, else it is trained
+under `--work-dir` as `benchmarks/accuracy_study.py` trains it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy_study as study  # noqa: E402
+
+VARIANTS = ("strided", "space_to_depth")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--factors", nargs="+", type=int, default=None)
+    parser.add_argument("--work-dir", default="runs/accuracy_study")
+    parser.add_argument("--teacher", help="A trained teacher .keras (else trained).")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+
+    import keras
+
+    from thumbnet_keras import pipeline
+    from thumbnet_keras.evaluation.flops import count_flops
+
+    work = Path(args.work_dir)
+    settings, teacher_over = study.base_settings(
+        "fashion_mnist", args.quick, args.factors
+    )
+    teacher = args.teacher or study.get_teacher(
+        "fashion_mnist", settings, teacher_over, work, 0
+    )
+    chosen_path = (
+        Path(study.__file__).parent.parent / "docs/results/accuracy/chosen.json"
+    )
+    lr = {}
+    if chosen_path.is_file() and not args.quick:
+        lr = json.loads(chosen_path.read_text()).get("es_kd", {})
+    budget = settings["fm_epochs"] + settings["joint_epochs"]
+    rows = []
+    for seed in args.seeds:
+        for variant in VARIANTS:
+            over = settings | study.ABLATIONS["es_kd"] | lr | {
+                "fm_epochs": 0, "joint_epochs": budget, "teacher": teacher,
+                "seed": seed, "downscaler_variant": variant,
+            }  # fmt: skip
+            run_dir, cfg, prepared = study._resolve(
+                over, f"e-{variant}-seed{seed}", work
+            )
+            pipeline.get_teacher(run_dir, prepared, verbose=0)
+            for factor in cfg["factors"]:
+                pipeline.train_stage(run_dir, factor, "joint", verbose=0)
+                record = study._record(run_dir, factor, "joint")
+                best, epoch = study._selected(record)
+                e = keras.saving.load_model(
+                    record["paths"]["downscaler"], compile=False
+                )
+                row = {"variant": variant, "seed": seed, "factor": factor,
+                       "val_top1": best, "best_epoch": epoch,
+                       "e_macs": count_flops(e), "e_params": e.count_params(),
+                       "run_dir": str(run_dir)}  # fmt: skip
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    summary = {}
+    for factor in sorted({r["factor"] for r in rows}):
+        for variant in VARIANTS:
+            vals = [
+                r["val_top1"]
+                for r in rows
+                if (r["factor"], r["variant"]) == (factor, variant)
+            ]
+            summary[f"f{factor}/{variant}"] = {
+                "mean": statistics.mean(vals), "values": vals,
+                "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            }  # fmt: skip
+    report = {"settings": settings, "learning_rate": lr, "teacher": teacher,
+              "seeds": args.seeds, "rows": rows, "summary": summary}  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
