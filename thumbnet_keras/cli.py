@@ -438,7 +438,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         params = preflight.check_thumbnet(values)
         run_dir = os.path.join(params.runs_dir, params.run_name)
         _start_prefect_server()  # Forked before Keras fills this process.
-        import_backend_quietly()
+        import_backend_quietly(quiet=not getattr(args, "verbose", 0))
         return _in_run_folder(run_dir, lambda: _run_thumbnet(params), fresh=True)
     if args.command == "generalize":
         params = preflight.check_generalize(_generalize_values(args))
@@ -452,11 +452,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
 
         _start_prefect_server()  # Forked before Keras fills this process.
-        import_backend_quietly()
+        import_backend_quietly(quiet=not getattr(args, "verbose", 0))
         return _in_run_folder(run_dir, work, fresh=True)
     if args.command in ("evaluate", "report"):
         preflight.check_finished_run(args.run)
-        import_backend_quietly()
+        import_backend_quietly(quiet=not getattr(args, "verbose", 0))
         from thumbnet_keras import pipeline
 
         if args.command == "evaluate":
@@ -478,7 +478,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _in_run_folder(args.run, work, fresh=False)
     if args.command == "export":
         source = preflight.check_export(args.run, args.factor, args.format)
-        import_backend_quietly()
+        import_backend_quietly(quiet=not getattr(args, "verbose", 0))
         from thumbnet_keras import pipeline
 
         def work() -> int:

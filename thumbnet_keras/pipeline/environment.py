@@ -58,14 +58,19 @@ def _stderr_to(file) -> object:
         os.close(saved)
 
 
-def import_backend_quietly() -> None:
+def import_backend_quietly(quiet: bool = True) -> None:
     """Imports Keras (and its backend) with the C++ start-up lines hidden.
 
     TensorFlow writes its oneDNN / CUDA-driver / CPU-instruction notices
     before its logging is initialized, so `TF_CPP_MIN_LOG_LEVEL` does not
     reach them; they go to a temporary file here, shown if the import fails.
+    `quiet=False` (the CLI's `-v`): a plain import, every line shown.
     """
     if "keras" in sys.modules:
+        return
+    if not quiet:
+        import keras  # noqa: F401
+
         return
     with tempfile.TemporaryFile(mode="w+") as captured:
         try:

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -27,6 +28,8 @@ import keras
 import numpy as np
 
 from thumbnet_keras.pipeline.config import ConfigError, TrainingHealthError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONSTANT_RTOL",
@@ -259,9 +262,11 @@ def write_run_health(run_dir: str) -> dict:
     health = run_health(records)
     write_json(run.file("health.json"), health)
     if health["status"] != "ok":
-        print(f"[health] run {health['status'].upper()}:", flush=True)
-        for line in health["problems"]:
-            print(f"  {line}", flush=True)
+        logger.warning(
+            "[health] run %s:\n%s",
+            health["status"].upper(),
+            "\n".join(f"  {line}" for line in health["problems"]),
+        )
     return health
 
 
