@@ -115,7 +115,7 @@ def validate_params(model: type[BaseModel], values: dict) -> BaseModel:
         raise ConfigError("; ".join(problems) + ".") from None
 
 
-def _check_manifest(dataset: str):
+def _check_manifest(dataset: str, option: str = "--dataset"):
     from thumbnet_keras.pipeline.resolve import load_manifest_checked
 
     try:
@@ -124,7 +124,7 @@ def _check_manifest(dataset: str):
         if "no manifest named" not in str(err):
             raise
         raise ConfigError(
-            f"{err}. --dataset takes a manifest name (the YAML files in "
+            f"{err}. {option} takes a manifest name (the YAML files in "
             "data_manifests/, e.g. elpv, fashion_mnist) or a manifest's path."
         ) from None
 
@@ -424,7 +424,7 @@ def check_generalize(values: dict) -> GeneralizeParams:
         )
     for dataset, backbone in config.experiments:
         if dataset:
-            _check_manifest(dataset)
+            _check_manifest(dataset, "--experiment")
         if backbone:
             _check_backbone(backbone, "--experiment")
     _check_writable(config.runs_dir, "--runs-dir")
