@@ -431,12 +431,15 @@ def check_generalize(values: dict) -> GeneralizeParams:
     if config.data_dir:
         _check_writable(config.data_dir, "--data-dir")
     run_name = config.run_name or default_run_name(f"generalize-{run.name}")
-    lock_free = os.path.join(config.runs_dir, run_name)
-    from thumbnet_keras.pipeline.rundir import lock_holder
-
-    holder = lock_holder(lock_free)
-    if holder is not None:
-        check_claimable(lock_free, {}, kind="generalize")  # Raises, naming it.
+    resolved = dataclasses.replace(  # As resolve_generalize saves it.
+        config,
+        run_name=run_name,
+        experiments=tuple(
+            (d or saved["dataset"], b or saved["backbone"])
+            for d, b in config.experiments
+        ),
+    )
+    check_claimable(resolved.run_path, resolved.to_json(), kind="generalize")
     return params.model_copy(update={"run_name": run_name})
 
 
