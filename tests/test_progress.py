@@ -70,18 +70,21 @@ def test_format_duration_and_keras_verbose():
 
 
 def test_epoch_line_golden_with_eta_and_best():
-    cb = EpochProgress("f2-joint", 3, [2])
+    cb = EpochProgress("f2-joint", 4, [2])
     first = cb.format_epoch(
         0, {"loss": 1.84891, "accuracy": 0.25, "val_accuracy": 0.5}, 10.0
     )
     assert first == (
-        "[4/7] joint f=2 epoch 1/3:  loss 1.8489  train top-1 25.0%  "
-        "val top-1 50.0% (best)  (10s, ETA 20s)"
+        "[4/7] joint f=2 epoch 1/4:  loss 1.8489  train top-1 25.0%  "
+        "val top-1 50.0% (best)  (10s, ETA 30s)"
     )
-    # The ETA uses the mean epoch time: (10 + 20) / 2 * 1 epoch left.
-    second = cb.format_epoch(1, {"loss": 1.5, "val_accuracy": 0.4}, 20.0)
-    assert second.endswith("val top-1 40.0%  (20s, ETA 15s)")
-    last = cb.format_epoch(2, {"loss": 1.2, "val_accuracy": 0.6}, 12.0)
+    # The ETA uses the mean epoch time, without the first (tracing) epoch
+    # once another is timed: 4 s x 2 epochs left.
+    second = cb.format_epoch(1, {"loss": 1.5, "val_accuracy": 0.4}, 4.0)
+    assert second.endswith("val top-1 40.0%  (4s, ETA 8s)")
+    third = cb.format_epoch(2, {"loss": 1.3, "val_accuracy": 0.5}, 6.0)
+    assert third.endswith("(6s, ETA 5s)")  # (4 + 6) / 2 x 1 epoch left
+    last = cb.format_epoch(3, {"loss": 1.2, "val_accuracy": 0.6}, 12.0)
     assert last.endswith("val top-1 60.0% (best)  (12s)")  # nothing left
     # A stage without labels (fm_pretrain): the loss only.
     fm = EpochProgress("f2-fm_pretrain", 1, [2]).format_epoch(0, {"loss": 0.5}, 3)

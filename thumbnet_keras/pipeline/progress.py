@@ -131,7 +131,9 @@ def stage_done(run, sid: str, record: Mapping) -> None:
 class EpochProgress(keras.callbacks.Callback):
     """Logs one line per epoch: the loss, train and validation top-1 (when
     the stage has them, with the best so far marked) and, once the first
-    epoch is timed, the stage's estimated time left.
+    epoch is timed, the stage's estimated time left (the mean epoch time
+    times the epochs left; the first epoch, which includes tracing, counts
+    only until a second one is timed).
 
     Args:
         sid: the stage id (`teacher`, `f2-joint`, ...).
@@ -181,7 +183,10 @@ class EpochProgress(keras.callbacks.Callback):
                 text += " (best)"
             parts.append(text)
         left = self.epochs - (epoch + 1)
-        mean = sum(self.durations) / len(self.durations)
+        # The first epoch of a process also traces/compiles the step: once
+        # later epochs are timed, they alone give the pace.
+        timed = self.durations[1:] or self.durations
+        mean = sum(timed) / len(timed)
         timing = f"({format_duration(seconds)}"
         timing += f", ETA {format_duration(mean * left)})" if left > 0 else ")"
         return "  ".join(parts) + "  " + timing
