@@ -201,3 +201,92 @@ def test_smoke_run_trains_distributed_in_mixed_precision(tmp_path):
     for stage, losses in result["losses"].items():
         assert losses and all(np.isfinite(losses)), stage
     assert result["policy_after"] == "float32"
+
+
+# Several machines, as far as one allows: two JAX processes on CPU (one device
+# each, gloo collectives) join through `keras.distribution.initialize()` from
+# the environment, as a multi-host run does, and one step of the joint stage
+# on the global batch equals the step on one device.
+_WORKER = """
+import os, sys
+from thumbnet_keras.pipeline.compute import distribution_scope, initialize_multi_host
+initialize_multi_host()  # before anything touches JAX
+import keras, numpy as np
+import tensorflow as tf
+from thumbnet_keras import ThumbNetTrainer, build_downscaler, make_student
+
+def teacher_no_bn():
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = inputs
+    for i in range(2):
+        x = keras.layers.Conv2D(8 * (i + 1), 3, padding="same", activation="relu",
+                                name=f"conv{i}")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x), name="nobn")
+
+rng = np.random.default_rng(0)
+x = rng.random((8, 16, 16, 3), dtype="float32")
+y = rng.integers(0, 3, 8).astype("int32")
+keras.utils.set_random_seed(0)
+T = teacher_no_bn().get_weights()
+E = build_downscaler((16, 16, 3), 2, width=8).get_weights()
+with distribution_scope(DISTRIBUTION) as replicas:
+    teacher = teacher_no_bn()
+    teacher.set_weights(T)
+    downscaler = build_downscaler((16, 16, 3), 2, width=8)
+    downscaler.set_weights(E)
+    trainer = ThumbNetTrainer(teacher, downscaler, make_student(teacher, 2),
+                              mm_weight=5.0)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.5))
+    # The global batch of 8; Keras gives each process its share.
+    trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), verbose=0)
+    weights = [keras.ops.convert_to_numpy(v) for v in trainer.trainable_weights]
+REPLICAS = replicas
+"""
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="multi-process runs are JAX's")
+def test_two_processes_step_equals_one_device_step(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline_fixtures import subprocess_env
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = (
+        _WORKER.replace("DISTRIBUTION", '"data_parallel"')
+        + "import jax, json\n"
+        + "np.savez(sys.argv[1], *weights)\n"
+        + "print(json.dumps([REPLICAS, jax.process_count()]))\n"
+    )
+    env = subprocess_env() | {
+        "KERAS_BACKEND": "jax",
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"127.0.0.1:{port}",
+        "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+    }
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path / f"w{i}.npz")],
+            env=env | {"KERAS_DISTRIBUTION_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == "[2, 2]"  # 2 replicas, 2 processes
+    # The reference: the same step on one device, in this process.
+    scope = {}
+    exec(_WORKER.replace("DISTRIBUTION", '"none"'), scope)
+    reference = scope["weights"]
+    for i in range(2):
+        got = np.load(tmp_path / f"w{i}.npz")
+        diffs = [np.abs(got[f"arr_{k}"] - r).max() for k, r in enumerate(reference)]
+        assert max(diffs) < 1e-5, (i, max(diffs))

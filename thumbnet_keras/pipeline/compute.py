@@ -36,6 +36,7 @@ __all__ = [
     "PRECISIONS",
     "distribution_scope",
     "float32_model",
+    "initialize_multi_host",
     "jit_compile_option",
     "local_devices",
     "precision_scope",
@@ -172,8 +173,9 @@ def local_devices() -> list[str]:
     if backend == "jax":
         import jax
 
-        accelerators = [d for d in jax.local_devices() if d.platform != "cpu"]
-        chosen = accelerators or jax.local_devices(backend="cpu")
+        # Every process's devices once `initialize_multi_host` has run.
+        accelerators = [d for d in jax.devices() if d.platform != "cpu"]
+        chosen = accelerators or jax.devices("cpu")
         return [f"{d.platform}:{d.id}" for d in chosen]
     if backend == "tensorflow":
         import tensorflow as tf
@@ -181,6 +183,53 @@ def local_devices() -> list[str]:
         gpus = tf.config.list_logical_devices("GPU")
         return [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
     return []
+
+
+_MULTI_HOST_ENV = (
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES",
+    "KERAS_DISTRIBUTION_PROCESS_ID",
+)
+_INITIALIZED = False
+
+
+def initialize_multi_host() -> int:
+    """Joins a multi-process JAX run when `KERAS_DISTRIBUTION_NUM_PROCESSES`
+    is above 1: `keras.distribution.initialize()`, which reads the
+    coordinator's address (`KERAS_DISTRIBUTION_JOB_ADDRESSES`, "host:port" of
+    process 0), the process count and this process's id
+    (`KERAS_DISTRIBUTION_PROCESS_ID`) from the environment and calls
+    `jax.distributed.initialize`. Once per process, before any computation.
+    Returns the number of processes."""
+    import os
+
+    import keras
+
+    global _INITIALIZED
+    processes = int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1") or 1)
+    if processes <= 1 or _INITIALIZED:
+        return processes
+    missing = [name for name in _MULTI_HOST_ENV if not os.environ.get(name)]
+    if missing:
+        raise _error(
+            f"A multi-process run ({processes} processes) needs {', '.join(missing)} "
+            "in the environment (see docs/flows.md, 'Several machines')."
+        )
+    if keras.backend.backend() != "jax":
+        raise _error(
+            "Several processes (KERAS_DISTRIBUTION_NUM_PROCESSES > 1) need the jax "
+            f"backend; this process runs {keras.backend.backend()!r}."
+        )
+    try:
+        keras.distribution.initialize()
+    except RuntimeError as err:  # JAX already computed something.
+        raise _error(
+            f"Joining the {processes}-process run failed: {err} Call "
+            "`thumbnet_keras.pipeline.compute.initialize_multi_host()` first "
+            "thing in the process (the `thumbnet` CLI does)."
+        ) from err
+    _INITIALIZED = True
+    return processes
 
 
 @contextlib.contextmanager
@@ -198,6 +247,7 @@ def distribution_scope(distribution: str = "none"):
         return
     backend = keras.backend.backend()
     if backend == "jax":
+        initialize_multi_host()
         devices = local_devices()
         previous = keras.distribution.distribution()
         keras.distribution.set_distribution(
