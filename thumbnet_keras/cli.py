@@ -548,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
+        from thumbnet_keras.pipeline.compute import initialize_multi_host
+
+        initialize_multi_host()  # A multi-host run's processes join first.
         return _dispatch(args)
     except TrainingHealthError as err:  # Finished, but a stage is broken.
         print(f"thumbnet: error: {err}", file=sys.stderr)
