@@ -3,9 +3,13 @@ teacher T with the ThumbNet losses, on any Keras backend.
 
 Like `keras.distillation.Distiller`, it overrides `compute_loss` (not
 `train_step`), so the stock TensorFlow, JAX and torch training loops, XLA
-compilation and `keras.distribution` all apply unchanged. Unlike Distiller, the
-forward pass returns the thumbnail and the student's feature map next to the
-logits, so S runs once per step.
+compilation, `keras.distribution` and `tf.distribute` all apply. Unlike
+Distiller, the forward pass returns the thumbnail and the student's feature map
+next to the logits, so S runs once per step, and the loss is scaled for
+`tf.distribute` replicas as Keras' own `CompileLoss` does
+(`scale_loss_for_replicas`; Distiller's plain mean makes every update N times
+too large on N replicas). Losses are computed in float32 whatever the dtype
+policy.
 
 Stages (ThumbNet, Sec. 3.3):
 
