@@ -332,7 +332,8 @@ def _outputs_md(metrics: Mapping) -> str:
     primary = metrics.get("primary_factor")
     lines = []
     for key, value in metrics.get("outputs", {}).items():
-        note = f" (f={primary}, the first factor)" if key == "thumbnet.keras" else ""
+        top_level = key in ("thumbnet.keras", "thumbnail_model.keras")
+        note = f" (f={primary}, the first factor)" if top_level else ""
         note = note if primary else ""
         lines.append(f"- {key}: `{value}`{note}")
     return "\n".join(lines) + "\n"
