@@ -35,6 +35,7 @@ __all__ = [
     "JIT_COMPILE",
     "PRECISIONS",
     "distribution_scope",
+    "even_batches",
     "float32_model",
     "initialize_multi_host",
     "jit_compile_option",
@@ -299,6 +300,7 @@ def compute_scope(
     with precision_scope(precision), distribution_scope(distribution) as replicas:
         _ACTIVE = {
             "precision": precision,
+            "replicas": replicas,
             "sync_batchnorm": bool(sync_batchnorm) and replicas > 1,
         }
         try:
@@ -317,6 +319,35 @@ def prepare_model(model):
     if _ACTIVE["sync_batchnorm"]:
         model = with_sync_batchnorm(model)
     return model
+
+
+def even_batches(data):
+    """Under JAX data parallelism in the active `compute_scope`: `data` (a
+    batched tf.data dataset, a function epoch -> dataset, or None) without
+    the batches whose size does not split evenly over the devices (the last,
+    partial batch of an epoch, which `DataParallel` cannot shard). Training
+    skips those few images per epoch, as `drop_remainder` would; per-epoch
+    validation too (the run's final evaluation sees every image). TensorFlow's
+    MirroredStrategy splits uneven batches itself: unchanged there."""
+    import keras
+
+    if (
+        data is None
+        or _ACTIVE is None
+        or _ACTIVE["replicas"] <= 1
+        or keras.backend.backend() != "jax"
+    ):
+        return data
+    if callable(data) and not hasattr(data, "element_spec"):
+        return lambda *args, **kwargs: even_batches(data(*args, **kwargs))
+    import tensorflow as tf
+
+    replicas = _ACTIVE["replicas"]
+
+    def even(*batch):
+        return tf.shape(tf.nest.flatten(batch)[0])[0] % replicas == 0
+
+    return data.filter(even)
 
 
 def run_compute(function):

@@ -42,6 +42,7 @@ import warnings
 from thumbnet_keras.pipeline import progress
 from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
 from thumbnet_keras.pipeline.compute import (
+    even_batches,
     jit_compile_option,
     prepare_model,
     run_compute,
@@ -184,6 +185,8 @@ def _fit(model, config, prepared, run, sid, epochs, verbose, labels=True):
     validation split, last-epoch selection otherwise."""
     seed = _stage_seed(config, sid)
     train, validation = _datasets(config, prepared, seed)
+    # JAX DataParallel cannot shard a last batch that splits unevenly.
+    train, validation = even_batches(train), even_batches(validation)
     reason = "no validation split"
     if not labels:
         validation, reason = None, "no labels (FM + MM): last epoch"
