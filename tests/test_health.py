@@ -120,7 +120,10 @@ def _diverging_model(learning_rate: float) -> keras.Model:
     # w <- w - lr * d(w^2)/dw = (1 - 2 lr) w: with lr = 10, w grows 19x a step
     # and w^2 overflows float32 after about 15 steps (4 steps an epoch).
     model = keras.Sequential(
-        [keras.Input((1,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")]
+        [
+            keras.Input((1,)),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="ones"),
+        ]
     )
     model.compile(optimizer=keras.optimizers.SGD(learning_rate), loss="mse")
     return model
