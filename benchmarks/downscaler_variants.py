@@ -2,14 +2,15 @@
 
 Trains the study's "E + S with CL + KD" arm (`accuracy_study.ABLATIONS["es_kd"]`:
 no FM pre-training, `joint` stage for the whole budget, the learning rate
-`chosen.json` picked for it) once per seed and factor with
+`chosen.json` picked for it unless `--learning-rate` is given) once per seed and factor with
 `downscaler_variant="strided"` (the earlier E) and `"space_to_depth"` (the
 default since issue 11), on the study's teacher, data and recipe. E's width is
 sized as the product sizes it (`auto_downscaler_width`, per design). Reports
 the best-epoch validation top-1 the pipeline recorded; no test batch is read.
 
     KERAS_BACKEND=tensorflow python benchmarks/downscaler_variants.py \
-        --seeds 0 1 2 --out docs/results/downscaler_variants.json
+        --seeds 0 1 2 --teacher runs/accuracy_study/runs/<teacher run>/teacher.keras \
+        --learning-rate 0.001 --out docs/results/downscaler_variants.json
 
 The teacher is the study's: `--teacher` names its file, else it is trained
 under `--work-dir` as `benchmarks/accuracy_study.py` trains it.
@@ -35,6 +36,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--factors", nargs="+", type=int, default=None)
     parser.add_argument("--work-dir", default="runs/accuracy_study")
     parser.add_argument("--teacher", help="A trained teacher .keras (else trained).")
+    parser.add_argument(
+        "--learning-rate", type=float, help="joint rate (default: chosen.json's)"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -51,12 +55,17 @@ def main(argv=None) -> dict:
     teacher = args.teacher or study.get_teacher(
         "fashion_mnist", settings, teacher_over, work, 0
     )
-    chosen_path = (
-        Path(study.__file__).parent.parent / "docs/results/accuracy/chosen.json"
-    )
-    lr = {}
-    if chosen_path.is_file() and not args.quick:
-        lr = json.loads(chosen_path.read_text()).get("es_kd", {})
+    if args.learning_rate is not None:
+        lr = {"joint_learning_rate": args.learning_rate}
+    else:  # The rate the study's search chose for this arm, if any.
+        chosen = (
+            Path(study.__file__).parent.parent / "docs/results/accuracy/chosen.json"
+        )
+        lr = {}
+        if chosen.is_file() and not args.quick:
+            lr = (
+                json.loads(chosen.read_text()).get("fashion_mnist", {}).get("es_kd", {})
+            )
     budget = settings["fm_epochs"] + settings["joint_epochs"]
     rows = []
     for seed in args.seeds:

@@ -31,7 +31,9 @@ spatial positions `P_in`, input channels `C_in`, output channels `C_out`):
 
 Not counted (0 MACs): biases, batch/layer normalization (foldable into the
 preceding conv at inference), activations, pooling, element-wise merges
-(`Add`, `Multiply`, `Concatenate`), reshapes, padding, dropout, rescaling. A
+(`Add`, `Multiply`, `Concatenate`), reshapes and transposes (`Reshape`,
+`Permute`: E's space-to-depth is pure data movement), padding, dropout,
+rescaling. A
 layer outside these lists that holds weights triggers a `UserWarning` naming it
 (it is counted as 0, which is likely wrong).
 

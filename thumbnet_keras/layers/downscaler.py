@@ -4,14 +4,17 @@ E maps an (H, W, C) image to an (H/f, W/f, C) thumbnail. It is the sum of two
 branches, both built from stock Keras layers so that a saved model loads
 anywhere with `safe_mode=True`:
 
-* a fixed antialiased bicubic resize, written as a frozen stride-f depthwise
-  convolution (it equals `keras.ops.image.resize(..., "bicubic",
+* a fixed antialiased bicubic resize, written as frozen stride-f depthwise
+  convolutions (it equals `keras.ops.image.resize(..., "bicubic",
   antialias=True)` on every backend), and
-* a learned residual correction: one strided conv per prime factor of f (so
-  f = 4 is two stride-2 stages, f = 3 one stride-3 stage), the first reading
-  the image directly, then `depth` 3x3 convs at thumbnail resolution that also
-  see the bicubic thumbnail, and a last 3x3 conv to C channels whose kernel
-  and bias start at zero.
+* a learned residual correction computed at thumbnail resolution. The
+  default design (`variant="space_to_depth"`) moves every f x f block of the
+  image to channels (a reshape/transpose, no arithmetic), mixes it with the
+  bicubic thumbnail by a 1x1 conv, then `depth` depthwise-separable 3x3 convs
+  and a last 3x3 conv to C channels whose kernel and bias start at zero: no
+  convolution reads the full-resolution image. `variant="strided"` is the
+  earlier design (a strided conv per prime factor of f, the first reading the
+  full image, then full 3x3 convs), kept selectable.
 
 Because the last conv starts at zero, an untrained E *is* the bicubic
 thumbnail, and training only has to learn what bicubic loses. The output is an
@@ -399,8 +402,8 @@ def auto_downscaler_width(
     """The widest E (from `AUTO_WIDTHS`) that stays a small part of E + S.
 
     E's cost grows with the image and its width, S's with the thumbnail and
-    the backbone: a width that is 7% of ResNet-50 at 112x112 can cost more than
-    a tiny student. This picks the largest width whose E costs at most
+    the backbone: a width that is a few % of ResNet-50 at 112x112 can cost
+    more than a tiny student. This picks the largest width whose E costs at most
     `max_share` of the inference model's multiply-adds, `MACs(E) /
     (MACs(E) + MACs(S))`, and the narrowest (4) when none does.
 
