@@ -93,10 +93,27 @@ def resolve_run_task(params: dict) -> dict:
     return pipeline.resolve_run(params)
 
 
+def _retry_unless_bad_data(task, task_run, state) -> bool:
+    """Retry I/O hiccups, not data the user has to fix (a retry would fail
+    the same way, 5 s later)."""
+    from thumbnet_keras import data
+
+    try:
+        state.result()
+    except (data.PrepareError, data.ManifestError, data.DataSourceError):
+        return False
+    except pipeline.ConfigError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 @task(
     name="prepare-data",
     retries=2,
     retry_delay_seconds=5,
+    retry_condition_fn=_retry_unless_bad_data,
     cache_key_fn=_prepare_cache_key,
 )
 def prepare_data_task(dataset: str, data_dir: str, limit_per_class: int | None) -> dict:

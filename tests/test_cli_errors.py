@@ -150,6 +150,30 @@ def test_debug_shows_the_traceback(world):
     assert result.stderr.strip().splitlines()[-1].startswith("thumbnet: error:")
 
 
+@pytest.mark.parametrize("case", ["name-taken", "evaluate-unfinished", "export-factor"])
+def test_user_error_imports_no_framework(world, case):
+    # The checks run before Keras, TensorFlow or Prefect is imported.
+    args = [
+        a.replace("{root}", str(world)) for a in dict((c[0], c[1]) for c in CASES)[case]
+    ]
+    code = (
+        "import sys\n"
+        "from thumbnet_keras.cli import main\n"
+        f"assert main({args!r}) == 2\n"
+        "print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'torch', 'prefect')"
+        " if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=world,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
 def test_help_imports_no_framework():
     code = (
         "import sys, contextlib, io\n"

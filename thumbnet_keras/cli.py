@@ -424,9 +424,21 @@ def _train_values(args: argparse.Namespace) -> dict:
     return values
 
 
+def _start_frameworks(args: argparse.Namespace, server: bool = False) -> None:
+    """After every input was checked: Prefect's server (flows), Keras and its
+    backend (quietly, unless -v), and a multi-host run's join."""
+    from thumbnet_keras.pipeline.environment import import_backend_quietly
+
+    if server:
+        _start_prefect_server()  # Forked before Keras fills this process.
+    import_backend_quietly(quiet=not getattr(args, "verbose", 0))
+    from thumbnet_keras.pipeline.compute import initialize_multi_host
+
+    initialize_multi_host()  # A multi-host run's processes join first.
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from thumbnet_keras.pipeline import preflight
-    from thumbnet_keras.pipeline.environment import import_backend_quietly
 
     if args.command in ("demo", "train"):
         if args.command == "demo":
@@ -437,8 +449,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             values = _train_values(args)
         params = preflight.check_thumbnet(values)
         run_dir = os.path.join(params.runs_dir, params.run_name)
-        _start_prefect_server()  # Forked before Keras fills this process.
-        import_backend_quietly(quiet=not getattr(args, "verbose", 0))
+        _start_frameworks(args, server=True)
         return _in_run_folder(run_dir, lambda: _run_thumbnet(params), fresh=True)
     if args.command == "generalize":
         params = preflight.check_generalize(_generalize_values(args))
@@ -451,12 +462,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"\nreport: {result['report_html']}")
             return 0
 
-        _start_prefect_server()  # Forked before Keras fills this process.
-        import_backend_quietly(quiet=not getattr(args, "verbose", 0))
+        _start_frameworks(args, server=True)
         return _in_run_folder(run_dir, work, fresh=True)
     if args.command in ("evaluate", "report"):
         preflight.check_finished_run(args.run)
-        import_backend_quietly(quiet=not getattr(args, "verbose", 0))
+        _start_frameworks(args)
         from thumbnet_keras import pipeline
 
         if args.command == "evaluate":
@@ -478,7 +488,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _in_run_folder(args.run, work, fresh=False)
     if args.command == "export":
         source = preflight.check_export(args.run, args.factor, args.format)
-        import_backend_quietly(quiet=not getattr(args, "verbose", 0))
+        _start_frameworks(args)
         from thumbnet_keras import pipeline
 
         def work() -> int:
@@ -548,9 +558,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
-        from thumbnet_keras.pipeline.compute import initialize_multi_host
-
-        initialize_multi_host()  # A multi-host run's processes join first.
         return _dispatch(args)
     except TrainingHealthError as err:  # Finished, but a stage is broken.
         print(f"thumbnet: error: {err}", file=sys.stderr)

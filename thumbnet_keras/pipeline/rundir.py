@@ -138,6 +138,15 @@ class RunLockedError(RuntimeError):
 _HELD: dict[str, int] = {}
 
 
+def _secondary_process() -> bool:
+    """A multi-host run's processes other than process 0 share its run
+    folder (`pipeline.compute.initialize_multi_host`): process 0 holds the lock."""
+    try:
+        return int(os.environ.get("KERAS_DISTRIBUTION_PROCESS_ID") or 0) > 0
+    except ValueError:
+        return False
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -178,7 +187,7 @@ def lock_run(path: str | os.PathLike) -> Path:
     folder = Path(path)
     lock = folder / LOCK_NAME
     key = os.path.abspath(lock)
-    if key in _HELD:
+    if key in _HELD or _secondary_process():
         return lock
     try:
         import fcntl
@@ -397,7 +406,7 @@ def lock_holder(path: str | os.PathLike) -> dict | None:
     """Who holds the run folder's lock (pid, host, started, command), or
     None when it is free or held by this process. Creates nothing."""
     lock = Path(path) / LOCK_NAME
-    if os.path.abspath(lock) in _HELD:
+    if os.path.abspath(lock) in _HELD or _secondary_process():
         return None
     try:
         import fcntl
