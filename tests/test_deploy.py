@@ -67,7 +67,7 @@ def _test_split(prepared: dict):
 
     stream = data.make_dataset(
         prepared["prepared_dir"], "test", 32, 64, False, channels=1,
-        normalization=prepared["normalization"],
+        normalization="raw",  # exported models normalize inside
     )  # fmt: skip
     batches = [(np.asarray(x), np.asarray(y)) for x, y in stream]
     return np.concatenate([b[0] for b in batches]), np.concatenate(
@@ -100,10 +100,9 @@ def test_int8_model_takes_raw_uint8_pixels(trained):
     runner = deploy.load_runner(exported["exports"]["litert_int8"])
     q = runner.quantization
     assert q["input"]["dtype"] == "uint8" and q["output"]["dtype"] == "uint8"
-    # "unit" normalization, calibrated on the full range: pixel p -> p.
-    assert (
-        q["input"]["scale"] == pytest.approx(1 / 255) and q["input"]["zero_point"] == 0
-    )
+    # Raw pixels in (the model normalizes inside), calibrated on the full
+    # range: pixel p -> p.
+    assert q["input"]["scale"] == pytest.approx(1.0) and q["input"]["zero_point"] == 0
     sidecar = deploy.read_sidecar(exported["exports"]["litert_int8"])
     assert sidecar["quantization"]["thumbnet_int8.tflite"] == q
     assert sidecar["class_names"] == ["horizontal", "vertical"]

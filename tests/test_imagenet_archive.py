@@ -11,8 +11,7 @@ image has a class seen in training. Nothing is mocked: the manifest is
 `data_manifests/imagenet2012.yaml`, TFDS builds its records from the
 manual dir (1000-class ClassLabel), `prepare` writes the Parquet index.
 
-TensorFlow only: TFDS and the whole flow are the same on every backend, and
-this is the suite's most expensive test (a ResNet-50 teacher).
+TensorFlow only: TFDS and the whole flow are the same on every backend.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import BACKEND
+from conftest import BACKEND, tiny_teacher
 from PIL import Image
 
 pytestmark = [
@@ -96,20 +95,19 @@ def test_train_imagenet_from_ilsvrc2012_archives(tmp_path, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
     written = write_ilsvrc2012(tfds_dir / "downloads" / "manual")
 
-    # The deployment's parameters, in smoke size, with a local teacher: the
-    # deployment's keras.applications ResNet-50 with random weights saved to a
-    # local file (its ImageNet weights download).
+    # The deployment's parameters, in smoke size. Its teacher, the
+    # keras.applications ResNet-50 (ImageNet weights download), is replaced by
+    # a small 1000-class .keras teacher: the ResNet-50 flow is
+    # tests/test_teachers.py's (it costs minutes); this one keeps the
+    # manifest's "imagenet" normalization, which thumbnet.keras must embed.
     params = deployment_params("train-imagenet")
     assert params["dataset"] == "imagenet2012"
     assert params["teacher"] == "applications:ResNet50"
     size = 32
-    weights = str(tmp_path / "resnet50.weights.h5")
-    keras.applications.ResNet50(
-        weights=None, input_shape=(size, size, 3), classes=1000,
-        classifier_activation=None,
-    ).save_weights(weights)  # fmt: skip
+    teacher = str(tmp_path / "teacher.keras")
+    tiny_teacher((size, size, 3), num_classes=1000, name="tiny1000").save(teacher)
     params.update(
-        teacher=f"applications:ResNet50:{weights}",
+        teacher=teacher,
         image_size=size,
         smoke=True,
         runs_dir=str(tmp_path / "runs"),
@@ -121,7 +119,7 @@ def test_train_imagenet_from_ilsvrc2012_archives(tmp_path, monkeypatch):
 
     # TFDS built the real builder's records; prepare indexed every image.
     data = json.loads((run_dir / "data.json").read_text())
-    assert data["num_classes"] == 1000 and data["normalization"] == "raw"
+    assert data["num_classes"] == 1000 and data["normalization"] == "imagenet"
     prepared = PreparedDataset.load(data["prepared_dir"])
     table = prepared.read_index(["label", "split", "tfds_split"]).to_pydict()
     names = data["class_names"]
@@ -142,6 +140,7 @@ def test_train_imagenet_from_ilsvrc2012_archives(tmp_path, monkeypatch):
     # A thumbnet.keras that takes raw pixels at the run's size.
     model = keras.saving.load_model(run_dir / "thumbnet.keras", safe_mode=True)
     assert model.input_shape == (None, size, size, 3)
+    assert model.layers[1].name == "normalize_imagenet"
     assert model.output_shape == (None, 1000)
     pixels = np.random.default_rng(1).integers(0, 256, (2, size, size, 3), np.uint8)
     assert np.isfinite(np.asarray(model.predict(pixels, verbose=0))).all()
