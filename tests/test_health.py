@@ -204,3 +204,20 @@ def test_cli_diverging_learning_rate_fails_with_the_cause(tmp_path):
     assert not (run / "thumbnet.keras").exists()
     assert not (run / "stages" / "teacher.json").exists()
     assert os.path.isdir(run)
+
+
+def test_cli_options_reach_the_params():
+    from thumbnet_keras.cli import _parser, _train_values
+    from thumbnet_keras.pipeline import ThumbNetParams
+
+    args = _parser().parse_args(
+        ["train", "--on-nonfinite", "continue", "--no-deterministic", "--seed", "3"]
+    )
+    config = ThumbNetParams(**_train_values(args)).to_config()
+    assert (config.on_nonfinite, config.deterministic, config.seed) == (
+        "continue",
+        False,
+        3,
+    )
+    default = ThumbNetParams(**_train_values(_parser().parse_args(["train"])))
+    assert (default.on_nonfinite, default.deterministic) == ("fail", True)
