@@ -75,3 +75,19 @@ def test_students_at_f2_and_f4_are_trainable(teacher, info, factor):
     assert np.isfinite(float(np.asarray(loss).reshape(-1)[0]))
     changed = [not np.array_equal(a, b) for a, b in zip(before, student.get_weights())]
     assert any(changed)
+
+
+def test_run_teacher_keeps_its_input_contract(info):
+    # `teacher="pretrained:elpv"` goes through models.teachers.load_teacher:
+    # the file's own contract (gray [0, 1], fed by the manifest's "unit"
+    # normalization), no preprocessing added, same logits.
+    from thumbnet_keras.models.teachers import is_raw_pixel_teacher, load_teacher
+
+    assert not is_raw_pixel_teacher("pretrained:elpv")
+    loaded = load_teacher("pretrained:elpv", tuple(info["input_shape"]), 4)
+    assert loaded.input_shape[1:] == tuple(info["input_shape"])
+    assert not any(layer.name.startswith("preprocess_") for layer in loaded.layers)
+    logits = keras.ops.convert_to_numpy(
+        loaded(_reference_image(info["image_size"]), training=False)
+    )
+    np.testing.assert_allclose(logits[0], info["reference_logits"], atol=1e-3)
