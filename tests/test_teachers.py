@@ -54,8 +54,11 @@ def test_preprocessing_equals_preprocess_input(mode, module):
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     first = {
         "caffe": [255.0 - 103.939, 128.0 - 116.779, 0.0 - 123.68],  # BGR
-        "torch": [(0 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224,
-                  (1 - 0.406) / 0.225],  # fmt: skip
+        "torch": [
+            (0 - 0.485) / 0.229,
+            (128 / 255 - 0.456) / 0.224,
+            (1 - 0.406) / 0.225,
+        ],  # fmt: skip
         "tf": [-1.0, 128 / 127.5 - 1, 1.0],
     }[mode]
     np.testing.assert_allclose(got[0, 0, 0], first, atol=1e-5)
@@ -217,7 +220,10 @@ def _check_raw_pixel_export(run_dir: str):
     size = config.image_size
     args = (prepared["prepared_dir"], "test", size, 64, False)
     raw = np.concatenate(
-        [np.asarray(x) for x, _ in data.make_dataset(*args, normalization="raw", **kwargs)]
+        [
+            np.asarray(x)
+            for x, _ in data.make_dataset(*args, normalization="raw", **kwargs)
+        ]
     )
     pixels = np.round(raw).astype(np.uint8)
     # Images are stored at 40x40 and resized: feed the same uint8 pixels to both.
@@ -228,7 +234,9 @@ def _check_raw_pixel_export(run_dir: str):
     )
     joint = run.stage_dir(stage_id(config.factors[0], "joint"))
     load = keras.saving.load_model
-    evaluation = compose(load(joint / "downscaler.keras"), load(joint / "student.keras"), "e")
+    evaluation = compose(
+        load(joint / "downscaler.keras"), load(joint / "student.keras"), "e"
+    )
     expected = to_numpy(evaluation(normalized, training=False))
     np.save(os.path.join(run_dir, "pixels.npy"), pixels)
     code = f"""

@@ -256,8 +256,12 @@ def _hub_preprocessing(task, channels):
     offset = getattr(converter, "offset", None)
     if converter is None or (scale is None and offset is None):
         return []
-    scale = np.broadcast_to(np.asarray(1.0 if scale is None else scale, "float64"), (channels,))
-    offset = np.broadcast_to(np.asarray(0.0 if offset is None else offset, "float64"), (channels,))
+    scale = np.broadcast_to(
+        np.asarray(1.0 if scale is None else scale, "float64"), (channels,)
+    )
+    offset = np.broadcast_to(
+        np.asarray(0.0 if offset is None else offset, "float64"), (channels,)
+    )
     # x * scale + offset == (x - mean) / sqrt(variance)
     layer = keras.layers.Normalization(
         mean=list(-offset / scale),
