@@ -221,3 +221,34 @@ def test_cli_options_reach_the_params():
     )
     default = ThumbNetParams(**_train_values(_parser().parse_args(["train"])))
     assert (default.on_nonfinite, default.deterministic) == ("fail", True)
+
+
+def test_constant_teacher_stops_the_run_and_its_rerun(tmp_path):
+    """A given teacher whose output ignores its input fails stage 0 with the
+    cause, and a rerun of the same run fails the same way (the finished
+    record is not a pass)."""
+    from thumbnet_keras import pipeline
+    from thumbnet_keras.pipeline.config import TrainingHealthError
+    from thumbnet_keras.pipeline.stages import get_teacher
+
+    manifest = tiny_dataset(tmp_path)
+    inputs = keras.Input((32, 32, 1), name="image")
+    logits = keras.layers.Dense(2, kernel_initializer="zeros", name="logits")(
+        keras.layers.GlobalAveragePooling2D()(inputs)
+    )
+    path = tmp_path / "constant.keras"
+    keras.Model(inputs, logits).save(path)
+    params = pipeline.ThumbNetParams(
+        dataset=manifest, runs_dir=str(tmp_path / "runs"), run_name="c",
+        teacher=str(path), image_size=32, limit_per_class=8,
+    )  # fmt: skip
+    run = pipeline.resolve_run(params)
+    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
+    for _ in range(2):
+        with pytest.raises(TrainingHealthError, match="teacher.*do not depend"):
+            get_teacher(run["run_dir"], prepared, verbose=0)
+    record = json.loads(
+        (tmp_path / "runs" / "c" / "stages" / "teacher.json").read_text()
+    )
+    assert record["health"]["status"] == "failed"
+    assert record["health"]["logit_spread"] == 0.0

@@ -295,8 +295,8 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     write_json(run.data_json, prepared)
     sid = "teacher"
     progress.stage_started(config.factors, sid)
-    if run.is_done(sid):
-        return _skip(run, sid)
+    if run.is_done(sid):  # A failed teacher fails a rerun too.
+        return _teacher_checked(_skip(run, sid))
     shape, classes = _image_shape(config), prepared["num_classes"]
     fit = {"history": {}, "epochs": 0, "resumed_from": [], "seconds": 0.0}
     if config.teacher is not None:
@@ -334,13 +334,19 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
         **fit,
         "health": _health(config, prepared, teacher, fit),
     }
-    record = _finish(run, sid, record)
-    if record["health"]["status"] == "failed":  # Every later stage learns from T.
+    return _teacher_checked(_finish(run, sid, record))
+
+
+def _teacher_checked(record: dict) -> dict:
+    """The teacher's record; `TrainingHealthError` when it failed its health
+    checks (every later stage learns from the teacher)."""
+    health = record.get("health") or {}
+    if health.get("status") == "failed":
         from thumbnet_keras.pipeline.config import TrainingHealthError
 
         raise TrainingHealthError(
             "[teacher] failed its health checks: "
-            + "; ".join(record["health"]["problems"])
+            + "; ".join(health["problems"])
             + ". Every later stage learns from the teacher, so the run stops "
             "here; likely cause: a learning rate too high (or too few epochs)."
         )
