@@ -145,9 +145,10 @@ def test_space_to_depth_moves_blocks_to_channels(factor):
     out = to_numpy(keras.Model(inputs, space_to_depth(inputs, factor))(x))
     assert out.shape == (1, 2, 3, factor * factor * 2)
     for i, j, dy, dx, c in np.ndindex(2, 3, factor, factor, 2):
-        assert out[0, i, j, (dy * factor + dx) * 2 + c] == x[
-            0, i * factor + dy, j * factor + dx, c
-        ]
+        assert (
+            out[0, i, j, (dy * factor + dx) * 2 + c]
+            == x[0, i * factor + dy, j * factor + dx, c]
+        )
 
 
 @pytest.mark.parametrize("variant", ["space_to_depth", "strided"])
