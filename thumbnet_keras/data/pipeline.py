@@ -227,6 +227,22 @@ def _source(prepared: PreparedDataset, split: str):
     return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE), len(keep)
 
 
+# Decoded, cached sources, shared by every stream built on them: tf.data shares
+# a `cache()` with each pipeline built on the same dataset object, so a stage
+# that builds one train stream per epoch (resume-exact seeds, issue 12)
+# decodes its images once per process, not once per epoch. Most recent kept.
+_SHARED_CACHES: dict = {}
+_SHARED_CACHES_KEPT = 4
+
+
+def _shared_cache(key: tuple, build):
+    if key not in _SHARED_CACHES:
+        while len(_SHARED_CACHES) >= _SHARED_CACHES_KEPT:
+            _SHARED_CACHES.pop(next(iter(_SHARED_CACHES)))
+        _SHARED_CACHES[key] = build()
+    return _SHARED_CACHES[key]
+
+
 def make_dataset(
     prepared: PreparedDataset | str | os.PathLike,
     split: str,
@@ -306,7 +322,12 @@ def make_dataset(
 
     buffer = shuffle_buffer or (min(n, 10_000) if prepared.source_type == "tfds" else n)
     if cache:
-        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        stat = os.stat(prepared.index_path)
+        key = (os.path.abspath(prepared.out_dir), split, channels,
+               stat.st_mtime_ns, stat.st_size)  # fmt: skip
+        ds = _shared_cache(
+            key, lambda: ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        )
     if shuffle:
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     if not cache:
