@@ -101,7 +101,43 @@ def test_classifier_loss_is_float32_on_bfloat16_logits():
 @pytest.mark.skipif(
     BACKEND == "torch", reason="torch.compile (Inductor) crashes on this CPU"
 )
+def _set_tf_op_determinism(on: bool) -> bool:
+    """Sets TensorFlow's op determinism (an earlier run in this process may
+    have turned it on); returns whether it was on."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    from tensorflow.python.framework import config as tf_config
+
+    was = bool(tf_config.is_op_determinism_enabled())
+    (tf_config.enable_op_determinism if on else tf_config.disable_op_determinism)()
+    return was
+
+
 def test_trainer_step_with_jit_compile():
+    # Keras turns XLA off under TensorFlow's op determinism (deterministic
+    # runs); this test is about XLA itself.
+    was = _set_tf_op_determinism(False)
+    try:
+        _jit_step()
+    finally:
+        _set_tf_op_determinism(was)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TensorFlow's op determinism"
+)
+def test_jit_on_under_op_determinism_warns(caplog):
+    was = _set_tf_op_determinism(True)
+    try:
+        with caplog.at_level("WARNING"):
+            assert jit_compile_option("on") is True
+        assert "trains without XLA" in caplog.text
+        assert "--no-deterministic" in caplog.text
+    finally:
+        _set_tf_op_determinism(was)
+
+
+def _jit_step():
     keras.utils.set_random_seed(0)
     teacher = tiny_teacher()
     trainer = ThumbNetTrainer(

@@ -284,7 +284,28 @@ def jit_compile_option(value: str = "auto"):
     or "off"."""
     if value not in JIT_COMPILE:
         raise _error(f"`jit_compile` must be one of {JIT_COMPILE}, received {value!r}.")
+    if value == "on" and _tf_op_determinism():
+        # keras.src.trainers.trainer.model_supports_jit returns False then.
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "jit_compile='on' but TensorFlow's op determinism is on "
+            "(deterministic=True), and Keras does not compile with XLA then: "
+            "this run trains without XLA. Pass --no-deterministic "
+            "(deterministic=False) to train with XLA."
+        )
     return {"auto": "auto", "on": True, "off": False}[value]
+
+
+def _tf_op_determinism() -> bool:
+    """True when the TensorFlow backend runs with op determinism enabled."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return False
+    from tensorflow.python.framework import config as tf_config
+
+    return bool(getattr(tf_config, "is_op_determinism_enabled", lambda: False)())
 
 
 @contextlib.contextmanager
