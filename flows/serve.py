@@ -3,7 +3,10 @@
     prefect server start                      # another terminal
     python -m flows.serve                     # from the repository root
     prefect deployment run thumbnet/train-elpv --watch
-    prefect deployment run thumbnet/train-imagenet --params '{"params": {"teacher": "/models/resnet50_teacher.keras"}}'
+    prefect deployment run thumbnet/train-imagenet
+
+(`--params '{"params": {...}}'` replaces the whole `params` object, so pass
+every field you need, not only the one you change; README, "Deployments".)
 
 Deployments (parameters in `DEPLOYMENTS`, the same as in `prefect.yaml`):
 
