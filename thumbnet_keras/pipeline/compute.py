@@ -284,17 +284,24 @@ def jit_compile_option(value: str = "auto"):
     or "off"."""
     if value not in JIT_COMPILE:
         raise _error(f"`jit_compile` must be one of {JIT_COMPILE}, received {value!r}.")
-    if value == "on" and _tf_op_determinism():
+    if _tf_op_determinism() and (value == "on" or (value == "auto" and _tf_gpu())):
         # keras.src.trainers.trainer.model_supports_jit returns False then.
         import logging
 
         logging.getLogger(__name__).warning(
-            "jit_compile='on' but TensorFlow's op determinism is on "
+            f"jit_compile={value!r} but TensorFlow's op determinism is on "
             "(deterministic=True), and Keras does not compile with XLA then: "
             "this run trains without XLA. Pass --no-deterministic "
             "(deterministic=False) to train with XLA."
         )
     return {"auto": "auto", "on": True, "off": False}[value]
+
+
+def _tf_gpu() -> bool:
+    """True when TensorFlow sees a GPU (where "auto" would pick XLA)."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def _tf_op_determinism() -> bool:
