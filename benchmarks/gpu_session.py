@@ -51,8 +51,10 @@ def _load(npz):
 
     d = np.load(npz)
     limit = int(os.environ.get("GPU_SESSION_LIMIT", "0"))  # local dry runs only
-    return {k: d[k][:limit] if limit and k.startswith(("x_", "y_")) else d[k]
-            for k in d.files}
+    return {
+        k: d[k][:limit] if limit and k.startswith(("x_", "y_")) else d[k]
+        for k in d.files
+    }
 
 
 def _float(x):
@@ -87,7 +89,6 @@ def _build_teacher(alpha, num_classes):
 
 def run_teacher(name, npz, workdir, epochs=None):
     import keras
-    import numpy as np
 
     alpha, lr, wd, ls, default_epochs = CANDIDATES[name]
     epochs = epochs or default_epochs
@@ -123,25 +124,43 @@ def run_teacher(name, npz, workdir, epochs=None):
         def on_epoch_end(self, epoch, logs=None):
             key = (round(float(logs["val_top1"]), 6), -float(logs["val_loss"]))
             history.append(
-                [epoch + 1] + [round(float(logs[m]), 4) for m in
-                               ("loss", "top1", "val_loss", "val_top1")]
+                [epoch + 1]
+                + [
+                    round(float(logs[m]), 4)
+                    for m in ("loss", "top1", "val_loss", "val_top1")
+                ]
             )
             if best["key"] is None or key > best["key"]:
                 best.update(key=key, epoch=epoch + 1, weights=teacher.get_weights())
 
     start = time.perf_counter()
-    model.fit(x, y, batch_size=batch, epochs=epochs, validation_data=(xv, yv),
-              callbacks=[Best()], verbose=0)
+    model.fit(
+        x,
+        y,
+        batch_size=batch,
+        epochs=epochs,
+        validation_data=(xv, yv),
+        callbacks=[Best()],
+        verbose=0,
+    )
     seconds = time.perf_counter() - start
     teacher.set_weights(best["weights"])
     path = os.path.join(workdir, f"teacher_{name}.keras")
     teacher.save(path)
     result = {
-        "name": name, "alpha": alpha, "lr": lr, "weight_decay": wd,
-        "label_smoothing": ls, "epochs": epochs, "batch": batch,
-        "best_epoch": best["epoch"], "val_top1": best["key"][0],
-        "train_top1_last": history[-1][2], "seconds": round(seconds, 1),
-        "history_every_10": history[9::10], "path": path,
+        "name": name,
+        "alpha": alpha,
+        "lr": lr,
+        "weight_decay": wd,
+        "label_smoothing": ls,
+        "epochs": epochs,
+        "batch": batch,
+        "best_epoch": best["epoch"],
+        "val_top1": best["key"][0],
+        "train_top1_last": history[-1][2],
+        "seconds": round(seconds, 1),
+        "history_every_10": history[9::10],
+        "path": path,
     }
     with open(os.path.join(workdir, f"teacher_{name}.json"), "w") as f:
         json.dump(result, f)
@@ -158,9 +177,11 @@ def evaluate_teacher(path, npz):
     y = d["y_test"]
     k = int(y.max()) + 1
     recall = [float(np.mean(pred[y == c] == c)) for c in range(k)]
-    return {"test_top1": round(float(np.mean(pred == y)), 4),
-            "test_recall_per_class": [round(r, 4) for r in recall],
-            "test_majority_top1": round(float(np.bincount(y).max() / len(y)), 4)}
+    return {
+        "test_top1": round(float(np.mean(pred == y)), 4),
+        "test_recall_per_class": [round(r, 4) for r in recall],
+        "test_majority_top1": round(float(np.bincount(y).max() / len(y)), 4),
+    }
 
 
 def run_numerics(npz, teacher_path, epochs=8):
@@ -176,16 +197,28 @@ def run_numerics(npz, teacher_path, epochs=8):
     student = make_student(teacher, 2)
     downscaler = build_downscaler((128, 128, 1), factor=2, width=8)
     trainer = ThumbNetTrainer(teacher, downscaler, student, stage="joint")
-    trainer.compile(optimizer=keras.optimizers.AdamW(1e-3),
-                    metrics=["accuracy"], jit_compile=True)
-    h = trainer.fit(_float(d["x_train"]), d["y_train"], batch_size=32, epochs=epochs,
-                    validation_data=(_float(d["x_validation"]), d["y_validation"]),
-                    verbose=0)
+    trainer.compile(
+        optimizer=keras.optimizers.AdamW(1e-3), metrics=["accuracy"], jit_compile=True
+    )
+    h = trainer.fit(
+        _float(d["x_train"]),
+        d["y_train"],
+        batch_size=32,
+        epochs=epochs,
+        validation_data=(_float(d["x_validation"]), d["y_validation"]),
+        verbose=0,
+    )
     logs = {k: [round(float(v), 5) for v in vals] for k, vals in h.history.items()}
     finite = all(np.isfinite(v).all() for v in h.history.values())
-    return {"policy": "mixed_bfloat16", "epochs": epochs, "finite": bool(finite),
-            "compute_dtype_of_logits": str(trainer(_float(d["x_validation"][:2]))["logits"].dtype),
-            "history": logs}
+    return {
+        "policy": "mixed_bfloat16",
+        "epochs": epochs,
+        "finite": bool(finite),
+        "compute_dtype_of_logits": str(
+            trainer(_float(d["x_validation"][:2]))["logits"].dtype
+        ),
+        "history": logs,
+    }
 
 
 def run_speed(batch=128, steps=12, size=224, backbone="resnet50"):
@@ -195,16 +228,27 @@ def run_speed(batch=128, steps=12, size=224, backbone="resnet50"):
 
     keras.config.set_dtype_policy("mixed_bfloat16")
     keras.utils.set_random_seed(0)
-    from thumbnet_keras import (ThumbNetTrainer, auto_downscaler_width, backbones,
-                                build_downscaler, count_flops, make_student)
+    from thumbnet_keras import (
+        ThumbNetTrainer,
+        auto_downscaler_width,
+        backbones,
+        build_downscaler,
+        count_flops,
+        make_student,
+    )
 
     shape = (size, size, 3)
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (batch * steps,) + shape).astype("float32")
     y = rng.integers(0, 1000, batch * steps).astype("int32")
-    out = {"device": jax.devices()[0].device_kind, "batch": batch,
-           "backbone": backbone, "image_size": size,
-           "policy": "mixed_bfloat16", "jit_compile": True}
+    out = {
+        "device": jax.devices()[0].device_kind,
+        "batch": batch,
+        "backbone": backbone,
+        "image_size": size,
+        "policy": "mixed_bfloat16",
+        "jit_compile": True,
+    }
 
     class Timer(keras.callbacks.Callback):
         def __init__(self):
@@ -218,17 +262,28 @@ def run_speed(batch=128, steps=12, size=224, backbone="resnet50"):
 
     def fit_speed(model, labels=True):
         timer = Timer()
-        model.fit(x, y if labels else None, batch_size=batch, epochs=4,
-                  callbacks=[timer], verbose=0, shuffle=False)
+        model.fit(
+            x,
+            y if labels else None,
+            batch_size=batch,
+            epochs=4,
+            callbacks=[timer],
+            verbose=0,
+            shuffle=False,
+        )
         per_epoch = float(np.median(timer.times[1:]))
-        return {"images_per_s": round(len(x) / per_epoch, 1),
-                "step_ms": round(1000 * per_epoch / steps, 2),
-                "first_epoch_s": round(timer.times[0], 1)}
+        return {
+            "images_per_s": round(len(x) / per_epoch, 1),
+            "step_ms": round(1000 * per_epoch / steps, 2),
+            "first_epoch_s": round(timer.times[0], 1),
+        }
 
     teacher = backbones.build(backbone, shape, 1000)
-    teacher.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                    jit_compile=True)
+    teacher.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=True,
+    )
     out["teacher_train"] = fit_speed(teacher)
     print("teacher train", out["teacher_train"], flush=True)
 
@@ -239,11 +294,13 @@ def run_speed(batch=128, steps=12, size=224, backbone="resnet50"):
         downscaler = build_downscaler(shape, factor=factor, width=width)
         trainer = ThumbNetTrainer(teacher, downscaler, student, stage="joint")
         if factor == 2:
-            trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                            jit_compile=True)
+            trainer.compile(
+                optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=True
+            )
             out["joint_train_f2"] = fit_speed(trainer)
             out["P2_joint_over_teacher_step"] = round(
-                out["joint_train_f2"]["step_ms"] / out["teacher_train"]["step_ms"], 3)
+                out["joint_train_f2"]["step_ms"] / out["teacher_train"]["step_ms"], 3
+            )
             print("joint", out["joint_train_f2"], flush=True)
         exported[factor] = (trainer.export(), width)
 
@@ -262,22 +319,34 @@ def run_speed(batch=128, steps=12, size=224, backbone="resnet50"):
         return round(nb / float(np.median(times)), 1)
 
     t_macs = count_flops(teacher)
-    out["inference_batch256"] = {"teacher": {"images_per_s": infer_speed(teacher),
-                                             "macs": int(t_macs)}}
+    out["inference_batch256"] = {
+        "teacher": {"images_per_s": infer_speed(teacher), "macs": int(t_macs)}
+    }
     for factor, (model, width) in exported.items():
         macs = count_flops(model)
         ips = infer_speed(model)
-        entry = {"images_per_s": ips, "macs": int(macs), "downscaler_width": width,
-                 "macs_ratio": round(t_macs / macs, 2)}
-        entry["speedup"] = round(ips / out["inference_batch256"]["teacher"]["images_per_s"], 2)
-        entry["P1_speedup_over_macs_ratio"] = round(entry["speedup"] / entry["macs_ratio"], 3)
+        entry = {
+            "images_per_s": ips,
+            "macs": int(macs),
+            "downscaler_width": width,
+            "macs_ratio": round(t_macs / macs, 2),
+        }
+        entry["speedup"] = round(
+            ips / out["inference_batch256"]["teacher"]["images_per_s"], 2
+        )
+        entry["P1_speedup_over_macs_ratio"] = round(
+            entry["speedup"] / entry["macs_ratio"], 3
+        )
         out["inference_batch256"][f"f{factor}"] = entry
     return out
 
 
 def _sub(args, log):
-    return subprocess.Popen([sys.executable, os.path.abspath(__file__)] + args,
-                            stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__)] + args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def run_all(out_dir, npz, teacher_path, budget_s):
@@ -292,10 +361,13 @@ def run_all(out_dir, npz, teacher_path, budget_s):
             json.dump(result, f, indent=1)
 
     log = open(os.path.join(out_dir, "log.txt"), "w")
-    procs = {n: _sub(["teacher", "--name", n, "--npz", npz, "--work", work], log)
-             for n in CANDIDATES}
-    procs["numerics"] = _sub(["numerics", "--npz", npz, "--teacher", teacher_path,
-                              "--work", work], log)
+    procs = {
+        n: _sub(["teacher", "--name", n, "--npz", npz, "--work", work], log)
+        for n in CANDIDATES
+    }
+    procs["numerics"] = _sub(
+        ["numerics", "--npz", npz, "--teacher", teacher_path, "--work", work], log
+    )
     deadline = start + 0.45 * budget_s
     for name, p in procs.items():
         try:
@@ -358,8 +430,12 @@ def main(argv=None):
         json.dump(r, open(os.path.join(a.work, "numerics.json"), "w"))
         print(json.dumps(r), flush=True)
     elif a.part == "speed":
-        r = run_speed(batch=a.speed_batch, steps=a.epochs or 12, size=a.speed_size,
-                      backbone=a.speed_backbone)
+        r = run_speed(
+            batch=a.speed_batch,
+            steps=a.epochs or 12,
+            size=a.speed_size,
+            backbone=a.speed_backbone,
+        )
         json.dump(r, open(os.path.join(a.work, "speed.json"), "w"))
         print(json.dumps(r), flush=True)
     else:

@@ -302,9 +302,11 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     if config.teacher is not None:
         check_teacher_file(config.teacher, shape, classes)
         teacher = load_teacher(config.teacher, shape, classes)
-        source = config.teacher.split(":")[0] if is_raw_pixel_teacher(
-            config.teacher
-        ) else "file"
+        source = (
+            config.teacher.split(":")[0]
+            if is_raw_pixel_teacher(config.teacher)
+            else "file"
+        )
     elif config.backbone_weights is not None:
         teacher = backbones.build(
             config.backbone,
