@@ -68,10 +68,10 @@ def check_backbone(name: str) -> None:
         )
 
 
-def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None) -> None:
-    """Raises `ConfigError` unless the teacher `path` (a `.keras` file or a
-    `models.teachers` specification) takes `image_shape` and gives
-    `num_classes` logits."""
+def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None):
+    """The teacher `path` (a `.keras` file or a `models.teachers`
+    specification), loaded; raises `ConfigError` unless it takes
+    `image_shape` and gives `num_classes` logits."""
     from thumbnet_keras.models.teachers import TeacherSpecError, load_teacher
 
     try:
@@ -90,6 +90,7 @@ def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None) -
             f"Teacher {path!r} outputs {classes} classes but the dataset has "
             f"{num_classes}; they must agree."
         )
+    return teacher
 
 
 def _check(config: RunConfig, manifest) -> int | None:

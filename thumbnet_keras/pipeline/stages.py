@@ -285,7 +285,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     """
 
     from thumbnet_keras.models import backbones
-    from thumbnet_keras.models.teachers import is_raw_pixel_teacher, load_teacher
+    from thumbnet_keras.models.teachers import is_raw_pixel_teacher
     from thumbnet_keras.pipeline.resolve import check_teacher_file
 
     run, config = load_run(run_dir)
@@ -300,8 +300,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     shape, classes = _image_shape(config), prepared["num_classes"]
     fit = {"history": {}, "epochs": 0, "resumed_from": [], "seconds": 0.0}
     if config.teacher is not None:
-        check_teacher_file(config.teacher, shape, classes)
-        teacher = load_teacher(config.teacher, shape, classes)
+        teacher = check_teacher_file(config.teacher, shape, classes)
         source = (
             config.teacher.split(":")[0]
             if is_raw_pixel_teacher(config.teacher)
