@@ -93,6 +93,11 @@ DEPLOYMENTS: dict[str, tuple[str, dict]] = {
             }
         },
     ),
+    # A minute on a CPU: checks a worker or server end to end (ELPV, 32x32).
+    "smoke": (
+        "thumbnet",
+        {"params": {"dataset": "elpv", "smoke": True, "factors": [2]}},
+    ),
 }
 
 _FLOWS = {"thumbnet": thumbnet, "generalize": generalize}

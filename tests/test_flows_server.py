@@ -27,7 +27,7 @@ def test_prefect_yaml_matches_serve():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     listed = {d["name"]: d for d in spec["deployments"]}
     assert set(listed) == set(DEPLOYMENTS) == {
-        "train-imagenet", "train-places", "train-elpv", "generalize",
+        "train-imagenet", "train-places", "train-elpv", "generalize", "smoke",
     }  # fmt: skip
     for name, (flow_name, parameters) in DEPLOYMENTS.items():
         entry = listed[name]
@@ -41,8 +41,12 @@ def test_prefect_yaml_matches_serve():
     )  # fmt: skip
     places = DEPLOYMENTS["train-places"][1]["params"]
     assert (places["dataset"], places["factors"]) == ("places365", [4])
+    smoke = DEPLOYMENTS["smoke"][1]["params"]
+    assert smoke["smoke"] is True and smoke["dataset"] == "elpv"  # no download
     built = build_deployments(runs_dir="/tmp/x", smoke_dataset="tiny.yaml")
-    assert {d.name for d in built} == set(DEPLOYMENTS) | {"smoke"}
+    assert {d.name for d in built} == set(DEPLOYMENTS)
+    (served_smoke,) = [d for d in built if d.name == "smoke"]
+    assert served_smoke.parameters["params"]["dataset"] == "tiny.yaml"
     assert {d.flow_name for d in built} == {"thumbnet", "generalize"}
 
 
