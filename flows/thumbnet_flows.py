@@ -93,14 +93,19 @@ def resolve_run_task(params: dict) -> dict:
     return pipeline.resolve_run(params)
 
 
+def _data_errors() -> tuple[type[Exception], ...]:
+    """Errors of data the user has to fix, found while preparing it."""
+    from thumbnet_keras import data
+
+    return (data.PrepareError, data.ManifestError, data.DataSourceError)
+
+
 def _retry_unless_bad_data(task, task_run, state) -> bool:
     """Retry I/O hiccups, not data the user has to fix (a retry would fail
     the same way, 5 s later)."""
-    from thumbnet_keras import data
-
     try:
         state.result()
-    except (data.PrepareError, data.ManifestError, data.DataSourceError):
+    except _data_errors():
         return False
     except pipeline.ConfigError:
         return False
@@ -189,10 +194,12 @@ def _publish(dataset_name: str, kind: str, report: dict, title: str) -> None:
 
 
 def _refused(err: Exception) -> Failed:
-    """A user error found before any task ran: the flow run ends Failed at
-    once, the message (no traceback) in its log and as its state message."""
+    """A user error (bad parameters, or data found bad while preparing it):
+    the flow run ends Failed at once, the message (no traceback) in its log
+    and as its state message. Calling the flow raises `err` itself, which
+    the command line prints as one line."""
     get_run_logger().error("thumbnet: error: %s", err)
-    return Failed(message=str(err))
+    return Failed(message=str(err), data=err)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -224,7 +231,10 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
     run = resolve_run_task(params.model_dump())
     config, run_dir = run["config"], run["run_dir"]
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
-    prepared = _prepare(config["dataset"], data_dir, config["limit_per_class"])
+    try:
+        prepared = _prepare(config["dataset"], data_dir, config["limit_per_class"])
+    except _data_errors() as err:
+        return _refused(err)
     teacher_task(run_dir, prepared, verbose)
     for factor in config["factors"]:
         for stage in pipeline.STAGES:
@@ -306,7 +316,12 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
     results = []
     for index, experiment in enumerate(run["experiments"]):
-        prepared = _prepare(experiment["dataset"], data_dir, config["limit_per_class"])
+        try:
+            prepared = _prepare(
+                experiment["dataset"], data_dir, config["limit_per_class"]
+            )
+        except _data_errors() as err:
+            return _refused(err)
         for seed in config["seeds"]:
             for arm in GENERALIZE_ARMS:
                 results.append(

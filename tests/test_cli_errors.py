@@ -11,6 +11,7 @@ of each is printed (`pytest -s`), not asserted. They run under one backend
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +41,19 @@ def world(tmp_path_factory) -> Path:
             f"source: {{type: image_folder, root: '{folder}'}}\n"
             "classes: [a, b]\nimage: {height: 40, width: 40, channels: 1}\n"
         )
+    # Class 'b' has no folder; split folders, one of them missing.
+    for name, source in (
+        ("one_class", f"root: '{root}/one_class'"),
+        ("splits", f"root: '{root}/splits', split_dirs: {{train: train, test: val}}"),
+    ):
+        (root / f"{name}.yaml").write_text(
+            f"name: {name}\ndescription: test\nlicense: CC0\n"
+            f"source: {{type: image_folder, {source}}}\n"
+            "classes: [a, b]\nimage: {height: 40, width: 40, channels: 1}\n"
+        )
+    for folder in ("one_class/a", "splits/train/a", "splits/train/b"):
+        (root / folder).mkdir(parents=True)
+        shutil.copy(next((root / "brightness" / "bright").iterdir()), root / folder)
     (root / "fake.keras").write_text("this is a text file, not a model\n")
     (root / "a_file").write_text("x")
     runs = root / "runs"
@@ -85,6 +99,11 @@ CASES = [
      "holds no image"),
     ("missing-folder", [*TRAIN[:1], "--dataset", "{root}/gone.yaml", "--runs-dir", "{root}/runs"],
      "image folder '{root}/gone' not found"),
+    ("class-folder", [*TRAIN[:1], "--dataset", "{root}/one_class.yaml", "--runs-dir", "{root}/runs"],
+     "no image for class 'b'"),
+    ("split-folder", [*TRAIN[:1], "--dataset", "{root}/splits.yaml", "--runs-dir", "{root}/runs"],
+     "split folder '{root}/splits/val' (test) not found"),
+    ("weight", [*TRAIN, "--kd-weight", "-1"], "--kd-weight -1.0: must be >= 0.0"),
     ("backbone", [*TRAIN, "--backbone", "resnet19"], "--backbone 'resnet19': unknown backbone"),
     ("factor", [*TRAIN, "--factor", "3"], "--factor 3 does not fit --image-size 64"),
     ("factor-twice", [*TRAIN, "--factor", "2", "--factor", "2"], "--factor given twice"),
@@ -193,3 +212,32 @@ def test_help_imports_no_framework():
     )
     assert result.stdout.strip() == "[]", result.stderr[-2000:]
     assert result.stderr == ""  # No framework start-up lines either.
+
+
+def test_data_found_bad_while_preparing_is_one_error_line(tmp_path):
+    """Images that all fail to decode pass the checks before the flow (they
+    have image names) and fail its prepare-data step: one `thumbnet: error`
+    line naming the quarantine report, exit 2, no traceback, and no run
+    folder left (the report stays in the data cache). A real flow: Prefect
+    and TensorFlow start first, so this one takes 15-30 s."""
+    for name in ("a", "b"):
+        (tmp_path / "bad" / name).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "bad" / name / f"{i}.png").write_text("not an image")
+    (tmp_path / "bad.yaml").write_text(
+        f"name: bad\ndescription: test\nlicense: CC0\n"
+        f"source: {{type: image_folder, root: '{tmp_path}/bad'}}\n"
+        "classes: [a, b]\nimage: {height: 40, width: 40, channels: 1}\n"
+    )
+    args = ["train", "--dataset", "bad.yaml", "--smoke", "--run-name", "r"]
+    result, seconds = run_cli(args, tmp_path)
+    print(f"{seconds:.2f}s  thumbnet {' '.join(args)}\n  {result.stderr.strip()}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [
+        line for line in result.stderr.splitlines() if line.startswith("thumbnet:")
+    ]
+    assert len(errors) == 1 and errors[0].startswith("thumbnet: error: bad: split")
+    assert "has no usable example (12 quarantined, see " in errors[0]
+    assert "quarantine.failed.json" in errors[0]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["_data"]

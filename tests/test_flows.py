@@ -271,7 +271,15 @@ def test_cli_evaluate_report_export(finished, capsys):
     assert "ThumbNet (E + S) f=4: top-1" in capsys.readouterr().out
     assert Path(run, "evaluation.json").stat().st_mtime_ns > before
     assert main(["report", "--run", run]) == 0
-    assert f"report: {Path(run, 'report.html')}" in capsys.readouterr().out
+    # The report's headline, the results table, then the paths.
+    out = capsys.readouterr().out
+    metrics = json.loads(Path(run, "metrics.json").read_text())
+    from thumbnet_keras.reports.render import headline
+
+    first = f"Run {metrics['run_name']}: {headline(metrics)}\n"
+    assert first in out and "ThumbNet (E + S)" in out
+    html = f"report.html:    {Path(run, 'report.html')}"
+    assert out.index(first) < out.index("test top-1") < out.index(html)
     # Every backend: the conversion runs in a TensorFlow-backend subprocess.
     assert main(["export", "--run", run, "--format", "saved_model"]) == 0
     exported = Path(capsys.readouterr().out.strip().splitlines()[-1])

@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from pipeline_fixtures import snapshot, tiny_dataset
+from pipeline_fixtures import REPO, snapshot, tiny_dataset
 
 from thumbnet_keras import pipeline
 from thumbnet_keras.evaluation.accuracy import evaluate_classifier, topk_correct
@@ -318,26 +318,21 @@ def test_no_validation_keeps_the_last_epoch(tmp_path):
 
 
 def test_run_config_and_params_agree():
-    """One definition: every RunConfig field is a ThumbNetParams field with
-    the same default (tuples are lists on the pydantic side)."""
-    import dataclasses
-
+    """One definition: RunConfig is ThumbNetParams with smoke applied; it
+    declares no field of its own (same names, defaults, bounds, help), and
+    a run's config.json reads back as the same RunConfig."""
     from thumbnet_keras.pipeline import RunConfig
 
-    params = ThumbNetParams()
-    for field in dataclasses.fields(RunConfig):
-        default = (
-            field.default_factory()
-            if field.default is dataclasses.MISSING
-            else field.default
-        )
-        value = getattr(params, field.name)
-        assert (list(default) if isinstance(default, tuple) else default) == value, (
-            field.name
-        )
-    assert set(ThumbNetParams.model_fields) == {
-        f.name for f in dataclasses.fields(RunConfig)
-    }
+    assert issubclass(RunConfig, ThumbNetParams)
+    assert list(RunConfig.model_fields) == list(ThumbNetParams.model_fields)
+    for name, field in RunConfig.model_fields.items():
+        assert repr(field) == repr(ThumbNetParams.model_fields[name]), name
+    config = ThumbNetParams(smoke=True, factors=[2, 4]).to_config()
+    assert isinstance(config, RunConfig) and config.to_config() is config
+    assert RunConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    # A config.json saved before (by the dataclass RunConfig) reads back as is.
+    saved = json.loads((REPO / "docs/results/demo_metrics.json").read_text())
+    assert RunConfig.from_json(saved["config"]).to_json() == saved["config"]
     config = ThumbNetParams(
         optimizer="sgd", teacher_learning_rate=0.1, learning_rate=0.01
     ).to_config()

@@ -4,7 +4,7 @@
     thumbnet train --dataset elpv --backbone resnet18 --factor 2 --run-name r1
     thumbnet generalize --source-run runs/r1 --experiment fashion_mnist: --experiment :resnet18
     thumbnet evaluate --run runs/r1     # re-evaluate every arm
-    thumbnet report --run runs/r1       # rewrite metrics.json and the reports
+    thumbnet report --run runs/r1       # rewrite the reports; print the results
     thumbnet export --run runs/r1 --format onnx   # or litert, litert_int8
     thumbnet predict --model runs/r1/thumbnet.onnx photos/ --top-k 3
 
@@ -12,6 +12,10 @@
 server (Prefect's ephemeral mode): a log line per task, Keras progress per
 stage. Rerunning the same command after an interruption resumes the run.
 `evaluate`, `report` and `export` call the library directly.
+
+The options of `demo`, `train` and `generalize` are made from the fields of
+`ThumbNetParams` and `GeneralizeParams` (`pipeline.options`): the same
+parameters, defaults, bounds and help as a flow's or a deployment's.
 
 Every input is checked before Prefect, Keras or a backend starts
 (`thumbnet_keras.pipeline.preflight`): a user error is one line,
@@ -54,73 +58,23 @@ def _flags() -> argparse.ArgumentParser:
     return flags
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--runs-dir", default="runs", help="parent of run folders (default: runs)"
+# `thumbnet demo`'s options (the rest is the preset, `pipeline.presets.demo`).
+_DEMO = ("runs_dir", "data_dir", "run_name", "limit_per_class", "batch_size", "smoke")
+# Options whose text the command parses itself: (metavar, how to write it).
+_FORMS = {
+    "experiments": (
+        "DATASET:BACKBONE",
+        "Write DATASET:BACKBONE, either side empty for the source run's.",
     )
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="prepared-data cache (default: <runs-dir>/_data)",
-    )
-    p.add_argument(
-        "--run-name",
-        default=None,
-        help="run folder name; rerun the same name to resume",
-    )
-    p.add_argument(
-        "--limit-per-class", type=int, default=None, help="cap examples per class"
-    )
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument(
-        "--smoke", action="store_true", help="shrink the run to seconds (tests)"
-    )
+}
 
 
-# The training recipe's options: names, types, choices and help come from
-# `ThumbNetParams` (one definition of a run's parameters).
-_RECIPE = (
-    "optimizer",
-    "weight_decay",
-    "warmup_epochs",
-    "label_smoothing",
-    "learning_rate",
-    "teacher_learning_rate",
-    "fm_learning_rate",
-    "joint_learning_rate",
-    "baseline_learning_rate",
-)
-
-
-def _generalize_recipe() -> tuple[str, ...]:
-    """`generalize`'s recipe options (one stage, the fresh S: no per-stage rates)."""
-    from thumbnet_keras.pipeline import GeneralizeParams
-
-    return GeneralizeParams.RECIPE_FIELDS
-
-
-def _field_help(name: str) -> str:
-    from thumbnet_keras.pipeline import ThumbNetParams
-
-    field = ThumbNetParams.model_fields[name]
-    return f"{field.description} (default: {field.default})"
-
-
-def _param_option(parser: argparse.ArgumentParser, name: str) -> None:
-    """`--name` for a `ThumbNetParams` field: float, or a Literal's choices."""
-    import typing
-
-    from thumbnet_keras.pipeline import ThumbNetParams
-
-    field = ThumbNetParams.model_fields[name]
-    choices = typing.get_args(field.annotation)
-    if typing.get_origin(field.annotation) is typing.Literal:
-        kind = {"type": str, "choices": choices}
-    else:
-        kind = {"type": float}
-    parser.add_argument(
-        "--" + name.replace("_", "-"), default=None, help=_field_help(name), **kind
-    )
+def _experiments(texts: list[str]) -> list[dict]:
+    """`--experiment DATASET:BACKBONE` values as `GeneralizeParams.experiments`."""
+    return [
+        {"dataset": d or None, "backbone": b or None}
+        for d, _, b in (text.partition(":") for text in texts)
+    ]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,107 +84,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # Every run option is a field of ThumbNetParams / GeneralizeParams: name,
+    # type, choices, help and default come from the model (pipeline.options).
+    from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
+    from thumbnet_keras.pipeline.config import EXPORT_FORMATS
+    from thumbnet_keras.pipeline.options import add_options
+    from thumbnet_keras.pipeline.presets import demo as demo_preset
+
     demo = sub.add_parser(
         "demo", parents=[flags], help="the whole thumbnet flow on ELPV (f = 2 and 4)"
     )
-    _common(demo)
-
+    add_options(demo, ThumbNetParams, _DEMO, shown=demo_preset())
     train = sub.add_parser(
         "train", parents=[flags], help="the thumbnet flow on any dataset"
     )
-    _common(train)
-    train.add_argument("--dataset", default="elpv", help="manifest name or YAML path")
-    train.add_argument("--backbone", default="tiny_cnn")
-    train.add_argument(
-        "--backbone-options", default=None, help="JSON, e.g. '{\"widths\": [32, 64]}'"
-    )
-    train.add_argument(
-        "--teacher",
-        default=None,
-        help="a trained teacher .keras file, 'pretrained:elpv', "
-        "'applications:<Name>[:imagenet|<weights file>]' or "
-        "'keras_hub:<preset or saved folder>' (preprocessing inside)",
-    )
-    train.add_argument(
-        "--backbone-weights", default=None, help="local weights file or 'imagenet'"
-    )
-    train.add_argument(
-        "--factor",
-        type=int,
-        action="append",
-        dest="factors",
-        help="repeatable; default 2",
-    )
-    train.add_argument("--image-size", type=int, default=None)
-    train.add_argument("--epochs", type=int, default=None, help="joint-stage epochs")
-    train.add_argument("--fm-epochs", type=int, default=None)
-    train.add_argument("--teacher-epochs", type=int, default=None)
-    for name in _RECIPE:
-        _param_option(train, name)
-    train.add_argument("--bn-batches", type=int, default=None,
-                       help=_field_help("bn_batches"))  # fmt: skip
-    train.add_argument(
-        "--downscaler-width",
-        type=int,
-        default=None,
-        help=_field_help("downscaler_width"),
-    )
-    train.add_argument(
-        "--downscaler-variant",
-        choices=("space_to_depth", "strided"),
-        default=None,
-        help=_field_help("downscaler_variant"),
-    )
-    train.add_argument("--seed", type=int, default=None, help=_field_help("seed"))
-    for name in ("precision", "distribution", "jit_compile"):
-        _param_option(train, name)
-    train.add_argument("--sync-batchnorm", action="store_true",
-                       help=_field_help("sync_batchnorm"))  # fmt: skip
-    _param_option(train, "on_nonfinite")
-    train.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=_field_help("deterministic"),
-    )
-    train.add_argument(
-        "--export-format",
-        action="append",
-        dest="export_formats",
-        choices=("saved_model", "onnx", "litert", "litert_int8"),
-    )
-
+    add_options(train, ThumbNetParams)
     gen = sub.add_parser(
         "generalize", parents=[flags], help="reuse a trained E, frozen, elsewhere"
     )
-    _common(gen)
-    gen.add_argument(
-        "--source-run", required=True, help="a finished thumbnet run folder"
-    )
-    gen.add_argument("--factor", type=int, default=2)
-    gen.add_argument(
-        "--experiment",
-        action="append",
-        default=None,
-        help="DATASET:BACKBONE, either side empty for the source run's; repeatable",
-    )
-    gen.add_argument("--epochs", type=int, default=None, help="epochs per fresh S")
-    gen.add_argument(
-        "--seed",
-        type=int,
-        action="append",
-        dest="seeds",
-        help="repeatable; default 0 1 2 (both arms trained per seed)",
-    )
-    for name in _generalize_recipe():
-        _param_option(gen, name)
+    add_options(gen, GeneralizeParams, forms=_FORMS)
 
     ev = sub.add_parser(
         "evaluate", parents=[flags], help="re-evaluate every arm of a run"
     )
     ev.add_argument("--run", required=True, help="the run folder")
     rep = sub.add_parser(
-        "report", parents=[flags], help="rewrite metrics.json, report.md, report.html"
+        "report",
+        parents=[flags],
+        help="rewrite metrics.json, report.md, report.html; print the results",
     )
     rep.add_argument("--run", required=True)
     exp = sub.add_parser(
@@ -240,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--format",
         required=True,
-        choices=("saved_model", "onnx", "litert", "litert_int8"),
+        choices=EXPORT_FORMATS,
         help="litert_int8: full-integer, calibrated on the run's train images",
     )
     exp.add_argument(
@@ -257,51 +138,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
-    return {
-        n: getattr(args, n)
-        for n in names
-        # `is not`: 0 is a real value (e.g. --fm-epochs 0), False means unset.
-        if getattr(args, n, None) is not None and getattr(args, n) is not False
-    }
+def _train_values(args: argparse.Namespace) -> dict:
+    """`ThumbNetParams` fields from `thumbnet train`'s options (those given)."""
+    from thumbnet_keras.pipeline import ThumbNetParams
+    from thumbnet_keras.pipeline.options import option_values
 
-
-_COMMON = ("runs_dir", "data_dir", "run_name", "limit_per_class", "batch_size", "smoke")
-
-
-_TRAIN = (
-    "dataset",
-    "backbone",
-    "teacher",
-    "backbone_weights",
-    "factors",
-    "image_size",
-    "fm_epochs",
-    "teacher_epochs",
-    "export_formats",
-    "bn_batches",
-    "downscaler_width",
-    "downscaler_variant",
-    "seed",
-    "precision",
-    "distribution",
-    "jit_compile",
-    "sync_batchnorm",
-    "on_nonfinite",
-    *_RECIPE,
-)
+    return option_values(args, ThumbNetParams)
 
 
 def _generalize_values(args: argparse.Namespace) -> dict:
     """`GeneralizeParams` fields from `thumbnet generalize`'s options."""
-    names = _COMMON + ("source_run", "factor", "epochs", "seeds")
-    values = _given(args, names + _generalize_recipe())
-    if args.experiment:
-        values["experiments"] = [
-            {"dataset": d or None, "backbone": b or None}
-            for d, _, b in (e.partition(":") for e in args.experiment)
-        ]
-    return values
+    from thumbnet_keras.pipeline import GeneralizeParams
+    from thumbnet_keras.pipeline.options import option_values
+
+    return option_values(args, GeneralizeParams, parse={"experiments": _experiments})
 
 
 def _run_thumbnet(params) -> int:
@@ -409,21 +259,6 @@ def _configure_logging(verbosity: int, flow: bool) -> None:
         logger.addHandler(handler)
 
 
-def _train_values(args: argparse.Namespace) -> dict:
-    from thumbnet_keras.pipeline.preflight import parse_json_option
-
-    values = _given(args, _COMMON + _TRAIN)
-    if args.epochs is not None:
-        values["joint_epochs"] = args.epochs
-    if args.deterministic is not None:  # --no-deterministic is False.
-        values["deterministic"] = args.deterministic
-    if args.backbone_options:
-        values["backbone_options"] = parse_json_option(
-            args.backbone_options, "--backbone-options"
-        )
-    return values
-
-
 def _start_frameworks(args: argparse.Namespace, server: bool = False) -> None:
     """After every input was checked: Prefect's server (flows), Keras and its
     backend (quietly, unless -v), and a multi-host run's join."""
@@ -442,9 +277,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command in ("demo", "train"):
         if args.command == "demo":
+            from thumbnet_keras.pipeline import ThumbNetParams
+            from thumbnet_keras.pipeline.options import option_values
             from thumbnet_keras.pipeline.presets import demo
 
-            values = demo() | _given(args, _COMMON)
+            values = demo() | option_values(args, ThumbNetParams, _DEMO)
         else:
             values = _train_values(args)
         params = preflight.check_thumbnet(values)
@@ -481,8 +318,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
 
             def work() -> int:
-                result = pipeline.write_report(args.run)
-                print(f"report: {result['report_html']}\n        {result['report_md']}")
+                from thumbnet_keras.pipeline.progress import run_summary
+
+                pipeline.write_report(args.run)
+                # The report's headline, the results table, then the paths.
+                print(run_summary(args.run))
                 return 0
 
         return _in_run_folder(args.run, work, fresh=False)

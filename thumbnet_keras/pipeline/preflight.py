@@ -4,9 +4,9 @@ Everything here reads files and validates parameters with pydantic, numpy
 and PyYAML only (no Keras, TensorFlow or Prefect import), so a user error is
 reported in well under a second, and nothing is written:
 
-* the parameters (`ThumbNetParams`, `GeneralizeParams`), with pydantic's
-  messages mapped back to the command line's option names (`--epochs`, not
-  `joint_epochs`);
+* the parameters (`ThumbNetParams`, `GeneralizeParams`), with the model's
+  own messages mapped back to the command line's option names (`--epochs`,
+  not `joint_epochs`; `pipeline.options`, which makes the options);
 * the dataset manifest and its source (an image folder that is missing or
   holds no image, a Parquet file, the ELPV package);
 * the backbone name, the factors against the image size, the export
@@ -37,11 +37,11 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from thumbnet_keras.pipeline.config import (
-    EXPORT_FORMATS,
     ConfigError,
     GeneralizeParams,
     ThumbNetParams,
 )
+from thumbnet_keras.pipeline.options import option_name
 from thumbnet_keras.pipeline.rundir import Run, check_claimable, default_run_name
 
 __all__ = [
@@ -53,14 +53,6 @@ __all__ = [
     "validate_params",
 ]
 
-# Parameter -> command-line option, where they differ.
-_OPTIONS = {
-    "joint_epochs": "--epochs",
-    "factors": "--factor",
-    "export_formats": "--export-format",
-    "seeds": "--seed",
-    "experiments": "--experiment",
-}
 # Packages an export format needs beyond TensorFlow (thumbnet_keras.deploy).
 _EXPORT_NEEDS = {"onnx": ("tf2onnx", "onnx")}
 # Teacher specifications that are not files (`thumbnet_keras.models.teachers`).
@@ -68,11 +60,6 @@ _BUILT_TEACHERS = ("applications:", "keras_hub:")
 EXPORT_FIX = (
     'pip install -e ".[export]" (from a clone) or pip install "thumbnet-keras[export]"'
 )
-
-
-def option_name(field: str) -> str:
-    """The command-line option of a parameter (`joint_epochs` -> `--epochs`)."""
-    return _OPTIONS.get(field, "--" + field.replace("_", "-"))
 
 
 def _message(error: dict) -> str:
@@ -129,6 +116,50 @@ def _check_manifest(dataset: str, option: str = "--dataset"):
         ) from None
 
 
+def _has_image(folder: Path, extensions: tuple[str, ...]) -> bool:
+    """Whether `folder` holds an image file at any depth (hidden ones aside,
+    as `data.sources` skips them); stops at the first."""
+    for _, folders, files in os.walk(folder):
+        folders[:] = [d for d in folders if not d.startswith(".")]
+        if any(f.lower().endswith(extensions) and f[0] != "." for f in files):
+            return True
+    return False
+
+
+def _check_image_folder(manifest, root: Path, name: str) -> None:
+    """An image folder holds images, its split folders exist, and each class
+    the manifest declares has a folder with an image (preparing would fail
+    on any of them, after Prefect and TensorFlow started)."""
+    source = manifest.source
+    extensions = tuple(e.lower() for e in source.extensions)
+    if not _has_image(root, extensions):
+        raise ConfigError(
+            f"{name}: image folder {str(root)!r} holds no image "
+            f"({', '.join(extensions)}); expected <root>/<class_name>/<image>."
+        )
+    folders = [root] if source.split_dirs is None else []
+    for split, folder in (source.split_dirs or {}).items():
+        folders.append(root / folder)
+        if not folders[-1].is_dir():
+            raise ConfigError(
+                f"{name}: split folder {str(folders[-1])!r} ({split}) not found. "
+                "Fix `source.split_dirs` in the manifest."
+            )
+    missing = [
+        c
+        for c in manifest.classes or ()
+        if not any(_has_image(folder / c, extensions) for folder in folders)
+    ]
+    if missing:
+        shown = ", ".join(map(repr, missing[:10]))
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ConfigError(
+            f"{name}: no image for class {shown}{more}; each class in the "
+            "manifest's `classes` needs a folder <root>/<class_name> holding its "
+            "images. Fix the class names or the folders."
+        )
+
+
 def _check_source(manifest) -> None:
     """The data a manifest points at is there (cheap: no image is decoded)."""
     source = manifest.source
@@ -140,14 +171,7 @@ def _check_source(manifest) -> None:
                 f"{name}: image folder {str(root)!r} not found. Fix `source.root` "
                 "in the manifest, or put the class folders there."
             )
-        extensions = tuple(e.lower() for e in source.extensions)
-        for _, _, files in os.walk(root):
-            if any(f.lower().endswith(extensions) for f in files):
-                return
-        raise ConfigError(
-            f"{name}: image folder {str(root)!r} holds no image "
-            f"({', '.join(extensions)}); expected <root>/<class_name>/<image>."
-        )
+        _check_image_folder(manifest, root, name)
     if source.type == "parquet" and not Path(source.path).expanduser().is_file():
         raise ConfigError(f"{name}: Parquet file {source.path!r} not found.")
     if source.type == "elpv" and importlib.util.find_spec("elpv_dataset") is None:
@@ -313,11 +337,7 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
                 "a factor is an integer >= 2 that divides the image size "
                 f"(the thumbnail would be {config.image_size / factor:g} pixels)."
             )
-    for fmt in config.export_formats:
-        if fmt not in EXPORT_FORMATS:
-            raise ConfigError(
-                f"--export-format {fmt!r}: choose from {', '.join(EXPORT_FORMATS)}."
-            )
+    for fmt in config.export_formats:  # Their names were checked by the model.
         check_export_packages(fmt)
     if config.teacher is not None:
         _check_teacher(
@@ -338,7 +358,7 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     ):
         _check_source(manifest)
     run_name = config.run_name or default_run_name(f"{manifest.name}-{config.backbone}")
-    resolved = dataclasses.replace(config, channels=channels, run_name=run_name)
+    resolved = config.model_copy(update={"channels": channels, "run_name": run_name})
     check_claimable(
         resolved.run_path,
         resolved.to_json(),
@@ -441,17 +461,3 @@ def check_generalize(values: dict) -> GeneralizeParams:
     )
     check_claimable(resolved.run_path, resolved.to_json(), kind="generalize")
     return params.model_copy(update={"run_name": run_name})
-
-
-def parse_json_option(text: str, option: str) -> dict:
-    """A JSON object given on the command line, or `ConfigError` naming it."""
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise ConfigError(
-            f"{option} is not valid JSON ({err}): {text!r}. Example: "
-            f"{option} '{{\"widths\": [32, 64]}}'."
-        ) from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{option} must be a JSON object ({{...}}), got {text!r}.")
-    return value

@@ -14,7 +14,6 @@ the problem, and no other run's outputs are touched:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from thumbnet_keras.pipeline.config import (
@@ -149,11 +148,10 @@ def resolve_run(params: ThumbNetParams | RunConfig | dict) -> dict:
     manifest = load_manifest_checked(config.dataset)
     _check(config, manifest)
     if config.channels is None:
-        config = dataclasses.replace(config, channels=manifest.image.channels)
+        config = config.model_copy(update={"channels": manifest.image.channels})
     if config.run_name is None:
-        config = dataclasses.replace(
-            config, run_name=default_run_name(f"{manifest.name}-{config.backbone}")
-        )
+        run_name = default_run_name(f"{manifest.name}-{config.backbone}")
+        config = config.model_copy(update={"run_name": run_name})
     check_writable(config.runs_dir)
     run, resumed = claim(
         config.run_path,
