@@ -19,8 +19,9 @@ Deployments (parameters in `DEPLOYMENTS`, the same as in `prefect.yaml`):
 * `generalize/generalize`: reuse the ELPV demo's E on Fashion-MNIST and with
   ResNet-18.
 
-`--smoke-dataset MANIFEST` adds `thumbnet/smoke`, a seconds-long run on that
-manifest (used by the tests).
+* `thumbnet/smoke`: a seconds-long run on the embedded ELPV data (tests, a
+  worker's first check); `--smoke-dataset MANIFEST` points it at another
+  manifest.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def build_deployments(
     Args:
         runs_dir: overrides every deployment's `runs_dir` (default: `runs`
             relative to where the flow runs).
-        smoke_dataset: when given, adds `thumbnet/smoke` on that manifest.
+        smoke_dataset: when given, `thumbnet/smoke` runs on that manifest instead of ELPV.
     """
     deployments = []
     items = dict(DEPLOYMENTS)
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "--runs-dir", default=None, help="runs folder of every deployment"
     )
     parser.add_argument(
-        "--smoke-dataset", default=None, help="add thumbnet/smoke on this manifest"
+        "--smoke-dataset", default=None, help="run thumbnet/smoke on this manifest instead of ELPV"
     )
     args = parser.parse_args(argv)
     serve(*build_deployments(args.runs_dir, args.smoke_dataset))
