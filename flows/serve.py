@@ -18,7 +18,6 @@ Deployments (parameters in `DEPLOYMENTS`, the same as in `prefect.yaml`):
 * `thumbnet/train-elpv`: the embedded ELPV demo (f = 2 and 4).
 * `generalize/generalize`: reuse the ELPV demo's E on Fashion-MNIST and with
   ResNet-18.
-
 * `thumbnet/smoke`: a seconds-long run on the embedded ELPV data (tests, a
   worker's first check); `--smoke-dataset MANIFEST` points it at another
   manifest.
