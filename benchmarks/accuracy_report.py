@@ -124,9 +124,10 @@ def aggregate(records: list[dict]) -> dict:
     groups: dict = defaultdict(lambda: defaultdict(list))
     for record in records:
         for r in record["arms"]:
-            groups[record["dataset"]][(r["arm"], r["factor"])].append(
-                (record["seed"], r)
-            )
+            group = groups[record["dataset"]][(r["arm"], r["factor"])]
+            # The teacher row repeats in every factor's record of a seed.
+            if all(seed != record["seed"] for seed, _ in group):
+                group.append((record["seed"], r))
     table = {}
     for dataset, arms in groups.items():
         rows = {}
