@@ -87,12 +87,6 @@ def _prepare_cache_key(context, parameters: dict) -> str | None:
     return "prepare-" + hashlib.sha256(blob.encode()).hexdigest()
 
 
-@task(name="resolve-run", cache_policy=NO_CACHE)
-def resolve_run_task(params: dict) -> dict:
-    """Validates every input and claims the run folder (fails first on bad input)."""
-    return pipeline.resolve_run(params)
-
-
 def _data_errors() -> tuple[type[Exception], ...]:
     """Errors of data the user has to fix, found while preparing it."""
     from thumbnet_keras import data
@@ -107,11 +101,25 @@ def _retry_unless_bad_data(task, task_run, state) -> bool:
         state.result()
     except _data_errors():
         return False
-    except pipeline.ConfigError:
+    except _user_errors():
         return False
     except Exception:
         return True
     return True
+
+
+# retries=1 with `_retry_unless_bad_data`: a user error found here (a teacher
+# that Keras cannot build, say) fails the task at once without Prefect
+# logging its traceback; the flow ends with the one-line message (`_refused`).
+@task(
+    name="resolve-run",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_condition_fn=_retry_unless_bad_data,
+)
+def resolve_run_task(params: dict) -> dict:
+    """Validates every input and claims the run folder (fails first on bad input)."""
+    return pipeline.resolve_run(params)
 
 
 @task(
@@ -228,7 +236,10 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
         params = check_thumbnet((params or ThumbNetParams()).model_dump())
     except _user_errors() as err:
         return _refused(err)
-    run = resolve_run_task(params.model_dump())
+    try:  # The checks that need Keras (a teacher it builds or loads).
+        run = resolve_run_task(params.model_dump())
+    except _user_errors() as err:
+        return _refused(err)
     config, run_dir = run["config"], run["run_dir"]
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
     try:
@@ -265,7 +276,12 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
     }
 
 
-@task(name="resolve-generalize", cache_policy=NO_CACHE)
+@task(
+    name="resolve-generalize",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_condition_fn=_retry_unless_bad_data,
+)
 def resolve_generalize_task(params: dict) -> dict:
     """Validates the source run, datasets and backbones; claims the run folder."""
     return pipeline.resolve_generalize(params)
@@ -311,7 +327,10 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
         params = check_generalize(params.model_dump())
     except _user_errors() as err:
         return _refused(err)
-    run = resolve_generalize_task(params.model_dump())
+    try:
+        run = resolve_generalize_task(params.model_dump())
+    except _user_errors() as err:
+        return _refused(err)
     config, run_dir = run["config"], run["run_dir"]
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
     results = []

@@ -79,6 +79,19 @@ def test_second_process_is_refused_then_takes_over_a_stale_lock(tmp_path, caplog
         assert (
             f"(pid {proc.pid} on" in result.stderr and "Traceback" not in result.stderr
         )
+        # `report` on the folder a run is training in: in use, not "unfinished".
+        (folder / "config.json").write_text(
+            json.dumps({"kind": "thumbnet", "config": {"factors": [2]}})
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "thumbnet_keras.cli", "report", "--run", str(folder)],
+            capture_output=True, text=True, env=subprocess_env(), timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"is in use by another thumbnet process (pid {proc.pid} on" in (
+            result.stderr
+        )
+        (folder / "config.json").unlink()
     finally:
         _kill(proc)
     # The holder died without unlocking: its lock file is still there, stale.
@@ -112,6 +125,38 @@ def test_a_run_that_never_started_does_not_block_its_name(tmp_path):
     (folder / "stages" / "teacher.json").unlink()
     (folder / "stages").rmdir()
     assert discard_unstarted(folder) and not folder.exists()
+
+
+def test_the_command_locks_its_run_folder_before_starting_frameworks(
+    tmp_path, monkeypatch
+):
+    # Two `thumbnet train` on one name started together both pass the
+    # checks; the second must meet the lock at once, not after Prefect's
+    # server and Keras started (30 s on a busy machine).
+    from thumbnet_keras import cli
+    from thumbnet_keras.pipeline import rundir
+
+    for key in (  # main() sets them for the frameworks; restored after.
+        "PREFECT_LOGGING_EXTRA_LOGGERS",
+        "TF_CPP_MIN_LOG_LEVEL",
+        "GRPC_VERBOSITY",
+        "GLOG_minloglevel",
+        "PREFECT_SERVER_ANALYTICS_ENABLED",
+    ):
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+        if not os.environ[key]:
+            monkeypatch.delenv(key)
+    held = []
+    monkeypatch.setattr(
+        cli, "_start_frameworks", lambda args, server=False: held.extend(rundir._HELD)
+    )
+    monkeypatch.setattr(cli, "_run_thumbnet", lambda params: 0)
+    manifest = tiny_dataset(tmp_path, per_class=2)
+    runs = tmp_path / "runs"
+    argv = ["train", "--dataset", manifest, "--runs-dir", str(runs), "--run-name", "r"]
+    assert cli.main(argv) == 0
+    assert held == [os.path.abspath(runs / "r" / ".lock")]
+    assert not rundir._HELD  # Released at the end.
 
 
 def _descendants(pid: int) -> set[int]:

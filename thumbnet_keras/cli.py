@@ -19,8 +19,10 @@ parameters, defaults, bounds and help as a flow's or a deployment's.
 
 Every input is checked before Prefect, Keras or a backend starts
 (`thumbnet_keras.pipeline.preflight`): a user error is one line,
-`thumbnet: error: ...`, exit status 2, and nothing is written. One process
-works in a run folder at a time (its `.lock`). Quiet by default: `-v` shows
+`thumbnet: error: ...`, exit status 2, and nothing is written (argparse's
+own errors too: one line, with the option a typo meant). One process works
+in a run folder at a time: its `.lock`, taken before Prefect and Keras start,
+so a second process is refused at once. Quiet by default: `-v` shows
 the frameworks' warnings, `-vv` everything, `--debug` the traceback of a user
 error too.
 """
@@ -28,11 +30,61 @@ error too.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import functools
 import logging
 import os
 import sys
+import typing
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An option error is one line, as every other user error: the problem,
+    the option meant by a typo, and where the help is (argparse prints the
+    whole usage first: 33 lines for `thumbnet train`)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self._fail(self.prog, message)
+
+    def _fail(self, prog: str, message: str) -> typing.NoReturn:
+        self.exit(2, f"{prog}: error: {message}. See: {prog} --help\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, an unknown option named with the command's own
+        option it most resembles (`--batchsize` -> `--batch-size`)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if not extras:
+            return namespace
+        command = getattr(namespace, "command", None)
+        parser = self._commands().get(command, self)
+        hints = []
+        for word in extras:
+            option = word.split("=")[0]
+            if not option.startswith("--"):
+                continue
+            close = difflib.get_close_matches(option, parser._option_string_actions, 1)
+            others = [  # `thumbnet demo --backbone`: an option of `train`.
+                p.prog
+                for p in self._commands().values()
+                if p is not parser and option in p._option_string_actions
+            ]
+            if close:
+                hints.append(f"{option}: did you mean {close[0]}?")
+            elif others:
+                hints.append(f"{option} is an option of {others[0]}")
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        if hints:
+            message += f" ({'; '.join(hints)})"
+        self._fail(parser.prog, message)
+
+    def _commands(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
 
 
 def _verbose() -> int:
@@ -41,7 +93,7 @@ def _verbose() -> int:
 
 def _flags() -> argparse.ArgumentParser:
     """-v and --debug, accepted before or after the command."""
-    flags = argparse.ArgumentParser(add_help=False)
+    flags = _Parser(add_help=False)
     flags.add_argument(
         "-v",
         "--verbose",
@@ -79,7 +131,7 @@ def _experiments(texts: list[str]) -> list[dict]:
 
 def _parser() -> argparse.ArgumentParser:
     flags = _flags()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="thumbnet", description=__doc__.split("\n")[0], parents=[flags]
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,20 +267,28 @@ def _start_prefect_server() -> None:
         server.subprocess.Popen = popen
 
 
-def _in_run_folder(run_dir: str, work, *, fresh: bool):
-    """Runs `work()` holding the run folder's lock; a run (`fresh`) that
-    fails before its first stage leaves no folder behind."""
+def _in_run_folder(
+    run_dir: str, work, args: argparse.Namespace, *, fresh: bool, server: bool = False
+):
+    """Takes the run folder's lock, then starts the frameworks and runs
+    `work()` (a second process on the folder is refused at once, not after
+    Prefect and Keras started); a run (`fresh`) that fails before its first
+    stage leaves no folder behind."""
     from thumbnet_keras.pipeline.rundir import discard_unstarted, lock_run, unlock_run
 
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    made_parent = not os.path.exists(parent)  # `runs/` made by this command.
     lock_run(run_dir)
     done = False
     try:
+        _start_frameworks(args, server=server)
         result = work()
         done = True
         return result
     finally:
-        if fresh and not done:
-            discard_unstarted(run_dir)
+        if fresh and not done and discard_unstarted(run_dir) and made_parent:
+            with contextlib.suppress(OSError):  # Left if anything else is in it.
+                os.rmdir(parent)
         unlock_run(run_dir)
 
 
@@ -275,6 +335,7 @@ def _start_frameworks(args: argparse.Namespace, server: bool = False) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     from thumbnet_keras.pipeline import preflight
 
+    preflight.check_backend()
     if args.command in ("demo", "train"):
         if args.command == "demo":
             from thumbnet_keras.pipeline import ThumbNetParams
@@ -286,8 +347,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             values = _train_values(args)
         params = preflight.check_thumbnet(values)
         run_dir = os.path.join(params.runs_dir, params.run_name)
-        _start_frameworks(args, server=True)
-        return _in_run_folder(run_dir, lambda: _run_thumbnet(params), fresh=True)
+        work = functools.partial(_run_thumbnet, params)
+        return _in_run_folder(run_dir, work, args, fresh=True, server=True)
     if args.command == "generalize":
         params = preflight.check_generalize(_generalize_values(args))
         run_dir = os.path.join(params.runs_dir, params.run_name)
@@ -299,39 +360,39 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"\nreport: {result['report_html']}")
             return 0
 
-        _start_frameworks(args, server=True)
-        return _in_run_folder(run_dir, work, fresh=True)
-    if args.command in ("evaluate", "report"):
+        return _in_run_folder(run_dir, work, args, fresh=True, server=True)
+    if args.command == "evaluate":
         preflight.check_finished_run(args.run)
-        _start_frameworks(args)
-        from thumbnet_keras import pipeline
-
-        if args.command == "evaluate":
-
-            def work() -> int:
-                result = pipeline.evaluate_run(args.run, force=True)
-                for arm in result["arms"]:
-                    factor = f" f={arm['factor']}" if arm["factor"] else ""
-                    print(f"{arm['label']}{factor}: top-1 {100 * arm['top1']:.2f}%")
-                return 0
-
-        else:
-
-            def work() -> int:
-                from thumbnet_keras.pipeline.progress import run_summary
-
-                pipeline.write_report(args.run)
-                # The report's headline, the results table, then the paths.
-                print(run_summary(args.run))
-                return 0
-
-        return _in_run_folder(args.run, work, fresh=False)
-    if args.command == "export":
-        source = preflight.check_export(args.run, args.factor, args.format)
-        _start_frameworks(args)
-        from thumbnet_keras import pipeline
 
         def work() -> int:
+            from thumbnet_keras import pipeline
+
+            result = pipeline.evaluate_run(args.run, force=True)
+            for arm in result["arms"]:
+                factor = f" f={arm['factor']}" if arm["factor"] else ""
+                print(f"{arm['label']}{factor}: top-1 {100 * arm['top1']:.2f}%")
+            return 0
+
+        return _in_run_folder(args.run, work, args, fresh=False)
+    if args.command == "report":
+        preflight.check_finished_run(args.run)
+
+        def work() -> int:
+            from thumbnet_keras import pipeline
+            from thumbnet_keras.pipeline.progress import run_summary
+
+            pipeline.write_report(args.run)
+            # The report's headline, the results table, then the paths.
+            print(run_summary(args.run))
+            return 0
+
+        return _in_run_folder(args.run, work, args, fresh=False)
+    if args.command == "export":
+        source = preflight.check_export(args.run, args.factor, args.format, args.output)
+
+        def work() -> int:
+            from thumbnet_keras import pipeline
+
             try:
                 print(
                     pipeline.export_model(
@@ -343,14 +404,19 @@ def _dispatch(args: argparse.Namespace) -> int:
                 return 1
             return 0
 
-        return _in_run_folder(args.run, work, fresh=False)
+        return _in_run_folder(args.run, work, args, fresh=False)
     raise AssertionError(args.command)  # pragma: no cover
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from thumbnet_keras.pipeline import preflight
+    from thumbnet_keras.pipeline.environment import import_backend_quietly
     from thumbnet_keras.predict import predict, write_predictions
 
     try:
+        preflight.check_backend()
+        preflight.check_predict(args.model, args.inputs, args.top_k)
+        import_backend_quietly(quiet=not getattr(args, "verbose", 0))
         result = predict(args.model, args.inputs, top_k=args.top_k)
         if args.output:
             write_predictions(result, args.output)

@@ -214,6 +214,23 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
     raise ManifestError(f"no manifest named {text!r} (searched {searched})")
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, and what (PyYAML's own text spans
+    several lines, with the offending line quoted)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())
+
+    def at(m) -> str:
+        return f"line {m.line + 1}, column {m.column + 1}"
+
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None:
+        context += f" started at {at(start)}"
+    return f"{at(mark)}: {problem}" + (f" ({context})" if context else "")
+
+
 def load_manifest(path_or_name: str | os.PathLike | Manifest) -> Manifest:
     """Read and validate a manifest.
 
@@ -234,7 +251,7 @@ def load_manifest(path_or_name: str | os.PathLike | Manifest) -> Manifest:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ManifestError(f"{path}: not valid YAML: {err}") from err
+        raise ManifestError(f"{path}: not valid YAML: {_yaml_problem(err)}") from err
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: expected a mapping at top level, got {raw!r}")
     try:

@@ -69,6 +69,7 @@ class _RunFolder:
 
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_NAME_MAX = 128  # A folder name (file systems allow 255 bytes).
 ExportFormat = Literal["saved_model", "onnx", "litert", "litert_int8"]
 EXPORT_FORMATS: tuple[str, ...] = typing.get_args(ExportFormat)
 
@@ -245,6 +246,7 @@ class ThumbNetParams(BaseModel):
     run_name: str | None = Field(
         None,
         pattern=_NAME_PATTERN,
+        max_length=_NAME_MAX,
         description="Run folder name; rerun the same name to resume. Default: "
         "<dataset>-<backbone>-<date>.",
     )
@@ -460,6 +462,7 @@ class GeneralizeParams(BaseModel):
     run_name: str | None = Field(
         None,
         pattern=_NAME_PATTERN,
+        max_length=_NAME_MAX,
         description="Run folder name; rerun the same name to resume. Default: "
         "generalize-<source run>-<date>.",
     )

@@ -30,6 +30,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import tempfile
 import zipfile
 from functools import cache
 from pathlib import Path
@@ -42,12 +43,22 @@ from thumbnet_keras.pipeline.config import (
     ThumbNetParams,
 )
 from thumbnet_keras.pipeline.options import option_name
-from thumbnet_keras.pipeline.rundir import Run, check_claimable, default_run_name
+from thumbnet_keras.pipeline.rundir import (
+    Run,
+    RunLockedError,
+    check_claimable,
+    default_run_name,
+    holder_text,
+    lock_holder,
+)
 
 __all__ = [
+    "check_backbone_options",
+    "check_backend",
     "check_export",
     "check_finished_run",
     "check_generalize",
+    "check_predict",
     "check_thumbnet",
     "option_name",
     "validate_params",
@@ -74,6 +85,10 @@ def _message(error: dict) -> str:
         return "must be a finite number"
     if kind == "extra_forbidden":
         return "unknown parameter"
+    if kind == "string_too_long":
+        return f"at most {ctx.get('max_length')} characters"
+    if kind == "value_error":  # A validator's own message, without pydantic's prefix.
+        return str(ctx.get("error") or error["msg"].removeprefix("Value error, "))
     bounds = {
         "greater_than_equal": ">=",
         "greater_than": ">",
@@ -86,6 +101,15 @@ def _message(error: dict) -> str:
     return msg[0].lower() + msg[1:]
 
 
+def _shown(value) -> str:
+    """A given value as a message quotes it (a long one shortened)."""
+    text = repr(value)
+    if len(text) <= 60:
+        return text
+    size = f", {len(value)} characters" if isinstance(value, str) else ""
+    return f"{text[:40]}...{text[-10:]} ({type(value).__name__}{size})"
+
+
 def validate_params(model: type[BaseModel], values: dict) -> BaseModel:
     """`model.model_validate(values)`, as `ConfigError` naming the options."""
     try:
@@ -95,9 +119,9 @@ def validate_params(model: type[BaseModel], values: dict) -> BaseModel:
         for error in err.errors():
             field = str(error["loc"][0]) if error["loc"] else "parameters"
             given = error.get("input")
-            shown = "" if isinstance(given, dict) else f" {given!r}"
+            shown = "" if isinstance(given, dict) else f" {_shown(given)}"
             if len(error["loc"]) > 1 and field in values:  # An item of a list.
-                shown = f" {values[field]!r}"
+                shown = f" {_shown(values[field])}"
             problems.append(f"{option_name(field)}{shown}: {_message(error)}")
         raise ConfigError("; ".join(problems) + ".") from None
 
@@ -110,9 +134,13 @@ def _check_manifest(dataset: str, option: str = "--dataset"):
     except ConfigError as err:
         if "no manifest named" not in str(err):
             raise
+        what = "a manifest name" if option == "--dataset" else "DATASET:BACKBONE"
+        hint = ""
+        if option == "--experiment" and dataset in known_backbones():
+            hint = f" For the source run's dataset with {dataset}: --experiment :{dataset}."
         raise ConfigError(
-            f"{err}. {option} takes a manifest name (the YAML files in "
-            "data_manifests/, e.g. elpv, fashion_mnist) or a manifest's path."
+            f"{err}. {option} takes {what} (a manifest name: the YAML files in "
+            f"data_manifests/, e.g. elpv, fashion_mnist, or a manifest's path).{hint}"
         ) from None
 
 
@@ -178,11 +206,29 @@ def _check_source(manifest) -> None:
         raise ConfigError(
             f"{name} needs the elpv-dataset package: pip install elpv-dataset."
         )
+    if source.type == "tfds":
+        _check_tfds(source, name)
     if source.type == "fashion_mnist" and not Path(source.directory).is_dir():
         raise ConfigError(
             f"{name}: folder {source.directory!r} not found (Debian: "
             "apt-get install dataset-fashion-mnist)."
         )
+
+
+def _check_tfds(source, name: str) -> None:
+    """A TFDS dataset is prepared (a `dataset_info.json` under its folder), or
+    can be built here: its manual files are in place, or download is on."""
+    from thumbnet_keras.data.tfds_source import _missing_message, data_dir, manual_dir
+
+    if source.download:
+        return
+    folder = Path(data_dir(source)) / source.name.split("/")[0].split(":")[0]
+    if folder.is_dir() and next(folder.rglob("dataset_info.json"), None):
+        return
+    manual = Path(manual_dir(source))
+    if source.manual_files and all((manual / f).is_file() for f in source.manual_files):
+        return
+    raise ConfigError(f"{name}: {_missing_message(source, 'no prepared data found')}")
 
 
 @cache
@@ -266,10 +312,127 @@ def keras_archive_shape(
     return shape, classes
 
 
+def _check_applications_teacher(
+    spec: str, shape: tuple, num_classes: int | None
+) -> None:
+    """`applications:<Name>[:imagenet|none|<weights file>]`, as
+    `models.teachers` builds it, checked without building it."""
+    name, _, weights = spec.removeprefix("applications:").partition(":")
+    known = _module_constant("thumbnet_keras.models.teachers", "APPLICATIONS")
+    if name not in known:
+        raise ConfigError(
+            f"--teacher {spec!r}: unknown keras.applications model {name!r}; "
+            f"choose from {', '.join(known)}."
+        )
+    weights = weights or "imagenet"
+    if weights.lower() not in ("imagenet", "none") and not os.path.isfile(weights):
+        raise ConfigError(f"--teacher {spec!r}: weights file {weights!r} not found.")
+    if shape[-1] != 3:
+        raise ConfigError(
+            f"--teacher {spec!r} takes RGB images but the run's images have "
+            f"{shape[-1]} channel(s); add --channels 3."
+        )
+    if weights == "imagenet" and num_classes not in (None, 1000):
+        raise ConfigError(
+            f"--teacher {spec!r}: ImageNet weights give 1000 classes but the "
+            f"dataset has {num_classes}; give a weights file trained on this "
+            f"dataset (applications:{name}:<file>)."
+        )
+
+
+@cache
+def _builder_options() -> dict[str, dict[str, object] | None]:
+    """`{backbone: {option: default}}`: the keyword options of each builder
+    in `models.backbones._BUILDERS`, read from its source (no Keras import);
+    a default that is not a literal is `...`; None for a builder that takes
+    any keyword (`**kwargs`)."""
+    path = Path(__file__).resolve().parents[1] / "models" / "backbones.py"
+    tree = ast.parse(path.read_text())
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    builders = {}
+    for node in tree.body:
+        target = getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == "_BUILDERS":
+            builders = {
+                k.value: v.id for k, v in zip(node.value.keys, node.value.values)
+            }
+    options = {}
+    for backbone, function in builders.items():
+        args = functions[function].args
+        if args.kwarg is not None:
+            options[backbone] = None
+            continue
+        defaults = [None] * (len(args.args) - len(args.defaults)) + args.defaults
+        found = {}
+        for arg, default in zip(args.args[3:], defaults[3:]):  # After the shape,
+            if arg.arg == "weights":  # classes and name; weights is its own option.
+                continue
+            try:
+                found[arg.arg] = ast.literal_eval(default)
+            except ValueError:  # A module constant, e.g. BN_MOMENTUM.
+                found[arg.arg] = ...
+        options[backbone] = found
+    return options
+
+
+def _kind_of(default) -> tuple[str, object] | None:
+    """(what an option takes, a check) from its default; None: unknown."""
+    number = (int, float)
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return "a number", lambda v: isinstance(v, number) and not isinstance(v, bool)
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    if isinstance(default, (tuple, list)) and default:
+        item = _kind_of(default[0])
+        if item is None:
+            return None
+        text, check = item
+        return (
+            f"a list of {text.removeprefix('an ').removeprefix('a ')}s, e.g. "
+            f"{json.dumps(list(default))}",
+            lambda v: isinstance(v, list) and all(map(check, v)),
+        )
+    return None
+
+
+def check_backbone_options(
+    backbone: str, options: dict, option: str = "--backbone-options"
+) -> None:
+    """The options' names, and the type of each value, are those the
+    backbone's builder takes (its own checks of the values run when it is
+    built)."""
+    if not options:
+        return
+    takes = _builder_options().get(backbone, {})
+    if takes is None:
+        return
+    unknown = [k for k in options if k not in takes]
+    if unknown:
+        accepted = f"its options: {', '.join(takes)}" if takes else "it takes none"
+        raise ConfigError(
+            f"{option}: {backbone} has no option {', '.join(map(repr, unknown))}; "
+            f"{accepted}."
+        )
+    for name, value in options.items():
+        kind = _kind_of(takes[name])
+        if kind is not None and not kind[1](value):
+            raise ConfigError(
+                f"{option}: {backbone}'s {name!r} takes {kind[0]}; "
+                f"received {json.dumps(value)}."
+            )
+
+
 def _check_teacher(path: str, shape: tuple, num_classes: int | None) -> None:
     from thumbnet_keras.pretrained import resolve_teacher
 
-    if path.startswith(_BUILT_TEACHERS):  # Built by Keras: checked in resolve_run.
+    if path.startswith("applications:"):
+        _check_applications_teacher(path, shape, num_classes)
+        return
+    if path.startswith(_BUILT_TEACHERS):  # A keras_hub preset: checked in resolve_run.
         return
     try:
         path = resolve_teacher(path)
@@ -291,6 +454,28 @@ def _check_teacher(path: str, shape: tuple, num_classes: int | None) -> None:
         )
 
 
+def _check_imagenet_weights(backbone: str, channels: int, classes: int | None) -> None:
+    """`--backbone-weights imagenet`: Keras has them for this backbone, and
+    they fit the run (RGB images, ImageNet's 1000 classes)."""
+    known = _module_constant("thumbnet_keras.models.backbones", "_IMAGENET_BACKBONES")
+    fix = "give a weights file, or leave --backbone-weights out to train the teacher"
+    if backbone not in known:
+        raise ConfigError(
+            f"--backbone-weights imagenet: Keras has no ImageNet weights for "
+            f"--backbone {backbone} (it has them for {', '.join(known)}); {fix}."
+        )
+    if channels != 3:
+        raise ConfigError(
+            f"--backbone-weights imagenet takes RGB images but the run's have "
+            f"{channels} channel(s); add --channels 3."
+        )
+    if classes not in (None, 1000):
+        raise ConfigError(
+            f"--backbone-weights imagenet gives ImageNet's 1000 classes but the "
+            f"dataset has {classes}; {fix}."
+        )
+
+
 def _check_writable(path: str, option: str) -> None:
     """`path` (made later if missing) can be created and written; creates
     nothing."""
@@ -303,11 +488,16 @@ def _check_writable(path: str, option: str) -> None:
             f"{option} {path!r} cannot be created: {str(probe)!r} is a file, "
             "not a folder. Choose another location."
         )
-    if not os.access(probe, os.W_OK | os.X_OK):
+    try:  # A file made and removed at once (os.access misses a read-only
+        # file system, an immutable folder, /proc, and root's permissions).
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".thumbnet-write-test-"):
+            pass
+    except OSError as err:
         raise ConfigError(
             f"{option} {path!r} is not writable ({str(probe)!r} does not accept "
-            "new files). Choose another location, or fix its permissions."
-        )
+            f"new files: {err.strerror or err}). Choose another location, or fix "
+            "its permissions."
+        ) from None
 
 
 def _dataset_classes(manifest) -> int | None:
@@ -325,13 +515,19 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     config = params.to_config()
     manifest = _check_manifest(config.dataset)
     _check_backbone(config.backbone)
+    check_backbone_options(config.backbone, config.backbone_options)
     channels = config.channels or manifest.image.channels
     if channels not in (1, 3):
         raise ConfigError(f"--channels must be 1 or 3, received {channels}.")
     if len(set(config.factors)) != len(config.factors):
         raise ConfigError(f"--factor given twice: {list(config.factors)}.")
     for factor in config.factors:
-        if factor < 2 or config.image_size % factor:
+        if factor < 2:
+            raise ConfigError(
+                f"--factor {factor}: a factor is an integer >= 2 (the thumbnail "
+                "is 1/factor of the image's side)."
+            )
+        if config.image_size % factor:
             raise ConfigError(
                 f"--factor {factor} does not fit --image-size {config.image_size}: "
                 "a factor is an integer >= 2 that divides the image size "
@@ -348,6 +544,8 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     weights = config.backbone_weights
     if weights not in (None, "imagenet") and not os.path.isfile(weights):
         raise ConfigError(f"--backbone-weights {weights!r}: file not found.")
+    if weights == "imagenet" and config.teacher is None:
+        _check_imagenet_weights(config.backbone, channels, _dataset_classes(manifest))
     _check_writable(config.runs_dir, "--runs-dir")
     if config.data_dir:
         _check_writable(config.data_dir, "--data-dir")
@@ -368,23 +566,32 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     return params.model_copy(update={"run_name": run_name})
 
 
-def _run_config(run_dir: str, kind: str = "thumbnet") -> tuple[Run, dict]:
+def _run_config(
+    run_dir: str, kind: str = "thumbnet", option: str = "--run"
+) -> tuple[Run, dict]:
     run = Run(run_dir)
     if not run.path.is_dir():
         raise ConfigError(
-            f"--run {run_dir!r}: no such folder. Give a run folder made by "
+            f"{option} {run_dir!r}: no such folder. Give a run folder made by "
             "`thumbnet train` (runs/<run-name>)."
         )
     try:
         saved = run.config()
     except (OSError, ValueError):
         raise ConfigError(
-            f"--run {run_dir!r} is not a thumbnet run folder (no readable "
+            f"{option} {run_dir!r} is not a thumbnet run folder (no readable "
             "config.json). Give a run folder made by `thumbnet train`."
         ) from None
     if saved.get("kind") != kind:
         raise ConfigError(
-            f"--run {run_dir!r} holds a {saved.get('kind')!r} run, not a {kind!r} run."
+            f"{option} {run_dir!r} holds a {saved.get('kind')!r} run, not a "
+            f"{kind!r} run."
+        )
+    holder = lock_holder(run.path)
+    if holder is not None:  # Not "unfinished": another process works in it.
+        raise RunLockedError(
+            f"{option} {run_dir!r} is in use by another thumbnet process "
+            f"({holder_text(holder)}). Wait for it to finish, then rerun this command."
         )
     return run, saved["config"]
 
@@ -405,8 +612,12 @@ def check_finished_run(run_dir: str) -> Run:
     return run
 
 
-def check_export(run_dir: str, factor: int | None, fmt: str) -> str:
-    """The `.keras` file `thumbnet export` converts; checks the packages."""
+def check_export(
+    run_dir: str, factor: int | None, fmt: str, output: str | None = None
+) -> str:
+    """The `.keras` file `thumbnet export` converts; checks the packages and
+    the output path (`--output`: its name ends as the format's files do, and
+    its folder can be written)."""
     run, config = _run_config(run_dir)
     factors = config["factors"]
     if factor is not None and factor not in factors:
@@ -422,7 +633,38 @@ def check_export(run_dir: str, factor: int | None, fmt: str) -> str:
             "`thumbnet train` command that started it (same options) to finish it."
         )
     check_export_packages(fmt)
+    if output is not None:
+        _check_export_output(output, fmt)
     return str(source)
+
+
+# format -> how its file or folder name ends (`deploy.export.FORMATS`).
+_EXPORT_ENDINGS = {
+    "saved_model": "",
+    "onnx": ".onnx",
+    "litert": ".tflite",
+    "litert_int8": ".tflite",
+}
+
+
+def _check_export_output(output: str, fmt: str) -> None:
+    """`--output` is named as `fmt`'s files are (`thumbnet predict` picks
+    the runtime by the suffix) and its folder can be written."""
+    ending = _EXPORT_ENDINGS[fmt]
+    suffix = Path(output).suffix.lower()
+    if ending and not output.lower().endswith(ending):
+        raise ConfigError(
+            f"--output {output!r}: {'an' if fmt[0] in 'aeiou' else 'a'} {fmt} "
+            f"export is a {ending} file (`thumbnet "
+            f"predict` reads a model by its suffix); end the name in {ending}, "
+            "or leave --output out (beside thumbnet.keras)."
+        )
+    if not ending and suffix in (".onnx", ".tflite", ".keras", ".h5"):
+        raise ConfigError(
+            f"--output {output!r}: a saved_model export is a folder; give a "
+            f"name without the {suffix} suffix, or leave --output out."
+        )
+    _check_writable(str(Path(output).parent), "--output's folder")
 
 
 def check_generalize(values: dict) -> GeneralizeParams:
@@ -430,7 +672,7 @@ def check_generalize(values: dict) -> GeneralizeParams:
     validated `GeneralizeParams` with `run_name` resolved."""
     params = validate_params(GeneralizeParams, values)
     config = params.to_config()
-    run, saved = _run_config(config.source_run)
+    run, saved = _run_config(config.source_run, option="--source-run")
     if config.factor not in saved["factors"]:
         raise ConfigError(
             f"--factor {config.factor}: source run {config.source_run!r} has factors "
@@ -461,3 +703,49 @@ def check_generalize(values: dict) -> GeneralizeParams:
     )
     check_claimable(resolved.run_path, resolved.to_json(), kind="generalize")
     return params.model_copy(update={"run_name": run_name})
+
+
+# Keras 3's backends; the three this project runs on first.
+_BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
+
+
+def check_backend() -> None:
+    """`KERAS_BACKEND`, when set, names a Keras backend that is installed
+    (Keras itself would fail on import, with a traceback)."""
+    backend = os.environ.get("KERAS_BACKEND")
+    if backend is None:
+        return
+    if backend not in _BACKENDS:
+        raise ConfigError(
+            f"KERAS_BACKEND={backend!r} is not a Keras backend; set it to "
+            "tensorflow, jax or torch, or unset it."
+        )
+    if backend != "numpy" and importlib.util.find_spec(backend) is None:
+        raise ConfigError(
+            f"KERAS_BACKEND={backend!r} but {backend} is not installed: install "
+            "it, or choose another backend."
+        )
+
+
+def check_predict(model: str, inputs: list[str], top_k: int = 5) -> None:
+    """`thumbnet predict`'s model file and inputs, before a model is loaded:
+    a `.keras` model is a Keras archive, and the inputs name at least one file."""
+    from thumbnet_keras.predict import collect_files
+
+    if not os.path.exists(model):
+        raise ConfigError(f"--model {model!r}: not found.")
+    if model.endswith(".keras") and os.path.isfile(model):
+        keras_archive_shape(model, "--model")
+    if top_k < 1:
+        raise ConfigError(f"--top-k {top_k}: must be >= 1.")
+    files, errors = collect_files(inputs)
+    if not files:
+        reasons = {"not_found": "not found", "no_images_in_folder": "no image in it"}
+        shown = "; ".join(
+            f"{e['file']!r}: {reasons.get(e['reason'], e['reason'])}"
+            for e in errors[:5]
+        )
+        raise ConfigError(
+            f"Nothing to classify ({shown}). Give image files or folders "
+            "holding images."
+        )

@@ -14,6 +14,7 @@ the problem, and no other run's outputs are touched:
 
 from __future__ import annotations
 
+import json
 import os
 
 from thumbnet_keras.pipeline.config import (
@@ -67,6 +68,20 @@ def check_backbone(name: str) -> None:
         )
 
 
+def check_backbone_builds(name: str, image_shape: tuple, options: dict) -> None:
+    """Raises `ConfigError` unless the backbone builds with `options` (the
+    builder checks their values; `preflight` checked their names and types
+    without Keras). Builds it once, on the run's image shape, and drops it."""
+    from thumbnet_keras.models import backbones
+
+    try:
+        backbones.build(name, image_shape, num_classes=2, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"Backbone options {json.dumps(options)} (--backbone-options): {err}"
+        ) from err
+
+
 def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None):
     """The teacher `path` (a `.keras` file or a `models.teachers`
     specification), loaded; raises `ConfigError` unless it takes
@@ -117,6 +132,8 @@ def _check(config: RunConfig, manifest) -> int | None:
             )
     num_classes = dataset_classes(manifest)
     shape = (config.image_size, config.image_size, channels)
+    if config.backbone_options:
+        check_backbone_builds(config.backbone, shape, config.backbone_options)
     if config.teacher is not None:
         check_teacher_file(config.teacher, shape, num_classes)
     if config.backbone_weights not in (None, "imagenet") and not os.path.isfile(

@@ -157,7 +157,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _holder_text(info: dict) -> str:
+def holder_text(info: dict) -> str:
+    """Who holds a lock, as a message says it (pid, host, since, command)."""
     return (
         f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}"
         + (f" ({info['command']})" if info.get("command") else "")
@@ -208,7 +209,7 @@ def lock_run(path: str | os.PathLike) -> Path:
             os.close(fd)
             raise RunLockedError(
                 f"Run folder {str(folder)!r} is in use by another thumbnet process "
-                f"({_holder_text(holder)}). Wait for it to finish or stop it, or "
+                f"({holder_text(holder)}). Wait for it to finish or stop it, or "
                 "choose another run name."
             ) from None
         # The file may have been removed (unlock_run) between open and flock:
@@ -229,7 +230,7 @@ def lock_run(path: str | os.PathLike) -> Path:
             "Run folder %s: taking over the lock of a process that ended without "
             "releasing it (%s%s).",
             folder,
-            _holder_text(previous),
+            holder_text(previous),
             "" if not alive else "; that pid is now another process",
         )
     info = {
@@ -369,7 +370,7 @@ def check_claimable(
     if holder is not None:
         raise RunLockedError(
             f"Run folder {str(run.path)!r} is in use by another thumbnet process "
-            f"({_holder_text(holder)}). Wait for it to finish or stop it, or "
+            f"({holder_text(holder)}). Wait for it to finish or stop it, or "
             "choose another run name."
         )
     if run.config_json.is_file():
