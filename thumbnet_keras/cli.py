@@ -37,6 +37,7 @@ import logging
 import os
 import sys
 import typing
+import warnings
 
 __all__ = ["main"]
 
@@ -304,10 +305,24 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The library's own warnings as one `thumbnet: warning:` line (without
+    the source line Python prints); other packages' warnings unchanged."""
+    own = os.sep + "thumbnet_keras" + os.sep in str(filename)
+    if not own:
+        return _python_show_warning(message, category, filename, lineno, file, line)
+    print(f"thumbnet: warning: {message}", file=file or sys.stderr)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def _configure_logging(verbosity: int, flow: bool) -> None:
     """The library logs through `logging` (`thumbnet_keras.*`): INFO shows
     (DEBUG with -vv). A flow command leaves the handlers to Prefect, which
     also sends the records to the run's logs."""
+    if verbosity < 2:
+        warnings.showwarning = _show_warning
     level = logging.DEBUG if verbosity >= 2 else logging.INFO
     logger = logging.getLogger("thumbnet_keras")
     logger.setLevel(level)
