@@ -132,7 +132,7 @@ def _check(config: RunConfig, manifest) -> int | None:
             )
     num_classes = dataset_classes(manifest)
     shape = (config.image_size, config.image_size, channels)
-    if config.backbone_options:
+    if config.backbone_options and config.teacher is None:  # Unused with a teacher.
         check_backbone_builds(config.backbone, shape, config.backbone_options)
     if config.teacher is not None:
         check_teacher_file(config.teacher, shape, num_classes)
