@@ -99,7 +99,9 @@ TEACHER = {
                                teacher_learning_rate=3e-3),
     "elpv": dict(teacher_epochs=30),
 }  # fmt: skip
-CHOSEN_FROM = {"fashion_mnist_full": "fashion_mnist"}  # study -> whose chosen.json entry
+CHOSEN_FROM = {
+    "fashion_mnist_full": "fashion_mnist"
+}  # study -> whose chosen.json entry
 TEACHER_FIELDS = ("dataset", "image_size", "channels", "backbone", "backbone_options",
                   "limit_per_class", "batch_size", "optimizer", "weight_decay",
                   "warmup_epochs", "label_smoothing", "learning_rate")  # fmt: skip
@@ -177,7 +179,9 @@ def _record(run_dir: str, factor: int, stage: str) -> dict:
     return read_json(Run(run_dir).stage_record(stage_id(factor, stage)))
 
 
-def train_arms(settings: dict, name: str, work: Path, verbose, ablations=ABLATIONS) -> dict:
+def train_arms(
+    settings: dict, name: str, work: Path, verbose, ablations=ABLATIONS
+) -> dict:
     """Trains the main run and the ablation runs; returns `{family: run_dir}`."""
     from thumbnet_keras import pipeline
 
@@ -344,7 +348,10 @@ def main(argv=None) -> int:
     parser.add_argument("--results-dir")
     parser.add_argument("--markdown", help="Write the tables here.")
     parser.add_argument(
-        "--ablations", nargs="*", choices=sorted(ABLATIONS), default=sorted(ABLATIONS),
+        "--ablations",
+        nargs="*",
+        choices=sorted(ABLATIONS),
+        default=sorted(ABLATIONS),
         help="Ablation runs of a final seed (default: all; none with no value).",
     )
     parser.add_argument("--verbose", type=int, default=2)
@@ -355,7 +362,9 @@ def main(argv=None) -> int:
         or (work / "results" if args.quick else "docs/results/accuracy")
     )
     results.mkdir(parents=True, exist_ok=True)
-    datasets = args.datasets or (["fashion_mnist"] if args.quick else ["elpv", "fashion_mnist"])
+    datasets = args.datasets or (
+        ["fashion_mnist"] if args.quick else ["elpv", "fashion_mnist"]
+    )
     chosen_path = results / "chosen.json"
     chosen = json.loads(chosen_path.read_text()) if chosen_path.is_file() else {}
     for dataset in [] if args.summarize else datasets:
@@ -373,7 +382,9 @@ def main(argv=None) -> int:
             chosen_path.write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
             continue
         if dataset not in chosen and CHOSEN_FROM.get(dataset) in chosen:
-            chosen[dataset] = chosen[CHOSEN_FROM[dataset]] | {"from": CHOSEN_FROM[dataset]}
+            chosen[dataset] = chosen[CHOSEN_FROM[dataset]] | {
+                "from": CHOSEN_FROM[dataset]
+            }
         if dataset not in chosen:
             parser.error(
                 f"no chosen settings for {dataset} in {chosen_path}: run --search first"
