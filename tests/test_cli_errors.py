@@ -146,6 +146,8 @@ CASES = [
      "tiny_cnn has no option 'nonsense'; its options: widths, head"),
     ("json-bad-value", [*TRAIN, "--backbone-options", '{"widths": "x"}'],
      "tiny_cnn's 'widths' takes a list of integers"),
+    ("json-bad-choice", [*TRAIN, "--backbone-options", '{"head": "max"}'],
+     """tiny_cnn's 'head' is one of "gap", "flatten"; received "max"."""),
     ("json-no-options", [*TRAIN, "--backbone", "resnet18", "--backbone-options", '{"widths": [8]}'],
      "resnet18 has no option 'widths'; it takes none"),
     ("weights-imagenet", [*TRAIN, "--backbone-weights", "imagenet"],
@@ -301,14 +303,15 @@ def test_data_found_bad_while_preparing_is_one_error_line(tmp_path):
 
 
 def test_option_value_the_builder_refuses_is_one_error_line(tmp_path):
-    """A backbone option of the right name and type that the builder refuses
-    (`head` is "gap" or "flatten") is found once Keras runs, in the flow's
+    """A backbone option of the right name and type that only the builder
+    refuses (an empty `widths`) is found once Keras runs, in the flow's
     resolve-run step: no traceback, one `thumbnet: error` line, exit 2, and
     no run folder (nor the `runs/` it made) left. Prefect and TensorFlow
-    start first: 10-30 s."""
+    start first: 10-30 s. (A value from a fixed set, like `head`, is checked
+    before: the `json-bad-choice` case.)"""
     manifest = tiny_dataset(tmp_path, per_class=2)
     args = ["train", "--dataset", manifest, "--smoke", "--run-name", "r",
-            "--backbone-options", '{"head": "max"}']  # fmt: skip
+            "--backbone-options", '{"widths": []}']  # fmt: skip
     result, seconds = run_cli(args, tmp_path)
     print(f"{seconds:.2f}s  thumbnet {' '.join(args)}\n  {result.stderr.strip()}")
     assert result.returncode == 2, result.stderr[-3000:]
@@ -317,7 +320,7 @@ def test_option_value_the_builder_refuses_is_one_error_line(tmp_path):
         line for line in result.stderr.splitlines() if line.startswith("thumbnet:")
     ]
     assert errors == [
-        'thumbnet: error: Backbone options {"head": "max"} (--backbone-options): '
-        '`head` must be "gap" or "flatten", received head=\'max\'.'
+        'thumbnet: error: Backbone options {"widths": []} (--backbone-options): '
+        "`widths` must name at least one stage, received ()."
     ]
     assert not (tmp_path / "runs").exists()

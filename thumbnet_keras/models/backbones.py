@@ -55,6 +55,11 @@ KNOWN_BACKBONES: tuple[str, ...] = (
     "mobilenetv2",
     "tiny_cnn",
 )
+# Options whose values are a fixed set (the command line checks them before
+# Keras starts, reading this literal from the source).
+OPTION_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "tiny_cnn": {"head": ("gap", "flatten")},
+}
 
 _IMAGENET_BACKBONES = ("resnet50", "mobilenetv2")
 
@@ -160,7 +165,7 @@ def _tiny_cnn(
     head="gap",
     bn_momentum=BN_MOMENTUM,
 ):
-    if head not in ("gap", "flatten"):
+    if head not in OPTION_CHOICES["tiny_cnn"]["head"]:
         raise ValueError(f'`head` must be "gap" or "flatten", received head={head!r}.')
     widths = tuple(widths)
     if not widths:

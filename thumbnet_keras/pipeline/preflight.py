@@ -417,12 +417,19 @@ def check_backbone_options(
             f"{option}: {backbone} has no option {', '.join(map(repr, unknown))}; "
             f"{accepted}."
         )
+    choices = _module_constant("thumbnet_keras.models.backbones", "OPTION_CHOICES")
     for name, value in options.items():
         kind = _kind_of(takes[name])
         if kind is not None and not kind[1](value):
             raise ConfigError(
                 f"{option}: {backbone}'s {name!r} takes {kind[0]}; "
                 f"received {json.dumps(value)}."
+            )
+        allowed = choices.get(backbone, {}).get(name)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(
+                f"{option}: {backbone}'s {name!r} is one of "
+                f"{', '.join(map(json.dumps, allowed))}; received {json.dumps(value)}."
             )
 
 
