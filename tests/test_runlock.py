@@ -146,9 +146,14 @@ def test_the_command_locks_its_run_folder_before_starting_frameworks(
         monkeypatch.setenv(key, os.environ.get(key, ""))
         if not os.environ[key]:
             monkeypatch.delenv(key)
+    before = list(rundir._HELD)  # Earlier tests' runs may still be held.
     held = []
     monkeypatch.setattr(
-        cli, "_start_frameworks", lambda args, server=False: held.extend(rundir._HELD)
+        cli,
+        "_start_frameworks",
+        lambda args, server=False: held.extend(
+            p for p in rundir._HELD if p not in before
+        ),
     )
     monkeypatch.setattr(cli, "_run_thumbnet", lambda params: 0)
     manifest = tiny_dataset(tmp_path, per_class=2)
@@ -156,7 +161,7 @@ def test_the_command_locks_its_run_folder_before_starting_frameworks(
     argv = ["train", "--dataset", manifest, "--runs-dir", str(runs), "--run-name", "r"]
     assert cli.main(argv) == 0
     assert held == [os.path.abspath(runs / "r" / ".lock")]
-    assert not rundir._HELD  # Released at the end.
+    assert list(rundir._HELD) == before  # Released at the end.
 
 
 def _descendants(pid: int) -> set[int]:
