@@ -374,3 +374,65 @@ def test_index_is_byte_identical_for_any_number_of_workers(tmp_path):
     assert outputs[1] == outputs[4]
     with pytest.raises(ValueError, match="`workers` must be an integer >= 1"):
         data.prepare(manifest, tmp_path / "bad", workers=0)
+
+
+def test_worker_processes_give_the_same_index_as_one_worker(tmp_path, monkeypatch):
+    """Spawned worker processes, small tasks in flight at once: the index,
+    report and summary are byte-identical to one worker's, bad files are
+    quarantined alike, and so is a re-prepare after a source file changed and
+    a converted file was deleted."""
+    import importlib
+    import shutil
+
+    prepare_module = importlib.import_module("thumbnet_keras.data.prepare")
+    monkeypatch.setattr(prepare_module, "_CHUNK", 3)  # 7 tasks for 21 files
+    pristine = make_image_folder(tmp_path / "pristine")
+    src, out = tmp_path / "src", tmp_path / "out"
+    manifest = folder_manifest(src)
+    names = ("index.parquet", "summary.json", "quarantine.json")
+
+    def run(workers, executor):
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(pristine, src)
+        first = data.prepare(manifest, out, workers=workers, executor=executor)
+        first_files = {n: (out / n).read_bytes() for n in names}
+        (src / "cat/cat_00.png").write_bytes(encode(pattern(24, 24, 3, 7), "PNG"))
+        os.remove(rows_by_name(first)["palette.png"]["image_uri"])
+        again = data.prepare(manifest, out, workers=workers, executor=executor)
+        again_files = {n: (out / n).read_bytes() for n in names}
+        return first.decoded, first_files, again.decoded, again_files
+
+    serial = run(1, "threads")
+    in_processes = run(2, "processes")
+    # 21 files, one a directory; then the changed file and the lost conversion.
+    assert serial[0] == 20 and serial[2] == 2
+    assert in_processes == serial
+    quarantined = json.loads(in_processes[1]["quarantine.json"])["quarantined"]
+    assert {os.path.basename(q["key"]): q["reason"] for q in quarantined} == {
+        n: r for n, (s, r) in BAD_FILES.items() if s == "quarantined"
+    }
+
+
+def test_auto_executor_uses_processes_only_for_long_streams(tmp_path, monkeypatch):
+    import importlib
+
+    prepare_module = importlib.import_module("thumbnet_keras.data.prepare")
+    used = []
+    for name in ("_in_threads", "_in_processes"):
+        real = getattr(prepare_module, name)
+
+        def spy(*args, real=real, name=name):
+            used.append(name)
+            return real(*args)
+
+        monkeypatch.setattr(prepare_module, name, spy)
+    make_image_folder(tmp_path / "src", with_bad=False)  # 12 candidates
+    manifest = folder_manifest(tmp_path / "src")
+    for minimum in (13, 12):
+        monkeypatch.setattr(prepare_module, "_PROCESS_MIN", minimum)
+        data.prepare(manifest, tmp_path / f"out{minimum}", workers=2)
+    data.prepare(manifest, tmp_path / "one", workers=1, executor="processes")
+    assert used == ["_in_threads", "_in_processes"]
+    with pytest.raises(ValueError, match="`executor` must be one of"):
+        data.prepare(manifest, tmp_path / "bad", executor="fork")

@@ -10,12 +10,16 @@ index is returned untouched and nothing is decoded or written.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -34,9 +38,28 @@ from thumbnet_keras.data.validate import (
     validate_bytes,
 )
 
+EXECUTORS = ("auto", "processes", "threads")
+
+# Candidates per task sent to a worker process: amortizes pickling and the
+# round trip over several images (a 500x375 JPEG takes ~1 ms to examine).
+_CHUNK = 32
+# With executor="auto", a stream shorter than this is examined in threads:
+# starting worker processes (~0.3 s) would cost more than they save.
+_PROCESS_MIN = 1024
+
 
 class PrepareError(RuntimeError):
-    """A split ends up empty or a declared class has no usable example."""
+    """A split ends up empty, a declared class has no usable example, or the
+    worker processes could not run."""
+
+
+def _reusable(old: dict) -> bool:
+    """Whether a previous row can be copied: its converted file, if any, exists."""
+    return (
+        old["status"] != CONVERTED
+        or old["image_uri"] is None
+        or os.path.isfile(old["image_uri"])
+    )
 
 
 def _previous_rows(out_dir: Path) -> dict[tuple[str, str], dict]:
@@ -55,9 +78,9 @@ def _examine(
     """The costly part of one candidate: read, hash and (unless the previous
     index has this key with these bytes) decode and validate.
 
-    Pure, and safe to run in a worker thread: Pillow's decoders, zlib, file
-    reads and sha256 release the GIL. Returns `(data, sha256, validation,
-    decoded)`; `validation` is None when the previous row can be reused.
+    Pure, and safe to run in a worker thread or process. Returns `(data,
+    sha256, validation, decoded)`; `validation` is None when the previous row
+    can be reused.
     """
     data: bytes | None = cand.data
     if cand.array is not None:
@@ -77,21 +100,18 @@ def _examine(
     return data, sha, validate_bytes(data), True
 
 
-def _examined(
-    candidates: Iterable[Candidate], prev: dict, workers: int
-) -> Iterator[tuple[Candidate, tuple]]:
-    """`(candidate, _examine(candidate))` in the candidates' order.
+def _examine_chunk(items: list[tuple[Candidate, str | None]]) -> list[tuple]:
+    """`_examine` of each `(candidate, prev_sha)`, run in a worker process.
 
-    With `workers` > 1 the examinations run in a thread pool, at most a few
-    hundred candidates ahead of the consumer (so an ImageNet-size stream is
-    never held in memory); the order, and so the index, is the same for any
-    number of workers.
+    The bytes are not sent back: the parent holds in-memory candidates' bytes
+    and needs no file's bytes (see `_process`).
     """
-    prev_sha = {key: sha for key, sha in prev}
-    if workers <= 1:
-        for cand in candidates:
-            yield cand, _examine(cand, prev_sha.get(cand.key))
-        return
+    return [(None, *_examine(cand, prev_sha)[1:]) for cand, prev_sha in items]
+
+
+def _in_threads(
+    candidates: Iterator[Candidate], prev_sha: dict, workers: int
+) -> Iterator[tuple[Candidate, tuple]]:
     ahead = 64 * workers
     window: deque = deque()
     with ThreadPoolExecutor(workers, thread_name_prefix="thumbnet-prepare") as pool:
@@ -103,6 +123,65 @@ def _examined(
         while window:
             done, future = window.popleft()
             yield done, future.result()
+
+
+def _in_processes(
+    candidates: Iterator[Candidate], prev_sha: dict, workers: int
+) -> Iterator[tuple[Candidate, tuple]]:
+    # "spawn": a fresh interpreter that imports thumbnet_keras.data (and, as
+    # multiprocessing does, the caller's __main__), never a fork of a process
+    # that may have imported TensorFlow, JAX or torch.
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context)
+    window: deque = deque()
+
+    def results(chunk, future):
+        for cand, (_, sha, v, decoded) in zip(chunk, future.result(), strict=True):
+            yield cand, (cand.data, sha, v, decoded)
+
+    try:
+        while chunk := list(itertools.islice(candidates, _CHUNK)):
+            items = [(cand, prev_sha.get(cand.key)) for cand in chunk]
+            window.append((chunk, pool.submit(_examine_chunk, items)))
+            if len(window) >= 4 * workers:
+                yield from results(*window.popleft())
+        while window:
+            yield from results(*window.popleft())
+    except BrokenProcessPool as err:
+        raise PrepareError(
+            f"prepare's worker processes stopped ({err}). A script that calls "
+            "prepare must do so under `if __name__ == '__main__':`; or pass "
+            "executor='threads'."
+        ) from err
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _examined(
+    candidates: Iterable[Candidate], prev: dict, workers: int, executor: str
+) -> Iterator[tuple[Candidate, tuple]]:
+    """`(candidate, _examine(candidate))` in the candidates' order.
+
+    With `workers` > 1 the examinations run in a pool of threads or of
+    processes (`executor`; "auto": processes from `_PROCESS_MIN` candidates
+    on), at most a few hundred candidates ahead of the consumer (so an
+    ImageNet-size stream is never held in memory); the order, and so the
+    index, is the same for any number of workers and either pool.
+    """
+    prev_sha = {key: sha for (key, sha), row in prev.items() if _reusable(row)}
+    candidates = iter(candidates)
+    if workers <= 1:
+        for cand in candidates:
+            yield cand, _examine(cand, prev_sha.get(cand.key))
+        return
+    if executor == "auto":
+        head = list(itertools.islice(candidates, _PROCESS_MIN))
+        executor = "processes" if len(head) == _PROCESS_MIN else "threads"
+        candidates = itertools.chain(head, candidates)
+    if executor == "threads":
+        yield from _in_threads(candidates, prev_sha, workers)
+    else:
+        yield from _in_processes(candidates, prev_sha, workers)
 
 
 def _process(
@@ -122,11 +201,7 @@ def _process(
         "tfds_index": cand.tfds_index,
     }
     old = prev.get((cand.key, sha)) if sha else None
-    if old is not None and (
-        old["status"] != CONVERTED
-        or old["image_uri"] is None
-        or os.path.isfile(old["image_uri"])
-    ):
+    if old is not None and _reusable(old):
         for k in (
             "image_uri",
             "image_bytes",
@@ -139,11 +214,13 @@ def _process(
             row[k] = old[k]
         return row, False
     if v is None:  # Reusable by hash, but its converted file is gone.
-        v = (
-            validate_array(cand.array)
-            if cand.array is not None
-            else validate_bytes(data)
-        )
+        if cand.array is not None:
+            v = validate_array(cand.array)
+        else:
+            early = None
+            if data is None:  # Examined in a worker process, which kept them.
+                data, early = read_file(cand.uri)
+            v = early if early is not None else validate_bytes(data)
         decoded = True
     if is_tfds and v.status == CONVERTED:
         # TFDS images are read from the TFDS records at train time, unconverted.
@@ -242,6 +319,7 @@ def prepare(
     *,
     limit_per_class: int | None = None,
     workers: int | None = None,
+    executor: Literal["auto", "processes", "threads"] = "auto",
 ) -> idx.PreparedDataset:
     """Validate, split and index a dataset; reuse the previous index if unchanged.
 
@@ -252,9 +330,16 @@ def prepare(
         limit_per_class: keep only the first N examples of each class in each
             source split (in the source's deterministic order); for tests and
             smoke runs. Splits made here (ELPV) are then made from those N.
-        workers: threads that read, hash and decode images (Pillow, zlib and
-            sha256 release the GIL); None: one per CPU core (at most 16). The
-            index is byte-identical for any number of workers.
+        workers: how many images are read, hashed and decoded at once; None:
+            one per CPU core (at most 16). The index is byte-identical for any
+            number of workers and either executor.
+        executor: what runs the workers when there are several: "processes"
+            (started with "spawn", so a script that calls `prepare` must do so
+            under `if __name__ == "__main__":`), "threads" (Pillow's decoders
+            and sha256 release the GIL, its header parsing does not: 1.5x on
+            2 cores where processes give 1.8x, docs/benchmarks.md), or
+            "auto": processes from 1,024 candidates on, else threads
+            (starting the processes takes ~0.3 s).
 
     Returns:
         A `PreparedDataset`; `reused` is True when nothing changed.
@@ -262,8 +347,17 @@ def prepare(
     Raises:
         ManifestError: invalid manifest.
         DataSourceError: the source is missing (message says how to get it).
-        PrepareError: a split is empty or a declared class has no example.
+        PrepareError: a split is empty, a declared class has no example, or
+            the worker processes stopped.
     """
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 16)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"`workers` must be an integer >= 1, received {workers!r}.")
+    if executor not in EXECUTORS:
+        raise ValueError(
+            f"`executor` must be one of {EXECUTORS}, received {executor!r}."
+        )
     manifest = load_manifest(manifest)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -279,11 +373,7 @@ def prepare(
         stream = iter_candidates(manifest, ignored)
     prev = _previous_rows(out)
     rows, decoded = [], 0
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 16)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"`workers` must be an integer >= 1, received {workers!r}.")
-    examined = _examined(limit(stream, limit_per_class), prev, workers)
+    examined = _examined(limit(stream, limit_per_class), prev, workers, executor)
     for cand, result in examined:
         row, did_decode = _process(cand, result, prev, out, is_tfds)
         rows.append(row)
