@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         "--runs-dir", default=None, help="runs folder of every deployment"
     )
     parser.add_argument(
-        "--smoke-dataset", default=None, help="run thumbnet/smoke on this manifest instead of ELPV"
+        "--smoke-dataset",
+        default=None,
+        help="run thumbnet/smoke on this manifest instead of ELPV",
     )
     args = parser.parse_args(argv)
     serve(*build_deployments(args.runs_dir, args.smoke_dataset))
