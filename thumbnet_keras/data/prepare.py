@@ -336,8 +336,8 @@ def prepare(
         executor: what runs the workers when there are several: "processes"
             (started with "spawn", so a script that calls `prepare` must do so
             under `if __name__ == "__main__":`), "threads" (Pillow's decoders
-            and sha256 release the GIL, its header parsing does not: 1.5x on
-            2 cores where processes give 1.8x, docs/benchmarks.md), or
+            and sha256 release the GIL, its header parsing does not: 2 threads
+            gave 1.54-1.84x, 2 processes 1.63-2.02x, docs/benchmarks.md), or
             "auto": processes from 1,024 candidates on, else threads
             (starting the processes takes ~0.3 s).
 
@@ -440,6 +440,9 @@ def prepare(
                 f"({len(quarantined)} quarantined, see {failed_report})"
             )
     per_class = Counter(r["label"] for r in usable)
+    # One pass over the rows: a pass per (split, class) would take ~1.5 min
+    # (extrapolated) for ImageNet's 1.28 M rows and 1,000 classes.
+    by_split_class = Counter((r["split"], r["label"]) for r in usable)
     empty = [name for i, name in enumerate(class_names) if per_class[i] == 0]
     if empty and manifest.classes:
         # Classes declared in the manifest must exist. Classes taken from a
@@ -475,10 +478,7 @@ def prepare(
         "image_shape": [height, width, manifest.image.channels],
         "splits": {s: counts[s] for s in SPLITS if counts[s]},
         "per_class": {
-            s: {
-                name: sum(1 for r in usable if r["split"] == s and r["label"] == i)
-                for i, name in enumerate(class_names)
-            }
+            s: {name: by_split_class[s, i] for i, name in enumerate(class_names)}
             for s in SPLITS
             if counts[s]
         },
