@@ -99,9 +99,7 @@ def _retry_unless_bad_data(task, task_run, state) -> bool:
     the same way, 5 s later)."""
     try:
         state.result()
-    except _data_errors():
-        return False
-    except _user_errors():
+    except (*_data_errors(), *_user_errors()):
         return False
     except Exception:
         return True

@@ -79,3 +79,23 @@ def subprocess_env() -> dict:
     )
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prefect_server_env(tmp_path: Path) -> tuple[int, dict]:
+    """`(port, env)` for a temporary local Prefect server and its clients:
+    its own PREFECT_HOME under `tmp_path`, analytics off, the API URL set."""
+    port = free_port()
+    return port, subprocess_env() | {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+    }

@@ -200,6 +200,19 @@ def run_cli(args: list[str], root: Path, env_extra: dict | None = None):
     return result, time.monotonic() - started
 
 
+def run_refused(args: list[str], root: Path, env_extra: dict | None = None) -> str:
+    """Runs the CLI, checks it refused (exit 2, no traceback); its stderr."""
+    result, seconds = run_cli(args, root, env_extra)
+    print(f"{seconds:.2f}s  thumbnet {' '.join(args)}\n  {result.stderr.strip()}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    return result.stderr
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("thumbnet:")]
+
+
 @pytest.mark.parametrize("case,args,expected", CASES, ids=[c[0] for c in CASES])
 def test_user_error_is_one_line_and_exit_2(world, case, args, expected):
     root = str(world)
@@ -210,11 +223,7 @@ def test_user_error_is_one_line_and_exit_2(world, case, args, expected):
     if case == "keras-backend":
         env["KERAS_BACKEND"] = "tensorflw"  # A typo.
     before = snapshot(world)
-    result, seconds = run_cli(args, world, env)
-    print(f"{seconds:.2f}s  thumbnet {' '.join(args)}\n  {result.stderr.strip()}")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
+    lines = run_refused(args, world, env).strip().splitlines()
     # `thumbnet train: error: ...` where argparse finds it.
     assert len(lines) == 1 and re.match(r"thumbnet( \w+)?: error: ", lines[0]), lines
     assert expected.replace("{root}", root) in lines[0]
@@ -289,13 +298,7 @@ def test_data_found_bad_while_preparing_is_one_error_line(tmp_path):
         "classes: [a, b]\nimage: {height: 40, width: 40, channels: 1}\n"
     )
     args = ["train", "--dataset", "bad.yaml", "--smoke", "--run-name", "r"]
-    result, seconds = run_cli(args, tmp_path)
-    print(f"{seconds:.2f}s  thumbnet {' '.join(args)}\n  {result.stderr.strip()}")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr + result.stdout
-    errors = [
-        line for line in result.stderr.splitlines() if line.startswith("thumbnet:")
-    ]
+    errors = error_lines(run_refused(args, tmp_path))
     assert len(errors) == 1 and errors[0].startswith("thumbnet: error: bad: split")
     assert "has no usable example (12 quarantined, see " in errors[0]
     assert "quarantine.failed.json" in errors[0]
@@ -312,13 +315,7 @@ def test_option_value_the_builder_refuses_is_one_error_line(tmp_path):
     manifest = tiny_dataset(tmp_path, per_class=2)
     args = ["train", "--dataset", manifest, "--smoke", "--run-name", "r",
             "--backbone-options", '{"widths": []}']  # fmt: skip
-    result, seconds = run_cli(args, tmp_path)
-    print(f"{seconds:.2f}s  thumbnet {' '.join(args)}\n  {result.stderr.strip()}")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr + result.stdout
-    errors = [
-        line for line in result.stderr.splitlines() if line.startswith("thumbnet:")
-    ]
+    errors = error_lines(run_refused(args, tmp_path))
     assert errors == [
         'thumbnet: error: Backbone options {"widths": []} (--backbone-options): '
         "`widths` must name at least one stage, received ()."

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import keras
 import pytest
 import yaml
-from pipeline_fixtures import REPO, subprocess_env, tiny_dataset
+from pipeline_fixtures import REPO, prefect_server_env, tiny_dataset
 
 from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
 
@@ -48,12 +47,6 @@ def test_prefect_yaml_matches_serve():
     (served_smoke,) = [d for d in built if d.name == "smoke"]
     assert served_smoke.parameters["params"]["dataset"] == "tiny.yaml"
     assert {d.flow_name for d in built} == {"thumbnet", "generalize"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> int | None:
@@ -103,13 +96,8 @@ def test_served_deployment_runs_on_local_server(tmp_path):
         )
     manifest = tiny_dataset(tmp_path)
     runs = tmp_path / "runs"
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = subprocess_env() | {
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": api,
-    }
+    port, env = prefect_server_env(tmp_path)
+    api = env["PREFECT_API_URL"]
     prefect = [sys.executable, "-m", "prefect"]
     server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
     server = subprocess.Popen(

@@ -19,19 +19,11 @@ from pathlib import Path
 import keras
 import pytest
 import yaml
-from pipeline_fixtures import REPO, subprocess_env
+from pipeline_fixtures import REPO, prefect_server_env
 
 POOL = "thumbnet-pool"  # the pool every deployment in prefect.yaml names
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 PREFECT = [sys.executable, "-m", "prefect"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _api(url: str, body: dict | None = None):
@@ -154,12 +146,9 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_smoke(tmp_path
     params = {
         "params": {**listed["smoke"]["parameters"]["params"], "runs_dir": str(runs)}
     }
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = subprocess_env() | {
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": api,
+    port, env = prefect_server_env(tmp_path)
+    api = env["PREFECT_API_URL"]
+    env |= {
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # default 10: poll sooner
         "KERAS_BACKEND": keras.backend.backend(),
         # `{{ $PWD }}` in prefect.yaml's pull step reads the variable, which a
