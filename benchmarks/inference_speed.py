@@ -28,7 +28,7 @@ batch reaches 90% of the MACs ratio at f=2 and 80% at f=4, per runtime.
 Usage:
 
     KERAS_BACKEND=tensorflow python benchmarks/inference_speed.py --breakdown \
-        --reps 7 --out docs/results/inference_speed.json   # full (~45 min loaded)
+        --reps 7 --out docs/results/inference_speed.json   # full (~5 min quiet, ~45 loaded)
     KERAS_BACKEND=tensorflow python benchmarks/inference_speed.py --small \
         --runtimes keras onnx                            # ~2 min smoke
 
