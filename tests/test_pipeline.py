@@ -192,6 +192,42 @@ def test_claim_reopens_same_config(earlier_run):
     assert saved["environment"]["backend"] == keras.backend.backend()
 
 
+def test_claim_reopens_when_the_runs_dir_is_spelled_otherwise(
+    earlier_run, monkeypatch
+):
+    """`--runs-dir runs` then `--runs-dir /abs/.../runs`: the same run folder,
+    resumed (was refused as "differs in: runs_dir")."""
+    manifest, runs = earlier_run
+    monkeypatch.chdir(runs.parent)
+    relative = os.path.relpath(runs)
+    assert not os.path.isabs(relative) and str(runs) != relative
+    params = ThumbNetParams(
+        dataset=manifest, smoke=True, runs_dir=relative, run_name="earlier"
+    )
+    assert pipeline.resolve_run(params)["resumed"] is True
+    # A real difference is still refused, and names only that field.
+    other = ThumbNetParams(
+        dataset=manifest, smoke=True, runs_dir=relative, run_name="earlier", seed=9
+    )
+    with pytest.raises(ConfigError, match=r"differs in: seed\)"):
+        pipeline.resolve_run(other)
+
+
+def test_config_differences_compares_locations_as_folders(tmp_path):
+    from thumbnet_keras.pipeline.rundir import config_differences
+
+    base = {"runs_dir": "runs", "data_dir": str(tmp_path / "d"), "seed": 0}
+    assert config_differences(base, base | {"runs_dir": "/elsewhere/runs"}) == []
+    assert config_differences(base, base | {"data_dir": str(tmp_path / "x/../d")}) == []
+    assert config_differences(base, base | {"data_dir": str(tmp_path / "e")}) == [
+        "data_dir"
+    ]
+    assert config_differences(base, base | {"data_dir": None, "seed": 1}) == [
+        "data_dir",
+        "seed",
+    ]
+
+
 def test_changed_manifest_is_not_resumed_onto(earlier_run):
     manifest, runs = earlier_run
     path = Path(manifest)

@@ -356,6 +356,31 @@ class Run:
         return read_json(self.data_json)
 
 
+# Config fields that name a folder: equal when they name the same folder.
+# `runs_dir` needs no comparison at all: the run folder it leads to is the
+# one being claimed, however the path was spelled.
+_LOCATION_FIELDS = ("runs_dir", "data_dir")
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """The fields whose values differ between two run configs, sorted.
+
+    `runs_dir` is ignored (the claimed run folder is the same one whatever
+    its spelling: `runs` or `/abs/path/runs`); `data_dir` values are
+    compared as resolved paths.
+    """
+
+    def same(key):
+        a, b = old.get(key), new.get(key)
+        if a == b or key == "runs_dir":
+            return True
+        if key in _LOCATION_FIELDS and isinstance(a, str) and isinstance(b, str):
+            return os.path.realpath(a) == os.path.realpath(b)
+        return False
+
+    return sorted(k for k in set(old) | set(new) if not same(k))
+
+
 def check_claimable(
     path: str | os.PathLike, config: dict, kind: str, inputs: dict | None = None
 ) -> bool:
@@ -375,12 +400,11 @@ def check_claimable(
         )
     if run.config_json.is_file():
         saved = run.config()
-        same = saved.get("kind") == kind and saved.get("config") == config
+        keys = config_differences(saved.get("config", {}), config)
+        same = saved.get("kind") == kind and not keys
         if not (same and saved.get("inputs") == inputs) and is_unstarted(run.path):
             return False
         if not same:
-            old, new = saved.get("config", {}), config
-            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigError(
                 f"Run folder {str(run.path)!r} already holds a {saved.get('kind')!r} "
                 f"run with a different configuration (differs in: "
@@ -448,10 +472,10 @@ def claim(
     lock_run(run.path)
     if run.config_json.is_file() and is_unstarted(run.path):
         saved = run.config()
-        if (saved.get("kind"), saved.get("config"), saved.get("inputs")) != (
-            kind,
-            config,
-            inputs,
+        if (
+            saved.get("kind") != kind
+            or config_differences(saved.get("config", {}), config)
+            or saved.get("inputs") != inputs
         ):
             # A run that failed before its first stage: nothing to lose.
             logger.info("Run folder %s had not started; starting it afresh.", run.path)
