@@ -192,9 +192,7 @@ def test_claim_reopens_same_config(earlier_run):
     assert saved["environment"]["backend"] == keras.backend.backend()
 
 
-def test_claim_reopens_when_the_runs_dir_is_spelled_otherwise(
-    earlier_run, monkeypatch
-):
+def test_claim_reopens_when_the_runs_dir_is_spelled_otherwise(earlier_run, monkeypatch):
     """`--runs-dir runs` then `--runs-dir /abs/.../runs`: the same run folder,
     resumed (was refused as "differs in: runs_dir")."""
     manifest, runs = earlier_run
