@@ -165,3 +165,38 @@ def test_reestimate_batchnorm_num_batches_and_empty():
         reestimate_batchnorm(model, [], num_batches=None)
     with pytest.raises(ValueError, match="num_batches"):
         reestimate_batchnorm(model, batches, num_batches=0)
+
+
+def _tiny_student():
+    from thumbnet_keras.models import backbones
+
+    return backbones.build("tiny_cnn", (16, 16, 1), 3, widths=[4, 8])
+
+
+@pytest.mark.parametrize(
+    "width, smoke, expected",
+    [(32, False, "downscaler_width=32"), (32, True, None), (None, False, None)],
+)
+def test_a_costly_explicit_e_width_is_named_in_run_terms(width, smoke, expected):
+    """A user's `downscaler_width` that makes E > 15% of E + S is named as the
+    run parameter (not the Python API); smoke runs and the auto width stay quiet."""
+    import warnings
+
+    from thumbnet_keras.pipeline.stages import build_run_downscaler
+
+    config = RunConfig(image_size=32, channels=1, downscaler_width=width, smoke=smoke)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        downscaler = build_run_downscaler(
+            config, {"normalization": "unit"}, 2, _tiny_student()
+        )
+    messages = [str(w.message) for w in caught if "MACs" in str(w.message)]
+    assert downscaler.output_shape == (None, 16, 16, 1)
+    if expected is None:
+        assert messages == []
+    else:
+        (message,) = messages
+        assert expected in message and "--downscaler-width" in message
+        assert "build_downscaler" not in message
+        auto = int(message.split("(width ")[1].split(" ")[0])
+        assert auto < width

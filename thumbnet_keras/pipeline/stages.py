@@ -375,15 +375,20 @@ def _trainer(config, teacher, downscaler, student, stage, **weights):
         mm_weight=config.mm_weight,
     )
     loss_weights.update(weights)
-    trainer = ThumbNetTrainer(
-        teacher=teacher,
-        downscaler=downscaler,
-        student=student,
-        stage=stage,
-        temperature=config.temperature,
-        label_smoothing=config.label_smoothing,
-        **loss_weights,
-    )
+    with warnings.catch_warnings():
+        # E's cost is checked where the run builds E (`build_run_downscaler`).
+        warnings.filterwarnings(
+            "ignore", message="The downscaler .* costs", category=UserWarning
+        )
+        trainer = ThumbNetTrainer(
+            teacher=teacher,
+            downscaler=downscaler,
+            student=student,
+            stage=stage,
+            temperature=config.temperature,
+            label_smoothing=config.label_smoothing,
+            **loss_weights,
+        )
     _build_adapter(trainer)
     return trainer
 
@@ -397,23 +402,50 @@ def build_run_downscaler(config: RunConfig, prepared: dict, factor: int, student
     )
 
     shape = _image_shape(config)
-    width = config.downscaler_width
-    if width is None:
-        width = auto_downscaler_width(
+
+    def auto_width():
+        return auto_downscaler_width(
             shape,
             factor,
             student,
             depth=config.downscaler_depth,
             variant=config.downscaler_variant,
         )
-    return build_downscaler(
+
+    width = config.downscaler_width
+    downscaler = build_downscaler(
         shape,
         factor,
-        width=width,
+        width=auto_width() if width is None else width,
         depth=config.downscaler_depth,
         variant=config.downscaler_variant,
         value_range=_value_range(prepared),
     )
+    # A width the user chose: say so in the run's own terms when E is too
+    # costly (the trainer's warning, silenced in `_trainer`, names the Python
+    # API). A smoke run's fixed tiny width is a plumbing check: no warning.
+    if width is not None and not config.smoke:
+        _warn_explicit_width(downscaler, student, width, factor, auto_width)
+    return downscaler
+
+
+def _warn_explicit_width(downscaler, student, width, factor, auto_width) -> None:
+    from thumbnet_keras.evaluation.flops import count_flops
+    from thumbnet_keras.models.trainer import DOWNSCALER_SHARE
+
+    e_macs, s_macs = count_flops(downscaler), count_flops(student)
+    share = e_macs / max(e_macs + s_macs, 1)
+    if share > DOWNSCALER_SHARE:
+        warnings.warn(
+            f"downscaler_width={width} makes E cost {share:.0%} of the f={factor} "
+            f"thumbnail model ({e_macs / 1e6:.2f} M of "
+            f"{(e_macs + s_macs) / 1e6:.2f} M MACs), more than "
+            f"{DOWNSCALER_SHARE:.0%}: it saves less than the factor promises. "
+            f"Leave it unset (no --downscaler-width) to size E from S's cost "
+            f"(width {auto_width()} here), or choose a smaller one.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _equal_cost(config: RunConfig, prepared: dict, factor: int, teacher) -> dict:
