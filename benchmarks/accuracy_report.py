@@ -27,6 +27,7 @@ ARM_ORDER = (
     "es_kd",
     "es_kd_mm",
     "es_kd_fm",
+    "es_full",
     "thumbnet",
 )
 # What ThumbNet must beat: every way to get a thumbnail classifier without E.
@@ -47,6 +48,7 @@ ARM_LABELS = {
     "es_kd": "E + S, CL + KD",
     "es_kd_mm": "E + S, CL + KD + MM",
     "es_kd_fm": "E + S, CL + KD + FM",
+    "es_full": "E + S, CL + KD + FM + MM, no FM pre-train",
     "thumbnet": "ThumbNet (FM pre-train, CL + KD + FM + MM)",
 }
 # Search families: the arms one learning-rate choice drives, and the
@@ -59,6 +61,7 @@ FAMILIES = {
     "es_kd": (("es_kd",), "es_kd", ("joint_learning_rate",)),
     "es_kd_mm": (("es_kd_mm",), "es_kd_mm", ("joint_learning_rate",)),
     "es_kd_fm": (("es_kd_fm",), "es_kd_fm", ("joint_learning_rate",)),
+    "es_full": (("es_full",), "es_full", ("joint_learning_rate",)),
 }  # fmt: skip
 
 

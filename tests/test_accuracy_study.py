@@ -126,6 +126,7 @@ def test_quick_study_end_to_end(tmp_path):
         "es_kd",
         "es_kd_mm",
         "es_kd_fm",
+        "es_full",
     } <= searched
     # No test number anywhere in the search record: only validation was read.
     text = json.dumps(search)
@@ -142,7 +143,8 @@ def test_quick_study_end_to_end(tmp_path):
         assert 0.0 <= r["val_top1"] <= 1.0 and 0.0 <= r["test_top1"] <= 1.0
         assert r["factor"] == (None if r["arm"] == "teacher" else 4)
     # Every trained arm has the same epoch budget (fm + joint epochs).
-    trained = ("bicubic_cl", "bicubic_kd", "es_kd", "es_kd_mm", "es_kd_fm", "thumbnet")
+    trained = ("bicubic_cl", "bicubic_kd", "es_kd", "es_kd_mm", "es_kd_fm", "es_full",
+               "thumbnet")  # fmt: skip
     assert {arms[a]["epochs"] for a in trained} == {2}
     # Thumbnails are cheaper; E costs something on top of S.
     assert arms["bicubic_cl"]["flops"] < arms["teacher"]["flops"] / 4

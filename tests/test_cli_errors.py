@@ -115,6 +115,8 @@ CASES = [
     ("split-folder", [*TRAIN[:1], "--dataset", "{root}/splits.yaml", "--runs-dir", "{root}/runs"],
      "split folder '{root}/splits/val' (test) not found"),
     ("weight", [*TRAIN, "--kd-weight", "-1"], "--kd-weight -1.0: must be >= 0.0"),
+    # FM pre-training with both of its losses off (the defaults) learns nothing.
+    ("fm-epochs", [*TRAIN, "--fm-epochs", "2"], "--fm-epochs 2: the FM pre-training stage"),
     ("backbone", [*TRAIN, "--backbone", "resnet19"], "--backbone 'resnet19': unknown backbone"),
     ("factor", [*TRAIN, "--factor", "3"], "--factor 3 does not fit --image-size 64"),
     ("factor-twice", [*TRAIN, "--factor", "2", "--factor", "2"], "--factor given twice"),

@@ -43,7 +43,9 @@ def trained(tmp_path_factory):
         run_name="stripes",
         image_size=32,
         teacher_epochs=4,
-        fm_epochs=1,
+        fm_epochs=1,  # the paper's recipe: FM pre-training, then all four losses
+        fm_weight=1.0,
+        mm_weight=1.0,
         joint_epochs=3,
         batch_size=16,
         downscaler_width=8,

@@ -405,3 +405,51 @@ def test_equal_cost_size_is_the_smallest_side_that_costs_enough():
     # A target no size reaches: the full size, flagged.
     beyond = equal_cost_size(teacher, 2, 10 * count_flops(teacher))
     assert beyond["size"] == 32 and not beyond["reached"]
+
+
+def test_the_default_recipe_skips_fm_pretrain_and_joint_starts_from_the_teacher(
+    tmp_path,
+):
+    """fm_epochs=0 (the default since validation chose CL + KD): fm_pretrain
+    leaves no record, joint re-estimates S's BatchNorm (it starts from T)."""
+    from thumbnet_keras.pipeline import Run
+
+    manifest = tiny_dataset(tmp_path)
+    params = ThumbNetParams(
+        dataset=manifest, smoke=True, runs_dir=str(tmp_path / "runs"), run_name="r"
+    )
+    config = params.to_config()
+    assert (config.fm_epochs, config.fm_weight) == (1, 1.0)  # smoke: every loss
+    defaults = ThumbNetParams()
+    assert (defaults.fm_epochs, defaults.fm_weight, defaults.mm_weight) == (0, 0, 0)
+    run = pipeline.resolve_run(
+        ThumbNetParams(**(params.model_dump() | {"smoke": False})).model_copy(
+            update={
+                "image_size": 32,
+                "limit_per_class": 8,
+                "batch_size": 8,
+                "joint_epochs": 1,
+                "teacher_epochs": 1,
+                "backbone_options": {"widths": [8, 16]},
+                "downscaler_width": 8,
+                "factors": [2],
+            }
+        )  # fmt: skip
+    )
+    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
+    pipeline.get_teacher(run["run_dir"], prepared, verbose=0)
+    skipped = pipeline.train_stage(run["run_dir"], 2, "fm_pretrain", verbose=0)
+    assert skipped["not_run"] == "fm_epochs=0"
+    assert not Run(run["run_dir"]).is_done("f2-fm_pretrain")
+    joint = pipeline.train_stage(run["run_dir"], 2, "joint", verbose=0)
+    assert joint["epochs"] == 1 and joint["bn"]["layers"] > 0
+    assert set(joint["history"]) >= {"cl_loss", "kd_loss"}
+    with pytest.raises(ConfigError, match="would learn nothing"):
+        pipeline.resolve_run(
+            ThumbNetParams(
+                dataset=manifest,
+                runs_dir=str(tmp_path / "runs"),
+                run_name="x",
+                fm_epochs=2,
+            )  # fmt: skip
+        )

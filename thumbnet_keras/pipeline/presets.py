@@ -31,8 +31,8 @@ def demo() -> dict:
         "image_size": int(info["image_size"]),
         "channels": int(info["channels"]),
         "factors": [2, 4],
-        "fm_epochs": 1,
-        "joint_epochs": 6,
+        "fm_epochs": 0,
+        "joint_epochs": 7,
         "batch_size": 32,
         "run_name": DEMO_RUN_NAME,
     }

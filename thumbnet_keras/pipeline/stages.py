@@ -9,7 +9,8 @@
   - `"teacher_bicubic_bn"`: no training: S = T's weights at thumbnail size
     with its BatchNorm statistics re-estimated on bicubic thumbnails of train
     images (the cheap fix practitioners try first);
-  - `"fm_pretrain"`: ThumbNet stage 1, E and S with FM + MM (no labels);
+  - `"fm_pretrain"`: ThumbNet stage 1, E and S with FM + MM (no labels; not
+    run when `fm_epochs` is 0, the default);
   - `"joint"`: ThumbNet stage 2, CL + KD + FM + MM, from stage 1's weights;
   - `"bicubic_cl"`: the bicubic baseline: S (initialized from T) trained on
     bicubic thumbnails with CL only, for ThumbNet's whole epoch budget (the
@@ -485,6 +486,12 @@ def train_stage(
     progress.stage_started(config.factors, sid)
     if run.is_done(sid):
         return _skip(run, sid)
+    if stage == "fm_pretrain" and config.fm_epochs == 0:
+        # No record: `joint` then starts from the teacher's weights, with S's
+        # BatchNorm re-estimated on thumbnails.
+        _log(f"[{sid}] not run (fm_epochs=0)")
+        return {"stage": stage, "factor": factor, "id": sid, "epochs": 0,
+                "not_run": "fm_epochs=0"}  # fmt: skip
     prepared = run.data()
     configure_determinism(config.seed + factor, config.deterministic)
     out = run.stage_dir(sid)
