@@ -25,6 +25,7 @@ def _command(manifest: str, runs) -> list[str]:
         "--image-size", "32", "--limit-per-class", "8", "--batch-size", "8",
         "--backbone-options", '{"widths": [8, 16]}', "--factor", "2",
         "--teacher-epochs", "1", "--fm-epochs", "1", "--epochs", str(JOINT_EPOCHS),
+        "--fm-weight", "1", "--mm-weight", "1",  # the paper's recipe: both stages resume
     ]  # fmt: skip
 
 
