@@ -11,7 +11,8 @@
     images (the cheap fix practitioners try first);
   - `"fm_pretrain"`: ThumbNet stage 1, E and S with FM + MM (no labels; not
     run when `fm_epochs` is 0, the default);
-  - `"joint"`: ThumbNet stage 2, CL + KD + FM + MM, from stage 1's weights;
+  - `"joint"`: ThumbNet stage 2, CL + KD (+ FM + MM by their weights), from
+    stage 1's weights, or from T's when stage 1 did not run;
   - `"bicubic_cl"`: the bicubic baseline: S (initialized from T) trained on
     bicubic thumbnails with CL only, for ThumbNet's whole epoch budget (the
     "retrain at low resolution" a practitioner would try first);
