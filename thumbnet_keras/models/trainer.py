@@ -158,22 +158,27 @@ def _feature_model(model, layer_name, name):
     )
 
 
-def _warn_downscaler_share(downscaler, student):
+def downscaler_cost(downscaler, student) -> tuple[int, int, float]:
+    """`(MACs of E, MACs of E + S, E's share of them)` for one image."""
     from thumbnet_keras.evaluation.flops import count_flops
 
+    e_macs, s_macs = count_flops(downscaler), count_flops(student)
+    return e_macs, e_macs + s_macs, e_macs / max(e_macs + s_macs, 1)
+
+
+def _warn_downscaler_share(downscaler, student):
     if not downscaler.trainable_weights:  # A fixed resize is the baseline's.
         return
     try:
-        e_macs, s_macs = count_flops(downscaler), count_flops(student)
+        e_macs, total, share = downscaler_cost(downscaler, student)
     except Exception as error:  # A model whose cost cannot be counted.
         logger.debug("Downscaler share not checked: %s", error)
         return
-    share = e_macs / max(e_macs + s_macs, 1)
     if share > DOWNSCALER_SHARE:
         warnings.warn(
             f"The downscaler '{downscaler.name}' costs {e_macs / 1e6:.2f} M MACs, "
             f"{share:.0%} of the inference model (E + S = "
-            f"{(e_macs + s_macs) / 1e6:.2f} M): more than "
+            f"{total / 1e6:.2f} M): more than "
             f"{DOWNSCALER_SHARE:.0%}, so the thumbnail model saves less than the "
             "factor promises. Use a narrower E, e.g. `build_downscaler(..., "
             "width=auto_downscaler_width(input_shape, factor, student))`.",

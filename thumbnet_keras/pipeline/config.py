@@ -308,6 +308,20 @@ class ThumbNetParams(BaseModel):
                 values["backbone_options"] = dict(SMOKE["backbone_options"])
         return RunConfig.model_validate(values)
 
+    def check_fm_pretrain(self, name=lambda field: f"`{field}`") -> None:
+        """Refuses `fm_epochs > 0` with both FM and MM weights 0: that stage
+        trains on FM + MM only, so it would learn nothing. `name` spells a
+        field in the message (the CLI passes its option names)."""
+        if self.fm_epochs and not (self.fm_weight or self.mm_weight):
+            fm, mm = name("fm_weight"), name("mm_weight")
+            raise ConfigError(
+                f"{name('fm_epochs')} {self.fm_epochs}: the FM pre-training stage "
+                f"trains E + S on the FM and MM losses only, and {fm} and {mm} are "
+                "both 0 (the defaults: validation chose CL + KD, docs/design.md), "
+                f"so it would learn nothing. Set {fm} and {mm} to 1 (the paper's "
+                f"recipe), or {name('fm_epochs')} to 0."
+            )
+
 
 class RunConfig(ThumbNetParams, _RunFolder):
     """A run's resolved parameters: `ThumbNetParams` with `smoke` applied

@@ -526,14 +526,7 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     channels = config.channels or manifest.image.channels
     if channels not in (1, 3):
         raise ConfigError(f"--channels must be 1 or 3, received {channels}.")
-    if config.fm_epochs and not (config.fm_weight or config.mm_weight):
-        raise ConfigError(
-            f"--fm-epochs {config.fm_epochs}: the FM pre-training stage trains E + S "
-            "on the FM and MM losses only, and --fm-weight and --mm-weight are both 0 "
-            "(the defaults: validation chose CL + KD, docs/design.md), so it would "
-            "learn nothing. Add --fm-weight 1 --mm-weight 1 (the paper's recipe), "
-            "or leave --fm-epochs at 0."
-        )
+    config.check_fm_pretrain(option_name)
     if len(set(config.factors)) != len(config.factors):
         raise ConfigError(f"--factor given twice: {list(config.factors)}.")
     for factor in config.factors:

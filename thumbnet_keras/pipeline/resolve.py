@@ -111,14 +111,7 @@ def _check(config: RunConfig, manifest) -> int | None:
     from thumbnet_keras.layers.downscaler import validate_image_shape
 
     check_backbone(config.backbone)
-    if config.fm_epochs and not (config.fm_weight or config.mm_weight):
-        raise ConfigError(
-            f"`fm_epochs={config.fm_epochs}` with `fm_weight` and `mm_weight` both "
-            "0 (the defaults: validation chose CL + KD, docs/design.md): the FM "
-            "pre-training stage trains on FM + MM only, so it would learn "
-            "nothing. Set fm_weight=1.0, mm_weight=1.0 (the paper's recipe), or "
-            "fm_epochs=0."
-        )
+    config.check_fm_pretrain()
     channels = config.channels or manifest.image.channels
     if channels not in (1, 3):
         raise ConfigError(f"`channels` must be 1 or 3, received {channels}.")

@@ -432,16 +432,14 @@ def build_run_downscaler(config: RunConfig, prepared: dict, factor: int, student
 
 
 def _warn_explicit_width(downscaler, student, width, factor, auto_width) -> None:
-    from thumbnet_keras.evaluation.flops import count_flops
-    from thumbnet_keras.models.trainer import DOWNSCALER_SHARE
+    from thumbnet_keras.models.trainer import DOWNSCALER_SHARE, downscaler_cost
 
-    e_macs, s_macs = count_flops(downscaler), count_flops(student)
-    share = e_macs / max(e_macs + s_macs, 1)
+    e_macs, total, share = downscaler_cost(downscaler, student)
     if share > DOWNSCALER_SHARE:
         warnings.warn(
             f"downscaler_width={width} makes E cost {share:.0%} of the f={factor} "
             f"thumbnail model ({e_macs / 1e6:.2f} M of "
-            f"{(e_macs + s_macs) / 1e6:.2f} M MACs), more than "
+            f"{total / 1e6:.2f} M MACs), more than "
             f"{DOWNSCALER_SHARE:.0%}: it saves less than the factor promises. "
             f"Leave it unset (no --downscaler-width) to size E from S's cost "
             f"(width {auto_width()} here), or choose a smaller one.",
