@@ -407,6 +407,61 @@ def test_equal_cost_size_is_the_smallest_side_that_costs_enough():
     assert beyond["size"] == 32 and not beyond["reached"]
 
 
+def test_auto_e_width_stays_under_the_next_thumbnail_side():
+    """Fashion-MNIST's study teacher at f=2: S costs 3,321,472 MACs at 14x14
+    and 3,606,304 at 15x15 (by hand below). E of width 24 fits the 15% share
+    but costs more than that step, which pushed the equal-cost baseline to
+    17x17 (1.64x E + S's MACs); the auto width now stays under the step, so
+    the baseline is 15x15. At f=4 no width fits the step (S at 7 and 8 have
+    the same feature-map sizes): the share rule alone decides, as before."""
+    from thumbnet_keras import count_flops
+    from thumbnet_keras.layers.downscaler import auto_downscaler_width
+    from thumbnet_keras.models import backbones
+    from thumbnet_keras.models.student import make_student
+    from thumbnet_keras.pipeline.equal_cost import (
+        equal_cost_size,
+        resize_downscaler,
+        thumbnail_step_macs,
+    )
+    from thumbnet_keras.pipeline.config import RunConfig
+    from thumbnet_keras.pipeline.stages import build_run_downscaler
+
+    teacher = backbones.build("tiny_cnn", (28, 28, 1), 10, widths=[32, 64, 128, 256])
+
+    def s_macs(side):  # 3x3 convs, stride 1 then 2 ("same": ceil), + the head
+        sides = [side, -(-side // 2), -(-side // 4), -(-side // 8)]
+        chans = [1, 32, 64, 128, 256]
+        convs = sum(n * n * 9 * chans[i] * chans[i + 1] for i, n in enumerate(sides))
+        return convs + 256 * 10
+
+    assert (s_macs(14), s_macs(15)) == (3_321_472, 3_606_304)
+    assert count_flops(make_student(teacher, 2)) == s_macs(14)
+    resize15 = count_flops(resize_downscaler((28, 28, 1), 15, (0.0, 1.0)))
+    step = thumbnail_step_macs(teacher, 2, (0.0, 1.0))
+    assert step == s_macs(15) + resize15 - s_macs(14)
+
+    student = make_student(teacher, 2)
+    assert auto_downscaler_width((28, 28, 1), 2, student) == 24  # share only
+    assert auto_downscaler_width((28, 28, 1), 2, student, step_macs=step) == 16
+    config = RunConfig(image_size=28, channels=1)
+    e = build_run_downscaler(config, {"normalization": "unit"}, 2, student, teacher)
+    assert count_flops(e) <= step
+    found = equal_cost_size(teacher, 2, count_flops(e) + s_macs(14), (0.0, 1.0))
+    assert found["size"] == 15
+    # f=4: the step is a few thousand MACs, below any E: share rule (24 there too).
+    student4 = make_student(teacher, 4)
+    step4 = thumbnail_step_macs(teacher, 4, (0.0, 1.0))
+    assert step4 == s_macs(8) + count_flops(
+        resize_downscaler((28, 28, 1), 8, (0.0, 1.0))
+    ) - s_macs(7)
+    assert step4 < 10_000
+    assert auto_downscaler_width(
+        (28, 28, 1), 4, student4, step_macs=step4
+    ) == auto_downscaler_width((28, 28, 1), 4, student4)
+    with pytest.raises(ValueError, match="step_macs"):
+        auto_downscaler_width((28, 28, 1), 2, student, step_macs=1.5)
+
+
 def test_the_default_recipe_skips_fm_pretrain_and_joint_starts_from_the_teacher(
     tmp_path,
 ):

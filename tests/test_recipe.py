@@ -167,10 +167,12 @@ def test_reestimate_batchnorm_num_batches_and_empty():
         reestimate_batchnorm(model, batches, num_batches=0)
 
 
-def _tiny_student():
+def _tiny_teacher_and_student():
     from thumbnet_keras.models import backbones
+    from thumbnet_keras.models.student import make_student
 
-    return backbones.build("tiny_cnn", (16, 16, 1), 3, widths=[4, 8])
+    teacher = backbones.build("tiny_cnn", (32, 32, 1), 3, widths=[4, 8])
+    return teacher, make_student(teacher, 2)
 
 
 @pytest.mark.parametrize(
@@ -187,8 +189,9 @@ def test_a_costly_explicit_e_width_is_named_in_run_terms(width, smoke, expected)
     config = RunConfig(image_size=32, channels=1, downscaler_width=width, smoke=smoke)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        teacher, student = _tiny_teacher_and_student()
         downscaler = build_run_downscaler(
-            config, {"normalization": "unit"}, 2, _tiny_student()
+            config, {"normalization": "unit"}, 2, student, teacher
         )
     messages = [str(w.message) for w in caught if "MACs" in str(w.message)]
     assert downscaler.output_shape == (None, 16, 16, 1)

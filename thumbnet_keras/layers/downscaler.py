@@ -398,6 +398,7 @@ def auto_downscaler_width(
     depth: int = 2,
     max_share: float = 0.15,
     variant: str = "space_to_depth",
+    step_macs: int | None = None,
 ) -> int:
     """The widest E (from `AUTO_WIDTHS`) that stays a small part of E + S.
 
@@ -407,6 +408,16 @@ def auto_downscaler_width(
     `max_share` of the inference model's multiply-adds, `MACs(E) /
     (MACs(E) + MACs(S))`, and the narrowest (4) when none does.
 
+    A second budget, `step_macs`, is what one more thumbnail pixel would cost
+    instead: `MACs(bicubic + S at H/f + 1) - MACs(S at H/f)`
+    (`pipeline.equal_cost.thumbnail_step_macs`). An E dearer than that buys
+    less than the alternative of a slightly larger bicubic thumbnail could,
+    and a strided CNN's cost jumps with the side (Fashion-MNIST's tiny_cnn:
+    S costs 3.32 M MACs at 14x14, 3.61 M at 15x15, 6.08 M at 17x17). When some
+    width fits both budgets the widest such width is chosen; when none fits
+    the step (it can be a few thousand MACs, when the next side gives S the
+    same feature-map sizes), the step is ignored and `max_share` alone decides.
+
     Args:
         input_shape: `(H, W, C)` of the full-size image.
         factor: the downscaling factor.
@@ -414,6 +425,8 @@ def auto_downscaler_width(
         depth: E's depth, as in `build_downscaler`.
         max_share: the largest acceptable share, in (0, 1). Defaults to 0.15.
         variant: E's design, as in `build_downscaler`.
+        step_macs: MACs E may cost so that E + S stays no dearer than
+            bicubic + S one pixel larger, or None (no such budget).
 
     Returns:
         An int to pass as `build_downscaler(..., width=...)`.
@@ -423,11 +436,24 @@ def auto_downscaler_width(
     if not 0 < max_share < 1:
         raise ValueError(f"`max_share` must be in (0, 1), received {max_share!r}.")
     validate_variant(variant)
+    if step_macs is not None and (
+        isinstance(step_macs, bool) or not isinstance(step_macs, int)
+    ):
+        raise ValueError(
+            f"`step_macs` must be an int or None, received {step_macs!r}."
+        )
     student_macs = count_flops(student)
+    within_share = []  # (width, MACs of E), widest first
     for width in AUTO_WIDTHS:
         e_macs = count_flops(
             build_downscaler(input_shape, factor, width, depth, variant=variant)
         )
         if e_macs <= max_share * (e_macs + student_macs):
-            return width
-    return AUTO_WIDTHS[-1]
+            within_share.append((width, e_macs))
+    if not within_share:
+        return AUTO_WIDTHS[-1]
+    if step_macs is not None:
+        for width, e_macs in within_share:
+            if e_macs <= step_macs:
+                return width
+    return within_share[0][0]

@@ -25,7 +25,7 @@ import keras
 from thumbnet_keras.evaluation.flops import count_flops
 from thumbnet_keras.layers.downscaler import clip_to_range, validate_value_range
 
-__all__ = ["equal_cost_size", "resize_downscaler"]
+__all__ = ["equal_cost_size", "resize_downscaler", "thumbnail_step_macs"]
 
 
 def resize_downscaler(
@@ -96,3 +96,34 @@ def equal_cost_size(
             low = mid + 1
     return {"size": high, "macs": macs(high), "target_macs": target_macs,
             "reached": True}  # fmt: skip
+
+
+def thumbnail_step_macs(
+    teacher: keras.Model, factor: int, value_range: Sequence[float] | None = None
+) -> int | None:
+    """What one more thumbnail pixel costs: `MACs(bicubic + S at H/f + 1) -
+    MACs(S at H/f)`.
+
+    E + S at `H/f` stays no dearer than bicubic + S at `H/f + 1` exactly when
+    E costs at most this, so the equal-cost baseline (`equal_cost_size`) is
+    then the next side up rather than a much dearer one
+    (`auto_downscaler_width`'s `step_macs`).
+
+    Returns:
+        The MACs, or None when the next side does not exist (`H/f + 1 > H`)
+        or S cannot take another size (T's head fixes it).
+    """
+    from thumbnet_keras.models.student import make_student
+
+    height, width, channels = (int(d) for d in teacher.inputs[0].shape[1:])
+    side = height // factor
+    if height != width or side + 1 > height:
+        return None
+    try:
+        larger = make_student(teacher, size=(side + 1, side + 1))
+    except ValueError:  # a head that fixes S's input size
+        return None
+    resize = resize_downscaler((height, width, channels), side + 1, value_range)
+    return _composed_macs(resize, larger) - count_flops(
+        make_student(teacher, factor)
+    )

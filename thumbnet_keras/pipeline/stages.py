@@ -395,13 +395,17 @@ def _trainer(config, teacher, downscaler, student, stage, **weights):
     return trainer
 
 
-def build_run_downscaler(config: RunConfig, prepared: dict, factor: int, student):
+def build_run_downscaler(
+    config: RunConfig, prepared: dict, factor: int, student, teacher
+):
     """E as the run builds it: `config.downscaler_width`, or when None the
-    width sized from S's cost (`auto_downscaler_width`)."""
+    width sized from S's cost and from what one more thumbnail pixel would
+    cost instead (`auto_downscaler_width`, `thumbnail_step_macs`)."""
     from thumbnet_keras.layers.downscaler import (
         auto_downscaler_width,
         build_downscaler,
     )
+    from thumbnet_keras.pipeline.equal_cost import thumbnail_step_macs
 
     shape = _image_shape(config)
 
@@ -412,6 +416,7 @@ def build_run_downscaler(config: RunConfig, prepared: dict, factor: int, student
             student,
             depth=config.downscaler_depth,
             variant=config.downscaler_variant,
+            step_macs=thumbnail_step_macs(teacher, factor, _value_range(prepared)),
         )
 
     width = config.downscaler_width
@@ -455,7 +460,7 @@ def _equal_cost(config: RunConfig, prepared: dict, factor: int, teacher) -> dict
     from thumbnet_keras.pipeline.equal_cost import equal_cost_size
 
     student = make_student(teacher, factor)
-    downscaler = build_run_downscaler(config, prepared, factor, student)
+    downscaler = build_run_downscaler(config, prepared, factor, student, teacher)
     target = count_flops(downscaler) + count_flops(student)
     return equal_cost_size(teacher, factor, target, _value_range(prepared))
 
@@ -537,7 +542,9 @@ def train_stage(
 
     if stage in ("fm_pretrain", "joint"):
         epochs = config.fm_epochs if stage == "fm_pretrain" else config.joint_epochs
-        downscaler = build_run_downscaler(config, prepared, factor, student)
+        downscaler = build_run_downscaler(
+            config, prepared, factor, student, teacher
+        )
         model = _trainer(config, teacher, downscaler, student, stage)
         previous = stage_id(factor, "fm_pretrain")
         if stage == "joint" and run.is_done(previous):
