@@ -418,12 +418,12 @@ def test_auto_e_width_stays_under_the_next_thumbnail_side():
     from thumbnet_keras.layers.downscaler import auto_downscaler_width
     from thumbnet_keras.models import backbones
     from thumbnet_keras.models.student import make_student
+    from thumbnet_keras.pipeline.config import RunConfig
     from thumbnet_keras.pipeline.equal_cost import (
         equal_cost_size,
         resize_downscaler,
         thumbnail_step_macs,
     )
-    from thumbnet_keras.pipeline.config import RunConfig
     from thumbnet_keras.pipeline.stages import build_run_downscaler
 
     teacher = backbones.build("tiny_cnn", (28, 28, 1), 10, widths=[32, 64, 128, 256])

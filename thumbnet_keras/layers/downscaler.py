@@ -439,9 +439,7 @@ def auto_downscaler_width(
     if step_macs is not None and (
         isinstance(step_macs, bool) or not isinstance(step_macs, int)
     ):
-        raise ValueError(
-            f"`step_macs` must be an int or None, received {step_macs!r}."
-        )
+        raise ValueError(f"`step_macs` must be an int or None, received {step_macs!r}.")
     student_macs = count_flops(student)
     within_share = []  # (width, MACs of E), widest first
     for width in AUTO_WIDTHS:

@@ -124,6 +124,4 @@ def thumbnail_step_macs(
     except ValueError:  # a head that fixes S's input size
         return None
     resize = resize_downscaler((height, width, channels), side + 1, value_range)
-    return _composed_macs(resize, larger) - count_flops(
-        make_student(teacher, factor)
-    )
+    return _composed_macs(resize, larger) - count_flops(make_student(teacher, factor))

@@ -542,9 +542,7 @@ def train_stage(
 
     if stage in ("fm_pretrain", "joint"):
         epochs = config.fm_epochs if stage == "fm_pretrain" else config.joint_epochs
-        downscaler = build_run_downscaler(
-            config, prepared, factor, student, teacher
-        )
+        downscaler = build_run_downscaler(config, prepared, factor, student, teacher)
         model = _trainer(config, teacher, downscaler, student, stage)
         previous = stage_id(factor, "fm_pretrain")
         if stage == "joint" and run.is_done(previous):
