@@ -59,6 +59,14 @@ def test_stage_label_counts_the_runs_stages():
     assert stage_label([2, 4], "f4-bicubic_kd_equal") == "[13/13] bicubic_kd_equal f=4"
     assert stage_label([2], "f2-joint") == "[4/7] joint f=2"
     assert stage_label([2], "f8-joint") == "[joint f=8]"  # not in this run
+    # fm_epochs=0 (the default recipe): fm_pretrain is not a stage of the run.
+    assert stage_label([2, 4], "f2-joint", fm_pretrain=False) == "[3/11] joint f=2"
+    assert stage_label([2, 4], "f4-bicubic_kd_equal", fm_pretrain=False) == (
+        "[11/11] bicubic_kd_equal f=4"
+    )
+    assert stage_label([2, 4], "f2-fm_pretrain", fm_pretrain=False) == (
+        "[fm_pretrain f=2]"
+    )
 
 
 def test_format_duration_and_keras_verbose():

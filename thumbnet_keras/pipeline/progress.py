@@ -15,7 +15,8 @@ user's own configuration decide where it shows):
 
 (the stage modules add their own lines between these, e.g. BatchNorm
 re-estimation). The stage count comes from the run's config: the teacher,
-then every stage of `STAGES` per factor. In a terminal Keras draws its progress bar as well
+then every stage of `STAGES` per factor (fm_pretrain only when `fm_epochs` >
+0). In a terminal Keras draws its progress bar as well
 (`keras_verbose`); piped, the epoch line above is the only per-epoch output.
 
 `format_summary(metrics)` (and `run_summary(run_dir)`, which reads the run's
@@ -50,11 +51,13 @@ __all__ = [
 logger = logging.getLogger("thumbnet_keras.progress")
 
 
-def run_stage_ids(factors: Sequence[int]) -> list[str]:
-    """The stage ids of a `thumbnet` run, in the order they run."""
+def run_stage_ids(factors: Sequence[int], fm_pretrain: bool = True) -> list[str]:
+    """The stage ids of a `thumbnet` run, in the order they run
+    (`fm_pretrain=False`: a run with `fm_epochs=0`, which skips that stage)."""
     from thumbnet_keras.pipeline.stages import STAGES, stage_id
 
-    return ["teacher"] + [stage_id(f, s) for f in factors for s in STAGES]
+    stages = [s for s in STAGES if fm_pretrain or s != "fm_pretrain"]
+    return ["teacher"] + [stage_id(f, s) for f in factors for s in stages]
 
 
 def _title(sid: str) -> str:
@@ -65,9 +68,10 @@ def _title(sid: str) -> str:
     return sid
 
 
-def stage_label(factors: Sequence[int], sid: str) -> str:
-    """`[3/13] fm_pretrain f=2`: the stage's place in the run and its name."""
-    ids = run_stage_ids(factors)
+def stage_label(factors: Sequence[int], sid: str, fm_pretrain: bool = True) -> str:
+    """`[3/13] fm_pretrain f=2`: the stage's place in the run and its name
+    (`fm_pretrain` as in `run_stage_ids`)."""
+    ids = run_stage_ids(factors, fm_pretrain)
     if sid not in ids:
         return f"[{_title(sid)}]"
     return f"[{ids.index(sid) + 1}/{len(ids)}] {_title(sid)}"
@@ -100,9 +104,9 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def stage_started(factors: Sequence[int], sid: str) -> None:
+def stage_started(factors: Sequence[int], sid: str, fm_pretrain: bool = True) -> None:
     """Logs `[3/13] fm_pretrain f=2`: a stage starts (or is found done)."""
-    logger.info(stage_label(factors, sid))
+    logger.info(stage_label(factors, sid, fm_pretrain))
 
 
 def stage_done(run, sid: str, record: Mapping) -> None:
@@ -113,8 +117,9 @@ def stage_done(run, sid: str, record: Mapping) -> None:
         sid: the stage id.
         record: the stage record (`seconds`, `selection`, `unavailable`).
     """
-    factors = run.config()["config"]["factors"]
-    text = f"{stage_label(factors, sid)}: "
+    config = run.config()["config"]
+    fm_pretrain = config.get("fm_epochs", 1) > 0
+    text = f"{stage_label(config['factors'], sid, fm_pretrain)}: "
     if record.get("unavailable"):
         text += "unavailable"
     else:
@@ -140,6 +145,7 @@ class EpochProgress(keras.callbacks.Callback):
         epochs: the stage's total epochs (a resumed `fit` starts later).
         factors: the run's factors (for the stage count), or None.
         log: a `logging.Logger` (default: `thumbnet_keras.progress`).
+        fm_pretrain: whether the run has an fm_pretrain stage (for the count).
     """
 
     def __init__(
@@ -148,9 +154,10 @@ class EpochProgress(keras.callbacks.Callback):
         epochs: int,
         factors: Sequence[int] | None = None,
         log: logging.Logger | None = None,
+        fm_pretrain: bool = True,
     ):
         super().__init__()
-        self.label = stage_label(factors or [], sid)
+        self.label = stage_label(factors or [], sid, fm_pretrain)
         self.epochs = int(epochs)
         self.log = log or logger
         self.durations: list[float] = []

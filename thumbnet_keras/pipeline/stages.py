@@ -202,7 +202,11 @@ def _fit(model, config, prepared, run, sid, epochs, verbose, labels=True):
             run.checkpoint_dir(sid),
             verbose=progress.keras_verbose(verbose),
             log=_log,
-            callbacks=[progress.EpochProgress(sid, epochs, config.factors)],
+            callbacks=[
+                progress.EpochProgress(
+                    sid, epochs, config.factors, fm_pretrain=config.fm_epochs > 0
+                )
+            ],
             validation_data=validation,
             no_selection_reason=reason,
             seed=seed,
@@ -296,7 +300,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
         prepared = {**prepared, "normalization": "raw"}
     write_json(run.data_json, prepared)
     sid = "teacher"
-    progress.stage_started(config.factors, sid)
+    progress.stage_started(config.factors, sid, config.fm_epochs > 0)
     if run.is_done(sid):  # A failed teacher fails a rerun too.
         return _teacher_checked(_skip(run, sid))
     shape, classes = _image_shape(config), prepared["num_classes"]
@@ -487,15 +491,16 @@ def train_stage(
         raise ConfigError(f"Unknown stage {stage!r}; stages: {', '.join(STAGES)}.")
     run, config = load_run(run_dir)
     sid = stage_id(factor, stage)
-    progress.stage_started(config.factors, sid)
-    if run.is_done(sid):
-        return _skip(run, sid)
     if stage == "fm_pretrain" and config.fm_epochs == 0:
-        # No record: `joint` then starts from the teacher's weights, with S's
+        # Not a stage of this run (nor counted in its "[k/N]" labels); no
+        # record: `joint` then starts from the teacher's weights, with S's
         # BatchNorm re-estimated on thumbnails.
         _log(f"[{sid}] not run (fm_epochs=0)")
         return {"stage": stage, "factor": factor, "id": sid, "epochs": 0,
                 "not_run": "fm_epochs=0"}  # fmt: skip
+    progress.stage_started(config.factors, sid, config.fm_epochs > 0)
+    if run.is_done(sid):
+        return _skip(run, sid)
     prepared = run.data()
     configure_determinism(config.seed + factor, config.deterministic)
     out = run.stage_dir(sid)
