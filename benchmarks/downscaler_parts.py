@@ -6,6 +6,7 @@ models (ImageNet size: 224x224x3, f=2, the default width 16) so the cost can
 be placed:
 
 * `e`: the whole default E (`build_downscaler(..., value_range=(0, 1))`);
+  `e_depth1`, `e_depth0`: the same with one or no separable conv in its body;
 * `bicubic`: the fixed bicubic branch (two separable strided depthwise convs
   over the full image, then the border normalization);
 * `bicubic_2d`: the same filter as one 2-D depthwise conv (not what E uses;
@@ -55,6 +56,10 @@ def parts(size: int, factor: int, width: int, channels: int = 3) -> dict:
     """name -> Functional model of one piece of E."""
     shape = (size, size, channels)
 
+    def e_of_depth(depth):
+        e = D.build_downscaler(shape, factor, width, depth, value_range=(0.0, 1.0))
+        return lambda x: e(x)
+
     def bicubic(x):
         return D._bicubic_branch(x, size, size, channels, factor)
 
@@ -75,9 +80,9 @@ def parts(size: int, factor: int, width: int, channels: int = 3) -> dict:
         return keras.layers.ReLU()(keras.layers.Add()([patches, thumb]))
 
     builders = {
-        "e": lambda x: D.build_downscaler(shape, factor, width, value_range=(0.0, 1.0))(
-            x
-        ),
+        "e": e_of_depth(2),
+        "e_depth1": e_of_depth(1),
+        "e_depth0": e_of_depth(0),
         "bicubic": bicubic,
         "bicubic_2d": bicubic_2d,
         "space_to_depth": lambda x: D.space_to_depth(x, factor),
