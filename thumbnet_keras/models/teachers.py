@@ -50,6 +50,15 @@ import os
 import keras
 import numpy as np
 
+from thumbnet_keras.models.teacher_spec import (
+    APPLICATIONS,
+    APPLICATIONS_PREFIX,
+    HUB_PREFIX,
+    TeacherSpecError,
+    check_applications_spec,
+    is_raw_pixel_teacher,
+)
+
 __all__ = [
     "APPLICATIONS",
     "PREPROCESSING_MODES",
@@ -61,68 +70,11 @@ __all__ = [
     "preprocessing_layers",
 ]
 
-APPLICATIONS_PREFIX = "applications:"
-HUB_PREFIX = "keras_hub:"
-
-# keras.applications model -> the mode of its `preprocess_input`
-# ("none": the model rescales inside already and takes [0, 255]).
-APPLICATIONS = {
-    "ResNet50": "caffe",
-    "ResNet101": "caffe",
-    "ResNet152": "caffe",
-    "VGG16": "caffe",
-    "VGG19": "caffe",
-    "DenseNet121": "torch",
-    "DenseNet169": "torch",
-    "DenseNet201": "torch",
-    "MobileNet": "tf",
-    "MobileNetV2": "tf",
-    "ResNet50V2": "tf",
-    "ResNet101V2": "tf",
-    "ResNet152V2": "tf",
-    "InceptionV3": "tf",
-    "InceptionResNetV2": "tf",
-    "Xception": "tf",
-    "NASNetMobile": "tf",
-    "NASNetLarge": "tf",
-    "MobileNetV3Small": "none",
-    "MobileNetV3Large": "none",
-    "EfficientNetB0": "none",
-    "EfficientNetB1": "none",
-    "EfficientNetB2": "none",
-    "EfficientNetB3": "none",
-    "EfficientNetB4": "none",
-    "EfficientNetB5": "none",
-    "EfficientNetB6": "none",
-    "EfficientNetB7": "none",
-    "EfficientNetV2B0": "none",
-    "EfficientNetV2B1": "none",
-    "EfficientNetV2B2": "none",
-    "EfficientNetV2B3": "none",
-    "EfficientNetV2S": "none",
-    "EfficientNetV2M": "none",
-    "EfficientNetV2L": "none",
-    "ConvNeXtTiny": "none",
-    "ConvNeXtSmall": "none",
-    "ConvNeXtBase": "none",
-    "ConvNeXtLarge": "none",
-    "ConvNeXtXLarge": "none",
-}
 PREPROCESSING_MODES = ("caffe", "torch", "tf", "none")
 # keras.applications.imagenet_utils' constants.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-
-
-class TeacherSpecError(ValueError):
-    """A teacher specification that cannot be resolved; the message says why."""
-
-
-def is_raw_pixel_teacher(spec: str | None) -> bool:
-    """Whether `spec` names a teacher that takes raw [0, 255] pixels (an
-    `applications:` or `keras_hub:` teacher, preprocessing inside)."""
-    return bool(spec) and spec.startswith((APPLICATIONS_PREFIX, HUB_PREFIX))
 
 
 def preprocessing_layers(mode: str, channels: int = 3) -> list:
@@ -206,29 +158,9 @@ def _wrap(classifier, image_shape, layers, name):
 
 
 def _applications(rest: str, image_shape, num_classes):
-    name, _, weights = rest.partition(":")
-    if name not in APPLICATIONS:
-        raise TeacherSpecError(
-            f"Unknown keras.applications model {name!r}; known: "
-            f"{', '.join(APPLICATIONS)}."
-        )
-    weights = weights or "imagenet"
-    if weights.lower() == "none":
-        weights = None
-    elif weights != "imagenet" and not os.path.isfile(weights):
-        raise TeacherSpecError(
-            f"Weights file of teacher applications:{name} not found: {weights!r}."
-        )
-    if image_shape[-1] != 3:
-        raise TeacherSpecError(
-            f"keras.applications.{name} takes RGB images: set channels=3 "
-            f"(received {image_shape[-1]})."
-        )
-    if weights == "imagenet" and num_classes not in (None, 1000):
-        raise TeacherSpecError(
-            f"ImageNet weights of {name} give 1000 classes but the dataset has "
-            f"{num_classes}; use a weights file trained on this dataset."
-        )
+    name, weights = check_applications_spec(
+        APPLICATIONS_PREFIX + rest, image_shape[-1], num_classes
+    )
     classes = 1000 if num_classes is None else num_classes
     builder = getattr(keras.applications, name)
     local = weights not in (None, "imagenet")

@@ -315,29 +315,17 @@ def keras_archive_shape(
 def _check_applications_teacher(
     spec: str, shape: tuple, num_classes: int | None
 ) -> None:
-    """`applications:<Name>[:imagenet|none|<weights file>]`, as
-    `models.teachers` builds it, checked without building it."""
-    name, _, weights = spec.removeprefix("applications:").partition(":")
-    known = _module_constant("thumbnet_keras.models.teachers", "APPLICATIONS")
-    if name not in known:
-        raise ConfigError(
-            f"--teacher {spec!r}: unknown keras.applications model {name!r}; "
-            f"choose from {', '.join(known)}."
-        )
-    weights = weights or "imagenet"
-    if weights.lower() not in ("imagenet", "none") and not os.path.isfile(weights):
-        raise ConfigError(f"--teacher {spec!r}: weights file {weights!r} not found.")
-    if shape[-1] != 3:
-        raise ConfigError(
-            f"--teacher {spec!r} takes RGB images but the run's images have "
-            f"{shape[-1]} channel(s); add --channels 3."
-        )
-    if weights == "imagenet" and num_classes not in (None, 1000):
-        raise ConfigError(
-            f"--teacher {spec!r}: ImageNet weights give 1000 classes but the "
-            f"dataset has {num_classes}; give a weights file trained on this "
-            f"dataset (applications:{name}:<file>)."
-        )
+    """`applications:<Name>[:imagenet|none|<weights file>]`, by the rules
+    `models.teachers` builds it with (`models.teacher_spec`, no Keras)."""
+    from thumbnet_keras.models.teacher_spec import (
+        TeacherSpecError,
+        check_applications_spec,
+    )
+
+    try:
+        check_applications_spec(spec, shape[-1], num_classes, "add --channels 3")
+    except TeacherSpecError as err:
+        raise ConfigError(f"--teacher {str(err).removeprefix('Teacher ')}") from None
 
 
 @cache
