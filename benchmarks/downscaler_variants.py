@@ -1,12 +1,16 @@
-"""E's two designs on the accuracy study's Fashion-MNIST setting, validation only.
+"""E's designs on the accuracy study's Fashion-MNIST setting, validation only.
 
 Trains the study's "E + S with CL + KD" arm (`accuracy_study.ABLATIONS["es_kd"]`:
 no FM pre-training, `joint` stage for the whole budget, the learning rate
 `chosen.json` picked for it unless `--learning-rate` is given) once per seed and factor with
 `downscaler_variant="strided"` (the earlier E) and `"space_to_depth"` (the
 default since issue 11), on the study's teacher, data and recipe. E's width is
-sized as the product sizes it (`auto_downscaler_width`, per design). Reports
-the best-epoch validation top-1 the pipeline recorded; no test batch is read.
+sized as the product sizes it (`auto_downscaler_width`, per design). `--designs`
+names other designs as `variant:depth` (E's body of `depth` separable convs;
+default `strided:2 space_to_depth:2`), `--dataset fashion_mnist_full` uses the
+study's all-of-train sizing (6,000 validation images) instead of 500 images
+per class. Reports the best-epoch validation top-1 the pipeline recorded; no
+test batch is read.
 
     KERAS_BACKEND=tensorflow python benchmarks/downscaler_variants.py \
         --seeds 0 1 2 --teacher runs/accuracy_study/runs/<teacher run>/teacher.keras \
@@ -27,7 +31,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy_study as study  # noqa: E402
 
-VARIANTS = ("strided", "space_to_depth")
+DESIGNS = ("strided:2", "space_to_depth:2")
+
+
+def _design(text: str) -> tuple[str, int]:
+    variant, _, depth = text.partition(":")
+    if variant not in ("strided", "space_to_depth") or not depth.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"a design is 'strided:<depth>' or 'space_to_depth:<depth>', "
+            f"received {text!r}"
+        )
+    return variant, int(depth)
 
 
 def main(argv=None) -> dict:
@@ -40,6 +54,11 @@ def main(argv=None) -> dict:
         "--learning-rate", type=float, help="joint rate (default: chosen.json's)"
     )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--dataset", choices=("fashion_mnist", "fashion_mnist_full"),
+        default="fashion_mnist",
+    )  # fmt: skip
+    parser.add_argument("--designs", nargs="+", type=_design, default=None)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
@@ -49,11 +68,10 @@ def main(argv=None) -> dict:
     from thumbnet_keras.evaluation.flops import count_flops
 
     work = Path(args.work_dir)
-    settings, teacher_over = study.base_settings(
-        "fashion_mnist", args.quick, args.factors
-    )
+    designs = args.designs or [_design(d) for d in DESIGNS]
+    settings, teacher_over = study.base_settings(args.dataset, args.quick, args.factors)
     teacher = args.teacher or study.get_teacher(
-        "fashion_mnist", settings, teacher_over, work, 0
+        args.dataset, settings, teacher_over, work, 0
     )
     if args.learning_rate is not None:
         lr = {"joint_learning_rate": args.learning_rate}
@@ -69,13 +87,16 @@ def main(argv=None) -> dict:
     budget = settings["fm_epochs"] + settings["joint_epochs"]
     rows = []
     for seed in args.seeds:
-        for variant in VARIANTS:
+        for variant, depth in designs:
+            design = f"{variant}:{depth}"
             over = settings | study.ABLATIONS["es_kd"] | lr | {
                 "fm_epochs": 0, "joint_epochs": budget, "teacher": teacher,
                 "seed": seed, "downscaler_variant": variant,
+                "downscaler_depth": depth,
             }  # fmt: skip
+            tag = variant if depth == 2 else f"{variant}-depth{depth}"
             run_dir, cfg, prepared = study._resolve(
-                over, f"e-{variant}-seed{seed}", work
+                over, f"e-{args.dataset}-{tag}-seed{seed}", work
             )
             pipeline.get_teacher(run_dir, prepared, verbose=0)
             for factor in cfg["factors"]:
@@ -85,7 +106,8 @@ def main(argv=None) -> dict:
                 e = keras.saving.load_model(
                     record["paths"]["downscaler"], compile=False
                 )
-                row = {"variant": variant, "seed": seed, "factor": factor,
+                row = {"variant": variant, "depth": depth, "design": design,
+                       "seed": seed, "factor": factor,
                        "val_top1": best, "best_epoch": epoch,
                        "e_macs": count_flops(e), "e_params": e.count_params(),
                        "run_dir": str(run_dir)}  # fmt: skip
@@ -93,17 +115,18 @@ def main(argv=None) -> dict:
                 rows.append(row)
     summary = {}
     for factor in sorted({r["factor"] for r in rows}):
-        for variant in VARIANTS:
+        for variant, depth in designs:
+            design = f"{variant}:{depth}"
             vals = [
                 r["val_top1"]
                 for r in rows
-                if (r["factor"], r["variant"]) == (factor, variant)
+                if (r["factor"], r["design"]) == (factor, design)
             ]
-            summary[f"f{factor}/{variant}"] = {
+            summary[f"f{factor}/{design}"] = {
                 "mean": statistics.mean(vals), "values": vals,
                 "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             }  # fmt: skip
-    report = {"settings": settings, "learning_rate": lr, "teacher": teacher,
+    report = {"dataset": args.dataset, "settings": settings, "learning_rate": lr, "teacher": teacher,
               "seeds": args.seeds, "rows": rows, "summary": summary}  # fmt: skip
     print(json.dumps(summary, indent=2))
     if args.out:
