@@ -463,7 +463,7 @@ def test_auto_e_width_stays_under_the_next_thumbnail_side():
 
 
 def test_the_default_recipe_skips_fm_pretrain_and_joint_starts_from_the_teacher(
-    tmp_path,
+    tmp_path, monkeypatch
 ):
     """fm_epochs=0 (the default since validation chose CL + KD): fm_pretrain
     leaves no record, joint re-estimates S's BatchNorm (it starts from T)."""
@@ -499,6 +499,24 @@ def test_the_default_recipe_skips_fm_pretrain_and_joint_starts_from_the_teacher(
     joint = pipeline.train_stage(run["run_dir"], 2, "joint", verbose=0)
     assert joint["epochs"] == 1 and joint["bn"]["layers"] > 0
     assert set(joint["history"]) >= {"cl_loss", "kd_loss"}
+
+    # The equal-cost baseline is sized against the E this run trained, not
+    # against E as the current sizing rule would build it.
+    from thumbnet_keras import count_flops
+    from thumbnet_keras.models.student import make_student
+    from thumbnet_keras.pipeline import stages
+
+    loaded, config = stages.load_run(run["run_dir"])
+    teacher = keras.saving.load_model(loaded.teacher_keras, compile=False)
+    trained_e = keras.saving.load_model(joint["paths"]["downscaler"], compile=False)
+    s_macs = count_flops(make_student(teacher, 2))
+
+    def other_e(*args, **kwargs):
+        raise AssertionError("built E again although joint saved one")
+
+    monkeypatch.setattr(stages, "build_run_downscaler", other_e)
+    cost = stages._equal_cost(loaded, config, loaded.data(), 2, teacher)
+    assert cost["target_macs"] == count_flops(trained_e) + s_macs
     with pytest.raises(ConfigError, match="would learn nothing"):
         pipeline.resolve_run(
             ThumbNetParams(

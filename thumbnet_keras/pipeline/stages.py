@@ -457,14 +457,26 @@ def _warn_explicit_width(downscaler, student, width, factor, auto_width) -> None
         )
 
 
-def _equal_cost(config: RunConfig, prepared: dict, factor: int, teacher) -> dict:
-    """The equal-cost thumbnail side for `factor` (see `pipeline.equal_cost`)."""
+def _equal_cost(
+    run: Run, config: RunConfig, prepared: dict, factor: int, teacher
+) -> dict:
+    """The equal-cost thumbnail side for `factor` (see `pipeline.equal_cost`):
+    against the E this run trained (`joint`'s saved E) when there is one, so
+    the comparison holds even if E's sizing rule changed since, else E as
+    the run would build it."""
+    import keras
+
     from thumbnet_keras.evaluation.flops import count_flops
     from thumbnet_keras.models.student import make_student
     from thumbnet_keras.pipeline.equal_cost import equal_cost_size
 
     student = make_student(teacher, factor)
-    downscaler = build_run_downscaler(config, prepared, factor, student, teacher)
+    joint = stage_id(factor, "joint")
+    saved = run.stage_dir(joint) / "downscaler.keras"
+    if run.is_done(joint) and saved.is_file():
+        downscaler = keras.saving.load_model(str(saved), compile=False)
+    else:
+        downscaler = build_run_downscaler(config, prepared, factor, student, teacher)
     target = count_flops(downscaler) + count_flops(student)
     return equal_cost_size(teacher, factor, target, _value_range(prepared))
 
@@ -511,7 +523,7 @@ def train_stage(
         from thumbnet_keras.pipeline.equal_cost import resize_downscaler
 
         try:
-            cost = _equal_cost(config, prepared, factor, teacher)
+            cost = _equal_cost(run, config, prepared, factor, teacher)
         except ValueError as err:  # T's head needs its own size (Flatten).
             _log(f"[{sid}] unavailable: {err}")
             record = {"stage": stage, "factor": factor, "id": sid, "epochs": 0,
