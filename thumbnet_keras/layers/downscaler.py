@@ -410,10 +410,11 @@ def auto_downscaler_width(
 
     A second budget, `step_macs`, is what one more thumbnail pixel would cost
     instead: `MACs(bicubic + S at H/f + 1) - MACs(S at H/f)`
-    (`pipeline.equal_cost.thumbnail_step_macs`). An E dearer than that buys
-    less than the alternative of a slightly larger bicubic thumbnail could,
-    and a strided CNN's cost jumps with the side (Fashion-MNIST's tiny_cnn:
-    S costs 3.32 M MACs at 14x14, 3.61 M at 15x15, 6.08 M at 17x17). When some
+    (`pipeline.equal_cost.thumbnail_step_macs`). An E dearer than that costs
+    more than the plain alternative, a slightly larger bicubic thumbnail, and
+    since a strided CNN's cost jumps with the side (Fashion-MNIST's tiny_cnn:
+    S costs 3.32 M MACs at 14x14, 3.61 M at 15x15, 6.08 M at 17x17) the
+    equal-cost comparison then jumps to a much dearer thumbnail. When some
     width fits both budgets the widest such width is chosen; when none fits
     the step (it can be a few thousand MACs, when the next side gives S the
     same feature-map sizes), the step is ignored and `max_share` alone decides.
