@@ -49,6 +49,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from thumbnet_keras.layers import downscaler as D  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from inference_speed import _litert_caller  # noqa: E402
+
 FORMATS = {"litert": ".tflite", "litert_int8": "_int8.tflite"}
 
 
@@ -103,27 +106,6 @@ def parts(size: int, factor: int, width: int, channels: int = 3) -> dict:
     return models
 
 
-def _caller(path: str, batch: int, rng):
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=path, num_threads=os.cpu_count())
-    inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], (batch, *inp["shape"][1:]))
-    interpreter.allocate_tensors()
-    x = rng.random((batch, *inp["shape"][1:]), dtype=np.float32)
-    if inp["dtype"] != np.float32:
-        scale, zero = inp["quantization"]
-        info = np.iinfo(inp["dtype"])
-        x = np.clip(np.round(x / scale) + zero, info.min, info.max)
-    x = np.ascontiguousarray(x.astype(inp["dtype"]))
-
-    def call():
-        interpreter.set_tensor(inp["index"], x)
-        interpreter.invoke()
-
-    return call
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=224)
@@ -151,7 +133,8 @@ def main(argv=None) -> dict:
                 shape = tuple(model.inputs[0].shape[1:])
                 calib = np.random.default_rng(1).random((8, *shape), dtype=np.float32)
                 export_model(keras_path, fmt, path, calib if "int8" in fmt else None)
-            callers[(name, fmt)] = _caller(path, args.batch, rng)
+            x = rng.random((args.batch, *model.inputs[0].shape[1:]), dtype=np.float32)
+            callers[(name, fmt)] = _litert_caller(path, args.batch, x)
     for call in callers.values():
         call()
         call()

@@ -25,7 +25,12 @@ import keras
 from thumbnet_keras.evaluation.flops import count_flops
 from thumbnet_keras.layers.downscaler import clip_to_range, validate_value_range
 
-__all__ = ["equal_cost_size", "resize_downscaler", "thumbnail_step_macs"]
+__all__ = [
+    "bicubic_student_macs",
+    "equal_cost_size",
+    "resize_downscaler",
+    "thumbnail_step_macs",
+]
 
 
 def resize_downscaler(
@@ -44,8 +49,20 @@ def resize_downscaler(
     return keras.Model(image, x, name=name)
 
 
-def _composed_macs(downscaler: keras.Model, student: keras.Model) -> int:
-    return count_flops(downscaler) + count_flops(student)
+def bicubic_student_macs(
+    teacher: keras.Model, side: int, value_range: Sequence[float] | None = None
+) -> int:
+    """MACs of bicubic resize (H -> `side`) + S at `side`, for one image.
+
+    Raises:
+        ValueError: from `make_student` when T's head needs a fixed size.
+    """
+    from thumbnet_keras.models.student import make_student
+
+    student = make_student(teacher, size=(side, side))
+    image_shape = tuple(int(d) for d in teacher.inputs[0].shape[1:])
+    resize = resize_downscaler(image_shape, side, value_range)
+    return count_flops(resize) + count_flops(student)
 
 
 def equal_cost_size(
@@ -70,18 +87,14 @@ def equal_cost_size(
     Raises:
         ValueError: from `make_student` when T's head needs a fixed size.
     """
-    from thumbnet_keras.models.student import make_student
-
-    height, width, channels = (int(d) for d in teacher.inputs[0].shape[1:])
+    height, width = (int(d) for d in teacher.inputs[0].shape[1:3])
     if height != width:
         raise ValueError(f"Square images only, received {height}x{width}.")
     cache: dict[int, int] = {}
 
     def macs(side: int) -> int:
         if side not in cache:
-            student = make_student(teacher, size=(side, side))
-            resize = resize_downscaler((height, width, channels), side, value_range)
-            cache[side] = _composed_macs(resize, student)
+            cache[side] = bicubic_student_macs(teacher, side, value_range)
         return cache[side]
 
     low, high = height // factor, height
@@ -99,7 +112,10 @@ def equal_cost_size(
 
 
 def thumbnail_step_macs(
-    teacher: keras.Model, factor: int, value_range: Sequence[float] | None = None
+    teacher: keras.Model,
+    factor: int,
+    value_range: Sequence[float] | None = None,
+    student: keras.Model | None = None,
 ) -> int | None:
     """What one more thumbnail pixel costs: `MACs(bicubic + S at H/f + 1) -
     MACs(S at H/f)`.
@@ -109,19 +125,26 @@ def thumbnail_step_macs(
     then the next side up rather than a much dearer one
     (`auto_downscaler_width`'s `step_macs`).
 
+    Args:
+        teacher: T, taking `(H, W, C)` images.
+        factor: the run's factor.
+        value_range: the clip of the resize model.
+        student: S at `H/f` when the caller has it (else derived from T).
+
     Returns:
         The MACs, or None when the next side does not exist (`H/f + 1 > H`)
         or S cannot take another size (T's head fixes it).
     """
     from thumbnet_keras.models.student import make_student
 
-    height, width, channels = (int(d) for d in teacher.inputs[0].shape[1:])
+    height, width = (int(d) for d in teacher.inputs[0].shape[1:3])
     side = height // factor
     if height != width or side + 1 > height:
         return None
     try:
-        larger = make_student(teacher, size=(side + 1, side + 1))
+        larger = bicubic_student_macs(teacher, side + 1, value_range)
     except ValueError:  # a head that fixes S's input size
         return None
-    resize = resize_downscaler((height, width, channels), side + 1, value_range)
-    return _composed_macs(resize, larger) - count_flops(make_student(teacher, factor))
+    if student is None:
+        student = make_student(teacher, factor)
+    return larger - count_flops(student)

@@ -420,7 +420,9 @@ def build_run_downscaler(
             student,
             depth=config.downscaler_depth,
             variant=config.downscaler_variant,
-            step_macs=thumbnail_step_macs(teacher, factor, _value_range(prepared)),
+            step_macs=thumbnail_step_macs(
+                teacher, factor, _value_range(prepared), student
+            ),
         )
 
     width = config.downscaler_width
