@@ -109,7 +109,9 @@ def test_epoch_progress_logs_one_line_per_epoch_from_a_real_fit(caplog):
     with caplog.at_level(logging.INFO, logger=progress.logger.name):
         model.fit(x, y, epochs=2, batch_size=4, validation_data=(x, y), verbose=0,
                   callbacks=[EpochProgress("teacher", 2, [2])])  # fmt: skip
-    lines = [r.getMessage() for r in caplog.records]
+    # Only the progress logger's lines: Keras/TF may log retracing warnings
+    # into the same capture when earlier tests traced functions.
+    lines = [r.getMessage() for r in caplog.records if r.name == progress.logger.name]
     assert len(lines) == 2
     assert lines[0].startswith("[1/7] teacher epoch 1/2:  loss ")
     assert "val top-1 " in lines[0] and "ETA " in lines[0]
