@@ -97,6 +97,13 @@ def _parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="runs/elpv_teacher/elpv_teacher.keras")
     p.add_argument("--no-test", action="store_true", help="skip the test split")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this .keras teacher's weights (same backbone and "
+        "options; the input side may differ: e.g. fine-tune a 128x128 teacher "
+        "at 160x160, as in FixRes)",
+    )
     args = p.parse_args(argv)
     if args.image_size < 16 or args.image_size % 4:
         p.error(
@@ -104,6 +111,10 @@ def _parse(argv=None) -> argparse.Namespace:
         )
     if not args.out.endswith(".keras"):
         p.error(f"--out must end with .keras, received {args.out!r}")
+    if args.init_from is not None and not (
+        args.init_from.endswith(".keras") and os.path.isfile(args.init_from)
+    ):
+        p.error(f"--init-from must be an existing .keras file, received {args.init_from!r}")
     return args
 
 
@@ -127,6 +138,13 @@ def _save_deflated(model, path: str) -> None:
     os.remove(tmp)
 
 
+def _sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def reference_image(size: int):
     """A fixed (1, size, size, 1) image in [0, 1]; its logits are recorded in
     the summary so tests can check the shipped file on every backend."""
@@ -136,13 +154,13 @@ def reference_image(size: int):
     return (((7 * i + 3 * j) % 17) / 16.0).astype("float32")[None, :, :, None]
 
 
-def _build(args, shape, num_classes):
+def _build(args, shape, num_classes, weights=None):
     import keras
 
     from thumbnet_keras.models import backbones
 
     model = backbones.build(
-        args.backbone, shape, num_classes, **_backbone_options(args)
+        args.backbone, shape, num_classes, weights=weights, **_backbone_options(args)
     )
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -252,7 +270,8 @@ def main(argv=None) -> dict:
 
     options = _backbone_options(args)
     shape = (size, size, 1)
-    model = _build(args, shape, num_classes)
+    # backbones.build checks every weight shape against the file's.
+    model = _build(args, shape, num_classes, weights=args.init_from)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(
@@ -302,6 +321,7 @@ def main(argv=None) -> dict:
         "settings": {
             k: v for k, v in vars(args).items() if k not in ("out", "data_dir")
         },
+        "init_from_sha256": _sha256(args.init_from) if args.init_from else None,
         "augment": {
             "crop_area": list(augment.crop_area),
             "crop_aspect": list(augment.crop_aspect),

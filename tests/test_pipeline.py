@@ -462,6 +462,47 @@ def test_auto_e_width_stays_under_the_next_thumbnail_side():
         auto_downscaler_width((28, 28, 1), 2, student, step_macs=1.5)
 
 
+def test_a_resumed_run_keeps_the_e_width_it_started_with(tmp_path, monkeypatch):
+    """The automatic E width is resolved once per factor and recorded: when
+    the sizing rule changes between fm_pretrain and joint (as it did when the
+    step budget came in), joint still loads fm_pretrain's weights into an E of
+    the same width instead of failing on a weight-shape mismatch. A run from
+    before the record reads the width from the E its finished stage saved."""
+    from thumbnet_keras.layers import downscaler as downscaler_module
+    from thumbnet_keras.pipeline import Run
+
+    manifest = tiny_dataset(tmp_path)
+    run = pipeline.resolve_run(
+        ThumbNetParams(
+            dataset=manifest, runs_dir=str(tmp_path / "runs"), run_name="r",
+            image_size=32, limit_per_class=8, batch_size=8, teacher_epochs=1,
+            fm_epochs=1, fm_weight=1.0, joint_epochs=1, factors=[2],
+            backbone_options={"widths": [8, 16]},
+        )  # fmt: skip
+    )
+    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
+    pipeline.get_teacher(run["run_dir"], prepared, verbose=0)
+    monkeypatch.setattr(downscaler_module, "auto_downscaler_width", lambda *a, **k: 6)
+    fm = pipeline.train_stage(run["run_dir"], 2, "fm_pretrain", verbose=0)
+    done = Run(run["run_dir"])
+    record = done.file("stages", "f2-downscaler.json")
+    assert json.loads(record.read_text())["width"] == 6
+
+    def width(path):
+        e = keras.saving.load_model(path, compile=False)
+        return e.get_layer("residual_conv").kernel.shape[2]
+
+    assert width(fm["paths"]["downscaler"]) == 6
+    # The rule changes; a run from before the record lost nothing either.
+    monkeypatch.setattr(downscaler_module, "auto_downscaler_width", lambda *a, **k: 4)
+    record.unlink()
+    joint = pipeline.train_stage(run["run_dir"], 2, "joint", verbose=0)
+    assert width(joint["paths"]["downscaler"]) == 6
+    assert json.loads(record.read_text()) == {
+        "factor": 2, "width": 6, "source": "f2-fm_pretrain/downscaler.keras"
+    }
+
+
 def test_the_default_recipe_skips_fm_pretrain_and_joint_starts_from_the_teacher(
     tmp_path, monkeypatch
 ):

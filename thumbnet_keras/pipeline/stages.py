@@ -400,11 +400,17 @@ def _trainer(config, teacher, downscaler, student, stage, **weights):
 
 
 def build_run_downscaler(
-    config: RunConfig, prepared: dict, factor: int, student, teacher
+    config: RunConfig, prepared: dict, factor: int, student, teacher, run=None
 ):
     """E as the run builds it: `config.downscaler_width`, or when None the
     width sized from S's cost and from what one more thumbnail pixel would
-    cost instead (`auto_downscaler_width`, `thumbnail_step_macs`)."""
+    cost instead (`auto_downscaler_width`, `thumbnail_step_macs`).
+
+    With `run`, an automatic width is resolved once per factor and recorded
+    (`stages/f<factor>-downscaler.json`): a resumed run rebuilds the E its
+    checkpoints and finished stages hold even if the sizing rule changed
+    since (runs from before the record: the width of the E their finished
+    fm_pretrain or joint saved)."""
     from thumbnet_keras.layers.downscaler import (
         auto_downscaler_width,
         build_downscaler,
@@ -426,10 +432,16 @@ def build_run_downscaler(
         )
 
     width = config.downscaler_width
+    if width is not None:
+        resolved = width
+    elif run is not None:
+        resolved = _recorded_width(run, factor, auto_width)
+    else:
+        resolved = auto_width()
     downscaler = build_downscaler(
         shape,
         factor,
-        width=auto_width() if width is None else width,
+        width=resolved,
         depth=config.downscaler_depth,
         variant=config.downscaler_variant,
         value_range=_value_range(prepared),
@@ -440,6 +452,27 @@ def build_run_downscaler(
     if width is not None and not config.smoke:
         _warn_explicit_width(downscaler, student, width, factor, auto_width)
     return downscaler
+
+
+def _recorded_width(run: Run, factor: int, auto_width) -> int:
+    """The automatic E width of `run` at `factor`, recorded on first use."""
+    import keras
+
+    record = run.file("stages", f"f{factor}-downscaler.json")
+    if record.is_file():
+        return int(read_json(record)["width"])
+    width, source = None, "auto_downscaler_width"
+    for stage in ("fm_pretrain", "joint"):
+        saved = run.stage_dir(stage_id(factor, stage)) / "downscaler.keras"
+        if width is None and run.is_done(stage_id(factor, stage)) and saved.is_file():
+            e = keras.saving.load_model(str(saved), compile=False)
+            # The residual conv reads `width` channels in every variant.
+            width = int(e.get_layer("residual_conv").kernel.shape[2])
+            source = f"{stage_id(factor, stage)}/downscaler.keras"
+    if width is None:
+        width = auto_width()
+    write_json(record, {"factor": factor, "width": width, "source": source})
+    return width
 
 
 def _warn_explicit_width(downscaler, student, width, factor, auto_width) -> None:
@@ -478,7 +511,9 @@ def _equal_cost(
     if run.is_done(joint) and saved.is_file():
         downscaler = keras.saving.load_model(str(saved), compile=False)
     else:
-        downscaler = build_run_downscaler(config, prepared, factor, student, teacher)
+        downscaler = build_run_downscaler(
+            config, prepared, factor, student, teacher, run
+        )
     target = count_flops(downscaler) + count_flops(student)
     return equal_cost_size(teacher, factor, target, _value_range(prepared))
 
@@ -561,7 +596,9 @@ def train_stage(
 
     if stage in ("fm_pretrain", "joint"):
         epochs = config.fm_epochs if stage == "fm_pretrain" else config.joint_epochs
-        downscaler = build_run_downscaler(config, prepared, factor, student, teacher)
+        downscaler = build_run_downscaler(
+            config, prepared, factor, student, teacher, run
+        )
         model = _trainer(config, teacher, downscaler, student, stage)
         previous = stage_id(factor, "fm_pretrain")
         if stage == "joint" and run.is_done(previous):
