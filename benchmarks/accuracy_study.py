@@ -223,7 +223,13 @@ def _selected(record: dict) -> tuple[float, int]:
 
 
 def search(
-    dataset: str, seed: int, work: Path, quick: bool, verbose, factors=None
+    dataset: str,
+    seed: int,
+    work: Path,
+    quick: bool,
+    verbose,
+    factors=None,
+    ablations=tuple(ABLATIONS),
 ) -> dict:
     """One search seed: every grid value, validation top-1 of every trained arm."""
     from thumbnet_keras import pipeline
@@ -237,9 +243,9 @@ def search(
         per_run = {"main": common | {f: lr for f in
                                      ("fm_learning_rate", "joint_learning_rate",
                                       "baseline_learning_rate")}}  # fmt: skip
-        per_run |= {arm: common | {"joint_learning_rate": lr} for arm in ABLATIONS}
+        per_run |= {arm: common | {"joint_learning_rate": lr} for arm in ablations}
         runs = train_arms(
-            per_run, f"{dataset}-search-seed{seed}-lr{lr:g}", work, verbose
+            per_run, f"{dataset}-search-seed{seed}-lr{lr:g}", work, verbose, ablations
         )
         arms = []
         for factor in settings["factors"]:
@@ -248,7 +254,7 @@ def search(
                 for s in TRAINED
                 if s in pipeline.STAGES
             ]
-            named += [(arm, runs[arm], "joint") for arm in ABLATIONS]
+            named += [(arm, runs[arm], "joint") for arm in ablations]
             for arm, run_dir, stage in named:
                 record = _record(run_dir, factor, stage)
                 if (
@@ -393,7 +399,8 @@ def main(argv=None) -> int:
                 if seed in FINAL_SEEDS:
                     parser.error(f"search seed {seed} is a final seed")
                 records.append(
-                    search(dataset, seed, work, args.quick, args.verbose, args.factors)
+                    search(dataset, seed, work, args.quick, args.verbose,
+                           args.factors, tuple(args.ablations))  # fmt: skip
                 )
                 path = results / f"search-{dataset}-seed{seed}.json"
                 path.write_text(json.dumps(records[-1], indent=1) + "\n")
