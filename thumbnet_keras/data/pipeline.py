@@ -258,7 +258,6 @@ def make_dataset(
     augment: Augment | bool | None = None,
     center_crop: float = 1.0,
     shuffle_buffer: int | None = None,
-    drop_remainder: bool | None = None,
 ):
     """A `tf.data.Dataset` of (image float32 (B, H, W, C), label int32 (B,)).
 
@@ -268,8 +267,7 @@ def make_dataset(
             `split.validation_fraction` for a fixed-seed stratified
             validation subset carved out of train).
         image_size: output size, int or (height, width).
-        batch_size: examples per batch; the last batch may be smaller
-            (see `drop_remainder`).
+        batch_size: examples per batch; the last batch may be smaller.
         training: apply augmentation (and shuffle by default).
         seed: seed of shuffle and augmentation; same seed, same stream.
         channels: 1 (gray; RGB is converted by luminance) or 3 (gray is
@@ -287,13 +285,6 @@ def make_dataset(
             ImageNet 256->224 protocol. Training crops come from `augment`.
         shuffle_buffer: default: the whole split for indexed sources, 10,000
             for TFDS.
-        drop_remainder: leave out the last, short batch of each epoch. Default
-            (None): when `training` and the split holds at least one full
-            batch, as training recipes usually do: a short batch has another
-            shape, and the train step is traced (compiled) once more for it,
-            which costs seconds per model (~10 s for MobileNetV2 on a 2-core
-            CPU). Which examples fall out changes each epoch with the shuffle.
-            Evaluation streams keep every example.
 
     Returns:
         A batched, prefetched `tf.data.Dataset`, deterministic given `seed`.
@@ -391,10 +382,7 @@ def make_dataset(
         return tf.cast(norm(images), tf.float32), labels
 
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if drop_remainder is None:
-        drop_remainder = training and n >= batch_size
-    ds = ds.batch(batch_size, drop_remainder=bool(drop_remainder))
-    ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True

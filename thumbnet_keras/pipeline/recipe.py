@@ -32,15 +32,9 @@ __all__ = [
 SGD_MOMENTUM = 0.9
 
 
-def steps_per_epoch(
-    prepared: dict, batch_size: int, split: str = "train", training: bool = True
-) -> int:
-    """Batches per epoch of a prepared split, as `make_dataset` batches it: a
-    training stream leaves out the short last batch when the split holds a
-    full one, an evaluation stream keeps it."""
+def steps_per_epoch(prepared: dict, batch_size: int, split: str = "train") -> int:
+    """Batches per epoch of a prepared split (the last batch may be short)."""
     examples = int(prepared["splits"].get(split, 0))
-    if training and examples >= batch_size:
-        return examples // batch_size
     return max(1, math.ceil(examples / batch_size))
 
 
