@@ -399,8 +399,15 @@ def main(argv=None) -> int:
                 if seed in FINAL_SEEDS:
                     parser.error(f"search seed {seed} is a final seed")
                 records.append(
-                    search(dataset, seed, work, args.quick, args.verbose,
-                           args.factors, tuple(args.ablations))  # fmt: skip
+                    search(
+                        dataset,
+                        seed,
+                        work,
+                        args.quick,
+                        args.verbose,
+                        args.factors,
+                        tuple(args.ablations),
+                    )  # fmt: skip
                 )
                 path = results / f"search-{dataset}-seed{seed}.json"
                 path.write_text(json.dumps(records[-1], indent=1) + "\n")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -50,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from thumbnet_keras.layers import downscaler as D  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import emit  # noqa: E402
 from inference_speed import _litert_caller  # noqa: E402
 
 FORMATS = {"litert": ".tflite", "litert_int8": "_int8.tflite"}
@@ -168,12 +168,7 @@ def main(argv=None) -> dict:
             timespec="seconds"
         ),
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return report
+    return emit(report, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import re
@@ -51,6 +50,8 @@ import keras
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import emit  # noqa: E402
 
 from thumbnet_keras.evaluation.flops import count_flops, count_params  # noqa: E402
 from thumbnet_keras.layers.downscaler import build_downscaler  # noqa: E402
@@ -334,12 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "models": report_models,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":

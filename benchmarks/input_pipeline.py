@@ -21,7 +21,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,8 @@ import time
 
 # Run from a checkout without `pip install -e .`: make the package importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import emit  # noqa: E402
 
 
 def _pipeline_rate(prepared, size: int, batch: int, batches: int, cache: bool) -> float:
@@ -126,13 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "target_ratio": 1.5,
         "meets_target": pipe / train >= 1.5,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

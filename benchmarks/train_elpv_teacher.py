@@ -114,7 +114,9 @@ def _parse(argv=None) -> argparse.Namespace:
     if args.init_from is not None and not (
         args.init_from.endswith(".keras") and os.path.isfile(args.init_from)
     ):
-        p.error(f"--init-from must be an existing .keras file, received {args.init_from!r}")
+        p.error(
+            f"--init-from must be an existing .keras file, received {args.init_from!r}"
+        )
     return args
 
 

@@ -30,12 +30,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import emit  # noqa: E402
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
@@ -141,12 +143,7 @@ def main(argv=None) -> dict:
         "benchmarks/train_step_cost.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

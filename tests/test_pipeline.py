@@ -504,9 +504,17 @@ def test_a_resumed_run_keeps_the_e_width_it_started_with(tmp_path, monkeypatch):
     manifest = tiny_dataset(tmp_path)
     run = pipeline.resolve_run(
         ThumbNetParams(
-            dataset=manifest, runs_dir=str(tmp_path / "runs"), run_name="r",
-            image_size=32, limit_per_class=8, batch_size=8, teacher_epochs=1,
-            fm_epochs=1, fm_weight=1.0, joint_epochs=1, factors=[2],
+            dataset=manifest,
+            runs_dir=str(tmp_path / "runs"),
+            run_name="r",
+            image_size=32,
+            limit_per_class=8,
+            batch_size=8,
+            teacher_epochs=1,
+            fm_epochs=1,
+            fm_weight=1.0,
+            joint_epochs=1,
+            factors=[2],
             backbone_options={"widths": [8, 16]},
         )  # fmt: skip
     )
@@ -529,7 +537,9 @@ def test_a_resumed_run_keeps_the_e_width_it_started_with(tmp_path, monkeypatch):
     joint = pipeline.train_stage(run["run_dir"], 2, "joint", verbose=0)
     assert width(joint["paths"]["downscaler"]) == 6
     assert json.loads(record.read_text()) == {
-        "factor": 2, "width": 6, "source": "f2-fm_pretrain/downscaler.keras"
+        "factor": 2,
+        "width": 6,
+        "source": "f2-fm_pretrain/downscaler.keras",
     }
 
 
