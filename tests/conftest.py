@@ -83,3 +83,16 @@ def rng():
 def _seed():
     keras.utils.set_random_seed(0)
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_temporary_servers():
+    """Stops the temporary Prefect server that in-process flow runs start,
+    while pytest's output streams are still open. Left to Prefect's atexit
+    hook, its "Stopping temporary server" log line went to a closed stream
+    and printed a "--- Logging error ---" traceback after every run."""
+    yield
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        for instance in list(server.SubprocessASGIServer._instances.values()):
+            instance.stop()
