@@ -143,14 +143,27 @@ def base_settings(dataset: str, quick: bool, factors=None) -> tuple[dict, dict]:
     return settings, teacher
 
 
+def run_name(settings: dict, name: str) -> str:
+    """`<name>-<hash of settings>`. The hash covers the teacher file's
+    content, not only its path: after a new teacher ships at the same path,
+    the arms are trained again instead of the runs made against the old one
+    being reused."""
+    identity = dict(settings)
+    teacher = settings.get("teacher")
+    if teacher and os.path.isfile(teacher):
+        with open(teacher, "rb") as f:
+            identity["teacher_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return f"{name}-{hashlib.sha256(blob).hexdigest()[:8]}"
+
+
 def _resolve(settings: dict, name: str, work: Path) -> tuple[str, dict, dict]:
-    """Claims `<work>/runs/<name>-<hash of settings>` and prepares its data."""
+    """Claims `<work>/runs/<run_name(settings, name)>` and prepares its data."""
     from thumbnet_keras import pipeline
 
-    blob = json.dumps(settings, sort_keys=True, default=str).encode()
     params = pipeline.ThumbNetParams(
         **(PAPER_WEIGHTS | settings),
-        run_name=f"{name}-{hashlib.sha256(blob).hexdigest()[:8]}",
+        run_name=run_name(settings, name),
         runs_dir=str(work / "runs"),
         data_dir=str(work / "data"),
     )

@@ -155,3 +155,20 @@ def test_quick_study_end_to_end(tmp_path):
     assert {r["arm"] for r in summary["arms"]} == set(arms)
     assert (results / "accuracy_vs_flops.png").stat().st_size > 1000
     assert "ThumbNet" in (tmp_path / "t.md").read_text()
+
+
+def test_run_names_follow_the_teacher_file_content(tmp_path):
+    """A new teacher at the same path gives the arms new runs (no stale reuse
+    of arms trained against the old one); the same bytes keep the name."""
+    study = _load("accuracy_study")
+    teacher = tmp_path / "teacher.keras"
+    teacher.write_bytes(b"old teacher")
+    settings = {"dataset": "elpv", "teacher": str(teacher), "seed": 0}
+    old = study.run_name(settings, "elpv-final-seed0-main")
+    assert old.startswith("elpv-final-seed0-main-") and len(old.rsplit("-", 1)[1]) == 8
+    assert study.run_name(dict(settings), "elpv-final-seed0-main") == old
+    teacher.write_bytes(b"new teacher")
+    assert study.run_name(settings, "elpv-final-seed0-main") != old
+    teacher.write_bytes(b"old teacher")
+    assert study.run_name(settings, "elpv-final-seed0-main") == old
+    assert study.run_name(settings | {"seed": 1}, "elpv-final-seed0-main") != old
