@@ -45,8 +45,10 @@ teacher arm). Ten arm-trainings of 6 epochs per seed and factor on all 54,000
 images would take hours, so the arms use `limit_per_class=500` (4,500 train,
 500 validation, 5,000 test; ~2-6 s an epoch per arm): ~8 min a final seed,
 ~7 min a search variant (no evaluation). Fashion-MNIST total ~55 min (teacher
-18, search 2 x 7, final 3 x 8). ELPV with the shipped teacher: ~25 min if it
-takes 64 px images, ~80 min at 128 px (then search with `--factors 2`).
+18, search 2 x 7, final 3 x 8). ELPV with the shipped teacher (128 px), the
+main run and `--ablations es_kd` only, search with `--factors 2`: ~14 min per
+searched learning rate, 22-27 min per final seed (f = 2 and 4), 1 h 45 min in
+all (measured 2026-11-28 with test suites running beside it).
 
 Run with KERAS_BACKEND=tensorflow for speed on a CPU (any backend works).
 """
