@@ -150,11 +150,12 @@ def run_name(settings: dict, name: str) -> str:
     content, not only its path: after a new teacher ships at the same path,
     the arms are trained again instead of the runs made against the old one
     being reused."""
+    from thumbnet_keras.data.index import file_sha256
+
     identity = dict(settings)
     teacher = settings.get("teacher")
     if teacher and os.path.isfile(teacher):
-        with open(teacher, "rb") as f:
-            identity["teacher_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        identity["teacher_sha256"] = file_sha256(teacher)
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return f"{name}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
@@ -422,7 +423,7 @@ def main(argv=None) -> int:
                         args.verbose,
                         args.factors,
                         tuple(args.ablations),
-                    )  # fmt: skip
+                    )
                 )
                 path = results / f"search-{dataset}-seed{seed}.json"
                 path.write_text(json.dumps(records[-1], indent=1) + "\n")

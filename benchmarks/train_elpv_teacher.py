@@ -140,13 +140,6 @@ def _save_deflated(model, path: str) -> None:
     os.remove(tmp)
 
 
-def _sha256(path: str) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def reference_image(size: int):
     """A fixed (1, size, size, 1) image in [0, 1]; its logits are recorded in
     the summary so tests can check the shipped file on every backend."""
@@ -223,6 +216,7 @@ def main(argv=None) -> dict:
     import tensorflow as tf
 
     from thumbnet_keras import count_flops, count_params, data
+    from thumbnet_keras.data.index import file_sha256
     from thumbnet_keras.pipeline.datasets import prepare_dataset
 
     keras.utils.set_random_seed(args.seed)
@@ -323,7 +317,7 @@ def main(argv=None) -> dict:
         "settings": {
             k: v for k, v in vars(args).items() if k not in ("out", "data_dir")
         },
-        "init_from_sha256": _sha256(args.init_from) if args.init_from else None,
+        "init_from_sha256": file_sha256(args.init_from) if args.init_from else None,
         "augment": {
             "crop_area": list(augment.crop_area),
             "crop_aspect": list(augment.crop_aspect),

@@ -464,11 +464,12 @@ def _recorded_width(run: Run, factor: int, auto_width) -> int:
     width, source = None, "auto_downscaler_width"
     for stage in ("fm_pretrain", "joint"):
         saved = run.stage_dir(stage_id(factor, stage)) / "downscaler.keras"
-        if width is None and run.is_done(stage_id(factor, stage)) and saved.is_file():
+        if run.is_done(stage_id(factor, stage)) and saved.is_file():
             e = keras.saving.load_model(str(saved), compile=False)
             # The residual conv reads `width` channels in every variant.
             width = int(e.get_layer("residual_conv").kernel.shape[2])
             source = f"{stage_id(factor, stage)}/downscaler.keras"
+            break
     if width is None:
         width = auto_width()
     write_json(record, {"factor": factor, "width": width, "source": source})
