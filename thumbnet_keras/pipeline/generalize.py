@@ -49,6 +49,7 @@ from thumbnet_keras.pipeline.rundir import (
 __all__ = [
     "ARMS",
     "arm_id",
+    "arm_inputs",
     "input_notes",
     "resolve_generalize",
     "train_generalize_arm",
@@ -219,6 +220,42 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
     }
 
 
+def _check_arm(arm: str) -> None:
+    if arm not in ARMS:
+        raise ConfigError(f"Unknown arm {arm!r}; arms: {', '.join(ARMS)}.")
+
+
+def arm_inputs(run_dir: str, arm: str, prepared: dict):
+    """What an arm's S reads: `(downscaler, data)`.
+
+    `downscaler` is the source run's E (`"learned"`) or the antialiased
+    bicubic resize (`"bicubic"`), frozen. `data` is `prepared` read in E's
+    value range (the source run's normalization) for both arms: E was trained
+    on, and clips to, that range, and the two arms must stay comparable.
+    """
+    import keras
+
+    from thumbnet_keras.layers.downscaler import bicubic_downscaler
+
+    _check_arm(arm)
+    run = Run(run_dir)
+    config = GeneralizeConfig.from_json(run.config()["config"])
+    info = read_json(run.file("source.json"))
+    shape = (info["image_size"], info["image_size"], info["channels"])
+    data = dict(prepared, normalization=info["normalization"])
+    if arm == "learned":
+        downscaler = keras.saving.load_model(info["downscaler"], compile=False)
+        if tuple(downscaler.inputs[0].shape[1:]) != shape:
+            raise ConfigError(
+                f"The downscaler takes {downscaler.inputs[0].shape[1:]}, not {shape}."
+            )
+    else:
+        value_range = (0.0, 1.0) if data["normalization"] == "unit" else None
+        downscaler = bicubic_downscaler(shape, config.factor, value_range=value_range)
+    downscaler.trainable = False
+    return downscaler, data
+
+
 def train_generalize_arm(
     run_dir: str,
     index: int,
@@ -240,7 +277,6 @@ def train_generalize_arm(
     """
     import keras
 
-    from thumbnet_keras.layers.downscaler import bicubic_downscaler
     from thumbnet_keras.models import backbones
     from thumbnet_keras.pipeline.datasets import run_datasets, split_batches
     from thumbnet_keras.pipeline.evaluate import compose, evaluate_model
@@ -250,31 +286,17 @@ def train_generalize_arm(
         steps_per_epoch,
     )
 
-    if arm not in ARMS:
-        raise ConfigError(f"Unknown arm {arm!r}; arms: {', '.join(ARMS)}.")
     run = Run(run_dir)
     config = GeneralizeConfig.from_json(run.config()["config"])
     info = read_json(run.file("source.json"))
     experiment = info["experiments"][index]
     sid = arm_id(index, seed, arm)
+    _check_arm(arm)
     if run.is_done(sid):
         _log(f"[{sid}] already finished, skipped")
         return read_json(run.stage_record(sid)) | {"skipped": True}
+    downscaler, data = arm_inputs(run_dir, arm, prepared)
     size, channels = info["image_size"], info["channels"]
-    shape = (size, size, channels)
-    # E was trained on, and clips to, its source's value range: read the
-    # target in that range (both arms, so that they stay comparable).
-    data = dict(prepared, normalization=info["normalization"])
-    if arm == "learned":
-        downscaler = keras.saving.load_model(info["downscaler"], compile=False)
-        if tuple(downscaler.inputs[0].shape[1:]) != shape:
-            raise ConfigError(
-                f"The downscaler takes {downscaler.inputs[0].shape[1:]}, not {shape}."
-            )
-    else:
-        value_range = (0.0, 1.0) if data["normalization"] == "unit" else None
-        downscaler = bicubic_downscaler(shape, config.factor, value_range=value_range)
-    downscaler.trainable = False
     thumb = tuple(downscaler.outputs[0].shape[1:])
     keras.utils.set_random_seed(seed)  # After E: S starts equal in both arms.
     student = backbones.build(
