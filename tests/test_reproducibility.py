@@ -5,10 +5,13 @@ CNN trained on tiny real images, augmentation on), no mocks:
 * two runs with one seed, started at the same time, end bit-identical
   (weights, per-epoch metrics);
 * a run killed with SIGKILL in the middle of the stage and resumed ends
-  with the weights of a run left alone (started beside it).
+  with the weights of a run left alone (started beside it);
+* the joint stage (E and S trained together against the teacher, every
+  loss computed) of two runs with one seed, started at the same time, ends
+  bit-identical too, in the backend under test.
 
-Every backend (the subprocesses run the backend under test): about 35 s of
-two CPU cores each, measured 2026-11-28 on JAX and torch.
+The teacher tests' subprocesses run TensorFlow; the joint test's run the
+backend under test (18-52 s of two CPU cores on each, measured 2026-11-28).
 """
 
 from __future__ import annotations
@@ -49,11 +52,34 @@ print("RECORD " + json.dumps({k: record[k] for k in ("history", "resumed_from")}
 """
 
 
-def _start(manifest, tmp_path, name):
-    args = [sys.executable, "-c", WORKER, manifest, str(tmp_path / "runs"), name,
-            str(tmp_path / "data"), str(EPOCHS)]  # fmt: skip
+# The teacher (2 epochs), then the f=2 joint stage, as `thumbnet train` runs them.
+JOINT_WORKER = """
+import json, sys
+from thumbnet_keras import pipeline
+from thumbnet_keras.pipeline.stages import get_teacher, train_stage
+manifest, runs, name, data_dir, epochs = sys.argv[1:6]
+params = pipeline.ThumbNetParams(
+    dataset=manifest, runs_dir=runs, run_name=name, data_dir=data_dir,
+    image_size=32, limit_per_class=12, batch_size=4, teacher_epochs=2,
+    joint_epochs=int(epochs), factors=[2], backbone_options={"widths": [8, 16]},
+    learning_rate=3e-3, seed=7,
+)
+run = pipeline.resolve_run(params)
+cfg = run["config"]
+prepared = pipeline.prepare_dataset(cfg["dataset"], data_dir, cfg["limit_per_class"])
+get_teacher(run["run_dir"], prepared, verbose=0)
+record = train_stage(run["run_dir"], 2, "joint", verbose=0)
+print("RECORD " + json.dumps({k: record[k] for k in ("history", "resumed_from")}))
+"""
+
+
+def _start(
+    manifest, tmp_path, name, worker=WORKER, epochs=EPOCHS, backend="tensorflow"
+):
+    args = [sys.executable, "-c", worker, manifest, str(tmp_path / "runs"), name,
+            str(tmp_path / "data"), str(epochs)]  # fmt: skip
     log = open(tmp_path / f"{name}.log", "a")  # noqa: SIM115 (closed by _finish)
-    env = subprocess_env() | {"KERAS_BACKEND": "tensorflow"}
+    env = subprocess_env() | {"KERAS_BACKEND": backend}
     proc = subprocess.Popen(
         args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
     )
@@ -70,8 +96,8 @@ def _finish(proc, tmp_path, name, timeout=300) -> dict:
     return json.loads(line[len("RECORD ") :])
 
 
-def _weights(tmp_path, name) -> list[np.ndarray]:
-    path = tmp_path / "runs" / name / "teacher.keras"
+def _weights(tmp_path, name, model="teacher.keras") -> list[np.ndarray]:
+    path = tmp_path / "runs" / name / model
     return keras.saving.load_model(path, compile=False).get_weights()
 
 
@@ -133,3 +159,24 @@ def test_killed_and_resumed_stage_ends_with_the_uninterrupted_weights(tmp_path):
     assert killed_after <= at < EPOCHS
     assert resumed["history"] == reference["history"]
     _assert_identical(_weights(tmp_path, "killed"), _weights(tmp_path, "alone"))
+
+
+def test_same_seed_concurrent_joint_stages_are_bit_identical(tmp_path):
+    """The stage whose E trains: two runs' histories (CL, KD, FM and MM
+    losses, validation top-1) and saved E and S are equal, bit for bit."""
+    manifest = _prepare(tmp_path)
+    backend = keras.backend.backend()
+    first = _start(manifest, tmp_path, "a", JOINT_WORKER, 3, backend)
+    second = _start(manifest, tmp_path, "b", JOINT_WORKER, 3, backend)
+    a, b = _finish(first, tmp_path, "a"), _finish(second, tmp_path, "b")
+    assert {"cl_loss", "kd_loss", "fm_loss", "mm_loss"} <= set(a["history"])
+    assert len(a["history"]["loss"]) == 3
+    assert a["history"] == b["history"]
+    for model in ("downscaler.keras", "student.keras"):
+        path = f"stages/f2-joint/{model}"
+        _assert_identical(_weights(tmp_path, "a", path), _weights(tmp_path, "b", path))
+    # E trained: its output conv (zero at the start) moved.
+    residual = keras.saving.load_model(
+        tmp_path / "runs" / "a" / "stages/f2-joint/downscaler.keras", compile=False
+    ).get_layer("residual_conv")
+    assert np.abs(residual.get_weights()[0]).max() > 0
