@@ -8,6 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from pipeline_fixtures import tiny_dataset
@@ -212,6 +213,10 @@ def test_fresh_students_per_seed_with_recipe(source_run):
     with pytest.raises(ConfigError, match="Unknown arm"):
         arm_inputs(resolved["run_dir"], "nearest", prepared)
 
+    # An earlier run in this process may have turned op determinism off.
+    from thumbnet_keras.pipeline.health import configure_determinism
+
+    configure_determinism(0, deterministic=False)
     records = {}
     for seed in config.seeds:
         for arm in ("learned", "bicubic"):
@@ -229,6 +234,10 @@ def test_fresh_students_per_seed_with_recipe(source_run):
             assert selection["best_value"] == max(val) == best
             assert record["val_top1"] == pytest.approx(selection["best_value"])
             records[seed, arm] = record
+    if keras.backend.backend() == "tensorflow":  # The arms turned it on again.
+        from tensorflow.python.framework import config as tf_config
+
+        assert tf_config.is_op_determinism_enabled()
     # The seed changes S's start: the two seeds' first-epoch losses differ.
     assert records[0, "bicubic"]["history"]["loss"][0] != pytest.approx(
         records[1, "bicubic"]["history"]["loss"][0], rel=1e-6

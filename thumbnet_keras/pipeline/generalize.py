@@ -267,19 +267,20 @@ def train_generalize_arm(
     """Trains and evaluates a fresh S of experiment `index` on `arm` thumbnails.
 
     S is initialized, and the data shuffled and augmented, with `seed` (the
-    same for both arms). The target images are read in E's value range (the
-    source run's normalization), for both arms.
+    same for both arms), with the backends' deterministic kernels on
+    (`health.configure_determinism`), whatever ran before in the process.
+    The target images are read in E's value range (the source run's
+    normalization), for both arms (`arm_inputs`).
 
     Returns:
         The arm's record: id, experiment, seed, arm, dataset, backbone,
         factor, normalization, top1 (test), val_top1, (top5), flops, params,
         images_per_second, history, epochs, selection, seconds.
     """
-    import keras
-
     from thumbnet_keras.models import backbones
     from thumbnet_keras.pipeline.datasets import run_datasets, split_batches
     from thumbnet_keras.pipeline.evaluate import compose, evaluate_model
+    from thumbnet_keras.pipeline.health import configure_determinism
     from thumbnet_keras.pipeline.recipe import (
         SparseCrossentropy,
         make_optimizer,
@@ -298,7 +299,9 @@ def train_generalize_arm(
     downscaler, data = arm_inputs(run_dir, arm, prepared)
     size, channels = info["image_size"], info["channels"]
     thumb = tuple(downscaler.outputs[0].shape[1:])
-    keras.utils.set_random_seed(seed)  # After E: S starts equal in both arms.
+    # After E: S starts equal in both arms. Op determinism on, whatever ran
+    # before in this process: the seed alone fixes the arm's result.
+    configure_determinism(seed, deterministic=True)
     student = backbones.build(
         experiment["backbone"],
         thumb,
