@@ -257,9 +257,8 @@ def test_fresh_students_per_seed_with_recipe(source_run):
         for seed in config.seeds
     ]
     mean, std = mean_std(diffs)
-    assert summary["diff"]["mean"] == pytest.approx(mean)
-    assert summary["diff"]["std"] == pytest.approx(std)
     diff = summary["diff"]
+    assert diff == {"mean": pytest.approx(mean), "std": pytest.approx(std)}
     assert f"{diff['mean']:+.2f} ± {diff['std']:.2f}" in report["markdown"]
     metrics = json.loads(Path(report["metrics_json"]).read_text())
     assert len(metrics["results"]) == 4 and metrics["summary"] == report["summary"]

@@ -287,20 +287,20 @@ def train_generalize_arm(
         steps_per_epoch,
     )
 
+    _check_arm(arm)
     run = Run(run_dir)
     config = GeneralizeConfig.from_json(run.config()["config"])
     info = read_json(run.file("source.json"))
     experiment = info["experiments"][index]
     sid = arm_id(index, seed, arm)
-    _check_arm(arm)
     if run.is_done(sid):
         _log(f"[{sid}] already finished, skipped")
         return read_json(run.stage_record(sid)) | {"skipped": True}
     downscaler, data = arm_inputs(run_dir, arm, prepared)
     size, channels = info["image_size"], info["channels"]
     thumb = tuple(downscaler.outputs[0].shape[1:])
-    # After E: S starts equal in both arms. Op determinism on, whatever ran
-    # before in this process: the seed alone fixes the arm's result.
+    # After E: S starts equal in both arms. Op determinism on, as in the
+    # run's stages, whatever an earlier run in this process switched.
     configure_determinism(seed, deterministic=True)
     student = backbones.build(
         experiment["backbone"],
