@@ -162,8 +162,9 @@ def test_killed_and_resumed_stage_ends_with_the_uninterrupted_weights(tmp_path):
 
 
 def test_same_seed_concurrent_joint_stages_are_bit_identical(tmp_path):
-    """The stage whose E trains: two runs' histories (CL, KD, FM and MM
-    losses, validation top-1) and saved E and S are equal, bit for bit."""
+    """The stage whose E trains: two runs' histories (total, CL, KD, FM and
+    MM losses, train top-1; no validation split, so the last epoch is kept)
+    and saved E and S are equal, bit for bit."""
     manifest = _prepare(tmp_path)
     backend = keras.backend.backend()
     first = _start(manifest, tmp_path, "a", JOINT_WORKER, 3, backend)
