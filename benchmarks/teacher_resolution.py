@@ -14,7 +14,6 @@ evaluated on the prepared ELPV validation and test splits, resized by
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 
@@ -26,14 +25,13 @@ from _report import emit  # noqa: E402
 
 
 def at_side(model, side: int):
-    """`model` rebuilt for (side, side, C) inputs, with its weights."""
-    import keras
+    """`model` rebuilt for (side, side, C) inputs, with its weights (the
+    config rewrite `make_student` uses, which only shrinks)."""
+    from thumbnet_keras.models.student import _rewrite_shapes, image_input_shape
 
-    config = copy.deepcopy(model.get_config())
-    (layer,) = [c for c in config["layers"] if c["class_name"] == "InputLayer"]
-    shape = layer["config"]["batch_shape"]
-    layer["config"]["batch_shape"] = [shape[0], side, side, shape[3]]
-    rebuilt = keras.Model.from_config(config)
+    height, width, _ = image_input_shape(model)
+    config = _rewrite_shapes(model.get_config(), (height, width), (side, side))
+    rebuilt = model.__class__.from_config(config)
     rebuilt.set_weights(model.get_weights())
     return rebuilt
 
