@@ -182,3 +182,51 @@ def test_bad_variant():
     student = backbones.build("tiny_cnn", (4, 4, 1), 2, widths=[4])
     with pytest.raises(ValueError, match="variant"):
         auto_downscaler_width((8, 8, 1), 2, student, variant="s2d")
+
+
+ONEDNN_OFF_WORKER = """
+import numpy as np, tensorflow as tf
+from thumbnet_keras import bicubic_downscaler, build_downscaler
+x = np.random.default_rng(0).random((2, 24, 24, 3), dtype="float32")
+for factor in (2, 4):
+    for model in (bicubic_downscaler((24, 24, 3), factor),
+                  build_downscaler((24, 24, 3), factor, width=4, depth=1)):
+        with tf.GradientTape() as tape:
+            y = model(x)
+            loss = tf.reduce_sum(y * y)
+        assert y.shape == (2, 24 // factor, 24 // factor, 3), y.shape
+        for grad in tape.gradient(loss, model.trainable_weights):  # E's
+            assert np.isfinite(grad.numpy()).all()
+        np.save(f"{model.name}_f{factor}.npy", y.numpy())
+print("OK")
+"""
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="TensorFlow's own kernels (TF_ENABLE_ONEDNN_OPTS=0): a TensorFlow check",
+)
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_downscalers_run_on_tensorflow_without_onednn(onednn, tmp_path):
+    """TensorFlow's own DepthwiseConv2dNative refuses unequal strides; the
+    bicubic passes (stride (f, 1) then (1, f)) used it and ran only where
+    oneDNN replaced it (x86, TF_ENABLE_ONEDNN_OPTS on), not on ARM builds or
+    with oneDNN off. Both the bicubic thumbnail and E (forward, and backward to E's
+    weights) run with and without oneDNN, to the same values."""
+    import subprocess
+    import sys
+
+    from pipeline_fixtures import subprocess_env
+
+    env = subprocess_env() | {"TF_ENABLE_ONEDNN_OPTS": onednn}
+    done = subprocess.run(
+        [sys.executable, "-c", ONEDNN_OFF_WORKER],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+    for factor in (2, 4):
+        y = np.load(tmp_path / f"bicubic_downscaler_f{factor}.npy")
+        expected = bicubic_downscaler((24, 24, 3), factor)(
+            np.random.default_rng(0).random((2, 24, 24, 3), dtype="float32")
+        )
+        np.testing.assert_allclose(y, to_numpy(expected), atol=1e-5)

@@ -137,7 +137,7 @@ def bicubic_taps(size: int, factor: int):
 def _bicubic_branch(inputs, height, width, channels, factor):
     """The fixed antialiased bicubic resize, in stock Keras layers.
 
-    A (K, 1) then a (1, K) stride-f depthwise conv with frozen bicubic taps
+    A (K, 1) then a (1, K) stride-f per-channel conv with frozen bicubic taps
     and "same" padding (for these kernels exactly the zero padding
     `bicubic_taps` asks for, so no padded copy of the image is made), then a
     `Normalization` layer (mean 0, per-position variance) that divides border
@@ -160,18 +160,26 @@ def _bicubic_branch(inputs, height, width, channels, factor):
             -(-(len(taps) - factor) // 2),
         ):
             raise AssertionError(f"bicubic padding {(before, after)} is not 'same'")
-    rows = np.tile(taps_h[:, None, None, None], (1, 1, channels, 1))
-    cols = np.tile(taps_w[None, :, None, None], (1, 1, channels, 1))
+    # Each channel filtered on its own: a (K, 1, C, C) kernel, the taps on
+    # the channel diagonal and exact zeros elsewhere. Not a DepthwiseConv2D:
+    # TensorFlow's own depthwise kernel refuses unequal strides ("only
+    # supports equal length strides"); only its oneDNN build (x86 with
+    # TF_ENABLE_ONEDNN_OPTS on) accepted (f, 1), so TensorFlow on ARM or with
+    # oneDNN off could not run the bicubic thumbnail.
+    eye = np.eye(channels)
+    rows = taps_h[:, None, None, None] * eye[None, None]
+    cols = taps_w[None, :, None, None] * eye[None, None]
     for direction, kernel, strides in (
         ("rows", rows, (factor, 1)),
         ("cols", cols, (1, factor)),
     ):
-        x = keras.layers.DepthwiseConv2D(
+        x = keras.layers.Conv2D(
+            channels,
             kernel.shape[:2],
             strides=strides,
             padding="same",
             use_bias=False,
-            depthwise_initializer=keras.initializers.Constant(kernel.tolist()),
+            kernel_initializer=keras.initializers.Constant(kernel.tolist()),
             trainable=False,
             name=f"bicubic_{direction}",
         )(x)
