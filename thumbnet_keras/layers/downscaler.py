@@ -165,7 +165,9 @@ def _bicubic_branch(inputs, height, width, channels, factor):
     # TensorFlow's own depthwise kernel refuses unequal strides ("only
     # supports equal length strides"); only its oneDNN build (x86 with
     # TF_ENABLE_ONEDNN_OPTS on) accepted (f, 1), so TensorFlow on ARM or with
-    # oneDNN off could not run the bicubic thumbnail.
+    # oneDNN off could not run the bicubic thumbnail. The price, for 3
+    # channels: 3x the bicubic MACs, and LiteRT int8 17-24% slower
+    # (docs/benchmarks.md, "Re-run after the bicubic change").
     eye = np.eye(channels)
     rows = taps_h[:, None, None, None] * eye[None, None]
     cols = taps_w[None, :, None, None] * eye[None, None]
