@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from gpu_session import _augment, _build_teacher, _float, _load  # noqa: E402
+from gpu_session import _augment, _build_teacher, _float, _load, _sub  # noqa: E402
 
 MEMBERS = {f"m{a}_s{s}": (a / 100, s) for a in (35, 75) for s in (0, 1, 2)}
 STUDENTS = {
@@ -302,14 +302,6 @@ def _test_report(y, probs):
     }
 
 
-def _sub(args, log):
-    return subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__)] + args,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
 def run_all(out, npz, budget, max_epochs):
     start = time.time()
     work = "/tmp/distill_work"
@@ -322,8 +314,29 @@ def run_all(out, npz, budget, max_epochs):
         f = os.path.join(work, f"{name}.json")
         return json.load(open(f)) if os.path.exists(f) else None
 
-    def phase(names, args_of, deadline):
-        procs = {n: _sub(args_of(n), log) for n in names}
+    def phase(part, names, deadline, *extra):
+        """One process per name (`part --name n ...`), all until `deadline`."""
+        procs = {
+            n: _sub(
+                [
+                    part,
+                    "--name",
+                    n,
+                    "--npz",
+                    npz,
+                    "--work",
+                    work,
+                    "--deadline",
+                    str(deadline),
+                    "--max-epochs",
+                    str(max_epochs),
+                    *extra,
+                ],
+                log,
+                script=__file__,
+            )  # fmt: skip
+            for n in names
+        }
         for n, p in procs.items():
             try:
                 p.wait(timeout=max(1, deadline + 45 - time.time()))
@@ -332,23 +345,7 @@ def run_all(out, npz, budget, max_epochs):
                 result.setdefault("killed", []).append(n)
 
     members_deadline = start + 0.45 * budget
-    phase(
-        MEMBERS,
-        lambda n: [
-            "member",
-            "--name",
-            n,
-            "--npz",
-            npz,
-            "--work",
-            work,
-            "--deadline",
-            str(members_deadline),
-            "--max-epochs",
-            str(max_epochs),
-        ],
-        members_deadline,
-    )
+    phase("member", MEMBERS, members_deadline)
     result["members"] = [m for m in (collect(n) for n in MEMBERS) if m]
     _save_json(path, result)
     print(json.dumps(result["members"]), flush=True)
@@ -357,25 +354,7 @@ def run_all(out, npz, budget, max_epochs):
         return result
 
     students_deadline = start + budget - 40
-    phase(
-        STUDENTS,
-        lambda n: [
-            "student",
-            "--name",
-            n,
-            "--npz",
-            npz,
-            "--work",
-            work,
-            "--deadline",
-            str(students_deadline),
-            "--max-epochs",
-            str(max_epochs),
-            "--members",
-            *paths,
-        ],
-        students_deadline,
-    )
+    phase("student", STUDENTS, students_deadline, "--members", *paths)
     result["students"] = [s for s in (collect(f"student_{n}") for n in STUDENTS) if s]
     _save_json(path, result)
 

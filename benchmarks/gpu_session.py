@@ -420,9 +420,10 @@ def run_speed(save, batch=128, steps=12, size=224, backbone="resnet50"):
     return out
 
 
-def _sub(args, log):
+def _sub(args, log, script=__file__):
+    """`python <script> <args>`, output to `log` (this script by default)."""
     return subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__)] + args,
+        [sys.executable, os.path.abspath(script)] + args,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
