@@ -22,6 +22,15 @@ Formats:
                  (the type camera frames come in and that the LiteRT/MediaPipe
                  image classifiers accept); their scale and zero point are in
                  the model's tensor details.
+
+For ONNX and LiteRT, every `Conv2D` whose kernel is zero off the channel
+diagonal (E's frozen bicubic passes) is converted as the `DepthwiseConv2D` it
+equals (`depthwise_form`): C times fewer multiply-adds, and LiteRT int8 runs
+it as a depthwise kernel. The `.keras` model keeps `Conv2D` there because
+TensorFlow's own depthwise kernel refuses the (f, 1) strides those passes use
+(only its oneDNN build runs them); ONNX Runtime and LiteRT accept them, and
+the rewrite only traces the graph, so converting works without oneDNN too.
+SavedModel, which TensorFlow runs, is written as saved.
 """
 
 from __future__ import annotations
@@ -48,6 +57,82 @@ def _load(keras_path: str):
     shape = [1 if d is None else d for d in model.inputs[0].shape]
     model(keras.ops.zeros(shape, dtype=model.inputs[0].dtype), training=False)
     return model
+
+
+def _depthwise_twin(layer):
+    """The `DepthwiseConv2D` equal to `layer`, or None if there is none.
+
+    A `Conv2D` (no groups) with as many filters as input channels whose kernel
+    is exactly zero off the channel diagonal filters each channel on its own:
+    it is a depthwise conv with the diagonal as its kernel. One channel has
+    nothing to gain and is left alone.
+    """
+    import keras
+    import numpy as np
+
+    if type(layer) is not keras.layers.Conv2D or layer.groups != 1:
+        return None
+    kernel = keras.ops.convert_to_numpy(layer.kernel)
+    channels = kernel.shape[-1]
+    if channels < 2 or kernel.shape[-2] != channels:
+        return None
+    diagonal = np.arange(channels)
+    off = kernel.copy()
+    off[:, :, diagonal, diagonal] = 0
+    if off.any():
+        return None
+    bias = layer.bias is not None
+    twin = keras.layers.DepthwiseConv2D(
+        layer.kernel_size,
+        strides=layer.strides,
+        padding=layer.padding,
+        data_format=layer.data_format,
+        dilation_rate=layer.dilation_rate,
+        activation=layer.activation,
+        use_bias=bias,
+        dtype=layer.dtype_policy,
+        trainable=False,
+        name=layer.name,
+    )
+    if layer.data_format == "channels_first":
+        twin.build((None, channels, None, None))
+    else:
+        twin.build((None, None, None, channels))
+    weights = [kernel[:, :, diagonal, diagonal][..., None]]
+    if bias:
+        weights.append(keras.ops.convert_to_numpy(layer.bias))
+    twin.set_weights(weights)
+    return twin
+
+
+def depthwise_form(model):
+    """`model` with every channel-diagonal `Conv2D` as a `DepthwiseConv2D`.
+
+    Returns `(model, names)`: a clone sharing every other layer (and its
+    weights) with `model`, nested models included, and the names of the
+    rewritten layers; `model` itself when there is nothing to rewrite. The
+    outputs are the same up to float rounding.
+    """
+    import keras
+
+    def flatten(layer):
+        yield layer
+        for inner in getattr(layer, "layers", ()):
+            yield from flatten(inner)
+
+    twins = {}
+    for layer in flatten(model):
+        twin = _depthwise_twin(layer)
+        if twin is not None:
+            twins[id(layer)] = twin
+    if not twins:
+        return model, []
+    clone = keras.models.clone_model(
+        model,
+        clone_function=lambda layer: twins.get(id(layer), layer),
+        recursive=True,
+    )
+    return clone, sorted(t.name for t in twins.values())
 
 
 def _to_onnx(model, path: str) -> None:
@@ -131,8 +216,9 @@ def convert(keras_path: str, fmt: str, output: str, representative=None) -> str:
         if fmt == "saved_model":
             model.export(tmp, format="tf_saved_model", verbose=False)
         elif fmt == "onnx":
-            _to_onnx(model, tmp)
+            _to_onnx(depthwise_form(model)[0], tmp)
         else:
+            model = depthwise_form(model)[0]
             kwargs = _litert_kwargs(fmt == "litert_int8", representative)
             model.export(tmp, format="litert", verbose=False, **kwargs)
         if os.path.isdir(output):
