@@ -98,11 +98,13 @@ def test_bicubic_passes_export_as_depthwise_without_onednn(tmp_path, monkeypatch
             if node.op_type == "Conv" and f"bicubic_{direction}" in node.name:
                 attributes = {a.name: a for a in node.attribute}
                 convs[direction] = (
-                    attributes["group"].i, list(attributes["strides"].ints)
+                    attributes["group"].i,
+                    list(attributes["strides"].ints),
                 )
     assert convs == {"rows": (3, [2, 1]), "cols": (3, [1, 2])}, convs
     ops = collections.Counter(
-        op["op_name"] for op in Interpreter(model_path=str(tflite_path))._get_ops_details()
+        op["op_name"]
+        for op in Interpreter(model_path=str(tflite_path))._get_ops_details()
     )
     # E's one separable conv is a depthwise op too; the bicubic passes add two.
     assert ops["DEPTHWISE_CONV_2D"] == 3, ops
