@@ -132,7 +132,10 @@ def depthwise_form(model):
         clone_function=lambda layer: twins.get(id(layer), layer),
         recursive=True,
     )
-    return clone, sorted(t.name for t in twins.values())
+    # A layer inside a subclassed model is not reached by the clone: name
+    # only the twins that are in it.
+    placed = {id(layer) for layer in flatten(clone)}
+    return clone, sorted(t.name for t in twins.values() if id(t) in placed)
 
 
 def _to_onnx(model, path: str) -> None:

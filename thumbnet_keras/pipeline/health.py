@@ -284,16 +284,52 @@ def failed_message(health: dict, report: str | None = None) -> str:
     )
 
 
+def private_default_seeds(seed: int) -> None:
+    """Gives Keras' default seeds a random generator of their own, seeded.
+
+    Every initializer and random layer built without a seed (E's convs,
+    the FM adapter, a Dropout in S) takes its seed from
+    `keras.src.random.seed_generator.make_default_seed`, which draws from
+    Python's process-wide `random` module. Other threads draw from that
+    module too, at times that vary from run to run: in a `thumbnet` process,
+    Prefect's engine and API clients. One draw between
+    `keras.utils.set_random_seed` and building E changed E's initial weights,
+    which is why the demo's joint stage took one of several trajectories
+    from one process to the next (`docs/design.md`, "Same seed, side by
+    side"). With a `random.Random(seed)` of its own, which gives the sequence
+    `random.seed(seed)` gives when nobody else draws, the same seed builds
+    the same weights whatever other threads do.
+
+    Keras has no public hook for this: the module's `python_random` is
+    replaced (checked by `tests/test_reproducibility.py`); a Keras without
+    it gets an error naming the missing hook rather than silent drift.
+    """
+    import random
+
+    from keras.src.random import seed_generator
+
+    if not hasattr(seed_generator, "python_random"):
+        raise RuntimeError(
+            "keras.src.random.seed_generator.python_random is gone in Keras "
+            f"{keras.__version__}: thumbnet-keras cannot make Keras' default "
+            "seeds independent of other threads; install keras 3.15 or update "
+            "thumbnet_keras.pipeline.health.private_default_seeds."
+        )
+    seed_generator.python_random = random.Random(int(seed))
+
+
 def configure_determinism(seed: int, deterministic: bool) -> None:
     """Seeds every generator (`keras.utils.set_random_seed`: Python, NumPy,
-    the backend, Keras' global SeedGenerator) and, when `deterministic`,
-    turns on the backends' deterministic kernels: TensorFlow's op
-    determinism (also used by the tf.data input pipeline on every backend),
-    torch's deterministic algorithms; `deterministic=False` turns
-    TensorFlow's off again (one process may run several runs)."""
+    the backend, Keras' global SeedGenerator; Keras' default seeds from a
+    generator of their own, `private_default_seeds`) and, when
+    `deterministic`, turns on the backends' deterministic kernels:
+    TensorFlow's op determinism (also used by the tf.data input pipeline on
+    every backend), torch's deterministic algorithms; `deterministic=False`
+    turns TensorFlow's off again (one process may run several runs)."""
     import tensorflow as tf  # The input pipeline runs on tf.data everywhere.
 
     keras.utils.set_random_seed(int(seed))
+    private_default_seeds(seed)
     if not deterministic:
         from tensorflow.python.framework import config as tf_config
 
