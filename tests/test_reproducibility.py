@@ -194,13 +194,14 @@ def test_default_seeds_ignore_other_threads_drawing_from_random():
     import threading
 
     from thumbnet_keras import build_downscaler
-    from thumbnet_keras.pipeline.health import configure_determinism
+    from thumbnet_keras.pipeline.health import configure_determinism, default_seed_scope
 
+    @default_seed_scope()  # as the pipeline's stage functions
     def build(seed):
         configure_determinism(seed, deterministic=True)
         e = build_downscaler((16, 16, 3), 2, width=4, depth=1)
-        dropout = keras.layers.Dropout(0.5)
-        return [np.asarray(w) for w in e.weights], dropout.seed
+        dropout = keras.layers.Dropout(0.5)  # its SeedGenerator's state
+        return [np.asarray(w) for w in e.weights], dropout.seed_generator.state.numpy()
 
     quiet = build(3)
     stop = threading.Event()
@@ -218,8 +219,34 @@ def test_default_seeds_ignore_other_threads_drawing_from_random():
         stop.set()
         thread.join()
     for weights, dropout_seed in busy:
-        assert dropout_seed == quiet[1]
+        np.testing.assert_array_equal(dropout_seed, quiet[1])
         for a, b in zip(quiet[0], weights, strict=True):
             np.testing.assert_array_equal(a, b)
     # A different seed gives other weights: the comparison can fail.
     assert any(not np.array_equal(a, b) for a, b in zip(quiet[0], other[0]))
+
+
+def test_default_seed_scope_gives_keras_its_seed_source_back(monkeypatch):
+    """Inside a stage (`default_seed_scope`) Keras' default seeds come from
+    the stage's seed; after it, `keras.utils.set_random_seed` seeds them
+    again, as Keras documents."""
+    import random
+
+    from keras.src.random import seed_generator
+
+    from thumbnet_keras.pipeline.health import configure_determinism, default_seed_scope
+
+    def default_seed(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.initializers.GlorotUniform().seed  # drawn, as E's are
+
+    # Keras' own source, whatever an unscoped configure_determinism left.
+    monkeypatch.setattr(seed_generator, "python_random", random)
+    with default_seed_scope():
+        configure_determinism(3, deterministic=True)
+        assert isinstance(seed_generator.python_random, random.Random)
+        assert seed_generator.python_random is not random._inst
+        inside = default_seed(5)
+        assert default_seed(5) != inside  # set_random_seed does not reach it
+    assert seed_generator.python_random is random
+    assert default_seed(5) == default_seed(5) != default_seed(6)

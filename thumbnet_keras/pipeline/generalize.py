@@ -36,6 +36,7 @@ from thumbnet_keras.pipeline.config import (
     GeneralizeConfig,
     GeneralizeParams,
 )
+from thumbnet_keras.pipeline.health import default_seed_scope
 from thumbnet_keras.pipeline.rundir import (
     Run,
     atomic_write,
@@ -256,6 +257,7 @@ def arm_inputs(run_dir: str, arm: str, prepared: dict):
     return downscaler, data
 
 
+@default_seed_scope()  # Keras' default seeds from `seed`, then back
 def train_generalize_arm(
     run_dir: str,
     index: int,

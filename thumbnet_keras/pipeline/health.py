@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "check_logits",
     "check_predictions",
     "configure_determinism",
+    "default_seed_scope",
     "epoch_seed",
     "failed_message",
     "run_health",
@@ -284,28 +286,8 @@ def failed_message(health: dict, report: str | None = None) -> str:
     )
 
 
-def private_default_seeds(seed: int) -> None:
-    """Gives Keras' default seeds a random generator of their own, seeded.
-
-    Every initializer and random layer built without a seed (E's convs,
-    the FM adapter, a Dropout in S) takes its seed from
-    `keras.src.random.seed_generator.make_default_seed`, which draws from
-    Python's process-wide `random` module. Other threads draw from that
-    module too, at times that vary from run to run: in a `thumbnet` process,
-    Prefect's engine and API clients. One draw between
-    `keras.utils.set_random_seed` and building E changed E's initial weights,
-    which is why the demo's joint stage took one of several trajectories
-    from one process to the next (`docs/design.md`, "Same seed, side by
-    side"). With a `random.Random(seed)` of its own, which gives the sequence
-    `random.seed(seed)` gives when nobody else draws, the same seed builds
-    the same weights whatever other threads do.
-
-    Keras has no public hook for this: the module's `python_random` is
-    replaced (checked by `tests/test_reproducibility.py`); a Keras without
-    it gets an error naming the missing hook rather than silent drift.
-    """
-    import random
-
+def _seed_source():
+    """Keras' module that draws default seeds (`make_default_seed`)."""
     from keras.src.random import seed_generator
 
     if not hasattr(seed_generator, "python_random"):
@@ -315,7 +297,49 @@ def private_default_seeds(seed: int) -> None:
             "seeds independent of other threads; install keras 3.15 or update "
             "thumbnet_keras.pipeline.health.private_default_seeds."
         )
-    seed_generator.python_random = random.Random(int(seed))
+    return seed_generator
+
+
+def private_default_seeds(seed: int) -> None:
+    """Gives Keras' default seeds a random generator of their own, seeded.
+
+    Every initializer and random layer built without a seed (E's convs,
+    the FM adapter, a Dropout in S) takes its seed from
+    `keras.src.random.seed_generator.make_default_seed`, which draws from
+    Python's process-wide `random` module. Other threads draw from that
+    module too, at times that vary from run to run: in a `thumbnet` process,
+    the websocket keepalive pings of Prefect's event clients. One draw
+    between `keras.utils.set_random_seed` and building E changed E's initial
+    weights, which is why the demo's joint stage took one of several
+    trajectories from one process to the next (`docs/design.md`, "Same
+    seed, side by side"). With a `random.Random(seed)` of its own, which
+    gives the sequence `random.seed(seed)` gives when nobody else draws, the
+    same seed builds the same weights whatever other threads do.
+
+    Keras has no public hook for this: the module's `python_random` is
+    replaced, until the enclosing `default_seed_scope` ends (for good
+    without one); a Keras without it gets an error naming the missing hook
+    rather than silent drift.
+    """
+    import random
+
+    _seed_source().python_random = random.Random(int(seed))
+
+
+@contextlib.contextmanager
+def default_seed_scope():
+    """Puts back Keras' default-seed source on exit (also as a decorator).
+
+    The pipeline's stage functions run inside one, so that after a stage a
+    caller's own `keras.utils.set_random_seed` seeds Keras' default seeds
+    again, as Keras documents.
+    """
+    source = _seed_source()
+    saved = source.python_random
+    try:
+        yield
+    finally:
+        source.python_random = saved
 
 
 def configure_determinism(seed: int, deterministic: bool) -> None:

@@ -50,7 +50,7 @@ from thumbnet_keras.pipeline.compute import (
     run_compute,
 )
 from thumbnet_keras.pipeline.config import ConfigError, RunConfig
-from thumbnet_keras.pipeline.health import configure_determinism
+from thumbnet_keras.pipeline.health import configure_determinism, default_seed_scope
 from thumbnet_keras.pipeline.rundir import (
     Run,
     atomic_write,
@@ -276,6 +276,7 @@ def reestimate_student_bn(
 
 
 @run_compute  # the run's precision and distribution
+@default_seed_scope()  # Keras' default seeds from the run's seed, then back
 def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> dict:
     """Stage 0: the run's teacher, saved as `teacher.keras`.
 
@@ -520,6 +521,7 @@ def _equal_cost(
 
 
 @run_compute  # the run's precision and distribution
+@default_seed_scope()  # Keras' default seeds from the run's seed, then back
 def train_stage(
     run_dir: str, factor: int, stage: str, verbose: int | str = "auto"
 ) -> dict:
