@@ -13,8 +13,10 @@
   magnitude); `"degraded"` when top-1 is at or below the majority-class rate
   of those images, or one class is predicted for all of them.
 * `run_health`: the worst status over a run's stage records.
-* `configure_determinism`: `keras.utils.set_random_seed` plus the backends'
-  deterministic-ops switches (`tf.config.experimental.enable_op_determinism`,
+* `configure_determinism`: `keras.utils.set_random_seed`, Keras' default
+  seeds from a generator no other thread draws from (`private_default_seeds`,
+  inside a `default_seed_scope`), plus the backends' deterministic-ops
+  switches (`tf.config.experimental.enable_op_determinism`,
   `torch.use_deterministic_algorithms`); JAX on CPU is deterministic as is.
 """
 
