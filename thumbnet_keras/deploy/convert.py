@@ -213,15 +213,16 @@ def convert(keras_path: str, fmt: str, output: str, representative=None) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, received {fmt!r}")
     model = _load(keras_path)
+    if fmt != "saved_model":  # TensorFlow runs SavedModel: keep the saved form.
+        model = depthwise_form(model)[0]
     suffix = {"saved_model": "", "onnx": ".onnx"}.get(fmt, ".tflite")
     tmp = f"{output}.tmp-{os.getpid()}{suffix}"
     try:
         if fmt == "saved_model":
             model.export(tmp, format="tf_saved_model", verbose=False)
         elif fmt == "onnx":
-            _to_onnx(depthwise_form(model)[0], tmp)
+            _to_onnx(model, tmp)
         else:
-            model = depthwise_form(model)[0]
             kwargs = _litert_kwargs(fmt == "litert_int8", representative)
             model.export(tmp, format="litert", verbose=False, **kwargs)
         if os.path.isdir(output):
