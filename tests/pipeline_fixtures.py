@@ -1,7 +1,8 @@
 """Tiny real image datasets for the pipeline, flow and CLI tests (no tests here).
 
-`tiny_dataset` writes 40x40 gray PNGs of two classes that a small CNN can
-tell apart (bright vs dark noise, or horizontal vs vertical stripes) and an
+`tiny_dataset` writes 40x40 PNGs (gray, or RGB: the gray pattern tinted
+with a random colour per image) of two classes that a small CNN can tell
+apart (bright vs dark noise, or horizontal vs vertical stripes) and an
 `image_folder` manifest for them; `prefect_env` gives every test process a
 temporary PREFECT_HOME with analytics off (nox sets them too).
 """
@@ -34,8 +35,13 @@ def _image(kind: str, label: int, seed: int) -> np.ndarray:
     )
 
 
-def tiny_dataset(root: Path, kind: str = "brightness", per_class: int = 12) -> str:
-    """Writes `root/<kind>/...` and `root/<kind>.yaml`; returns the manifest path."""
+def tiny_dataset(
+    root: Path, kind: str = "brightness", per_class: int = 12, channels: int = 1
+) -> str:
+    """Writes `root/<kind>/...` and `root/<kind>.yaml`; returns the manifest path.
+    `channels=3`: RGB images, each the gray pattern times a random colour
+    (every channel in [0.5, 1]), so the channels differ but the class
+    pattern is in each of them."""
     classes = {"brightness": ["bright", "dark"], "stripes": ["horizontal", "vertical"]}[
         kind
     ]
@@ -44,6 +50,9 @@ def tiny_dataset(root: Path, kind: str = "brightness", per_class: int = 12) -> s
         (folder / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             image = _image(kind, label, seed=1000 * label + i)
+            if channels == 3:
+                tint = np.random.default_rng(7000 + 1000 * label + i).uniform(0.5, 1, 3)
+                image = (image[..., None] * tint).astype(np.uint8)
             Image.fromarray(image).save(folder / name / f"{i:03d}.png")
     manifest = root / f"{kind}.yaml"
     manifest.write_text(
@@ -52,7 +61,7 @@ def tiny_dataset(root: Path, kind: str = "brightness", per_class: int = 12) -> s
         "license: CC0 (generated)\n"
         f"source: {{type: image_folder, root: '{folder}'}}\n"
         f"classes: {classes}\n"
-        "image: {height: 40, width: 40, channels: 1}\n"
+        f"image: {{height: 40, width: 40, channels: {channels}}}\n"
         "split: {test_fraction: 0.25, seed: 0}\n"
     )
     return str(manifest)

@@ -3,8 +3,12 @@ Keras model; the converter runs without `thumbnet_keras`; predict, the
 report and the CLI use them.
 
 The run: ThumbNet (teacher, fm_pretrain, joint) on a tiny learnable problem,
-horizontal vs vertical noisy stripes (tests/pipeline_fixtures.py), 100 images
-per class, 32x32, f = 2: about a minute on 2 CPU cores. A `smoke` run keeps 8
+horizontal vs vertical noisy stripes in RGB (tests/pipeline_fixtures.py), 100
+images per class, 32x32, f = 2: about a minute on 2 CPU cores. RGB, so that
+E's frozen bicubic passes are 3-channel diagonal `Conv2D`s, which the
+converter writes as depthwise convs for ONNX and LiteRT
+(`deploy.convert.depthwise_form`; a 1-channel pass is left as it is): the
+accuracy checks below cover that rewrite, int8 included. A `smoke` run keeps 8
 images per class (a 4-image test split) and is too undertrained for top-1
 agreement to mean anything, so the sizes are set here instead.
 
@@ -15,6 +19,7 @@ run on every backend (the Keras model itself is run on this one).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -36,7 +41,7 @@ FORMATS = ("onnx", "litert", "litert_int8")
 def trained(tmp_path_factory):
     """A run trained through `joint` for f = 2 and exported in every format."""
     root = tmp_path_factory.mktemp("deploy")
-    manifest = tiny_dataset(root, "stripes", per_class=100)
+    manifest = tiny_dataset(root, "stripes", per_class=100, channels=3)
     params = ThumbNetParams(
         dataset=manifest,
         runs_dir=str(root / "runs"),
@@ -68,7 +73,7 @@ def _test_split(prepared: dict):
     from thumbnet_keras import data
 
     stream = data.make_dataset(
-        prepared["prepared_dir"], "test", 32, 64, False, channels=1,
+        prepared["prepared_dir"], "test", 32, 64, False, channels=3,
         normalization="raw",  # exported models normalize inside
     )  # fmt: skip
     batches = [(np.asarray(x), np.asarray(y)) for x, y in stream]
@@ -97,6 +102,24 @@ def test_exports_agree_with_keras(trained):
     assert agree["litert_int8"] >= 0.97
 
 
+def test_int8_file_runs_the_bicubic_passes_as_depthwise(trained):
+    """The files checked above are the rewritten ones: LiteRT float32 and
+    int8 both run E's two bicubic passes as depthwise ops, beside the
+    depthwise halves of E's two separable convs (the default depth 2);
+    without the rewrite there would be 2."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, _, exported, _ = trained
+    for fmt in ("litert", "litert_int8"):
+        ops = collections.Counter(
+            op["op_name"]
+            for op in Interpreter(
+                model_path=exported["exports"][fmt]
+            )._get_ops_details()
+        )
+        assert ops["DEPTHWISE_CONV_2D"] == 2 + 2, (fmt, ops)
+
+
 def test_int8_model_takes_raw_uint8_pixels(trained):
     _, _, exported, _ = trained
     runner = deploy.load_runner(exported["exports"]["litert_int8"])
@@ -108,7 +131,7 @@ def test_int8_model_takes_raw_uint8_pixels(trained):
     sidecar = deploy.read_sidecar(exported["exports"]["litert_int8"])
     assert sidecar["quantization"]["thumbnet_int8.tflite"] == q
     assert sidecar["class_names"] == ["horizontal", "vertical"]
-    assert sidecar["input_size"] == [32, 32] and sidecar["channels"] == 1
+    assert sidecar["input_size"] == [32, 32] and sidecar["channels"] == 3
     assert sidecar["models"]["thumbnet.onnx"] == "onnx"
 
 
