@@ -172,3 +172,28 @@ def test_run_names_follow_the_teacher_file_content(tmp_path):
     teacher.write_bytes(b"old teacher")
     assert study.run_name(settings, "elpv-final-seed0-main") == old
     assert study.run_name(settings | {"seed": 1}, "elpv-final-seed0-main") != old
+
+
+def test_default_recipe_study_shares_the_teacher_and_trains_no_fm_stage():
+    """`fashion_mnist_long` (the default recipe, 12 epochs) reuses
+    `fashion_mnist_full`'s teacher run and its main run has no FM pre-train
+    (quick mode included), so its joint arm is the default recipe."""
+    from thumbnet_keras.pipeline import ThumbNetParams
+
+    study = _load("accuracy_study")
+    names = {}
+    for dataset in ("fashion_mnist_full", "fashion_mnist_long"):
+        settings, teacher = study.base_settings(dataset, quick=False)
+        own = {k: v for k, v in settings.items() if k in study.TEACHER_FIELDS}
+        names[dataset] = study.run_name(
+            own | teacher | {"seed": study.TEACHER_SEED, "factors": [2]},
+            f"{study.TEACHER_FROM.get(dataset, dataset)}-teacher",
+        )
+    assert names["fashion_mnist_long"] == names["fashion_mnist_full"]
+    for quick in (False, True):
+        settings, _ = study.base_settings("fashion_mnist_long", quick=quick)
+        params = ThumbNetParams(**(study.PAPER_WEIGHTS | settings))
+        assert params.fm_epochs == 0 and params.fm_weight == params.mm_weight == 0
+    assert (
+        study.base_settings("fashion_mnist_long", quick=False)[0]["joint_epochs"] == 12
+    )
