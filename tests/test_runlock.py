@@ -1,7 +1,8 @@
 """One process per run folder, and nothing outlives `thumbnet`.
 
 * a second process meets the lock and is refused, naming the holder;
-* a lock left by a process killed with SIGKILL is taken over;
+* a lock left by a process killed with SIGKILL is taken over; a normal exit
+  leaves none;
 * a run folder that never started a stage does not block its name;
 * `kill -9` of a running `thumbnet train` leaves no process behind (Prefect's
   temporary server dies with it).
@@ -104,6 +105,36 @@ def test_second_process_is_refused_then_takes_over_a_stale_lock(tmp_path, caplog
     lock_run(folder)  # Re-entrant in the holding process.
     unlock_run(folder)
     assert not (folder / ".lock").exists()
+
+
+def test_a_normal_exit_leaves_no_stale_lock(tmp_path, caplog):
+    """A process that ends normally without `unlock_run` (a script, the
+    accuracy study) removes its lock files at exit, so the next claim has
+    nothing stale to report; a forked child's exit leaves its parent's lock."""
+    folders = [tmp_path / "runs" / "a", tmp_path / "runs" / "b"]
+    script = (
+        "import os, sys\n"
+        "from thumbnet_keras.pipeline.rundir import lock_run\n"
+        "for folder in sys.argv[1:]:\n"
+        "    lock_run(folder)\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    sys.exit(0)  # runs the inherited exit handlers: must not unlink\n"
+        "os.waitpid(child, 0)\n"
+        "print(sorted(os.listdir(sys.argv[1])), flush=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, folders)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['.lock']"  # still there after the child
+    for folder in folders:
+        assert folder.is_dir() and not (folder / ".lock").exists()
+    with caplog.at_level("WARNING", logger="thumbnet_keras.pipeline.rundir"):
+        lock_run(folders[0])
+    assert "taking over" not in caplog.text
+    unlock_run(folders[0])
 
 
 def test_a_run_that_never_started_does_not_block_its_name(tmp_path):

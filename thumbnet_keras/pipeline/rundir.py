@@ -29,6 +29,7 @@ process's `flock`) and is taken over, the message naming the dead holder.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
@@ -177,7 +178,11 @@ def lock_run(path: str | os.PathLike) -> Path:
     """Takes the run folder's lock for this process (creating the folder).
 
     Re-entrant within a process. Released by `unlock_run` or when the
-    process ends, however it ends.
+    process ends, however it ends. A normal interpreter exit also removes
+    the lock file (`_unlock_all_at_exit`), so the next process to claim
+    the folder has no stale lock to report; only a process that was killed
+    or crashed leaves one ("taking over the lock of a process that ended
+    without releasing it").
 
     Raises:
         RunLockedError: another live process holds it; the message names it.
@@ -242,8 +247,26 @@ def lock_run(path: str | os.PathLike) -> Path:
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(info) + "\n").encode())
+    if _AT_EXIT_OWNER[0] != os.getpid():
+        _AT_EXIT_OWNER[0] = os.getpid()
+        atexit.register(_unlock_all_at_exit, os.getpid())
     _HELD[key] = fd
     return lock
+
+
+# pid of the process whose exit handler is registered (a forked child
+# inherits the registration and `_HELD`; it must not unlink its parent's
+# lock files).
+_AT_EXIT_OWNER = [0]
+
+
+def _unlock_all_at_exit(owner: int) -> None:
+    """`unlock_run` of every folder this process still holds, at a normal
+    exit (registered by `lock_run`)."""
+    if os.getpid() != owner:
+        return
+    for key in list(_HELD):
+        unlock_run(os.path.dirname(key))
 
 
 def unlock_run(path: str | os.PathLike) -> None:
