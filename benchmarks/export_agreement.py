@@ -42,19 +42,20 @@ def test_split(run_dir: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
 
 
-def measure(run_dir: str, model: str, work: Path) -> dict:
-    """Exports `<run_dir>/<model>` in every format; scores on the test split."""
+def measure(run_dir: str, model: str, work: Path, x: np.ndarray, y: np.ndarray) -> dict:
+    """Exports `<run_dir>/<model>` in every format; scores on `(x, y)`, the
+    run's test split (`test_split`)."""
     from thumbnet_keras import deploy
-    from thumbnet_keras.pipeline import export_model
+    from thumbnet_keras.pipeline.export import FORMAT_SUFFIX, export_model
 
     source = str(Path(run_dir) / model)
-    x, y = test_split(run_dir)
     logits = {"keras": deploy.load_runner(source)(x)}
     out = work / model.replace("/", "_").removesuffix(".keras")
     out.mkdir(parents=True, exist_ok=True)
     for fmt in FORMATS:
-        suffix = {"onnx": ".onnx", "litert": ".tflite", "litert_int8": "_int8.tflite"}
-        path = export_model(source, fmt, str(out / f"model{suffix[fmt]}"), run_dir)
+        path = export_model(
+            source, fmt, str(out / f"model{FORMAT_SUFFIX[fmt]}"), run_dir
+        )
         logits[fmt] = deploy.load_runner(path)(x)
     keras_top1 = logits["keras"].argmax(1)
     rows = {}
@@ -86,12 +87,13 @@ def main(argv=None) -> int:
 
     _, config = load_run(args.run)
     models = args.models or [f"f{f}/thumbnet.keras" for f in config.factors]
+    x, y = test_split(args.run)  # read once, shared by every model
     result = {
         "run": str(Path(args.run).resolve()),
         "dataset": config.dataset,
         "backend": keras.backend.backend(),
         "command": " ".join(sys.argv),
-        "models": [measure(args.run, m, Path(args.work_dir)) for m in models],
+        "models": [measure(args.run, m, Path(args.work_dir), x, y) for m in models],
     }
     text = json.dumps(result, indent=1)
     print(text)
