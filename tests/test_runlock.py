@@ -119,6 +119,7 @@ def test_a_normal_exit_leaves_no_stale_lock(tmp_path, caplog):
         "    lock_run(folder)\n"
         "child = os.fork()\n"
         "if child == 0:\n"
+        "    lock_run(sys.argv[1] + '-child')  # its own: removed at its exit\n"
         "    sys.exit(0)  # runs the inherited exit handlers: must not unlink\n"
         "os.waitpid(child, 0)\n"
         "print(sorted(os.listdir(sys.argv[1])), flush=True)\n"
@@ -129,6 +130,7 @@ def test_a_normal_exit_leaves_no_stale_lock(tmp_path, caplog):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "['.lock']"  # still there after the child
+    assert not (tmp_path / "runs" / "a-child" / ".lock").exists()
     for folder in folders:
         assert folder.is_dir() and not (folder / ".lock").exists()
     with caplog.at_level("WARNING", logger="thumbnet_keras.pipeline.rundir"):

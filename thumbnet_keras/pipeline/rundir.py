@@ -247,31 +247,29 @@ def lock_run(path: str | os.PathLike) -> Path:
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(info) + "\n").encode())
-    if _AT_EXIT_OWNER[0] != os.getpid():
-        _AT_EXIT_OWNER[0] = os.getpid()
-        atexit.register(_unlock_all_at_exit, os.getpid())
+    if os.getpid() not in _TAKEN_BY.values():
+        atexit.register(_unlock_all_at_exit)
     _HELD[key] = fd
+    _TAKEN_BY[key] = os.getpid()
     return lock
 
 
-# pid of the process whose exit handler is registered (a forked child
-# inherits the registration and `_HELD`; it must not unlink its parent's
-# lock files).
-_AT_EXIT_OWNER = [0]
+# lock path -> pid that took it. A forked child inherits `_HELD` and the exit
+# handler; it must unlink only the locks it took itself, not its parent's.
+_TAKEN_BY: dict[str, int] = {}
 
 
-def _unlock_all_at_exit(owner: int) -> None:
-    """`unlock_run` of every folder this process still holds, at a normal
-    exit (registered by `lock_run`)."""
-    if os.getpid() != owner:
-        return
-    for key in list(_HELD):
+def _unlock_all_at_exit() -> None:
+    """`unlock_run` of every folder this process took and still holds, at a
+    normal exit (registered by `lock_run`)."""
+    for key in [k for k in _HELD if _TAKEN_BY.get(k) == os.getpid()]:
         unlock_run(os.path.dirname(key))
 
 
 def unlock_run(path: str | os.PathLike) -> None:
     """Releases this process's lock on the run folder (no-op if not held)."""
     lock = Path(path) / LOCK_NAME
+    _TAKEN_BY.pop(os.path.abspath(lock), None)
     fd = _HELD.pop(os.path.abspath(lock), None)
     if fd is None:
         return
