@@ -67,6 +67,23 @@ def world(tmp_path_factory) -> Path:
         "image: {height: 40, width: 40, channels: 3}\n"
     )
     (root / "a_file").write_text("x")
+    # The same image folder without a `classes` list (the documented
+    # default): the class folders give the count before anything is read.
+    (root / "folders.yaml").write_text(
+        (root / "brightness.yaml")
+        .read_text()
+        .replace("classes: ['bright', 'dark']\n", "")
+    )
+    assert "classes" not in (root / "folders.yaml").read_text()
+    for name, shape, classes, activation in (
+        ("five.keras", (64, 64, 1), 5, None),  # 2 classes in the data.
+        ("softmax.keras", (64, 64, 1), 2, "softmax"),
+        ("rgb.keras", (64, 64, 3), 2, None),  # The run's images are gray.
+    ):
+        image = keras.Input(shape)
+        pooled = keras.layers.GlobalAveragePooling2D()(image)
+        logits = keras.layers.Dense(classes, activation=activation)(pooled)
+        keras.Model(image, logits).save(root / name)
     runs = root / "runs"
     # A finished-looking run with factors 2 and 4 (export), one stage done.
     run = runs / "r24"
@@ -108,6 +125,9 @@ CASES = [
      "Unknown or invalid dataset 'no_such_set'"),
     ("empty-folder", [*TRAIN[:1], "--dataset", "{root}/empty.yaml", "--runs-dir", "{root}/runs"],
      "holds no image"),
+    ("dataset-is-a-folder", [*TRAIN[:1], "--dataset", "{root}/brightness", "--runs-dir", "{root}/runs"],
+     "{root}/brightness is a folder; a dataset is a manifest file. For a folder of class "
+     "sub-folders, write e.g. my_images.yaml with: name: my_images"),
     ("missing-folder", [*TRAIN[:1], "--dataset", "{root}/gone.yaml", "--runs-dir", "{root}/runs"],
      "image folder '{root}/gone' not found"),
     ("class-folder", [*TRAIN[:1], "--dataset", "{root}/one_class.yaml", "--runs-dir", "{root}/runs"],
@@ -123,6 +143,16 @@ CASES = [
     ("teacher-text", [*TRAIN, "--teacher", "{root}/fake.keras"], "is not a Keras archive"),
     ("teacher-missing", [*TRAIN, "--teacher", "{root}/nope.keras"], "file not found"),
     ("teacher-shipped", [*TRAIN, "--teacher", "pretrained:cifar"], "'pretrained:elpv'"),
+    # Found by a practitioner's trial (2026-11-29): each was found only once
+    # the run had started (after data preparation or the first stages).
+    ("teacher-classes-folders", [*TRAIN[:1], "--dataset", "{root}/folders.yaml", "--runs-dir",
+                                 "{root}/runs", "--teacher", "{root}/five.keras"],
+     "outputs 5 classes but the dataset has 2"),
+    ("teacher-softmax", [*TRAIN, "--teacher", "{root}/softmax.keras"],
+     "ends in a softmax activation, so it outputs probabilities, not logits"),
+    ("teacher-channels", [*TRAIN, "--teacher", "{root}/rgb.keras"],
+     "takes (64, 64, 3) images but the run uses (64, 64, 1) (--image-size x --image-size x "
+     "channels); set --channels 3."),
     ("data-dir", [*TRAIN, "--data-dir", "{root}/a_file/data"], "--data-dir '{root}/a_file/data' cannot be created"),
     ("runs-dir", [*TRAIN[:3], "--runs-dir", "{root}/a_file/runs"], "--runs-dir '{root}/a_file/runs' cannot be created"),
     ("name-taken", [*TRAIN, "--run-name", "taken"], "already holds a 'thumbnet' run"),
@@ -323,3 +353,27 @@ def test_option_value_the_builder_refuses_is_one_error_line(tmp_path):
         "`widths` must name at least one stage, received ()."
     ]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_teacher_failing_its_health_checks_is_reported_without_traceback(tmp_path):
+    """A given teacher whose logits do not depend on the image fails its
+    health checks in the teacher stage, once the flow runs: exit 3 and the
+    failure as the last line. Prefect used to log the error's traceback
+    twice first (task and flow run, ~6 KB, seen by a practitioner); the
+    command drops tracebacks of user errors from Prefect's run logs unless
+    --debug or -v. 15-30 s: Prefect and TensorFlow start."""
+    manifest = tiny_dataset(tmp_path, per_class=4)
+    image = keras.Input((32, 32, 1))
+    pooled = keras.layers.GlobalAveragePooling2D()(image)
+    logits = keras.layers.Dense(2, kernel_initializer="zeros")(pooled)
+    keras.Model(image, logits).save(tmp_path / "constant.keras")
+    args = ["train", "--dataset", manifest, "--smoke", "--run-name", "r",
+            "--image-size", "32", "--teacher", str(tmp_path / "constant.keras")]  # fmt: skip
+    result, _ = run_cli(args, tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "[teacher] failed its health checks" in errors[0]
+    assert "predictions do not depend on the input" in errors[0]
+    assert "likely cause: the teacher does not fit these images" in errors[0]

@@ -117,3 +117,28 @@ def test_importing_data_does_not_import_tensorflow():
         env={"KERAS_BACKEND": "jax", "PATH": "/usr/bin:/bin"},
     )
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_image_folder_class_folders_before_any_image_is_read(tmp_path):
+    """The class count a run checks its teacher against before preparing
+    (a manifest without `classes`): folders with a candidate file, hidden
+    and empty ones (or ones with no image name) left out, the union over
+    split folders; None when a folder is missing."""
+    from thumbnet_keras.data.manifest import ImageFolderSource
+
+    for rel in ("a/1.png", "c/deep/2.JPG", ".hidden/3.png", "d/notes.txt"):
+        (tmp_path / "pool" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pool" / rel).write_bytes(b"x")
+    (tmp_path / "pool" / "b").mkdir()
+    source = ImageFolderSource(type="image_folder", root=str(tmp_path / "pool"))
+    assert source.class_folders() == ["a", "c"]
+    for rel in ("train/x/1.png", "val/y/1.png", "val/x/2.png"):
+        (tmp_path / "splits" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "splits" / rel).write_bytes(b"x")
+    splits = {"train": "train", "test": "val"}
+    source = ImageFolderSource(
+        type="image_folder", root=str(tmp_path / "splits"), split_dirs=splits
+    )
+    assert source.class_folders() == ["x", "y"]
+    missing = ImageFolderSource(type="image_folder", root=str(tmp_path / "none"))
+    assert missing.class_folders() is None

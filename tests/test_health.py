@@ -252,3 +252,49 @@ def test_constant_teacher_stops_the_run_and_its_rerun(tmp_path):
     )
     assert record["health"]["status"] == "failed"
     assert record["health"]["logit_spread"] == 0.0
+
+
+def _sign_teacher(path, threshold=0.0):
+    """Class 0 ("bright") when the image's mean is above `threshold`: right
+    on [-1, 1] images (threshold 0), always class 0 on [0, 1] ones."""
+    inputs = keras.Input((32, 32, 1), name="image")
+    logits = keras.layers.Dense(
+        2,
+        kernel_initializer=keras.initializers.Constant([[1.0, -1.0]]),
+        bias_initializer=keras.initializers.Constant([-threshold, threshold]),
+        name="logits",
+    )(keras.layers.GlobalAveragePooling2D()(inputs))
+    keras.Model(inputs, logits).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("threshold,warned", [(0.0, True), (0.5, False)])
+def test_a_teacher_fed_other_values_than_it_was_trained_on_is_reported(
+    tmp_path, threshold, warned
+):
+    """The manifest says `unit` (the default) and the teacher was trained on
+    [-1, 1] (threshold 0): on [0, 1] images it calls every image bright (50%),
+    on [-1, 1] ones it is right (100%). Its health names the manifest
+    setting to change (a practitioner's MobileNetV2 lost 18 points this way
+    without a word). A teacher trained on [0, 1] (threshold 0.5) is not."""
+    from thumbnet_keras import pipeline
+    from thumbnet_keras.pipeline.stages import get_teacher
+
+    manifest = tiny_dataset(tmp_path, per_class=20)
+    params = pipeline.ThumbNetParams(
+        dataset=manifest, runs_dir=str(tmp_path / "runs"), run_name="v",
+        teacher=_sign_teacher(tmp_path / "t.keras", threshold), image_size=32,
+    )  # fmt: skip
+    run = pipeline.resolve_run(params)
+    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"))
+    record = get_teacher(run["run_dir"], prepared, verbose=0)  # Not stopped.
+    health = record["health"]
+    assert health["images"] >= 10
+    if warned:
+        assert health["value_ranges"]["unit"] == pytest.approx(0.5)
+        assert health["value_ranges"]["symmetric"] == 1.0
+        assert health["status"] == "degraded"
+        assert any("set `normalization: symmetric`" in p for p in health["problems"])
+    else:
+        assert health["value_ranges"]["unit"] == 1.0
+        assert health["status"] == "ok", health["problems"]

@@ -153,10 +153,12 @@ def earlier_run(tmp_path):
     return manifest, runs
 
 
-def _teacher(path, classes, size=32):
+def _teacher(path, classes, size=32, softmax=False):
     from thumbnet_keras.models import backbones
 
     model = backbones.build("tiny_cnn", (size, size, 1), classes, widths=(4,))
+    if softmax:  # Probabilities: refused before any stage trains.
+        model = keras.Model(model.input, keras.layers.Softmax()(model.output))
     model.save(path)
     return str(path)
 
@@ -177,6 +179,7 @@ BAD = {
         "outputs 3 classes but the dataset has 2",
     ),
     "teacher size": ({"teacher": "SIZE48"}, r"takes \(48, 48, 1\) images"),
+    "teacher softmax": ({"teacher": "SOFTMAX"}, "ends in a softmax activation"),
     "unwritable": ({"runs_dir": "FILE/runs"}, "is not writable"),
     "same name, other config": ({"run_name": "earlier", "seed": 7}, "differs in: seed"),
 }
@@ -197,6 +200,8 @@ def test_bad_input_fails_first_and_touches_nothing(case, earlier_run, tmp_path):
         params["image_size"] = 32
     if params.get("teacher") == "CLASSES3":
         params["teacher"] = _teacher(tmp_path / "t3.keras", 3)
+    if params.get("teacher") == "SOFTMAX":
+        params["teacher"] = _teacher(tmp_path / "ts.keras", 2, softmax=True)
     if params.get("teacher") == "SIZE48":
         params["teacher"] = _teacher(tmp_path / "t48.keras", 2, size=48)
     if params["runs_dir"].startswith("FILE"):
@@ -208,6 +213,39 @@ def test_bad_input_fails_first_and_touches_nothing(case, earlier_run, tmp_path):
         pipeline.resolve_run(ThumbNetParams(**params))
     assert snapshot(runs) == before
     assert not (runs / "new").exists()
+
+
+def test_a_replaced_teacher_file_is_not_resumed(earlier_run, tmp_path):
+    """A user fixed their teacher, saved it under the same name and reran the
+    same run: it used to resume on the old copy the run had kept. Now the
+    teacher's content is one of the run's inputs."""
+    manifest, runs = earlier_run
+    teacher = _teacher(tmp_path / "teacher.keras", 2)
+    params = ThumbNetParams(
+        dataset=manifest, smoke=True, runs_dir=str(runs), run_name="t",
+        teacher=teacher, image_size=32,
+    )  # fmt: skip
+    run = pipeline.resolve_run(params)
+    saved = json.loads(Path(run["run_dir"], "config.json").read_text())
+    assert set(saved["inputs"]) == {"manifest_sha256", "teacher_sha256"}
+    stages = Path(run["run_dir"], "stages")
+    stages.mkdir()
+    (stages / "teacher.json").write_text("{}")  # A stage finished.
+    from thumbnet_keras.pipeline.rundir import unlock_run
+
+    unlock_run(run["run_dir"])
+    assert pipeline.resolve_run(params)["resumed"]  # Same file: resumes.
+    unlock_run(run["run_dir"])
+    _teacher(tmp_path / "teacher.keras", 2, size=32)  # New weights, same name.
+    before = snapshot(runs)
+    with pytest.raises(ConfigError, match="the teacher file changed since"):
+        pipeline.resolve_run(params)
+    assert snapshot(runs) == before
+    # A run saved before the teacher was hashed still resumes.
+    saved["inputs"].pop("teacher_sha256")
+    Path(run["run_dir"], "config.json").write_text(json.dumps(saved))
+    assert pipeline.resolve_run(params)["resumed"]
+    unlock_run(run["run_dir"])
 
 
 def test_claim_reopens_same_config(earlier_run):
@@ -607,3 +645,20 @@ def test_the_default_recipe_skips_fm_pretrain_and_joint_starts_from_the_teacher(
                 fm_epochs=2,
             )  # fmt: skip
         )
+
+
+def test_quarantined_files_are_named_in_one_log_line(tmp_path, caplog):
+    """A broken image is left out of the run: the console says how many and
+    why, and where the per-file list is (it used to be only in the file)."""
+    manifest = tiny_dataset(tmp_path, per_class=6)
+    broken = tmp_path / "brightness" / "dark" / "broken.png"
+    broken.write_bytes(
+        next((tmp_path / "brightness" / "dark").iterdir()).read_bytes()[:40]
+    )
+    with caplog.at_level("WARNING", logger="thumbnet_keras"):
+        prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"))
+    lines = [r.getMessage() for r in caplog.records if "quarantined" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("data: 1 file(s) quarantined and left out (1 corrupt)")
+    assert lines[0].endswith("quarantine.json")
+    assert sum(prepared["splits"].values()) == 12  # 13 files, one left out

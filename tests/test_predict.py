@@ -128,6 +128,7 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
     assert all(len(r["top"]) == 1 for r in saved["predictions"])
     err = capsys.readouterr().err
     assert "truncated.png: truncated" in err and "4 of 7 files skipped" in err
+    assert err.count("truncated.png") == 1, err  # Reported once, not twice.
     # Printed, not written: one line per image.
     assert (
         main(["predict", "--model", model, str(tmp_path / "images" / "dark.jpg")]) == 0
@@ -135,7 +136,12 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
     assert "dark.jpg" in capsys.readouterr().out
     # Nothing readable: non-zero.
     broken = tmp_path / "images" / "sub"
-    assert main(["predict", "--model", model, str(broken)]) == 1
+    capsys.readouterr()
+    assert (
+        main(["predict", "--model", model, str(broken), str(tmp_path / "no.jpg")]) == 1
+    )
+    err = capsys.readouterr().err
+    assert err.count("no.jpg: not_found") == 1, err  # Reported once.
     assert main(["predict", "--model", str(tmp_path / "none.keras"), str(broken)]) == 2
 
 

@@ -122,6 +122,25 @@ def test_bad_teacher_specs_name_the_problem(tmp_path):
             load_teacher(spec, shape, 3)
 
 
+def test_weights_of_another_architecture_get_a_short_message(tmp_path):
+    """Keras' weight-loading error prints every value of the variable it
+    failed on (126 KB for MobileNetV2, seen by a user); the teacher error
+    keeps the first sentence and says what to do."""
+    shape = (32, 32, 3)
+    other = keras.applications.MobileNetV2(
+        input_shape=shape, alpha=0.35, weights=None, classes=3,
+        classifier_activation=None,
+    )  # fmt: skip
+    weights = str(tmp_path / "alpha035.weights.h5")
+    other.save_weights(weights)
+    with pytest.raises(TeacherSpecError) as info:
+        load_teacher(f"applications:MobileNetV2:{weights}", shape, 3)
+    message = str(info.value)
+    assert len(message) < 1000, len(message)
+    assert "could not be loaded" in message and "alpha" in message
+    assert ".keras file as the teacher" in message and "value=[[" not in message
+
+
 def _hub_task(classes=3):
     keras_hub = pytest.importorskip("keras_hub")
     backbone = keras_hub.models.ResNetBackbone(

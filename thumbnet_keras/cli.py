@@ -334,6 +334,22 @@ def _configure_logging(verbosity: int, flow: bool) -> None:
         logger.addHandler(handler)
 
 
+class _NoUserErrorTraceback(logging.Filter):
+    """Drops the traceback Prefect logs with a task or flow run that failed
+    on a user error (a `ConfigError` found once the data is prepared, a
+    teacher that fails its health checks): the command prints the error as
+    its last line, and its stack says nothing the user can act on. A bug
+    keeps its traceback; `--debug` and `-v` keep every one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from thumbnet_keras.pipeline.config import TrainingHealthError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (*_user_errors(), TrainingHealthError)):
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def _start_frameworks(args: argparse.Namespace, server: bool = False) -> None:
     """After every input was checked: Prefect's server (flows), Keras and its
     backend (quietly, unless -v), and a multi-host run's join."""
@@ -341,6 +357,13 @@ def _start_frameworks(args: argparse.Namespace, server: bool = False) -> None:
 
     if server:
         _start_prefect_server()  # Forked before Keras fills this process.
+        if not (getattr(args, "debug", False) or getattr(args, "verbose", 0)):
+            for name in ("prefect.flow_runs", "prefect.task_runs"):
+                logger = logging.getLogger(name)
+                if not any(
+                    isinstance(f, _NoUserErrorTraceback) for f in logger.filters
+                ):
+                    logger.addFilter(_NoUserErrorTraceback())
     import_backend_quietly(quiet=not getattr(args, "verbose", 0))
     from thumbnet_keras.pipeline.compute import initialize_multi_host
 
@@ -438,8 +461,8 @@ def _predict(args: argparse.Namespace) -> int:
     except ValueError as err:  # A bad model, sidecar or option.
         print(f"thumbnet: error: {err}", file=sys.stderr)
         return 2
-    for row in result["skipped"]:
-        print(f"skipped {row['file']}: {row['reason']}", file=sys.stderr)
+    # Each skipped file was reported once, as it was met (`predict` logs
+    # "skipped <file>: <reason>" to stderr).
     if not args.output:
         for row in result["predictions"]:
             top = ", ".join(f"{t['class']} {t['probability']:.4f}" for t in row["top"])

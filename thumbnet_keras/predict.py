@@ -153,6 +153,8 @@ def predict(
             f"describes {(height, width, channels)}: not this model's sidecar."
         )
     files, skipped = collect_files(inputs)
+    for row in skipped:
+        logger.warning("skipped %s: %s", row["file"], row["reason"])
     predictions = []
     k = min(top_k, len(classes))
 

@@ -72,6 +72,29 @@ class ImageFolderSource(_Strict):
         "every candidate is decoded and validated.",
     )
 
+    def class_folders(self) -> list[str] | None:
+        """The class names the folders declare: each (non-hidden) class
+        folder holding at least one candidate file, the union over
+        `split_dirs`, sorted; found without reading an image (the listing
+        stops at a folder's first candidate). None when a folder is missing
+        (`prepare` reports it). Preparation keeps the classes with at least
+        one valid image: these, unless all of a class's files are broken."""
+        root = Path(self.root).expanduser()
+        splits = [""] if self.split_dirs is None else self.split_dirs.values()
+        folders = [root / d for d in splits]
+        if not all(f.is_dir() for f in folders):
+            return None
+        extensions = tuple(e.lower() for e in self.extensions)
+        names = {
+            p.name
+            for f in folders
+            for p in f.iterdir()
+            if p.is_dir()
+            and not p.name.startswith(".")
+            and any(c.name.lower().endswith(extensions) for c in p.rglob("*"))
+        }
+        return sorted(names)
+
 
 class ParquetSource(_Strict):
     """A Parquet table with an image (path or bytes) column and a label column."""
@@ -173,8 +196,11 @@ class Manifest(_Strict):
     )
     image: ImageSpec
     split: SplitSpec = SplitSpec()
-    normalization: Literal["unit", "symmetric", "imagenet"] = Field(
-        "unit", description="Default pipeline normalization for this dataset's teacher."
+    normalization: Literal["unit", "symmetric", "imagenet", "raw"] = Field(
+        "unit",
+        description="The values a `.keras` teacher is fed: unit [0, 1], symmetric "
+        "[-1, 1], imagenet (mean/std), raw [0, 255] (a model that normalizes "
+        "inside). applications: and keras_hub: teachers always get raw.",
     )
     path: str | None = Field(None, exclude=True, description="Set by load_manifest.")
 
@@ -203,6 +229,14 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
     text = os.fspath(path_or_name)
     candidate = Path(text).expanduser()
     if candidate.suffix in (".yaml", ".yml") or os.sep in text or candidate.exists():
+        if candidate.is_dir():
+            raise ManifestError(
+                f"{candidate} is a folder; a dataset is a manifest file. For a "
+                "folder of class sub-folders, write e.g. my_images.yaml with: "
+                f"name: my_images, description: ..., license: ..., source: "
+                f"{{type: image_folder, root: '{candidate}'}}, image: {{channels: 3}} "
+                "(docs/data.md), and pass --dataset my_images.yaml"
+            )
         if not candidate.is_file():
             raise ManifestError(f"manifest file not found: {candidate}")
         return candidate

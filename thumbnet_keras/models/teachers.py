@@ -157,6 +157,13 @@ def _wrap(classifier, image_shape, layers, name):
     return teacher
 
 
+def _error_text(err: Exception, limit: int = 400) -> str:
+    """`err`'s message on one line, short enough to read: Keras' weight-loading
+    errors print every value of the variable they failed on (100 KB+)."""
+    text = " ".join(str(err).split(" Target variable:")[0].split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _applications(rest: str, image_shape, num_classes):
     name, weights = check_applications_spec(
         APPLICATIONS_PREFIX + rest, image_shape[-1], num_classes
@@ -174,9 +181,17 @@ def _applications(rest: str, image_shape, num_classes):
         if local:
             classifier.load_weights(weights)
     except Exception as err:  # Download, shape or weights-file errors.
+        hint = (
+            f" The file's weights do not fit applications:{name} built with its "
+            f"default options and {classes} classes: a model saved with other "
+            "options (e.g. MobileNetV2's alpha) or another class count needs "
+            "its own .keras file as the teacher (model.save('teacher.keras'))."
+            if local
+            else ""
+        )
         raise TeacherSpecError(
             f"Cannot build teacher applications:{name} at {tuple(image_shape)} "
-            f"with weights {weights!r}: {err}"
+            f"with weights {weights!r}: {_error_text(err)}{hint}"
         ) from err
     layers = preprocessing_layers(APPLICATIONS[name])
     return _wrap(classifier, tuple(image_shape), layers, name.lower())
@@ -216,7 +231,8 @@ def _keras_hub(preset: str, image_shape):
     except Exception as err:  # Download failures, not a classifier preset.
         raise TeacherSpecError(
             f"Cannot load keras-hub classifier {preset!r} (a Kaggle preset "
-            f"downloads; a local folder comes from task.save_to_preset): {err}"
+            f"downloads; a local folder comes from task.save_to_preset): "
+            f"{_error_text(err)}"
         ) from err
     activation = getattr(task, "activation", None)
     if activation not in (None, "linear"):
@@ -273,7 +289,7 @@ def load_teacher(spec: str, image_shape=None, num_classes: int | None = None):
         teacher = keras.saving.load_model(path, compile=False)
     except Exception as err:
         raise TeacherSpecError(
-            f"Teacher file {path!r} is not a loadable .keras model: {err}"
+            f"Teacher file {path!r} is not a loadable .keras model: {_error_text(err)}"
         ) from err
     return inline_nested(teacher)
 

@@ -88,7 +88,10 @@ def find_feature_layer(model: keras.Model, name: str | None, role: str) -> str:
     return name
 
 
-def _check_logits_model(model, role):
+def check_logits_model(model, role: str) -> int:
+    """The number of logits `model` outputs; raises `ValueError` naming the
+    problem unless it is a `keras.Model` with one (batch, classes) output
+    that does not end in softmax or sigmoid (`role` names it: "teacher")."""
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"`{role}` must be a keras.Model, received {type(model).__name__}."
@@ -100,10 +103,12 @@ def _check_logits_model(model, role):
             f"its outputs have shapes {shapes}."
         )
     last = model.layers[-1]
-    activation = getattr(last, "activation", None)
-    if getattr(activation, "__name__", None) in ("softmax", "sigmoid"):
+    activation = getattr(getattr(last, "activation", None), "__name__", None)
+    if isinstance(last, keras.layers.Softmax):
+        activation = "softmax"
+    if activation in ("softmax", "sigmoid"):
         raise ValueError(
-            f"The {role} '{model.name}' ends in a {activation.__name__} activation "
+            f"The {role} '{model.name}' ends in a {activation} activation "
             f"(layer '{last.name}'), so it outputs probabilities, not logits. "
             "Rebuild it with `classifier_activation=None` (keras.applications) or "
             "`activation=None` on its last layer; the weights are unchanged."
@@ -260,8 +265,8 @@ class ThumbNetTrainer(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        num_classes = _check_logits_model(teacher, "teacher")
-        student_classes = _check_logits_model(student, "student")
+        num_classes = check_logits_model(teacher, "teacher")
+        student_classes = check_logits_model(student, "student")
         if student_classes != num_classes:
             raise ValueError(
                 f"The student '{student.name}' outputs {student_classes} logits but "

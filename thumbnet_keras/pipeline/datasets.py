@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 
 from thumbnet_keras.pipeline.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "is_prepared",
@@ -57,6 +61,7 @@ def prepare_dataset(
     manifest = load_manifest_checked(dataset)
     out = prepared_dir(dataset, data_dir, limit_per_class)
     prepared = data.prepare(manifest, out, limit_per_class=limit_per_class)
+    _log_quarantined(prepared)
     return {
         "dataset": dataset,
         "prepared_dir": prepared.out_dir,
@@ -70,6 +75,22 @@ def prepare_dataset(
         "source_type": prepared.source_type,
         "reused": bool(prepared.reused),
     }
+
+
+def _log_quarantined(prepared) -> None:
+    """One line when files were set aside: how many, why, and where the
+    per-file list is (the run goes on without them)."""
+    import json
+
+    with open(prepared.quarantine_path) as f:
+        quarantined = json.load(f).get("quarantined", [])
+    if quarantined:
+        reasons = Counter(r["reason"] for r in quarantined)
+        why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        logger.warning(
+            "data: %d file(s) quarantined and left out (%s); the list: %s",
+            len(quarantined), why, prepared.quarantine_path,
+        )  # fmt: skip
 
 
 def _cache(prepared: dict) -> bool:

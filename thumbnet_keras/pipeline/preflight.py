@@ -43,6 +43,7 @@ from thumbnet_keras.pipeline.config import (
     ThumbNetParams,
 )
 from thumbnet_keras.pipeline.options import option_name
+from thumbnet_keras.pipeline.resolve import run_inputs
 from thumbnet_keras.pipeline.rundir import (
     Run,
     RunLockedError,
@@ -270,12 +271,10 @@ def check_export_packages(fmt: str) -> None:
         )
 
 
-def keras_archive_shape(
-    path: str, option: str = "--teacher"
-) -> tuple[tuple | None, int | None]:
-    """(input shape without the batch axis, number of outputs) read from a
-    `.keras` archive's `config.json`; either is None when the model's config
-    does not say it plainly. Raises `ConfigError` if it is not an archive."""
+def _archive_ends(path: str, option: str) -> tuple[list, list]:
+    """The configs of a `.keras` archive's input and output layers, read
+    from its `config.json` (an entry is None where a reference does not
+    resolve). Raises `ConfigError` if it is not an archive."""
     if not zipfile.is_zipfile(path):
         raise ConfigError(
             f"{option} {path!r} is not a Keras archive (a .keras file is a zip holding "
@@ -301,7 +300,16 @@ def keras_archive_shape(
             refs = [refs]
         return [layers.get(r[0]) for r in refs if isinstance(r, list) and r]
 
-    inputs, outputs = _named("input_layers"), _named("output_layers")
+    return _named("input_layers"), _named("output_layers")
+
+
+def keras_archive_shape(
+    path: str, option: str = "--teacher"
+) -> tuple[tuple | None, int | None]:
+    """(input shape without the batch axis, number of outputs) read from a
+    `.keras` archive's `config.json`; either is None when the model's config
+    does not say it plainly. Raises `ConfigError` if it is not an archive."""
+    inputs, outputs = _archive_ends(path, option)
     shape = classes = None
     if len(inputs) == 1 and inputs[0] and inputs[0].get("class_name") == "InputLayer":
         batch_shape = inputs[0]["config"].get("batch_shape")
@@ -310,6 +318,20 @@ def keras_archive_shape(
     if len(outputs) == 1 and outputs[0] and outputs[0].get("class_name") == "Dense":
         classes = outputs[0]["config"].get("units")
     return shape, classes
+
+
+def keras_archive_output_activation(path: str, option: str = "--teacher") -> str | None:
+    """The activation the archive's one output layer ends in ("softmax" for
+    a `Softmax` layer, a `Dense` or `Activation` layer's named activation),
+    or None when its config does not say it plainly."""
+    _, outputs = _archive_ends(path, option)
+    if len(outputs) != 1 or not outputs[0]:
+        return None
+    layer = outputs[0]
+    if layer.get("class_name") == "Softmax":
+        return "softmax"
+    activation = layer.get("config", {}).get("activation")
+    return activation if isinstance(activation, str) else None
 
 
 def _check_applications_teacher(
@@ -437,10 +459,23 @@ def _check_teacher(path: str, shape: tuple, num_classes: int | None) -> None:
         raise ConfigError(f"--teacher {path!r}: file not found.")
     teacher_shape, classes = keras_archive_shape(path)
     if teacher_shape is not None and teacher_shape != tuple(shape):
+        fixes = []
+        if tuple(teacher_shape[:2]) != tuple(shape[:2]):
+            fixes.append(f"--image-size {teacher_shape[0]}")
+        if teacher_shape[2:] != tuple(shape[2:]) and teacher_shape[2:]:
+            fixes.append(f"--channels {teacher_shape[2]}")
         raise ConfigError(
             f"--teacher {path!r} takes {teacher_shape} images but the run uses "
             f"{tuple(shape)} (--image-size x --image-size x channels); set "
-            f"--image-size {teacher_shape[0]}."
+            f"{' and '.join(fixes) or '--image-size'}."
+        )
+    activation = keras_archive_output_activation(path)
+    if activation in ("softmax", "sigmoid"):
+        raise ConfigError(
+            f"--teacher {path!r} ends in a {activation} activation, so it outputs "
+            "probabilities, not logits. Rebuild it with "
+            "`classifier_activation=None` (keras.applications) or `activation=None` "
+            "on its last layer, and save it again; the weights are unchanged."
         )
     if None not in (classes, num_classes) and classes != num_classes:
         raise ConfigError(
@@ -496,7 +531,14 @@ def _check_writable(path: str, option: str) -> None:
 
 
 def _dataset_classes(manifest) -> int | None:
-    return len(manifest.classes) if manifest.classes else None
+    """The manifest's classes, or an image folder's class folders; None when
+    only preparation can tell (TFDS metadata, Parquet labels)."""
+    if manifest.classes:
+        return len(manifest.classes)
+    if manifest.source.type == "image_folder":
+        folders = manifest.source.class_folders()
+        return len(folders) if folders else None
+    return None
 
 
 def check_thumbnet(values: dict) -> ThumbNetParams:
@@ -557,7 +599,7 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
         resolved.run_path,
         resolved.to_json(),
         kind="thumbnet",
-        inputs={"manifest_sha256": manifest.content_hash()},
+        inputs=run_inputs(resolved, manifest),
     )
     return params.model_copy(update={"run_name": run_name})
 

@@ -25,7 +25,50 @@ from thumbnet_keras.pipeline.config import (
 )
 from thumbnet_keras.pipeline.rundir import check_writable, claim, default_run_name
 
-__all__ = ["resolve_run", "dataset_classes", "load_manifest_checked"]
+__all__ = ["resolve_run", "dataset_classes", "load_manifest_checked", "run_inputs"]
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_inputs(config, manifest) -> dict:
+    """Content hashes of what a run reads besides its settings, saved in its
+    `config.json` and compared when it resumes (`rundir.claim`): the dataset
+    manifest, and the teacher's file (a `.keras` file, the shipped teacher,
+    an `applications:` weights file) or `backbone_weights` file, so that a
+    file replaced under the same name is not silently mixed with stages
+    trained from the old one. (A keras-hub preset folder is not hashed.)"""
+    inputs = {"manifest_sha256": manifest.content_hash()}
+    files = {"teacher_sha256": _teacher_file(config.teacher)}
+    if config.backbone_weights not in (None, "imagenet"):
+        files["backbone_weights_sha256"] = config.backbone_weights
+    for key, path in files.items():
+        if path is not None and os.path.isfile(path):
+            inputs[key] = _file_sha256(path)
+    return inputs
+
+
+def _teacher_file(spec: str | None) -> str | None:
+    from thumbnet_keras.models.teacher_spec import APPLICATIONS_PREFIX, HUB_PREFIX
+
+    if spec is None or spec.startswith(HUB_PREFIX):
+        return None
+    if spec.startswith(APPLICATIONS_PREFIX):
+        weights = spec.removeprefix(APPLICATIONS_PREFIX).partition(":")[2]
+        return weights or None
+    from thumbnet_keras.pretrained import resolve_teacher
+
+    try:
+        return resolve_teacher(spec)
+    except (ValueError, FileNotFoundError):  # Reported by the teacher check.
+        return None
 
 
 def load_manifest_checked(dataset: str):
@@ -43,6 +86,9 @@ def dataset_classes(manifest) -> int | None:
     when the builder's metadata is available offline; None if unknown."""
     if manifest.classes:
         return len(manifest.classes)
+    if manifest.source.type == "image_folder":
+        folders = manifest.source.class_folders()
+        return len(folders) if folders else None
     if manifest.source.type == "tfds":
         try:
             import tensorflow_datasets as tfds
@@ -87,10 +133,12 @@ def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None):
     specification), loaded; raises `ConfigError` unless it takes
     `image_shape` and gives `num_classes` logits."""
     from thumbnet_keras.models.teachers import TeacherSpecError, load_teacher
+    from thumbnet_keras.models.trainer import check_logits_model
 
     try:
         teacher = load_teacher(path, tuple(image_shape), num_classes)
-    except TeacherSpecError as err:
+        check_logits_model(teacher, "teacher")  # Before any stage trains.
+    except (TeacherSpecError, ValueError) as err:
         raise ConfigError(str(err)) from err
     shape = tuple(teacher.inputs[0].shape[1:])
     if shape != tuple(image_shape):
@@ -175,7 +223,7 @@ def resolve_run(params: ThumbNetParams | RunConfig | dict) -> dict:
         config.run_path,
         config.to_json(),
         kind="thumbnet",
-        inputs={"manifest_sha256": manifest.content_hash()},
+        inputs=run_inputs(config, manifest),
     )
     return {
         "run_dir": str(run.path),

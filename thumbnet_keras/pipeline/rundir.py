@@ -402,6 +402,25 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if not same(k))
 
 
+# What each saved input hash is of, for the message when one changed.
+_INPUT_NAMES = {
+    "manifest_sha256": "the dataset manifest",
+    "teacher_sha256": "the teacher file",
+    "backbone_weights_sha256": "the backbone weights file",
+}
+
+
+def changed_inputs(saved: dict | None, inputs: dict | None) -> list[str]:
+    """The inputs (keys of `inputs`) whose hash differs from the saved one. A
+    key the saved run did not record (it was started before that input was
+    hashed) is not a change; a saved key now missing is."""
+    if saved is None or inputs is None:
+        return [] if saved == inputs else sorted(set(saved or {}) | set(inputs or {}))
+    return sorted(
+        k for k in set(saved) | set(inputs) if k in saved and saved[k] != inputs.get(k)
+    )
+
+
 def check_claimable(
     path: str | os.PathLike, config: dict, kind: str, inputs: dict | None = None
 ) -> bool:
@@ -423,7 +442,8 @@ def check_claimable(
         saved = run.config()
         keys = config_differences(saved.get("config", {}), config)
         same = saved.get("kind") == kind and not keys
-        if not (same and saved.get("inputs") == inputs) and is_unstarted(run.path):
+        changed = changed_inputs(saved.get("inputs"), inputs)
+        if not (same and not changed) and is_unstarted(run.path):
             return False
         if not same:
             raise ConfigError(
@@ -432,12 +452,13 @@ def check_claimable(
                 f"{', '.join(keys) or 'kind'}). Its outputs are left untouched: "
                 "choose another run name, or rerun with the same settings to resume."
             )
-        if saved.get("inputs") != inputs:
+        if changed:
+            what = " and ".join(_INPUT_NAMES.get(k, k) for k in changed)
             raise ConfigError(
-                f"Run folder {str(run.path)!r} was started on different inputs "
-                f"(saved {saved.get('inputs')}, now {inputs}): the dataset manifest "
-                "changed since. Finished stages used the old data, so the run is not "
-                "resumed; its outputs are left untouched. Choose another run name."
+                f"Run folder {str(run.path)!r} was started on different inputs: "
+                f"{what} changed since (content hash {', '.join(changed)}). "
+                "Finished stages used the old one, so the run is not resumed; its "
+                "outputs are left untouched. Choose another run name."
             )
         return True
     if run.path.exists() and any(p.name != LOCK_NAME for p in run.path.iterdir()):
@@ -496,7 +517,7 @@ def claim(
         if (
             saved.get("kind") != kind
             or config_differences(saved.get("config", {}), config)
-            or saved.get("inputs") != inputs
+            or changed_inputs(saved.get("inputs"), inputs)
         ):
             # A run that failed before its first stage: nothing to lose.
             logger.info("Run folder %s had not started; starting it afresh.", run.path)

@@ -333,6 +333,9 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
         fit = _fit(teacher, config, prepared, run, sid, epochs, verbose)
         source = "trained"
     save_keras(teacher, run.teacher_keras)
+    health = _health(config, prepared, teacher, fit)
+    if source == "file":
+        health = _value_range_check(config, prepared, teacher, health)
     record = {
         "stage": sid,
         "source": source,
@@ -340,9 +343,58 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
         "backbone": teacher.name,
         "num_classes": classes,
         **fit,
-        "health": _health(config, prepared, teacher, fit),
+        "health": health,
     }
     return _teacher_checked(_finish(run, sid, record))
+
+
+# A given .keras teacher is fed the manifest's `normalization`; one trained on
+# other values loses accuracy without a word. Another normalization that does
+# this much better on the health split's images is reported.
+VALUE_RANGE_MARGIN = 0.10
+_RANGES = {"unit": "[0, 1]", "symmetric": "[-1, 1]", "imagenet": "ImageNet mean/std",
+           "raw": "[0, 255]"}  # fmt: skip
+
+
+def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
+    """The teacher's health, with its top-1 on the same held-out images under
+    every normalization (`value_ranges`); `degraded`, with a problem naming
+    the manifest setting to change, when another one beats the manifest's by
+    `VALUE_RANGE_MARGIN` or more (judged on `health.MIN_IMAGES` images or
+    more; the run goes on: the teacher may be right and the images odd)."""
+    from thumbnet_keras.pipeline.datasets import split_batches
+    from thumbnet_keras.pipeline.health import MIN_IMAGES, check_predictions, worst
+
+    current = prepared["normalization"]
+    if health.get("top1") is None or health.get("images", 0) < MIN_IMAGES:
+        return health
+    scores = {current: health["top1"]}
+    for other in _RANGES:
+        if other != current:
+            batches = split_batches(
+                {**prepared, "normalization": other}, health["split"],
+                config.image_size, config.channels, config.batch_size,
+            )  # fmt: skip
+            checked = check_predictions(teacher, batches, prepared["num_classes"])
+            scores[other] = checked.get("top1") or 0.0
+    best = max(scores, key=scores.get)
+    health = {**health, "value_ranges": scores}
+    if scores[best] - scores[current] >= VALUE_RANGE_MARGIN:
+        _log(
+            f"[teacher] warning: {100 * scores[current]:.1f}% top-1 on images in "
+            f"{_RANGES[current]}, {100 * scores[best]:.1f}% in {_RANGES[best]}"
+        )
+        health["status"] = worst([health["status"], "degraded"])
+        health["problems"] = [
+            *health["problems"],
+            f"the teacher scores {100 * scores[current]:.1f}% top-1 on "
+            f"{health['images']} {health['split']} images fed as the manifest's "
+            f"normalization {current!r} ({_RANGES[current]}) but "
+            f"{100 * scores[best]:.1f}% as {best!r} ({_RANGES[best]}): it was "
+            f"likely trained on those values; set `normalization: {best}` in the "
+            "dataset manifest and rerun under a new run name",
+        ]
+    return health
 
 
 def _teacher_checked(record: dict) -> dict:
@@ -352,11 +404,20 @@ def _teacher_checked(record: dict) -> dict:
     if health.get("status") == "failed":
         from thumbnet_keras.pipeline.config import TrainingHealthError
 
+        if record.get("source") == "trained":
+            cause = "a learning rate too high (or too few epochs)"
+        else:  # A given teacher, evaluated on this run's images as it gets them.
+            cause = (
+                "the teacher does not fit these images: another value range than "
+                "it was trained on (the manifest's `normalization`; an "
+                "applications: or keras_hub: teacher takes raw [0, 255] pixels), "
+                "other classes or class order, or an untrained model"
+            )
         raise TrainingHealthError(
             "[teacher] failed its health checks: "
             + "; ".join(health["problems"])
             + ". Every later stage learns from the teacher, so the run stops "
-            "here; likely cause: a learning rate too high (or too few epochs)."
+            f"here; likely cause: {cause}."
         )
     return record
 
