@@ -347,7 +347,9 @@ def test_option_value_the_builder_refuses_is_one_error_line(tmp_path):
     manifest = tiny_dataset(tmp_path, per_class=2)
     args = ["train", "--dataset", manifest, "--smoke", "--run-name", "r",
             "--backbone-options", '{"widths": []}']  # fmt: skip
-    errors = error_lines(run_refused(args, tmp_path))
+    stderr = run_refused(args, tmp_path)
+    errors = error_lines(stderr)
+    assert stderr.count("thumbnet: error:") == 1, stderr  # Not the flow's copy too.
     assert errors == [
         'thumbnet: error: Backbone options {"widths": []} (--backbone-options): '
         "`widths` must name at least one stage, received ()."

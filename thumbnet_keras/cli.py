@@ -337,13 +337,16 @@ def _configure_logging(verbosity: int, flow: bool) -> None:
 class _NoUserErrorTraceback(logging.Filter):
     """Drops the traceback Prefect logs with a task or flow run that failed
     on a user error (a `ConfigError` found once the data is prepared, a
-    teacher that fails its health checks): the command prints the error as
-    its last line, and its stack says nothing the user can act on. A bug
-    keeps its traceback; `--debug` and `-v` keep every one."""
+    teacher that fails its health checks), and the flow's own copy of the
+    error line: the command prints the error as its last line, and the
+    stack says nothing the user can act on. A bug keeps its traceback;
+    `--debug` and `-v` keep every line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from thumbnet_keras.pipeline.config import TrainingHealthError
 
+        if str(record.msg).startswith("thumbnet: error:"):  # Printed at the end.
+            return False
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, (*_user_errors(), TrainingHealthError)):
             record.exc_info = record.exc_text = None

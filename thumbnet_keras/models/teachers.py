@@ -46,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -179,7 +180,16 @@ def _applications(rest: str, image_shape, num_classes):
             classifier_activation=None,
         )
         if local:
-            classifier.load_weights(weights)
+            # A file that does not fit makes Keras warn once per layer (100+
+            # "Skipping nested container" lines) before the error says it
+            # all: the warnings are shown only when the weights loaded.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                classifier.load_weights(weights)
+            for warning in caught:
+                warnings.warn_explicit(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
     except Exception as err:  # Download, shape or weights-file errors.
         hint = (
             f" The file's weights do not fit applications:{name} built with its "
