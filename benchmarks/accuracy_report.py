@@ -122,36 +122,61 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
+def _row(arm: str, factor: int | None, items: list[tuple[int, dict]]) -> dict:
+    """One table row from `(seed, arm record)` pairs: mean/std in percent."""
+    items = sorted(items, key=lambda item: item[0])
+    test = [100 * r["test_top1"] for _, r in items]
+    val = [100 * r["val_top1"] for _, r in items]
+    first = items[0][1]
+    label = ARM_LABELS.get(arm, arm)
+    if arm == "teacher" and factor is not None:
+        label += f" (the f = {factor} runs' teacher)"
+    return {
+        "arm": arm,
+        "label": label,
+        "factor": factor,
+        "input_size": first["input_size"],
+        "seeds": [s for s, _ in items],
+        "test": test,
+        "validation": val,
+        "test_mean_std": _mean_std(test),
+        "validation_mean_std": _mean_std(val),
+        "flops": first["flops"],
+        "params": first["params"],
+    }
+
+
 def aggregate(records: list[dict]) -> dict:
-    """`{dataset: {(arm, factor): row}}`: mean/std over seeds in percent."""
+    """`{dataset: {(arm, factor): row}}`: mean/std over seeds in percent.
+
+    The teacher row repeats in every factor's record of a seed. When a
+    dataset's factors were run with different teachers (a teacher retrained
+    between sessions gives other numbers), the teacher gets one row per
+    factor, `("teacher", f)`, and each factor's targets use its own."""
     groups: dict = defaultdict(lambda: defaultdict(list))
+    teachers: dict = defaultdict(lambda: defaultdict(dict))  # dataset -> f -> seed
     for record in records:
+        factors = sorted({r["factor"] for r in record["arms"] if r["factor"]})
         for r in record["arms"]:
             group = groups[record["dataset"]][(r["arm"], r["factor"])]
-            # The teacher row repeats in every factor's record of a seed.
             if all(seed != record["seed"] for seed, _ in group):
                 group.append((record["seed"], r))
+            if r["arm"] == "teacher":
+                for f in factors:
+                    teachers[record["dataset"]][f][record["seed"]] = r
     table = {}
     for dataset, arms in groups.items():
-        rows = {}
-        for (arm, factor), items in arms.items():
-            items.sort(key=lambda item: item[0])
-            test = [100 * r["test_top1"] for _, r in items]
-            val = [100 * r["val_top1"] for _, r in items]
-            first = items[0][1]
-            rows[(arm, factor)] = {
-                "arm": arm,
-                "label": ARM_LABELS.get(arm, arm),
-                "factor": factor,
-                "input_size": first["input_size"],
-                "seeds": [s for s, _ in items],
-                "test": test,
-                "validation": val,
-                "test_mean_std": _mean_std(test),
-                "validation_mean_std": _mean_std(val),
-                "flops": first["flops"],
-                "params": first["params"],
-            }
+        rows = {key: _row(*key, items) for key, items in arms.items()}
+        per_factor = {
+            f: _row("teacher", f, list(by_seed.items()))
+            for f, by_seed in teachers[dataset].items()
+        }
+        results = {
+            (tuple(r["test"]), tuple(r["validation"])) for r in per_factor.values()
+        }
+        if len(results) > 1:
+            del rows[("teacher", None)]
+            rows |= {("teacher", f): row for f, row in per_factor.items()}
         table[dataset] = rows
     return table
 
@@ -170,8 +195,8 @@ def targets(rows: dict, factors: list[int], arm: str = "thumbnet") -> list[dict]
     between the best baseline and the teacher.
     """
     out = []
-    teacher = rows.get(("teacher", None))
     for f in factors:
+        teacher = rows.get(("teacher", f)) or rows.get(("teacher", None))
         thumb = rows.get((arm, f))
         bases = {b: rows[(b, f)] for b in BASELINES if (b, f) in rows}
         if not (teacher and thumb and bases):
@@ -296,8 +321,9 @@ def plot(table: dict, path: str | Path) -> None:
             )
             if not rows or arm in UNTRAINED:
                 continue
-            if arm == "teacher":
-                ax.axhline(rows[0]["test_mean_std"][0], color="k", ls="--", lw=1)
+            if arm == "teacher":  # One per teacher (see `aggregate`).
+                for r in rows:
+                    ax.axhline(r["test_mean_std"][0], color="k", ls="--", lw=1)
             x = [r["flops"] for r in rows]
             y = [r["test_mean_std"][0] for r in rows]
             ax.errorbar(x, y, yerr=[r["test_mean_std"][1] for r in rows],

@@ -77,6 +77,31 @@ def test_targets_on_hand_made_numbers():
     assert "**missed**" in report.markdown(table)
 
 
+def test_each_factor_is_judged_against_its_own_teacher():
+    """f = 2 and f = 4 run in separate files, the teacher retrained between
+    them with other numbers (92.58 and 92.17 in fashion_mnist_long): the
+    table shows both teachers and each factor's target uses its own (the f =
+    2 line used to be judged against the f = 4 runs' teacher, the file read
+    first). One teacher for all factors keeps one row."""
+    report = _load("accuracy_report")
+    f2 = _records({("teacher", None): [0.926] * 3, ("es_kd", 2): [0.920] * 3,
+                   ("bicubic_kd", 2): [0.910] * 3})  # fmt: skip
+    f4 = _records({("teacher", None): [0.922] * 3, ("es_kd", 4): [0.895] * 3,
+                   ("bicubic_kd", 4): [0.880] * 3})  # fmt: skip
+    table = report.aggregate(f4 + f2)
+    rows = table["toy"]
+    assert ("teacher", None) not in rows
+    assert rows[("teacher", 2)]["test_mean_std"][0] == pytest.approx(92.6)
+    assert rows[("teacher", 4)]["test_mean_std"][0] == pytest.approx(92.2)
+    checks = {c["factor"]: c for c in report.targets(rows, [2, 4], "es_kd")}
+    assert checks[2]["teacher"] == pytest.approx(92.6)
+    assert checks[4]["teacher"] == pytest.approx(92.2)
+    assert "(the f = 4 runs' teacher)" in report.markdown(table)
+    same = _records({("teacher", None): [0.926] * 3, ("es_kd", 4): [0.895] * 3})
+    rows = report.aggregate(f2 + same)["toy"]
+    assert [k for k in rows if k[0] == "teacher"] == [("teacher", None)]
+
+
 def test_choose_picks_best_validation_per_family_and_refuses_test():
     report = _load("accuracy_report")
 
