@@ -258,6 +258,9 @@ def test_claim_reopens_same_config(earlier_run):
     saved = json.loads((runs / "earlier" / "config.json").read_text())
     assert saved["config"]["run_name"] == "earlier" and saved["kind"] == "thumbnet"
     assert saved["environment"]["backend"] == keras.backend.backend()
+    # The CPU model: float results on CPU depend on it (recorded since a
+    # fresh-clone demo in a later session differed from the first epoch on).
+    assert saved["environment"]["cpu"] and saved["environment"]["cpu_count"] >= 1
 
 
 def test_claim_reopens_when_the_runs_dir_is_spelled_otherwise(earlier_run, monkeypatch):

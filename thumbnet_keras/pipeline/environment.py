@@ -114,13 +114,30 @@ def _device() -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
+def _cpu() -> str | None:
+    """The CPU model (Linux: /proc/cpuinfo's "model name"; else
+    `platform.processor()`): float results on CPU depend on it (oneDNN picks
+    kernels per instruction set), so two runs of the same code and packages
+    on other CPUs can differ from the first epoch on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict:
-    """Backend, package versions, Python, platform and device, as a dict."""
+    """Backend, package versions, Python, platform, CPU and device, as a dict."""
     import keras
 
     return {
         "backend": keras.backend.backend(),
         "device": _device(),
+        "cpu": _cpu(),
+        "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "versions": {
