@@ -56,6 +56,7 @@ from _report import emit  # noqa: E402
 from thumbnet_keras.evaluation.flops import count_flops, count_params  # noqa: E402
 from thumbnet_keras.layers.downscaler import build_downscaler  # noqa: E402
 from thumbnet_keras.models import backbones  # noqa: E402
+from thumbnet_keras.pipeline.environment import cpu_model  # noqa: E402
 
 TARGETS = {2: 0.90, 4: 0.80}  # fraction of the MACs ratio, at the largest batch
 RUNTIMES = ("keras", "onnx", "litert", "litert_int8")
@@ -81,17 +82,6 @@ def build_models(size, factors, num_classes, variants, breakdown) -> dict:
             if breakdown:
                 models[f"e_f{factor}{suffix}"] = e
     return models
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _litert_caller(path: str, batch: int, x: np.ndarray):
@@ -325,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": warmup,
         "int8_calibration_images": args.calibration,
         "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model() or "unknown",
         "machine": platform.platform(),
         "python": platform.python_version(),
         "load_average_before": [round(v, 2) for v in load_before],

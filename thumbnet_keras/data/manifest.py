@@ -204,6 +204,17 @@ class Manifest(_Strict):
     )
     path: str | None = Field(None, exclude=True, description="Set by load_manifest.")
 
+    def class_count(self) -> int | None:
+        """The number of classes known without preparing: the declared
+        `classes`, or an image folder's class folders; None otherwise (TFDS
+        metadata, Parquet labels: known once prepared)."""
+        if self.classes:
+            return len(self.classes)
+        if isinstance(self.source, ImageFolderSource):
+            folders = self.source.class_folders()
+            return len(folders) if folders else None
+        return None
+
     def content_hash(self) -> str:
         """sha256 of the manifest's fields (not its file path)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from importlib import metadata
 
-__all__ = ["environment", "import_backend_quietly", "quiet_frameworks"]
+__all__ = ["cpu_model", "environment", "import_backend_quietly", "quiet_frameworks"]
 
 # Loggers of the frameworks that warn about things a user cannot act on
 # (tf.function retracing, the tf.data cache, JAX's missing-GPU notice).
@@ -114,7 +114,7 @@ def _device() -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def _cpu() -> str | None:
+def cpu_model() -> str | None:
     """The CPU model (Linux: /proc/cpuinfo's "model name"; else
     `platform.processor()`): float results on CPU depend on it (oneDNN picks
     kernels per instruction set), so two runs of the same code and packages
@@ -136,7 +136,7 @@ def environment() -> dict:
     return {
         "backend": keras.backend.backend(),
         "device": _device(),
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

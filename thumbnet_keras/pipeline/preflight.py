@@ -530,17 +530,6 @@ def _check_writable(path: str, option: str) -> None:
         ) from None
 
 
-def _dataset_classes(manifest) -> int | None:
-    """The manifest's classes, or an image folder's class folders; None when
-    only preparation can tell (TFDS metadata, Parquet labels)."""
-    if manifest.classes:
-        return len(manifest.classes)
-    if manifest.source.type == "image_folder":
-        folders = manifest.source.class_folders()
-        return len(folders) if folders else None
-    return None
-
-
 def check_thumbnet(values: dict) -> ThumbNetParams:
     """Every check of a `thumbnet` run that needs no framework.
 
@@ -577,13 +566,13 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
         _check_teacher(
             config.teacher,
             (config.image_size, config.image_size, channels),
-            _dataset_classes(manifest),
+            manifest.class_count(),
         )
     weights = config.backbone_weights
     if weights not in (None, "imagenet") and not os.path.isfile(weights):
         raise ConfigError(f"--backbone-weights {weights!r}: file not found.")
     if weights == "imagenet" and config.teacher is None:
-        _check_imagenet_weights(config.backbone, channels, _dataset_classes(manifest))
+        _check_imagenet_weights(config.backbone, channels, manifest.class_count())
     _check_writable(config.runs_dir, "--runs-dir")
     if config.data_dir:
         _check_writable(config.data_dir, "--data-dir")

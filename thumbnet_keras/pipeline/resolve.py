@@ -28,16 +28,6 @@ from thumbnet_keras.pipeline.rundir import check_writable, claim, default_run_na
 __all__ = ["resolve_run", "dataset_classes", "load_manifest_checked", "run_inputs"]
 
 
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_inputs(config, manifest) -> dict:
     """Content hashes of what a run reads besides its settings, saved in its
     `config.json` and compared when it resumes (`rundir.claim`): the dataset
@@ -45,13 +35,15 @@ def run_inputs(config, manifest) -> dict:
     an `applications:` weights file) or `backbone_weights` file, so that a
     file replaced under the same name is not silently mixed with stages
     trained from the old one. (A keras-hub preset folder is not hashed.)"""
+    from thumbnet_keras.data.index import file_sha256
+
     inputs = {"manifest_sha256": manifest.content_hash()}
     files = {"teacher_sha256": _teacher_file(config.teacher)}
     if config.backbone_weights not in (None, "imagenet"):
         files["backbone_weights_sha256"] = config.backbone_weights
     for key, path in files.items():
         if path is not None and os.path.isfile(path):
-            inputs[key] = _file_sha256(path)
+            inputs[key] = file_sha256(path)
     return inputs
 
 
@@ -84,11 +76,9 @@ def load_manifest_checked(dataset: str):
 def dataset_classes(manifest) -> int | None:
     """The number of classes a manifest declares, or TFDS's ClassLabel size
     when the builder's metadata is available offline; None if unknown."""
-    if manifest.classes:
-        return len(manifest.classes)
-    if manifest.source.type == "image_folder":
-        folders = manifest.source.class_folders()
-        return len(folders) if folders else None
+    count = manifest.class_count()
+    if count is not None:
+        return count
     if manifest.source.type == "tfds":
         try:
             import tensorflow_datasets as tfds
