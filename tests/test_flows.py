@@ -130,6 +130,18 @@ def test_thumbnet_flow_outputs(finished):
         assert cost["macs"] == equal["flops"]
         if cost["reached"]:
             assert equal["flops"] >= by_name[("thumbnet", f)]["flops"]
+    # ThumbNet against every arm of its factor and the teacher, on the same
+    # test images: the paired difference is exactly the gap in test top-1.
+    for f in (2, 4):
+        ours = by_name[("thumbnet", f)]
+        paired = {p["versus"]: p for p in ours["paired"]}
+        assert set(paired) == {"teacher"} | {n for n in ARMS - {"teacher", "thumbnet"}}
+        for name, p in paired.items():
+            other = by_name[(name, None if name == "teacher" else f)]
+            assert p["examples"] == ours["examples"] == other["examples"]
+            assert p["difference"] == pytest.approx(ours["top1"] - other["top1"])
+            low, high = p["ci95"]
+            assert low <= p["difference"] <= high and 0.0 <= p["p_value"] <= 1.0
     joint = metrics["stages"]["f2-joint"]["history"]
     assert {"loss", "cl_loss", "kd_loss", "fm_loss", "mm_loss"} <= set(joint)
     assert metrics["environment"]["backend"] == keras.backend.backend()

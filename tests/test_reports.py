@@ -17,6 +17,7 @@ from thumbnet_keras.reports import (
     gallery_png,
     headline,
     health_warnings,
+    paired_table,
     render_html,
     render_markdown,
     training_curves_png,
@@ -223,6 +224,59 @@ def test_headline_golden():
         "teacher 87.6%."  # 87.65 in binary is 87.6499...
     )
     assert headline({"arms": []}) == "Nothing evaluated yet."
+
+
+def _with_paired(metrics: dict) -> dict:
+    """`_two_factors` with paired comparisons on 100 test images: f=2 ThumbNet
+    vs its best baseline (bicubic_kd) 10 / 2 discordant, vs the teacher 1 / 4;
+    f=4 vs bicubic_cl 3 / 2."""
+    arms = [dict(a) for a in metrics["arms"]]
+    for arm in arms:
+        if arm["name"] == "thumbnet" and arm["factor"] == 2:
+            arm["paired"] = [
+                {"versus": "teacher", "difference": -0.03,
+                 "ci95": [-0.0637, 0.0037], "p_value": 0.375, "a_only": 1,
+                 "b_only": 4, "examples": 100},
+                {"versus": "bicubic_kd", "difference": 0.08,
+                 "ci95": [0.0139402, 0.1460598], "p_value": 0.0385742,
+                 "a_only": 10, "b_only": 2, "examples": 100},
+            ]  # fmt: skip
+        elif arm["name"] == "thumbnet":
+            arm["paired"] = [
+                {"versus": "bicubic_cl", "difference": 0.01,
+                 "ci95": [-0.0337, 0.0537], "p_value": 1.0, "a_only": 3,
+                 "b_only": 2, "examples": 100},
+            ]  # fmt: skip
+    return metrics | {"arms": arms}
+
+
+def test_headline_and_table_say_whether_the_test_set_tells_them_apart():
+    m = _with_paired(_two_factors())
+    assert headline(m) == (
+        "ThumbNet f=2: 68.8% test top-1 at 3.9× fewer MACs; teacher 72.4%, best "
+        "bicubic baseline 67.1% (Bicubic + KD): ThumbNet +8.0 points (95% CI "
+        "+1.4 to +14.6) on 100 test images, ahead. ThumbNet f=4: 66.0% test "
+        "top-1 at 14.8× fewer MACs; best bicubic baseline 65.0% (Bicubic + CL): "
+        "ThumbNet +1.0 points (95% CI -3.4 to +5.4) on 100 test images, no "
+        "clear difference."
+    )
+    rows = paired_table(m)
+    assert rows[0] == {
+        "factor": 2, "ThumbNet vs": "Teacher", "difference (points)": "-3.0",
+        "95% CI": "-6.4 to +0.4", "only ThumbNet right": 1, "only it right": 4,
+        "McNemar p": "0.375", "verdict": "no clear difference",
+    }  # fmt: skip
+    assert [r["verdict"] for r in rows] == [
+        "no clear difference",
+        "ahead",
+        "no clear difference",
+    ]
+    md = render_markdown(m)
+    assert "| 2 | Bicubic + KD | +8.0 | +1.4 to +14.6 | 10 | 2 | 0.0386 | ahead |" in md
+    assert "McNemar" in render_html(m)
+    # A run evaluated before paired comparisons: no clause, no table.
+    assert paired_table(_two_factors()) == []
+    assert "McNemar" not in render_markdown(_two_factors())
 
 
 def test_markdown_opens_with_headline_health_and_notes():

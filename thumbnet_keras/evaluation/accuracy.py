@@ -42,7 +42,11 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
 
 
 def evaluate_classifier(
-    model, batches: Iterable, ks: Sequence[int] = (1, 5), num_classes: int | None = None
+    model,
+    batches: Iterable,
+    ks: Sequence[int] = (1, 5),
+    num_classes: int | None = None,
+    return_correct: bool = False,
 ) -> dict:
     """Top-k accuracies of `model` over `(images, labels)` batches.
 
@@ -53,13 +57,19 @@ def evaluate_classifier(
         ks: which top-k to report; k larger than the number of classes is
             skipped.
         num_classes: the number of classes (default: the logits' width).
+        return_correct: also return `"correct"`, whether each example's top-1
+            is right (a boolean array in the batches' order), for paired
+            comparisons of models on the same images
+            (`evaluation.paired.paired_difference`).
 
     Returns:
-        `{"top1": float, "top5": float, ..., "examples": int}`.
+        `{"top1": float, "top5": float, ..., "examples": int}` (and
+        `"correct"` when asked).
     """
     if hasattr(batches, "as_numpy_iterator"):
         batches = batches.as_numpy_iterator()
     correct: dict[int, int] = {}
+    per_example = []
     seen = 0
     for images, labels in batches:
         logits = np.asarray(model.predict_on_batch(images))
@@ -69,9 +79,13 @@ def evaluate_classifier(
                 correct[k] = correct.get(k, 0) + int(
                     topk_correct(logits, labels, k).sum()
                 )
+        if return_correct:
+            per_example.append(topk_correct(logits, labels, 1))
         seen += len(labels)
     if seen == 0:
         raise ValueError("The dataset is empty: nothing to evaluate.")
     result: dict = {f"top{k}": correct[k] / seen for k in sorted(correct)}
     result["examples"] = seen
+    if return_correct:
+        result["correct"] = np.concatenate(per_example)
     return result

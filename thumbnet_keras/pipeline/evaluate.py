@@ -18,7 +18,10 @@ Every trained arm was selected on validation top-1 during training; here each
 is evaluated once on test. For each: `top1` (test), `val_top1` (None without
 a validation split), `top5` when there are more than 5 classes, multiply-adds
 per image of the whole inference model (downscaler included), parameters, and
-measured images/s. Written to `evaluation.json`.
+measured images/s. Each ThumbNet arm carries `paired`: its top-1 minus
+every other arm's on the same test images, with a 95% interval and
+McNemar's exact p (`evaluation.paired`), so a difference the test set
+cannot resolve is not read as a win or a loss. Written to `evaluation.json`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ from thumbnet_keras.evaluation.latency import measure_throughput
 from thumbnet_keras.pipeline.rundir import read_json, write_json
 from thumbnet_keras.pipeline.stages import load_run, stage_id
 
-__all__ = ["ARM_LABELS", "compose", "evaluate_model", "evaluate_run"]
+__all__ = [
+    "ARM_LABELS",
+    "compose",
+    "evaluate_model",
+    "evaluate_run",
+    "paired_comparisons",
+]
 
 ARM_LABELS = {
     "teacher": "Teacher (full size)",
@@ -62,11 +71,16 @@ def evaluate_model(
     batch_size: int,
     throughput_batches: int,
     validation=None,
+    return_correct: bool = False,
 ) -> dict:
     """Top-1/top-5 on `batches` (test), `val_top1` on `validation` (None when
-    not given), MACs, parameters and images/s of one inference model."""
+    not given), MACs, parameters and images/s of one inference model; with
+    `return_correct`, `"correct"`: each test image's top-1 hit (a boolean
+    array, not JSON)."""
     ks = (1, 5) if num_classes > 5 else (1,)
-    result = evaluate_classifier(model, batches, ks=ks, num_classes=num_classes)
+    result = evaluate_classifier(
+        model, batches, ks=ks, num_classes=num_classes, return_correct=return_correct
+    )
     result["val_top1"] = None
     if validation is not None:
         result["val_top1"] = evaluate_classifier(
@@ -79,13 +93,31 @@ def evaluate_model(
     return result
 
 
+def paired_comparisons(correct: dict, factor: int) -> list[dict]:
+    """ThumbNet at `factor` against the teacher and every other arm of that
+    factor, on the same test images. `correct`: `{(arm, factor): per-image
+    top-1 hits}` (the teacher's factor is None)."""
+    from thumbnet_keras.evaluation.paired import paired_difference
+
+    ours = correct[("thumbnet", factor)]
+    return [
+        {"versus": name, **paired_difference(ours, hits)}
+        for (name, arm_factor), hits in correct.items()
+        if name != "thumbnet" and arm_factor in (None, factor)
+    ]
+
+
 def evaluate_run(run_dir: str, force: bool = False) -> dict:
     """Evaluates every arm; skipped when `evaluation.json` exists (unless `force`).
 
     Returns:
         `{"path": evaluation.json, "arms": [{name, label, factor, input_size,
         top1, val_top1, [top5], flops, params, images_per_second, examples},
-        ...]}`.
+        ...]}`. Each `thumbnet` arm also has `paired`: ThumbNet against every
+        other arm of its factor and the teacher on the same test images
+        (`[{"versus": name, "difference", "ci95", "p_value", "a_only",
+        "b_only", "examples"}]`, `evaluation.paired.paired_difference` with
+        ThumbNet as A).
     """
     from thumbnet_keras.layers.downscaler import bicubic_downscaler
     from thumbnet_keras.models.student import make_student
@@ -148,7 +180,7 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
                 ),
             )
         )
-    arms = []
+    arms, correct = [], {}
     for name, factor, size, model in models:
         logger.info("[evaluate] %s%s", name, f" f={factor}" if factor else "")
         result = evaluate_model(
@@ -158,7 +190,9 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
             config.batch_size,
             config.throughput_batches,
             validation=validation,
+            return_correct=True,
         )
+        correct[(name, factor)] = result.pop("correct")
         arms.append(
             {
                 "name": name,
@@ -168,6 +202,9 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
                 **result,
             }
         )
+    for arm in arms:
+        if arm["name"] == "thumbnet":
+            arm["paired"] = paired_comparisons(correct, arm["factor"])
     evaluation = {"path": str(path), "arms": arms}
     write_json(path, evaluation)
     return evaluation

@@ -41,6 +41,7 @@ __all__ = [
     "deployables_table",
     "headline",
     "health_warnings",
+    "paired_table",
     "render_html",
     "render_markdown",
     "report_images",
@@ -76,7 +77,11 @@ def headline(metrics: Mapping) -> str:
     bicubic baseline 67.1% (Bicubic + KD)." and, per other factor, "ThumbNet
     f=4: ... at ...× fewer MACs; best bicubic baseline ...". "Best" is the
     highest test top-1 among the bicubic arms of that factor (the strongest
-    competitor, so the comparison favours the baseline).
+    competitor, so the comparison favours the baseline). When the run has
+    paired comparisons (`evaluate_run`), each factor's sentence adds
+    ThumbNet's difference to that baseline on the same test images, its 95%
+    interval and whether ThumbNet is "ahead", "behind" or shows "no clear
+    difference" (the interval holds 0).
     """
     arms = metrics.get("arms", [])
     teacher = next((a for a in arms if a["name"] == "teacher"), None)
@@ -105,14 +110,40 @@ def headline(metrics: Mapping) -> str:
         baselines = [
             a for a in arms if a["name"] in BICUBIC_ARMS and a["factor"] == factor
         ]
+        paired = ""
         if baselines:
             best = max(baselines, key=lambda a: a["top1"])
             extra.append(
                 f"best bicubic baseline {_pct1(best['top1'])} "
                 f"({SHORT_LABELS.get(best['name'], best['label'])})"
             )
-        sentences.append(text + ("; " + ", ".join(extra) if extra else "") + ".")
+            paired = _paired_clause(arm, best["name"])
+        sentences.append(
+            text + ("; " + ", ".join(extra) if extra else "") + paired + "."
+        )
     return " ".join(sentences)
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _paired_clause(arm: Mapping, versus: str) -> str:
+    """ ": ThumbNet +1.2 points (95% CI -0.9 to +3.3) on 656 test images, no
+    clear difference" for `arm`'s paired comparison with `versus`; "" when
+    the run was evaluated before paired comparisons existed."""
+    from thumbnet_keras.evaluation.paired import verdict
+
+    found = [p for p in arm.get("paired") or [] if p.get("versus") == versus]
+    if not found:
+        return ""
+    p = found[0]
+    low, high = p["ci95"]
+    return (
+        f": ThumbNet {_points(p['difference'])} points "
+        f"(95% CI {_points(low)} to {_points(high)}) on {p['examples']} test "
+        f"images, {verdict(p)}"
+    )
 
 
 _HEALTHY = ("ok", "healthy", "passed", None)
@@ -179,6 +210,43 @@ def _flops(value: int) -> str:
         if value >= scale:
             return f"{value / scale:.2f}{unit}"
     return str(value)
+
+
+_PAIRED_NOTE = (
+    "ThumbNet against each model on the same test images: the difference in "
+    "test top-1 (points), its 95% interval, the images only one of the two "
+    "gets right, and McNemar's exact p. An interval that holds 0 means the "
+    "test set cannot tell the two apart; it says nothing of another training "
+    "seed, which moves small datasets' results too."
+)
+
+
+def paired_table(metrics: Mapping) -> list[dict]:
+    """One row per (ThumbNet factor, other model) from the ThumbNet arms'
+    `paired` comparisons (`pipeline.evaluate.paired_comparisons`); [] for a
+    run evaluated before they existed."""
+    from thumbnet_keras.evaluation.paired import verdict
+
+    labels = {a["name"]: a["label"] for a in metrics.get("arms", [])}
+    rows = []
+    for arm in metrics.get("arms", []):
+        for p in arm.get("paired") or []:
+            low, high = p["ci95"]
+            rows.append(
+                {
+                    "factor": arm["factor"],
+                    "ThumbNet vs": SHORT_LABELS.get(
+                        p["versus"], labels.get(p["versus"], p["versus"])
+                    ),
+                    "difference (points)": _points(p["difference"]),
+                    "95% CI": f"{_points(low)} to {_points(high)}",
+                    "only ThumbNet right": p["a_only"],
+                    "only it right": p["b_only"],
+                    "McNemar p": f"{p['p_value']:.3g}",
+                    "verdict": verdict(p),
+                }
+            )
+    return rows
 
 
 def arms_table(metrics: Mapping) -> list[dict]:
@@ -363,6 +431,11 @@ def render_markdown(metrics: Mapping, images: Mapping[str, str] | None = None) -
         "## Results\n",
         _results_note(metrics) + "\n",
         _md_table(arms_table(metrics)),
+        *(
+            [_PAIRED_NOTE + "\n", _md_table(paired_table(metrics))]
+            if paired_table(metrics)
+            else []
+        ),
         *image("accuracy_vs_macs"),
         *(["## Thumbnails\n", _GALLERY_NOTE + "\n"] if "gallery" in images else []),
         *image("gallery"),
@@ -500,6 +573,11 @@ def render_html(
         "<h2>Results</h2>",
         f"<p>{html.escape(_results_note(metrics))}</p>",
         _html_table(arms_table(metrics)),
+        *(
+            [f"<p>{html.escape(_PAIRED_NOTE)}</p>", _html_table(paired_table(metrics))]
+            if paired_table(metrics)
+            else []
+        ),
         *image("accuracy_vs_macs"),
     ]
     if "gallery" in images:

@@ -1,0 +1,76 @@
+"""Paired comparison of two classifiers on the same test images: golden
+values computed by hand."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from thumbnet_keras.evaluation.accuracy import evaluate_classifier
+from thumbnet_keras.evaluation.paired import paired_difference, verdict
+
+
+def _pair(a_only: int, b_only: int, both: int, neither: int = 0):
+    a = [True] * a_only + [False] * b_only + [True] * both + [False] * neither
+    b = [False] * a_only + [True] * b_only + [True] * both + [False] * neither
+    return a, b
+
+
+def test_golden_interval_and_mcnemar():
+    # b = 10, c = 2, n = 100: d = 0.08; se = sqrt(12 - 64/100) / 100 = 0.0337046;
+    # 1.959964 * se = 0.0660598. McNemar: P(X <= 2 | 12, 1/2) = (1 + 12 + 66) / 4096.
+    r = paired_difference(*_pair(10, 2, 88))
+    assert (r["a_only"], r["b_only"], r["examples"]) == (10, 2, 100)
+    assert r["difference"] == pytest.approx(0.08)
+    assert r["ci95"] == pytest.approx([0.0139402, 0.1460598], abs=1e-6)
+    assert r["p_value"] == pytest.approx(2 * 79 / 4096)
+    assert verdict(r) == "ahead"
+    # Swapping the models mirrors everything.
+    s = paired_difference(*reversed(_pair(10, 2, 88)))
+    assert s["difference"] == pytest.approx(-0.08)
+    assert s["ci95"] == pytest.approx([-0.1460598, -0.0139402], abs=1e-6)
+    assert s["p_value"] == r["p_value"] and verdict(s) == "behind"
+
+
+def test_agreeing_models_and_balanced_disagreement():
+    # The images both get right (or wrong) carry no information on the gap.
+    same = paired_difference(*_pair(0, 0, 60, 40))
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    assert same["p_value"] == 1.0 and verdict(same) == "no clear difference"
+    # 5 vs 5 of 50: d = 0, se = sqrt(10) / 50; p = 1.
+    even = paired_difference(*_pair(5, 5, 40))
+    assert even["ci95"] == pytest.approx(
+        [-1.959964 * 10**0.5 / 50, 1.959964 * 10**0.5 / 50]
+    )
+    assert even["p_value"] == 1.0 and verdict(even) == "no clear difference"
+    # One test image in each direction: P(X <= 0 | 1, 1/2) = 1/2, two-sided 1.
+    assert paired_difference([True, False], [False, True])["p_value"] == 1.0
+
+
+def test_large_test_sets_stay_finite():
+    # ImageNet-sized: 50,000 images, 2,600 vs 2,400 discordant.
+    r = paired_difference(*_pair(2600, 2400, 40000, 5000))
+    assert r["difference"] == pytest.approx(0.004)
+    assert 0.0 < r["p_value"] < 0.01  # z = 200 / sqrt(5000) = 2.83
+    assert verdict(r) == "ahead"
+
+
+def test_refuses_unpaired_results():
+    with pytest.raises(ValueError, match="same images.*3 and 2"):
+        paired_difference([True, True, False], [True, False])
+    with pytest.raises(ValueError, match="No images"):
+        paired_difference([], [])
+
+
+def test_evaluate_classifier_returns_per_image_hits_in_order():
+    # Logits = the inputs (an identity model): rows 0 and 2 right, 1 wrong.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Identity()])
+    x = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]], "float32")
+    y = np.array([1, 2, 2, 0])
+    batches = [(x[:2], y[:2]), (x[2:], y[2:])]
+    r = evaluate_classifier(model, batches, ks=(1, 2), return_correct=True)
+    assert r["top1"] == 0.5 and r["examples"] == 4
+    np.testing.assert_array_equal(r["correct"], [True, False, True, False])
+    # Without the option, nothing that is not JSON is returned.
+    assert "correct" not in evaluate_classifier(model, batches, ks=(2,))
