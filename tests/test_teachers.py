@@ -217,6 +217,35 @@ def _manifest(root, channels=3) -> str:
     return manifest
 
 
+def test_a_changed_keras_hub_preset_folder_is_not_resumed(tmp_path):
+    """A local keras-hub preset is a folder: its files' content is a run
+    input like a `.keras` teacher's, so a preset saved again under the same
+    folder is not silently mixed with stages trained from the old one."""
+    from thumbnet_keras.pipeline import ThumbNetParams, resolve_run
+    from thumbnet_keras.pipeline.config import ConfigError
+    from thumbnet_keras.pipeline.rundir import unlock_run
+
+    preset = tmp_path / "preset"
+    _hub_task(classes=2).save_to_preset(str(preset))
+    params = ThumbNetParams(
+        dataset=_manifest(tmp_path, 3), teacher=f"keras_hub:{preset}",
+        image_size=32, smoke=True, runs_dir=str(tmp_path / "runs"), run_name="hub",
+    )  # fmt: skip
+    run = resolve_run(params)
+    saved = json.loads(open(os.path.join(run["run_dir"], "config.json")).read())
+    first = saved["inputs"]["teacher_preset_sha256"]
+    assert len(first) == 64 and "teacher_sha256" not in saved["inputs"]
+    os.makedirs(os.path.join(run["run_dir"], "stages"))
+    with open(os.path.join(run["run_dir"], "stages", "teacher.json"), "w") as fh:
+        fh.write("{}")  # A stage finished.
+    unlock_run(run["run_dir"])
+    assert resolve_run(params)["resumed"]  # Same folder: resumes.
+    unlock_run(run["run_dir"])
+    _hub_task(classes=2).save_to_preset(str(preset))  # New weights, same folder.
+    with pytest.raises(ConfigError, match="keras-hub preset folder changed since"):
+        resolve_run(params)
+
+
 def _run_flow(root, teacher: str | None, channels=3) -> str:
     from thumbnet_keras.pipeline import run_thumbnet
 

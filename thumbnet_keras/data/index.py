@@ -69,6 +69,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def folder_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a folder's files: each file's relative path and
+    `file_sha256`, in sorted order (so renaming, adding, removing or editing
+    any file changes it; timestamps do not)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(file.relative_to(root).as_posix().encode() + b"\0")
+        h.update(file_sha256(file).encode() + b"\n")
+    return h.hexdigest()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, fsync, then rename tmp_path onto `path`.
 

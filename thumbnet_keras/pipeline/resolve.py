@@ -32,12 +32,17 @@ def run_inputs(config, manifest) -> dict:
     """Content hashes of what a run reads besides its settings, saved in its
     `config.json` and compared when it resumes (`rundir.claim`): the dataset
     manifest, and the teacher's file (a `.keras` file, the shipped teacher,
-    an `applications:` weights file) or `backbone_weights` file, so that a
-    file replaced under the same name is not silently mixed with stages
-    trained from the old one. (A keras-hub preset folder is not hashed.)"""
-    from thumbnet_keras.data.index import file_sha256
+    an `applications:` weights file) or `backbone_weights` file, and a local
+    keras-hub preset folder (`data.index.folder_sha256`), so that a file
+    replaced under the same name is not silently mixed with stages trained
+    from the old one. (A Kaggle preset name is not hashed: it names one
+    published version.)"""
+    from thumbnet_keras.data.index import file_sha256, folder_sha256
 
     inputs = {"manifest_sha256": manifest.content_hash()}
+    preset = _hub_folder(config.teacher)
+    if preset is not None:
+        inputs["teacher_preset_sha256"] = folder_sha256(preset)
     files = {"teacher_sha256": _teacher_file(config.teacher)}
     if config.backbone_weights not in (None, "imagenet"):
         files["backbone_weights_sha256"] = config.backbone_weights
@@ -45,6 +50,16 @@ def run_inputs(config, manifest) -> dict:
         if path is not None and os.path.isfile(path):
             inputs[key] = file_sha256(path)
     return inputs
+
+
+def _hub_folder(spec: str | None) -> str | None:
+    """The local folder of a `keras_hub:<folder>` teacher, else None."""
+    from thumbnet_keras.models.teacher_spec import HUB_PREFIX
+
+    if spec is None or not spec.startswith(HUB_PREFIX):
+        return None
+    folder = spec.removeprefix(HUB_PREFIX)
+    return folder if os.path.isdir(folder) else None
 
 
 def _teacher_file(spec: str | None) -> str | None:

@@ -406,6 +406,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
 _INPUT_NAMES = {
     "manifest_sha256": "the dataset manifest",
     "teacher_sha256": "the teacher file",
+    "teacher_preset_sha256": "the teacher's keras-hub preset folder",
     "backbone_weights_sha256": "the backbone weights file",
 }
 
