@@ -14,9 +14,10 @@ the `n` the two agree on. `paired_difference` gives
   the two models were equally good on such images.
 
 This covers what the test sample leaves uncertain, not what training does:
-another seed moves a small dataset's arms too (on ELPV by about 1 point),
-so "no clear difference" here means the test set cannot tell the two
-apart, and "ahead" means the test set can, for these trained models.
+with another seed the gap between two arms changes too (on ELPV its spread
+over 3 seeds was 0.5-1.1 points, `docs/results.md`), so "no clear
+difference" means the test set cannot tell these two trained models apart,
+and "ahead" means it can, for these two models.
 """
 
 from __future__ import annotations

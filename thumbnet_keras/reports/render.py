@@ -217,7 +217,7 @@ _PAIRED_NOTE = (
     "test top-1 (points), its 95% interval, the images only one of the two "
     "gets right, and McNemar's exact p. An interval that holds 0 means the "
     "test set cannot tell the two apart; it says nothing of another training "
-    "seed, which moves small datasets' results too."
+    "seed, with which the gap between two models changes too."
 )
 
 
