@@ -379,3 +379,37 @@ def test_a_teacher_failing_its_health_checks_is_reported_without_traceback(tmp_p
     assert len(errors) == 1 and "[teacher] failed its health checks" in errors[0]
     assert "predictions do not depend on the input" in errors[0]
     assert "likely cause: the teacher does not fit these images" in errors[0]
+
+
+def test_a_finished_run_without_fm_pretrain_is_finished(tmp_path):
+    """`fm_epochs` 0 (the default recipe) skips fm_pretrain, which then writes
+    no record: `evaluate` and `report` used to call every such run
+    unfinished ("next: f2-fm_pretrain")."""
+    from thumbnet_keras.pipeline.config import ConfigError
+    from thumbnet_keras.pipeline.preflight import check_finished_run
+    from thumbnet_keras.pipeline.stages import STAGES
+
+    def run_folder(name, fm_epochs, done):
+        run = tmp_path / name
+        (run / "stages").mkdir(parents=True)
+        for sid in done:
+            (run / "stages" / f"{sid}.json").write_text("{}")
+        (run / "data.json").write_text("{}")
+        config = {"factors": [2, 4], "fm_epochs": fm_epochs}
+        (run / "config.json").write_text(
+            json.dumps({"kind": "thumbnet", "config": config})
+        )
+        return str(run)
+
+    trained = [f"f{f}-{s}" for f in (2, 4) for s in STAGES if s != "fm_pretrain"]
+    assert check_finished_run(run_folder("default", 0, ["teacher", *trained]))
+    # With an FM pre-training stage, its record is needed.
+    with pytest.raises(
+        ConfigError, match=r"\(11 of 13 stages done; next: f2-fm_pretrain\)"
+    ):
+        check_finished_run(run_folder("paper", 2, ["teacher", *trained]))
+    # The count is of the stages the run has: 5 of 11, next the first missing.
+    with pytest.raises(
+        ConfigError, match=r"\(5 of 11 stages done; next: f2-bicubic_kd_equal\)"
+    ):
+        check_finished_run(run_folder("half", 0, ["teacher", *trained[:4]]))

@@ -627,7 +627,9 @@ def check_finished_run(run_dir: str) -> Run:
     """A `thumbnet` run folder whose every stage finished (`evaluate`,
     `report`)."""
     run, config = _run_config(run_dir)
-    wanted = ["teacher"] + [f"f{f}-{s}" for f in config["factors"] for s in stages()]
+    # A run with fm_epochs 0 (the default) skips fm_pretrain: it writes no record.
+    kept = [s for s in stages() if s != "fm_pretrain" or config.get("fm_epochs", 1)]
+    wanted = ["teacher"] + [f"f{f}-{s}" for f in config["factors"] for s in kept]
     missing = [sid for sid in wanted if not run.is_done(sid)]
     if missing or not run.data_json.is_file():
         raise ConfigError(
