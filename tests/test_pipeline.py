@@ -180,6 +180,11 @@ BAD = {
     ),
     "teacher size": ({"teacher": "SIZE48"}, r"takes \(48, 48, 1\) images"),
     "teacher softmax": ({"teacher": "SOFTMAX"}, "ends in a softmax activation"),
+    # Builds at 16x16 (f = 2), not at 8x8 (f = 4): found before f = 2 trains.
+    "teacher too small at f=4": (
+        {"teacher": "VALID_CONVS", "factors": [2, 4]},
+        r"Factor 4 \(--factor\): .* does not build at 8x8 inputs",
+    ),
     "unwritable": ({"runs_dir": "FILE/runs"}, "is not writable"),
     "same name, other config": ({"run_name": "earlier", "seed": 7}, "differs in: seed"),
 }
@@ -202,6 +207,13 @@ def test_bad_input_fails_first_and_touches_nothing(case, earlier_run, tmp_path):
         params["teacher"] = _teacher(tmp_path / "t3.keras", 3)
     if params.get("teacher") == "SOFTMAX":
         params["teacher"] = _teacher(tmp_path / "ts.keras", 2, softmax=True)
+    if params.get("teacher") == "VALID_CONVS":
+        image = keras.Input((32, 32, 1))
+        x = keras.layers.Conv2D(4, 5, strides=2, padding="valid")(image)
+        x = keras.layers.Conv2D(4, 5, padding="valid")(x)
+        logits = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
+        keras.Model(image, logits).save(tmp_path / "valid.keras")
+        params["teacher"] = str(tmp_path / "valid.keras")
     if params.get("teacher") == "SIZE48":
         params["teacher"] = _teacher(tmp_path / "t48.keras", 2, size=48)
     if params["runs_dir"].startswith("FILE"):

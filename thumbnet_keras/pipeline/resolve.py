@@ -160,6 +160,20 @@ def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None):
     return teacher
 
 
+def check_students(teacher, factors) -> None:
+    """Raises `ConfigError` unless S derives from `teacher` at every factor
+    (`make_student`), before any stage trains: an architecture that does not
+    build at a factor's thumbnail size used to fail that factor's first
+    stage, after every earlier factor had trained."""
+    from thumbnet_keras.models.student import make_student
+
+    for factor in factors:
+        try:
+            make_student(teacher, factor)
+        except ValueError as err:
+            raise ConfigError(f"Factor {factor} (--factor): {err}") from err
+
+
 def _check(config: RunConfig, manifest) -> int | None:
     from thumbnet_keras.layers.downscaler import validate_image_shape
 
@@ -189,7 +203,8 @@ def _check(config: RunConfig, manifest) -> int | None:
     if config.backbone_options and config.teacher is None:  # Unused with a teacher.
         check_backbone_builds(config.backbone, shape, config.backbone_options)
     if config.teacher is not None:
-        check_teacher_file(config.teacher, shape, num_classes)
+        teacher = check_teacher_file(config.teacher, shape, num_classes)
+        check_students(teacher, config.factors)
     if config.backbone_weights not in (None, "imagenet") and not os.path.isfile(
         config.backbone_weights
     ):
