@@ -3,12 +3,18 @@ values computed by hand."""
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 import pytest
 
 from thumbnet_keras.evaluation.accuracy import evaluate_classifier
-from thumbnet_keras.evaluation.paired import paired_difference, verdict
+from thumbnet_keras.evaluation.paired import (
+    clopper_pearson,
+    paired_difference,
+    verdict,
+)
 
 
 def _pair(a_only: int, b_only: int, both: int, neither: int = 0):
@@ -17,32 +23,65 @@ def _pair(a_only: int, b_only: int, both: int, neither: int = 0):
     return a, b
 
 
+def _tail(k, n, p, upper):
+    """P(X >= k) or P(X <= k), X ~ Binomial(n, p), summed directly."""
+    ks = range(k, n + 1) if upper else range(0, k + 1)
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in ks)
+
+
 def test_golden_interval_and_mcnemar():
-    # b = 10, c = 2, n = 100: d = 0.08; se = sqrt(12 - 64/100) / 100 = 0.0337046;
-    # 1.959964 * se = 0.0660598. McNemar: P(X <= 2 | 12, 1/2) = (1 + 12 + 66) / 4096.
+    # b = 10, c = 2 of n = 100: d = 0.08. McNemar: P(X <= 2 | 12, 1/2) =
+    # (1 + 12 + 66) / 4096, doubled. The interval: the Clopper-Pearson bounds
+    # of 10 of 12 (each leaves 2.5% in its tail), mapped by (12/100)(2p - 1).
     r = paired_difference(*_pair(10, 2, 88))
     assert (r["a_only"], r["b_only"], r["examples"]) == (10, 2, 100)
     assert r["difference"] == pytest.approx(0.08)
-    assert r["ci95"] == pytest.approx([0.0139402, 0.1460598], abs=1e-6)
     assert r["p_value"] == pytest.approx(2 * 79 / 4096)
+    low, high = clopper_pearson(10, 12)
+    assert _tail(10, 12, low, upper=True) == pytest.approx(0.025, abs=1e-9)
+    assert _tail(10, 12, high, upper=False) == pytest.approx(0.025, abs=1e-9)
+    assert r["ci95"] == pytest.approx([0.12 * (2 * low - 1), 0.12 * (2 * high - 1)])
+    assert r["ci95"] == pytest.approx([0.0038069, 0.1149930], abs=1e-6)
     assert verdict(r) == "ahead"
     # Swapping the models mirrors everything.
     s = paired_difference(*reversed(_pair(10, 2, 88)))
     assert s["difference"] == pytest.approx(-0.08)
-    assert s["ci95"] == pytest.approx([-0.1460598, -0.0139402], abs=1e-6)
+    assert s["ci95"] == pytest.approx([-0.1149930, -0.0038069], abs=1e-6)
     assert s["p_value"] == r["p_value"] and verdict(s) == "behind"
+
+
+def test_one_sided_disagreements_closed_form():
+    # A wins all m disagreements: p_hi = 1, p_lo = 0.025 ** (1 / m).
+    for m, expected in ((6, "ahead"), (5, "no clear difference")):
+        r = paired_difference(*_pair(m, 0, 100 - m))
+        low = 0.025 ** (1 / m)
+        assert r["ci95"] == pytest.approx([m / 100 * (2 * low - 1), m / 100])
+        assert r["p_value"] == pytest.approx(2 / 2**m)  # 0.031 and 0.0625
+        assert verdict(r) == expected
+
+
+def test_small_counts_interval_agrees_with_the_exact_test():
+    # 2 against 8 of 30 images: the Wald interval (-39.4, -0.6) said
+    # "behind" while McNemar's exact p is 0.109.
+    r = paired_difference(*_pair(2, 8, 20))
+    assert r["p_value"] == pytest.approx(2 * 56 / 1024)  # P(X <= 2 | 10) doubled
+    assert r["ci95"][0] < 0 < r["ci95"][1] and verdict(r) == "no clear difference"
+    # Everywhere: the interval excludes 0 exactly when p < 0.05.
+    for b in range(16):
+        for c in range(16):
+            r = paired_difference(*_pair(b, c, 40 - b - c))
+            excludes = r["ci95"][0] > 0 or r["ci95"][1] < 0
+            assert excludes == (r["p_value"] < 0.05), (b, c, r)
 
 
 def test_agreeing_models_and_balanced_disagreement():
     # The images both get right (or wrong) carry no information on the gap.
     same = paired_difference(*_pair(0, 0, 60, 40))
     assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
-    assert same["p_value"] == 1.0 and verdict(same) == "no clear difference"
-    # 5 vs 5 of 50: d = 0, se = sqrt(10) / 50; p = 1.
+    assert same["p_value"] == 1.0 and verdict(same) == "right on the same images"
+    # 5 vs 5 of 50: d = 0, symmetric interval; p = 1.
     even = paired_difference(*_pair(5, 5, 40))
-    assert even["ci95"] == pytest.approx(
-        [-1.959964 * 10**0.5 / 50, 1.959964 * 10**0.5 / 50]
-    )
+    assert even["ci95"][0] == pytest.approx(-even["ci95"][1])
     assert even["p_value"] == 1.0 and verdict(even) == "no clear difference"
     # One test image in each direction: P(X <= 0 | 1, 1/2) = 1/2, two-sided 1.
     assert paired_difference([True, False], [False, True])["p_value"] == 1.0
@@ -53,6 +92,7 @@ def test_large_test_sets_stay_finite():
     r = paired_difference(*_pair(2600, 2400, 40000, 5000))
     assert r["difference"] == pytest.approx(0.004)
     assert 0.0 < r["p_value"] < 0.01  # z = 200 / sqrt(5000) = 2.83
+    assert 0.0 < r["ci95"][0] < 0.004 < r["ci95"][1] < 0.008
     assert verdict(r) == "ahead"
 
 

@@ -133,10 +133,18 @@ def test_summary_rows_golden():
     ]
     assert rows[0] == {"model": "Teacher", "f": "-", "input": "128x128",
                        "val top-1": "75.00%", "test top-1": "72.40%",
-                       "MACs": "40.00M", "speed-up": "1.0x"}  # fmt: skip
-    assert rows[6]["speed-up"] == "3.9x" and rows[6]["MACs"] == "10.25M"
+                       "MACs": "40.00M", "fewer MACs": "1.0x",
+                       "images/s": "1"}  # fmt: skip
+    assert rows[6]["fewer MACs"] == "3.9x" and rows[6]["MACs"] == "10.25M"
     assert rows[5]["input"] == "66x66"
-    assert rows[8]["speed-up"] == "14.8x" and rows[8]["test top-1"] == "66.00%"
+    assert rows[8]["fewer MACs"] == "14.8x" and rows[8]["test top-1"] == "66.00%"
+    # Measured throughput, thousands separated; not measured: left blank.
+    m = metrics()
+    by_name = {(a["name"], a["factor"]): a for a in m["arms"]}
+    by_name[("teacher", None)]["images_per_second"] = 1234.6
+    by_name[("teacher_bicubic", 2)].pop("images_per_second")
+    rows = summary_rows(m)
+    assert rows[0]["images/s"] == "1,235" and rows[1]["images/s"] == ""
 
 
 def test_format_summary_golden():
@@ -148,10 +156,10 @@ def test_format_summary_golden():
         "test top-1 at 14.8× fewer MACs; best bicubic baseline 65.0% (Bicubic + CL)."
     )
     assert lines[2].split() == ["model", "f", "input", "val", "top-1", "test",
-                                "top-1", "MACs", "speed-up"]  # fmt: skip
+                                "top-1", "MACs", "fewer", "MACs", "images/s"]  # fmt: skip
     rows = [" ".join(line.split()) for line in lines]
-    assert "ThumbNet (E + S) 2 64x64 70.00% 68.80% 10.25M 3.9x" in rows
-    assert "Teacher - 128x128 75.00% 72.40% 40.00M 1.0x" in rows
+    assert "ThumbNet (E + S) 2 64x64 70.00% 68.80% 10.25M 3.9x 1" in rows
+    assert "Teacher - 128x128 75.00% 72.40% 40.00M 1.0x 1" in rows
     assert "thumbnet.keras: runs/demo/thumbnet.keras  (f=2, the first factor)" in lines
     assert "  f=4:      runs/demo/f4/thumbnet.keras" in lines
     assert "report.html:    runs/demo/report.html" in lines

@@ -235,16 +235,16 @@ def _with_paired(metrics: dict) -> dict:
         if arm["name"] == "thumbnet" and arm["factor"] == 2:
             arm["paired"] = [
                 {"versus": "teacher", "difference": -0.03,
-                 "ci95": [-0.0637, 0.0037], "p_value": 0.375, "a_only": 1,
+                 "ci95": [-0.0494949, 0.0216418], "p_value": 0.375, "a_only": 1,
                  "b_only": 4, "examples": 100},
                 {"versus": "bicubic_kd", "difference": 0.08,
-                 "ci95": [0.0139402, 0.1460598], "p_value": 0.0385742,
+                 "ci95": [0.0038069, 0.114993], "p_value": 0.0385742,
                  "a_only": 10, "b_only": 2, "examples": 100},
             ]  # fmt: skip
         elif arm["name"] == "thumbnet":
             arm["paired"] = [
                 {"versus": "bicubic_cl", "difference": 0.01,
-                 "ci95": [-0.0337, 0.0537], "p_value": 1.0, "a_only": 3,
+                 "ci95": [-0.0353367, 0.0447255], "p_value": 1.0, "a_only": 3,
                  "b_only": 2, "examples": 100},
             ]  # fmt: skip
     return metrics | {"arms": arms}
@@ -255,15 +255,15 @@ def test_headline_and_table_say_whether_the_test_set_tells_them_apart():
     assert headline(m) == (
         "ThumbNet f=2: 68.8% test top-1 at 3.9× fewer MACs; teacher 72.4%, best "
         "bicubic baseline 67.1% (Bicubic + KD): ThumbNet +8.0 points (95% CI "
-        "+1.4 to +14.6) on 100 test images, ahead. ThumbNet f=4: 66.0% test "
+        "+0.4 to +11.5) on 100 test images, ahead. ThumbNet f=4: 66.0% test "
         "top-1 at 14.8× fewer MACs; best bicubic baseline 65.0% (Bicubic + CL): "
-        "ThumbNet +1.0 points (95% CI -3.4 to +5.4) on 100 test images, no "
+        "ThumbNet +1.0 points (95% CI -3.5 to +4.5) on 100 test images, no "
         "clear difference."
     )
     rows = paired_table(m)
     assert rows[0] == {
         "factor": 2, "ThumbNet vs": "Teacher", "difference (points)": "-3.0",
-        "95% CI": "-6.4 to +0.4", "only ThumbNet right": 1, "only it right": 4,
+        "95% CI": "-4.9 to +2.2", "only ThumbNet right": 1, "only it right": 4,
         "McNemar p": "0.375", "verdict": "no clear difference",
     }  # fmt: skip
     assert [r["verdict"] for r in rows] == [
@@ -272,8 +272,17 @@ def test_headline_and_table_say_whether_the_test_set_tells_them_apart():
         "no clear difference",
     ]
     md = render_markdown(m)
-    assert "| 2 | Bicubic + KD | +8.0 | +1.4 to +14.6 | 10 | 2 | 0.0386 | ahead |" in md
+    assert "| 2 | Bicubic + KD | +8.0 | +0.4 to +11.5 | 10 | 2 | 0.0386 | ahead |" in md
     assert "McNemar" in render_html(m)
+    # Two models right on exactly the same images: said so, not "+0.0 to +0.0".
+    m["arms"][-1]["paired"] = [
+        {"versus": "bicubic_cl", "difference": 0.0, "ci95": [0.0, 0.0],
+         "p_value": 1.0, "a_only": 0, "b_only": 0, "examples": 100},
+    ]  # fmt: skip
+    assert headline(m).endswith(
+        "(Bicubic + CL): ThumbNet is right on the same 100 test images."
+    )
+    assert paired_table(m)[-1]["verdict"] == "right on the same images"
     # A run evaluated before paired comparisons: no clause, no table.
     assert paired_table(_two_factors()) == []
     assert "McNemar" not in render_markdown(_two_factors())

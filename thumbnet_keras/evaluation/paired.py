@@ -6,12 +6,18 @@ gets right and the other wrong. With `b` images only model A gets right and
 sampling error comes from those `b + c` discordant images alone, not from
 the `n` the two agree on. `paired_difference` gives
 
-* the difference and a 95% confidence interval (the Wald interval for paired
-  proportions, Agresti, *Categorical Data Analysis*, 3rd ed., sec. 11.1):
-  `d ± 1.96 * sqrt((b + c) - (b - c)**2 / n) / n`;
 * McNemar's exact test (a two-sided binomial test of `b` against
-  `Binomial(b + c, 1/2)`): the chance of a split at least this lopsided if
-  the two models were equally good on such images.
+  `Binomial(b + c, 1/2)`, the smaller tail doubled): the chance of a split
+  at least this lopsided if the two models were equally good on such images;
+* the difference with an exact 95% interval, conditional on the number of
+  disagreements `m = b + c`: the Clopper-Pearson interval `[p_lo, p_hi]` for
+  the share of them A wins, mapped to the difference as
+  `(m / n) * (2 * p - 1)`. It excludes 0 exactly when McNemar's p < 0.05,
+  so the interval and the test never disagree (the Wald interval
+  `d ± 1.96 * sqrt((b + c) - (b - c)**2 / n) / n` does, at small counts:
+  2 against 8 disagreements of 30 images gives it (-39.4, -0.6) points
+  while p = 0.11). When the two agree on every image (`m = 0`) the interval
+  is the point 0: the test set holds no evidence either way.
 
 This covers what the test sample leaves uncertain, not what training does:
 with another seed the gap between two arms changes too (on ELPV its spread
@@ -26,27 +32,58 @@ import math
 
 import numpy as np
 
-__all__ = ["paired_difference", "verdict"]
+__all__ = ["clopper_pearson", "paired_difference", "verdict"]
 
-_Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
+
+def _log_binomial_pmf(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log C(n, i), i) for i = 0..n, for the tails below."""
+    i = np.arange(n + 1)
+    lgamma = np.vectorize(math.lgamma, otypes=[float])
+    return lgamma(n + 1) - lgamma(i + 1) - lgamma(n - i + 1), i
+
+
+def _tail(log_comb, i, n: int, p: float, k: int, upper: bool) -> float:
+    """P(X >= k) (`upper`) or P(X <= k) for X ~ Binomial(n, p), 0 < p < 1."""
+    terms = log_comb + i * math.log(p) + (n - i) * math.log1p(-p)
+    terms = terms[k:] if upper else terms[: k + 1]
+    if terms.size == 0:
+        return 0.0
+    peak = terms.max()
+    return float(math.exp(peak) * np.exp(terms - peak).sum())
 
 
 def _binomial_two_sided(k: int, n: int) -> float:
-    """Two-sided exact p-value of `k` successes in `n` fair coin flips."""
+    """Two-sided exact p-value of `k` successes in `n` fair coin flips (the
+    smaller tail doubled)."""
     if n == 0:
         return 1.0
+    log_comb, i = _log_binomial_pmf(n)
     low = min(k, n - k)
-    # P(X <= low) in log space, so that n in the tens of thousands is fine.
-    log_terms = [
-        math.lgamma(n + 1)
-        - math.lgamma(i + 1)
-        - math.lgamma(n - i + 1)
-        - n * math.log(2)
-        for i in range(low + 1)
-    ]
-    peak = max(log_terms)
-    tail = math.exp(peak) * sum(math.exp(t - peak) for t in log_terms)
-    return min(1.0, 2.0 * tail)
+    return min(1.0, 2.0 * _tail(log_comb, i, n, 0.5, low, upper=False))
+
+
+def _solve(f, target: float) -> float:
+    """The p in (0, 1) where the monotone `f(p)` crosses `target` (bisection)."""
+    lo, hi = 0.0, 1.0
+    rising = f(0.5) < f(0.999999)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if (f(mid) < target) == rising:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval for a binomial proportion, `k`
+    successes of `n` > 0: the lowest p with P(X >= k | p) >= (1 - level)/2
+    and the highest with P(X <= k | p) >= (1 - level)/2."""
+    tail = (1.0 - level) / 2
+    log_comb, i = _log_binomial_pmf(n)
+    low = 0.0 if k == 0 else _solve(lambda p: _tail(log_comb, i, n, p, k, True), tail)
+    high = 1.0 if k == n else _solve(lambda p: _tail(log_comb, i, n, p, k, False), tail)
+    return low, high
 
 
 def paired_difference(correct_a, correct_b) -> dict:
@@ -81,12 +118,16 @@ def paired_difference(correct_a, correct_b) -> dict:
         raise ValueError("No images to compare.")
     a_only = int(np.sum(a & ~b))
     b_only = int(np.sum(~a & b))
+    disagreements = a_only + b_only
     difference = (a_only - b_only) / n
-    variance = max(0.0, (a_only + b_only) - (a_only - b_only) ** 2 / n) / n**2
-    half = _Z95 * math.sqrt(variance)
+    if disagreements:
+        shares = clopper_pearson(a_only, disagreements)
+        ci95 = [disagreements / n * (2 * share - 1) for share in shares]
+    else:
+        ci95 = [0.0, 0.0]
     return {
         "difference": difference,
-        "ci95": [difference - half, difference + half],
+        "ci95": ci95,
         "p_value": _binomial_two_sided(a_only, a_only + b_only),
         "a_only": a_only,
         "b_only": b_only,
@@ -96,7 +137,10 @@ def paired_difference(correct_a, correct_b) -> dict:
 
 def verdict(comparison: dict) -> str:
     """ "ahead", "behind" or "no clear difference": whether the 95% interval
-    of A minus B excludes 0."""
+    of A minus B excludes 0 (the same as McNemar's p < 0.05); "right on the
+    same images" when the two never disagree."""
+    if comparison.get("a_only") == 0 and comparison.get("b_only") == 0:
+        return "right on the same images"
     low, high = comparison["ci95"]
     if low > 0:
         return "ahead"

@@ -22,7 +22,8 @@ then every stage of `STAGES` per factor (fm_pretrain only when `fm_epochs` >
 `format_summary(metrics)` (and `run_summary(run_dir)`, which reads the run's
 `metrics.json`) is the table the command line prints when a run ends: the
 teacher, every baseline and ThumbNet per factor with validation and test
-top-1, MACs and speed-up over the teacher, then the output paths.
+top-1, MACs, the teacher's MACs over the model's and measured images/s,
+then the output paths.
 """
 
 from __future__ import annotations
@@ -248,9 +249,15 @@ def _ordered_arms(arms: Sequence[Mapping]) -> list[Mapping]:
     return sorted(arms, key=key)
 
 
+def _rate(value) -> str:
+    return "" if not value else f"{value:,.0f}"
+
+
 def summary_rows(metrics: Mapping) -> list[dict]:
     """One row per evaluated model: model, f, input, val top-1, test top-1,
-    MACs, speed-up (the teacher's MACs over the model's)."""
+    MACs, fewer MACs (the teacher's MACs over the model's: a ratio of work,
+    not a timing) and images/s (measured on this machine by `evaluate`, the
+    Keras model at the run's batch size; "" when not measured)."""
     arms = metrics.get("arms", [])
     teacher = next((a for a in arms if a["name"] == "teacher"), None)
     rows = []
@@ -267,7 +274,8 @@ def summary_rows(metrics: Mapping) -> list[dict]:
                 "val top-1": "" if val is None else f"{100 * val:.2f}%",
                 "test top-1": f"{100 * arm['top1']:.2f}%",
                 "MACs": _macs(arm["flops"]),
-                "speed-up": speedup,
+                "fewer MACs": speedup,
+                "images/s": _rate(arm.get("images_per_second")),
             }
         )
     return rows

@@ -138,6 +138,8 @@ def _paired_clause(arm: Mapping, versus: str) -> str:
     if not found:
         return ""
     p = found[0]
+    if p["a_only"] == p["b_only"] == 0:
+        return f": ThumbNet is right on the same {p['examples']} test images"
     low, high = p["ci95"]
     return (
         f": ThumbNet {_points(p['difference'])} points "
