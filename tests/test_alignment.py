@@ -7,6 +7,8 @@ whose features *are* image coordinates: with the trainer's pooling, S's and
 T's features agree; with the old adaptive pooling they are pixels apart.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -150,6 +152,16 @@ def test_untraceable_layer_raises_and_trainer_falls_back():
             student=make_student(teacher, 2),
         )
     assert trainer.fm_pooling is None
+    # FM off (the default recipe, the KD baselines): nothing to warn about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        off = ThumbNetTrainer(
+            teacher=teacher,
+            downscaler=bicubic_downscaler((16, 16, 1), 2),
+            student=make_student(teacher, 2),
+            fm_weight=0.0,
+        )
+    assert off.fm_pooling is None
 
 
 def test_alignment_matrices_reduce_to_average_pooling_when_cells_line_up():

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -278,6 +279,7 @@ def test_a_teacher_fed_other_values_than_it_was_trained_on_is_reported(
     setting to change (a practitioner's MobileNetV2 lost 18 points this way
     without a word). A teacher trained on [0, 1] (threshold 0.5) is not."""
     from thumbnet_keras import pipeline
+    from thumbnet_keras.pipeline.config import TrainingHealthError
     from thumbnet_keras.pipeline.stages import get_teacher
 
     manifest = tiny_dataset(tmp_path, per_class=20)
@@ -287,14 +289,19 @@ def test_a_teacher_fed_other_values_than_it_was_trained_on_is_reported(
     )  # fmt: skip
     run = pipeline.resolve_run(params)
     prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"))
-    record = get_teacher(run["run_dir"], prepared, verbose=0)  # Not stopped.
-    health = record["health"]
-    assert health["images"] >= 10
     if warned:
+        # 50 points better on [-1, 1] (>= VALUE_RANGE_FAIL): the run stops at
+        # the teacher, naming the manifest line to change.
+        with pytest.raises(TrainingHealthError, match="set `normalization: symmetric`"):
+            get_teacher(run["run_dir"], prepared, verbose=0)
+        record = json.loads(Path(run["run_dir"], "stages", "teacher.json").read_text())
+        health = record["health"]
+        assert health["images"] >= 10
         assert health["value_ranges"]["unit"] == pytest.approx(0.5)
         assert health["value_ranges"]["symmetric"] == 1.0
-        assert health["status"] == "degraded"
-        assert any("set `normalization: symmetric`" in p for p in health["problems"])
+        assert health["status"] == "failed"
     else:
+        record = get_teacher(run["run_dir"], prepared, verbose=0)
+        health = record["health"]
         assert health["value_ranges"]["unit"] == 1.0
         assert health["status"] == "ok", health["problems"]

@@ -218,7 +218,8 @@ class ThumbNetTrainer(keras.Model):
     trainer refuses otherwise. FM compares each S cell with the T features of
     the same image region: the pooling follows both networks' padding and
     strides (`thumbnet_keras.models.alignment`); when a network's geometry
-    cannot be traced it falls back to adaptive pooling, with a warning.
+    cannot be traced it falls back to adaptive pooling, with a warning
+    (none when `fm_weight` is 0: FM is off).
     When T's and S's feature maps differ in channels, a trainable 1x1 conv
     (`fm_adapter`) maps S's channels to T's; it belongs to the trainer and is
     left out of `export()`. A downscaler that costs more than 15% of the
@@ -383,6 +384,8 @@ class ThumbNetTrainer(keras.Model):
                 thumb_hw,
             )
         except GeometryError as error:
+            if not self.fm_weight:  # FM is off: nothing is compared.
+                return None
             warnings.warn(
                 f"FM cannot trace which image region each feature cell sees "
                 f"({error}); it falls back to adaptive average pooling, which "

@@ -350,8 +350,12 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
 
 # A given .keras teacher is fed the manifest's `normalization`; one trained on
 # other values loses accuracy without a word. Another normalization that does
-# this much better on the health split's images is reported.
+# this much better on the health split's images is reported (the run goes
+# on, `degraded`); this much better stops the run before anything trains on
+# the teacher's outputs (a practitioner's teacher scored 33% on [0, 1] and
+# 80% on [0, 255], and the run trained on at chance).
 VALUE_RANGE_MARGIN = 0.10
+VALUE_RANGE_FAIL = 0.25
 _RANGES = {"unit": "[0, 1]", "symmetric": "[-1, 1]", "imagenet": "ImageNet mean/std",
            "raw": "[0, 255]"}  # fmt: skip
 
@@ -361,7 +365,9 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     every normalization (`value_ranges`); `degraded`, with a problem naming
     the manifest setting to change, when another one beats the manifest's by
     `VALUE_RANGE_MARGIN` or more (judged on `health.MIN_IMAGES` images or
-    more; the run goes on: the teacher may be right and the images odd)."""
+    more; the run goes on: the teacher may be right and the images odd), and
+    `failed` (the run stops at the teacher) when by `VALUE_RANGE_FAIL` or
+    more."""
     from thumbnet_keras.pipeline.datasets import split_batches
     from thumbnet_keras.pipeline.health import MIN_IMAGES, check_predictions, worst
 
@@ -379,12 +385,15 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
             scores[other] = checked.get("top1") or 0.0
     best = max(scores, key=scores.get)
     health = {**health, "value_ranges": scores}
-    if scores[best] - scores[current] >= VALUE_RANGE_MARGIN:
+    gap = scores[best] - scores[current]
+    if gap >= VALUE_RANGE_MARGIN:
         _log(
             f"[teacher] warning: {100 * scores[current]:.1f}% top-1 on images in "
-            f"{_RANGES[current]}, {100 * scores[best]:.1f}% in {_RANGES[best]}"
+            f"{_RANGES[current]}, {100 * scores[best]:.1f}% in {_RANGES[best]}: "
+            f"set `normalization: {best}` in the dataset manifest"
         )
-        health["status"] = worst([health["status"], "degraded"])
+        status = "failed" if gap >= VALUE_RANGE_FAIL else "degraded"
+        health["status"] = worst([health["status"], status])
         health["problems"] = [
             *health["problems"],
             f"the teacher scores {100 * scores[current]:.1f}% top-1 on "
