@@ -84,6 +84,13 @@ def world(tmp_path_factory) -> Path:
         pooled = keras.layers.GlobalAveragePooling2D()(image)
         logits = keras.layers.Dense(classes, activation=activation)(pooled)
         keras.Model(image, logits).save(root / name)
+    # MobileNetV3's head: logits from a 1x1 Conv2D, then Flatten and a linear
+    # Activation (no Dense layer at the end); 5 classes, the data has 2.
+    image = keras.Input((64, 64, 1))
+    x = keras.layers.GlobalAveragePooling2D(keepdims=True)(image)
+    x = keras.layers.Conv2D(5, 1, name="logits")(keras.layers.Dropout(0.2)(x))
+    x = keras.layers.Activation(None, name="predictions")(keras.layers.Flatten()(x))
+    keras.Model(image, x).save(root / "five_conv_head.keras")
     runs = root / "runs"
     # A finished-looking run with factors 2 and 4 (export), one stage done.
     run = runs / "r24"
@@ -147,6 +154,8 @@ CASES = [
     # the run had started (after data preparation or the first stages).
     ("teacher-classes-folders", [*TRAIN[:1], "--dataset", "{root}/folders.yaml", "--runs-dir",
                                  "{root}/runs", "--teacher", "{root}/five.keras"],
+     "outputs 5 classes but the dataset has 2"),
+    ("teacher-classes-conv-head", [*TRAIN, "--teacher", "{root}/five_conv_head.keras"],
      "outputs 5 classes but the dataset has 2"),
     ("teacher-softmax", [*TRAIN, "--teacher", "{root}/softmax.keras"],
      "ends in a softmax activation, so it outputs probabilities, not logits"),

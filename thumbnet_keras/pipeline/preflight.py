@@ -271,10 +271,11 @@ def check_export_packages(fmt: str) -> None:
         )
 
 
-def _archive_ends(path: str, option: str) -> tuple[list, list]:
+def _archive_ends(path: str, option: str) -> tuple[list, list, dict]:
     """The configs of a `.keras` archive's input and output layers, read
     from its `config.json` (an entry is None where a reference does not
-    resolve). Raises `ConfigError` if it is not an archive."""
+    resolve), and every layer's config by name. Raises `ConfigError` if it
+    is not an archive."""
     if not zipfile.is_zipfile(path):
         raise ConfigError(
             f"{option} {path!r} is not a Keras archive (a .keras file is a zip holding "
@@ -300,7 +301,38 @@ def _archive_ends(path: str, option: str) -> tuple[list, list]:
             refs = [refs]
         return [layers.get(r[0]) for r in refs if isinstance(r, list) and r]
 
-    return _named("input_layers"), _named("output_layers")
+    return _named("input_layers"), _named("output_layers"), layers
+
+
+# Layers that keep the class axis as it is, between the layer that makes the
+# logits and the model's output (MobileNetV3: 1x1 Conv2D -> Flatten -> Activation).
+_PASS_THROUGH = {"Activation", "Flatten", "Reshape", "Dropout", "Identity"}
+
+
+def _inbound(layer: dict) -> str | None:
+    """The name of the layer feeding `layer` (its first input), from the
+    archive's config; None when it does not say it plainly."""
+    try:
+        return layer["inbound_nodes"][0]["args"][0]["config"]["keras_history"][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def _logit_count(layer: dict | None, layers: dict) -> int | None:
+    """How many logits `layer` outputs: a `Dense` layer's units or a 1x1
+    `Conv2D`'s filters, reached back through pass-through layers."""
+    for _ in range(8):
+        if not layer:
+            return None
+        kind, config = layer.get("class_name"), layer.get("config", {})
+        if kind == "Dense":
+            return config.get("units")
+        if kind == "Conv2D" and config.get("kernel_size") in ([1, 1], (1, 1)):
+            return config.get("filters")
+        if kind not in _PASS_THROUGH:
+            return None
+        layer = layers.get(_inbound(layer))
+    return None
 
 
 def keras_archive_shape(
@@ -309,14 +341,14 @@ def keras_archive_shape(
     """(input shape without the batch axis, number of outputs) read from a
     `.keras` archive's `config.json`; either is None when the model's config
     does not say it plainly. Raises `ConfigError` if it is not an archive."""
-    inputs, outputs = _archive_ends(path, option)
+    inputs, outputs, layers = _archive_ends(path, option)
     shape = classes = None
     if len(inputs) == 1 and inputs[0] and inputs[0].get("class_name") == "InputLayer":
         batch_shape = inputs[0]["config"].get("batch_shape")
         if batch_shape:
             shape = tuple(batch_shape[1:])
-    if len(outputs) == 1 and outputs[0] and outputs[0].get("class_name") == "Dense":
-        classes = outputs[0]["config"].get("units")
+    if len(outputs) == 1:
+        classes = _logit_count(outputs[0], layers)
     return shape, classes
 
 
@@ -324,7 +356,7 @@ def keras_archive_output_activation(path: str, option: str = "--teacher") -> str
     """The activation the archive's one output layer ends in ("softmax" for
     a `Softmax` layer, a `Dense` or `Activation` layer's named activation),
     or None when its config does not say it plainly."""
-    _, outputs = _archive_ends(path, option)
+    _, outputs, _ = _archive_ends(path, option)
     if len(outputs) != 1 or not outputs[0]:
         return None
     layer = outputs[0]
