@@ -288,6 +288,27 @@ def test_headline_and_table_say_whether_the_test_set_tells_them_apart():
     assert "McNemar" not in render_markdown(_two_factors())
 
 
+def test_the_report_names_the_teacher_it_distilled():
+    """With a given teacher the config's `backbone` is unused (a practitioner
+    read "tiny_cnn" for their MobileNetV3): the summary names the teacher's
+    own architecture and where it came from."""
+    m = _two_factors()
+    m["stages"] = {"teacher": {"source": "file", "backbone": "MobileNetV3Small"}}
+    m["config"] = {**m["config"], "teacher": "teacher.keras", "backbone": "tiny_cnn"}
+    md = render_markdown(m)
+    assert (
+        "Teacher **MobileNetV3Small** (given as a .keras file: `teacher.keras`; "
+        "S is its architecture at thumbnail size)."
+    ) in md
+    m["config"]["teacher"] = "pretrained:elpv"
+    assert "(shipped with the package: `pretrained:elpv`;" in render_markdown(m)
+    m["stages"] = {"teacher": {"source": "trained", "backbone": "tiny_cnn"}}
+    m["config"]["teacher"] = None
+    assert "Teacher tiny_cnn (trained in this run;" in render_html(m)
+    # Older runs' metrics have no teacher name: nothing is said.
+    assert "Teacher **" not in render_markdown(_two_factors())
+
+
 def test_markdown_opens_with_headline_health_and_notes():
     m = _two_factors()
     md = render_markdown(m)

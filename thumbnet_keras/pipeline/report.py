@@ -95,6 +95,7 @@ def collect_metrics(run_dir: str) -> dict:
                     stages[sid][key] = record[key]
             if sid == "teacher":
                 stages[sid]["source"] = record.get("source")
+                stages[sid]["backbone"] = record.get("backbone")
     evaluation = run.file("evaluation.json")
     arms = read_json(evaluation)["arms"] if evaluation.is_file() else []
     exported = run.file("export.json")

@@ -343,8 +343,40 @@ def _summary(metrics: Mapping) -> str:
     return (
         f"Dataset **{dataset.get('name', '?')}** ({dataset.get('num_classes', '?')} "
         f"classes; {splits}; licence: {dataset.get('license', '?')}). "
-        f"Keras backend **{env.get('backend', '?')}** on {env.get('device', '?')}."
+        + _teacher_note(metrics)
+        + f"Keras backend **{env.get('backend', '?')}** on {env.get('device', '?')}."
     )
+
+
+_SOURCES = {
+    "file": "given as a .keras file",
+    "pretrained": "shipped with the package",  # a "file" source named pretrained:
+    "applications": "keras.applications",
+    "keras_hub": "keras-hub",
+    "weights": "built here with the given weights",
+    "trained": "trained in this run",
+}
+
+
+def _teacher_note(metrics: Mapping) -> str:
+    """ "Teacher **MobileNetV3Small** (given as a .keras file; S is its
+    architecture at thumbnail size). " from the teacher stage's record: with
+    a given teacher the config's `backbone` field is unused."""
+    teacher = metrics.get("stages", {}).get("teacher") or {}
+    name = teacher.get("backbone")
+    if not name:
+        return ""
+    config = metrics.get("config", {})
+    given = config.get("teacher")
+    source = _SOURCES.get(teacher.get("source"), teacher.get("source") or "")
+    if str(given).startswith("pretrained:"):
+        source = _SOURCES["pretrained"]
+    where = (
+        f"{source}: `{given}`"
+        if given and teacher.get("source") != "trained"
+        else source
+    )
+    return f"Teacher **{name}** ({where}; S is its architecture at thumbnail size). "
 
 
 _COST_NOTE = (
