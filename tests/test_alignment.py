@@ -154,7 +154,7 @@ def test_untraceable_layer_raises_and_trainer_falls_back():
     assert trainer.fm_pooling is None
     # FM off (the default recipe, the KD baselines): nothing to warn about.
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message="FM cannot trace")
         off = ThumbNetTrainer(
             teacher=teacher,
             downscaler=bicubic_downscaler((16, 16, 1), 2),
