@@ -388,6 +388,11 @@ def test_a_teacher_failing_its_health_checks_is_reported_without_traceback(tmp_p
     assert len(errors) == 1 and "[teacher] failed its health checks" in errors[0]
     assert "predictions do not depend on the input" in errors[0]
     assert "likely cause: the teacher does not fit these images" in errors[0]
+    # Said once: Prefect's task and flow state lines used to repeat it.
+    assert output.count("Every later stage learns from the teacher") == 1, output[
+        -3000:
+    ]
+    assert "Finished in state Failed (error below)" in output
 
 
 def test_a_finished_run_without_fm_pretrain_is_finished(tmp_path):

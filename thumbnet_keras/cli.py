@@ -337,19 +337,42 @@ def _configure_logging(verbosity: int, flow: bool) -> None:
 class _NoUserErrorTraceback(logging.Filter):
     """Drops the traceback Prefect logs with a task or flow run that failed
     on a user error (a `ConfigError` found once the data is prepared, a
-    teacher that fails its health checks), and the flow's own copy of the
-    error line: the command prints the error as its last line, and the
+    teacher that fails its health checks) and the flow's own copy of the
+    error line, and shortens Prefect's lines that repeat the error's text
+    ("... failed with exception ...", "Finished in state Failed(...)") to
+    "(error below)": the command prints the error as its last line, and the
     stack says nothing the user can act on. A bug keeps its traceback;
     `--debug` and `-v` keep every line."""
+
+    # The messages of the user errors logged so far (task and flow loggers
+    # each have a filter; the flow's "Finished in state Failed(...)" line
+    # repeats the task's error text without its class).
+    seen: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         from thumbnet_keras.pipeline.config import TrainingHealthError
 
         if str(record.msg).startswith("thumbnet: error:"):  # Printed at the end.
             return False
+        user_errors = (*_user_errors(), TrainingHealthError)
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (*_user_errors(), TrainingHealthError)):
+        if isinstance(error, user_errors):
             record.exc_info = record.exc_text = None
+            _NoUserErrorTraceback.seen.append(str(error)[:100])
+            record.msg, record.args = (
+                f"failed: {type(error).__name__} (error below)",
+                (),
+            )
+        message = record.getMessage()
+        for cls in user_errors:  # A task's state: "... exception ConfigError: <text>".
+            marker = f"exception {cls.__name__}: "
+            if marker in message:
+                _NoUserErrorTraceback.seen.append(message.split(marker, 1)[1][:100])
+        if "Finished in state Failed" in message and any(
+            text and text in message for text in self.seen
+        ):
+            # The error itself is the command's last line: say it once.
+            record.msg, record.args = "Finished in state Failed (error below)", ()
         return True
 
 
