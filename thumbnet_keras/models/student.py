@@ -133,12 +133,6 @@ def _weights_fit(teacher, candidate):
     return t_shapes == c_shapes
 
 
-def _short(error: Exception, limit: int = 300) -> str:
-    """An error's message on one line, cut to `limit` characters."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _try_from_config(cls, config):
     try:
         # from_config may consume the dict it is given.
@@ -218,13 +212,15 @@ def make_student(
                 if candidate is not None and _weights_fit(teacher, candidate):
                     student = candidate
     if student is None and first_error is not None and new_hw[0] is not None:
+        from thumbnet_keras.models.teachers import short_error_text
+
         # The architecture itself refuses inputs this small (e.g. a conv
         # kernel larger than its feature map, keras.applications' minimum
         # input size): no head change helps.
         raise ValueError(
             f"Cannot derive a student from teacher '{teacher.name}' at factor "
             f"{factor}: its architecture does not build at {new_hw[0]}x{new_hw[1]} "
-            f"inputs ({_short(first_error)}). Use a smaller factor or a larger "
+            f"inputs ({short_error_text(first_error, 300)}). Use a smaller factor or a larger "
             "image size, or build a student for the thumbnail size yourself and "
             "pass it as `ThumbNetTrainer(..., student=my_student)`."
         )

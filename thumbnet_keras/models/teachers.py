@@ -158,7 +158,7 @@ def _wrap(classifier, image_shape, layers, name):
     return teacher
 
 
-def _error_text(err: Exception, limit: int = 400) -> str:
+def short_error_text(err: Exception, limit: int = 400) -> str:
     """`err`'s message on one line, short enough to read: Keras' weight-loading
     errors print every value of the variable they failed on (100 KB+)."""
     text = " ".join(str(err).split(" Target variable:")[0].split())
@@ -201,7 +201,7 @@ def _applications(rest: str, image_shape, num_classes):
         )
         raise TeacherSpecError(
             f"Cannot build teacher applications:{name} at {tuple(image_shape)} "
-            f"with weights {weights!r}: {_error_text(err)}{hint}"
+            f"with weights {weights!r}: {short_error_text(err)}{hint}"
         ) from err
     layers = preprocessing_layers(APPLICATIONS[name])
     return _wrap(classifier, tuple(image_shape), layers, name.lower())
@@ -242,7 +242,7 @@ def _keras_hub(preset: str, image_shape):
         raise TeacherSpecError(
             f"Cannot load keras-hub classifier {preset!r} (a Kaggle preset "
             f"downloads; a local folder comes from task.save_to_preset): "
-            f"{_error_text(err)}"
+            f"{short_error_text(err)}"
         ) from err
     activation = getattr(task, "activation", None)
     if activation not in (None, "linear"):
@@ -299,7 +299,7 @@ def load_teacher(spec: str, image_shape=None, num_classes: int | None = None):
         teacher = keras.saving.load_model(path, compile=False)
     except Exception as err:
         raise TeacherSpecError(
-            f"Teacher file {path!r} is not a loadable .keras model: {_error_text(err)}"
+            f"Teacher file {path!r} is not a loadable .keras model: {short_error_text(err)}"
         ) from err
     return inline_nested(teacher)
 

@@ -457,6 +457,7 @@ def render_markdown(metrics: Mapping, images: Mapping[str, str] | None = None) -
             return []
         return [f"![{IMAGES[key][1]}]({images[key]})\n"]
 
+    paired = paired_table(metrics)
     parts = [
         f"# ThumbNet report: {metrics.get('run_name', '')}\n",
         *_health_md(metrics),
@@ -465,11 +466,7 @@ def render_markdown(metrics: Mapping, images: Mapping[str, str] | None = None) -
         "## Results\n",
         _results_note(metrics) + "\n",
         _md_table(arms_table(metrics)),
-        *(
-            [_PAIRED_NOTE + "\n", _md_table(paired_table(metrics))]
-            if paired_table(metrics)
-            else []
-        ),
+        *([_PAIRED_NOTE + "\n", _md_table(paired)] if paired else []),
         *image("accuracy_vs_macs"),
         *(["## Thumbnails\n", _GALLERY_NOTE + "\n"] if "gallery" in images else []),
         *image("gallery"),
@@ -592,6 +589,7 @@ def render_html(
         return [_img(images[key], IMAGES[key][1])] if key in images else []
 
     warnings = health_warnings(metrics)
+    paired = paired_table(metrics)
     sections = [f"<h1>{html.escape(title)}</h1>"]
     if warnings:
         sections.append(
@@ -608,8 +606,8 @@ def render_html(
         f"<p>{html.escape(_results_note(metrics))}</p>",
         _html_table(arms_table(metrics)),
         *(
-            [f"<p>{html.escape(_PAIRED_NOTE)}</p>", _html_table(paired_table(metrics))]
-            if paired_table(metrics)
+            [f"<p>{html.escape(_PAIRED_NOTE)}</p>", _html_table(paired)]
+            if paired
             else []
         ),
         *image("accuracy_vs_macs"),
