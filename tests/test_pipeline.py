@@ -290,8 +290,27 @@ def test_claim_reopens_when_the_runs_dir_is_spelled_otherwise(earlier_run, monke
     other = ThumbNetParams(
         dataset=manifest, smoke=True, runs_dir=relative, run_name="earlier", seed=9
     )
-    with pytest.raises(ConfigError, match=r"differs in: seed\)"):
+    with pytest.raises(ConfigError, match=r"differs in: seed \(saved 0, now 9\)\)"):
         pipeline.resolve_run(other)
+
+
+def test_a_run_saved_before_a_new_field_resumes_at_its_old_meaning(earlier_run):
+    """A config.json saved before `e_pretrain_epochs` existed holds a run
+    without that stage: it resumes with `e_pretrain_epochs=0`, and the new
+    default (on) is refused with both values named."""
+    from thumbnet_keras.pipeline import Run
+
+    manifest, runs = earlier_run
+    run = Run(str(runs / "earlier"))
+    saved = json.loads(run.config_json.read_text())
+    for key in ("e_pretrain_epochs", "e_pretrain_learning_rate"):
+        saved["config"].pop(key)
+    run.config_json.write_text(json.dumps(saved))
+    base = dict(dataset=manifest, smoke=True, runs_dir=str(runs), run_name="earlier")
+    # Smoke turns e_pretrain on (1 epoch); the saved run predates it.
+    with pytest.raises(ConfigError, match=r"e_pretrain_epochs \(saved 0, now 1\)"):
+        pipeline.resolve_run(ThumbNetParams(**base))
+    assert json.loads(run.config_json.read_text()) == saved  # untouched
 
 
 def test_config_differences_compares_locations_as_folders(tmp_path):
@@ -449,12 +468,17 @@ def test_run_config_and_params_agree():
     assert RunConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
     # A config.json saved before (by the dataclass RunConfig) reads back as is.
     saved = json.loads((REPO / "docs/results/demo_metrics.json").read_text())
-    assert RunConfig.from_json(saved["config"]).to_json() == saved["config"]
+    # (It predates e_pretrain: it reads back without that stage.)
+    assert RunConfig.from_json(saved["config"]).to_json() == saved["config"] | {
+        "e_pretrain_epochs": 0,
+        "e_pretrain_learning_rate": None,
+    }
     config = ThumbNetParams(
         optimizer="sgd", teacher_learning_rate=0.1, learning_rate=0.01
     ).to_config()
     assert config.stage_learning_rate("teacher") == 0.1
     assert config.stage_learning_rate("fm_pretrain") == 0.01
+    assert config.stage_learning_rate("e_pretrain") == 0.01
     assert config.downscaler_width is None and config.label_smoothing == 0.1
     from pydantic import ValidationError
 
@@ -658,6 +682,88 @@ def test_the_default_recipe_skips_fm_pretrain_and_joint_starts_from_the_teacher(
                 runs_dir=str(tmp_path / "runs"),
                 run_name="x",
                 fm_epochs=2,
+            )  # fmt: skip
+        )
+
+
+def test_e_pretrain_trains_e_alone_and_joint_starts_from_it(tmp_path):
+    """e_pretrain trains E through the frozen teacher and saves it; joint
+    (fm_epochs 0) starts from that E, not from a fresh one. With a peak
+    rate of 1e-9 joint cannot move E, so its saved E is e_pretrain's."""
+    from thumbnet_keras.pipeline import Run
+
+    manifest = tiny_dataset(tmp_path)
+    run = pipeline.resolve_run(
+        ThumbNetParams(
+            dataset=manifest,
+            runs_dir=str(tmp_path / "runs"),
+            run_name="r",
+            image_size=32,
+            limit_per_class=8,
+            batch_size=8,
+            teacher_epochs=1,
+            e_pretrain_epochs=2,
+            e_pretrain_learning_rate=1e-2,
+            joint_epochs=1,
+            joint_learning_rate=1e-9,
+            factors=[2],
+            backbone_options={"widths": [8, 16]},
+            downscaler_width=8,
+        )  # fmt: skip
+    )
+    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
+    pipeline.get_teacher(run["run_dir"], prepared, verbose=0)
+    teacher_bytes = Run(run["run_dir"]).teacher_keras.read_bytes()
+    pre = pipeline.train_stage(run["run_dir"], 2, "e_pretrain", verbose=0)
+    assert pre["epochs"] == 2 and pre["health"]["status"] != "failed"
+    assert {"kd_loss", "cl_loss", "val_accuracy"} <= set(pre["history"])
+    assert Run(run["run_dir"]).teacher_keras.read_bytes() == teacher_bytes
+
+    def residual(path):
+        e = keras.saving.load_model(path, compile=False)
+        return keras.ops.convert_to_numpy(e.get_layer("residual_conv").kernel)
+
+    trained = residual(pre["paths"]["downscaler"])
+    assert np.abs(trained).max() > 1e-3  # E left bicubic (a zero residual)
+    joint = pipeline.train_stage(run["run_dir"], 2, "joint", verbose=0)
+    np.testing.assert_allclose(
+        residual(joint["paths"]["downscaler"]), trained, atol=1e-6
+    )
+    # Rerun: done, skipped.
+    again = pipeline.train_stage(run["run_dir"], 2, "e_pretrain", verbose=0)
+    assert again["epochs"] == 2 and again["history"] == pre["history"]
+
+
+def test_e_pretrain_epochs_0_leaves_no_record(tmp_path):
+    from thumbnet_keras.pipeline import Run
+
+    manifest = tiny_dataset(tmp_path)
+    run = pipeline.resolve_run(
+        ThumbNetParams(
+            dataset=manifest,
+            runs_dir=str(tmp_path / "runs"),
+            run_name="r",
+            image_size=32,
+            limit_per_class=8,
+            teacher_epochs=1,
+            backbone_options={"widths": [8, 16]},
+            factors=[2],
+            e_pretrain_epochs=0,
+        )  # fmt: skip
+    )
+    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
+    pipeline.get_teacher(run["run_dir"], prepared, verbose=0)
+    skipped = pipeline.train_stage(run["run_dir"], 2, "e_pretrain", verbose=0)
+    assert skipped["not_run"] == "e_pretrain_epochs=0"
+    assert not Run(run["run_dir"]).is_done("f2-e_pretrain")
+    with pytest.raises(ConfigError, match="would learn nothing"):
+        pipeline.resolve_run(
+            ThumbNetParams(
+                dataset=manifest,
+                runs_dir=str(tmp_path / "runs"),
+                run_name="x",
+                cl_weight=0.0,
+                kd_weight=0.0,
             )  # fmt: skip
         )
 

@@ -52,21 +52,39 @@ def metrics() -> dict:
 
 
 def test_stage_label_counts_the_runs_stages():
-    # teacher + 6 stages per factor, two factors: 13 stages.
-    assert stage_label([2, 4], "teacher") == "[1/13] teacher"
-    assert stage_label([2, 4], "f2-fm_pretrain") == "[3/13] fm_pretrain f=2"
-    assert stage_label([2, 4], "f2-joint") == "[4/13] joint f=2"
-    assert stage_label([2, 4], "f4-bicubic_kd_equal") == "[13/13] bicubic_kd_equal f=4"
-    assert stage_label([2], "f2-joint") == "[4/7] joint f=2"
+    # teacher + 7 stages per factor, two factors: 15 stages.
+    assert stage_label([2, 4], "teacher") == "[1/15] teacher"
+    assert stage_label([2, 4], "f2-e_pretrain") == "[3/15] e_pretrain f=2"
+    assert stage_label([2, 4], "f2-fm_pretrain") == "[4/15] fm_pretrain f=2"
+    assert stage_label([2, 4], "f2-joint") == "[5/15] joint f=2"
+    assert stage_label([2, 4], "f4-bicubic_kd_equal") == "[15/15] bicubic_kd_equal f=4"
+    assert stage_label([2], "f2-joint") == "[5/8] joint f=2"
     assert stage_label([2], "f8-joint") == "[joint f=8]"  # not in this run
     # fm_epochs=0 (the default recipe): fm_pretrain is not a stage of the run.
-    assert stage_label([2, 4], "f2-joint", fm_pretrain=False) == "[3/11] joint f=2"
-    assert stage_label([2, 4], "f4-bicubic_kd_equal", fm_pretrain=False) == (
+    skip = {"fm_pretrain"}
+    assert stage_label([2, 4], "f2-joint", skip) == "[4/13] joint f=2"
+    assert stage_label([2, 4], "f2-fm_pretrain", skip) == "[fm_pretrain f=2]"
+    # Neither pre-training stage: 11 stages.
+    skip = {"fm_pretrain", "e_pretrain"}
+    assert stage_label([2, 4], "f2-joint", skip) == "[3/11] joint f=2"
+    assert stage_label([2, 4], "f4-bicubic_kd_equal", skip) == (
         "[11/11] bicubic_kd_equal f=4"
     )
-    assert stage_label([2, 4], "f2-fm_pretrain", fm_pretrain=False) == (
-        "[fm_pretrain f=2]"
-    )
+    assert stage_label([2, 4], "f2-e_pretrain", skip) == "[e_pretrain f=2]"
+
+
+def test_skipped_stages_reads_a_config_or_a_saved_dict():
+    from thumbnet_keras.pipeline import ThumbNetParams
+    from thumbnet_keras.pipeline.config import skipped_stages
+
+    config = ThumbNetParams().to_config()  # defaults: e_pretrain on, FM off
+    assert skipped_stages(config) == {"fm_pretrain"}
+    assert skipped_stages(config.to_json()) == {"fm_pretrain"}
+    off = ThumbNetParams(e_pretrain_epochs=0, fm_epochs=2, fm_weight=1.0)
+    assert skipped_stages(off.to_config()) == {"e_pretrain"}
+    # A run saved before e_pretrain existed has neither field set to it.
+    assert skipped_stages({"fm_epochs": 0}) == {"fm_pretrain", "e_pretrain"}
+    assert skipped_stages({}) == {"e_pretrain"}
 
 
 def test_format_duration_and_keras_verbose():
@@ -83,7 +101,7 @@ def test_epoch_line_golden_with_eta_and_best():
         0, {"loss": 1.84891, "accuracy": 0.25, "val_accuracy": 0.5}, 10.0
     )
     assert first == (
-        "[4/7] joint f=2 epoch 1/4:  loss 1.8489  train top-1 25.0%  "
+        "[5/8] joint f=2 epoch 1/4:  loss 1.8489  train top-1 25.0%  "
         "val top-1 50.0% (best)  (10s, ETA 30s)"
     )
     # The ETA uses the mean epoch time, without the first (tracing) epoch
@@ -96,7 +114,7 @@ def test_epoch_line_golden_with_eta_and_best():
     assert last.endswith("val top-1 60.0% (best)  (12s)")  # nothing left
     # A stage without labels (fm_pretrain): the loss only.
     fm = EpochProgress("f2-fm_pretrain", 1, [2]).format_epoch(0, {"loss": 0.5}, 3)
-    assert fm == "[3/7] fm_pretrain f=2 epoch 1/1:  loss 0.5000  (3s)"
+    assert fm == "[4/8] fm_pretrain f=2 epoch 1/1:  loss 0.5000  (3s)"
 
 
 def test_epoch_progress_logs_one_line_per_epoch_from_a_real_fit(caplog):
@@ -113,9 +131,9 @@ def test_epoch_progress_logs_one_line_per_epoch_from_a_real_fit(caplog):
     # into the same capture when earlier tests traced functions.
     lines = [r.getMessage() for r in caplog.records if r.name == progress.logger.name]
     assert len(lines) == 2
-    assert lines[0].startswith("[1/7] teacher epoch 1/2:  loss ")
+    assert lines[0].startswith("[1/8] teacher epoch 1/2:  loss ")
     assert "val top-1 " in lines[0] and "ETA " in lines[0]
-    assert lines[1].startswith("[1/7] teacher epoch 2/2:") and "ETA" not in lines[1]
+    assert lines[1].startswith("[1/8] teacher epoch 2/2:") and "ETA" not in lines[1]
 
 
 def test_summary_rows_golden():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,6 +27,7 @@ __all__ = [
     "RunConfig",
     "ThumbNetParams",
     "SMOKE",
+    "skipped_stages",
 ]
 
 
@@ -43,6 +45,7 @@ SMOKE: dict[str, Any] = {
     "image_size": 32,
     "limit_per_class": 8,
     "teacher_epochs": 1,
+    "e_pretrain_epochs": 1,
     "fm_epochs": 1,
     "joint_epochs": 1,
     # Every loss and stage runs in a smoke run (a plumbing check), so FM and
@@ -141,6 +144,15 @@ class ThumbNetParams(BaseModel):
     teacher_epochs: int = Field(
         10, ge=0, le=1000, description="Stage 0 epochs (when the teacher is trained)."
     )
+    e_pretrain_epochs: int = Field(
+        2,
+        ge=0,
+        le=1000,
+        description="e_pretrain epochs: E alone, trained so that the frozen "
+        "teacher reads its thumbnails, scaled back up, as it reads the full "
+        "image (CL + KD); then S trains on E's thumbnails. 0: off "
+        "(docs/design.md).",
+    )
     fm_epochs: int = Field(
         0,
         ge=0,
@@ -190,6 +202,12 @@ class ThumbNetParams(BaseModel):
         gt=0,
         le=10.0,
         description="Stage 0's peak rate. Default: `learning_rate`.",
+    )
+    e_pretrain_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=10.0,
+        description="e_pretrain's peak rate. Default: `learning_rate`.",
     )
     fm_learning_rate: float | None = Field(
         None,
@@ -309,8 +327,9 @@ class ThumbNetParams(BaseModel):
         return RunConfig.model_validate(values)
 
     def check_fm_pretrain(self, name=lambda field: f"`{field}`") -> None:
-        """Refuses `fm_epochs > 0` with both FM and MM weights 0: that stage
-        trains on FM + MM only, so it would learn nothing. `name` spells a
+        """Refuses `fm_epochs > 0` with both FM and MM weights 0 (that stage
+        trains on FM + MM only, so it would learn nothing), and
+        `e_pretrain_epochs > 0` with both CL and KD weights 0 (likewise). `name` spells a
         field in the message (the CLI passes its option names)."""
         if self.fm_epochs and not (self.fm_weight or self.mm_weight):
             fm, mm = name("fm_weight"), name("mm_weight")
@@ -320,6 +339,14 @@ class ThumbNetParams(BaseModel):
                 "both 0 (the defaults: validation chose CL + KD, docs/design.md), "
                 f"so it would learn nothing. Set {fm} and {mm} to 1 (the paper's "
                 f"recipe), or {name('fm_epochs')} to 0."
+            )
+        if self.e_pretrain_epochs and not (self.cl_weight or self.kd_weight):
+            cl, kd = name("cl_weight"), name("kd_weight")
+            raise ConfigError(
+                f"{name('e_pretrain_epochs')} {self.e_pretrain_epochs}: the E "
+                f"pre-training stage trains on the CL and KD losses only, and {cl} "
+                f"and {kd} are both 0, so it would learn nothing. Set one of them "
+                f"above 0, or {name('e_pretrain_epochs')} to 0."
             )
 
 
@@ -341,11 +368,14 @@ class RunConfig(ThumbNetParams, _RunFolder):
         return self.fm_epochs + self.joint_epochs
 
     def stage_learning_rate(self, stage: str) -> float:
-        """The peak learning rate of a stage ("teacher", "fm_pretrain",
+        """The peak learning rate of a stage ("teacher", "e_pretrain", "fm_pretrain",
         "joint", or a baseline), falling back to `learning_rate`."""
-        field = {"teacher": "teacher", "fm_pretrain": "fm", "joint": "joint"}.get(
-            stage, "baseline"
-        )
+        field = {
+            "teacher": "teacher",
+            "e_pretrain": "e_pretrain",
+            "fm_pretrain": "fm",
+            "joint": "joint",
+        }.get(stage, "baseline")
         rate = getattr(self, f"{field}_learning_rate")
         return self.learning_rate if rate is None else rate
 
@@ -359,7 +389,32 @@ class RunConfig(ThumbNetParams, _RunFolder):
         obj = dict(obj)
         # Runs saved before E had variants used the strided E.
         obj.setdefault("downscaler_variant", "strided")
+        # Runs saved before the e_pretrain stage did not have it.
+        obj.setdefault("e_pretrain_epochs", 0)
         return cls.model_validate(obj)
+
+
+def skipped_stages(config) -> frozenset[str]:
+    """The stages of `STAGES` a run does not have: `e_pretrain` when
+    `e_pretrain_epochs` is 0, `fm_pretrain` when `fm_epochs` is 0.
+
+    Args:
+        config: a `RunConfig`, or a run's saved config as a dict (runs saved
+            before `e_pretrain` existed have no such field: no e_pretrain).
+    """
+    if isinstance(config, Mapping):
+        get = config.get
+    else:
+
+        def get(key, default):
+            return getattr(config, key, default)
+
+    skip = set()
+    if not get("e_pretrain_epochs", 0):
+        skip.add("e_pretrain")
+    if not get("fm_epochs", 1):
+        skip.add("fm_pretrain")
+    return frozenset(skip)
 
 
 def _default(name: str):

@@ -41,6 +41,7 @@ from thumbnet_keras.pipeline.config import (
     ConfigError,
     GeneralizeParams,
     ThumbNetParams,
+    skipped_stages,
 )
 from thumbnet_keras.pipeline.options import option_name
 from thumbnet_keras.pipeline.resolve import run_inputs
@@ -659,8 +660,9 @@ def check_finished_run(run_dir: str) -> Run:
     """A `thumbnet` run folder whose every stage finished (`evaluate`,
     `report`)."""
     run, config = _run_config(run_dir)
-    # A run with fm_epochs 0 (the default) skips fm_pretrain: it writes no record.
-    kept = [s for s in stages() if s != "fm_pretrain" or config.get("fm_epochs", 1)]
+    # A stage a run does not have (fm_epochs 0, the default) writes no record.
+    skip = skipped_stages(config)
+    kept = [s for s in stages() if s not in skip]
     wanted = ["teacher"] + [f"f{f}-{s}" for f in config["factors"] for s in kept]
     missing = [sid for sid in wanted if not run.is_done(sid)]
     if missing or not run.data_json.is_file():

@@ -15,8 +15,8 @@ user's own configuration decide where it shows):
 
 (the stage modules add their own lines between these, e.g. BatchNorm
 re-estimation). The stage count comes from the run's config: the teacher,
-then every stage of `STAGES` per factor (fm_pretrain only when `fm_epochs` >
-0). In a terminal Keras draws its progress bar as well
+then every stage of `STAGES` per factor (e_pretrain only when
+`e_pretrain_epochs` > 0, fm_pretrain only when `fm_epochs` > 0). In a terminal Keras draws its progress bar as well
 (`keras_verbose`); piped, the epoch line above is the only per-epoch output.
 
 `format_summary(metrics)` (and `run_summary(run_dir)`, which reads the run's
@@ -31,9 +31,11 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import keras
+
+from thumbnet_keras.pipeline.config import skipped_stages
 
 __all__ = [
     "EpochProgress",
@@ -43,6 +45,7 @@ __all__ = [
     "logger",
     "run_stage_ids",
     "run_summary",
+    "skipped_stages",
     "stage_done",
     "stage_label",
     "stage_started",
@@ -52,12 +55,12 @@ __all__ = [
 logger = logging.getLogger("thumbnet_keras.progress")
 
 
-def run_stage_ids(factors: Sequence[int], fm_pretrain: bool = True) -> list[str]:
-    """The stage ids of a `thumbnet` run, in the order they run
-    (`fm_pretrain=False`: a run with `fm_epochs=0`, which skips that stage)."""
+def run_stage_ids(factors: Sequence[int], skip: Collection[str] = ()) -> list[str]:
+    """The stage ids of a `thumbnet` run, in the order they run, without the
+    stages in `skip` (`skipped_stages`)."""
     from thumbnet_keras.pipeline.stages import STAGES, stage_id
 
-    stages = [s for s in STAGES if fm_pretrain or s != "fm_pretrain"]
+    stages = [s for s in STAGES if s not in skip]
     return ["teacher"] + [stage_id(f, s) for f in factors for s in stages]
 
 
@@ -69,10 +72,10 @@ def _title(sid: str) -> str:
     return sid
 
 
-def stage_label(factors: Sequence[int], sid: str, fm_pretrain: bool = True) -> str:
+def stage_label(factors: Sequence[int], sid: str, skip: Collection[str] = ()) -> str:
     """`[3/13] fm_pretrain f=2`: the stage's place in the run and its name
-    (`fm_pretrain` as in `run_stage_ids`)."""
-    ids = run_stage_ids(factors, fm_pretrain)
+    (`skip` as in `run_stage_ids`)."""
+    ids = run_stage_ids(factors, skip)
     if sid not in ids:
         return f"[{_title(sid)}]"
     return f"[{ids.index(sid) + 1}/{len(ids)}] {_title(sid)}"
@@ -105,9 +108,9 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def stage_started(factors: Sequence[int], sid: str, fm_pretrain: bool = True) -> None:
+def stage_started(factors: Sequence[int], sid: str, skip: Collection[str] = ()) -> None:
     """Logs `[3/13] fm_pretrain f=2`: a stage starts (or is found done)."""
-    logger.info(stage_label(factors, sid, fm_pretrain))
+    logger.info(stage_label(factors, sid, skip))
 
 
 def stage_done(run, sid: str, record: Mapping) -> None:
@@ -119,8 +122,7 @@ def stage_done(run, sid: str, record: Mapping) -> None:
         record: the stage record (`seconds`, `selection`, `unavailable`).
     """
     config = run.config()["config"]
-    fm_pretrain = config.get("fm_epochs", 1) > 0
-    text = f"{stage_label(config['factors'], sid, fm_pretrain)}: "
+    text = f"{stage_label(config['factors'], sid, skipped_stages(config))}: "
     if record.get("unavailable"):
         text += "unavailable"
     else:
@@ -146,7 +148,7 @@ class EpochProgress(keras.callbacks.Callback):
         epochs: the stage's total epochs (a resumed `fit` starts later).
         factors: the run's factors (for the stage count), or None.
         log: a `logging.Logger` (default: `thumbnet_keras.progress`).
-        fm_pretrain: whether the run has an fm_pretrain stage (for the count).
+        skip: the stages the run does not have (`skipped_stages`; for the count).
     """
 
     def __init__(
@@ -155,10 +157,10 @@ class EpochProgress(keras.callbacks.Callback):
         epochs: int,
         factors: Sequence[int] | None = None,
         log: logging.Logger | None = None,
-        fm_pretrain: bool = True,
+        skip: Collection[str] = (),
     ):
         super().__init__()
-        self.label = stage_label(factors or [], sid, fm_pretrain)
+        self.label = stage_label(factors or [], sid, skip)
         self.epochs = int(epochs)
         self.log = log or logger
         self.durations: list[float] = []

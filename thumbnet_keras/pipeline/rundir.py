@@ -422,6 +422,37 @@ def changed_inputs(saved: dict | None, inputs: dict | None) -> list[str]:
     )
 
 
+def _with_current_fields(config: dict, kind: str | None) -> dict:
+    """A saved `thumbnet` config with the fields added since it was saved,
+    at the values that mean what the run did (`RunConfig.from_json`); other
+    kinds, or a config that no longer validates, as saved."""
+    if kind != "thumbnet":
+        return config
+    from pydantic import ValidationError
+
+    from thumbnet_keras.pipeline.config import RunConfig
+
+    try:
+        return RunConfig.from_json(config).to_json()
+    except (ValidationError, TypeError, ValueError):
+        return config
+
+
+def _differences_text(keys: list[str], old: dict, new: dict) -> str:
+    """`e_pretrain_epochs (saved 0, now 2), seed (saved 0, now 1)`; long
+    values are named without them."""
+
+    def short(value):
+        text = repr(value)
+        return text if len(text) <= 40 else None
+
+    parts = []
+    for key in keys:
+        a, b = short(old.get(key)), short(new.get(key))
+        parts.append(f"{key} (saved {a}, now {b})" if a and b else key)
+    return ", ".join(parts)
+
+
 def check_claimable(
     path: str | os.PathLike, config: dict, kind: str, inputs: dict | None = None
 ) -> bool:
@@ -441,7 +472,8 @@ def check_claimable(
         )
     if run.config_json.is_file():
         saved = run.config()
-        keys = config_differences(saved.get("config", {}), config)
+        old = _with_current_fields(saved.get("config", {}), saved.get("kind"))
+        keys = config_differences(old, config)
         same = saved.get("kind") == kind and not keys
         changed = changed_inputs(saved.get("inputs"), inputs)
         if not (same and not changed) and is_unstarted(run.path):
@@ -450,7 +482,8 @@ def check_claimable(
             raise ConfigError(
                 f"Run folder {str(run.path)!r} already holds a {saved.get('kind')!r} "
                 f"run with a different configuration (differs in: "
-                f"{', '.join(keys) or 'kind'}). Its outputs are left untouched: "
+                f"{_differences_text(keys, old, config) or 'kind'}). Its outputs "
+                "are left untouched: "
                 "choose another run name, or rerun with the same settings to resume."
             )
         if changed:

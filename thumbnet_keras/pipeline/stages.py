@@ -9,10 +9,15 @@
   - `"teacher_bicubic_bn"`: no training: S = T's weights at thumbnail size
     with its BatchNorm statistics re-estimated on bicubic thumbnails of train
     images (the cheap fix practitioners try first);
+  - `"e_pretrain"`: E alone, trained through the frozen teacher: the
+    teacher reads E's thumbnail scaled back up to full size, with CL + KD
+    (`models.DownscalerPretrainer`; not run when `e_pretrain_epochs` is 0);
+    not in the paper (docs/design.md);
   - `"fm_pretrain"`: ThumbNet stage 1, E and S with FM + MM (no labels; not
     run when `fm_epochs` is 0, the default);
   - `"joint"`: ThumbNet stage 2, CL + KD (+ FM + MM by their weights), from
-    stage 1's weights, or from T's when stage 1 did not run;
+    stage 1's weights, or from T's (S) and e_pretrain's or a fresh E when
+    stage 1 did not run;
   - `"bicubic_cl"`: the bicubic baseline: S (initialized from T) trained on
     bicubic thumbnails with CL only, for ThumbNet's whole epoch budget (the
     "retrain at low resolution" a practitioner would try first);
@@ -70,6 +75,7 @@ __all__ = [
 
 STAGES = (
     "teacher_bicubic_bn",
+    "e_pretrain",
     "fm_pretrain",
     "joint",
     "bicubic_cl",
@@ -204,7 +210,7 @@ def _fit(model, config, prepared, run, sid, epochs, verbose, labels=True):
             log=_log,
             callbacks=[
                 progress.EpochProgress(
-                    sid, epochs, config.factors, fm_pretrain=config.fm_epochs > 0
+                    sid, epochs, config.factors, skip=progress.skipped_stages(config)
                 )
             ],
             validation_data=validation,
@@ -301,7 +307,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
         prepared = {**prepared, "normalization": "raw"}
     write_json(run.data_json, prepared)
     sid = "teacher"
-    progress.stage_started(config.factors, sid, config.fm_epochs > 0)
+    progress.stage_started(config.factors, sid, progress.skipped_stages(config))
     if run.is_done(sid):  # A failed teacher fails a rerun too.
         return _teacher_checked(_skip(run, sid))
     shape, classes = _image_shape(config), prepared["num_classes"]
@@ -533,7 +539,7 @@ def _recorded_width(run: Run, factor: int, auto_width) -> int:
     if record.is_file():
         return int(read_json(record)["width"])
     width, source = None, "auto_downscaler_width"
-    for stage in ("fm_pretrain", "joint"):
+    for stage in ("e_pretrain", "fm_pretrain", "joint"):
         saved = run.stage_dir(stage_id(factor, stage)) / "downscaler.keras"
         if run.is_done(stage_id(factor, stage)) and saved.is_file():
             e = keras.saving.load_model(str(saved), compile=False)
@@ -590,6 +596,38 @@ def _equal_cost(
     return equal_cost_size(teacher, factor, target, _value_range(prepared))
 
 
+def _train_e_pretrain(run: Run, config: RunConfig, prepared: dict, factor: int,
+                      teacher, student, verbose) -> dict:  # fmt: skip
+    """`e_pretrain`: E alone through the frozen teacher
+    (`models.DownscalerPretrainer`), CL + KD by the run's weights; keeps the
+    epoch of best validation top-1 of the teacher on E's up-scaled
+    thumbnails, and saves E (`downscaler.keras`) for the next stage."""
+    from thumbnet_keras.models.downscaler_pretrainer import DownscalerPretrainer
+
+    sid = stage_id(factor, "e_pretrain")
+    downscaler = build_run_downscaler(config, prepared, factor, student, teacher, run)
+    model = DownscalerPretrainer(
+        teacher,
+        downscaler,
+        temperature=config.temperature,
+        cl_weight=config.cl_weight,
+        kd_weight=config.kd_weight,
+        label_smoothing=config.label_smoothing,
+        value_range=_value_range(prepared),
+    )
+    model.build((None, *_image_shape(config)))
+    epochs = config.e_pretrain_epochs
+    _compile(model, config, prepared, "e_pretrain", epochs)
+    _log(f"[{sid}] training E for {epochs} epochs through the frozen teacher")
+    fit = _fit(model, config, prepared, run, sid, epochs, verbose)
+    health = _health(config, prepared, model, fit)
+    out = run.stage_dir(sid)
+    paths = {"downscaler": save_keras(downscaler, out / "downscaler.keras")}
+    record = {"stage": "e_pretrain", "factor": factor, "id": sid, "paths": paths,
+              **fit, "health": health}  # fmt: skip
+    return _finish(run, sid, record)
+
+
 @run_compute  # the run's precision and distribution
 @default_seed_scope()  # Keras' default seeds from the run's seed, then back
 def train_stage(
@@ -613,14 +651,15 @@ def train_stage(
         raise ConfigError(f"Unknown stage {stage!r}; stages: {', '.join(STAGES)}.")
     run, config = load_run(run_dir)
     sid = stage_id(factor, stage)
-    if stage == "fm_pretrain" and config.fm_epochs == 0:
+    off = {"e_pretrain": "e_pretrain_epochs", "fm_pretrain": "fm_epochs"}.get(stage)
+    if off and getattr(config, off) == 0:
         # Not a stage of this run (nor counted in its "[k/N]" labels); no
-        # record: `joint` then starts from the teacher's weights, with S's
-        # BatchNorm re-estimated on thumbnails.
-        _log(f"[{sid}] not run (fm_epochs=0)")
+        # record: the next stage starts E from bicubic (e_pretrain) or S
+        # from the teacher's weights (fm_pretrain).
+        _log(f"[{sid}] not run ({off}=0)")
         return {"stage": stage, "factor": factor, "id": sid, "epochs": 0,
-                "not_run": "fm_epochs=0"}  # fmt: skip
-    progress.stage_started(config.factors, sid, config.fm_epochs > 0)
+                "not_run": f"{off}=0"}  # fmt: skip
+    progress.stage_started(config.factors, sid, progress.skipped_stages(config))
     if run.is_done(sid):
         return _skip(run, sid)
     prepared = run.data()
@@ -647,13 +686,29 @@ def train_stage(
     else:
         downscaler = bicubic_downscaler(shape, factor, value_range=value_range)
         student = make_student(teacher, factor)
+    if stage == "e_pretrain":
+        return _train_e_pretrain(
+            run, config, prepared, factor, teacher, student, verbose
+        )
+    # E trained through the teacher (e_pretrain) starts fm_pretrain, or joint
+    # when fm_pretrain did not run; S's statistics are then re-estimated on
+    # its thumbnails.
+    pretrained_e = None
+    pre = stage_id(factor, "e_pretrain")
+    if stage == "fm_pretrain" or (
+        stage == "joint" and not run.is_done(stage_id(factor, "fm_pretrain"))
+    ):
+        if run.is_done(pre):
+            pretrained_e = _load(run.stage_dir(pre) / "downscaler.keras")
     fresh = load_checkpoint(run.checkpoint_dir(sid)) is None
     starts_from_teacher = stage in _FROM_TEACHER or (
         stage == "joint" and not run.is_done(stage_id(factor, "fm_pretrain"))
     )
     if stage == "teacher_bicubic_bn" or (starts_from_teacher and fresh):
         # On a resume the checkpoint holds S's statistics already.
-        extra["bn"] = reestimate_student_bn(config, prepared, downscaler, student)
+        extra["bn"] = reestimate_student_bn(
+            config, prepared, pretrained_e or downscaler, student
+        )
         _log(f"[{sid}] BatchNorm re-estimated: {extra['bn']}")
     if stage == "teacher_bicubic_bn":
         from thumbnet_keras.pipeline.evaluate import compose
@@ -669,7 +724,7 @@ def train_stage(
 
     if stage in ("fm_pretrain", "joint"):
         epochs = config.fm_epochs if stage == "fm_pretrain" else config.joint_epochs
-        downscaler = build_run_downscaler(
+        downscaler = pretrained_e or build_run_downscaler(
             config, prepared, factor, student, teacher, run
         )
         model = _trainer(config, teacher, downscaler, student, stage)
