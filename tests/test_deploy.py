@@ -135,6 +135,37 @@ def test_int8_model_takes_raw_uint8_pixels(trained):
     assert sidecar["models"]["thumbnet.onnx"] == "onnx"
 
 
+def test_int8_input_is_the_pixel_for_a_raw_pixel_run(tmp_path):
+    """A run whose teacher takes raw [0, 255] pixels (normalization "raw",
+    e.g. every applications:/keras_hub: teacher) has no normalization
+    layer; its int8 input must still be the pixel itself (scale 1, zero
+    point 0). Calibrated on sharp-edged images, where E's bicubic branch
+    overshoots [0, 255], the input without `pixel_range` got scale 1.08,
+    zero point 8."""
+    import keras
+
+    from thumbnet_keras.data.pipeline import raw_pixel_model
+    from thumbnet_keras.layers.downscaler import build_downscaler
+    from thumbnet_keras.models import backbones
+    from thumbnet_keras.models.student import make_student
+
+    teacher = backbones.build("tiny_cnn", (32, 32, 1), 2, widths=(4,))
+    e = build_downscaler((32, 32, 1), 2, width=4, value_range=(0.0, 255.0))
+    model = raw_pixel_model([e, make_student(teacher, 2)], "raw", 1, "thumbnet")
+    assert model.layers[1].name == "pixel_range"
+    rng = np.random.default_rng(0)
+    images = np.where(rng.random((40, 4, 4, 1)) < 0.5, 0.0, 255.0).astype("float32")
+    images = np.repeat(np.repeat(images, 8, axis=1), 8, axis=2)  # 8x8 blocks
+    np.testing.assert_array_equal(  # the identity on pixels
+        keras.ops.convert_to_numpy(model.layers[1](images)), images
+    )
+    path = str(tmp_path / "raw.keras")
+    model.save(path)
+    out = deploy.export_model(path, "litert_int8", representative=images)
+    q = deploy.load_runner(out).quantization["input"]
+    assert (q["scale"], q["zero_point"]) == (pytest.approx(1.0), 0)
+
+
 def test_converter_runs_without_thumbnet_keras(trained, tmp_path):
     """The converter script, run as a user would, never imports the package."""
     run_dir, _, _, _ = trained

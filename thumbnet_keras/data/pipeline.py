@@ -135,17 +135,25 @@ def value_range(normalization: str) -> tuple[float, float] | None:
 
 def raw_pixel_model(models, normalization: str, channels: int, name: str):
     """`pixels [0, 255] -> normalization_layer(normalization) -> models[0] ->
-    models[1] ...` as one Functional model of built-in layers (the layer is
-    left out for "raw"): a model trained on `make_dataset(...,
-    normalization=normalization)` batches that takes raw pixels (uint8 or
-    float) at the size of `models[0]`'s input.
+    models[1] ...` as one Functional model of built-in layers: a model
+    trained on `make_dataset(..., normalization=normalization)` batches that
+    takes raw pixels (uint8 or float) at the size of `models[0]`'s input.
+
+    For "raw" the first layer is `ReLU(max_value=255)` (`pixel_range`), the
+    identity on pixels: without a layer of its own in front, LiteRT's int8
+    quantizer gives the input tensor the scale of the first ops it feeds
+    (E's space-to-depth and its concatenation with the bicubic thumbnail,
+    whose range overshoots [0, 255] at edges), so the uint8 input would not
+    be the pixel itself (scale 1.08, zero point 8 on a run's images).
     """
     import keras
 
     shape = tuple(models[0].inputs[0].shape[1:])
     pixels = keras.Input(shape, name="pixels")
     x = pixels
-    if normalization != "raw":
+    if normalization == "raw":
+        x = keras.layers.ReLU(max_value=255.0, name="pixel_range")(x)
+    else:
         x = normalization_layer(normalization, channels)(x)
     for model in models:
         x = model(x)
