@@ -55,6 +55,12 @@ def world(tmp_path_factory) -> Path:
     for folder in ("one_class/a", "splits/train/a", "splits/train/b"):
         (root / folder).mkdir(parents=True)
         shutil.copy(next((root / "brightness" / "bright").iterdir()), root / folder)
+    # One class folder and no `classes` list: one class, refused up front.
+    (root / "single.yaml").write_text(
+        f"name: single\ndescription: test\nlicense: CC0\n"
+        f"source: {{type: image_folder, root: '{root}/one_class'}}\n"
+        "image: {height: 40, width: 40, channels: 1}\n"
+    )
     (root / "fake.keras").write_text("this is a text file, not a model\n")
     (root / "bad_yaml.yaml").write_text(
         "name: x\nsource: {type: image_folder, root: [a\n"
@@ -139,6 +145,9 @@ CASES = [
      "image folder '{root}/gone' not found"),
     ("class-folder", [*TRAIN[:1], "--dataset", "{root}/one_class.yaml", "--runs-dir", "{root}/runs"],
      "no image for class 'b'"),
+    ("single-class", [*TRAIN[:1], "--dataset", "{root}/single.yaml", "--runs-dir", "{root}/runs"],
+     "a classifier needs at least 2 classes; image folder '{root}/one_class' has 1 "
+     "class folder(s) with images ('a')"),
     ("split-folder", [*TRAIN[:1], "--dataset", "{root}/splits.yaml", "--runs-dir", "{root}/runs"],
      "split folder '{root}/splits/val' (test) not found"),
     ("weight", [*TRAIN, "--kd-weight", "-1"], "--kd-weight -1.0: must be >= 0.0"),

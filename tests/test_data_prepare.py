@@ -185,9 +185,10 @@ def test_a_half_written_index_is_never_trusted(tmp_path):
 
 def test_empty_split_fails_with_clear_message(tmp_path):
     root = tmp_path / "src"
-    for name, (status, _) in write_bad_files(root / "cat").items():
-        if status == "converted":
-            os.remove(root / "cat" / name)
+    for folder in ("cat", "dog"):  # two classes (one is refused first)
+        for name, (status, _) in write_bad_files(root / folder).items():
+            if status == "converted":
+                os.remove(root / folder / name)
     with pytest.raises(data.PrepareError, match="split 'train' has no usable example"):
         data.prepare(folder_manifest(root), tmp_path / "out")
     assert os.path.isfile(tmp_path / "out" / "quarantine.failed.json")
@@ -219,8 +220,30 @@ def test_declared_class_without_examples_fails(tmp_path):
     manifest = folder_manifest(tmp_path / "src").model_copy(
         update={"classes": ["cat", "dog", "emu"]}
     )
-    with pytest.raises(data.PrepareError, match=r"\['emu'\] have no usable example"):
+    with pytest.raises(
+        data.PrepareError,
+        match=r"declared class\(es\) 'emu' \(no image\) have no usable",
+    ):
         data.prepare(manifest, tmp_path / "out")
+
+
+def test_a_class_folder_whose_files_all_fail_is_named_not_dropped(tmp_path):
+    """A class folder of undecodable files used to vanish from the class
+    list (a 2-class model from 3 folders, health "ok")."""
+    root = make_image_folder(tmp_path / "src", with_bad=False)
+    (root / "emu").mkdir()
+    for i in range(3):
+        (root / "emu" / f"e{i}.png").write_text("not an image")
+    with pytest.raises(
+        data.PrepareError, match=r"class folder\(s\) 'emu' \(3 not_an_image\) have no"
+    ):
+        data.prepare(folder_manifest(root), tmp_path / "out")
+
+
+def test_one_class_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "src", classes=("cat",), with_bad=False)
+    with pytest.raises(data.PrepareError, match=r"at least 2 classes.*has 1 \('cat'\)"):
+        data.prepare(folder_manifest(root), tmp_path / "out")
 
 
 def test_duplicates_across_splits_are_reported(tmp_path):

@@ -380,8 +380,16 @@ def prepare(
         decoded += did_decode
 
     if not is_tfds:
+        # Every class folder is a class, also one whose files all fail to
+        # decode: it is reported below instead of silently dropped.
         class_names = manifest.classes or sorted(
-            {r["label_name"] for r in rows if r["status"] != QUARANTINED}
+            {r["label_name"] for r in rows if r["label_name"]}
+        )
+    if len(class_names) < 2:
+        raise PrepareError(
+            f"{manifest.name}: a classifier needs at least 2 classes, the data has "
+            f"{len(class_names)} ({', '.join(map(repr, class_names)) or 'none'}). "
+            "An image folder needs one sub-folder per class: <root>/<class>/<image>."
         )
     label_of = {name: i for i, name in enumerate(class_names)}
     for r in rows:
@@ -444,17 +452,29 @@ def prepare(
     # (extrapolated) for ImageNet's 1.28 M rows and 1,000 classes.
     by_split_class = Counter((r["split"], r["label"]) for r in usable)
     empty = [name for i, name in enumerate(class_names) if per_class[i] == 0]
-    if empty and manifest.classes:
-        # Classes declared in the manifest must exist. Classes taken from a
-        # TFDS ClassLabel may legitimately be absent from a limited run; they
-        # are listed in the summary's `empty_classes` instead.
+    if empty and (manifest.classes or not is_tfds):
+        # Classes declared in the manifest, or found as folders, must have
+        # images. Classes taken from a TFDS ClassLabel may legitimately be
+        # absent from a limited run; they are listed in the summary's
+        # `empty_classes` instead.
         idx.write_json(failed_report, report)
-        shown = (
-            empty if len(empty) <= 10 else empty[:10] + [f"... {len(empty) - 10} more"]
+        reasons = Counter(
+            (r["label_name"], r["reason"])
+            for r in quarantined
+            if r["label_name"] in empty
         )
+
+        def why(name):
+            found = [f"{n} {reason}" for (c, reason), n in reasons.items() if c == name]
+            return f"{name!r} ({', '.join(found) or 'no image'})"
+
+        shown = [why(name) for name in empty[:10]]
+        if len(empty) > 10:
+            shown.append(f"and {len(empty) - 10} more")
+        kind = "declared class(es)" if manifest.classes else "class folder(s)"
         raise PrepareError(
-            f"{manifest.name}: declared class(es) {shown} have no usable example "
-            f"(see {failed_report})"
+            f"{manifest.name}: {kind} {', '.join(shown)} have no usable example; "
+            f"fix or remove those files, or the class (see {failed_report})"
         )
 
     columns = {name: [r.get(name) for r in rows] for name in idx.INDEX_SCHEMA.names}

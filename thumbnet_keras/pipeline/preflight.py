@@ -175,6 +175,22 @@ def _check_image_folder(manifest, root: Path, name: str) -> None:
                 f"{name}: split folder {str(folders[-1])!r} ({split}) not found. "
                 "Fix `source.split_dirs` in the manifest."
             )
+    if not manifest.classes:  # The class folders are the classes.
+        found = sorted(
+            {
+                d.name
+                for folder in folders
+                for d in folder.iterdir()
+                if d.is_dir() and d.name[0] != "." and _has_image(d, extensions)
+            }
+        )
+        if len(found) < 2:
+            raise ConfigError(
+                f"{name}: a classifier needs at least 2 classes; image folder "
+                f"{str(root)!r} has {len(found)} class folder(s) with images "
+                f"({', '.join(map(repr, found)) or 'none'}). Expected one "
+                "sub-folder per class: <root>/<class_name>/<image>."
+            )
     missing = [
         c
         for c in manifest.classes or ()
