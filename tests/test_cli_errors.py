@@ -73,6 +73,8 @@ def world(tmp_path_factory) -> Path:
         "image: {height: 40, width: 40, channels: 3}\n"
     )
     (root / "a_file").write_text("x")
+    (root / "m.onnx").write_text("x")  # a model path predict's checks accept
+    (root / "dir.csv").mkdir()
     # The same image folder without a `classes` list (the documented
     # default): the class folders give the count before anything is read.
     (root / "folders.yaml").write_text(
@@ -220,12 +222,22 @@ CASES = [
      "--seed [1, 1]: seeds must be distinct"),
     ("predict-text-keras", ["predict", "--model", "{root}/fake.keras", "{root}/nope"],
      "is not a Keras archive"),
-    ("predict-nothing", ["predict", "--model", "{root}/a_file", "{root}/nope"],
+    ("predict-nothing", ["predict", "--model", "{root}/m.onnx", "{root}/nope"],
      "Nothing to classify ('{root}/nope': not found)"),
     ("predict-model", ["predict", "--model", "{root}/nope.onnx", "{root}/a_file"],
      "--model '{root}/nope.onnx': not found"),
-    ("predict-top-k", ["predict", "--model", "{root}/a_file", "{root}/a_file", "--top-k", "0"],
+    ("predict-not-a-model", ["predict", "--model", "{root}/a_file", "{root}/a_file"],
+     "--model: Unknown model format '{root}/a_file': expected a .keras, .onnx or .tflite"),
+    ("predict-top-k", ["predict", "--model", "{root}/m.onnx", "{root}/a_file", "--top-k", "0"],
      "--top-k 0: must be >= 1"),
+    # --output is checked before the model is loaded or any image classified.
+    ("predict-output-suffix", ["predict", "--model", "{root}/m.onnx", "{root}/a_file",
+                               "--output", "{root}/p.txt"],
+     "--output '{root}/p.txt': must end in .csv or .json."),
+    ("predict-output-folder", ["predict", "--model", "{root}/m.onnx", "{root}/a_file",
+                               "--output", "{root}/dir.csv"], "is a folder; give a file name"),
+    ("predict-output-proc", ["predict", "--model", "{root}/m.onnx", "{root}/a_file",
+                             "--output", "/proc/x.csv"], "--output's folder '/proc' is not writable"),
     ("keras-backend", ["train", "--batch-size", "8"], "KERAS_BACKEND='tensorflw' is not a Keras backend"),
     # argparse's own errors: one line too, not the 33-line usage first.
     ("choice", [*TRAIN, "--precision", "float64"], "argument --precision: invalid choice: 'float64'"),

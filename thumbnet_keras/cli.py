@@ -479,12 +479,12 @@ def _predict(args: argparse.Namespace) -> int:
 
     try:
         preflight.check_backend()
-        preflight.check_predict(args.model, args.inputs, args.top_k)
+        preflight.check_predict(args.model, args.inputs, args.top_k, args.output)
         import_backend_quietly(quiet=not getattr(args, "verbose", 0))
         result = predict(args.model, args.inputs, top_k=args.top_k)
         if args.output:
             write_predictions(result, args.output)
-    except ValueError as err:  # A bad model, sidecar or option.
+    except (ValueError, OSError) as err:  # A bad model, sidecar, option or output.
         print(f"thumbnet: error: {err}", file=sys.stderr)
         return 2
     # Each skipped file was reported once, as it was met (`predict` logs

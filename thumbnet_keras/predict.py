@@ -198,17 +198,26 @@ def write_predictions(result: dict, path: str | os.PathLike) -> str:
     if suffix not in (".json", ".csv"):
         raise ValueError(f"--output must end in .csv or .json, received {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".json":
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        return str(path)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "rank", "class", "probability", "error"])
-        for row in result["predictions"]:
-            for rank, item in enumerate(row["top"], 1):
-                writer.writerow(
-                    [row["file"], rank, item["class"], f"{item['probability']:.6f}", ""]
-                )
-        for row in result["skipped"]:
-            writer.writerow([row["file"], "", "", "", row["reason"]])
+    # Written beside, then renamed over: an earlier file is replaced whole
+    # or not at all.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            if suffix == ".json":
+                f.write(json.dumps(result, indent=2) + "\n")
+            else:
+                writer = csv.writer(f)
+                writer.writerow(["file", "rank", "class", "probability", "error"])
+                for row in result["predictions"]:
+                    for rank, item in enumerate(row["top"], 1):
+                        writer.writerow(
+                            [row["file"], rank, item["class"],
+                             f"{item['probability']:.6f}", ""]
+                        )  # fmt: skip
+                for row in result["skipped"]:
+                    writer.writerow([row["file"], "", "", "", row["reason"]])
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return str(path)

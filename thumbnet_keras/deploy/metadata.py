@@ -127,8 +127,10 @@ def read_sidecar(model_path: str | os.PathLike, sidecar: str | None = None) -> d
         record = json.loads(path.read_text())
     except FileNotFoundError:
         raise SidecarError(
-            f"{path} not found: export the model with `thumbnet export` (it "
-            f"writes {SIDECAR} beside the model), or pass its sidecar."
+            f"{path} not found: {SIDECAR} beside a model names its classes and "
+            "input. Export the model with `thumbnet export` (it writes one "
+            "there), or copy the run's export folder's file beside it (Python "
+            "API: `predict(..., sidecar=path)`)."
         ) from None
     except (OSError, ValueError) as err:
         raise SidecarError(f"{path} is not readable JSON: {err}") from None

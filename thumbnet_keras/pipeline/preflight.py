@@ -806,17 +806,39 @@ def check_backend() -> None:
         )
 
 
-def check_predict(model: str, inputs: list[str], top_k: int = 5) -> None:
-    """`thumbnet predict`'s model file and inputs, before a model is loaded:
-    a `.keras` model is a Keras archive, and the inputs name at least one file."""
+def _check_output_file(path: str, option: str, suffixes: tuple[str, ...]) -> None:
+    """`path` ends in one of `suffixes`, is not a folder, and its folder can
+    be written (made later if missing)."""
+    if not path.lower().endswith(suffixes):
+        raise ConfigError(f"{option} {path!r}: must end in {' or '.join(suffixes)}.")
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ConfigError(f"{option} {path!r} is a folder; give a file name.")
+    _check_writable(str(target.absolute().parent), f"{option}'s folder")
+
+
+def check_predict(
+    model: str, inputs: list[str], top_k: int = 5, output: str | None = None
+) -> None:
+    """`thumbnet predict`'s model file, inputs and output, before a model is
+    loaded: the model is a format predict runs (a `.keras` one a Keras
+    archive), the inputs name at least one file, and `output` is a `.csv` or
+    `.json` file that can be written."""
+    from thumbnet_keras.deploy.runtime import model_kind
     from thumbnet_keras.predict import collect_files
 
     if not os.path.exists(model):
         raise ConfigError(f"--model {model!r}: not found.")
+    try:
+        model_kind(model)
+    except ValueError as err:
+        raise ConfigError(f"--model: {err}") from None
     if model.endswith(".keras") and os.path.isfile(model):
         keras_archive_shape(model, "--model")
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be >= 1.")
+    if output is not None:
+        _check_output_file(output, "--output", (".csv", ".json"))
     files, errors = collect_files(inputs)
     if not files:
         reasons = {"not_found": "not found", "no_images_in_folder": "no image in it"}
