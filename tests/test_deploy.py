@@ -166,6 +166,35 @@ def test_int8_input_is_the_pixel_for_a_raw_pixel_run(tmp_path):
     assert (q["scale"], q["zero_point"]) == (pytest.approx(1.0), 0)
 
 
+def test_export_refuses_a_folder_whose_sidecar_describes_other_models(
+    trained, tmp_path
+):
+    """Exporting into a folder that holds another run's model and sidecar
+    (other classes) used to rewrite the sidecar: the other model then
+    refused to load, or got this run's class names."""
+    from thumbnet_keras.pipeline import ConfigError
+
+    run_dir, _, exported, _ = trained
+    folder = tmp_path / "shared"
+    deploy.write_sidecar(
+        folder, class_names=["cat", "dog", "emu"], input_size=(32, 32), channels=3,
+        normalization="none", models={"other.tflite": "litert"},
+    )  # fmt: skip
+    (folder / "other.tflite").write_bytes(b"model")
+    before = (folder / "thumbnet_model.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"describes other models in that folder "
+                       r"\(other.tflite: 3 classes \['cat', 'dog', 'emu'\]"):  # fmt: skip
+        pipeline.export_model(
+            exported["thumbnet"], "onnx", str(folder / "m.onnx"), run_dir=run_dir
+        )
+    assert (folder / "thumbnet_model.json").read_bytes() == before
+    assert not (folder / "m.onnx").exists()
+    # Replacing the very file the old sidecar lists is not a conflict.
+    from thumbnet_keras.pipeline.export import check_sidecar_folder
+
+    check_sidecar_folder(run_dir, folder, {"other.tflite"})
+
+
 def test_converter_runs_without_thumbnet_keras(trained, tmp_path):
     """The converter script, run as a user would, never imports the package."""
     run_dir, _, _, _ = trained

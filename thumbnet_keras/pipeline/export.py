@@ -9,6 +9,7 @@ and `thumbnet_model.json` (class names, input size, channels, normalization).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -91,14 +92,58 @@ def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
     return images
 
 
-def _write_sidecar(run_dir: str, folder, models: dict, quantization=None) -> str:
+def _described(run_dir: str) -> dict:
+    """What the sidecar of `run_dir`'s exported models says of them."""
     _, prepared, size, channels = _input(run_dir)
+    return {
+        "class_names": [str(c) for c in prepared["class_names"]],
+        "input_size": [size, size],
+        "channels": channels,
+        "normalization": "none",  # thumbnet.keras takes raw pixels
+    }
+
+
+def check_sidecar_folder(run_dir: str, folder, writing: set[str]) -> None:
+    """Refuses (`ConfigError`) to export into a folder whose sidecar
+    describes other models (other classes, input or normalization) that are
+    still there: rewriting it would give them this run's class names, or
+    make them refuse to load. The files in `writing` are replaced anyway."""
+    from thumbnet_keras.pipeline.config import ConfigError
+
+    path = Path(folder) / deploy.SIDECAR
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(old, dict):
+        return
+    new = _described(run_dir)
+    if all(old.get(k) == v for k, v in new.items()):
+        return
+    others = sorted(
+        name
+        for name in old.get("models") or {}
+        if name not in writing and (Path(folder) / name).exists()
+    )
+    if others:
+        classes = old.get("class_names") or []
+        raise ConfigError(
+            f"{path} describes other models in that folder ({', '.join(others)}: "
+            f"{len(classes)} classes {classes[:4]}{'...' if len(classes) > 4 else ''}, "
+            f"input {old.get('input_size')}, from {old.get('source', 'elsewhere')}); "
+            "this run's model differs, and rewriting the file would break them. "
+            "Export into another folder, or move those files away first."
+        )
+
+
+def _write_sidecar(run_dir: str, folder, models: dict, quantization=None) -> str:
+    described = _described(run_dir)
     return deploy.write_sidecar(
         folder,
-        class_names=prepared["class_names"],
-        input_size=(size, size),
-        channels=channels,
-        normalization="none",  # thumbnet.keras takes raw pixels
+        class_names=described["class_names"],
+        input_size=described["input_size"],
+        channels=described["channels"],
+        normalization=described["normalization"],
         models=models,
         quantization=quantization,
         source=str(Path(run_dir).resolve()),
@@ -132,6 +177,9 @@ def export_model(
             f"Unknown format {fmt!r}; choose from {', '.join(FORMAT_SUFFIX)}."
         )
     run_dir = run_dir or find_run_dir(keras_path)
+    if run_dir is not None:
+        target = Path(out_path or deploy.default_output(keras_path, fmt))
+        check_sidecar_folder(run_dir, target.parent, {target.name})
     representative = None
     if fmt == "litert_int8":
         if run_dir is None:
@@ -145,7 +193,9 @@ def export_model(
         quantization = {}
         if fmt == "litert_int8":
             quantization[Path(out).name] = deploy.load_runner(out).quantization
-        models = {Path(out).name: fmt, Path(keras_path).name: "keras"}
+        models = {Path(out).name: fmt}
+        if Path(keras_path).resolve().parent == Path(out).resolve().parent:
+            models[Path(keras_path).name] = "keras"  # only a model in that folder
         _write_sidecar(run_dir, Path(out).parent, models, quantization)
     return out
 
