@@ -156,3 +156,27 @@ def test_saved_model_folder_finds_the_sidecar_beside_it(tmp_path):
     record = deploy.read_sidecar(saved)
     assert record["path"] == str(tmp_path / "thumbnet_model.json")
     assert record["class_names"] == ["a", "b"]
+
+
+def test_cli_predict_prints_no_framework_start_up_lines(tmp_path):
+    """On every backend (TensorFlow is imported for decoding on JAX and torch
+    too): only the predictions and the summary, no oneDNN / CUDA / absl
+    notices from the frameworks' C++ start-up."""
+    import os
+    import subprocess
+    import sys
+
+    model = _brightness_model(tmp_path / "m" / "model.keras")
+    Image.fromarray(np.full((16, 16), 230, np.uint8)).save(tmp_path / "bright.png")
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "thumbnet_keras.cli", "predict", "--model", model,
+         str(tmp_path / "bright.png")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "\tbright " in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "1 classified, 0 of 1 files skipped"
+    ], result.stderr

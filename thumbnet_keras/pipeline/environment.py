@@ -4,6 +4,7 @@ switches that keep the frameworks quiet, set before they are imported."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import platform
@@ -64,6 +65,9 @@ def import_backend_quietly(quiet: bool = True) -> None:
     TensorFlow writes its oneDNN / CUDA-driver / CPU-instruction notices
     before its logging is initialized, so `TF_CPP_MIN_LOG_LEVEL` does not
     reach them; they go to a temporary file here, shown if the import fails.
+    On the JAX and torch backends TensorFlow (tf.data, image decoding) is
+    imported here too when installed, so its notices are hidden the same
+    way instead of appearing at its first use.
     `quiet=False` (the CLI's `-v`): a plain import, every line shown.
     """
     if "keras" in sys.modules:
@@ -75,7 +79,12 @@ def import_backend_quietly(quiet: bool = True) -> None:
     with tempfile.TemporaryFile(mode="w+") as captured:
         try:
             with _stderr_to(captured):
-                import keras  # noqa: F401
+                import keras
+
+                if keras.backend.backend() != "tensorflow" and (
+                    importlib.util.find_spec("tensorflow") is not None
+                ):
+                    import tensorflow  # noqa: F401
         except BaseException:
             captured.seek(0)
             sys.stderr.write(captured.read())
