@@ -78,7 +78,7 @@ def test_agreeing_models_and_balanced_disagreement():
     # The images both get right (or wrong) carry no information on the gap.
     same = paired_difference(*_pair(0, 0, 60, 40))
     assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
-    assert same["p_value"] == 1.0 and verdict(same) == "right on the same images"
+    assert same["p_value"] == 1.0 and verdict(same) == "no disagreement"
     # 5 vs 5 of 50: d = 0, symmetric interval; p = 1.
     even = paired_difference(*_pair(5, 5, 40))
     assert even["ci95"][0] == pytest.approx(-even["ci95"][1])

@@ -280,9 +280,9 @@ def test_headline_and_table_say_whether_the_test_set_tells_them_apart():
          "p_value": 1.0, "a_only": 0, "b_only": 0, "examples": 100},
     ]  # fmt: skip
     assert headline(m).endswith(
-        "(Bicubic + CL): ThumbNet is right on the same 100 test images."
+        "(Bicubic + CL): the two get exactly the same of 100 test images right."
     )
-    assert paired_table(m)[-1]["verdict"] == "right on the same images"
+    assert paired_table(m)[-1]["verdict"] == "no disagreement"
     # A run evaluated before paired comparisons: no clause, no table.
     assert paired_table(_two_factors()) == []
     assert "McNemar" not in render_markdown(_two_factors())

@@ -255,7 +255,7 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
         for suffix in (".yaml", ".yml"):
             if (directory / f"{text}{suffix}").is_file():
                 return directory / f"{text}{suffix}"
-    searched = ", ".join(str(d) for d in manifest_dirs())
+    searched = ", ".join(dict.fromkeys(str(d) for d in manifest_dirs()))
     raise ManifestError(f"no manifest named {text!r} (searched {searched})")
 
 

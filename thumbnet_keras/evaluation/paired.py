@@ -137,10 +137,10 @@ def paired_difference(correct_a, correct_b) -> dict:
 
 def verdict(comparison: dict) -> str:
     """ "ahead", "behind" or "no clear difference": whether the 95% interval
-    of A minus B excludes 0 (the same as McNemar's p < 0.05); "right on the
-    same images" when the two never disagree."""
+    of A minus B excludes 0 (the same as McNemar's p < 0.05); "no
+    disagreement" when the two are right on exactly the same images."""
     if comparison.get("a_only") == 0 and comparison.get("b_only") == 0:
-        return "right on the same images"
+        return "no disagreement"
     low, high = comparison["ci95"]
     if low > 0:
         return "ahead"

@@ -213,9 +213,16 @@ def _check_source(manifest) -> None:
     if source.type == "image_folder":
         root = Path(source.root).expanduser()
         if not root.is_dir():
+            where = ""
+            if not root.is_absolute():  # Read from the working folder.
+                where = (
+                    f" (a relative root is read from the folder thumbnet runs "
+                    f"in, not the manifest's: here {str(root.absolute())!r})"
+                )
             raise ConfigError(
-                f"{name}: image folder {str(root)!r} not found. Fix `source.root` "
-                "in the manifest, or put the class folders there."
+                f"{name}: image folder {str(root)!r} not found{where}. Fix "
+                "`source.root` in the manifest (an absolute path reads the same "
+                "from anywhere), or put the class folders there."
             )
         _check_image_folder(manifest, root, name)
     if source.type == "parquet" and not Path(source.path).expanduser().is_file():

@@ -139,7 +139,7 @@ def _paired_clause(arm: Mapping, versus: str) -> str:
         return ""
     p = found[0]
     if p["a_only"] == p["b_only"] == 0:
-        return f": ThumbNet is right on the same {p['examples']} test images"
+        return f": the two get exactly the same of {p['examples']} test images right"
     low, high = p["ci95"]
     return (
         f": ThumbNet {_points(p['difference'])} points "
