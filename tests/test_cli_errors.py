@@ -424,20 +424,28 @@ def test_a_finished_run_without_fm_pretrain_is_finished(tmp_path):
     from thumbnet_keras.pipeline.preflight import check_finished_run
     from thumbnet_keras.pipeline.stages import STAGES
 
-    def run_folder(name, fm_epochs, done):
+    def run_folder(name, fm_epochs, done, e_pretrain_epochs=0):
         run = tmp_path / name
         (run / "stages").mkdir(parents=True)
         for sid in done:
             (run / "stages" / f"{sid}.json").write_text("{}")
         (run / "data.json").write_text("{}")
-        config = {"factors": [2, 4], "fm_epochs": fm_epochs}
+        config = {"factors": [2, 4], "fm_epochs": fm_epochs,
+                  "e_pretrain_epochs": e_pretrain_epochs}  # fmt: skip
         (run / "config.json").write_text(
             json.dumps({"kind": "thumbnet", "config": config})
         )
         return str(run)
 
-    trained = [f"f{f}-{s}" for f in (2, 4) for s in STAGES if s != "fm_pretrain"]
+    skipped = ("fm_pretrain", "e_pretrain")
+    trained = [f"f{f}-{s}" for f in (2, 4) for s in STAGES if s not in skipped]
     assert check_finished_run(run_folder("default", 0, ["teacher", *trained]))
+    # With the E pre-training stage (the default since it exists), its record
+    # is needed.
+    with pytest.raises(
+        ConfigError, match=r"\(11 of 13 stages done; next: f2-e_pretrain\)"
+    ):
+        check_finished_run(run_folder("e_pre", 0, ["teacher", *trained], 2))
     # With an FM pre-training stage, its record is needed.
     with pytest.raises(
         ConfigError, match=r"\(11 of 13 stages done; next: f2-fm_pretrain\)"
