@@ -50,7 +50,9 @@ DEPLOYMENTS: dict[str, tuple[str, dict]] = {
                 "factors": [2],
                 "image_size": 224,
                 "teacher_epochs": 90,
-                # The paper's recipe at this scale (docs/design.md).
+                # The paper's recipe at this scale (docs/design.md), without
+                # E pre-training through T (chosen on ELPV only).
+                "e_pretrain_epochs": 0,
                 "fm_epochs": 5,
                 "fm_weight": 1.0,
                 "mm_weight": 1.0,
@@ -74,6 +76,7 @@ DEPLOYMENTS: dict[str, tuple[str, dict]] = {
                 "factors": [4],
                 "image_size": 224,
                 "teacher_epochs": 40,
+                "e_pretrain_epochs": 0,
                 "fm_epochs": 5,
                 "fm_weight": 1.0,
                 "mm_weight": 1.0,
