@@ -185,7 +185,7 @@ def test_smoke_run_trains_distributed_in_mixed_precision(tmp_path):
         prepared = pipeline.prepare_dataset({manifest!r}, {runs!r} + "/_data")
         pipeline.get_teacher(run_dir, prepared, verbose=0)
         records = {{s: pipeline.train_stage(run_dir, 2, s, verbose=0)
-                   for s in ("fm_pretrain", "joint")}}
+                   for s in ("e_pretrain", "fm_pretrain", "joint")}}
         model = keras.saving.load_model(
             pipeline.export_run(run_dir)["factors"]["2"]["thumbnet"])
         print(json.dumps({{

@@ -73,6 +73,26 @@ def test_trainer_steps_under_mixed_precision(precision):
     )
 
 
+def test_downscaler_pretrainer_steps_in_mixed_bfloat16():
+    """E alone through the teacher (the e_pretrain stage) in bfloat16: the
+    up-scaled thumbnail and the losses stay finite, variables float32."""
+    from thumbnet_keras.models.downscaler_pretrainer import DownscalerPretrainer
+
+    keras.utils.set_random_seed(0)
+    saved = tiny_teacher()
+    with precision_scope("mixed_bfloat16"):
+        teacher = with_precision(saved, "mixed_bfloat16")
+        e = build_downscaler((16, 16, 3), 2, width=8, value_range=(0.0, 1.0))
+        pre = DownscalerPretrainer(teacher, e, value_range=(0.0, 1.0))
+        pre.compile(optimizer=keras.optimizers.SGD(0.01))
+        x, y = _data()
+        history = pre.fit(x, y, batch_size=4, epochs=1, verbose=0).history
+    for key in ("loss", "cl_loss", "kd_loss"):
+        assert np.isfinite(history[key][-1]), key
+    assert {v.dtype for v in e.variables} == {"float32"}
+    assert e.get_layer("residual_conv").compute_dtype == "bfloat16"
+
+
 def test_with_precision_is_identity_when_already_there():
     model = tiny_teacher()
     assert with_precision(model, "float32") is model

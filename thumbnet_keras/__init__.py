@@ -25,6 +25,7 @@ _LAZY = {
     "backbones": "thumbnet_keras.models.backbones",  # the module itself
     "make_student": "thumbnet_keras.models.student",
     "ThumbNetTrainer": "thumbnet_keras.models.trainer",
+    "DownscalerPretrainer": "thumbnet_keras.models.downscaler_pretrainer",
 }
 
 
@@ -46,6 +47,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "DownscalerPretrainer",
     "ThumbNetTrainer",
     "auto_downscaler_width",
     "backbones",

@@ -140,8 +140,11 @@ class DownscalerPretrainer(keras.Model):
 
     def upscale(self, thumbnail):
         """The thumbnail scaled back up to E's input size (bicubic), clipped
-        to `value_range`."""
-        up = ops.image.resize(thumbnail, self.image_size, interpolation="bicubic")
+        to `value_range`. In float32: TensorFlow's bicubic resize has no
+        gradient in bfloat16 (E would not train under mixed precision)."""
+        up = ops.image.resize(
+            ops.cast(thumbnail, "float32"), self.image_size, interpolation="bicubic"
+        )
         if self.value_range is not None:
             up = ops.clip(up, *self.value_range)
         return up
