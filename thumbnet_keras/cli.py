@@ -3,7 +3,7 @@
     thumbnet demo                       # the whole flow on ELPV, f = 2 and 4
     thumbnet train --dataset elpv --backbone resnet18 --factor 2 --run-name r1
     thumbnet generalize --source-run runs/r1 --experiment fashion_mnist: --experiment :resnet18
-    thumbnet evaluate --run runs/r1     # re-evaluate every arm
+    thumbnet evaluate --run runs/r1     # re-evaluate every arm (evaluation.json)
     thumbnet report --run runs/r1       # rewrite the reports; print the results
     thumbnet export --run runs/r1 --format onnx   # or litert, litert_int8
     thumbnet predict --model runs/r1/thumbnet.onnx photos/ --top-k 3
@@ -158,7 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     add_options(gen, GeneralizeParams, forms=_FORMS)
 
     ev = sub.add_parser(
-        "evaluate", parents=[flags], help="re-evaluate every arm of a run"
+        "evaluate",
+        parents=[flags],
+        help="re-evaluate every arm of a run (evaluation.json; `thumbnet report` "
+        "then refreshes metrics.json and the reports)",
     )
     ev.add_argument("--run", required=True, help="the run folder")
     rep = sub.add_parser(
