@@ -4,12 +4,13 @@
 `e_information_bound.py` showed that E alone, trained so that the frozen
 teacher reads `up(E(x))` well, keeps information that bicubic loses. This
 checks whether S, fine-tuned on such an E's thumbnails in the joint stage,
-reads it too: the demo's settings (shipped teacher, 4 joint epochs, CL + KD)
-for bicubic + KD, the product's E + S (`es`), and E + S with E first
-pre-trained `PRE_EPOCHS` epochs through the teacher (`es_pre`; at the run's
-own automatic width, or `es_pre<W>` at width W), on search seeds with a 30%
-validation split (590 cells), per-cell hits saved so arms of one seed
-compare paired.
+reads it too, with the product's own `e_pretrain` stage: the demo's settings
+(shipped teacher, 4 joint epochs, CL + KD) for bicubic + KD, E + S without
+e_pretrain (`es`), and E + S after `PRE_EPOCHS` epochs of e_pretrain
+(`es_pre`, at the run's learning rate; `es_pre_lr<R>` at peak rate R;
+`es_pre_frozen`: E fixed in the joint stage), on
+search seeds with a 30% validation split (590 cells), per-cell hits saved
+so arms of one seed compare paired.
 
     KERAS_BACKEND=tensorflow FACTOR=4 python benchmarks/e_pretrain.py
 """
@@ -23,53 +24,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy_study as A  # noqa: E402
 import downscaler_extremes as X  # noqa: E402  (val_correct, _manifest)
-import e_information_bound as B  # noqa: E402
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import thumbnet_keras.layers.downscaler as D  # noqa: E402
-from thumbnet_keras import pipeline, pretrained  # noqa: E402
-from thumbnet_keras.pipeline import presets  # noqa: E402
-from thumbnet_keras.pipeline.datasets import run_datasets  # noqa: E402
+from thumbnet_keras import pipeline  # noqa: E402
+from thumbnet_keras.pipeline import presets, stages  # noqa: E402
 
 SEEDS = [int(x) for x in os.environ.get("SEEDS", "100,101,102").split(",")]
 ARMS = os.environ.get("ARMS", "bicubic_kd,es,es_pre").split(",")
 EPOCHS = int(os.environ.get("EPOCHS", "4"))
 PRE_EPOCHS = int(os.environ.get("PRE_EPOCHS", "2"))
 FACTOR = int(os.environ.get("FACTOR", "4"))
-WORK = Path(os.environ.get("WORK", "/tmp/e_pretrain"))
+WORK = Path(os.environ.get("WORK", "/tmp/e_pretrain_stage"))
 OUT = os.environ.get("OUT", str(WORK / "results.jsonl"))
 X.FACTOR = FACTOR
 X.STATE["ext"] = False
-STATE = {"pre": False, "prepared": None, "seed": 0, "log": {}}
-orig_build = X.orig_build
+FREEZE = {"on": False}
+_trainer = stages._trainer
 
 
-def build(input_shape, factor, *args, **kwargs):
-    e = orig_build(input_shape, factor, *args, **kwargs)
-    if not STATE["pre"]:
-        return e
-    teacher = keras.saving.load_model(pretrained.elpv_teacher_path(), compile=False)
-    teacher.trainable = False
-    train, _ = run_datasets(STATE["prepared"], input_shape[0], 1, 32, STATE["seed"])
-    probe = B.Probe(teacher, e)
-    probe.compile(optimizer=keras.optimizers.AdamW(B.LR, weight_decay=1e-4))
-    t0 = time.time()
-    h = probe.fit(train, epochs=PRE_EPOCHS, verbose=0)
-    STATE["log"] = {"pre_loss": [round(v, 4) for v in h.history["loss"]],
-                    "pre_secs": round(time.time() - t0, 1)}  # fmt: skip
-    return e
+def _frozen_e_trainer(config, teacher, downscaler, student, stage, **weights):
+    """`es_pre_frozen`: E, once pre-trained, stays fixed in the joint stage."""
+    if FREEZE["on"] and stage == "joint":
+        downscaler.trainable = False
+    return _trainer(config, teacher, downscaler, student, stage, **weights)
 
 
-D.build_downscaler = build
+stages._trainer = _frozen_e_trainer
 
 
 def main():
     manifest = X._manifest()
     for seed in SEEDS:
         for arm in ARMS:
-            STATE["pre"] = arm.startswith("es_pre")
-            width = arm[len("es_pre") :] if STATE["pre"] else ""
+            pre = arm.startswith("es_pre")
+            FREEZE["on"] = arm == "es_pre_frozen"
             settings = presets.demo()
             settings.pop("run_name")
             settings |= {
@@ -80,16 +68,19 @@ def main():
                 "mm_weight": 0.0,
                 "fm_epochs": 0,
                 "joint_epochs": EPOCHS,
+                "e_pretrain_epochs": PRE_EPOCHS if pre else 0,
             }
-            if width:
-                settings["downscaler_width"] = int(width)
+            if arm.startswith("es_pre_lr"):
+                settings["e_pretrain_learning_rate"] = float(arm[len("es_pre_lr") :])
             run_dir, cfg, prepared = A._resolve(
                 settings, f"x{FACTOR}-{arm}-p{PRE_EPOCHS}-e{EPOCHS}-s{seed}", WORK
             )
-            STATE["prepared"], STATE["seed"], STATE["log"] = prepared, seed, {}
             pipeline.get_teacher(run_dir, prepared, verbose=0)
             stage = "joint" if arm.startswith("es") else arm
             t0 = time.time()
+            pre_rec = None
+            if pre:
+                pre_rec = pipeline.train_stage(run_dir, FACTOR, "e_pretrain", verbose=0)
             rec = pipeline.train_stage(run_dir, FACTOR, stage, verbose=0)
             correct = X.val_correct(run_dir, arm)
             np.save(
@@ -99,15 +90,17 @@ def main():
                 "seed": seed,
                 "arm": arm,
                 "epochs": EPOCHS,
-                "pre_epochs": PRE_EPOCHS if STATE["pre"] else 0,
+                "pre_epochs": PRE_EPOCHS if pre else 0,
                 "factor": FACTOR,
                 "best": rec["selection"]["best_value"],
                 "best_epoch": rec["selection"]["best_epoch"],
                 "val": rec["history"].get("val_accuracy"),
                 "n_val": int(len(correct)),
                 "secs": round(time.time() - t0, 1),
-                **STATE["log"],
             }
+            if pre_rec:
+                row["pre_val"] = pre_rec["history"].get("val_accuracy")
+                row["pre_secs"] = pre_rec.get("seconds")
             print("ROW", json.dumps(row), flush=True)
             with open(OUT, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
