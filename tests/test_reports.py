@@ -126,6 +126,19 @@ def test_markdown_has_tables_config_and_environment():
     with_val = _metrics()
     with_val["dataset"]["splits"] = {"train": 1771, "validation": 197, "test": 656}
     assert "best validation top-1" in render_markdown(with_val)
+    # The e_pretrain stage's validation top-1 is the teacher's: said once.
+    assert "e_pretrain trains E alone" not in md
+    with_pre = _metrics()
+    with_pre["stages"]["f2-e_pretrain"] = {
+        "epochs": 2, "history": {"loss": [1.1, 1.0], "val_accuracy": [0.6, 0.7]},
+        "selection": {"best_epoch": 2, "best_value": 0.7}, "seconds": 3.0,
+    }  # fmt: skip
+    md = render_markdown(with_pre)
+    assert "| f2-e_pretrain | 2 | 2 (val 70.00%) | 1.0000 |" in md
+    assert (
+        md.count("e_pretrain trains E alone: its validation top-1 is the teacher's")
+        == 1
+    )
 
 
 def test_html_is_self_contained_and_escaped():

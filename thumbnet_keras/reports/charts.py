@@ -36,6 +36,7 @@ _STYLE = {
 # Stage -> colour in the curves (the arm it trains).
 _STAGE_COLOUR = {
     "teacher": "black",
+    "e_pretrain": "tab:olive",
     "fm_pretrain": "tab:pink",
     "joint": "tab:red",
     "bicubic_cl": "tab:blue",

@@ -292,6 +292,17 @@ def _md_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_E_PRETRAIN_NOTE = (
+    "e_pretrain trains E alone: its validation top-1 is the teacher's, on "
+    "E's thumbnails scaled back up to full size (what E keeps for the "
+    "teacher), not a model's that is deployed."
+)
+
+
+def _has_e_pretrain(metrics: Mapping) -> bool:
+    return any(sid.endswith("-e_pretrain") for sid in metrics.get("stages", {}))
+
+
 def _stage_rows(metrics: Mapping) -> list[dict]:
     rows = []
     for sid, stage in metrics.get("stages", {}).items():
@@ -472,6 +483,7 @@ def render_markdown(metrics: Mapping, images: Mapping[str, str] | None = None) -
         *image("gallery"),
         "## Training stages\n",
         _md_table(_stage_rows(metrics)),
+        *([_E_PRETRAIN_NOTE + "\n"] if _has_e_pretrain(metrics) else []),
         *([_CURVES_NOTE + "\n"] if "validation_curves" in images else []),
         *image("validation_curves"),
         *image("training_curves"),
@@ -621,6 +633,11 @@ def render_html(
     sections += [
         "<h2>Training</h2>",
         _html_table(_stage_rows(metrics)),
+        *(
+            [f"<p>{html.escape(_E_PRETRAIN_NOTE)}</p>"]
+            if _has_e_pretrain(metrics)
+            else []
+        ),
         *(
             [f"<p>{html.escape(_CURVES_NOTE)}</p>"]
             if "validation_curves" in images
