@@ -152,8 +152,9 @@ def teacher_task(run_dir: str, prepared: dict, verbose: int) -> dict:
 
 @task(name="train-stage", task_run_name="{stage}-f{factor}", cache_policy=NO_CACHE)
 def train_stage_task(run_dir: str, factor: int, stage: str, verbose: int) -> dict:
-    """One stage of `pipeline.STAGES` (teacher_bicubic_bn, fm_pretrain, joint,
-    bicubic_cl, bicubic_kd, bicubic_kd_equal) for one factor."""
+    """One stage of `pipeline.STAGES` (teacher_bicubic_bn, e_pretrain,
+    fm_pretrain, joint, bicubic_cl, bicubic_kd, bicubic_kd_equal) for one
+    factor."""
     return _small(pipeline.train_stage(run_dir, factor, stage, verbose=verbose))
 
 
@@ -222,7 +223,7 @@ def _small(record: dict) -> dict:
 @flow(name="thumbnet", log_prints=True)
 def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
     """Prepare data, teacher (stage 0), then per factor the BN-re-estimated
-    teacher, fm_pretrain, joint and the bicubic baselines (equal-size CL and
+    teacher, e_pretrain, fm_pretrain, joint and the bicubic baselines (equal-size CL and
     CL + KD, equal-cost CL + KD), evaluate, export, report. Outputs in
     `runs/<run-name>/`.
 

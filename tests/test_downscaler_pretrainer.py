@@ -134,3 +134,18 @@ def test_cl_without_labels_says_so():
     x, _ = _data(4)
     with pytest.raises(ValueError, match="CL needs labels"):
         pre.compute_loss(x, None, pre(x))
+
+
+def test_it_trains_when_xla_is_asked_for():
+    """`jit_compile=True` (the flows' `--jit-compile on`, or "auto" on a GPU):
+    TensorFlow's bicubic resize has no XLA kernel, so on TensorFlow the
+    pretrainer compiles its step without XLA instead of failing."""
+    teacher = _teacher()
+    e = build_downscaler(SHAPE, 2, width=4, value_range=(0.0, 1.0))
+    pre = DownscalerPretrainer(teacher, e, value_range=(0.0, 1.0))
+    pre.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    x, y = _data(8)
+    history = pre.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    assert np.isfinite(history["loss"][-1])
+    if keras.backend.backend() == "tensorflow":
+        assert pre.jit_compile is False

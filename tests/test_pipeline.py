@@ -308,9 +308,40 @@ def test_a_run_saved_before_a_new_field_resumes_at_its_old_meaning(earlier_run):
     run.config_json.write_text(json.dumps(saved))
     base = dict(dataset=manifest, smoke=True, runs_dir=str(runs), run_name="earlier")
     # Smoke turns e_pretrain on (1 epoch); the saved run predates it.
-    with pytest.raises(ConfigError, match=r"e_pretrain_epochs \(saved 0, now 1\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"e_pretrain_epochs \(saved 0, now 1\)\).*stage existed: "
+        r"--e-pretrain-epochs 0\)\.",
+    ):
         pipeline.resolve_run(ThumbNetParams(**base))
     assert json.loads(run.config_json.read_text()) == saved  # untouched
+
+
+def test_a_run_saved_before_e_pretrain_resumes_with_it_off(tmp_path):
+    """The other half: the same settings with `e_pretrain_epochs=0` resume
+    it (what a run saved without the field did)."""
+    from thumbnet_keras.pipeline import Run
+
+    manifest = tiny_dataset(tmp_path)
+    settings = dict(
+        dataset=manifest, runs_dir=str(tmp_path / "runs"), run_name="old",
+        image_size=32, limit_per_class=8, teacher_epochs=1, factors=[2],
+        backbone_options={"widths": [8, 16]}, e_pretrain_epochs=0,
+    )  # fmt: skip
+    run = pipeline.resolve_run(ThumbNetParams(**settings))
+    folder = Run(run["run_dir"])
+    (folder.path / "metrics.json").write_text("{}")  # started
+    saved = json.loads(folder.config_json.read_text())
+    for key in ("e_pretrain_epochs", "e_pretrain_learning_rate"):
+        saved["config"].pop(key)
+    folder.config_json.write_text(json.dumps(saved))
+    assert pipeline.resolve_run(ThumbNetParams(**settings))["resumed"] is True
+    # A field not in LEGACY_VALUES, missing from the saved config, is a
+    # difference (it is not filled in with today's default).
+    saved["config"].pop("bn_batches")
+    folder.config_json.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"differs in: bn_batches"):
+        pipeline.resolve_run(ThumbNetParams(**settings))
 
 
 def test_config_differences_compares_locations_as_folders(tmp_path):

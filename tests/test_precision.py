@@ -86,7 +86,10 @@ def test_downscaler_pretrainer_steps_in_mixed_bfloat16():
         pre = DownscalerPretrainer(teacher, e, value_range=(0.0, 1.0))
         pre.compile(optimizer=keras.optimizers.SGD(0.01))
         x, y = _data()
+        before = keras.ops.convert_to_numpy(e.get_layer("residual_conv").kernel)
         history = pre.fit(x, y, batch_size=4, epochs=1, verbose=0).history
+    after = keras.ops.convert_to_numpy(e.get_layer("residual_conv").kernel)
+    assert np.abs(after - before).max() > 0  # E trains (it did not in bf16)
     for key in ("loss", "cl_loss", "kd_loss"):
         assert np.isfinite(history[key][-1]), key
     assert {v.dtype for v in e.variables} == {"float32"}

@@ -193,7 +193,7 @@ def write_predictions(result: dict, path: str | os.PathLike) -> str:
     """Writes `predict`'s result as `.json` (as returned) or `.csv` (one row
     per file and rank: file, rank, class, probability, error; a skipped file
     has one row with its error)."""
-    path = Path(path)
+    path = Path(path).expanduser()  # as `thumbnet predict` checked it
     suffix = path.suffix.lower()
     if suffix not in (".json", ".csv"):
         raise ValueError(f"--output must end in .csv or .json, received {str(path)!r}")

@@ -77,8 +77,8 @@ class ImageFolderSource(_Strict):
         folder holding at least one candidate file, the union over
         `split_dirs`, sorted; found without reading an image (the listing
         stops at a folder's first candidate). None when a folder is missing
-        (`prepare` reports it). Preparation keeps the classes with at least
-        one valid image: these, unless all of a class's files are broken."""
+        (`prepare` reports it). Preparation takes these same classes, and
+        refuses a class folder whose files are all broken (naming it)."""
         root = Path(self.root).expanduser()
         splits = [""] if self.split_dirs is None else self.split_dirs.values()
         folders = [root / d for d in splits]

@@ -402,12 +402,15 @@ def prepare(
                 image_bytes=None,
             )
 
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [idx.SCHEMA_VERSION, manifest.content_hash(), limit_per_class]
-            + sorted([r["key"], r["sha256"], r["status"]] for r in rows)
-        ).encode()
-    ).hexdigest()
+    payload = [idx.SCHEMA_VERSION, manifest.content_hash(), limit_per_class] + sorted(
+        [r["key"], r["sha256"], r["status"]] for r in rows
+    )
+    with_images = {r["label"] for r in rows if r["status"] != QUARANTINED}
+    if (manifest.classes or not is_tfds) and len(with_images) < len(class_names):
+        # A class without a usable image is refused below; an index made
+        # before that was (the class silently dropped) must not be reused.
+        payload.append(["classes", list(class_names)])
+    fingerprint = hashlib.sha256(json.dumps(payload).encode()).hexdigest()
     try:
         previous = idx.PreparedDataset.load(out)
         if previous.summary().get("fingerprint") == fingerprint:
@@ -471,7 +474,15 @@ def prepare(
         shown = [why(name) for name in empty[:10]]
         if len(empty) > 10:
             shown.append(f"and {len(empty) - 10} more")
-        kind = "declared class(es)" if manifest.classes else "class folder(s)"
+        kind = (
+            "declared class(es)"
+            if manifest.classes
+            else (
+                "class folder(s)"
+                if manifest.source.type == "image_folder"
+                else "class(es)"
+            )
+        )
         raise PrepareError(
             f"{manifest.name}: {kind} {', '.join(shown)} have no usable example; "
             f"fix or remove those files, or the class (see {failed_report})"

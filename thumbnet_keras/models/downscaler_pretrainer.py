@@ -132,6 +132,14 @@ class DownscalerPretrainer(keras.Model):
         self.image_size = tuple(int(v) for v in e_shape[:2])
         self._trackers = {t: keras.metrics.Mean(name=f"{t}_loss") for t in ("cl", "kd")}
 
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        """`keras.Model.compile`; on TensorFlow without XLA: its bicubic
+        resize (`ResizeBicubic`) has no XLA kernel, so a compiled step would
+        fail. JAX (always XLA) and torch are unaffected."""
+        if keras.backend.backend() == "tensorflow":
+            jit_compile = False
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
+
     @property
     def metrics(self):
         trackers = set(map(id, self._trackers.values()))

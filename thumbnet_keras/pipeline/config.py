@@ -31,6 +31,15 @@ __all__ = [
 ]
 
 
+# Fields added since runs were first saved, with the value that means what
+# a run saved without them did: runs from before E had variants used the
+# strided E, and runs from before the e_pretrain stage had none.
+LEGACY_VALUES: dict[str, Any] = {
+    "downscaler_variant": "strided",
+    "e_pretrain_epochs": 0,
+}
+
+
 class ConfigError(ValueError):
     """A run's inputs are invalid; the message names the problem."""
 
@@ -387,10 +396,8 @@ class RunConfig(ThumbNetParams, _RunFolder):
     def from_json(cls, obj: dict) -> RunConfig:
         """Inverse of `to_json` (validated)."""
         obj = dict(obj)
-        # Runs saved before E had variants used the strided E.
-        obj.setdefault("downscaler_variant", "strided")
-        # Runs saved before the e_pretrain stage did not have it.
-        obj.setdefault("e_pretrain_epochs", 0)
+        for key, value in LEGACY_VALUES.items():
+            obj.setdefault(key, value)
         return cls.model_validate(obj)
 
 

@@ -4,14 +4,14 @@ While a run trains, everything goes through the `thumbnet_keras.progress`
 logger (`logging`, never `print`: the command line, Prefect's run logs or a
 user's own configuration decide where it shows):
 
-    [3/13] fm_pretrain f=2
-    [3/13] fm_pretrain f=2 epoch 1/5:  loss 0.4334  (12s, ETA 48s)
+    [4/15] fm_pretrain f=2
+    [4/15] fm_pretrain f=2 epoch 1/5:  loss 0.4334  (12s, ETA 48s)
     ...
-    [3/13] fm_pretrain f=2: done in 1m01s
-    [4/13] joint f=2
-    [4/13] joint f=2 epoch 1/10:  loss 1.8489  train top-1 27.3%  val top-1 50.0% (best)  (3s, ETA 27s)
+    [4/15] fm_pretrain f=2: done in 1m01s
+    [5/15] joint f=2
+    [5/15] joint f=2 epoch 1/10:  loss 1.8489  train top-1 27.3%  val top-1 50.0% (best)  (3s, ETA 27s)
     ...
-    [4/13] joint f=2: done in 31s, kept epoch 4 (val top-1 52.0%)
+    [5/15] joint f=2: done in 31s, kept epoch 4 (val top-1 52.0%)
 
 (the stage modules add their own lines between these, e.g. BatchNorm
 re-estimation). The stage count comes from the run's config: the teacher,

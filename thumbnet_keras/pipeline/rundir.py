@@ -423,19 +423,14 @@ def changed_inputs(saved: dict | None, inputs: dict | None) -> list[str]:
 
 
 def _with_current_fields(config: dict, kind: str | None) -> dict:
-    """A saved `thumbnet` config with the fields added since it was saved,
-    at the values that mean what the run did (`RunConfig.from_json`); other
-    kinds, or a config that no longer validates, as saved."""
+    """A saved `thumbnet` config with the fields added since it was saved
+    (`config.LEGACY_VALUES` only) at the values that mean what the run did;
+    any other missing field stays missing, so it counts as a difference."""
     if kind != "thumbnet":
         return config
-    from pydantic import ValidationError
+    from thumbnet_keras.pipeline.config import LEGACY_VALUES
 
-    from thumbnet_keras.pipeline.config import RunConfig
-
-    try:
-        return RunConfig.from_json(config).to_json()
-    except (ValidationError, TypeError, ValueError):
-        return config
+    return {**{k: v for k, v in LEGACY_VALUES.items() if k not in config}, **config}
 
 
 def _differences_text(keys: list[str], old: dict, new: dict) -> str:
@@ -472,6 +467,7 @@ def check_claimable(
         )
     if run.config_json.is_file():
         saved = run.config()
+        saved_keys = set(saved.get("config", {}))
         old = _with_current_fields(saved.get("config", {}), saved.get("kind"))
         keys = config_differences(old, config)
         same = saved.get("kind") == kind and not keys
@@ -483,8 +479,16 @@ def check_claimable(
                 f"Run folder {str(run.path)!r} already holds a {saved.get('kind')!r} "
                 f"run with a different configuration (differs in: "
                 f"{_differences_text(keys, old, config) or 'kind'}). Its outputs "
-                "are left untouched: "
-                "choose another run name, or rerun with the same settings to resume."
+                "are left untouched: choose another run name (--run-name; "
+                "`run_name` in a deployment), or rerun with the saved settings to "
+                "resume it"
+                + (
+                    " (a run saved before the e_pretrain stage existed: "
+                    "--e-pretrain-epochs 0)."
+                    if "e_pretrain_epochs" in keys
+                    and "e_pretrain_epochs" not in saved_keys
+                    else "."
+                )
             )
         if changed:
             what = " and ".join(_INPUT_NAMES.get(k, k) for k in changed)

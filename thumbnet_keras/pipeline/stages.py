@@ -30,9 +30,11 @@ The recipe (`pipeline.recipe`): AdamW or SGD-Nesterov with weight decay, a
 linear warm-up then cosine decay over each stage, label smoothing on CL, a
 learning rate per stage. Every stage with labels evaluates validation top-1
 after each epoch and keeps its best epoch (`fit_resumable`); `fm_pretrain`
-(no labels) keeps its last. Every stage that starts S from T's weights
-re-estimates S's BatchNorm statistics on bicubic train thumbnails first
-(`config.bn_batches`).
+(no labels) keeps its last; `e_pretrain` keeps its best epoch on the
+teacher's validation top-1 on E's up-scaled thumbnails. Every stage that
+starts S from T's weights re-estimates S's BatchNorm statistics first
+(`config.bn_batches`), on train thumbnails of bicubic or, after e_pretrain,
+of its E.
 
 Every step reads the run's `config.json` and `data.json`, checkpoints every
 epoch under `checkpoints/<stage>/`, and when finished writes its models to

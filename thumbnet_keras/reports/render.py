@@ -295,7 +295,8 @@ def _md_table(rows: Sequence[Mapping]) -> str:
 _E_PRETRAIN_NOTE = (
     "e_pretrain trains E alone: its validation top-1 is the teacher's, on "
     "E's thumbnails scaled back up to full size (what E keeps for the "
-    "teacher), not a model's that is deployed."
+    "teacher), not a model's that is deployed. Its epochs come on top of "
+    "S's, which are those of every bicubic baseline."
 )
 
 
