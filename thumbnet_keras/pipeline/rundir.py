@@ -422,15 +422,17 @@ def changed_inputs(saved: dict | None, inputs: dict | None) -> list[str]:
     )
 
 
-def _with_current_fields(config: dict, kind: str | None) -> dict:
+def _with_current_fields(config: dict, kind: str | None, new: dict) -> dict:
     """A saved `thumbnet` config with the fields added since it was saved
-    (`config.LEGACY_VALUES` only) at the values that mean what the run did;
-    any other missing field stays missing, so it counts as a difference."""
+    (`config.LEGACY_VALUES` only, where the `new` config has them) at the
+    values that mean what the run did; any other missing field stays
+    missing, so it counts as a difference."""
     if kind != "thumbnet":
         return config
     from thumbnet_keras.pipeline.config import LEGACY_VALUES
 
-    return {**{k: v for k, v in LEGACY_VALUES.items() if k not in config}, **config}
+    added = {k: v for k, v in LEGACY_VALUES.items() if k not in config and k in new}
+    return {**added, **config}
 
 
 def _differences_text(keys: list[str], old: dict, new: dict) -> str:
@@ -468,7 +470,7 @@ def check_claimable(
     if run.config_json.is_file():
         saved = run.config()
         saved_keys = set(saved.get("config", {}))
-        old = _with_current_fields(saved.get("config", {}), saved.get("kind"))
+        old = _with_current_fields(saved.get("config", {}), saved.get("kind"), config)
         keys = config_differences(old, config)
         same = saved.get("kind") == kind and not keys
         changed = changed_inputs(saved.get("inputs"), inputs)
