@@ -600,6 +600,22 @@ def test_auto_e_width_stays_under_the_next_thumbnail_side():
         auto_downscaler_width((28, 28, 1), 2, student, step_macs=1.5)
 
 
+def _small_run(tmp_path, **params) -> tuple[str, dict, str]:
+    """A claimed run named "r" on the tiny two-class set (32 px, 8 images a
+    class, batch 8, f = 2, a tiny_cnn [8, 16]) with its teacher trained for
+    one epoch; `params` override. Returns (run_dir, prepared, manifest)."""
+    manifest = tiny_dataset(tmp_path)
+    settings = dict(
+        dataset=manifest, runs_dir=str(tmp_path / "runs"), run_name="r",
+        image_size=32, limit_per_class=8, batch_size=8, teacher_epochs=1,
+        factors=[2], backbone_options={"widths": [8, 16]},
+    )  # fmt: skip
+    run = pipeline.resolve_run(ThumbNetParams(**(settings | params)))
+    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
+    pipeline.get_teacher(run["run_dir"], prepared, verbose=0)
+    return run["run_dir"], prepared, manifest
+
+
 def test_a_resumed_run_keeps_the_e_width_it_started_with(tmp_path, monkeypatch):
     """The automatic E width is resolved once per factor and recorded: when
     the sizing rule changes between fm_pretrain and joint (as it did when the
@@ -609,28 +625,10 @@ def test_a_resumed_run_keeps_the_e_width_it_started_with(tmp_path, monkeypatch):
     from thumbnet_keras.layers import downscaler as downscaler_module
     from thumbnet_keras.pipeline import Run
 
-    manifest = tiny_dataset(tmp_path)
-    run = pipeline.resolve_run(
-        ThumbNetParams(
-            dataset=manifest,
-            runs_dir=str(tmp_path / "runs"),
-            run_name="r",
-            image_size=32,
-            limit_per_class=8,
-            batch_size=8,
-            teacher_epochs=1,
-            fm_epochs=1,
-            fm_weight=1.0,
-            joint_epochs=1,
-            factors=[2],
-            backbone_options={"widths": [8, 16]},
-        )  # fmt: skip
-    )
-    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
-    pipeline.get_teacher(run["run_dir"], prepared, verbose=0)
+    run_dir, _, _ = _small_run(tmp_path, fm_epochs=1, fm_weight=1.0, joint_epochs=1)
     monkeypatch.setattr(downscaler_module, "auto_downscaler_width", lambda *a, **k: 6)
-    fm = pipeline.train_stage(run["run_dir"], 2, "fm_pretrain", verbose=0)
-    done = Run(run["run_dir"])
+    fm = pipeline.train_stage(run_dir, 2, "fm_pretrain", verbose=0)
+    done = Run(run_dir)
     record = done.file("stages", "f2-downscaler.json")
     assert json.loads(record.read_text())["width"] == 6
 
@@ -642,7 +640,7 @@ def test_a_resumed_run_keeps_the_e_width_it_started_with(tmp_path, monkeypatch):
     # The rule changes; a run from before the record lost nothing either.
     monkeypatch.setattr(downscaler_module, "auto_downscaler_width", lambda *a, **k: 4)
     record.unlink()
-    joint = pipeline.train_stage(run["run_dir"], 2, "joint", verbose=0)
+    joint = pipeline.train_stage(run_dir, 2, "joint", verbose=0)
     assert width(joint["paths"]["downscaler"]) == 6
     assert json.loads(record.read_text()) == {
         "factor": 2,
@@ -723,32 +721,15 @@ def test_e_pretrain_trains_e_alone_and_joint_starts_from_it(tmp_path):
     rate of 1e-9 joint cannot move E, so its saved E is e_pretrain's."""
     from thumbnet_keras.pipeline import Run
 
-    manifest = tiny_dataset(tmp_path)
-    run = pipeline.resolve_run(
-        ThumbNetParams(
-            dataset=manifest,
-            runs_dir=str(tmp_path / "runs"),
-            run_name="r",
-            image_size=32,
-            limit_per_class=8,
-            batch_size=8,
-            teacher_epochs=1,
-            e_pretrain_epochs=2,
-            e_pretrain_learning_rate=1e-2,
-            joint_epochs=1,
-            joint_learning_rate=1e-9,
-            factors=[2],
-            backbone_options={"widths": [8, 16]},
-            downscaler_width=8,
-        )  # fmt: skip
-    )
-    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
-    pipeline.get_teacher(run["run_dir"], prepared, verbose=0)
-    teacher_bytes = Run(run["run_dir"]).teacher_keras.read_bytes()
-    pre = pipeline.train_stage(run["run_dir"], 2, "e_pretrain", verbose=0)
+    run_dir, _, _ = _small_run(
+        tmp_path, e_pretrain_epochs=2, e_pretrain_learning_rate=1e-2,
+        joint_epochs=1, joint_learning_rate=1e-9, downscaler_width=8,
+    )  # fmt: skip
+    teacher_bytes = Run(run_dir).teacher_keras.read_bytes()
+    pre = pipeline.train_stage(run_dir, 2, "e_pretrain", verbose=0)
     assert pre["epochs"] == 2 and pre["health"]["status"] != "failed"
     assert {"kd_loss", "cl_loss", "val_accuracy"} <= set(pre["history"])
-    assert Run(run["run_dir"]).teacher_keras.read_bytes() == teacher_bytes
+    assert Run(run_dir).teacher_keras.read_bytes() == teacher_bytes
 
     def residual(path):
         e = keras.saving.load_model(path, compile=False)
@@ -756,37 +737,22 @@ def test_e_pretrain_trains_e_alone_and_joint_starts_from_it(tmp_path):
 
     trained = residual(pre["paths"]["downscaler"])
     assert np.abs(trained).max() > 1e-3  # E left bicubic (a zero residual)
-    joint = pipeline.train_stage(run["run_dir"], 2, "joint", verbose=0)
+    joint = pipeline.train_stage(run_dir, 2, "joint", verbose=0)
     np.testing.assert_allclose(
         residual(joint["paths"]["downscaler"]), trained, atol=1e-6
     )
     # Rerun: done, skipped.
-    again = pipeline.train_stage(run["run_dir"], 2, "e_pretrain", verbose=0)
+    again = pipeline.train_stage(run_dir, 2, "e_pretrain", verbose=0)
     assert again["epochs"] == 2 and again["history"] == pre["history"]
 
 
 def test_e_pretrain_epochs_0_leaves_no_record(tmp_path):
     from thumbnet_keras.pipeline import Run
 
-    manifest = tiny_dataset(tmp_path)
-    run = pipeline.resolve_run(
-        ThumbNetParams(
-            dataset=manifest,
-            runs_dir=str(tmp_path / "runs"),
-            run_name="r",
-            image_size=32,
-            limit_per_class=8,
-            teacher_epochs=1,
-            backbone_options={"widths": [8, 16]},
-            factors=[2],
-            e_pretrain_epochs=0,
-        )  # fmt: skip
-    )
-    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
-    pipeline.get_teacher(run["run_dir"], prepared, verbose=0)
-    skipped = pipeline.train_stage(run["run_dir"], 2, "e_pretrain", verbose=0)
+    run_dir, _, manifest = _small_run(tmp_path, e_pretrain_epochs=0)
+    skipped = pipeline.train_stage(run_dir, 2, "e_pretrain", verbose=0)
     assert skipped["not_run"] == "e_pretrain_epochs=0"
-    assert not Run(run["run_dir"]).is_done("f2-e_pretrain")
+    assert not Run(run_dir).is_done("f2-e_pretrain")
     with pytest.raises(ConfigError, match="would learn nothing"):
         pipeline.resolve_run(
             ThumbNetParams(
