@@ -30,7 +30,11 @@ from keras import ops
 
 from thumbnet_keras.losses import thumbnet_losses as L
 from thumbnet_keras.models.student import image_input_shape
-from thumbnet_keras.models.trainer import check_logits_model, scale_loss_for_replicas
+from thumbnet_keras.models.trainer import (
+    check_logits_model,
+    check_loss_arguments,
+    scale_loss_for_replicas,
+)
 
 __all__ = ["DownscalerPretrainer"]
 
@@ -98,22 +102,12 @@ class DownscalerPretrainer(keras.Model):
                 f"The downscaler's input size must be fixed, it is {e_shape}: "
                 "its thumbnails are scaled back up to that size."
             )
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, received {temperature!r}.")
-        for term, weight in (("cl", cl_weight), ("kd", kd_weight)):
-            if not isinstance(weight, (int, float)) or weight < 0:
-                raise ValueError(
-                    f"`{term}_weight` must be a number >= 0, received {weight!r}."
-                )
+        check_loss_arguments(
+            temperature, label_smoothing, (("cl", cl_weight), ("kd", kd_weight))
+        )
         if not cl_weight and not kd_weight:
             raise ValueError(
                 "`cl_weight` and `kd_weight` are both 0: nothing to learn."
-            )
-        if not isinstance(label_smoothing, (int, float)) or not (
-            0 <= label_smoothing < 1
-        ):
-            raise ValueError(
-                f"`label_smoothing` must be in [0, 1), received {label_smoothing!r}."
             )
         if value_range is not None:
             low, high = (float(v) for v in value_range)

@@ -116,6 +116,23 @@ def check_logits_model(model, role: str) -> int:
     return model.outputs[0].shape[-1]
 
 
+def check_loss_arguments(temperature, label_smoothing, weights) -> None:
+    """Raises ValueError naming the argument: `label_smoothing` in [0, 1),
+    `temperature` > 0, and each `(term, weight)` of `weights` a number >= 0
+    (`ThumbNetTrainer`, `DownscalerPretrainer`)."""
+    if not isinstance(label_smoothing, (int, float)) or not (0 <= label_smoothing < 1):
+        raise ValueError(
+            f"`label_smoothing` must be in [0, 1), received {label_smoothing!r}."
+        )
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"`temperature` must be > 0, received {temperature!r}.")
+    for term, weight in weights:
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(
+                f"`{term}_weight` must be a number >= 0, received {weight!r}."
+            )
+
+
 def scale_loss_for_replicas(loss):
     """`loss` divided by the number of replicas under a `tf.distribute` strategy.
 
@@ -279,19 +296,11 @@ class ThumbNetTrainer(keras.Model):
             )
         self._check_shapes(teacher, downscaler, student)
         self._check_student_trainable(teacher, student)
-        if not isinstance(label_smoothing, (int, float)) or not (
-            0 <= label_smoothing < 1
-        ):
-            raise ValueError(
-                f"`label_smoothing` must be in [0, 1), received {label_smoothing!r}."
-            )
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, received {temperature!r}.")
-        for term, weight in zip(_TERMS, (cl_weight, kd_weight, fm_weight, mm_weight)):
-            if not isinstance(weight, (int, float)) or weight < 0:
-                raise ValueError(
-                    f"`{term}_weight` must be a number >= 0, received {weight!r}."
-                )
+        check_loss_arguments(
+            temperature,
+            label_smoothing,
+            zip(_TERMS, (cl_weight, kd_weight, fm_weight, mm_weight)),
+        )
 
         self.teacher = teacher
         self.teacher.trainable = False
