@@ -79,6 +79,24 @@ def test_converted_files_are_8bit_pngs_with_the_same_pixels(tmp_path):
     assert rows["picture.bmp"]["channels"] == 3
 
 
+def test_a_relative_out_dir_is_recorded_absolute(tmp_path, monkeypatch):
+    """The prepared folder and its converted/ files are recorded as absolute
+    paths, so a run prepared from one working folder reads from any other."""
+    make_image_folder(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    prepared = data.prepare(folder_manifest(tmp_path / "src"), "cache/toy")
+    assert prepared.out_dir == str(tmp_path / "cache" / "toy")
+    converted = [
+        r["image_uri"] for r in prepared.read_index().to_pylist()
+        if r["status"] == "converted"
+    ]  # fmt: skip
+    assert converted and all(
+        u.startswith(str(tmp_path / "cache" / "toy" / "converted")) for u in converted
+    )
+    monkeypatch.chdir(tmp_path / "src")
+    assert data.PreparedDataset.load(prepared.out_dir).splits == prepared.splits
+
+
 @pytest.mark.parametrize(
     "make, expected",
     [

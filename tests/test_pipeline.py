@@ -311,10 +311,39 @@ def test_a_run_saved_before_a_new_field_resumes_at_its_old_meaning(earlier_run):
     with pytest.raises(
         ConfigError,
         match=r"e_pretrain_epochs \(saved 0, now 1\)\).*stage existed: "
-        r"--e-pretrain-epochs 0\)\.",
+        r"e_pretrain_epochs 0 resumes it \(`thumbnet train --e-pretrain-epochs 0`;"
+        r" `thumbnet demo` always runs the stage, so give it another --run-name\)\.",
     ):
         pipeline.resolve_run(ThumbNetParams(**base))
     assert json.loads(run.config_json.read_text()) == saved  # untouched
+
+
+def test_a_relative_prepared_dir_is_found_from_any_working_folder(
+    tmp_path, monkeypatch
+):
+    """Runs made before `prepare` recorded absolute folders hold
+    `prepared_dir` relative to where they started (`runs/_data/...`): it is
+    found beside the run folder's ancestors, so `thumbnet export --run
+    /abs/runs/<name>` works from another folder."""
+    from thumbnet_keras.pipeline import Run
+
+    project = tmp_path / "project"
+    (project / "runs" / "_data" / "toy-abc").mkdir(parents=True)
+    run_dir = project / "runs" / "old"
+    run_dir.mkdir()
+    relative = os.path.join("runs", "_data", "toy-abc")
+    (run_dir / "data.json").write_text(json.dumps({"prepared_dir": relative}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    expected = str(project / "runs" / "_data" / "toy-abc")
+    assert Run(str(run_dir)).data()["prepared_dir"] == expected
+    monkeypatch.chdir(project)  # and from its own folder, by a relative path
+    assert Run("runs/old").data()["prepared_dir"] == expected
+    # A relative folder found nowhere is left as written, for the caller's
+    # "no readable summary.json" error.
+    (run_dir / "data.json").write_text(json.dumps({"prepared_dir": "gone/x"}))
+    assert Run(str(run_dir)).data()["prepared_dir"] == "gone/x"
 
 
 def test_a_run_saved_before_e_pretrain_resumes_with_it_off(tmp_path):

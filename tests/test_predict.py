@@ -158,15 +158,23 @@ def test_saved_model_folder_finds_the_sidecar_beside_it(tmp_path):
     assert record["class_names"] == ["a", "b"]
 
 
-def test_cli_predict_prints_no_framework_start_up_lines(tmp_path):
+@pytest.mark.parametrize("fmt", ["keras", "litert"])
+def test_cli_predict_prints_no_framework_start_up_lines(tmp_path, fmt):
     """On every backend (TensorFlow is imported for decoding on JAX and torch
     too): only the predictions and the summary, no oneDNN / CUDA / absl
-    notices from the frameworks' C++ start-up."""
+    notices from the frameworks' C++ start-up, and no LiteRT "Created
+    TensorFlow Lite XNNPACK delegate" line for a `.tflite` model."""
     import os
     import subprocess
     import sys
 
     model = _brightness_model(tmp_path / "m" / "model.keras")
+    if fmt == "litert":
+        model = deploy.export_model(model, "litert")
+        deploy.write_sidecar(
+            tmp_path / "m", class_names=["bright", "dark"], input_size=(8, 8),
+            channels=1, normalization="unit", models={"model.tflite": "litert"},
+        )  # fmt: skip
     Image.fromarray(np.full((16, 16), 230, np.uint8)).save(tmp_path / "bright.png")
     env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)

@@ -359,7 +359,9 @@ def prepare(
             f"`executor` must be one of {EXECUTORS}, received {executor!r}."
         )
     manifest = load_manifest(manifest)
-    out = Path(out_dir).expanduser()
+    # Absolute, so the index's converted/ paths and the `out_dir` a run
+    # records do not depend on the working folder they are read from.
+    out = Path(out_dir).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
     is_tfds = isinstance(manifest.source, TfdsSource)
 

@@ -114,7 +114,10 @@ def _litert(path: str) -> Runner:
                 "zero_point": int(zero_point),
             }
     state = {"batch": int(inp["shape"][0])}
-    interpreter.allocate_tensors()
+    from thumbnet_keras.pipeline.environment import hidden_stderr
+
+    with hidden_stderr():  # LiteRT's "INFO: Created ... XNNPACK delegate".
+        interpreter.allocate_tensors()
 
     def predict(x: np.ndarray) -> np.ndarray:
         if x.shape[0] != state["batch"]:

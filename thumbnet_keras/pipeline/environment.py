@@ -12,7 +12,13 @@ import sys
 import tempfile
 from importlib import metadata
 
-__all__ = ["cpu_model", "environment", "import_backend_quietly", "quiet_frameworks"]
+__all__ = [
+    "cpu_model",
+    "environment",
+    "hidden_stderr",
+    "import_backend_quietly",
+    "quiet_frameworks",
+]
 
 # Loggers of the frameworks that warn about things a user cannot act on
 # (tf.function retracing, the tf.data cache, JAX's missing-GPU notice).
@@ -76,15 +82,23 @@ def import_backend_quietly(quiet: bool = True) -> None:
         import keras  # noqa: F401
 
         return
+    with hidden_stderr():
+        import keras
+
+        if keras.backend.backend() != "tensorflow" and (
+            importlib.util.find_spec("tensorflow") is not None
+        ):
+            import tensorflow  # noqa: F401
+
+
+@contextlib.contextmanager
+def hidden_stderr():
+    """Hides what is written to file descriptor 2 meanwhile (C++ notices
+    that bypass Python's logging), and shows it if the block raises."""
     with tempfile.TemporaryFile(mode="w+") as captured:
         try:
             with _stderr_to(captured):
-                import keras
-
-                if keras.backend.backend() != "tensorflow" and (
-                    importlib.util.find_spec("tensorflow") is not None
-                ):
-                    import tensorflow  # noqa: F401
+                yield
         except BaseException:
             captured.seek(0)
             sys.stderr.write(captured.read())

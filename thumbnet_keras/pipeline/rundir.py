@@ -373,8 +373,23 @@ class Run:
         return read_json(self.config_json)
 
     def data(self) -> dict:
-        """The parsed `data.json`."""
-        return read_json(self.data_json)
+        """The parsed `data.json`, its `prepared_dir` an absolute path.
+
+        Runs prepared before `data.prepare` recorded absolute folders hold
+        `prepared_dir` relative to the working folder the run started in
+        (`runs/_data/...`); it is looked for beside the run folder's
+        ancestors, nearest first, then in the working folder, so `--run
+        /elsewhere/runs/<name>` works from any folder.
+        """
+        data = read_json(self.data_json)
+        folder = data.get("prepared_dir")
+        if isinstance(folder, str) and folder and not os.path.isabs(folder):
+            here = self.path.absolute()
+            for base in (*here.parents, Path.cwd()):
+                if (base / folder).is_dir():
+                    data["prepared_dir"] = str(base / folder)
+                    break
+        return data
 
 
 # Config fields that name a folder: equal when they name the same folder.
@@ -485,8 +500,10 @@ def check_claimable(
                 "`run_name` in a deployment), or rerun with the saved settings to "
                 "resume it"
                 + (
-                    " (a run saved before the e_pretrain stage existed: "
-                    "--e-pretrain-epochs 0)."
+                    ". It was saved before the e_pretrain stage existed: "
+                    "e_pretrain_epochs 0 resumes it (`thumbnet train "
+                    "--e-pretrain-epochs 0`; `thumbnet demo` always runs the "
+                    "stage, so give it another --run-name)."
                     if "e_pretrain_epochs" in keys
                     and "e_pretrain_epochs" not in saved_keys
                     else "."
