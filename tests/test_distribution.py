@@ -61,7 +61,8 @@ if keras.backend.backend() == "tensorflow":
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from conftest import tiny_teacher
-from thumbnet_keras import ThumbNetTrainer, build_downscaler, make_student
+from thumbnet_keras import (
+    DownscalerPretrainer, ThumbNetTrainer, build_downscaler, make_student)
 from thumbnet_keras.models import trainer as trainer_module
 from thumbnet_keras.pipeline.compute import (
     distribution_scope, local_devices, with_sync_batchnorm)
@@ -94,8 +95,11 @@ def step(kind, stage, distribution, scale=True, sync_bn=False):
             student = with_sync_batchnorm(student)
         downscaler = build_downscaler((16, 16, 3), 2, width=8)
         downscaler.set_weights(E)
-        trainer = ThumbNetTrainer(teacher, downscaler, student, stage=stage,
-                                  mm_weight=5.0)
+        if stage == "e_pretrain":  # E alone, through the frozen teacher
+            trainer = DownscalerPretrainer(teacher, downscaler)
+        else:
+            trainer = ThumbNetTrainer(teacher, downscaler, student, stage=stage,
+                                      mm_weight=5.0)
         trainer.compile(optimizer=keras.optimizers.SGD(0.5))
         before = [keras.ops.convert_to_numpy(v) for v in trainer.trainable_weights]
         trainer.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
@@ -105,7 +109,8 @@ def step(kind, stage, distribution, scale=True, sync_bn=False):
 original = trainer_module.scale_loss_for_replicas
 out = {{"devices": len(local_devices())}}
 tf_backend = keras.backend.backend() == "tensorflow"
-cases = [("nobn", "joint", False), ("nobn", "fm_pretrain", False), ("bn", "joint", False)]
+cases = [("nobn", "joint", False), ("nobn", "fm_pretrain", False),
+         ("nobn", "e_pretrain", False), ("bn", "joint", False)]
 if tf_backend:  # per-replica BatchNorm statistics, then synchronized ones
     cases.append(("bn", "joint", True))
 for kind, stage, sync_bn in cases:
@@ -136,7 +141,7 @@ def test_two_replicas_step_equals_one_device_step():
         env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     result = run_python(_EQUIVALENCE.format(tests=str(REPO / "tests")), env=env)
     assert result["devices"] == 2
-    for key in ("nobn-joint", "nobn-fm_pretrain"):
+    for key in ("nobn-joint", "nobn-fm_pretrain", "nobn-e_pretrain"):
         case = result[key]
         assert case["replicas"] == 2, key
         assert case["moved"] > 1e-2, key  # the step does move the weights
