@@ -88,6 +88,10 @@ ABLATIONS = {  # loss weights of the E + S ablation runs (cl, kd stay as set)
     "es_kd_fm": {"mm_weight": 0.0},
     # All four losses without the FM pre-train epoch: what the FM epoch costs.
     "es_full": {},
+    # The default recipe since e_pretrain became a stage (2026-11-29): CL + KD
+    # after 2 epochs of e_pretrain at the run's learning rate (E alone through
+    # the frozen teacher); its epochs train E only, on top of S's budget.
+    "es_kd_pre": {"fm_weight": 0.0, "mm_weight": 0.0, "e_pretrain_epochs": 2},
 }
 # ThumbNetParams overrides per dataset (the arms' runs); TEACHER: the teacher
 # run's own (only when the dataset's teacher is trained here).
@@ -240,8 +244,10 @@ def train_arms(
         over = settings[arm] | ABLATIONS[arm] | {"fm_epochs": 0, "joint_epochs": budget}
         run_dir, cfg, prepared = _resolve(over, f"{name}-{arm}", work)
         pipeline.get_teacher(run_dir, prepared, verbose=verbose)
+        stages = ("e_pretrain", "joint") if cfg["e_pretrain_epochs"] else ("joint",)
         for factor in cfg["factors"]:
-            pipeline.train_stage(run_dir, factor, "joint", verbose=verbose)
+            for stage in stages:
+                pipeline.train_stage(run_dir, factor, stage, verbose=verbose)
         runs[arm] = run_dir
     return runs
 

@@ -106,6 +106,14 @@ def val_correct(run_dir, arm):
 
     if stage == "joint":
         e = load("downscaler.keras")
+    elif stage == "bicubic_kd_equal":  # S on the larger, equal-cost thumbnail
+        from thumbnet_keras.pipeline.equal_cost import resize_downscaler
+        from thumbnet_keras.pipeline.rundir import read_json
+
+        size = read_json(run.stage_record(stage_id(FACTOR, stage)))["input_size"]
+        e = resize_downscaler(
+            (config.image_size, config.image_size, config.channels), size, (0.0, 1.0)
+        )
     else:
         e = D.bicubic_downscaler(
             (config.image_size, config.image_size, config.channels),
