@@ -43,6 +43,16 @@ def test_export_of_missing_run(tmp_path, capsys):
     assert "is not a thumbnet run folder" in capsys.readouterr().err
 
 
+def test_export_format_takes_the_hyphenated_spelling_too():
+    from thumbnet_keras.cli import _parser
+
+    for spelled in ("litert-int8", "litert_int8"):
+        args = _parser().parse_args(["export", "--run", "r", "--format", spelled])
+        assert args.format == "litert_int8"
+    args = _parser().parse_args(["export", "--run", "r", "--format", "saved-model"])
+    assert args.format == "saved_model"
+
+
 def test_bad_format_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--run", "x", "--format", "pickle"])

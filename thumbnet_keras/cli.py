@@ -177,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--format",
         required=True,
+        type=lambda name: name.replace("-", "_"),  # litert-int8 = litert_int8
         choices=EXPORT_FORMATS,
         help="litert_int8: full-integer, calibrated on the run's train images",
     )
