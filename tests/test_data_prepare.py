@@ -66,35 +66,48 @@ def test_planted_bad_files_get_right_status_and_reason(tmp_path):
 
 def test_converted_files_are_8bit_pngs_with_the_same_pixels(tmp_path):
     make_image_folder(tmp_path / "src")
-    rows = rows_by_name(
-        data.prepare(folder_manifest(tmp_path / "src"), tmp_path / "out")
-    )
-    deep = Image.open(rows["deep16.png"]["image_uri"])
+    prepared = data.prepare(folder_manifest(tmp_path / "src"), tmp_path / "out")
+    rows = rows_by_name(prepared)
+    deep = Image.open(prepared.image_path(rows["deep16.png"]["image_uri"]))
     assert deep.mode == "L" and deep.format == "PNG"
     np.testing.assert_array_equal(np.asarray(deep), pattern(16, 16, 1, 5))
-    palette = Image.open(rows["palette.png"]["image_uri"])
+    palette = Image.open(prepared.image_path(rows["palette.png"]["image_uri"]))
     original = Image.open(tmp_path / "src/cat/palette.png").convert("RGB")
     assert palette.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(palette), np.asarray(original))
     assert rows["picture.bmp"]["channels"] == 3
 
 
-def test_a_relative_out_dir_is_recorded_absolute(tmp_path, monkeypatch):
-    """The prepared folder and its converted/ files are recorded as absolute
-    paths, so a run prepared from one working folder reads from any other."""
+def test_relative_paths_are_recorded_so_the_index_reads_from_anywhere(
+    tmp_path, monkeypatch
+):
+    """Prepared from relative paths (root and out_dir), the index names its
+    source files absolutely and its converted files relative to the prepared
+    folder: it reads from another working folder, and after the prepared
+    folder is moved."""
+    import shutil
+
     make_image_folder(tmp_path / "src")
     monkeypatch.chdir(tmp_path)
-    prepared = data.prepare(folder_manifest(tmp_path / "src"), "cache/toy")
+    prepared = data.prepare(folder_manifest("src"), "cache/toy")
     assert prepared.out_dir == str(tmp_path / "cache" / "toy")
-    converted = [
-        r["image_uri"] for r in prepared.read_index().to_pylist()
-        if r["status"] == "converted"
-    ]  # fmt: skip
-    assert converted and all(
-        u.startswith(str(tmp_path / "cache" / "toy" / "converted")) for u in converted
-    )
-    monkeypatch.chdir(tmp_path / "src")
-    assert data.PreparedDataset.load(prepared.out_dir).splits == prepared.splits
+    rows = prepared.read_index().to_pylist()
+    converted = [r for r in rows if r["status"] == "converted"]
+    assert len(converted) == 3
+    assert all(r["image_uri"] == f"converted/{r['sha256']}.png" for r in converted)
+    sources = [r["image_uri"] for r in rows if r["status"] == "ok"]
+    assert sources and all(u.startswith(str(tmp_path / "src")) for u in sources)
+
+    def pixels(folder):
+        ds = data.make_dataset(data.PreparedDataset.load(folder), "train", 8, 64, False)
+        return np.concatenate([np.asarray(x) for x, _ in ds])
+
+    expected = pixels(prepared.out_dir)
+    assert len(expected) == prepared.splits["train"]
+    monkeypatch.chdir(tmp_path / "src")  # another working folder
+    np.testing.assert_array_equal(pixels(prepared.out_dir), expected)
+    shutil.move(tmp_path / "cache", tmp_path / "moved")  # the cache moved
+    np.testing.assert_array_equal(pixels(tmp_path / "moved" / "toy"), expected)
 
 
 @pytest.mark.parametrize(
@@ -439,7 +452,7 @@ def test_worker_processes_give_the_same_index_as_one_worker(tmp_path, monkeypatc
         first = data.prepare(manifest, out, workers=workers, executor=executor)
         first_files = {n: (out / n).read_bytes() for n in names}
         (src / "cat/cat_00.png").write_bytes(encode(pattern(24, 24, 3, 7), "PNG"))
-        os.remove(rows_by_name(first)["palette.png"]["image_uri"])
+        os.remove(first.image_path(rows_by_name(first)["palette.png"]["image_uri"]))
         again = data.prepare(manifest, out, workers=workers, executor=executor)
         again_files = {n: (out / n).read_bytes() for n in names}
         return first.decoded, first_files, again.decoded, again_files

@@ -318,17 +318,19 @@ def test_a_run_saved_before_a_new_field_resumes_at_its_old_meaning(earlier_run):
     assert json.loads(run.config_json.read_text()) == saved  # untouched
 
 
-def test_a_relative_prepared_dir_is_found_from_any_working_folder(
-    tmp_path, monkeypatch
-):
+def test_a_runs_prepared_dir_is_found_from_any_working_folder(tmp_path, monkeypatch):
     """Runs made before `prepare` recorded absolute folders hold
     `prepared_dir` relative to where they started (`runs/_data/...`): it is
     found beside the run folder's ancestors, so `thumbnet export --run
-    /abs/runs/<name>` works from another folder."""
+    /abs/runs/<name>` works from another folder; and a runs folder moved
+    with its `_data` finds its data by the folder's last two parts."""
+    import shutil
+
     from thumbnet_keras.pipeline import Run
 
     project = tmp_path / "project"
     (project / "runs" / "_data" / "toy-abc").mkdir(parents=True)
+    (project / "runs" / "_data" / "toy-abc" / "summary.json").write_text("{}")
     run_dir = project / "runs" / "old"
     run_dir.mkdir()
     relative = os.path.join("runs", "_data", "toy-abc")
@@ -340,10 +342,18 @@ def test_a_relative_prepared_dir_is_found_from_any_working_folder(
     assert Run(str(run_dir)).data()["prepared_dir"] == expected
     monkeypatch.chdir(project)  # and from its own folder, by a relative path
     assert Run("runs/old").data()["prepared_dir"] == expected
-    # A relative folder found nowhere is left as written, for the caller's
-    # "no readable summary.json" error.
-    (run_dir / "data.json").write_text(json.dumps({"prepared_dir": "gone/x"}))
-    assert Run(str(run_dir)).data()["prepared_dir"] == "gone/x"
+    # An absolute folder (what runs record now) that was moved with its runs.
+    (run_dir / "data.json").write_text(json.dumps({"prepared_dir": expected}))
+    assert Run(str(run_dir)).data()["prepared_dir"] == expected
+    shutil.move(project / "runs", tmp_path / "moved")
+    moved = str(tmp_path / "moved" / "_data" / "toy-abc")
+    assert Run(str(tmp_path / "moved" / "old")).data()["prepared_dir"] == moved
+    # A folder found nowhere is left as written, for the caller's "no
+    # readable summary.json" error.
+    (tmp_path / "moved" / "old" / "data.json").write_text(
+        json.dumps({"prepared_dir": "gone/x"})
+    )
+    assert Run(str(tmp_path / "moved" / "old")).data()["prepared_dir"] == "gone/x"
 
 
 def test_a_run_saved_before_e_pretrain_resumes_with_it_off(tmp_path):

@@ -37,7 +37,8 @@ CONVERTED_DIR = "converted"
 INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # stable id within the dataset
-        ("image_uri", pa.string()),  # file the pipeline reads (null: bytes/TFDS)
+        # file the pipeline reads (null: bytes/TFDS); see `resolve_image_uri`
+        ("image_uri", pa.string()),
         ("image_bytes", pa.binary()),  # encoded image when not a file
         ("source_uri", pa.string()),  # the original file, if any
         ("label", pa.int32()),  # class index (-1 when quarantined as undeclared)
@@ -115,6 +116,24 @@ def write_index(path: str | os.PathLike, rows: dict[str, list]) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def resolve_image_uri(out_dir: str | os.PathLike, uri: str | None) -> str | None:
+    """The file an index row's `image_uri` names.
+
+    Source files are recorded as absolute paths. Converted files are
+    recorded relative to the prepared folder (`converted/<sha256>.png`), so
+    the folder can be moved or read from any working folder. Indexes written
+    before either rule hold paths relative to the working folder `prepare`
+    ran in: a converted file is still found in `out_dir`; a source file is
+    read from the current working folder, as before.
+    """
+    if not uri or os.path.isabs(uri):
+        return uri
+    parts = Path(uri).parts
+    if len(parts) >= 2 and parts[-2] == CONVERTED_DIR:
+        return os.path.join(os.path.abspath(out_dir), CONVERTED_DIR, parts[-1])
+    return os.path.abspath(uri)
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedDataset:
     """A dataset that `prepare` validated and indexed.
@@ -168,6 +187,10 @@ class PreparedDataset:
     def read_index(self, columns: list[str] | None = None) -> pa.Table:
         """The index table (optionally only some columns)."""
         return pq.read_table(self.index_path, columns=columns)
+
+    def image_path(self, uri: str | None) -> str | None:
+        """The file an index row's `image_uri` names (`resolve_image_uri`)."""
+        return resolve_image_uri(self.out_dir, uri)
 
     @classmethod
     def from_summary(cls, out_dir: str, summary: dict, **extra: Any) -> PreparedDataset:

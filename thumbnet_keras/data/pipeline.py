@@ -221,7 +221,7 @@ def _source(prepared: PreparedDataset, split: str):
             ds = ds.concatenate(part)
         return ds, len(keep)
 
-    uris = [table["image_uri"][i] or "" for i in keep]
+    uris = [prepared.image_path(table["image_uri"][i]) or "" for i in keep]
     blobs = [table["image_bytes"][i] or b"" for i in keep]
     labels = np.asarray([table["label"][i] for i in keep], dtype=np.int32)
     ds = tf.data.Dataset.from_tensor_slices((uris, blobs, labels))

@@ -53,12 +53,12 @@ class PrepareError(RuntimeError):
     worker processes could not run."""
 
 
-def _reusable(old: dict) -> bool:
+def _reusable(old: dict, out_dir: Path) -> bool:
     """Whether a previous row can be copied: its converted file, if any, exists."""
     return (
         old["status"] != CONVERTED
         or old["image_uri"] is None
-        or os.path.isfile(old["image_uri"])
+        or os.path.isfile(idx.resolve_image_uri(out_dir, old["image_uri"]))
     )
 
 
@@ -168,7 +168,7 @@ def _examined(
     ImageNet-size stream is never held in memory); the order, and so the
     index, is the same for any number of workers and either pool.
     """
-    prev_sha = {key: sha for (key, sha), row in prev.items() if _reusable(row)}
+    prev_sha = {key: sha for key, sha in prev}
     candidates = iter(candidates)
     if workers <= 1:
         for cand in candidates:
@@ -201,7 +201,7 @@ def _process(
         "tfds_index": cand.tfds_index,
     }
     old = prev.get((cand.key, sha)) if sha else None
-    if old is not None and _reusable(old):
+    if old is not None:
         for k in (
             "image_uri",
             "image_bytes",
@@ -212,16 +212,9 @@ def _process(
             "reason",
         ):
             row[k] = old[k]
+        if row["status"] == OK and row["image_uri"] and cand.uri is not None:
+            row["image_uri"] = cand.uri  # the source file's path as found now
         return row, False
-    if v is None:  # Reusable by hash, but its converted file is gone.
-        if cand.array is not None:
-            v = validate_array(cand.array)
-        else:
-            early = None
-            if data is None:  # Examined in a worker process, which kept them.
-                data, early = read_file(cand.uri)
-            v = early if early is not None else validate_bytes(data)
-        decoded = True
     if is_tfds and v.status == CONVERTED:
         # TFDS images are read from the TFDS records at train time, unconverted.
         v = quarantine(f"needs_conversion:{v.reason}")
@@ -242,7 +235,7 @@ def _process(
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             idx.atomic_write(path, lambda tmp: Path(tmp).write_bytes(v.converted))
-        row["image_uri"] = str(path)
+        row["image_uri"] = f"{idx.CONVERTED_DIR}/{sha}.png"  # in out_dir
     elif v.converted is not None:
         row["image_bytes"] = v.converted
     return row, decoded
@@ -373,7 +366,7 @@ def prepare(
         stream = tfds_source.tfds_candidates(manifest.source, class_names)
     else:
         stream = iter_candidates(manifest, ignored)
-    prev = _previous_rows(out)
+    prev = {k: r for k, r in _previous_rows(out).items() if _reusable(r, out)}
     rows, decoded = [], 0
     examined = _examined(limit(stream, limit_per_class), prev, workers, executor)
     for cand, result in examined:
@@ -434,7 +427,7 @@ def prepare(
                 "key": r["key"],
                 "source_uri": r["source_uri"],
                 "reason": r["reason"],
-                "to": r["image_uri"],
+                "to": idx.resolve_image_uri(out, r["image_uri"]),
             }
             for r in converted
         ],

@@ -172,7 +172,9 @@ def image_folder_candidates(
     Anything with an image extension is a candidate, even a directory or a
     text file: validation decides.
     """
-    root = Path(source.root).expanduser()
+    # Absolute (a relative root is read from the working folder), so the
+    # index's paths do not depend on where it is read from.
+    root = Path(source.root).expanduser().absolute()
     if not root.is_dir():
         raise DataSourceError(f"image folder root not found: {root}")
     extensions = tuple(e.lower() for e in source.extensions)
@@ -220,7 +222,9 @@ def parquet_candidates(
         raise DataSourceError(
             f"{path}: missing column(s) {missing}; has {table.column_names}"
         )
-    base = Path(source.base_dir).expanduser() if source.base_dir else path.parent
+    base = (
+        Path(source.base_dir).expanduser() if source.base_dir else path.parent
+    ).absolute()
     images = table.column(source.image_column).to_pylist()
     labels = table.column(source.label_column).to_pylist()
     splits = (

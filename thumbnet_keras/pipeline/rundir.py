@@ -373,23 +373,35 @@ class Run:
         return read_json(self.config_json)
 
     def data(self) -> dict:
-        """The parsed `data.json`, its `prepared_dir` an absolute path.
-
-        Runs prepared before `data.prepare` recorded absolute folders hold
-        `prepared_dir` relative to the working folder the run started in
-        (`runs/_data/...`); it is looked for beside the run folder's
-        ancestors, nearest first, then in the working folder, so `--run
-        /elsewhere/runs/<name>` works from any folder.
-        """
+        """The parsed `data.json`, its `prepared_dir` found (`_find_prepared`)."""
         data = read_json(self.data_json)
         folder = data.get("prepared_dir")
-        if isinstance(folder, str) and folder and not os.path.isabs(folder):
-            here = self.path.absolute()
-            for base in (*here.parents, Path.cwd()):
-                if (base / folder).is_dir():
-                    data["prepared_dir"] = str(base / folder)
-                    break
+        if isinstance(folder, str) and folder:
+            data["prepared_dir"] = _find_prepared(folder, self.path) or folder
         return data
+
+
+def _find_prepared(folder: str, run_path: Path) -> str | None:
+    """The prepared-data folder a run's `data.json` names, or None.
+
+    An absolute folder that exists is the one. Runs prepared before
+    `data.prepare` recorded absolute folders hold it relative to the working
+    folder they started in (`runs/_data/elpv-<hash>`), and a runs folder
+    may have been moved with its `_data`: the folder, then its last two parts
+    (`_data/elpv-<hash>`, named by the manifest's content), are looked for
+    beside the run folder's ancestors, nearest first, then in the working
+    folder, so `--run /elsewhere/runs/<name>` works from anywhere.
+    """
+    if os.path.isabs(folder) and os.path.isdir(folder):
+        return folder
+    parts = Path(folder).parts
+    tails = ([] if os.path.isabs(folder) else [folder]) + [os.path.join(*parts[-2:])]
+    bases = (*Path(run_path).absolute().parents, Path.cwd())
+    for tail in tails:
+        for base in bases:
+            if (base / tail / "summary.json").is_file():
+                return str(base / tail)
+    return None
 
 
 # Config fields that name a folder: equal when they name the same folder.
