@@ -145,6 +145,26 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "none.keras"), str(broken)]) == 2
 
 
+def test_a_model_the_sidecar_does_not_list_is_refused(tmp_path):
+    """A run folder's teacher.keras sits beside the sidecar of thumbnet.keras
+    and takes the same image size, but other values: predicting with it
+    would print confident nonsense, so a model the sidecar does not list is
+    refused (an explicit sidecar is the caller's word)."""
+    model = _brightness_model(tmp_path / "m" / "model.keras")
+    keras.saving.load_model(model).save(tmp_path / "m" / "teacher.keras")
+    image = tmp_path / "bright.png"
+    Image.fromarray(np.full((16, 16), 230, np.uint8)).save(image)
+    with pytest.raises(
+        deploy.SidecarError, match=r"describes model.keras, not teacher.keras"
+    ):
+        predict(str(tmp_path / "m" / "teacher.keras"), [str(image)])
+    explicit = predict(
+        str(tmp_path / "m" / "teacher.keras"), [str(image)],
+        sidecar=str(tmp_path / "m" / "thumbnet_model.json"),
+    )  # fmt: skip
+    assert explicit["predictions"][0]["top"][0]["class"] == "bright"
+
+
 def test_saved_model_folder_finds_the_sidecar_beside_it(tmp_path):
     # The exporter writes thumbnet_model.json beside thumbnet_saved_model/.
     saved = tmp_path / "thumbnet_saved_model"

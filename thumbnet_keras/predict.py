@@ -144,6 +144,17 @@ def predict(
     if not Path(model_path).exists():
         raise ValueError(f"Model {str(model_path)!r} not found.")
     info = deploy.read_sidecar(model_path, sidecar)
+    listed, name = info.get("models") or {}, Path(model_path).name
+    own = Path(info["path"]).parent == Path(model_path)  # a SavedModel's own
+    if sidecar is None and listed and name not in listed and not own:
+        # E.g. a run folder's teacher.keras or thumbnail_model.keras: other
+        # inputs (size, value range) than the sidecar's, so silently wrong.
+        raise deploy.SidecarError(
+            f"{info['path']} describes {', '.join(sorted(listed))}, not {name}: "
+            f"its classes and input are not known to fit {name}. Predict with a "
+            "model it lists, or pass this model's own sidecar (Python API: "
+            "`predict(..., sidecar=path)`)."
+        )
     height, width = info["input_size"]
     channels, classes = info["channels"], info["class_names"]
     runner = deploy.load_runner(model_path)
