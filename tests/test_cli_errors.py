@@ -87,6 +87,7 @@ def world(tmp_path_factory) -> Path:
         ("five.keras", (64, 64, 1), 5, None),  # 2 classes in the data.
         ("softmax.keras", (64, 64, 1), 2, "softmax"),
         ("rgb.keras", (64, 64, 3), 2, None),  # The run's images are gray.
+        ("no_feature_map.keras", (64, 64, 1), 2, None),  # No CNN at all.
     ):
         image = keras.Input(shape)
         pooled = keras.layers.GlobalAveragePooling2D()(image)
@@ -292,6 +293,24 @@ def test_user_error_is_one_line_and_exit_2(world, case, args, expected):
     assert snapshot(world) == before  # Nothing written, nothing touched.
 
 
+def test_a_teacher_without_feature_maps_is_refused_before_any_stage(world, tmp_path):
+    """A teacher with no 4-D layer (Input -> pooling -> Dense) used to train
+    the first stages and then fail the joint stage with a 190-line
+    traceback (a practitioner's trial, 2026-11-29). It is refused where the
+    flow loads the teacher, before any stage: exit 2, one error line."""
+    runs = tmp_path / "runs"
+    args = ["train", "--dataset", f"{world}/brightness.yaml", "--runs-dir", str(runs),
+            "--teacher", f"{world}/no_feature_map.keras"]  # fmt: skip
+    errors = error_lines(run_refused(args, world))
+    assert len(errors) == 1, errors
+    assert (
+        "has no layer with a 4-D (B, H, W, C) output to use for feature mapping. "
+        "ThumbNet's student is the teacher's convolutional network run on "
+        "thumbnails; give a CNN classifier."
+    ) in errors[0]
+    assert not list(runs.glob("*/stages/*.json"))  # no stage ran
+
+
 def test_debug_shows_the_traceback(world):
     result, _ = run_cli(["train", "--batch-size", "0", "--debug"], world)
     assert result.returncode == 2
@@ -396,7 +415,8 @@ def test_a_teacher_failing_its_health_checks_is_reported_without_traceback(tmp_p
     --debug or -v. 15-30 s: Prefect and TensorFlow start."""
     manifest = tiny_dataset(tmp_path, per_class=4)
     image = keras.Input((32, 32, 1))
-    pooled = keras.layers.GlobalAveragePooling2D()(image)
+    features = keras.layers.Conv2D(4, 3, padding="same")(image)
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
     logits = keras.layers.Dense(2, kernel_initializer="zeros")(pooled)
     keras.Model(image, logits).save(tmp_path / "constant.keras")
     args = ["train", "--dataset", manifest, "--smoke", "--run-name", "r",

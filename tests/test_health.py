@@ -235,7 +235,7 @@ def test_constant_teacher_stops_the_run_and_its_rerun(tmp_path):
     manifest = tiny_dataset(tmp_path)
     inputs = keras.Input((32, 32, 1), name="image")
     logits = keras.layers.Dense(2, kernel_initializer="zeros", name="logits")(
-        keras.layers.GlobalAveragePooling2D()(inputs)
+        keras.layers.GlobalAveragePooling2D()(_feature_map(inputs))
     )
     path = tmp_path / "constant.keras"
     keras.Model(inputs, logits).save(path)
@@ -255,6 +255,14 @@ def test_constant_teacher_stops_the_run_and_its_rerun(tmp_path):
     assert record["health"]["logit_spread"] == 0.0
 
 
+def _feature_map(inputs):
+    """A 1x1 convolution that passes a gray image on unchanged: the feature
+    map ThumbNet needs (a teacher without one is refused)."""
+    return keras.layers.Conv2D(
+        1, 1, kernel_initializer="ones", bias_initializer="zeros", name="features"
+    )(inputs)
+
+
 def _sign_teacher(path, threshold=0.0):
     """Class 0 ("bright") when the image's mean is above `threshold`: right
     on [-1, 1] images (threshold 0), always class 0 on [0, 1] ones."""
@@ -264,7 +272,7 @@ def _sign_teacher(path, threshold=0.0):
         kernel_initializer=keras.initializers.Constant([[1.0, -1.0]]),
         bias_initializer=keras.initializers.Constant([-threshold, threshold]),
         name="logits",
-    )(keras.layers.GlobalAveragePooling2D()(inputs))
+    )(keras.layers.GlobalAveragePooling2D()(_feature_map(inputs)))
     keras.Model(inputs, logits).save(path)
     return str(path)
 

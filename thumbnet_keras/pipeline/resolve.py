@@ -138,7 +138,7 @@ def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None):
     specification), loaded; raises `ConfigError` unless it takes
     `image_shape` and gives `num_classes` logits."""
     from thumbnet_keras.models.teachers import TeacherSpecError, load_teacher
-    from thumbnet_keras.models.trainer import check_logits_model
+    from thumbnet_keras.models.trainer import check_logits_model, find_feature_layer
 
     try:
         teacher = load_teacher(path, tuple(image_shape), num_classes)
@@ -157,6 +157,13 @@ def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None):
             f"Teacher {path!r} outputs {classes} classes but the dataset has "
             f"{num_classes}; they must agree."
         )
+    try:  # The joint stage reads T's and S's last feature maps.
+        find_feature_layer(teacher, None, "teacher")
+    except ValueError as err:
+        raise ConfigError(
+            f"Teacher {path!r}: {err} ThumbNet's student is the teacher's "
+            "convolutional network run on thumbnails; give a CNN classifier."
+        ) from err
     return teacher
 
 
