@@ -274,3 +274,56 @@ def test_kill_9_leaves_no_process_behind(tmp_path):
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes outlived `thumbnet train`: {left}"
     assert not _group(proc.pid), "its process group still has live processes"
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow" or not sys.platform.startswith("linux"),
+    reason="one real `thumbnet train` process (slow): tensorflow backend, Linux",
+)
+def test_ctrl_c_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole foreground process
+    group. Prefect's temporary server used to be in that group: it died
+    first, and the flow retried it for ~150 s, printed connection
+    tracebacks and exited 1 (a practitioner's trial, 2026-11-29). The
+    server now has its own session: exit 130 with the resume hint, and no
+    process left behind."""
+    env = subprocess_env() | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    runs = tmp_path / "runs"
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "thumbnet_keras.cli", "train", "--smoke",
+             "--dataset", tiny_dataset(tmp_path, per_class=8),
+             "--runs-dir", str(runs), "--run-name", "c"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            # A shell's background job ignores SIGINT; a terminal's does not.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        children: set[int] = set()
+        try:
+            deadline = time.monotonic() + 240
+            # Until the first stage has finished: the flow is mid-run.
+            while time.monotonic() < deadline and proc.poll() is None:
+                children |= _descendants(proc.pid)
+                if (runs / "c" / "stages" / "teacher.json").is_file():
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    output = log_path.read_text()
+    assert proc.returncode == 130, output[-3000:]
+    assert "thumbnet: interrupted; rerun the same command to resume." in output
+    assert "ConnectError" not in output and "Traceback" not in output, output[-3000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in children):
+        time.sleep(0.2)
+    left = sorted(p for p in children if _alive(p))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes outlived `thumbnet train`: {left}"

@@ -260,6 +260,12 @@ def _start_prefect_server() -> None:
 
     def child_popen(*args, **kwargs):
         kwargs.setdefault("preexec_fn", _die_with_parent)
+        # Its own session: a terminal's Ctrl-C (SIGINT to the whole
+        # foreground process group) reaches this process only. The server
+        # stays up while the flow records the interrupt, then stops at exit;
+        # when it got the SIGINT too, the flow retried the dead server for
+        # ~150 s and printed connection tracebacks before exiting 1.
+        kwargs.setdefault("start_new_session", True)
         return popen(*args, **kwargs)
 
     instance = server.SubprocessASGIServer()
