@@ -354,6 +354,10 @@ def test_a_runs_prepared_dir_is_found_from_any_working_folder(tmp_path, monkeypa
         json.dumps({"prepared_dir": "gone/x"})
     )
     assert Run(str(tmp_path / "moved" / "old")).data()["prepared_dir"] == "gone/x"
+    # The steps that read its images (evaluate, training, int8 calibration,
+    # generalize) ask for it and get one line naming the way out.
+    with pytest.raises(ConfigError, match=r"its prepared data 'gone/x' is not found"):
+        Run(str(tmp_path / "moved" / "old")).data(require=True)
 
 
 def test_a_run_saved_before_e_pretrain_resumes_with_it_off(tmp_path):

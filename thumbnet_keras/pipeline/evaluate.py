@@ -129,7 +129,7 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
     if path.is_file() and not force:
         logger.info("[evaluate] already finished, skipped")
         return read_json(path) | {"skipped": True}
-    prepared = run.data()
+    prepared = run.data(require=True)
     classes = prepared["num_classes"]
     shape = (config.image_size, config.image_size, config.channels)
     test = test_batches(prepared, config.image_size, config.channels, config.batch_size)

@@ -50,9 +50,9 @@ def find_run_dir(keras_path: str | os.PathLike) -> str | None:
     return None
 
 
-def _input(run_dir: str) -> tuple[Run, dict, int, int]:
+def _input(run_dir: str, require: bool = False) -> tuple[Run, dict, int, int]:
     run, config = load_run(run_dir)
-    return run, run.data(), config.image_size, config.channels
+    return run, run.data(require=require), config.image_size, config.channels
 
 
 def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
@@ -66,7 +66,7 @@ def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
     """
     from thumbnet_keras import data
 
-    _, prepared, size, channels = _input(run_dir)
+    _, prepared, size, channels = _input(run_dir, require=True)
     stream = data.make_dataset(
         prepared["prepared_dir"],
         "train",

@@ -91,7 +91,7 @@ def _source(config: GeneralizeConfig) -> tuple[Run, dict, dict]:
             f"Source run {config.source_run!r} has no data.json: E's input "
             "range (its dataset's normalization) is unknown."
         )
-    return source, saved, source.data()
+    return source, saved, source.data(require=True)
 
 
 def input_notes(

@@ -372,12 +372,29 @@ class Run:
         """The parsed `config.json` (`{"config": ..., "environment": ...}`)."""
         return read_json(self.config_json)
 
-    def data(self) -> dict:
-        """The parsed `data.json`, its `prepared_dir` found (`_find_prepared`)."""
+    def data(self, require: bool = False) -> dict:
+        """The parsed `data.json`, its `prepared_dir` found (`_find_prepared`).
+
+        `require`: raise `ConfigError` when the prepared data is not found
+        (for the steps that read its images), instead of returning the
+        folder as written.
+        """
+        from thumbnet_keras.pipeline.config import ConfigError
+
         data = read_json(self.data_json)
         folder = data.get("prepared_dir")
         if isinstance(folder, str) and folder:
-            data["prepared_dir"] = _find_prepared(folder, self.path) or folder
+            found = _find_prepared(folder, self.path)
+            if require and found is None:
+                tail = os.path.join(*Path(folder).parts[-2:])
+                raise ConfigError(
+                    f"Run {str(self.path)!r}: its prepared data {folder!r} is not "
+                    f"found (nor {tail!r} beside the run folder or a folder above "
+                    "it). Move or copy the data folder (`_data` in the runs "
+                    "folder, or --data-dir) with the run, or rerun `thumbnet "
+                    "train` with the run's options to prepare it again."
+                )
+            data["prepared_dir"] = found or folder
         return data
 
 

@@ -664,7 +664,7 @@ def train_stage(
     progress.stage_started(config.factors, sid, progress.skipped_stages(config))
     if run.is_done(sid):
         return _skip(run, sid)
-    prepared = run.data()
+    prepared = run.data(require=True)
     configure_determinism(config.seed + factor, config.deterministic)
     out = run.stage_dir(sid)
     teacher = _load(run.teacher_keras)
