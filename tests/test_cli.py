@@ -3,6 +3,8 @@ problem (every user error, as a real process: tests/test_cli_errors.py)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from thumbnet_keras.cli import main
@@ -267,3 +269,32 @@ def test_nothing_below_the_command_line_imports_it():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             assert not any(n.startswith("thumbnet_keras.cli") for n in names), path
+
+
+def test_a_data_file_deleted_after_prepare_is_named_in_one_line(tmp_path):
+    """tf.data's own error for an indexed image that is gone (a practitioner
+    deleted one after training; evaluate ended in a TensorFlow traceback):
+    the command turns it into one line naming the file."""
+    from data_fixtures import make_image_folder
+
+    from thumbnet_keras import data
+    from thumbnet_keras.cli import _missing_input_file
+
+    make_image_folder(tmp_path / "src")
+    manifest = data.Manifest.model_validate(
+        {"name": "toy", "description": "d", "license": "test data",
+         "source": {"type": "image_folder", "root": str(tmp_path / "src")},
+         "image": {"channels": 3},
+         "split": {"test_fraction": 0.34, "validation_fraction": 0.0}}
+    )  # fmt: skip
+    prepared = data.prepare(manifest, tmp_path / "out")
+    rows = [r for r in prepared.read_index().to_pylist() if r["split"] == "test"]
+    gone = prepared.image_path(
+        next(r for r in rows if r["status"] == "ok")["image_uri"]
+    )
+    os.remove(gone)
+    with pytest.raises(Exception) as caught:
+        for _ in data.make_dataset(prepared, "test", 8, 4, False):
+            pass
+    assert _missing_input_file(caught.value) == gone
+    assert _missing_input_file(ValueError(f"{gone}; No such file or directory")) is None

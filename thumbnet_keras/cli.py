@@ -35,6 +35,7 @@ import difflib
 import functools
 import logging
 import os
+import re
 import sys
 import typing
 import warnings
@@ -525,6 +526,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return errors
 
 
+def _missing_input_file(err: BaseException) -> str | None:
+    """The image file tf.data found missing (TensorFlow's `NotFoundError`
+    while a stage trains or a run is evaluated: the data changed after it was
+    prepared), or None for any other error."""
+    if type(err).__name__ != "NotFoundError":
+        return None
+    match = re.search(r"(\S+); No such file or directory", str(err))
+    return match.group(1) if match else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `thumbnet` console script."""
     args = _parser().parse_args(argv)
@@ -549,6 +560,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except Exception as err:
+        missing = _missing_input_file(err)
+        if missing and not getattr(args, "debug", False):
+            print(
+                f"thumbnet: error: {missing}: no such file. The run's prepared "
+                "index names it, so the data changed after it was prepared: "
+                "restore the file, or train a new run (another --run-name) on "
+                "the data as it is now.",
+                file=sys.stderr,
+            )
+            return 2
         if not isinstance(err, _user_errors()):
             raise  # A bug: its traceback.
         if getattr(args, "debug", False):
