@@ -169,6 +169,11 @@ CASES = [
      "outputs 5 classes but the dataset has 2"),
     ("teacher-classes-conv-head", [*TRAIN, "--teacher", "{root}/five_conv_head.keras"],
      "outputs 5 classes but the dataset has 2"),
+    ("smoke-clash", [*TRAIN, "--smoke", "--image-size", "48", "--epochs", "2"],
+     "--smoke sets --image-size, --epochs (a run shrunk to seconds): leave them out, "
+     "or drop --smoke."),
+    ("smoke-clash-demo", ["demo", "--smoke", "--batch-size", "4", "--runs-dir", "{root}/runs"],
+     "--smoke sets --batch-size (a run shrunk to seconds): leave it out"),
     ("teacher-softmax", [*TRAIN, "--teacher", "{root}/softmax.keras"],
      "ends in a softmax activation, so it outputs probabilities, not logits"),
     ("teacher-channels", [*TRAIN, "--teacher", "{root}/rgb.keras"],

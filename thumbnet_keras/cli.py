@@ -204,6 +204,24 @@ def _train_values(args: argparse.Namespace) -> dict:
     return option_values(args, ThumbNetParams)
 
 
+def _check_smoke(given: dict) -> None:
+    """`--smoke` sets the fields of `config.SMOKE`: refuses one of them given
+    too (it used to be replaced without a word: `--smoke --image-size 48`
+    trained at 32)."""
+    if not given.get("smoke"):
+        return
+    from thumbnet_keras.pipeline.config import SMOKE, ConfigError
+    from thumbnet_keras.pipeline.options import option_name
+
+    kept = {"backbone_options"} | ({"image_size"} if given.get("teacher") else set())
+    clash = [option_name(k) for k in SMOKE if k in given and k not in kept]
+    if clash:
+        raise ConfigError(
+            f"--smoke sets {', '.join(clash)} (a run shrunk to seconds): leave "
+            f"{'it' if len(clash) == 1 else 'them'} out, or drop --smoke."
+        )
+
+
 def _generalize_values(args: argparse.Namespace) -> dict:
     """`GeneralizeParams` fields from `thumbnet generalize`'s options."""
     from thumbnet_keras.pipeline import GeneralizeParams
@@ -417,9 +435,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             from thumbnet_keras.pipeline.options import option_values
             from thumbnet_keras.pipeline.presets import demo
 
-            values = demo() | option_values(args, ThumbNetParams, _DEMO)
+            given = option_values(args, ThumbNetParams, _DEMO)
+            _check_smoke(given)
+            values = demo() | given
         else:
             values = _train_values(args)
+            _check_smoke(values)
         params = preflight.check_thumbnet(values)
         run_dir = os.path.join(params.runs_dir, params.run_name)
         work = functools.partial(_run_thumbnet, params)

@@ -321,7 +321,12 @@ class ThumbNetParams(BaseModel):
         description="XLA: auto (Keras' choice: JAX, TensorFlow with a GPU), on "
         "(TensorFlow's CPU too) or off.",
     )
-    smoke: bool = Field(False, description="Shrink the run to seconds (tests, CI).")
+    smoke: bool = Field(
+        False,
+        description="Shrink the run to seconds (tests, CI): it sets the image "
+        "size, data limit, epochs, batch size and E width (the command line "
+        "refuses those options beside it).",
+    )
 
     def to_config(self) -> RunConfig:
         """The run's `RunConfig`, with `smoke` applied."""
