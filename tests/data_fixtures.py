@@ -85,3 +85,25 @@ def make_image_folder(
     if with_bad:
         write_bad_files(root / classes[0])
     return root
+
+
+def folder_manifest(root, name: str = "toy", test_fraction: float = 0.34, **split):
+    """An image-folder manifest over `root` (3 channels). The data-layer
+    tests assume no carved validation split unless they ask for one (the
+    manifest default is 10% of train)."""
+    from thumbnet_keras import data
+
+    return data.Manifest.model_validate(
+        {
+            "name": name,
+            "description": "planted files",
+            "license": "test data",
+            "source": {"type": "image_folder", "root": str(root)},
+            "image": {"channels": 3},
+            "split": {
+                "test_fraction": test_fraction,
+                "validation_fraction": 0.0,
+                **split,
+            },
+        }
+    )

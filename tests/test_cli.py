@@ -275,19 +275,13 @@ def test_a_data_file_deleted_after_prepare_is_named_in_one_line(tmp_path):
     """tf.data's own error for an indexed image that is gone (a practitioner
     deleted one after training; evaluate ended in a TensorFlow traceback):
     the command turns it into one line naming the file."""
-    from data_fixtures import make_image_folder
+    from data_fixtures import folder_manifest, make_image_folder
 
     from thumbnet_keras import data
     from thumbnet_keras.cli import _missing_input_file
 
     make_image_folder(tmp_path / "src")
-    manifest = data.Manifest.model_validate(
-        {"name": "toy", "description": "d", "license": "test data",
-         "source": {"type": "image_folder", "root": str(tmp_path / "src")},
-         "image": {"channels": 3},
-         "split": {"test_fraction": 0.34, "validation_fraction": 0.0}}
-    )  # fmt: skip
-    prepared = data.prepare(manifest, tmp_path / "out")
+    prepared = data.prepare(folder_manifest(tmp_path / "src"), tmp_path / "out")
     rows = [r for r in prepared.read_index().to_pylist() if r["split"] == "test"]
     gone = prepared.image_path(
         next(r for r in rows if r["status"] == "ok")["image_uri"]

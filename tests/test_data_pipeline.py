@@ -5,25 +5,15 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from data_fixtures import make_image_folder, write_good
+from data_fixtures import folder_manifest, make_image_folder, write_good
 from PIL import Image
 
 from thumbnet_keras import data
 
 
 def _manifest(root, name="toy", **split) -> data.Manifest:
-    return data.Manifest.model_validate(
-        {
-            "name": name,
-            "description": "d",
-            "license": "test data",
-            "source": {"type": "image_folder", "root": str(root)},
-            "image": {"channels": 3},
-            # These tests are about the stream, not the split: no validation
-            # carve unless asked (the manifest default is 10% of train).
-            "split": {"test_fraction": 0.25, "validation_fraction": 0.0, **split},
-        }
-    )
+    # These tests are about the stream, not the split: a quarter for test.
+    return folder_manifest(root, name, **({"test_fraction": 0.25} | split))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 from data_fixtures import (
     BAD_FILES,
     encode,
+    folder_manifest,
     make_image_folder,
     pattern,
     write_bad_files,
@@ -23,21 +24,6 @@ from PIL import Image
 from thumbnet_keras import data
 from thumbnet_keras.data import index as index_module
 from thumbnet_keras.data.validate import validate_bytes
-
-
-def folder_manifest(root, **split) -> data.Manifest:
-    return data.Manifest.model_validate(
-        {
-            "name": "toy",
-            "description": "planted files",
-            "license": "test data",
-            "source": {"type": "image_folder", "root": str(root)},
-            "image": {"channels": 3},
-            # The data-layer tests below assume no carved validation split
-            # unless they ask for one (the manifest default is 0.1).
-            "split": {"test_fraction": 0.34, "validation_fraction": 0.0, **split},
-        }
-    )
 
 
 def rows_by_name(prepared) -> dict[str, dict]:
