@@ -210,11 +210,10 @@ def _check_smoke(given: dict) -> None:
     trained at 32)."""
     if not given.get("smoke"):
         return
-    from thumbnet_keras.pipeline.config import SMOKE, ConfigError
+    from thumbnet_keras.pipeline.config import ConfigError, smoke_overrides
     from thumbnet_keras.pipeline.options import option_name
 
-    kept = {"backbone_options"} | ({"image_size"} if given.get("teacher") else set())
-    clash = [option_name(k) for k in SMOKE if k in given and k not in kept]
+    clash = [option_name(k) for k in smoke_overrides(given) if k in given]
     if clash:
         raise ConfigError(
             f"--smoke sets {', '.join(clash)} (a run shrunk to seconds): leave "

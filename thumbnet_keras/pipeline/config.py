@@ -28,6 +28,7 @@ __all__ = [
     "ThumbNetParams",
     "SMOKE",
     "skipped_stages",
+    "smoke_overrides",
 ]
 
 
@@ -67,6 +68,14 @@ SMOKE: dict[str, Any] = {
     "throughput_batches": 2,
     "bn_batches": 2,
 }
+
+
+def smoke_overrides(given: dict) -> list[str]:
+    """The fields of `SMOKE` that `smoke=True` sets over the `given` values:
+    all but `backbone_options` (a given one is kept), and `image_size` when
+    a given teacher fixes it."""
+    kept = {"backbone_options"} | ({"image_size"} if given.get("teacher") else set())
+    return [k for k in SMOKE if k not in kept]
 
 
 class _RunFolder:
@@ -332,10 +341,7 @@ class ThumbNetParams(BaseModel):
         """The run's `RunConfig`, with `smoke` applied."""
         values = self.model_dump()
         if self.smoke:
-            kept = {"backbone_options"}
-            if self.teacher is not None:  # A given teacher fixes the image size.
-                kept.add("image_size")
-            values.update({k: v for k, v in SMOKE.items() if k not in kept})
+            values.update({k: SMOKE[k] for k in smoke_overrides(values)})
             if self.backbone == "tiny_cnn" and not self.backbone_options:
                 values["backbone_options"] = dict(SMOKE["backbone_options"])
         return RunConfig.model_validate(values)
