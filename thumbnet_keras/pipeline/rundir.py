@@ -386,16 +386,20 @@ class Run:
         if isinstance(folder, str) and folder:
             found = _find_prepared(folder, self.path)
             if require and found is None:
-                tail = os.path.join(*Path(folder).parts[-2:])
                 raise ConfigError(
                     f"Run {str(self.path)!r}: its prepared data {folder!r} is not "
-                    f"found (nor {tail!r} beside the run folder or a folder above "
-                    "it). Move or copy the data folder (`_data` in the runs "
+                    f"found (nor {_moved_tail(folder)!r} beside the run folder or "
+                    "a folder above it). Move or copy the data folder (`_data` in the runs "
                     "folder, or --data-dir) with the run, or rerun `thumbnet "
                     "train` with the run's options to prepare it again."
                 )
             data["prepared_dir"] = found or folder
         return data
+
+
+def _moved_tail(folder: str) -> str:
+    """`<data folder>/<name>-<hash>`: how a prepared folder is found after a move."""
+    return os.path.join(*Path(folder).parts[-2:])
 
 
 def _find_prepared(folder: str, run_path: Path) -> str | None:
@@ -411,8 +415,9 @@ def _find_prepared(folder: str, run_path: Path) -> str | None:
     """
     if os.path.isabs(folder) and os.path.isdir(folder):
         return folder
-    parts = Path(folder).parts
-    tails = ([] if os.path.isabs(folder) else [folder]) + [os.path.join(*parts[-2:])]
+    tails = dict.fromkeys(
+        ([] if os.path.isabs(folder) else [folder]) + [_moved_tail(folder)]
+    )
     bases = (*Path(run_path).absolute().parents, Path.cwd())
     for tail in tails:
         for base in bases:
