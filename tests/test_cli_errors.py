@@ -210,6 +210,11 @@ CASES = [
      "resnet18 has no option 'widths'; it takes none"),
     ("weights-imagenet", [*TRAIN, "--backbone-weights", "imagenet"],
      "Keras has no ImageNet weights for --backbone tiny_cnn"),
+    # With a teacher, the backbone fields only name its architecture.
+    ("teacher-backbone-weights", [*TRAIN, "--teacher", "{root}/five.keras", "--backbone-weights",
+                                  "imagenet"], "the teacher is already trained, so the weights"),
+    ("teacher-backbone-options", [*TRAIN, "--teacher", "{root}/five.keras", "--backbone-options",
+                                  '{"widths": [8]}'], "--backbone-options with --teacher"),
     ("teacher-applications", [*TRAIN, "--teacher", "applications:ResNet99"],
      "unknown keras.applications model 'ResNet99'; choose from ResNet50"),
     ("teacher-applications-gray", [*TRAIN, "--teacher", "applications:MobileNetV2"],

@@ -418,6 +418,48 @@ def test_changed_manifest_is_not_resumed_onto(earlier_run):
     assert snapshot(runs) == before
 
 
+def test_a_teacher_file_records_no_backbone_it_does_not_have(earlier_run, tmp_path):
+    """A run with a teacher file and no `backbone` used to record the field's
+    default, tiny_cnn: its default name said tiny_cnn, and `generalize`
+    trained a fresh tiny_cnn as "the source's backbone" of, say, a
+    MobileNetV2 teacher. Now the architecture stays unnamed, the run is
+    named after the file, and generalize asks for a backbone."""
+    from thumbnet_keras.pipeline.config import experiment_backbone
+    from thumbnet_keras.pipeline.rundir import unlock_run
+
+    manifest, runs = earlier_run
+    teacher = _teacher(tmp_path / "my_mobilenet.keras", 2)
+    params = ThumbNetParams(
+        dataset=manifest, smoke=True, runs_dir=str(runs), teacher=teacher,
+        image_size=32,
+    )  # fmt: skip
+    run = pipeline.resolve_run(params)
+    unlock_run(run["run_dir"])
+    assert run["run_name"].startswith("tiny_brightness-my_mobilenet-")
+    saved = json.loads(Path(run["run_dir"], "config.json").read_text())
+    assert saved["config"]["backbone"] is None
+    assert saved["config"]["backbone_options"] == {}  # Not the smoke widths.
+    with pytest.raises(ConfigError, match="--experiment DATASET:BACKBONE"):
+        experiment_backbone(None, saved["config"])
+    assert experiment_backbone("resnet18", saved["config"]) == "resnet18"
+    named = ThumbNetParams(**{**params.model_dump(), "backbone": "resnet18"})
+    assert named.to_config().backbone == "resnet18"
+    # Without a teacher the default is still the tiny_cnn stage 0 trains.
+    assert ThumbNetParams(dataset=manifest).to_config().backbone == "tiny_cnn"
+    # A run started before this change (tiny_cnn and, in smoke, its widths
+    # recorded) still resumes.
+    named_run = params.model_copy(update={"run_name": "legacy"})
+    legacy = Path(pipeline.resolve_run(named_run)["run_dir"])
+    unlock_run(legacy)
+    old = json.loads((legacy / "config.json").read_text())
+    old["config"] |= {"backbone": "tiny_cnn", "backbone_options": {"widths": [8, 16]}}
+    (legacy / "config.json").write_text(json.dumps(old))
+    (legacy / "stages").mkdir()
+    (legacy / "stages" / "teacher.json").write_text("{}")
+    assert pipeline.resolve_run(named_run)["resumed"]
+    unlock_run(legacy)
+
+
 def test_unnamed_runs_get_distinct_folders(earlier_run):
     manifest, runs = earlier_run
     run = pipeline.resolve_run(

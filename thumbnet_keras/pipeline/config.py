@@ -70,6 +70,69 @@ SMOKE: dict[str, Any] = {
 }
 
 
+def default_backbone(teacher: str | None) -> str | None:
+    """The backbone name a run records when none was given: tiny_cnn, which
+    stage 0 trains, without a teacher; the shipped teacher's own name for
+    `pretrained:elpv`; None (unknown) for any other teacher. Runs saved
+    before 2026-11-29 recorded tiny_cnn with every teacher
+    (`legacy_backbone`)."""
+    if teacher is None:
+        return "tiny_cnn"
+    if teacher == "pretrained:elpv":
+        from thumbnet_keras.pretrained import elpv_teacher_info
+
+        return elpv_teacher_info()["backbone"]
+    return None
+
+
+def architecture_label(config) -> str:
+    """What a default run name calls the teacher's architecture: `backbone`
+    when known, else the teacher's name (a file's stem, an
+    `applications:` model name, a keras-hub preset's last part)."""
+    if config.backbone:
+        return config.backbone
+    kind, _, rest = config.teacher.partition(":")
+    if kind == "applications":
+        return rest.partition(":")[0]
+    name = rest if kind == "keras_hub" else config.teacher
+    return os.path.splitext(os.path.basename(name.rstrip("/\\")))[0] or "teacher"
+
+
+def experiment_backbone(backbone: str | None, saved: dict) -> str:
+    """The backbone of a `generalize` experiment: the given one, else the
+    source run's (`saved`, its config), which is unknown when the source's
+    teacher came as a file without `backbone`."""
+    backbone = backbone or saved.get("backbone")
+    if backbone is None:
+        raise ConfigError(
+            f"The source run's teacher ({saved.get('teacher')!r}) was given "
+            "without --backbone, so its architecture has no name to build a "
+            "fresh S from. Name one for each experiment (--experiment "
+            "DATASET:BACKBONE, e.g. fashion_mnist:resnet18)."
+        )
+    return backbone
+
+
+def legacy_backbone(saved: dict, new: dict) -> dict:
+    """A saved `thumbnet` config as it is recorded now: before 2026-11-29 a
+    run with a teacher file recorded the field's default, tiny_cnn (with the
+    smoke widths in a smoke run), where it now records None; the same run,
+    so its resume is not refused for it."""
+    if (
+        saved.get("teacher") is not None
+        and saved.get("backbone") == "tiny_cnn"
+        and new.get("backbone") is None
+    ):
+        saved = {**saved, "backbone": None}
+        if (
+            saved.get("smoke")
+            and saved.get("backbone_options") == SMOKE["backbone_options"]
+            and not new.get("backbone_options")
+        ):
+            saved["backbone_options"] = {}
+    return saved
+
+
 def smoke_overrides(given: dict) -> list[str]:
     """The fields of `SMOKE` that `smoke=True` sets over the `given` values:
     all but `backbone_options` (a given one is kept), and `image_size` when
@@ -123,10 +186,13 @@ class ThumbNetParams(BaseModel):
         description="A manifest name (elpv, imagenet2012, ...; the YAML files "
         "in data_manifests/) or a manifest's path.",
     )
-    backbone: str = Field(
-        "tiny_cnn",
-        description="The teacher's architecture (thumbnet_keras.backbones); the "
-        "student S is the same architecture at thumbnail size.",
+    backbone: str | None = Field(
+        None,
+        description="The teacher's architecture (thumbnet_keras.backbones), "
+        "built and trained as stage 0 when no `teacher` is given (default then: "
+        "tiny_cnn). With a `teacher`, the name of its architecture, which "
+        "`generalize` builds as a fresh S (unset: unknown; the shipped "
+        "pretrained:elpv names its own).",
     )
     backbone_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -338,11 +404,14 @@ class ThumbNetParams(BaseModel):
     )
 
     def to_config(self) -> RunConfig:
-        """The run's `RunConfig`, with `smoke` applied."""
+        """The run's `RunConfig`, with `smoke` applied and `backbone` filled
+        in where it is known (`default_backbone`)."""
         values = self.model_dump()
+        if values["backbone"] is None:
+            values["backbone"] = default_backbone(self.teacher)
         if self.smoke:
             values.update({k: SMOKE[k] for k in smoke_overrides(values)})
-            if self.backbone == "tiny_cnn" and not self.backbone_options:
+            if values["backbone"] == "tiny_cnn" and not self.backbone_options:
                 values["backbone_options"] = dict(SMOKE["backbone_options"])
         return RunConfig.model_validate(values)
 

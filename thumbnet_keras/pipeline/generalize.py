@@ -35,6 +35,7 @@ from thumbnet_keras.pipeline.config import (
     ConfigError,
     GeneralizeConfig,
     GeneralizeParams,
+    experiment_backbone,
 )
 from thumbnet_keras.pipeline.health import default_seed_scope
 from thumbnet_keras.pipeline.rundir import (
@@ -174,7 +175,7 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
     experiments = []
     for dataset, backbone in config.experiments:
         dataset = dataset or saved["dataset"]
-        backbone = backbone or saved["backbone"]
+        backbone = experiment_backbone(backbone, saved)
         manifest = load_manifest_checked(dataset)
         check_backbone(backbone)
         notes = input_notes(

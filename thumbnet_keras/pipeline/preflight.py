@@ -41,6 +41,8 @@ from thumbnet_keras.pipeline.config import (
     ConfigError,
     GeneralizeParams,
     ThumbNetParams,
+    architecture_label,
+    experiment_backbone,
     skipped_stages,
 )
 from thumbnet_keras.pipeline.options import option_name
@@ -282,6 +284,29 @@ def _check_backbone(name: str, option: str = "--backbone") -> None:
         raise ConfigError(
             f"{option} {name!r}: unknown backbone; choose from "
             f"{', '.join(known_backbones())}."
+        )
+
+
+def _check_architecture(config) -> None:
+    """`backbone` names a known architecture and its options fit it; with a
+    teacher, the backbone fields only name the teacher's architecture, so
+    weights for it and options without a name are refused."""
+    if config.backbone is not None:
+        _check_backbone(config.backbone)
+        check_backbone_options(config.backbone, config.backbone_options)
+    if config.teacher is None:
+        return
+    if config.backbone_weights is not None:
+        raise ConfigError(
+            f"--backbone-weights {config.backbone_weights!r} with --teacher "
+            f"{config.teacher!r}: the teacher is already trained, so the "
+            "weights would be unused. Drop one of them."
+        )
+    if config.backbone is None and config.backbone_options:
+        raise ConfigError(
+            f"--backbone-options with --teacher {config.teacher!r} and no "
+            "--backbone: they name no architecture. Name the teacher's with "
+            "--backbone (generalize builds a fresh S of it), or drop them."
         )
 
 
@@ -596,8 +621,7 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     params = validate_params(ThumbNetParams, values)
     config = params.to_config()
     manifest = _check_manifest(config.dataset)
-    _check_backbone(config.backbone)
-    check_backbone_options(config.backbone, config.backbone_options)
+    _check_architecture(config)
     channels = config.channels or manifest.image.channels
     if channels not in (1, 3):
         raise ConfigError(f"--channels must be 1 or 3, received {channels}.")
@@ -638,7 +662,9 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
         config.dataset, config.resolved_data_dir, config.limit_per_class
     ):
         _check_source(manifest)
-    run_name = config.run_name or default_run_name(f"{manifest.name}-{config.backbone}")
+    run_name = config.run_name or default_run_name(
+        f"{manifest.name}-{architecture_label(config)}"
+    )
     resolved = config.model_copy(update={"channels": channels, "run_name": run_name})
     check_claimable(
         resolved.run_path,
@@ -783,7 +809,7 @@ def check_generalize(values: dict) -> GeneralizeParams:
         config,
         run_name=run_name,
         experiments=tuple(
-            (d or saved["dataset"], b or saved["backbone"])
+            (d or saved["dataset"], experiment_backbone(b, saved))
             for d, b in config.experiments
         ),
     )

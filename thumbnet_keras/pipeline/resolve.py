@@ -22,6 +22,7 @@ from thumbnet_keras.pipeline.config import (
     ConfigError,
     RunConfig,
     ThumbNetParams,
+    architecture_label,
 )
 from thumbnet_keras.pipeline.rundir import check_writable, claim, default_run_name
 
@@ -184,7 +185,8 @@ def check_students(teacher, factors) -> None:
 def _check(config: RunConfig, manifest) -> int | None:
     from thumbnet_keras.layers.downscaler import validate_image_shape
 
-    check_backbone(config.backbone)
+    if config.backbone is not None:
+        check_backbone(config.backbone)
     config.check_fm_pretrain()
     channels = config.channels or manifest.image.channels
     if channels not in (1, 3):
@@ -243,7 +245,7 @@ def resolve_run(params: ThumbNetParams | RunConfig | dict) -> dict:
     if config.channels is None:
         config = config.model_copy(update={"channels": manifest.image.channels})
     if config.run_name is None:
-        run_name = default_run_name(f"{manifest.name}-{config.backbone}")
+        run_name = default_run_name(f"{manifest.name}-{architecture_label(config)}")
         config = config.model_copy(update={"run_name": run_name})
     check_writable(config.runs_dir)
     run, resumed = claim(

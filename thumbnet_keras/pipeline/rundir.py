@@ -478,10 +478,10 @@ def _with_current_fields(config: dict, kind: str | None, new: dict) -> dict:
     missing, so it counts as a difference."""
     if kind != "thumbnet":
         return config
-    from thumbnet_keras.pipeline.config import LEGACY_VALUES
+    from thumbnet_keras.pipeline.config import LEGACY_VALUES, legacy_backbone
 
     added = {k: v for k, v in LEGACY_VALUES.items() if k not in config and k in new}
-    return {**added, **config}
+    return legacy_backbone({**added, **config}, new)
 
 
 def _differences_text(keys: list[str], old: dict, new: dict) -> str:
