@@ -67,6 +67,45 @@ def test_unknown_field_names_file_and_field(tmp_path):
     assert "colour_space: unknown field" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "source, split, message",
+    [
+        ("{type: image_folder, root: /nowhere, split_dirs: {train: tr, test: te}}",
+         "{test_fraction: 0.3}",
+         "split.test_fraction 0.3 is unused: the source brings its own test split "
+         "(folder 'te')"),
+        ("{type: image_folder, root: /nowhere, split_dirs: {train: tr, validation: va}}",
+         "{validation_fraction: 0.2}",
+         "split.validation_fraction 0.2 is unused: the source brings its own "
+         "validation split (folder 'va')"),
+        ("{type: tfds, name: imagenet2012}", "{test_fraction: 0.25}",
+         "its own test split (TFDS split 'validation')"),
+        ("{type: fashion_mnist, directory: /nowhere}", "{test_fraction: 0.1}",
+         "its own test split (the t10k files)"),
+    ],
+)  # fmt: skip
+def test_a_fraction_the_source_would_ignore_is_refused(
+    tmp_path, source, split, message
+):
+    """split_dirs with a test folder and a test_fraction used to prepare the
+    folders' split and drop the fraction without a word."""
+    body = GOOD.replace("{type: image_folder, root: /nowhere}", source)
+    path = _write(tmp_path, body + f"split: {split}\n")
+    with pytest.raises(data.ManifestError) as err:
+        data.load_manifest(path)
+    assert str(err.value).startswith(f"{path}: split.") and message in str(err.value)
+    assert "<root>" not in str(err.value) and "Value error" not in str(err.value)
+
+
+def test_a_fraction_for_a_split_the_source_lacks_is_used(tmp_path):
+    body = GOOD.replace("root: /nowhere", "root: /nowhere, split_dirs: {train: tr}")
+    m = data.load_manifest(_write(tmp_path, body + "split: {test_fraction: 0.3}\n"))
+    assert m.split.test_fraction == 0.3  # Carved from the train folder.
+    # Zero, as the shipped manifests write it for their own test split: fine.
+    body = GOOD.replace("root: /nowhere", "root: /nowhere, split_dirs: {test: te}")
+    assert data.load_manifest(_write(tmp_path, body + "split: {test_fraction: 0}\n"))
+
+
 def test_unknown_nested_field_names_its_path(tmp_path):
     path = _write(tmp_path, GOOD.replace("root: /nowhere", "root: /nowhere, rot: 1"))
     with pytest.raises(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MANIFEST_DIR_ENV = "THUMBNET_MANIFEST_DIR"
 
@@ -204,6 +204,40 @@ class Manifest(_Strict):
     )
     path: str | None = Field(None, exclude=True, description="Set by load_manifest.")
 
+    @model_validator(mode="after")
+    def _fractions_are_used(self) -> Manifest:
+        """A fraction above 0 for a split the source brings itself would be
+        silently unused (the source's split is kept): refused, naming it."""
+        own = self.source_splits()
+        for split in ("test", "validation"):
+            fraction = getattr(self.split, f"{split}_fraction")
+            if (
+                f"{split}_fraction" in self.split.model_fields_set
+                and fraction
+                and (split in own)
+            ):
+                raise ValueError(
+                    f"split.{split}_fraction {fraction:g} is unused: the source "
+                    f"brings its own {split} split ({own[split]}), which is kept. "
+                    f"Remove split.{split}_fraction (or set it to 0), or drop the "
+                    f"source's {split} split to carve one from train."
+                )
+        return self
+
+    def source_splits(self) -> dict[str, str]:
+        """The splits the source brings itself, known from the manifest
+        alone, each with where it comes from: split folders, TFDS splits,
+        Fashion-MNIST's test files. (A Parquet `split_column`'s values are
+        known once read.)"""
+        source = self.source
+        if isinstance(source, ImageFolderSource) and source.split_dirs:
+            return {k: f"folder {v!r}" for k, v in source.split_dirs.items()}
+        if isinstance(source, TfdsSource):
+            return {k: f"TFDS split {v!r}" for k, v in source.splits.items()}
+        if isinstance(source, FashionMnistSource):
+            return {"test": "the t10k files"}
+        return {}
+
     def class_count(self) -> int | None:
         """The number of classes known without preparing: the declared
         `classes`, or an image folder's class folders; None otherwise (TFDS
@@ -304,10 +338,12 @@ def load_manifest(path_or_name: str | os.PathLike | Manifest) -> Manifest:
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            field = ".".join(str(p) for p in e["loc"]) or "<root>"
             kind = {"extra_forbidden": "unknown field", "missing": "missing field"}.get(
                 e["type"], e["msg"]
             )
-            problems.append(f"{field}: {kind}")
+            if not e["loc"]:  # A check across fields names them itself.
+                problems.append(kind.removeprefix("Value error, "))
+                continue
+            problems.append(".".join(str(p) for p in e["loc"]) + f": {kind}")
         raise ManifestError(f"{path}: " + "; ".join(problems)) from err
     return manifest.model_copy(update={"path": str(path)})
