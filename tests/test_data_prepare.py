@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -476,3 +477,29 @@ def test_auto_executor_uses_processes_only_for_long_streams(tmp_path, monkeypatc
     assert used == ["_in_threads", "_in_processes"]
     with pytest.raises(ValueError, match="`executor` must be one of"):
         data.prepare(manifest, tmp_path / "bad", executor="fork")
+
+
+def test_a_class_too_small_for_a_split_is_named(tmp_path):
+    """A class of one image used to get no test and no validation image
+    without a word: the run's accuracy then says nothing about it."""
+    src = make_image_folder(tmp_path / "src", per_class=8, with_bad=False)
+    write_good(src / "rare" / "only.png", seed=999)
+    manifest = folder_manifest(src, test_fraction=0.25)
+    with pytest.warns(UserWarning) as caught:
+        prepared = data.prepare(manifest, tmp_path / "out")
+    texts = [str(w.message) for w in caught if "no image in a split" in str(w.message)]
+    assert texts == [
+        "toy: some classes have no image in a split, so that split measures "
+        "nothing of them (test: 'rare' (1 in all)). Add images to those "
+        "classes, or merge or drop them."
+    ]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["classes_absent_from_split"] == {"test": ["rare"]}
+    assert prepared.splits["test"] == 4  # 2 of each 8-image class.
+    # Enough images in every class: no warning, nothing recorded.
+    (src / "rare" / "only.png").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.prepare(manifest, tmp_path / "out2")
+    summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
+    assert summary["classes_absent_from_split"] == {}

@@ -14,6 +14,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -287,6 +288,37 @@ def _expected_splits(manifest: Manifest, rows: list[dict]) -> list[str]:
     return [s for s in SPLITS if s in expected]
 
 
+def _classes_absent(class_names, per_class, by_split_class, counts) -> dict:
+    """`{split: [class name, ...]}`: classes with images that a validation
+    or test split has none of (a class of 1-3 images, say: a stratified
+    split keeps its images in train), so nothing measures them there."""
+    absent = {}
+    for split in SPLITS:
+        if split == "train" or not counts[split]:
+            continue
+        names = [
+            name
+            for i, name in enumerate(class_names)
+            if per_class[i] and not by_split_class[split, i]
+        ]
+        if names:
+            absent[split] = names
+    return absent
+
+
+def _absent_text(dataset: str, absent: dict, per_class, class_names) -> str:
+    parts = []
+    for split, names in absent.items():
+        shown = [f"{n!r} ({per_class[class_names.index(n)]} in all)" for n in names[:5]]
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        parts.append(f"{split}: {', '.join(shown)}{more}")
+    return (
+        f"{dataset}: some classes have no image in a split, so that split "
+        f"measures nothing of them ({'; '.join(parts)}). Add images to those "
+        "classes, or merge or drop them."
+    )
+
+
 def _duplicates(rows: list[dict]) -> tuple[list[dict], int]:
     by_sha: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -483,6 +515,11 @@ def prepare(
             f"fix or remove those files, or the class (see {failed_report})"
         )
 
+    absent = _classes_absent(class_names, per_class, by_split_class, counts)
+    if absent:
+        warnings.warn(
+            _absent_text(manifest.name, absent, per_class, class_names), stacklevel=2
+        )
     columns = {name: [r.get(name) for r in rows] for name in idx.INDEX_SCHEMA.names}
     # Order matters: index, then report, then the summary that vouches for both.
     idx.write_index(out / idx.INDEX_FILE, columns)
@@ -515,6 +552,7 @@ def prepare(
         "duplicates_within_split": within,
         "ignored_files": len(ignored),
         "empty_classes": empty,
+        "classes_absent_from_split": absent,
     }
     idx.write_json(out / idx.SUMMARY_FILE, summary)
     return idx.PreparedDataset.from_summary(
