@@ -252,6 +252,8 @@ CASES = [
     ("keras-backend", ["train", "--batch-size", "8"], "KERAS_BACKEND='tensorflw' is not a Keras backend"),
     # argparse's own errors: one line too, not the 33-line usage first.
     ("choice", [*TRAIN, "--precision", "float64"], "argument --precision: invalid choice: 'float64'"),
+    ("export-format", ["export", "--run", "{root}/runs/r24", "--format", "lite-rt"],
+     "argument --format: invalid choice: 'lite-rt' (choose from 'saved_model',"),
     ("int", [*TRAIN, "--batch-size", "abc"], "argument --batch-size: invalid int value: 'abc'"),
     ("typo", [*TRAIN, "--batchsize", "8"], "--batchsize: did you mean --batch-size?"),
     ("demo-option", ["demo", "--backbone", "resnet18"], "--backbone is an option of thumbnet train"),

@@ -131,6 +131,20 @@ def _experiments(texts: list[str]) -> list[dict]:
     ]
 
 
+def _export_format(text: str) -> str:
+    """`--format`'s value, `-` read as `_` (litert-int8 = litert_int8); an
+    unknown one is echoed as typed."""
+    from thumbnet_keras.pipeline.config import EXPORT_FORMATS
+
+    name = text.replace("-", "_")
+    if name not in EXPORT_FORMATS:
+        choices = ", ".join(map(repr, EXPORT_FORMATS))
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {choices})"
+        )
+    return name
+
+
 def _parser() -> argparse.ArgumentParser:
     flags = _flags()
     parser = _Parser(
@@ -178,8 +192,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--format",
         required=True,
-        type=lambda name: name.replace("-", "_"),  # litert-int8 = litert_int8
-        choices=EXPORT_FORMATS,
+        type=_export_format,
+        metavar="{" + ",".join(EXPORT_FORMATS) + "}",
         help="litert_int8: full-integer, calibrated on the run's train images",
     )
     exp.add_argument(
