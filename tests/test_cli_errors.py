@@ -88,6 +88,7 @@ def world(tmp_path_factory) -> Path:
         ("softmax.keras", (64, 64, 1), 2, "softmax"),
         ("rgb.keras", (64, 64, 3), 2, None),  # The run's images are gray.
         ("no_feature_map.keras", (64, 64, 1), 2, None),  # No CNN at all.
+        ("not_square.keras", (64, 48, 1), 2, None),
     ):
         image = keras.Input(shape)
         pooled = keras.layers.GlobalAveragePooling2D()(image)
@@ -166,7 +167,11 @@ CASES = [
     # the run had started (after data preparation or the first stages).
     ("teacher-classes-folders", [*TRAIN[:1], "--dataset", "{root}/folders.yaml", "--runs-dir",
                                  "{root}/runs", "--teacher", "{root}/five.keras"],
-     "outputs 5 classes but the dataset has 2"),
+     "outputs 5 classes but the dataset has 2 (bright, dark: class folders holding an "
+     "image file, not yet decoded)"),
+    # Its fix is not --image-size: the run's images are square.
+    ("teacher-not-square", [*TRAIN, "--teacher", "{root}/not_square.keras"],
+     "takes 64x48 images, which are not square"),
     ("teacher-classes-conv-head", [*TRAIN, "--teacher", "{root}/five_conv_head.keras"],
      "outputs 5 classes but the dataset has 2"),
     ("smoke-clash", [*TRAIN, "--smoke", "--image-size", "48", "--epochs", "2"],

@@ -203,7 +203,10 @@ def _warn_downscaler_share(downscaler, student):
             f"{total / 1e6:.2f} M): more than "
             f"{DOWNSCALER_SHARE:.0%}, so the thumbnail model saves less than the "
             "factor promises. Use a narrower E, e.g. `build_downscaler(..., "
-            "width=auto_downscaler_width(input_shape, factor, student))`.",
+            "width=auto_downscaler_width(input_shape, factor, student))`; if E "
+            "is already that narrow (4), no width fits: S is small beside the "
+            "full-size image E reads, and only a smaller image or a larger S "
+            "lowers E's share.",
             stacklevel=3,
         )
 

@@ -524,7 +524,8 @@ def check_backbone_options(
             )
 
 
-def _check_teacher(path: str, shape: tuple, num_classes: int | None) -> None:
+def _check_teacher(path: str, shape: tuple, manifest) -> None:
+    num_classes = manifest.class_count()
     from thumbnet_keras.pretrained import resolve_teacher
 
     if path.startswith("applications:"):
@@ -539,6 +540,19 @@ def _check_teacher(path: str, shape: tuple, num_classes: int | None) -> None:
     if not os.path.isfile(path):
         raise ConfigError(f"--teacher {path!r}: file not found.")
     teacher_shape, classes = keras_archive_shape(path)
+    if (
+        teacher_shape is not None
+        and None not in teacher_shape[:2]
+        and (teacher_shape[0] != teacher_shape[1])
+    ):
+        side = max(teacher_shape[:2])
+        raise ConfigError(
+            f"--teacher {path!r} takes {teacher_shape[0]}x{teacher_shape[1]} "
+            "images, which are not square; a run's images are (--image-size "
+            "sets both sides). Rebuild the teacher with a square input (e.g. "
+            f"{side}x{side}; a convolutional network's weights carry over) and "
+            "save it again."
+        )
     if teacher_shape is not None and teacher_shape != tuple(shape):
         fixes = []
         if tuple(teacher_shape[:2]) != tuple(shape[:2]):
@@ -561,8 +575,22 @@ def _check_teacher(path: str, shape: tuple, num_classes: int | None) -> None:
     if None not in (classes, num_classes) and classes != num_classes:
         raise ConfigError(
             f"--teacher {path!r} outputs {classes} classes but the dataset has "
-            f"{num_classes}; they must agree."
+            f"{num_classes}{_class_list(manifest)}; they must agree."
         )
+
+
+def _class_list(manifest) -> str:
+    """` (a, b, c: class folders holding an image file)` for a message: the
+    classes the count came from, so a stray or broken folder shows."""
+    names = manifest.classes
+    where = ""
+    if not names and manifest.source.type == "image_folder":
+        names = manifest.source.class_folders()
+        where = ": class folders holding an image file, not yet decoded"
+    if not names:
+        return ""
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    return f" ({shown}{where})"
 
 
 def _check_imagenet_weights(backbone: str, channels: int, classes: int | None) -> None:
@@ -646,7 +674,7 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
         _check_teacher(
             config.teacher,
             (config.image_size, config.image_size, channels),
-            manifest.class_count(),
+            manifest,
         )
     weights = config.backbone_weights
     if weights not in (None, "imagenet") and not os.path.isfile(weights):
