@@ -183,7 +183,9 @@ BAD = {
     # Builds at 16x16 (f = 2), not at 8x8 (f = 4): found before f = 2 trains.
     "teacher too small at f=4": (
         {"teacher": "VALID_CONVS", "factors": [2, 4]},
-        r"Factor 4 \(--factor\): .* does not build at 8x8 inputs",
+        r"Factor 4 \(--factor\): .* does not build at 8x8 inputs .*\. Choose a "
+        r"smaller factor, or a teacher built for larger images \(the teacher's "
+        r"input size is the run's image size\)\.$",  # No Python-API advice.
     ),
     "unwritable": ({"runs_dir": "FILE/runs"}, "is not writable"),
     "same name, other config": ({"run_name": "earlier", "seed": 7}, "differs in: seed"),

@@ -141,6 +141,16 @@ def _try_from_config(cls, config):
         return None, error
 
 
+class StudentDerivationError(ValueError):
+    """`make_student` cannot derive S from the teacher at this factor.
+    `reason` is the message without the Python-API advice (the command
+    line gives its own)."""
+
+    def __init__(self, reason: str, advice: str):
+        super().__init__(f"{reason} {advice}")
+        self.reason = reason
+
+
 def make_student(
     teacher: keras.Model,
     factor: int | None = None,
@@ -217,21 +227,22 @@ def make_student(
         # The architecture itself refuses inputs this small (e.g. a conv
         # kernel larger than its feature map, keras.applications' minimum
         # input size): no head change helps.
-        raise ValueError(
+        raise StudentDerivationError(
             f"Cannot derive a student from teacher '{teacher.name}' at factor "
             f"{factor}: its architecture does not build at {new_hw[0]}x{new_hw[1]} "
-            f"inputs ({short_error_text(first_error, 300)}). Use a smaller factor or a larger "
-            "image size, or build a student for the thumbnail size yourself and "
-            "pass it as `ThumbNetTrainer(..., student=my_student)`."
+            f"inputs ({short_error_text(first_error, 300)}).",
+            "Use a smaller factor or a larger image size, or build a student "
+            "for the thumbnail size yourself and pass it as "
+            "`ThumbNetTrainer(..., student=my_student)`.",
         )
     if student is None:
         detail = f" (rebuilding failed with: {error})" if error is not None else ""
-        raise ValueError(
+        raise StudentDerivationError(
             f"Cannot derive a student from teacher '{teacher.name}' at factor "
             f"{factor}: its head needs a fixed spatial size and removing its last "
-            f"log2({factor}) pooling layers does not restore it{detail}. Build a "
-            "student for the thumbnail size yourself and pass it as "
-            "`ThumbNetTrainer(..., student=my_student)`."
+            f"log2({factor}) pooling layers does not restore it{detail}.",
+            "Build a student for the thumbnail size yourself and pass it as "
+            "`ThumbNetTrainer(..., student=my_student)`.",
         )
     if tuple(student.outputs[0].shape[1:]) != tuple(teacher.outputs[0].shape[1:]):
         raise ValueError(

@@ -173,11 +173,17 @@ def check_students(teacher, factors) -> None:
     (`make_student`), before any stage trains: an architecture that does not
     build at a factor's thumbnail size used to fail that factor's first
     stage, after every earlier factor had trained."""
-    from thumbnet_keras.models.student import make_student
+    from thumbnet_keras.models.student import StudentDerivationError, make_student
 
     for factor in factors:
         try:
             make_student(teacher, factor)
+        except StudentDerivationError as err:
+            raise ConfigError(
+                f"Factor {factor} (--factor): {err.reason} Choose a smaller "
+                "factor, or a teacher built for larger images (the teacher's "
+                "input size is the run's image size)."
+            ) from err
         except ValueError as err:
             raise ConfigError(f"Factor {factor} (--factor): {err}") from err
 
