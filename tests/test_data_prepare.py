@@ -498,8 +498,26 @@ def test_a_class_too_small_for_a_split_is_named(tmp_path):
     assert prepared.splits["test"] == 4  # 2 of each 8-image class.
     # Enough images in every class: no warning, nothing recorded.
     (src / "rare" / "only.png").unlink()
+    (src / "rare").rmdir()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data.prepare(manifest, tmp_path / "out2")
     summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
     assert summary["classes_absent_from_split"] == {}
+
+
+def test_a_folder_without_images_is_named_not_dropped_silently(tmp_path):
+    """An empty class folder (or one of files the extensions skip) is not a
+    class; a user who meant it as one used to get a run with a class fewer
+    and no word."""
+    src = make_image_folder(tmp_path / "src", per_class=8, with_bad=False)
+    (src / "empty_class").mkdir()
+    (src / "notes").mkdir()
+    (src / "notes" / "readme.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="hold no image file") as caught:
+        prepared = data.prepare(folder_manifest(src), tmp_path / "out")
+    text = next(str(w.message) for w in caught if "hold no image" in str(w.message))
+    assert text.startswith("toy: folder(s) 'empty_class', 'notes' under ")
+    assert prepared.class_names == ["cat", "dog"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["folders_without_images"] == ["empty_class", "notes"]

@@ -79,21 +79,33 @@ class ImageFolderSource(_Strict):
         stops at a folder's first candidate). None when a folder is missing
         (`prepare` reports it). Preparation takes these same classes, and
         refuses a class folder whose files are all broken (naming it)."""
+        found = self._folders()
+        if found is None:
+            return None
+        return sorted({p.name for p, has_image in found if has_image})
+
+    def folders_without_images(self) -> list[str]:
+        """Sub-folders (of the root or a split folder) holding no candidate
+        file: not classes, so a user who meant one as a class is told."""
+        found = self._folders() or []
+        root = Path(self.root).expanduser()
+        return sorted(
+            str(p.relative_to(root)) for p, has_image in found if not has_image
+        )
+
+    def _folders(self) -> list[tuple[Path, bool]] | None:
         root = Path(self.root).expanduser()
         splits = [""] if self.split_dirs is None else self.split_dirs.values()
         folders = [root / d for d in splits]
         if not all(f.is_dir() for f in folders):
             return None
         extensions = tuple(e.lower() for e in self.extensions)
-        names = {
-            p.name
+        return [
+            (p, any(c.name.lower().endswith(extensions) for c in p.rglob("*")))
             for f in folders
-            for p in f.iterdir()
-            if p.is_dir()
-            and not p.name.startswith(".")
-            and any(c.name.lower().endswith(extensions) for c in p.rglob("*"))
-        }
-        return sorted(names)
+            for p in sorted(f.iterdir())
+            if p.is_dir() and not p.name.startswith(".")
+        ]
 
 
 class ParquetSource(_Strict):

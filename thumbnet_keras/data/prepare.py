@@ -515,6 +515,18 @@ def prepare(
             f"fix or remove those files, or the class (see {failed_report})"
         )
 
+    no_images = (
+        manifest.source.folders_without_images()
+        if manifest.source.type == "image_folder" and not manifest.classes
+        else []
+    )
+    if no_images:
+        warnings.warn(
+            f"{manifest.name}: folder(s) {', '.join(map(repr, no_images[:10]))} "
+            f"under {manifest.source.root!r} hold no image file (names ending in "
+            f"{', '.join(manifest.source.extensions)}), so they are not classes.",
+            stacklevel=2,
+        )
     absent = _classes_absent(class_names, per_class, by_split_class, counts)
     if absent:
         warnings.warn(
@@ -553,6 +565,7 @@ def prepare(
         "ignored_files": len(ignored),
         "empty_classes": empty,
         "classes_absent_from_split": absent,
+        "folders_without_images": no_images,
     }
     idx.write_json(out / idx.SUMMARY_FILE, summary)
     return idx.PreparedDataset.from_summary(
