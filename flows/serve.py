@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 
 from flows.thumbnet_flows import generalize, thumbnet
 from thumbnet_keras.pipeline.presets import demo
 
-__all__ = ["DEPLOYMENTS", "build_deployments", "main"]
+__all__ = ["DEPLOYMENTS", "build_deployments", "main", "pool_deployments"]
 
 # The README's demo settings (`thumbnet demo`), without the run-folder name.
 _ELPV = {k: v for k, v in demo().items() if k not in ("run_name", "batch_size")}
@@ -157,7 +158,41 @@ def main(argv: list[str] | None = None) -> None:
         help="run thumbnet/smoke on this manifest instead of ELPV",
     )
     args = parser.parse_args(argv)
-    serve(*build_deployments(args.runs_dir, args.smoke_dataset))
+    deployments = build_deployments(args.runs_dir, args.smoke_dataset)
+    taken = pool_deployments(deployments)
+    if taken:
+        print(
+            "python -m flows.serve: error: the server already has "
+            f"{', '.join(taken)} on a work pool (`prefect deploy --all`). Serving "
+            "the same names would take them over, and their runs would then "
+            "crash on the pool's worker and here. Use the work pool (`prefect "
+            "worker start --pool ...`), or delete those deployments first "
+            "(`prefect deployment delete <flow>/<name>`), or serve to another "
+            "server.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    serve(*deployments)
+
+
+def pool_deployments(deployments) -> list[str]:
+    """`flow/name (work pool 'p')` for each of `deployments` that the
+    server already has on a work pool: `flow.serve` would overwrite it,
+    keep its pool and drop its pull steps, so neither side could run it."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            name = f"{deployment.flow_name}/{deployment.name}"
+            try:
+                existing = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                taken.append(f"{name} (work pool {existing.work_pool_name!r})")
+    return taken
 
 
 if __name__ == "__main__":

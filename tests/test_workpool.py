@@ -197,6 +197,16 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_smoke(tmp_path
         worker = _popen([*PREFECT, "worker", "start", "--pool", POOL], env, worker_log)
         pool = f"{api}/work_pools/{POOL}"
         online = lambda: _api(pool)["status"] == "READY"  # noqa: E731
+        # Serving the same names on this server would take the pool's
+        # deployments over (a trial, 2026-11-29: both sides then crashed).
+        served = subprocess.run(
+            [sys.executable, "-m", "flows.serve"], env=env, cwd=REPO,
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert served.returncode == 2, served.stdout + served.stderr
+        assert "already has thumbnet/train-imagenet (work pool 'thumbnet-pool')" in (
+            served.stderr
+        ), served.stderr
         _wait("worker online", online, 120, [server, worker], logs)
         output = _cli(
             ["deployment", "run", "thumbnet/smoke", "--params", json.dumps(params)],
