@@ -206,7 +206,25 @@ def _refused(err: Exception) -> Failed:
     and as its state message. Calling the flow raises `err` itself, which
     the command line prints as one line."""
     get_run_logger().error("thumbnet: error: %s", err)
+    err._thumbnet_refused = True  # For `_RefusedWithoutTraceback`.
     return Failed(message=str(err), data=err)
+
+
+class _RefusedWithoutTraceback(logging.Filter):
+    """A deployment's run that `_refused` ended: Prefect's engine logs the
+    raised error with its traceback ("Engine execution exited with
+    unexpected exception", ~50 lines of checks and engine frames) after the
+    one error line. This keeps that record's line and drops its traceback;
+    any other error keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if getattr(error, "_thumbnet_refused", False):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("prefect.flow_runs").addFilter(_RefusedWithoutTraceback())
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

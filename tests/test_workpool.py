@@ -129,6 +129,41 @@ def _descendants(procs: list, seen: dict) -> None:
 
 
 @pytest.mark.slow
+def _run_refused(api, env, logs, procs, seen, params) -> dict:
+    """Runs `thumbnet/smoke` on an unknown dataset to its end: the flow
+    run's log has the one error line and no traceback (Prefect's engine
+    logged ~50 lines of it after that line before)."""
+    bad = {"params": {**params["params"], "dataset": "no_such_dataset"}}
+    output = _cli(
+        ["deployment", "run", "thumbnet/smoke", "--params", json.dumps(bad)],
+        env, logs, timeout=120,
+    )  # fmt: skip
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", output)[1]
+    url = f"{api}/flow_runs/{run_id}"
+
+    def finished():
+        _descendants(procs, seen)
+        run = _api(url)
+        return run if run["state_type"] in FINAL else None
+
+    run = _wait("the refused flow run", finished, 240, procs, logs)
+
+    def flushed():  # The run's logs reach the server in batches.
+        query = {
+            "logs": {"flow_run_id": {"any_": [run["id"]]}},
+            "sort": "TIMESTAMP_ASC",
+        }
+        text = "\n".join(r["message"] for r in _api(f"{api}/logs/filter", query))
+        return text if "Engine execution" in text else None
+
+    text = _wait("the refused run's logs", flushed, 60, procs, logs)
+    errors = [line for line in text.splitlines() if "thumbnet: error:" in line]
+    assert len(errors) == 1 and "no_such_dataset" in errors[0], text
+    assert "Traceback" not in text, text
+    assert len(text.splitlines()) < 15, text
+    return run
+
+
 def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_smoke(tmp_path):
     if keras.backend.backend() != "tensorflow":
         pytest.skip(
@@ -225,6 +260,9 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_smoke(tmp_path
 
         run = _wait("the smoke flow run", finished, 480, [server, worker], logs)
         assert run["state_type"] == "COMPLETED", f"{run['state']}{_tail(*logs)}"
+        bad = _run_refused(api, env, logs, [server, worker], seen, params)
+        assert bad["state_type"] == "FAILED", bad
+        assert bad["state"]["message"].startswith("Unknown or invalid dataset")
         assert run["work_pool_name"] == POOL and run["parameters"] == params
         # The worker ran it in a child process (infrastructure_pid: its pid,
         # "host:pid" in some Prefect versions).
