@@ -38,6 +38,7 @@ from thumbnet_keras.pipeline.datasets import is_prepared
 from thumbnet_keras.pipeline.generalize import ARMS as GENERALIZE_ARMS
 from thumbnet_keras.pipeline.preflight import check_generalize, check_thumbnet
 from thumbnet_keras.pipeline.resolve import load_manifest_checked
+from thumbnet_keras.pipeline.rundir import discard_unstarted
 
 __all__ = ["generalize", "thumbnet"]
 
@@ -262,6 +263,8 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
     try:
         prepared = _prepare(config["dataset"], data_dir, config["limit_per_class"])
     except _data_errors() as err:
+        if not run["resumed"]:  # A folder saying only that it was tried: gone.
+            discard_unstarted(run_dir)
         return _refused(err)
     teacher_task(run_dir, prepared, verbose)
     for factor in config["factors"]:

@@ -221,6 +221,24 @@ def test_bad_input_fails_before_any_task(finished):
     assert snapshot(root / "runs") == before
 
 
+def test_data_refused_while_preparing_leaves_no_run_folder(tmp_path):
+    """A class whose files are all broken is found by prepare-data, after
+    the run folder was claimed: the flow run fails with the message and
+    takes back the folder holding only config.json (a deployment's dated
+    run name used to leave one per failed run)."""
+    from flows.thumbnet_flows import thumbnet
+
+    manifest = tiny_dataset(tmp_path, per_class=4)
+    for image in (tmp_path / "brightness" / "dark").iterdir():
+        image.write_text("not an image")
+    runs = tmp_path / "runs"
+    params = ThumbNetParams(dataset=manifest, smoke=True, runs_dir=str(runs))
+    state = thumbnet(params, verbose=0, return_state=True)
+    assert state.is_failed()
+    assert "no usable example" in state.message
+    assert [p.name for p in runs.iterdir()] == ["_data"]  # No run folder.
+
+
 def test_generalize_flow(finished):
     from flows.thumbnet_flows import generalize
 
