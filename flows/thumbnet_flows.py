@@ -201,6 +201,18 @@ def _publish(dataset_name: str, kind: str, report: dict, title: str) -> None:
         )
 
 
+def _say_what_smoke_replaced(params) -> None:
+    from thumbnet_keras.pipeline.config import smoke_replaced
+
+    replaced = smoke_replaced(params)
+    if replaced:
+        get_run_logger().warning(
+            "smoke=True replaces %s (a run shrunk to seconds); leave them out, or "
+            "set smoke to false.",
+            ", ".join(replaced),
+        )
+
+
 def _refused(err: Exception) -> Failed:
     """A user error (bad parameters, or data found bad while preparing it):
     the flow run ends Failed at once, the message (no traceback) in its log
@@ -251,7 +263,9 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
         verbose: Keras progress output (0 silent, 1 progress bar, 2 a line per epoch).
     """
     try:  # Every check that needs no framework, before any task.
-        params = check_thumbnet((params or ThumbNetParams()).model_dump())
+        params = params or ThumbNetParams()
+        _say_what_smoke_replaced(params)
+        params = check_thumbnet(params.model_dump())
     except _user_errors() as err:
         return _refused(err)
     try:  # The checks that need Keras (a teacher it builds or loads).
@@ -344,6 +358,7 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
         verbose: Keras progress output.
     """
     try:
+        _say_what_smoke_replaced(params)
         params = check_generalize(params.model_dump())
     except _user_errors() as err:
         return _refused(err)

@@ -14,7 +14,7 @@ from pipeline_fixtures import REPO, snapshot, tiny_dataset
 from thumbnet_keras import pipeline
 from thumbnet_keras.evaluation.accuracy import evaluate_classifier, topk_correct
 from thumbnet_keras.evaluation.latency import measure_throughput
-from thumbnet_keras.pipeline import ConfigError, ThumbNetParams
+from thumbnet_keras.pipeline import ConfigError, GeneralizeParams, ThumbNetParams
 from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
 
 
@@ -60,6 +60,34 @@ def test_params_smoke_and_bounds():
         ThumbNetParams(joint_epochs=0)
     with pytest.raises(ValidationError, match="run_name"):
         ThumbNetParams(run_name="../escape")
+
+
+def test_smoke_names_what_it_replaces_in_a_flows_parameters():
+    """The command line refuses `--smoke --epochs 5`; a deployment's
+    parameters used to have smoke replace them without a word."""
+    from thumbnet_keras.pipeline.config import smoke_replaced
+
+    params = ThumbNetParams(smoke=True, joint_epochs=5, image_size=64, seed=3)
+    assert smoke_replaced(params) == ["image_size 64 -> 32", "joint_epochs 5 -> 1"]
+    assert smoke_replaced(ThumbNetParams(smoke=True, joint_epochs=1)) == []
+    assert smoke_replaced(ThumbNetParams(joint_epochs=5)) == []  # No smoke.
+    # A teacher fixes the image size: smoke keeps it, so it is not named.
+    with_teacher = ThumbNetParams(smoke=True, teacher="t.keras", image_size=64)
+    assert smoke_replaced(with_teacher) == []
+    # `thumbnet demo --smoke`: the preset's epochs are not the user's.
+    from thumbnet_keras import cli
+    from thumbnet_keras.pipeline.presets import demo
+
+    values = cli._demo_values(cli._parser().parse_args(["demo", "--smoke"]))
+    assert smoke_replaced(ThumbNetParams(**values)) == []
+    assert smoke_replaced(ThumbNetParams(**(demo() | {"smoke": True}))) != []
+    assert (
+        ThumbNetParams(**values).to_config()
+        == ThumbNetParams(**(demo() | {"smoke": True})).to_config()
+    )  # The same run.
+    generalize = GeneralizeParams(source_run="runs/r", smoke=True, epochs=2)
+    assert smoke_replaced(generalize) == ["epochs 2 -> 1"]
+    assert generalize.to_config().epochs == 1
 
 
 def _dataset(n=16):

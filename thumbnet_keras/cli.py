@@ -438,19 +438,31 @@ def _start_frameworks(args: argparse.Namespace, server: bool = False) -> None:
     initialize_multi_host()  # A multi-host run's processes join first.
 
 
+def _demo_values(args: argparse.Namespace) -> dict:
+    """`ThumbNetParams` fields of `thumbnet demo`: the preset and the
+    options given. With --smoke, the preset's fields that smoke sets are
+    left to it (they are not the user's, so the flow names none)."""
+    from thumbnet_keras.pipeline import ThumbNetParams
+    from thumbnet_keras.pipeline.config import smoke_overrides
+    from thumbnet_keras.pipeline.options import option_values
+    from thumbnet_keras.pipeline.presets import demo
+
+    given = option_values(args, ThumbNetParams, _DEMO)
+    _check_smoke(given)
+    preset = demo()
+    if given.get("smoke"):
+        for key in smoke_overrides(preset | given):
+            preset.pop(key, None)
+    return preset | given
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from thumbnet_keras.pipeline import preflight
 
     preflight.check_backend()
     if args.command in ("demo", "train"):
         if args.command == "demo":
-            from thumbnet_keras.pipeline import ThumbNetParams
-            from thumbnet_keras.pipeline.options import option_values
-            from thumbnet_keras.pipeline.presets import demo
-
-            given = option_values(args, ThumbNetParams, _DEMO)
-            _check_smoke(given)
-            values = demo() | given
+            values = _demo_values(args)
         else:
             values = _train_values(args)
             _check_smoke(values)

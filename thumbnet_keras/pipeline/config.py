@@ -133,6 +133,33 @@ def legacy_backbone(saved: dict, new: dict) -> dict:
     return saved
 
 
+# What `GeneralizeParams(smoke=True)` sets.
+GENERALIZE_SMOKE: dict[str, Any] = {
+    "epochs": 1,
+    "limit_per_class": 8,
+    "batch_size": 8,
+    "throughput_batches": 2,
+}
+
+
+def smoke_replaced(params) -> list[str]:
+    """`field given -> smoke's` for each field of `params` (a
+    `ThumbNetParams` or `GeneralizeParams` with `smoke` on) that was set and
+    that smoke replaces: the command line refuses those together, a flow
+    called with them (a deployment's parameters) says what it ran with."""
+    if not params.smoke:
+        return []
+    if isinstance(params, GeneralizeParams):
+        smoke = GENERALIZE_SMOKE
+    else:
+        smoke = {k: SMOKE[k] for k in smoke_overrides(params.model_dump())}
+    return [
+        f"{k} {getattr(params, k)!r} -> {smoke[k]!r}"
+        for k in sorted(params.model_fields_set & set(smoke))
+        if getattr(params, k) != smoke[k]
+    ]
+
+
 def smoke_overrides(given: dict) -> list[str]:
     """The fields of `SMOKE` that `smoke=True` sets over the `given` values:
     all but `backbone_options` (a given one is kept), and `image_size` when
@@ -658,6 +685,5 @@ class GeneralizeParams(BaseModel):
         )
         values["seeds"] = tuple(values["seeds"])
         if self.smoke:
-            values.update(epochs=1, limit_per_class=8, batch_size=8)
-            values["throughput_batches"] = 2
+            values.update(GENERALIZE_SMOKE)
         return GeneralizeConfig(**values)
