@@ -140,6 +140,9 @@ CASES = [
     ("json-list", [*TRAIN, "--backbone-options", "[1]"], "--backbone-options must be a JSON object"),
     ("dataset", [*TRAIN[:1], "--dataset", "no_such_set", "--runs-dir", "{root}/runs"],
      "Unknown or invalid dataset 'no_such_set'"),
+    ("dataset-what", [*TRAIN[:1], "--dataset", "no_such_set", "--runs-dir", "{root}/runs"],
+     ". --dataset takes the name of a YAML file in data_manifests/ (e.g. elpv, "
+     "fashion_mnist) or a manifest's path."),
     ("empty-folder", [*TRAIN[:1], "--dataset", "{root}/empty.yaml", "--runs-dir", "{root}/runs"],
      "holds no image"),
     ("dataset-is-a-folder", [*TRAIN[:1], "--dataset", "{root}/brightness", "--runs-dir", "{root}/runs"],

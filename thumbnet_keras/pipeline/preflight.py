@@ -138,14 +138,15 @@ def _check_manifest(dataset: str, option: str = "--dataset"):
     except ConfigError as err:
         if "no manifest named" not in str(err):
             raise
-        what = "a manifest name" if option == "--dataset" else "DATASET:BACKBONE"
+        names = (
+            "the name of a YAML file in data_manifests/ (e.g. elpv, "
+            "fashion_mnist) or a manifest's path"
+        )
+        what = names if option == "--dataset" else f"DATASET:BACKBONE, DATASET {names}"
         hint = ""
         if option == "--experiment" and dataset in known_backbones():
             hint = f" For the source run's dataset with {dataset}: --experiment :{dataset}."
-        raise ConfigError(
-            f"{err}. {option} takes {what} (a manifest name: the YAML files in "
-            f"data_manifests/, e.g. elpv, fashion_mnist, or a manifest's path).{hint}"
-        ) from None
+        raise ConfigError(f"{err}. {option} takes {what}.{hint}") from None
 
 
 def _has_image(folder: Path, extensions: tuple[str, ...]) -> bool:
