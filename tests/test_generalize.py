@@ -75,7 +75,8 @@ def _record(experiment, seed, arm, top1, val):
 def test_summary_pairs_arms_per_seed_golden():
     experiments = [
         {"dataset": "a", "backbone": "tiny_cnn", "notes": ["no detail"]},
-        {"dataset": "b", "backbone": "resnet18", "notes": []},
+        # A manifest given by its path: reports call it by its name.
+        {"dataset": "/d/b.yaml", "name": "b", "backbone": "resnet18", "notes": []},
     ]
     # Experiment 0: test differences +2, -1, +5 points; val +1, +1, +1.
     records = [
@@ -104,6 +105,7 @@ def test_summary_pairs_arms_per_seed_golden():
     assert table[1]["val difference (points)"] == "n/a"
     assert len(per_seed) == 4 and per_seed[3]["difference test (points)"] == "-10.00"
     assert "**a / tiny_cnn**: no detail" in markdown and "## Per seed" in markdown
+    assert table[1]["dataset"] == "b" and "/d/b.yaml" not in markdown
     # Every seed on one side: said so.
     flipped = [dict(r, top1=r["top1"] + (0.1 if r["arm"] == "learned" else 0))
                for r in records[:6]]  # fmt: skip

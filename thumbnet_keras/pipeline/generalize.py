@@ -191,6 +191,7 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
         experiments.append(
             {
                 "dataset": dataset,
+                "name": manifest.name,  # What reports call it (`dataset` may be a path).
                 "backbone": backbone,
                 "backbone_options": options,
                 "notes": notes,

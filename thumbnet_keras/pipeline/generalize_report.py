@@ -97,7 +97,7 @@ def summarize_generalize(
 
         summary.append(
             {
-                "dataset": experiment["dataset"],
+                "dataset": experiment.get("name") or experiment["dataset"],
                 "backbone": experiment["backbone"],
                 "notes": list(experiment.get("notes", [])),
                 "seeds": [row["seed"] for row in per_seed],
