@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 
 from thumbnet_keras.pipeline.checkpoint import fit_resumable
 from thumbnet_keras.pipeline.config import (
@@ -356,7 +355,7 @@ def train_generalize_arm(
         **fit,
     }
     write_json(run.stage_record(sid), record)
-    shutil.rmtree(run.checkpoint_dir(sid), ignore_errors=True)
+    run.discard_checkpoints(sid)
     return record
 
 

@@ -30,6 +30,7 @@ process's `flock`) and is taken over, the message naming the dead holder.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import json
 import logging
@@ -363,6 +364,14 @@ class Run:
     def checkpoint_dir(self, stage_id: str) -> Path:
         """`checkpoints/<stage_id>/`: per-epoch state of a running stage."""
         return self.file("checkpoints", stage_id)
+
+    def discard_checkpoints(self, stage_id: str) -> None:
+        """Removes a finished stage's `checkpoints/<stage_id>/`, and
+        `checkpoints/` once no stage has one."""
+        folder = self.checkpoint_dir(stage_id)
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # Another stage's is still there.
+            folder.parent.rmdir()
 
     def is_done(self, stage_id: str) -> bool:
         """Whether the stage's record exists."""

@@ -45,7 +45,6 @@ written last: its presence means the stage is done, and a rerun skips it).
 from __future__ import annotations
 
 import logging
-import shutil
 import warnings
 
 from thumbnet_keras.pipeline import progress
@@ -127,11 +126,7 @@ def _load(path):
 
 def _finish(run: Run, sid: str, record: dict) -> dict:
     write_json(run.stage_record(sid), record)
-    shutil.rmtree(run.checkpoint_dir(sid), ignore_errors=True)
-    try:
-        run.checkpoint_dir(sid).parent.rmdir()  # Only when no stage is left.
-    except OSError:
-        pass
+    run.discard_checkpoints(sid)
     progress.stage_done(run, sid, record)  # "[k/N] <stage>: done in ..."
     return record
 
