@@ -276,10 +276,6 @@ def test_kill_9_leaves_no_process_behind(tmp_path):
     assert not _group(proc.pid), "its process group still has live processes"
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow" or not sys.platform.startswith("linux"),
-    reason="one real `thumbnet train` process (slow): tensorflow backend, Linux",
-)
 def _as_a_terminal_job() -> None:
     """SIGINT as a terminal's foreground job has it: handled, not blocked.
     A shell's background job ignores it, and a process may inherit it
@@ -290,6 +286,10 @@ def _as_a_terminal_job() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow" or not sys.platform.startswith("linux"),
+    reason="one real `thumbnet train` process (slow): tensorflow backend, Linux",
+)
 def test_ctrl_c_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
     """A terminal's Ctrl-C sends SIGINT to the whole foreground process
     group. Prefect's temporary server used to be in that group: it died

@@ -128,7 +128,6 @@ def _descendants(procs: list, seen: dict) -> None:
                 seen.setdefault(child.pid, child)
 
 
-@pytest.mark.slow
 def _run_refused(api, env, logs, procs, seen, params) -> dict:
     """Runs `thumbnet/smoke` on an unknown dataset to its end: the flow
     run's log has the one error line and no traceback (Prefect's engine
@@ -164,6 +163,7 @@ def _run_refused(api, env, logs, procs, seen, params) -> dict:
     return run
 
 
+@pytest.mark.slow
 def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_smoke(tmp_path):
     if keras.backend.backend() != "tensorflow":
         pytest.skip(
