@@ -280,7 +280,7 @@ def test_generalize_flow(finished):
     # no note; ELPV is E's own source: none either.
     assert [s["notes"] for s in metrics["summary"]] == [[], []]
     report = Path(out["report_md"]).read_text()
-    assert "difference (points)" in report and "brightness.yaml" in report
+    assert "difference (points)" in report and "| tiny_brightness |" in report
     assert "## Per seed" in report
     tasks = _task_runs(state.state_details.flow_run_id)
     assert {n for n in tasks if n.startswith("exp")} == {

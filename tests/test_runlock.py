@@ -23,6 +23,8 @@ from pipeline_fixtures import subprocess_env, tiny_dataset
 
 from thumbnet_keras.pipeline import ConfigError
 from thumbnet_keras.pipeline.rundir import (
+    _HELD,
+    LOCK_NAME,
     RunLockedError,
     claim,
     discard_unstarted,
@@ -154,10 +156,17 @@ def test_a_run_that_never_started_does_not_block_its_name(tmp_path):
     unlock_run(folder)
     with pytest.raises(ConfigError, match="different inputs"):
         claim(folder, {"a": 1}, kind="thumbnet", inputs={"m": "newer"})
+    lock_run(folder)
     assert not discard_unstarted(folder)  # Work in it: kept.
     (folder / "stages" / "teacher.json").unlink()
     (folder / "stages").rmdir()
+    unlock_run(folder)
+    # Only under this process's lock: a folder it does not hold (another
+    # process may have claimed the name since) is left alone.
+    assert not discard_unstarted(folder) and (folder / "config.json").is_file()
+    lock_run(folder)
     assert discard_unstarted(folder) and not folder.exists()
+    assert os.path.abspath(folder / LOCK_NAME) not in _HELD  # Released.
 
 
 def test_the_command_locks_its_run_folder_before_starting_frameworks(

@@ -284,16 +284,20 @@ def unlock_run(path: str | os.PathLike) -> None:
 def discard_unstarted(path: str | os.PathLike) -> bool:
     """Removes a run folder that holds nothing but what a run writes before
     its first stage (config.json, data.json, the lock), so a run that failed
-    early leaves nothing that blocks its name. Returns whether it did."""
+    early leaves nothing that blocks its name; only under this process's
+    lock (which it then releases), so never a folder another process has
+    claimed since. Returns whether it did."""
     folder = Path(path)
+    if os.path.abspath(folder / LOCK_NAME) not in _HELD:
+        return False
     if not folder.is_dir() or any(p.name not in _UNSTARTED for p in folder.iterdir()):
         return False
-    unlock_run(folder)
-    for name in _UNSTARTED:
+    for name in _UNSTARTED - {LOCK_NAME}:  # Under the lock, then the lock.
         try:
             (folder / name).unlink()
         except FileNotFoundError:
             pass
+    unlock_run(folder)
     try:
         folder.rmdir()
     except OSError:
