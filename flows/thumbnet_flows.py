@@ -293,8 +293,9 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
         raise TrainingHealthError(failed_message(health, report["report_html"]))
     exported = export_task(run_dir)
     report = report_task(run_dir, prepared["name"])
-    print(f"thumbnet.keras: {exported['thumbnet']}")
-    print(f"report: {report['report_html']}")
+    # Absolute: a deployment's run prints them from a worker's folder.
+    print(f"thumbnet.keras: {os.path.abspath(exported['thumbnet'])}")
+    print(f"report: {os.path.abspath(report['report_html'])}")
     return {
         "run_dir": run_dir,
         "thumbnet": exported["thumbnet"],
@@ -382,7 +383,7 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
                     generalize_arm_task(run_dir, index, arm, prepared, seed, verbose)
                 )
     report = generalize_report_task(run_dir, os.path.basename(run["source_run"]))
-    print(f"report: {report['report_html']}")
+    print(f"report: {os.path.abspath(report['report_html'])}")
     return {
         "run_dir": run_dir,
         **report,

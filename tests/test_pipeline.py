@@ -499,21 +499,6 @@ def test_unnamed_runs_get_distinct_folders(earlier_run):
     assert os.path.isdir(run["run_dir"]) and run["resumed"] is False
 
 
-def test_a_relative_runs_dir_gives_an_absolute_run_dir(earlier_run, monkeypatch):
-    """What the flow prints and publishes (thumbnet.keras: ..., the report's
-    outputs) reads from any folder, not only the worker's."""
-    manifest, runs = earlier_run
-    monkeypatch.chdir(runs.parent)
-    run = pipeline.resolve_run(
-        ThumbNetParams(dataset=manifest, smoke=True, runs_dir=runs.name, run_name="rel")
-    )
-    assert run["run_dir"] == str(runs / "rel") and os.path.isabs(run["run_dir"])
-    assert (
-        json.loads((runs / "rel" / "config.json").read_text())["config"]["runs_dir"]
-        == runs.name
-    )  # Saved as given: the run folder can still move.
-
-
 # Validation top-1 per epoch, forced: labels = argmax(x), 3 of 4 are class 0.
 _VAL_X = np.array([[1, 0], [2, 1], [3, 0], [0, 1]], np.float32)
 _VAL_Y = np.array([0, 0, 0, 1], np.int32)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 from thumbnet_keras.pipeline.checkpoint import fit_resumable
 from thumbnet_keras.pipeline.config import (
@@ -215,7 +214,7 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
     }
     write_json(run.file("source.json"), info)
     return {
-        "run_dir": os.path.abspath(run.path),  # Messages read from any folder.
+        "run_dir": str(run.path),
         "run_name": run.name,
         "resumed": resumed,
         "config": config.to_json(),

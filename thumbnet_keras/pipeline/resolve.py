@@ -261,7 +261,7 @@ def resolve_run(params: ThumbNetParams | RunConfig | dict) -> dict:
         inputs=run_inputs(config, manifest),
     )
     return {
-        "run_dir": os.path.abspath(run.path),  # Messages read from any folder.
+        "run_dir": str(run.path),
         "run_name": run.name,
         "resumed": resumed,
         "config": config.to_json(),
