@@ -454,7 +454,11 @@ def test_a_teacher_file_records_no_backbone_it_does_not_have(earlier_run, tmp_pa
     trained a fresh tiny_cnn as "the source's backbone" of, say, a
     MobileNetV2 teacher. Now the architecture stays unnamed, the run is
     named after the file, and generalize asks for a backbone."""
-    from thumbnet_keras.pipeline.config import experiment_backbone
+    from thumbnet_keras.pipeline.config import (
+        RunConfig,
+        experiment_backbone,
+        legacy_backbone,
+    )
     from thumbnet_keras.pipeline.rundir import unlock_run
 
     manifest, runs = earlier_run
@@ -474,8 +478,24 @@ def test_a_teacher_file_records_no_backbone_it_does_not_have(earlier_run, tmp_pa
     assert experiment_backbone("resnet18", saved["config"]) == "resnet18"
     named = ThumbNetParams(**{**params.model_dump(), "backbone": "resnet18"})
     assert named.to_config().backbone == "resnet18"
-    # Without a teacher the default is still the tiny_cnn stage 0 trains.
+    # Without a teacher the default is still the tiny_cnn stage 0 trains,
+    # also in a RunConfig built directly.
     assert ThumbNetParams(dataset=manifest).to_config().backbone == "tiny_cnn"
+    assert RunConfig(dataset=manifest).backbone == "tiny_cnn"
+    # The shipped teacher names its architecture, options included.
+    elpv = ThumbNetParams(dataset="elpv", teacher="pretrained:elpv").to_config()
+    assert (elpv.backbone, elpv.backbone_options) == ("mobilenetv2", {"alpha": 0.35})
+    for smoke in (False, True):  # Such a run saved before: tiny_cnn.
+        new = ThumbNetParams(
+            dataset="elpv", teacher="pretrained:elpv", smoke=smoke
+        ).to_config()
+        widths = {"widths": [8, 16]} if smoke else {}
+        old = {**new.to_json(), "backbone": "tiny_cnn", "backbone_options": widths}
+        assert legacy_backbone(old, new.to_json()) == new.to_json()
+    # Not an explicit, different backbone of the new run.
+    other = elpv.model_copy(update={"backbone": "resnet18", "backbone_options": {}})
+    old = {**elpv.to_json(), "backbone": "tiny_cnn", "backbone_options": {}}
+    assert legacy_backbone(old, other.to_json())["backbone"] == "tiny_cnn"
     # A run started before this change (tiny_cnn and, in smoke, its widths
     # recorded) still resumes.
     named_run = params.model_copy(update={"run_name": "legacy"})

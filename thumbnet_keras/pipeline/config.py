@@ -18,7 +18,7 @@ import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -70,19 +70,33 @@ SMOKE: dict[str, Any] = {
 }
 
 
-def default_backbone(teacher: str | None) -> str | None:
-    """The backbone name a run records when none was given: tiny_cnn, which
-    stage 0 trains, without a teacher; the shipped teacher's own name for
-    `pretrained:elpv`; None (unknown) for any other teacher. Runs saved
-    before 2026-11-29 recorded tiny_cnn with every teacher
-    (`legacy_backbone`)."""
+def default_backbone(teacher: str | None) -> tuple[str | None, dict]:
+    """`(backbone, backbone_options)` a run records when no backbone was
+    given: tiny_cnn, which stage 0 trains, without a teacher; the shipped
+    teacher's own (MobileNetV2, alpha 0.35) for `pretrained:elpv`; None
+    (unknown) for any other teacher. Runs saved before 2026-11-29 recorded
+    tiny_cnn with every teacher (`legacy_backbone`)."""
     if teacher is None:
-        return "tiny_cnn"
+        return "tiny_cnn", {}
     if teacher == "pretrained:elpv":
         from thumbnet_keras.pretrained import elpv_teacher_info
 
-        return elpv_teacher_info()["backbone"]
-    return None
+        info = elpv_teacher_info()
+        return info["backbone"], dict(info.get("backbone_options", {}))
+    return None, {}
+
+
+def _with_default_backbone(values: dict) -> dict:
+    """`values` (a run's fields) with `default_backbone` filled in when no
+    backbone is given (its options only where none are given)."""
+    if values.get("backbone") is not None:
+        return values
+    name, options = default_backbone(values.get("teacher"))
+    return {
+        **values,
+        "backbone": name,
+        "backbone_options": values.get("backbone_options") or options,
+    }
 
 
 def architecture_label(config) -> str:
@@ -115,21 +129,19 @@ def experiment_backbone(backbone: str | None, saved: dict) -> str:
 
 def legacy_backbone(saved: dict, new: dict) -> dict:
     """A saved `thumbnet` config as it is recorded now: before 2026-11-29 a
-    run with a teacher file recorded the field's default, tiny_cnn (with the
-    smoke widths in a smoke run), where it now records None; the same run,
-    so its resume is not refused for it."""
-    if (
-        saved.get("teacher") is not None
-        and saved.get("backbone") == "tiny_cnn"
-        and new.get("backbone") is None
+    run with a teacher and no backbone recorded the field's default,
+    tiny_cnn (with the smoke widths in a smoke run), where it now records
+    `default_backbone(teacher)`; the same run, so its resume is not refused
+    for it."""
+    teacher = saved.get("teacher")
+    if teacher is None or saved.get("backbone") != "tiny_cnn":
+        return saved
+    name, options = default_backbone(teacher)
+    old_options = ({}, SMOKE["backbone_options"] if saved.get("smoke") else {})
+    if (new.get("backbone"), new.get("backbone_options")) == (name, options) and (
+        saved.get("backbone_options") in old_options
     ):
-        saved = {**saved, "backbone": None}
-        if (
-            saved.get("smoke")
-            and saved.get("backbone_options") == SMOKE["backbone_options"]
-            and not new.get("backbone_options")
-        ):
-            saved["backbone_options"] = {}
+        return {**saved, "backbone": name, "backbone_options": options}
     return saved
 
 
@@ -433,9 +445,7 @@ class ThumbNetParams(BaseModel):
     def to_config(self) -> RunConfig:
         """The run's `RunConfig`, with `smoke` applied and `backbone` filled
         in where it is known (`default_backbone`)."""
-        values = self.model_dump()
-        if values["backbone"] is None:
-            values["backbone"] = default_backbone(self.teacher)
+        values = _with_default_backbone(self.model_dump())
         if self.smoke:
             values.update({k: SMOKE[k] for k in smoke_overrides(values)})
             if values["backbone"] == "tiny_cnn" and not self.backbone_options:
@@ -473,6 +483,12 @@ class RunConfig(ThumbNetParams, _RunFolder):
     folder's `config.json` (`to_json`); adds no field, so the two cannot
     drift apart.
     """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backbone_known(cls, values):
+        """Built directly (not by `to_config`): the default backbone too."""
+        return _with_default_backbone(values) if isinstance(values, dict) else values
 
     def to_config(self) -> RunConfig:
         """Itself: `smoke` is already applied."""
