@@ -82,6 +82,12 @@ def test_unknown_field_names_file_and_field(tmp_path):
          "its own test split (TFDS split 'validation')"),
         ("{type: fashion_mnist, directory: /nowhere}", "{test_fraction: 0.1}",
          "its own test split (the t10k files)"),
+        # No test folder: every image is train, none would be drawn for test.
+        ("{type: image_folder, root: /nowhere, split_dirs: {train: tr}}",
+         "{test_fraction: 0.3}",
+         "split.test_fraction 0.3 is unused: every image takes its split from the "
+         "source (train: folder 'tr'), so none is drawn for test. Give the source a "
+         "test split"),
     ],
 )  # fmt: skip
 def test_a_fraction_the_source_would_ignore_is_refused(
@@ -97,11 +103,21 @@ def test_a_fraction_the_source_would_ignore_is_refused(
     assert "<root>" not in str(err.value) and "Value error" not in str(err.value)
 
 
-def test_a_fraction_for_a_split_the_source_lacks_is_used(tmp_path):
-    body = GOOD.replace("root: /nowhere", "root: /nowhere, split_dirs: {train: tr}")
-    m = data.load_manifest(_write(tmp_path, body + "split: {test_fraction: 0.3}\n"))
-    assert m.split.test_fraction == 0.3  # Carved from the train folder.
-    # Zero, as the shipped manifests write it for their own test split: fine.
+def test_a_fraction_the_source_leaves_to_the_manifest_is_used(tmp_path):
+    """Split folders for train and test, no validation folder: the
+    manifest's validation_fraction is carved from the train folder."""
+    from data_fixtures import make_image_folder
+
+    root = tmp_path / "images"
+    for folder in ("tr", "te"):
+        make_image_folder(root / folder, per_class=10, with_bad=False)
+    body = GOOD.replace(
+        "root: /nowhere", f"root: '{root}', split_dirs: {{train: tr, test: te}}"
+    )
+    path = _write(tmp_path, body + "split: {validation_fraction: 0.2}\n")
+    prepared = data.prepare(data.load_manifest(path), tmp_path / "out")
+    assert prepared.splits == {"train": 16, "validation": 4, "test": 20}
+    # Zero, as the shipped manifests write it for a source's own test split.
     body = GOOD.replace("root: /nowhere", "root: /nowhere, split_dirs: {test: te}")
     assert data.load_manifest(_write(tmp_path, body + "split: {test_fraction: 0}\n"))
 

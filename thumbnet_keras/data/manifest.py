@@ -218,37 +218,52 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _fractions_are_used(self) -> Manifest:
-        """A fraction above 0 for a split the source brings itself would be
-        silently unused (the source's split is kept): refused, naming it."""
+        """A fraction above 0 that preparation would not use is refused,
+        naming why: a split the source brings itself is kept, and where every
+        image takes its split from the source, no test split is drawn."""
         own = self.source_splits()
-        for split in ("test", "validation"):
-            fraction = getattr(self.split, f"{split}_fraction")
-            if (
-                f"{split}_fraction" in self.split.model_fields_set
-                and fraction
-                and (split in own)
-            ):
-                raise ValueError(
-                    f"split.{split}_fraction {fraction:g} is unused: the source "
-                    f"brings its own {split} split ({own[split]}), which is kept. "
-                    f"Remove split.{split}_fraction (or set it to 0), or drop the "
-                    f"source's {split} split to carve one from train."
+        if own is None:
+            return self
+        given = self.split.model_fields_set
+        test, validation = self.split.test_fraction, self.split.validation_fraction
+        if "test_fraction" in given and test:
+            if "test" in own:
+                why = f"the source brings its own test split ({own['test']}), which is kept"
+                fix = "Remove split.test_fraction (or set it to 0)"
+            else:
+                splits = ", ".join(f"{k}: {v}" for k, v in own.items())
+                why = (
+                    f"every image takes its split from the source ({splits}), "
+                    "so none is drawn for test"
                 )
+                fix = (
+                    "Give the source a test split (e.g. a test folder in "
+                    "split_dirs), or remove split.test_fraction"
+                )
+            raise ValueError(f"split.test_fraction {test:g} is unused: {why}. {fix}.")
+        if "validation_fraction" in given and validation and "validation" in own:
+            raise ValueError(
+                f"split.validation_fraction {validation:g} is unused: the source "
+                f"brings its own validation split ({own['validation']}), which is "
+                "kept. Remove split.validation_fraction (or set it to 0), or drop "
+                "the source's validation split to carve one from train."
+            )
         return self
 
-    def source_splits(self) -> dict[str, str]:
-        """The splits the source brings itself, known from the manifest
-        alone, each with where it comes from: split folders, TFDS splits,
-        Fashion-MNIST's test files. (A Parquet `split_column`'s values are
-        known once read.)"""
+    def source_splits(self) -> dict[str, str] | None:
+        """The splits the source assigns every image to, known from the
+        manifest alone, each with where it comes from (split folders, TFDS
+        splits, Fashion-MNIST's files); None when the images are split here
+        from one pool, or when that is known only once read (a Parquet
+        `split_column`)."""
         source = self.source
         if isinstance(source, ImageFolderSource) and source.split_dirs:
             return {k: f"folder {v!r}" for k, v in source.split_dirs.items()}
         if isinstance(source, TfdsSource):
             return {k: f"TFDS split {v!r}" for k, v in source.splits.items()}
         if isinstance(source, FashionMnistSource):
-            return {"test": "the t10k files"}
-        return {}
+            return {"train": "the train files", "test": "the t10k files"}
+        return None
 
     def class_count(self) -> int | None:
         """The number of classes known without preparing: the declared
