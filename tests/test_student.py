@@ -115,11 +115,26 @@ def test_size_agnostic_teacher():
 
 
 def test_fixed_head_that_cannot_be_fixed_asks_for_explicit_student():
+    import pickle
+
+    from thumbnet_keras.models.student import StudentDerivationError
+
     teacher = tiny_teacher((16, 16, 3), head="flatten")  # two poolings only
-    with pytest.raises(ValueError, match="pass it as `ThumbNetTrainer"):
+    with pytest.raises(ValueError, match="pass it as `ThumbNetTrainer") as caught:
         make_student(teacher, 8)
-    with pytest.raises(ValueError, match="pass it as `ThumbNetTrainer"):
+    # The command line's own advice, and the error survives pickling (it
+    # may leave a Prefect task or a worker process).
+    error = caught.value
+    assert isinstance(error, StudentDerivationError)
+    assert error.cli_advice.startswith("Choose a smaller factor")  # 2x2: too small
+    again = pickle.loads(pickle.dumps(error))
+    assert (str(again), again.reason, again.cli_advice) == (
+        str(error), error.reason, error.cli_advice
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="pass it as `ThumbNetTrainer") as caught:
         make_student(tiny_teacher((24, 24, 3), head="flatten"), 3)  # not a power of 2
+    assert "global pooling layer" in caught.value.cli_advice  # The head's fix.
+    assert "ThumbNetTrainer" not in caught.value.cli_advice
 
 
 def test_bad_factor():

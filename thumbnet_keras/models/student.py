@@ -143,12 +143,19 @@ def _try_from_config(cls, config):
 
 class StudentDerivationError(ValueError):
     """`make_student` cannot derive S from the teacher at this factor.
-    `reason` is the message without the Python-API advice (the command
-    line gives its own)."""
+    `reason` is the message without the Python-API advice, and `cli_advice`
+    what the command line says instead."""
 
-    def __init__(self, reason: str, advice: str):
-        super().__init__(f"{reason} {advice}")
-        self.reason = reason
+    def __init__(self, reason: str, advice: str = "", cli_advice: str = ""):
+        super().__init__(f"{reason} {advice}".strip())
+        self.reason, self.cli_advice = reason, cli_advice
+
+    def __reduce__(self):  # Pickles (a Prefect task's or a worker's error).
+        return type(self), (
+            self.reason,
+            str(self)[len(self.reason) + 1 :],
+            self.cli_advice,
+        )
 
 
 def make_student(
@@ -234,6 +241,8 @@ def make_student(
             "Use a smaller factor or a larger image size, or build a student "
             "for the thumbnail size yourself and pass it as "
             "`ThumbNetTrainer(..., student=my_student)`.",
+            "Choose a smaller factor, or a teacher built for larger images (the "
+            "teacher's input size is the run's image size).",
         )
     if student is None:
         detail = f" (rebuilding failed with: {error})" if error is not None else ""
@@ -243,6 +252,11 @@ def make_student(
             f"log2({factor}) pooling layers does not restore it{detail}.",
             "Build a student for the thumbnail size yourself and pass it as "
             "`ThumbNetTrainer(..., student=my_student)`.",
+            "Rebuild the teacher with a global pooling layer before its "
+            "classifier (GlobalAveragePooling2D; keras.applications: "
+            'include_top=False, pooling="avg" and a Dense head), so that its '
+            "head takes any size, or train with the Python API and a student "
+            "of your own (README, Python API).",
         )
     if tuple(student.outputs[0].shape[1:]) != tuple(teacher.outputs[0].shape[1:]):
         raise ValueError(

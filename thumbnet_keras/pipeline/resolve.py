@@ -180,9 +180,7 @@ def check_students(teacher, factors) -> None:
             make_student(teacher, factor)
         except StudentDerivationError as err:
             raise ConfigError(
-                f"Factor {factor} (--factor): {err.reason} Choose a smaller "
-                "factor, or a teacher built for larger images (the teacher's "
-                "input size is the run's image size)."
+                f"Factor {factor} (--factor): {err.reason} {err.cli_advice}"
             ) from err
         except ValueError as err:
             raise ConfigError(f"Factor {factor} (--factor): {err}") from err
