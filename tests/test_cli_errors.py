@@ -237,6 +237,8 @@ CASES = [
                               "--output", "{root}/a_file/m.onnx"], "'{root}/a_file' is a file"),
     ("export-output-suffix", ["export", "--run", "{root}/runs/r24", "--factor", "4", "--format", "onnx",
                               "--output", "{root}/m.tflite"], "an onnx export is a .onnx file"),
+    ("generalize-smoke", ["generalize", "--source-run", "{root}/runs/r24", "--smoke",
+                          "--epochs", "2"], "--smoke sets --epochs (a run shrunk to seconds)"),
     ("generalize-seeds", ["generalize", "--source-run", "{root}/runs/r24", "--seed", "1", "--seed", "1"],
      "--seed [1, 1]: seeds must be distinct"),
     ("predict-text-keras", ["predict", "--model", "{root}/fake.keras", "{root}/nope"],

@@ -456,6 +456,7 @@ def test_a_teacher_file_records_no_backbone_it_does_not_have(earlier_run, tmp_pa
     named after the file, and generalize asks for a backbone."""
     from thumbnet_keras.pipeline.config import (
         RunConfig,
+        architecture_label,
         experiment_backbone,
         legacy_backbone,
     )
@@ -470,6 +471,13 @@ def test_a_teacher_file_records_no_backbone_it_does_not_have(earlier_run, tmp_pa
     run = pipeline.resolve_run(params)
     unlock_run(run["run_dir"])
     assert run["run_name"].startswith("tiny_brightness-my_mobilenet-")
+    for teacher, label in (
+        ("keras_hub:kaggle://keras/resnetv2/keras/resnet_50_imagenet/2", "resnet_50_imagenet"),
+        ("keras_hub:/models/my_preset/", "my_preset"),
+        ("applications:ResNet50:imagenet", "ResNet50"),
+    ):  # fmt: skip
+        named = params.model_copy(update={"teacher": teacher}).to_config()
+        assert architecture_label(named) == label
     saved = json.loads(Path(run["run_dir"], "config.json").read_text())
     assert saved["config"]["backbone"] is None
     assert saved["config"]["backbone_options"] == {}  # Not the smoke widths.

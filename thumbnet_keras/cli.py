@@ -218,16 +218,21 @@ def _train_values(args: argparse.Namespace) -> dict:
     return option_values(args, ThumbNetParams)
 
 
-def _check_smoke(given: dict) -> None:
-    """`--smoke` sets the fields of `config.SMOKE`: refuses one of them given
-    too (it used to be replaced without a word: `--smoke --image-size 48`
-    trained at 32)."""
+def _check_smoke(given: dict, generalize: bool = False) -> None:
+    """`--smoke` sets the fields of `config.SMOKE` (`GENERALIZE_SMOKE` for
+    generalize): refuses one of them given too (it used to be replaced
+    without a word: `--smoke --image-size 48` trained at 32)."""
     if not given.get("smoke"):
         return
-    from thumbnet_keras.pipeline.config import ConfigError, smoke_overrides
+    from thumbnet_keras.pipeline.config import (
+        GENERALIZE_SMOKE,
+        ConfigError,
+        smoke_overrides,
+    )
     from thumbnet_keras.pipeline.options import option_name
 
-    clash = [option_name(k) for k in smoke_overrides(given) if k in given]
+    sets = list(GENERALIZE_SMOKE) if generalize else smoke_overrides(given)
+    clash = [option_name(k) for k in sets if k in given]
     if clash:
         raise ConfigError(
             f"--smoke sets {', '.join(clash)} (a run shrunk to seconds): leave "
@@ -474,7 +479,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         work = functools.partial(_run_thumbnet, params)
         return _in_run_folder(run_dir, work, args, fresh=True, server=True)
     if args.command == "generalize":
-        params = preflight.check_generalize(_generalize_values(args))
+        values = _generalize_values(args)
+        _check_smoke(values, generalize=True)
+        params = preflight.check_generalize(values)
         run_dir = os.path.join(params.runs_dir, params.run_name)
 
         def work() -> int:

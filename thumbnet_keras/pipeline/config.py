@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
@@ -109,7 +110,9 @@ def architecture_label(config) -> str:
     if kind == "applications":
         return rest.partition(":")[0]
     name = rest if kind == "keras_hub" else config.teacher
-    return os.path.splitext(os.path.basename(name.rstrip("/\\")))[0] or "teacher"
+    # The last part that is not a version (kaggle://.../resnet_50_imagenet/2).
+    parts = [p for p in re.split(r"[/\\]", name) if p and not p.isdigit()]
+    return os.path.splitext(parts[-1])[0] if parts else "teacher"
 
 
 def experiment_backbone(backbone: str | None, saved: dict) -> str:
