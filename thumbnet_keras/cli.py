@@ -336,10 +336,11 @@ def _in_run_folder(
     finally:
         # The flow may have discarded it already (a data error, under this
         # process's lock): then `runs/`, if this command made it, goes too.
-        discarded = discard_unstarted(run_dir) or not os.path.exists(run_dir)
-        if fresh and not done and discarded and made_parent:
-            with contextlib.suppress(OSError):  # Left if anything else is in it.
-                os.rmdir(parent)
+        if fresh and not done:
+            discarded = discard_unstarted(run_dir) or not os.path.exists(run_dir)
+            if discarded and made_parent:
+                with contextlib.suppress(OSError):  # Left if anything else is in it.
+                    os.rmdir(parent)
         unlock_run(run_dir)
 
 
