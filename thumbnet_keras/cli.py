@@ -224,14 +224,10 @@ def _check_smoke(given: dict, generalize: bool = False) -> None:
     without a word: `--smoke --image-size 48` trained at 32)."""
     if not given.get("smoke"):
         return
-    from thumbnet_keras.pipeline.config import (
-        GENERALIZE_SMOKE,
-        ConfigError,
-        smoke_overrides,
-    )
+    from thumbnet_keras.pipeline.config import ConfigError, smoke_values
     from thumbnet_keras.pipeline.options import option_name
 
-    sets = list(GENERALIZE_SMOKE) if generalize else smoke_overrides(given)
+    sets = smoke_values(given, generalize=generalize)
     clash = [option_name(k) for k in sets if k in given]
     if clash:
         raise ConfigError(

@@ -164,15 +164,22 @@ def smoke_replaced(params) -> list[str]:
     called with them (a deployment's parameters) says what it ran with."""
     if not params.smoke:
         return []
-    if isinstance(params, GeneralizeParams):
-        smoke = GENERALIZE_SMOKE
-    else:
-        smoke = {k: SMOKE[k] for k in smoke_overrides(params.model_dump())}
+    generalize = isinstance(params, GeneralizeParams)
+    smoke = smoke_values(params.model_dump(), generalize=generalize)
     return [
         f"{k} {getattr(params, k)!r} -> {smoke[k]!r}"
         for k in sorted(params.model_fields_set & set(smoke))
         if getattr(params, k) != smoke[k]
     ]
+
+
+def smoke_values(given: dict, generalize: bool = False) -> dict[str, Any]:
+    """The fields, with their values, that `smoke=True` sets over the `given`
+    ones: `GENERALIZE_SMOKE` for a generalize run, else `SMOKE` less
+    `smoke_overrides`' exceptions."""
+    if generalize:
+        return dict(GENERALIZE_SMOKE)
+    return {k: SMOKE[k] for k in smoke_overrides(given)}
 
 
 def smoke_overrides(given: dict) -> list[str]:
@@ -450,7 +457,7 @@ class ThumbNetParams(BaseModel):
         in where it is known (`default_backbone`)."""
         values = _with_default_backbone(self.model_dump())
         if self.smoke:
-            values.update({k: SMOKE[k] for k in smoke_overrides(values)})
+            values.update(smoke_values(values))
             if values["backbone"] == "tiny_cnn" and not self.backbone_options:
                 values["backbone_options"] = dict(SMOKE["backbone_options"])
         return RunConfig.model_validate(values)
