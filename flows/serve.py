@@ -5,8 +5,8 @@
     prefect deployment run thumbnet/train-elpv --watch
     prefect deployment run thumbnet/train-imagenet
 
-(`--params '{"params": {...}}'` replaces the whole `params` object, so pass
-every field you need, not only the one you change; README, "Deployments".)
+(`--params '{"params": {...}}'` names only the fields to change: the others
+keep the deployment's values; README, "Deployments".)
 
 Deployments (parameters in `DEPLOYMENTS`, the same as in `prefect.yaml`):
 

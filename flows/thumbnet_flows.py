@@ -213,6 +213,43 @@ def _say_what_smoke_replaced(params) -> None:
         )
 
 
+def _with_deployment_params(params):
+    """A deployment run's `params`, field by field over the deployment's own.
+
+    Prefect merges a run's parameters into its deployment's by top-level
+    name only, so `prefect deployment run thumbnet/train-imagenet --params
+    '{"params": {"batch_size": 64}}'` would hand the flow a `params` of
+    defaults (the ELPV demo) with batch 64. Here the fields the run names
+    replace the deployment's and the rest keep the deployment's values, as a
+    user changing one setting expects. Outside a deployment, or when the run
+    gives no `params` of its own, `params` is returned as it came.
+
+    Raises:
+        ConfigError: the merged parameters are not valid together.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    from thumbnet_keras.pipeline.preflight import validate_params
+
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context else None
+    if flow_run is None or flow_run.deployment_id is None:
+        return params
+    given = (flow_run.parameters or {}).get("params")
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(flow_run.deployment_id)
+    base = (deployment.parameters or {}).get("params")
+    if not isinstance(given, dict) or not isinstance(base, dict) or given == base:
+        return params
+    get_run_logger().info(
+        "params: %s from this run, every other field from deployment %r.",
+        ", ".join(sorted(given)) or "nothing",
+        deployment.name,
+    )
+    return validate_params(type(params), {**base, **given})
+
+
 def _refused(err: Exception) -> Failed:
     """A user error (bad parameters, or data found bad while preparing it):
     the flow run ends Failed at once, the message (no traceback) in its log
@@ -263,7 +300,7 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
         verbose: Keras progress output (0 silent, 1 progress bar, 2 a line per epoch).
     """
     try:  # Every check that needs no framework, before any task.
-        params = params or ThumbNetParams()
+        params = _with_deployment_params(params or ThumbNetParams())
         _say_what_smoke_replaced(params)
         params = check_thumbnet(params.model_dump())
     except _user_errors() as err:
@@ -359,6 +396,7 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
         verbose: Keras progress output.
     """
     try:
+        params = _with_deployment_params(params)
         _say_what_smoke_replaced(params)
         params = check_generalize(params.model_dump())
     except _user_errors() as err:

@@ -115,14 +115,20 @@ def test_served_deployment_runs_on_local_server(tmp_path):
         )  # fmt: skip
         try:
             _wait_for(f"{api}/deployments/name/thumbnet/smoke", 180, serve, serve_log)
+            # One field of `params`: the others (the served tiny dataset,
+            # smoke, the runs folder) stay the deployment's, where Prefect
+            # alone would replace the whole object with the ELPV demo's.
             run = subprocess.run(
                 [*prefect, "deployment", "run", "thumbnet/smoke", "--watch",
-                 "--watch-timeout", "400"],
+                 "--watch-timeout", "400",
+                 "--params", '{"params": {"run_name": "one-field"}}'],
                 cwd=REPO, env=env, capture_output=True, text=True, timeout=460,
             )  # fmt: skip
             output = run.stdout + run.stderr
             assert run.returncode == 0, output + serve_log.read_text()[-4000:]
             assert "Completed" in output, output
+            said = "params: run_name from this run, every other field from deployment 'smoke'."
+            assert said in serve_log.read_text()
         finally:
             _stop(serve)
     finally:
@@ -130,7 +136,11 @@ def test_served_deployment_runs_on_local_server(tmp_path):
     folders = [p for p in runs.iterdir() if p.name != "_data"]
     assert len(folders) == 1, folders
     run_dir = folders[0]
-    assert run_dir.name.startswith("tiny_brightness-tiny_cnn-")
+    assert run_dir.name == "one-field"
+    assert (
+        json.loads((run_dir / "config.json").read_text())["config"]["dataset"]
+        == manifest
+    )
     for name in (
         "thumbnet.keras",
         "thumbnail_model.keras",

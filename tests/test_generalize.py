@@ -58,6 +58,14 @@ def test_recipe_fields_are_the_runs_own():
         GeneralizeParams(source_run="r", seeds=[1, 1])
     with pytest.raises(ValidationError, match="optimizer"):
         GeneralizeParams(source_run="r", optimizer="adam")
+    # Not required by the schema (a deployment run's partial `params` takes
+    # the deployment's), but by the check every run goes through.
+    assert "source_run" not in GeneralizeParams.model_json_schema().get("required", [])
+    from thumbnet_keras.pipeline import ConfigError
+    from thumbnet_keras.pipeline.preflight import check_generalize
+
+    with pytest.raises(ConfigError, match="^--source-run is required"):
+        check_generalize({"epochs": 1})
 
 
 def test_mean_std_golden():

@@ -661,7 +661,12 @@ class GeneralizeParams(BaseModel):
         "learning_rate",
     )
 
-    source_run: str = Field(..., description="A finished thumbnet run folder.")
+    # Required, checked by `check_generalize` rather than by the schema: a
+    # deployment run's `params` without it then takes the deployment's
+    # (`flows.thumbnet_flows._with_deployment_params`).
+    source_run: str | None = Field(
+        None, description="A finished thumbnet run folder (required)."
+    )
     factor: int = Field(2, ge=2, le=32, description="Which E of the run to reuse.")
     experiments: list[Experiment] = Field(
         default_factory=lambda: [Experiment()],
