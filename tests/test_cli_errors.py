@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import keras
@@ -101,6 +102,9 @@ def world(tmp_path_factory) -> Path:
     x = keras.layers.Conv2D(5, 1, name="logits")(keras.layers.Dropout(0.2)(x))
     x = keras.layers.Activation(None, name="predictions")(keras.layers.Flatten()(x))
     keras.Model(image, x).save(root / "five_conv_head.keras")
+    with zipfile.ZipFile(root / "five_conv_head.keras") as whole:
+        with zipfile.ZipFile(root / "config_only.keras", "w") as part:
+            part.writestr("config.json", whole.read("config.json"))
     runs = root / "runs"
     # A finished-looking run with factors 2 and 4 (export), one stage done.
     run = runs / "r24"
@@ -165,6 +169,8 @@ CASES = [
     ("factor-twice", [*TRAIN, "--factor", "2", "--factor", "2"], "--factor given twice"),
     ("teacher-text", [*TRAIN, "--teacher", "{root}/fake.keras"], "is not a Keras archive"),
     ("teacher-missing", [*TRAIN, "--teacher", "{root}/nope.keras"], "file not found"),
+    ("teacher-no-weights", [*TRAIN, "--teacher", "{root}/config_only.keras"],
+     "--teacher '{root}/config_only.keras' holds a model's config.json but no weights"),
     ("teacher-shipped", [*TRAIN, "--teacher", "pretrained:cifar"], "'pretrained:elpv'"),
     # Found by a practitioner's trial (2026-11-29): each was found only once
     # the run had started (after data preparation or the first stages).
@@ -243,6 +249,8 @@ CASES = [
      "--seed [1, 1]: seeds must be distinct"),
     ("predict-text-keras", ["predict", "--model", "{root}/fake.keras", "{root}/nope"],
      "is not a Keras archive"),
+    ("predict-no-weights", ["predict", "--model", "{root}/config_only.keras", "{root}/a_file"],
+     "holds a model's config.json but no weights"),
     ("predict-nothing", ["predict", "--model", "{root}/m.onnx", "{root}/nope"],
      "Nothing to classify ('{root}/nope': not found)"),
     ("predict-model", ["predict", "--model", "{root}/nope.onnx", "{root}/a_file"],

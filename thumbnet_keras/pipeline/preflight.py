@@ -334,11 +334,17 @@ def _archive_ends(path: str, option: str) -> tuple[list, list, dict]:
     try:
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
+            names = set(archive.namelist())
     except (KeyError, ValueError, zipfile.BadZipFile) as err:
         raise ConfigError(
             f"{option} {path!r} is not a Keras archive (no readable config.json: "
             f"{err})."
         ) from None
+    if not names & {"model.weights.h5", "model.weights.npz"}:  # What Keras reads.
+        raise ConfigError(
+            f"{option} {path!r} holds a model's config.json but no weights "
+            "(model.weights.h5); give a model saved whole with model.save(...)."
+        )
     layers = {
         layer.get("name") or layer.get("config", {}).get("name"): layer
         for layer in config.get("config", {}).get("layers", [])
