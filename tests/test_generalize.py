@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import keras
@@ -170,7 +171,7 @@ def source_run(tmp_path_factory):
     return root, run["run_dir"], str(symmetric)
 
 
-def test_fresh_students_per_seed_with_recipe(source_run):
+def test_fresh_students_per_seed_with_recipe(source_run, caplog):
     """Each arm trains a fresh S per seed with the recipe, keeps its best
     validation epoch and evaluates once. The target's manifest normalizes to
     [-1, 1], E's source to [0, 1]: both arms must read E's range (before, the
@@ -227,6 +228,7 @@ def test_fresh_students_per_seed_with_recipe(source_run):
     from thumbnet_keras.pipeline.health import configure_determinism
 
     configure_determinism(0, deterministic=False)
+    caplog.set_level(logging.INFO, logger="thumbnet_keras.progress")
     records = {}
     for seed in config.seeds:
         for arm in ("learned", "bicubic"):
@@ -248,6 +250,10 @@ def test_fresh_students_per_seed_with_recipe(source_run):
         from tensorflow.python.framework import config as tf_config
 
         assert tf_config.is_op_determinism_enabled()
+    # One progress line per epoch, as the train stages log them.
+    epochs = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    assert len(epochs) == 2 * 2 * config.epochs, epochs
+    assert epochs[1].startswith("[exp0-s0-learned] epoch 2/2:  loss "), epochs
     # The seed changes S's start: the two seeds' first-epoch losses differ.
     assert records[0, "bicubic"]["history"]["loss"][0] != pytest.approx(
         records[1, "bicubic"]["history"]["loss"][0], rel=1e-6

@@ -281,6 +281,7 @@ def train_generalize_arm(
         images_per_second, history, epochs, selection, seconds.
     """
     from thumbnet_keras.models import backbones
+    from thumbnet_keras.pipeline import progress
     from thumbnet_keras.pipeline.datasets import run_datasets, split_batches
     from thumbnet_keras.pipeline.evaluate import compose, evaluate_model
     from thumbnet_keras.pipeline.health import configure_determinism
@@ -329,8 +330,10 @@ def train_generalize_arm(
         train,
         config.epochs,
         run.checkpoint_dir(sid),
-        verbose=verbose,
+        # A line per epoch, as the train stages log it (Keras' bar in a terminal).
+        verbose=progress.keras_verbose(verbose),
         log=_log,
+        callbacks=[progress.EpochProgress(sid, config.epochs)],
         validation_data=validation,
     )
     result = evaluate_model(
