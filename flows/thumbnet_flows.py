@@ -22,6 +22,14 @@ import logging
 import os
 import re
 
+from thumbnet_keras.pipeline.environment import import_backend_quietly, quiet_frameworks
+
+# As the command line does, before Prefect (its ephemeral server's telemetry
+# fails offline with an ERROR line) and Keras (TensorFlow's C++ start-up
+# lines) are imported; a switch already set in the environment is kept.
+quiet_frameworks()
+import_backend_quietly()
+
 from prefect import flow, task
 from prefect.artifacts import (
     create_image_artifact,

@@ -5,12 +5,14 @@ ELPV shrunk by `smoke`, then generalize, rerun, bad input and the CLI on it."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from pipeline_fixtures import snapshot, tiny_dataset
+from pipeline_fixtures import snapshot, subprocess_env, tiny_dataset
 
 from thumbnet_keras import pipeline
 from thumbnet_keras.pipeline import ConfigError, GeneralizeParams, ThumbNetParams
@@ -317,3 +319,28 @@ def test_cli_evaluate_report_export(finished, capsys):
         exported == Path(run, "thumbnet_saved_model")
         and (exported / "saved_model.pb").is_file()
     )
+
+
+def test_importing_the_flows_is_quiet():
+    """Flows called from Python (or a worker loading the entrypoint) set the
+    switches the command line sets, before Prefect and Keras are imported:
+    no TensorFlow start-up lines, and Prefect's ephemeral server does not
+    try to send telemetry (offline, an ERROR line); a value the user set is
+    kept."""
+    env = subprocess_env()
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED"):
+        env.pop(name, None)
+    code = (
+        "import os, flows.thumbnet_flows; "
+        "print(os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert (run.stdout, run.stderr) == ("false\n", "")
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "true"
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True
+    )
+    assert run.stdout == "true\n"
