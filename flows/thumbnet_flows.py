@@ -73,22 +73,27 @@ def _artifact_key(*parts: str) -> str:
 
 
 def _prepare_cache_key(context, parameters: dict) -> str | None:
-    """The manifest's content + the limit + the prepared folder.
+    """The manifest's content + its source files' names, sizes and times
+    (`data.source_stamp`: a file replaced, added or removed under an
+    unchanged manifest is prepared again) + the limit + the prepared folder.
 
-    (The flow refreshes this cache when the prepared folder is gone, see
-    `_prepare`; a source whose files changed under an unchanged manifest
-    needs `refresh_cache=True` or its prepared folder deleted.)
+    (The flow also refreshes this cache when the prepared folder is gone,
+    see `_prepare`.)
     """
+    from thumbnet_keras.data.sources import source_stamp
+
     try:
         manifest = load_manifest_checked(parameters["dataset"])
         folder = pipeline.prepared_dir(
             parameters["dataset"], parameters["data_dir"], parameters["limit_per_class"]
         )
+        stamp = source_stamp(manifest)
     except Exception:  # An invalid dataset: no caching; the task reports it.
         return None
     blob = "|".join(
         [
             manifest.content_hash(),
+            stamp,
             str(parameters["limit_per_class"]),
             os.path.abspath(folder),
         ]

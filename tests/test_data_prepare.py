@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -362,8 +363,35 @@ def test_split_folders_and_ignored_files(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("kind", ["path", "bytes"])
-def test_parquet_source(tmp_path, kind):
+def _parquet_manifest(table_path, **source) -> data.Manifest:
+    return data.Manifest.model_validate(
+        {
+            "name": "pq",
+            "description": "d",
+            "license": "l",
+            "source": {"type": "parquet", "path": str(table_path), **source},
+            "classes": ["even", "odd"],
+            "image": {"channels": 3},
+            "split": {"test_fraction": 0.25, "validation_fraction": 0.0},
+        }
+    )
+
+
+# (image column, manifest's image_kind): every layout users have, the
+# Hugging Face datasets struct<bytes, path> included; "auto" (the default)
+# follows the column's Arrow type.
+PARQUET_LAYOUTS = {
+    "path": ("paths", "path"),
+    "bytes": ("bytes", "bytes"),
+    "bytes, kind left out": ("bytes", None),
+    "paths, kind left out": ("paths", None),
+    "hugging face struct": ("struct", None),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(PARQUET_LAYOUTS))
+def test_parquet_source(tmp_path, layout):
+    column, kind = PARQUET_LAYOUTS[layout]
     paths, blobs, labels = [], [], []
     for i in range(8):
         p = write_good(tmp_path / "img" / f"{i}.png", seed=i)
@@ -371,32 +399,72 @@ def test_parquet_source(tmp_path, kind):
         blobs.append(p.read_bytes())
         labels.append(i % 2)
     paths[3], blobs[3] = "img/missing.png", b"not an image"
-    table = pa.table({"image": paths if kind == "path" else blobs, "y": labels})
-    pq.write_table(table, tmp_path / "table.parquet")
-    manifest = data.Manifest.model_validate(
-        {
-            "name": "pq",
-            "description": "d",
-            "license": "l",
-            "source": {
-                "type": "parquet",
-                "path": str(tmp_path / "table.parquet"),
-                "image_kind": kind,
-                "label_column": "y",
-            },
-            "classes": ["even", "odd"],
-            "image": {"channels": 3},
-            "split": {"test_fraction": 0.25, "validation_fraction": 0.0},
-        }
+    images = {
+        "paths": paths,
+        "bytes": blobs,
+        # As `datasets` writes an Image column: the bytes, and a path that
+        # is only a name (unused where bytes are given); row 3 a path only.
+        "struct": [
+            {"bytes": None if i == 3 else b, "path": p if i == 3 else f"{i}.png"}
+            for i, (b, p) in enumerate(zip(blobs, paths))
+        ],
+    }[column]
+    pq.write_table(pa.table({"image": images, "y": labels}), tmp_path / "t.parquet")
+    source = {"label_column": "y"} | ({"image_kind": kind} if kind else {})
+    prepared = data.prepare(
+        _parquet_manifest(tmp_path / "t.parquet", **source), tmp_path / "out"
     )
-    prepared = data.prepare(manifest, tmp_path / "out")
     rows = prepared.read_index().to_pylist()
     assert rows[3]["status"] == "quarantined"
-    assert rows[3]["reason"] == ("not_a_file" if kind == "path" else "not_an_image")
+    assert rows[3]["reason"] == ("not_an_image" if column == "bytes" else "missing")
     assert prepared.class_names == ["even", "odd"]
     assert sum(prepared.splits.values()) == 7
     x, y = next(iter(data.make_dataset(prepared, "train", 8, 2, training=False)))
     assert x.shape == (2, 8, 8, 3) and set(y.numpy()) <= {0, 1}
+
+
+# A table whose columns say something else than the manifest expects: one
+# `DataSourceError` naming the column and what to do, before any image is read
+# (found by a practitioner's trial, 2026-11-29: these gave tracebacks, a
+# silent class "None", or "24 quarantined: empty_file").
+PARQUET_REFUSED = {
+    "bytes, kind path": (
+        {"image": [b"x", b"y"], "label": ["a", "b"]},
+        {"image_kind": "path"},
+        "column 'image' holds image bytes (binary), but the manifest says "
+        "image_kind: path. Set image_kind: bytes",
+    ),
+    "paths, kind bytes": (
+        {"image": ["a.png", "b.png"], "label": ["a", "b"]},
+        {"image_kind": "bytes"},
+        "holds strings (file paths), but the manifest says image_kind: bytes",
+    ),
+    "integer images": (
+        {"image": [1, 2], "label": ["a", "b"]},
+        {},
+        "column 'image' is int64; an image column holds encoded image bytes",
+    ),
+    "null labels": (
+        {"image": [b"x", b"y", b"z"], "label": ["a", None, None]},
+        {},
+        "column 'label' is empty (null) in 2 row(s) (rows 1, 2)",
+    ),
+    "float labels": (
+        {"image": [b"x", b"y"], "label": [1.5, 0.0]},
+        {},
+        "column 'label' is double; a label is a class name",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARQUET_REFUSED))
+def test_parquet_columns_of_the_wrong_kind_are_refused(tmp_path, case):
+    columns, source, message = PARQUET_REFUSED[case]
+    pq.write_table(pa.table(columns), tmp_path / "t.parquet")
+    manifest = _parquet_manifest(tmp_path / "t.parquet", **source)
+    with pytest.raises(data.DataSourceError, match=re.escape(message)):
+        data.prepare(manifest, tmp_path / "out")
+    assert not (tmp_path / "out" / "index.parquet").exists()
 
 
 def test_index_is_byte_identical_for_any_number_of_workers(tmp_path):

@@ -230,7 +230,7 @@ def test_data_refused_while_preparing_leaves_no_run_folder(tmp_path):
     run name used to leave one per failed run)."""
     from flows.thumbnet_flows import thumbnet
 
-    manifest = tiny_dataset(tmp_path, per_class=4)
+    manifest = tiny_dataset(tmp_path, per_class=8)
     for image in (tmp_path / "brightness" / "dark").iterdir():
         image.write_text("not an image")
     runs = tmp_path / "runs"
@@ -344,3 +344,39 @@ def test_importing_the_flows_is_quiet():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True
     )
     assert run.stdout == "true\n"
+
+
+def test_prepare_is_cached_until_a_source_file_changes(tmp_path):
+    """The prepare-data task is cached on the manifest and on its source
+    files' names, sizes and times: a rerun reuses it; an image replaced
+    under the unchanged manifest prepares again (a practitioner's trial,
+    2026-11-29: a run kept training on the replaced data's old index)."""
+    from prefect import flow
+
+    from flows.thumbnet_flows import prepare_data_task
+
+    manifest = tiny_dataset(tmp_path, per_class=8)
+    data_dir = str(tmp_path / "data")
+
+    @flow
+    def prepare_once():
+        state = prepare_data_task(manifest, data_dir, None, return_state=True)
+        return state.name, state.result()
+
+    first, prepared = prepare_once()
+    again, _ = prepare_once()
+    assert (first, again) == ("Completed", "Cached")
+    replaced = tmp_path / "brightness" / "dark" / "000.png"
+    before = {r["key"]: r["sha256"] for r in _index_rows(prepared)}
+    replaced.write_bytes((tmp_path / "brightness" / "bright" / "001.png").read_bytes())
+    after_change, prepared = prepare_once()
+    assert after_change == "Completed"
+    after = {r["key"]: r["sha256"] for r in _index_rows(prepared)}
+    changed = [key for key in before if before[key] != after.get(key)]
+    assert changed == ["dark/000.png"], changed
+
+
+def _index_rows(prepared: dict) -> list[dict]:
+    from thumbnet_keras.data import PreparedDataset
+
+    return PreparedDataset.load(prepared["prepared_dir"]).read_index().to_pylist()

@@ -113,9 +113,15 @@ class ParquetSource(_Strict):
 
     type: Literal["parquet"]
     path: str = Field(..., description="The Parquet file.")
-    image_column: str = Field("image", description="Column with path or bytes.")
-    image_kind: Literal["path", "bytes"] = Field(
-        "path", description="Whether image_column holds file paths or image bytes."
+    image_column: str = Field(
+        "image",
+        description="Column with encoded image bytes (binary), file paths "
+        "(string), or Hugging Face datasets' struct<bytes, path>.",
+    )
+    image_kind: Literal["auto", "path", "bytes"] = Field(
+        "auto",
+        description="What image_column holds; auto: what its type says (binary: "
+        "bytes, string: paths; of a struct<bytes, path>, the bytes where given).",
     )
     label_column: str = Field("label", description="Class name (string) or index.")
     split_column: str | None = Field(

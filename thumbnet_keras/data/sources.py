@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Iterator
@@ -204,10 +205,82 @@ def image_folder_candidates(
                     ignored.append(rel)
 
 
+def _parquet_image_kind(path: Path, source: ParquetSource, arrow_type) -> str:
+    """ "bytes", "path" or "struct" (Hugging Face datasets' `{bytes, path}`)
+    from the image column's Arrow type; refuses any other type, and an
+    `image_kind` the column's type contradicts."""
+    import pyarrow as pa
+
+    kind_of = (
+        arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type
+    )
+    if pa.types.is_binary(kind_of) or pa.types.is_large_binary(kind_of):
+        kind = "bytes"
+    elif pa.types.is_string(kind_of) or pa.types.is_large_string(kind_of):
+        kind = "path"
+    elif pa.types.is_struct(kind_of) and {"bytes", "path"} & {
+        kind_of.field(i).name for i in range(kind_of.num_fields)
+    }:
+        return "struct"
+    else:
+        raise DataSourceError(
+            f"{path}: column {source.image_column!r} is {arrow_type}; an image "
+            "column holds encoded image bytes (binary), file paths (string), or "
+            "Hugging Face datasets' struct<bytes, path>."
+        )
+    if source.image_kind not in ("auto", kind):
+        held = "image bytes (binary)" if kind == "bytes" else "strings (file paths)"
+        raise DataSourceError(
+            f"{path}: column {source.image_column!r} holds {held}, but the "
+            f"manifest says image_kind: {source.image_kind}. Set image_kind: {kind}, "
+            "or leave it out (it follows the column's type)."
+        )
+    return kind
+
+
+def _parquet_label_names(
+    path: Path, source: ParquetSource, column, classes: list[str] | None
+) -> list[str]:
+    """Each row's class name: a string label as it is, an integer one as
+    `classes[i]` (or its digits). Refuses empty (null) labels and labels of
+    any other type (a float label is not a class)."""
+    import pyarrow as pa
+
+    arrow_type = column.type
+    kind_of = (
+        arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type
+    )
+    if not (
+        pa.types.is_integer(kind_of)
+        or pa.types.is_string(kind_of)
+        or pa.types.is_large_string(kind_of)
+    ):
+        raise DataSourceError(
+            f"{path}: column {source.label_column!r} is {arrow_type}; a label is a "
+            "class name (string) or a class index (integer)."
+        )
+    labels = column.to_pylist()
+    empty = [i for i, label in enumerate(labels) if label is None]
+    if empty:
+        rows = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        raise DataSourceError(
+            f"{path}: column {source.label_column!r} is empty (null) in "
+            f"{len(empty)} row(s) (rows {rows}); give every row a label, or drop "
+            "those rows."
+        )
+    if not pa.types.is_integer(kind_of):
+        return labels
+    return [
+        classes[label] if classes and 0 <= label < len(classes) else str(label)
+        for label in labels
+    ]
+
+
 def parquet_candidates(
     source: ParquetSource, classes: list[str] | None
 ) -> Iterator[Candidate]:
-    """Rows of a Parquet table: image path or bytes, label, optional split."""
+    """Rows of a Parquet table: image bytes, a path or Hugging Face datasets'
+    `{bytes, path}` struct (as the column's type says), label, optional split."""
     import pyarrow.parquet as pq
 
     path = Path(source.path).expanduser()
@@ -216,39 +289,109 @@ def parquet_candidates(
     columns = [source.image_column, source.label_column]
     if source.split_column:
         columns.append(source.split_column)
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow's ArrowInvalid, OSError, ...
+        raise DataSourceError(f"{path}: not a readable Parquet file ({err})") from None
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataSourceError(
             f"{path}: missing column(s) {missing}; has {table.column_names}"
         )
+    kind = _parquet_image_kind(
+        path, source, table.schema.field(source.image_column).type
+    )
     base = (
         Path(source.base_dir).expanduser() if source.base_dir else path.parent
     ).absolute()
     images = table.column(source.image_column).to_pylist()
-    labels = table.column(source.label_column).to_pylist()
+    names = _parquet_label_names(
+        path, source, table.column(source.label_column), classes
+    )
     splits = (
         table.column(source.split_column).to_pylist()
         if source.split_column
         else [None] * len(images)
     )
-    for i, (image, label, split) in enumerate(zip(images, labels, splits, strict=True)):
+    for i, (image, name, split) in enumerate(zip(images, names, splits, strict=True)):
         if split is not None and split not in SPLITS:
             raise DataSourceError(f"{path}: row {i}: split {split!r} not in {SPLITS}")
-        if isinstance(label, int) and not isinstance(label, bool):
-            name = (
-                classes[label] if classes and 0 <= label < len(classes) else str(label)
-            )
-        else:
-            name = str(label)
         cand = Candidate(key=f"row/{i:08d}", label_name=name, source_split=split)
-        if source.image_kind == "bytes":
+        if kind == "struct":  # The bytes when given (and asked for), else the path.
+            image = image or {}
+            given = image.get("bytes") if source.image_kind != "path" else None
+            image = given if given is not None else image.get("path")
+            row_kind = "bytes" if given is not None else "path"
+        else:
+            row_kind = kind
+        if row_kind == "bytes" or image is None:  # No image: quarantined as empty.
             cand.data = bytes(image or b"")
         else:
             p = Path(os.fspath(image)).expanduser()
             cand.uri = str(p if p.is_absolute() else base / p)
             cand.key = f"row/{i:08d}/{Path(image).as_posix()}"
         yield cand
+
+
+def _source_roots(manifest: Manifest) -> list[Path]:
+    """The files and folders a manifest's source reads (for `source_stamp`)."""
+    src = manifest.source
+    if isinstance(src, ImageFolderSource):
+        return [Path(src.root).expanduser()]
+    if isinstance(src, FashionMnistSource):
+        return [Path(src.directory)]
+    if isinstance(src, ElpvSource):
+        if src.labels_csv:
+            return [Path(src.labels_csv).expanduser().parent]
+        import elpv_dataset.utils as elpv_utils
+
+        return [Path(elpv_utils.__file__).parent / "data"]
+    if isinstance(src, ParquetSource):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = Path(src.path).expanduser()
+        roots = [table]
+        field = pq.read_schema(table).field(src.image_column)
+        if src.image_kind != "bytes" and (
+            pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+        ):  # The files its rows name (only paths are read, not image bytes).
+            base = Path(src.base_dir).expanduser() if src.base_dir else table.parent
+            column = pq.read_table(table, columns=[src.image_column]).column(0)
+            roots += [base / Path(p).expanduser() for p in column.to_pylist() if p]
+        return roots
+    from thumbnet_keras.data.tfds_source import data_dir
+
+    return [Path(data_dir(src)) / src.name]
+
+
+def source_stamp(manifest: Manifest) -> str:
+    """A digest of the path, size and modification time of every file the
+    manifest's source reads (no file is read): it changes when a file is
+    replaced, added or removed. The flows' prepare cache keys on it, so a
+    source changed under an unchanged manifest is prepared again.
+
+    Raises:
+        Exception: whatever reading the source's listing raises (a missing
+            package or table): the caller does not cache then.
+    """
+    digest = hashlib.sha256()
+    for root in _source_roots(manifest):
+        if root.is_dir():
+            files = sorted(
+                Path(folder, name)
+                for folder, _, names in os.walk(root)
+                for name in names
+            )
+        else:
+            files = [root]
+        for path in files:
+            try:
+                st = path.stat()
+                digest.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{path}|missing\n".encode())
+    return digest.hexdigest()
 
 
 def iter_candidates(

@@ -10,6 +10,7 @@ Rules (also in docs/data.md):
 | input                                   | status      | reason                   |
 |-----------------------------------------|-------------|--------------------------|
 | 8-bit JPEG/PNG, mode L or RGB           | ok          |                          |
+| no such file (a table's path)           | quarantined | missing                  |
 | a directory, a socket, ...              | quarantined | not_a_file               |
 | zero bytes                              | quarantined | empty_file               |
 | cannot be opened/read (permissions)     | quarantined | unreadable               |
@@ -83,6 +84,8 @@ def quarantine(reason: str) -> Validation:
 def read_file(path: str | os.PathLike) -> tuple[bytes | None, Validation | None]:
     """Read a candidate file; on failure return (None, quarantined Validation)."""
     try:
+        if not os.path.lexists(path):
+            return None, quarantine("missing")
         if not os.path.isfile(path):
             return None, quarantine("not_a_file")
         with open(path, "rb") as f:
