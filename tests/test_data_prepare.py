@@ -270,8 +270,15 @@ def test_duplicates_across_splits_are_reported(tmp_path):
     blob = (root / "cat/cat_00.png").read_bytes()
     for i in range(4):
         (root / f"cat/copy_{i}.png").write_bytes(blob)
-    prepared = data.prepare(folder_manifest(root), tmp_path / "out")
+    with pytest.warns(UserWarning) as warned:
+        prepared = data.prepare(folder_manifest(root), tmp_path / "out")
     summary = prepared.summary()
+    said = [str(w.message) for w in warned if "byte-identical" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(
+        "toy: 1 image(s) have byte-identical copies in more than one split "
+        "(5 files; e.g. 'cat/cat_00.png', 'cat/copy_0.png' in test and train)"
+    ), said
+    assert "summary.json's duplicates_across_splits" in said[0]
     rows = [
         r
         for r in prepared.read_index().to_pylist()
@@ -455,6 +462,37 @@ PARQUET_REFUSED = {
         "column 'label' is double; a label is a class name",
     ),
 }
+
+
+def test_parquet_class_messages_speak_of_the_table(tmp_path):
+    """An empty table, and a declared class no row has: the advice is about
+    the table and `classes`, not about image folders or files."""
+    pq.write_table(
+        pa.table(
+            {"image": pa.array([], pa.binary()), "label": pa.array([], pa.string())}
+        ),
+        tmp_path / "empty.parquet",
+    )
+    manifest = _parquet_manifest(tmp_path / "empty.parquet").model_copy(
+        update={"classes": None}
+    )
+    with pytest.raises(data.PrepareError) as err:
+        data.prepare(manifest, tmp_path / "out")
+    assert str(err.value).endswith(
+        "the data has 0 (none). A Parquet table's classes are the values of its "
+        "'label' column; this one has no rows."
+    )
+    good = [encode(pattern(8, 8, 3, i), "PNG") for i in range(8)]
+    pq.write_table(
+        pa.table({"image": good, "label": ["even"] * 8}), tmp_path / "t.parquet"
+    )
+    with pytest.raises(data.PrepareError) as err:
+        data.prepare(_parquet_manifest(tmp_path / "t.parquet"), tmp_path / "out2")
+    assert (
+        "declared class(es) 'odd' (no image) have no usable example; add images "
+        in str(err.value)
+    )
+    assert "remove them from `classes`" in str(err.value)
 
 
 @pytest.mark.parametrize("case", sorted(PARQUET_REFUSED))

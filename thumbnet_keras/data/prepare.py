@@ -319,6 +319,19 @@ def _absent_text(dataset: str, absent: dict, per_class, class_names) -> str:
     )
 
 
+def _duplicates_text(dataset: str, across: list[dict]) -> str:
+    """The warning for identical images in more than one split."""
+    first = across[0]
+    return (
+        f"{dataset}: {len(across)} image(s) have byte-identical copies in more "
+        f"than one split ({sum(len(d['keys']) for d in across)} files; e.g. "
+        f"{', '.join(map(repr, first['keys'][:2]))} in "
+        f"{' and '.join(first['splits'])}), so validation and test top-1 count "
+        "images the model trained on. Remove the copies (every one is listed "
+        "in summary.json's duplicates_across_splits)."
+    )
+
+
 def _duplicates(rows: list[dict]) -> tuple[list[dict], int]:
     by_sha: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -413,10 +426,17 @@ def prepare(
             {r["label_name"] for r in rows if r["label_name"]}
         )
     if len(class_names) < 2:
+        where = {
+            "image_folder": "An image folder needs one sub-folder per class: "
+            "<root>/<class>/<image>.",
+            "parquet": f"A Parquet table's classes are the values of its "
+            f"{getattr(manifest.source, 'label_column', '')!r} column"
+            + ("; this one has no rows." if not rows else "."),
+        }.get(manifest.source.type, "")
         raise PrepareError(
             f"{manifest.name}: a classifier needs at least 2 classes, the data has "
-            f"{len(class_names)} ({', '.join(map(repr, class_names)) or 'none'}). "
-            "An image folder needs one sub-folder per class: <root>/<class>/<image>."
+            f"{len(class_names)} ({', '.join(map(repr, class_names)) or 'none'})."
+            + (f" {where}" if where else "")
         )
     label_of = {name: i for i, name in enumerate(class_names)}
     for r in rows:
@@ -510,9 +530,16 @@ def prepare(
                 else "class(es)"
             )
         )
+        fix = (
+            "fix or remove those files, or the class"
+            if reasons
+            else "add images of them, or remove them from `classes`"
+            if manifest.classes
+            else "add images of them"
+        )
         raise PrepareError(
             f"{manifest.name}: {kind} {', '.join(shown)} have no usable example; "
-            f"fix or remove those files, or the class (see {failed_report})"
+            f"{fix} (see {failed_report})"
         )
 
     no_images = (
@@ -532,13 +559,15 @@ def prepare(
         warnings.warn(
             _absent_text(manifest.name, absent, per_class, class_names), stacklevel=2
         )
+    across, within = _duplicates(rows)
+    if across:
+        warnings.warn(_duplicates_text(manifest.name, across), stacklevel=2)
     columns = {name: [r.get(name) for r in rows] for name in idx.INDEX_SCHEMA.names}
     # Order matters: index, then report, then the summary that vouches for both.
     idx.write_index(out / idx.INDEX_FILE, columns)
     idx.write_json(out / idx.QUARANTINE_FILE, report)
     dims = {(r["height"], r["width"]) for r in usable}
     height, width = next(iter(dims)) if len(dims) == 1 else (None, None)
-    across, within = _duplicates(rows)
     summary = {
         "schema_version": idx.SCHEMA_VERSION,
         "name": manifest.name,
