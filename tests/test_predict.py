@@ -143,6 +143,20 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("no.jpg: not_found") == 1, err  # Reported once.
     assert main(["predict", "--model", str(tmp_path / "none.keras"), str(broken)]) == 2
+    # A renamed model (deployments rename files) with its sidecar given; a
+    # sidecar that is not there: one line, exit 2.
+    renamed = tmp_path / "lone" / "model_v3.keras"
+    renamed.parent.mkdir()
+    Path(model).rename(renamed)
+    image = str(tmp_path / "images" / "dark.jpg")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(renamed), image]) == 2
+    assert "thumbnet_model.json not found" in capsys.readouterr().err
+    sidecar = str(tmp_path / "m" / "thumbnet_model.json")
+    assert main(["predict", "--model", str(renamed), "--sidecar", sidecar, image]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}\tdark ")
+    assert main(["predict", "--model", str(renamed), "--sidecar", "x.json", image]) == 2
+    assert "--sidecar 'x.json': no such file" in capsys.readouterr().err
 
 
 def test_a_model_the_sidecar_does_not_list_is_refused(tmp_path):

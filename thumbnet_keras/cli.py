@@ -207,6 +207,12 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("inputs", nargs="+", metavar="FILES_OR_FOLDERS")
     pred.add_argument("--top-k", type=int, default=5)
     pred.add_argument("--output", default=None, help="preds.csv or preds.json")
+    pred.add_argument(
+        "--sidecar",
+        default=None,
+        help="the model's thumbnet_model.json (classes, input), for a renamed or "
+        "moved model (default: the one beside --model)",
+    )
     return parser
 
 
@@ -543,9 +549,13 @@ def _predict(args: argparse.Namespace) -> int:
 
     try:
         preflight.check_backend()
-        preflight.check_predict(args.model, args.inputs, args.top_k, args.output)
+        preflight.check_predict(
+            args.model, args.inputs, args.top_k, args.output, args.sidecar
+        )
         import_backend_quietly(quiet=not getattr(args, "verbose", 0))
-        result = predict(args.model, args.inputs, top_k=args.top_k)
+        result = predict(
+            args.model, args.inputs, top_k=args.top_k, sidecar=args.sidecar
+        )
         if args.output:
             write_predictions(result, args.output)
     except (ValueError, OSError) as err:  # A bad model, sidecar, option or output.

@@ -152,8 +152,8 @@ def predict(
         raise deploy.SidecarError(
             f"{info['path']} describes {', '.join(sorted(listed))}, not {name}: "
             f"its classes and input are not known to fit {name}. Predict with a "
-            "model it lists, or pass this model's own sidecar (Python API: "
-            "`predict(..., sidecar=path)`)."
+            "model it lists, or pass this model's own sidecar (`thumbnet predict "
+            "--sidecar PATH`, or `predict(..., sidecar=path)`)."
         )
     height, width = info["input_size"]
     channels, classes = info["channels"], info["class_names"]

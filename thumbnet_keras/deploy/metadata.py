@@ -129,8 +129,8 @@ def read_sidecar(model_path: str | os.PathLike, sidecar: str | None = None) -> d
         raise SidecarError(
             f"{path} not found: {SIDECAR} beside a model names its classes and "
             "input. Export the model with `thumbnet export` (it writes one "
-            "there), or copy the run's export folder's file beside it (Python "
-            "API: `predict(..., sidecar=path)`)."
+            "there), copy the run's export folder's file beside it, or name it "
+            "(`thumbnet predict --sidecar PATH`, `predict(..., sidecar=path)`)."
         ) from None
     except (OSError, ValueError) as err:
         raise SidecarError(f"{path} is not readable JSON: {err}") from None

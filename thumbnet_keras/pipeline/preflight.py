@@ -891,12 +891,16 @@ def _check_output_file(path: str, option: str, suffixes: tuple[str, ...]) -> Non
 
 
 def check_predict(
-    model: str, inputs: list[str], top_k: int = 5, output: str | None = None
+    model: str,
+    inputs: list[str],
+    top_k: int = 5,
+    output: str | None = None,
+    sidecar: str | None = None,
 ) -> None:
     """`thumbnet predict`'s model file, inputs and output, before a model is
     loaded: the model is a format predict runs (a `.keras` one a Keras
-    archive), the inputs name at least one file, and `output` is a `.csv` or
-    `.json` file that can be written."""
+    archive), a given `sidecar` is a file, the inputs name at least one
+    file, and `output` is a `.csv` or `.json` file that can be written."""
     from thumbnet_keras.deploy.runtime import model_kind
     from thumbnet_keras.predict import collect_files
 
@@ -908,6 +912,11 @@ def check_predict(
         raise ConfigError(f"--model: {err}") from None
     if model.endswith(".keras") and os.path.isfile(model):
         keras_archive_shape(model, "--model")
+    if sidecar is not None and not os.path.isfile(sidecar):
+        raise ConfigError(
+            f"--sidecar {sidecar!r}: no such file (a run's or an export's "
+            "thumbnet_model.json)."
+        )
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be >= 1.")
     if output is not None:
