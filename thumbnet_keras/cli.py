@@ -184,11 +184,13 @@ def _parser() -> argparse.ArgumentParser:
         parents=[flags],
         help="rewrite metrics.json, report.md, report.html; print the results",
     )
-    rep.add_argument("--run", required=True)
+    rep.add_argument("--run", required=True, help="the run folder")
     exp = sub.add_parser(
         "export", parents=[flags], help="export thumbnet.keras to another format"
     )
-    exp.add_argument("--run", required=True)
+    exp.add_argument(
+        "--run", required=True, help="the run folder (its thumbnet.keras is exported)"
+    )
     exp.add_argument(
         "--format",
         required=True,
@@ -199,7 +201,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--factor", type=int, default=None, help="default: the primary factor"
     )
-    exp.add_argument("--output", default=None)
+    exp.add_argument(
+        "--output",
+        default=None,
+        help="the file (or SavedModel folder) to write; default: beside the "
+        "model, e.g. runs/<run>/thumbnet.onnx",
+    )
     pred = sub.add_parser(
         "predict", parents=[flags], help="classify images with an exported model"
     )

@@ -391,7 +391,10 @@ class ThumbNetParams(BaseModel):
         "statistics on before S (initialized from T) trains; 0: keep T's.",
     )
     limit_per_class: int | None = Field(
-        None, ge=1, description="Keep N examples per class. Default: all."
+        None,
+        ge=1,
+        description="Keep the first N examples of each class in each split the "
+        "source gives (its own train and test each keep N). Default: all.",
     )
     seed: int = Field(
         0,
