@@ -250,8 +250,16 @@ def _with_deployment_params(params):
     if flow_run is None or flow_run.deployment_id is None:
         return params
     given = (flow_run.parameters or {}).get("params")
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment(flow_run.deployment_id)
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment(flow_run.deployment_id)
+    except Exception as err:  # Deleted meanwhile, or the API is unreachable.
+        get_run_logger().warning(
+            "params: the deployment's own could not be read (%s); this run's "
+            "params are used as given.",
+            err,
+        )
+        return params
     base = (deployment.parameters or {}).get("params")
     if not isinstance(given, dict) or not isinstance(base, dict) or given == base:
         return params
