@@ -222,3 +222,21 @@ def test_cli_predict_prints_no_framework_start_up_lines(tmp_path, fmt):
     assert result.stderr.strip().splitlines() == [
         "1 classified, 0 of 1 files skipped"
     ], result.stderr
+
+
+def test_an_image_far_smaller_than_the_input_is_named(tmp_path, caplog):
+    """A 1x1 image is enlarged to the model's 8x8 and classified, with a
+    warning; the 9x9 and 12x20 ones of `_images` are not."""
+    model = _brightness_model(tmp_path / "m" / "thumbnet.keras")
+    _images(tmp_path / "images")
+    Image.fromarray(np.full((1, 1), 240, np.uint8)).save(
+        tmp_path / "images" / "one.png"
+    )
+    with caplog.at_level("WARNING", logger="thumbnet_keras.predict"):
+        result = predict(model, [str(tmp_path / "images")])
+    small = [r.getMessage() for r in caplog.records if "too small" in r.getMessage()]
+    assert len(small) == 1 and small[0].endswith(
+        "one.png: 1x1 pixels, enlarged to the model's 8x8 input: too small for its "
+        "prediction to mean much"
+    ), small
+    assert any(r["file"].endswith("one.png") for r in result["predictions"])

@@ -88,6 +88,16 @@ def _load_image(path: str, height: int, width: int, channels: int):
     check = validate_bytes(data)
     if check.status == QUARANTINED:
         return None, check.reason
+    if 4 * min(check.height, check.width) < min(height, width):
+        logger.warning(
+            "%s: %dx%d pixels, enlarged to the model's %dx%d input: too small "
+            "for its prediction to mean much",
+            path,
+            check.width,
+            check.height,
+            width,
+            height,
+        )
     try:
         image = tf.io.decode_image(
             check.converted or data, channels=channels, expand_animations=False
