@@ -351,6 +351,11 @@ def test_prepare_is_cached_until_a_source_file_changes(tmp_path):
     files' names, sizes and times: a rerun reuses it; an image replaced
     under the unchanged manifest prepares again (a practitioner's trial,
     2026-11-29: a run kept training on the replaced data's old index)."""
+    if keras.backend.backend() != "torch":
+        pytest.skip(
+            "Prefect caching, independent of the Keras backend: run once, under "
+            "KERAS_BACKEND=torch (the shortest suite)."
+        )
     from prefect import flow
 
     from flows.thumbnet_flows import prepare_data_task
