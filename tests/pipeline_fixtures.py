@@ -90,6 +90,21 @@ def subprocess_env() -> dict:
     return env
 
 
+def loud_env() -> dict:
+    """`subprocess_env()` without the switches that quiet the frameworks
+    (an earlier test's `quiet_frameworks` may have set them in this
+    process): for tests that check no start-up line gets through."""
+    env = subprocess_env()
+    for name in (
+        "TF_CPP_MIN_LOG_LEVEL",
+        "GLOG_minloglevel",
+        "GRPC_VERBOSITY",
+        "PREFECT_SERVER_ANALYTICS_ENABLED",
+    ):
+        env.pop(name, None)
+    return env
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     import socket

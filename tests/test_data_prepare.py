@@ -627,3 +627,41 @@ def test_a_folder_without_images_is_named_not_dropped_silently(tmp_path):
     assert prepared.class_names == ["cat", "dog"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["folders_without_images"] == ["empty_class", "notes"]
+
+
+def test_source_stamp_follows_every_file_the_source_reads(tmp_path):
+    """The flows' prepare cache keys on `source_stamp`: it must change when
+    any file the source reads is replaced, the ones a Parquet table names
+    (plain, dictionary-encoded, or a Hugging Face struct's path) and those
+    in a class folder that is a link included, and only then."""
+    from thumbnet_keras.data.sources import source_stamp
+
+    def replace(path):  # Other bytes (and size): what a user's copy does.
+        path.write_bytes(path.read_bytes() + b"\0")
+
+    # An image folder whose class folder is a link to a folder elsewhere.
+    root = make_image_folder(tmp_path / "src", with_bad=False, per_class=2)
+    (root / "cat").rename(tmp_path / "cats_elsewhere")
+    (root / "cat").symlink_to(tmp_path / "cats_elsewhere", target_is_directory=True)
+    manifest = folder_manifest(root)
+    stamp = source_stamp(manifest)
+    assert source_stamp(manifest) == stamp
+    replace(tmp_path / "cats_elsewhere" / "cat_00.png")
+    assert source_stamp(manifest) != stamp
+
+    # Parquet tables naming their files three ways.
+    paths = [f"img/{i}.png" for i in range(2)]
+    for i in range(2):
+        write_good(tmp_path / "img" / f"{i}.png", seed=i)
+    columns = {
+        "plain": pa.array(paths),
+        "dictionary": pa.array(paths).dictionary_encode(),
+        "struct": pa.array([{"bytes": None, "path": p} for p in paths]),
+    }
+    for name, column in columns.items():
+        table = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"image": column, "label": ["a", "b"]}), table)
+        manifest = _parquet_manifest(table)
+        stamp = source_stamp(manifest)
+        replace(tmp_path / "img" / "1.png")
+        assert source_stamp(manifest) != stamp, name

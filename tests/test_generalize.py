@@ -251,7 +251,11 @@ def test_fresh_students_per_seed_with_recipe(source_run, caplog):
 
         assert tf_config.is_op_determinism_enabled()
     # One progress line per epoch, as the train stages log them.
-    epochs = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    epochs = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "thumbnet_keras.progress" and " epoch " in r.getMessage()
+    ]
     assert len(epochs) == 2 * 2 * config.epochs, epochs
     assert epochs[1].startswith("[exp0-s0-learned] epoch 2/2:  loss "), epochs
     # The seed changes S's start: the two seeds' first-epoch losses differ.

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 from PIL import Image
+from pipeline_fixtures import loud_env
 
 from thumbnet_keras import deploy
 from thumbnet_keras.predict import predict, write_predictions
@@ -154,7 +155,12 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
     assert "thumbnet_model.json not found" in capsys.readouterr().err
     sidecar = str(tmp_path / "m" / "thumbnet_model.json")
     assert main(["predict", "--model", str(renamed), "--sidecar", sidecar, image]) == 0
-    assert capsys.readouterr().out.startswith(f"{image}\tdark ")
+    said = capsys.readouterr()
+    assert said.out.startswith(f"{image}\tdark ")
+    assert (
+        f"{sidecar} describes thumbnet.keras, not model_v3.keras: used as asked"
+        in said.err
+    )
     assert main(["predict", "--model", str(renamed), "--sidecar", "x.json", image]) == 2
     assert "--sidecar 'x.json': no such file" in capsys.readouterr().err
 
@@ -198,7 +204,6 @@ def test_cli_predict_prints_no_framework_start_up_lines(tmp_path, fmt):
     too): only the predictions and the summary, no oneDNN / CUDA / absl
     notices from the frameworks' C++ start-up, and no LiteRT "Created
     TensorFlow Lite XNNPACK delegate" line for a `.tflite` model."""
-    import os
     import subprocess
     import sys
 
@@ -210,8 +215,7 @@ def test_cli_predict_prints_no_framework_start_up_lines(tmp_path, fmt):
             channels=1, normalization="unit", models={"model.tflite": "litert"},
         )  # fmt: skip
     Image.fromarray(np.full((16, 16), 230, np.uint8)).save(tmp_path / "bright.png")
-    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    env = loud_env() | {"KERAS_BACKEND": keras.backend.backend()}
     result = subprocess.run(
         [sys.executable, "-m", "thumbnet_keras.cli", "predict", "--model", model,
          str(tmp_path / "bright.png")],

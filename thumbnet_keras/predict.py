@@ -165,6 +165,14 @@ def predict(
             "model it lists, or pass this model's own sidecar (`thumbnet predict "
             "--sidecar PATH`, or `predict(..., sidecar=path)`)."
         )
+    if sidecar is not None and listed and name not in listed and not own:
+        logger.warning(
+            "%s describes %s, not %s: used as asked (its classes, input size "
+            "and value range must be this model's)",
+            info["path"],
+            ", ".join(sorted(listed)),
+            name,
+        )
     height, width = info["input_size"]
     channels, classes = info["channels"], info["class_names"]
     runner = deploy.load_runner(model_path)

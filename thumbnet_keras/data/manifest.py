@@ -284,7 +284,13 @@ class Manifest(_Strict):
 
     def content_hash(self) -> str:
         """sha256 of the manifest's fields (not its file path)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        fields = self.model_dump(mode="json")
+        if fields["source"].get("image_kind") == "auto":
+            # As before `auto` (2026-11-29) was the default: a Parquet
+            # manifest that leaves image_kind out keeps its hash, so its
+            # prepared data and unfinished runs are still its own.
+            fields["source"]["image_kind"] = "path"
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

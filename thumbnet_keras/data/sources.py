@@ -205,24 +205,39 @@ def image_folder_candidates(
                     ignored.append(rel)
 
 
+def _arrow_kind(arrow_type) -> str | None:
+    """ "bytes" for a binary Arrow type, "string" for a string one (plain,
+    large, view or dictionary-encoded), "struct", else None."""
+    import pyarrow as pa
+
+    t = pa.types
+    if t.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    if t.is_binary(arrow_type) or t.is_large_binary(arrow_type):
+        return "bytes"
+    if t.is_binary_view(arrow_type):
+        return "bytes"
+    if t.is_string(arrow_type) or t.is_large_string(arrow_type):
+        return "string"
+    if t.is_string_view(arrow_type):
+        return "string"
+    return "struct" if t.is_struct(arrow_type) else None
+
+
 def _parquet_image_kind(path: Path, source: ParquetSource, arrow_type) -> str:
     """ "bytes", "path" or "struct" (Hugging Face datasets' `{bytes, path}`)
     from the image column's Arrow type; refuses any other type, and an
     `image_kind` the column's type contradicts."""
-    import pyarrow as pa
-
-    kind_of = (
-        arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type
+    found = _arrow_kind(arrow_type)
+    names = (
+        {arrow_type.field(i).name for i in range(arrow_type.num_fields)}
+        if found == "struct"
+        else set()
     )
-    if pa.types.is_binary(kind_of) or pa.types.is_large_binary(kind_of):
-        kind = "bytes"
-    elif pa.types.is_string(kind_of) or pa.types.is_large_string(kind_of):
-        kind = "path"
-    elif pa.types.is_struct(kind_of) and {"bytes", "path"} & {
-        kind_of.field(i).name for i in range(kind_of.num_fields)
-    }:
-        return "struct"
-    else:
+    if found == "struct" and names & {"bytes", "path"}:
+        return "struct"  # `image_kind` then picks a field (`parquet_candidates`).
+    kind = {"bytes": "bytes", "string": "path"}.get(found)
+    if kind is None:
         raise DataSourceError(
             f"{path}: column {source.image_column!r} is {arrow_type}; an image "
             "column holds encoded image bytes (binary), file paths (string), or "
@@ -250,11 +265,8 @@ def _parquet_label_names(
     kind_of = (
         arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type
     )
-    if not (
-        pa.types.is_integer(kind_of)
-        or pa.types.is_string(kind_of)
-        or pa.types.is_large_string(kind_of)
-    ):
+    integer = pa.types.is_integer(kind_of)
+    if not (integer or _arrow_kind(kind_of) == "string"):
         raise DataSourceError(
             f"{path}: column {source.label_column!r} is {arrow_type}; a label is a "
             "class name (string) or a class index (integer)."
@@ -268,7 +280,7 @@ def _parquet_label_names(
             f"{len(empty)} row(s) (rows {rows}); give every row a label, or drop "
             "those rows."
         )
-    if not pa.types.is_integer(kind_of):
+    if not integer:
         return labels
     return [
         classes[label] if classes and 0 <= label < len(classes) else str(label)
@@ -276,11 +288,22 @@ def _parquet_label_names(
     ]
 
 
+def _struct_image(image: dict | None, image_kind: str) -> tuple[str, object]:
+    """A Hugging Face `{bytes, path}` row as ("bytes", data) or ("path",
+    path): the bytes where given (`auto`) or only those (`bytes`), the
+    path otherwise (or only it, `path`); ("path", None) when it has neither."""
+    image = image or {}
+    if image_kind != "path" and image.get("bytes") is not None:
+        return "bytes", image["bytes"]
+    return "path", image.get("path") if image_kind != "bytes" else None
+
+
 def parquet_candidates(
     source: ParquetSource, classes: list[str] | None
 ) -> Iterator[Candidate]:
     """Rows of a Parquet table: image bytes, a path or Hugging Face datasets'
-    `{bytes, path}` struct (as the column's type says), label, optional split."""
+    `{bytes, path}` struct (as the column's type says), label, optional split.
+    A row without an image (null) is quarantined as `missing`."""
     import pyarrow.parquet as pq
 
     path = Path(source.path).expanduser()
@@ -301,9 +324,7 @@ def parquet_candidates(
     kind = _parquet_image_kind(
         path, source, table.schema.field(source.image_column).type
     )
-    base = (
-        Path(source.base_dir).expanduser() if source.base_dir else path.parent
-    ).absolute()
+    base = _parquet_base(source, path)
     images = table.column(source.image_column).to_pylist()
     names = _parquet_label_names(
         path, source, table.column(source.label_column), classes
@@ -317,20 +338,42 @@ def parquet_candidates(
         if split is not None and split not in SPLITS:
             raise DataSourceError(f"{path}: row {i}: split {split!r} not in {SPLITS}")
         cand = Candidate(key=f"row/{i:08d}", label_name=name, source_split=split)
-        if kind == "struct":  # The bytes when given (and asked for), else the path.
-            image = image or {}
-            given = image.get("bytes") if source.image_kind != "path" else None
-            image = given if given is not None else image.get("path")
-            row_kind = "bytes" if given is not None else "path"
-        else:
-            row_kind = kind
-        if row_kind == "bytes" or image is None:  # No image: quarantined as empty.
-            cand.data = bytes(image or b"")
+        row_kind = kind
+        if kind == "struct":
+            row_kind, image = _struct_image(image, source.image_kind)
+        if image is None:
+            cand.uri = ""  # No such file: quarantined as `missing`.
+        elif row_kind == "bytes":
+            cand.data = bytes(image)
         else:
             p = Path(os.fspath(image)).expanduser()
             cand.uri = str(p if p.is_absolute() else base / p)
             cand.key = f"row/{i:08d}/{Path(image).as_posix()}"
         yield cand
+
+
+def _parquet_base(source: ParquetSource, table: Path) -> Path:
+    """The folder a table's relative image paths start from."""
+    return (
+        Path(source.base_dir).expanduser() if source.base_dir else table.parent
+    ).absolute()
+
+
+def _parquet_paths(source: ParquetSource, table: Path) -> list[Path]:
+    """The files a table's rows name (its paths; of a Hugging Face struct
+    column, the `path` field), read without its image bytes."""
+    import pyarrow.parquet as pq
+
+    found = _arrow_kind(pq.read_schema(table).field(source.image_column).type)
+    if source.image_kind == "bytes" or found not in ("string", "struct"):
+        return []
+    column = source.image_column + (".path" if found == "struct" else "")
+    try:
+        values = pq.read_table(table, columns=[column]).column(0).to_pylist()
+    except (KeyError, ValueError):  # A struct without a `path` field.
+        return []
+    base = _parquet_base(source, table)
+    return [base / Path(p).expanduser() for p in values if p]
 
 
 def _source_roots(manifest: Manifest) -> list[Path]:
@@ -347,22 +390,25 @@ def _source_roots(manifest: Manifest) -> list[Path]:
 
         return [Path(elpv_utils.__file__).parent / "data"]
     if isinstance(src, ParquetSource):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         table = Path(src.path).expanduser()
-        roots = [table]
-        field = pq.read_schema(table).field(src.image_column)
-        if src.image_kind != "bytes" and (
-            pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
-        ):  # The files its rows name (only paths are read, not image bytes).
-            base = Path(src.base_dir).expanduser() if src.base_dir else table.parent
-            column = pq.read_table(table, columns=[src.image_column]).column(0)
-            roots += [base / Path(p).expanduser() for p in column.to_pylist() if p]
-        return roots
+        return [table, *_parquet_paths(src, table)]
     from thumbnet_keras.data.tfds_source import data_dir
 
     return [Path(data_dir(src)) / src.name]
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """Every file under `root`, sorted, following folder links (as the image
+    folder source does) but never into a folder twice."""
+    seen, files = set(), []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files += [Path(folder, name) for name in names]
+    return sorted(files)
 
 
 def source_stamp(manifest: Manifest) -> str:
@@ -377,15 +423,7 @@ def source_stamp(manifest: Manifest) -> str:
     """
     digest = hashlib.sha256()
     for root in _source_roots(manifest):
-        if root.is_dir():
-            files = sorted(
-                Path(folder, name)
-                for folder, _, names in os.walk(root)
-                for name in names
-            )
-        else:
-            files = [root]
-        for path in files:
+        for path in _walk_files(root) if root.is_dir() else [root]:
             try:
                 st = path.stat()
                 digest.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())

@@ -712,7 +712,17 @@ class GeneralizeParams(BaseModel):
         return seeds
 
     def to_config(self) -> GeneralizeConfig:
-        """The frozen `GeneralizeConfig`, with `smoke` applied."""
+        """The frozen `GeneralizeConfig`, with `smoke` applied.
+
+        Raises:
+            ConfigError: no `source_run` (optional in the schema only so that
+                a deployment run's partial `params` can take the deployment's).
+        """
+        if not self.source_run:
+            raise ConfigError(
+                "--source-run is required: a finished run folder made by `thumbnet "
+                "train` (runs/<run-name>)."
+            )
         values = self.model_dump()
         values["experiments"] = tuple(
             (e["dataset"], e["backbone"]) for e in values["experiments"]

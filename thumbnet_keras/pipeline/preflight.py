@@ -818,12 +818,7 @@ def check_generalize(values: dict) -> GeneralizeParams:
     """Every check of a `generalize` run that needs no framework; returns the
     validated `GeneralizeParams` with `run_name` resolved."""
     params = validate_params(GeneralizeParams, values)
-    if not params.source_run:
-        raise ConfigError(
-            "--source-run is required: a finished run folder made by `thumbnet "
-            "train` (runs/<run-name>)."
-        )
-    config = params.to_config()
+    config = params.to_config()  # Refuses a missing source_run.
     run, saved = _run_config(config.source_run, option="--source-run")
     if config.factor not in saved["factors"]:
         raise ConfigError(
