@@ -103,7 +103,10 @@ def _nested_bn_model():
     """image (4, 4, 1) -> x * 2 + 1 -> inner [BN -> conv -> BN] (frozen)."""
     inner_in = keras.Input((4, 4, 1))
     x = keras.layers.BatchNormalization(momentum=0.9, name="bn1")(inner_in)
-    x = keras.layers.Conv2D(2, 1, name="conv")(x)
+    # A bias of 1: bn2's input mean is then 1, not the ~1e-8 a zero bias
+    # leaves after bn1's normalization, which `np.allclose` could not tell
+    # from its starting value (a torch CI run failed on that).
+    x = keras.layers.Conv2D(2, 1, bias_initializer="ones", name="conv")(x)
     x = keras.layers.BatchNormalization(momentum=0.99, name="bn2")(x)
     inner = keras.Model(inner_in, x, name="inner")
     inner.trainable = False
