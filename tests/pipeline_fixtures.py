@@ -94,13 +94,10 @@ def loud_env() -> dict:
     """`subprocess_env()` without the switches that quiet the frameworks
     (an earlier test's `quiet_frameworks` may have set them in this
     process): for tests that check no start-up line gets through."""
+    from thumbnet_keras.pipeline.environment import quiet_env
+
     env = subprocess_env()
-    for name in (
-        "TF_CPP_MIN_LOG_LEVEL",
-        "GLOG_minloglevel",
-        "GRPC_VERBOSITY",
-        "PREFECT_SERVER_ANALYTICS_ENABLED",
-    ):
+    for name in quiet_env():
         env.pop(name, None)
     return env
 

@@ -177,14 +177,10 @@ def test_the_command_locks_its_run_folder_before_starting_frameworks(
     # server and Keras started (30 s on a busy machine).
     from thumbnet_keras import cli
     from thumbnet_keras.pipeline import rundir
+    from thumbnet_keras.pipeline.environment import quiet_env
 
-    for key in (  # main() sets them for the frameworks; restored after.
-        "PREFECT_LOGGING_EXTRA_LOGGERS",
-        "TF_CPP_MIN_LOG_LEVEL",
-        "GRPC_VERBOSITY",
-        "GLOG_minloglevel",
-        "PREFECT_SERVER_ANALYTICS_ENABLED",
-    ):
+    # main() sets them for the frameworks; restored after.
+    for key in ("PREFECT_LOGGING_EXTRA_LOGGERS", *quiet_env()):
         monkeypatch.setenv(key, os.environ.get(key, ""))
         if not os.environ[key]:
             monkeypatch.delenv(key)

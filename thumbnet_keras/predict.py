@@ -156,7 +156,8 @@ def predict(
     info = deploy.read_sidecar(model_path, sidecar)
     listed, name = info.get("models") or {}, Path(model_path).name
     own = Path(info["path"]).parent == Path(model_path)  # a SavedModel's own
-    if sidecar is None and listed and name not in listed and not own:
+    unlisted = listed and name not in listed and not own
+    if unlisted and sidecar is None:
         # E.g. a run folder's teacher.keras or thumbnail_model.keras: other
         # inputs (size, value range) than the sidecar's, so silently wrong.
         raise deploy.SidecarError(
@@ -165,7 +166,7 @@ def predict(
             "model it lists, or pass this model's own sidecar (`thumbnet predict "
             "--sidecar PATH`, or `predict(..., sidecar=path)`)."
         )
-    if sidecar is not None and listed and name not in listed and not own:
+    if unlisted:  # A sidecar the caller named: their word, with a warning.
         logger.warning(
             "%s describes %s, not %s: used as asked (its classes, input size "
             "and value range must be this model's)",

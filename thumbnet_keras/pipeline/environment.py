@@ -17,12 +17,23 @@ __all__ = [
     "environment",
     "hidden_stderr",
     "import_backend_quietly",
+    "quiet_env",
     "quiet_frameworks",
 ]
 
 # Loggers of the frameworks that warn about things a user cannot act on
 # (tf.function retracing, the tf.data cache, JAX's missing-GPU notice).
 _CHATTY_LOGGERS = ("tensorflow", "absl", "jax._src.xla_bridge", "h5py")
+
+
+def quiet_env(verbosity: int = 0) -> dict[str, str]:
+    """The environment switches `quiet_frameworks(verbosity)` sets."""
+    return {
+        "TF_CPP_MIN_LOG_LEVEL": {0: "3", 1: "1"}.get(verbosity, "0"),
+        "GRPC_VERBOSITY": "ERROR" if verbosity == 0 else "INFO",
+        "GLOG_minloglevel": "2" if verbosity == 0 else "0",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
 
 
 def quiet_frameworks(verbosity: int = 0) -> None:
@@ -34,14 +45,7 @@ def quiet_frameworks(verbosity: int = 0) -> None:
     hidden; 1: warnings; 2: everything. A switch the user set in the
     environment is kept at verbosity 0.
     """
-    level = {0: "3", 1: "1"}.get(verbosity, "0")
-    env = {
-        "TF_CPP_MIN_LOG_LEVEL": level,
-        "GRPC_VERBOSITY": "ERROR" if verbosity == 0 else "INFO",
-        "GLOG_minloglevel": "2" if verbosity == 0 else "0",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    for key, value in env.items():
+    for key, value in quiet_env(verbosity).items():
         if verbosity == 0:
             os.environ.setdefault(key, value)
         else:
