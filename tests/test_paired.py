@@ -60,6 +60,26 @@ def test_one_sided_disagreements_closed_form():
         assert verdict(r) == expected
 
 
+def test_one_win_of_many_disagreements_closed_form():
+    # k = 1: P(X >= 1 | p) = 1 - (1 - p)**m, so p_lo = 1 - 0.975 ** (1 / m);
+    # k = m - 1: P(X <= m - 1 | p) = 1 - p**m, so p_hi = 0.975 ** (1 / m).
+    # At p = 1/2 both tails are 1.0 in floating point once m >= 49 or so,
+    # where the search used to probe its direction, walk to p = 1 and fail
+    # ("math domain error"); a study's evaluate stage crashed on such a pair.
+    for m in (2, 10, 49, 50, 64, 97, 500, 4000):
+        low, _ = clopper_pearson(1, m)
+        assert low == pytest.approx(1 - 0.975 ** (1 / m), rel=1e-9), m
+        _, high = clopper_pearson(m - 1, m)
+        assert high == pytest.approx(0.975 ** (1 / m), rel=1e-12), m
+    # The same through the paired comparison: ThumbNet wins 1 of 60.
+    r = paired_difference(*_pair(1, 59, 9940))
+    assert r["difference"] == pytest.approx(-0.0058)
+    low, high = clopper_pearson(1, 60)
+    assert r["ci95"] == pytest.approx([0.006 * (2 * low - 1), 0.006 * (2 * high - 1)])
+    assert _tail(1, 60, high, upper=False) == pytest.approx(0.025, abs=1e-9)
+    assert verdict(r) == "behind"
+
+
 def test_small_counts_interval_agrees_with_the_exact_test():
     # 2 against 8 of 30 images: the Wald interval (-39.4, -0.6) said
     # "behind" while McNemar's exact p is 0.109.

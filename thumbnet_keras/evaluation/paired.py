@@ -62,17 +62,21 @@ def _binomial_two_sided(k: int, n: int) -> float:
     return min(1.0, 2.0 * _tail(log_comb, i, n, 0.5, low, upper=False))
 
 
-def _solve(f, target: float) -> float:
-    """The p in (0, 1) where the monotone `f(p)` crosses `target` (bisection)."""
+def _solve(f, target: float, rising: bool) -> float:
+    """The p in (0, 1) where `f(p)`, increasing in p when `rising` (else
+    decreasing), crosses `target` (bisection). The direction is given, not
+    probed: near 0 or 1 a tail is 1.0 or 0.0 in floating point at both ends
+    of a probe (P(X >= 1 | 50, 1/2) rounds to 1), and a probed direction sent
+    the search the wrong way, into p = 1 and `log1p(-1)`."""
     lo, hi = 0.0, 1.0
-    rising = f(0.5) < f(0.999999)
-    for _ in range(60):
+    while True:
         mid = (lo + hi) / 2
+        if mid in (lo, hi):  # the floats between lo and hi are exhausted
+            return mid
         if (f(mid) < target) == rising:
             lo = mid
         else:
             hi = mid
-    return (lo + hi) / 2
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -81,8 +85,16 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     and the highest with P(X <= k | p) >= (1 - level)/2."""
     tail = (1.0 - level) / 2
     log_comb, i = _log_binomial_pmf(n)
-    low = 0.0 if k == 0 else _solve(lambda p: _tail(log_comb, i, n, p, k, True), tail)
-    high = 1.0 if k == n else _solve(lambda p: _tail(log_comb, i, n, p, k, False), tail)
+    low = (
+        0.0
+        if k == 0
+        else _solve(lambda p: _tail(log_comb, i, n, p, k, True), tail, True)
+    )
+    high = (
+        1.0
+        if k == n
+        else _solve(lambda p: _tail(log_comb, i, n, p, k, False), tail, False)
+    )
     return low, high
 
 
