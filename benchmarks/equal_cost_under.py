@@ -92,7 +92,6 @@ def main(argv=None) -> int:
     from thumbnet_keras.pipeline import stages
     from thumbnet_keras.pipeline.evaluate import evaluate_run
 
-    chosen: dict = {}
     original = stages._equal_cost
 
     def under(run, config, prepared, factor, teacher):
@@ -100,8 +99,7 @@ def main(argv=None) -> int:
         result = largest_side_under(
             teacher, factor, at_least["target_macs"], stages._value_range(prepared)
         )
-        chosen.update(result, at_least=at_least)
-        return result | {"reached": True}
+        return result | {"reached": True, "at_least": at_least}
 
     stages._equal_cost = under
     seeds = []
@@ -122,7 +120,7 @@ def main(argv=None) -> int:
         seeds.append({
             "run": str(src),
             "seed": json.loads((src / "config.json").read_text())["config"]["seed"],
-            "under": dict(chosen),
+            "under": record["equal_cost"],
             "kept_epoch": record["selection"],
             "arms_in_copy": _arms(evaluation, args.factor),
             "run_own_arms": _arms(own, args.factor),

@@ -268,6 +268,10 @@ CASES = [
     ("predict-output-proc", ["predict", "--model", "{root}/m.onnx", "{root}/a_file",
                              "--output", "/proc/x.csv"], "--output's folder '/proc' is not writable"),
     ("keras-backend", ["train", "--batch-size", "8"], "KERAS_BACKEND='tensorflw' is not a Keras backend"),
+    # Refused before any data is prepared (it used to fail in the teacher stage).
+    ("distribution-torch", [*TRAIN, "--distribution", "data_parallel"],
+     "--distribution data_parallel needs the jax or tensorflow backend (KERAS_BACKEND); "
+     "this process runs 'torch'."),
     # argparse's own errors: one line too, not the 33-line usage first.
     ("choice", [*TRAIN, "--precision", "float64"], "argument --precision: invalid choice: 'float64'"),
     ("export-format", ["export", "--run", "{root}/runs/r24", "--format", "lite-rt"],
@@ -315,6 +319,8 @@ def test_user_error_is_one_line_and_exit_2(world, case, args, expected):
         env["PYTHONPATH"] = f"{root}/no_onnx:" + subprocess_env()["PYTHONPATH"]
     if case == "keras-backend":
         env["KERAS_BACKEND"] = "tensorflw"  # A typo.
+    if case == "distribution-torch":
+        env["KERAS_BACKEND"] = "torch"
     before = snapshot(world)
     lines = run_refused(args, world, env).strip().splitlines()
     # `thumbnet train: error: ...` where argparse finds it.

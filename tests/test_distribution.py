@@ -47,6 +47,55 @@ def test_data_parallel_fit_on_two_cpu_devices():
     assert result["loss"][-1] < result["loss"][0]
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="uneven batches matter to JAX only")
+def test_uneven_batches_are_cut_not_dropped_and_odd_batch_sizes_refused():
+    # A practitioner's run with --batch-size 7 on 2 devices trained on one
+    # 2-image batch an epoch and lost per-epoch validation (7 images, one
+    # odd batch), exit code 0: every uneven batch was dropped whole.
+    result = run_python(
+        """
+        import json
+        import numpy as np, tensorflow as tf
+        from thumbnet_keras.pipeline.compute import (
+            check_batch_size, compute_scope, even_batches)
+        from thumbnet_keras.pipeline.config import ConfigError
+
+        def sizes(data):
+            return [int(x.shape[0]) for x, _ in data.as_numpy_iterator()]
+
+        def pairs(n, batch):
+            x = np.arange(n, dtype="float32")
+            return tf.data.Dataset.from_tensor_slices((x, x)).batch(batch)
+
+        out = {}
+        with compute_scope("float32", "data_parallel") as replicas:
+            out["replicas"] = replicas
+            out["7 by 4"] = sizes(even_batches(pairs(7, 4)))
+            out["9 by 4"] = sizes(even_batches(pairs(9, 4)))  # last batch: 1
+            out["per epoch"] = sizes(even_batches(lambda epoch: pairs(7, 4))(0))
+            images = tf.data.Dataset.from_tensor_slices(np.zeros((5, 2))).batch(4)
+            out["images only"] = [b.shape[0] for b in even_batches(images)]
+            check_batch_size(8, replicas)
+            try:
+                check_batch_size(7, replicas)
+            except ConfigError as error:
+                out["refusal"] = str(error)
+        print(json.dumps(out))
+        """,
+        env={
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "KERAS_BACKEND": "jax",
+        },
+    )
+    assert result["replicas"] == 2
+    assert result["7 by 4"] == [4, 2]  # 3 cut to 2, not dropped
+    assert result["9 by 4"] == [4, 4]  # a batch cut to nothing is left out
+    assert result["per epoch"] == [4, 2]
+    assert result["images only"] == [4]
+    assert "batch_size 7 does not split over the 2 devices" in result["refusal"]
+    assert "--batch-size 8" in result["refusal"]
+
+
 # One SGD step on 2 replicas must move every weight exactly as one step on one
 # device with the same global batch. Run once with the trainer's loss scaling
 # and once with it disabled (a plain mean, as before the fix): on TensorFlow

@@ -65,12 +65,17 @@ def test_one_win_of_many_disagreements_closed_form():
     # k = m - 1: P(X <= m - 1 | p) = 1 - p**m, so p_hi = 0.975 ** (1 / m).
     # At p = 1/2 both tails are 1.0 in floating point once m >= 49 or so,
     # where the search used to probe its direction, walk to p = 1 and fail
-    # ("math domain error"); a study's evaluate stage crashed on such a pair.
+    # ("math domain error"); a study run crashed at ThumbNet vs its teacher,
+    # 205 wins of 652 disagreements.
     for m in (2, 10, 49, 50, 64, 97, 500, 4000):
         low, _ = clopper_pearson(1, m)
         assert low == pytest.approx(1 - 0.975 ** (1 / m), rel=1e-9), m
         _, high = clopper_pearson(m - 1, m)
         assert high == pytest.approx(0.975 ** (1 / m), rel=1e-12), m
+    # The study's pair: each bound leaves 2.5% in its tail (summed directly).
+    low, high = clopper_pearson(205, 652)
+    assert _tail(205, 652, low, upper=True) == pytest.approx(0.025, abs=1e-9)
+    assert _tail(205, 652, high, upper=False) == pytest.approx(0.025, abs=1e-9)
     # The same through the paired comparison: ThumbNet wins 1 of 60.
     r = paired_difference(*_pair(1, 59, 9940))
     assert r["difference"] == pytest.approx(-0.0058)

@@ -34,12 +34,11 @@ def _data(n=8):
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
 def test_trainer_steps_under_mixed_precision(precision):
-    if precision == "mixed_float16" and BACKEND in ("torch", "tensorflow"):
-        # Both are GPU kernels there (mixed_float16 is a GPU policy): torch
-        # has no float16 convolutions on CPU, and TensorFlow's CPU float16
-        # depthwise conv refuses unequal strides (E's separable bicubic).
-        if BACKEND == "torch" or not _tf_gpu():
-            pytest.skip(f"{BACKEND} has no float16 CPU kernels for E's convolutions")
+    if precision == "mixed_float16" and BACKEND == "tensorflow" and not _tf_gpu():
+        # A GPU policy there: TensorFlow's CPU float16 depthwise conv refuses
+        # unequal strides (E's separable bicubic). torch (2.13) and JAX have
+        # float16 CPU convolutions.
+        pytest.skip("tensorflow has no float16 CPU kernel for E's convolutions")
     compute = precision.removeprefix("mixed_")
     keras.utils.set_random_seed(0)
     saved = tiny_teacher()  # float32, as a loaded .keras teacher would be
@@ -191,3 +190,20 @@ def test_cli_options_reach_the_run_config():
     assert (default.precision, default.distribution) == ("float32", "none")
     with pytest.raises(ValueError, match="precision"):
         ThumbNetParams(precision="float16")
+
+
+def test_jit_compile_on_under_torch_warns_once_before_the_run(monkeypatch):
+    # A practitioner's one-epoch torch run with --jit-compile on took 9x as
+    # long as eager (torch.compile recompiling), without a word.
+    import warnings
+
+    from thumbnet_keras.pipeline import environment, preflight
+
+    monkeypatch.setattr(environment, "planned_backend", lambda: "torch")
+    with pytest.warns(UserWarning, match="--jit-compile on under the torch backend"):
+        preflight._warn_torch_jit("on")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        preflight._warn_torch_jit("auto")
+        monkeypatch.setattr(environment, "planned_backend", lambda: "jax")
+        preflight._warn_torch_jit("on")

@@ -136,6 +136,33 @@ def test_epoch_progress_logs_one_line_per_epoch_from_a_real_fit(caplog):
     assert lines[1].startswith("[1/8] teacher epoch 2/2:") and "ETA" not in lines[1]
 
 
+def test_a_resumed_stage_marks_best_only_past_the_checkpoints_best(tmp_path):
+    # After a resume the progress line marked "(best)" on an epoch that only
+    # equalled the best before the interruption: EpochProgress started empty.
+    import tensorflow as tf
+
+    from thumbnet_keras.pipeline.checkpoint import fit_resumable
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(True),
+                  metrics=["accuracy"])  # fmt: skip
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, np.array([0, 1] * 4))).batch(4)
+    first = fit_resumable(model, data, 2, tmp_path, verbose=0,
+                          validation_data=data, log=lambda m: None)  # fmt: skip
+    cb = EpochProgress("teacher", 3, [2])
+    fit_resumable(model, data, 3, tmp_path, verbose=0, validation_data=data,
+                  callbacks=[cb], log=lambda m: None)  # fmt: skip
+    best = first["selection"]["best_value"]
+    assert cb.best is not None and cb.best >= best
+    restored = EpochProgress("teacher", 3, [2])
+    restored.restore_best(best)
+    again = restored.format_epoch(2, {"val_accuracy": best}, 1.0)
+    assert "(best)" not in again
+    assert "(best)" in restored.format_epoch(2, {"val_accuracy": best + 0.1}, 1.0)
+
+
 def test_summary_rows_golden():
     rows = summary_rows(metrics())
     assert [(r["model"], r["f"]) for r in rows] == [

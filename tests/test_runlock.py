@@ -169,6 +169,52 @@ def test_a_run_that_never_started_does_not_block_its_name(tmp_path):
     assert os.path.abspath(folder / LOCK_NAME) not in _HELD  # Released.
 
 
+def test_a_run_resumes_only_on_the_backend_that_started_it(tmp_path):
+    # A practitioner resumed a torch run under KERAS_BACKEND=jax: accepted
+    # without a word, the rest trained on JAX, config.json still said torch.
+    folder = tmp_path / "r"
+    claim(folder, {"a": 1}, kind="thumbnet", inputs={"m": "x"})
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["environment"]["backend"] == keras.backend.backend()
+    (folder / "stages").mkdir()
+    (folder / "stages" / "teacher.json").write_text("{}")
+    unlock_run(folder)
+    run, resumed = claim(folder, {"a": 1}, kind="thumbnet", inputs={"m": "x"})
+    assert resumed
+    unlock_run(folder)
+    other = "torch" if keras.backend.backend() != "torch" else "jax"
+    saved["environment"]["backend"] = other
+    (folder / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError) as error:
+        claim(folder, {"a": 1}, kind="thumbnet", inputs={"m": "x"})
+    assert str(error.value) == (
+        f"Run folder {str(folder)!r} was started on the {other!r} backend and this "
+        f"process runs {keras.backend.backend()!r}: a run resumes on the backend "
+        f"that started it (its checkpoints and the record of what trained it are "
+        f"{other}'s). Rerun with KERAS_BACKEND={other}, or choose another run name "
+        "to start afresh on this one."
+    )
+    assert json.loads((folder / "config.json").read_text()) == saved  # untouched
+
+
+def test_planned_backend_reads_no_framework(tmp_path):
+    # Before Keras is imported: KERAS_BACKEND, else keras.json, else tensorflow.
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "jax"}))
+    code = (
+        "import sys; from thumbnet_keras.pipeline.environment import planned_backend;"
+        "print(planned_backend(), 'keras' in sys.modules)"
+    )
+    env = {k: v for k, v in subprocess_env().items() if k != "KERAS_BACKEND"}
+    seen = []
+    for extra in ({"KERAS_HOME": str(tmp_path)},
+                  {"KERAS_HOME": str(tmp_path), "KERAS_BACKEND": "torch"},
+                  {"KERAS_HOME": str(tmp_path / "none")}):  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", code], env=env | extra,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        seen.append(out.stdout.strip())
+    assert seen == ["jax False", "torch False", "tensorflow False"]
+
+
 def test_the_command_locks_its_run_folder_before_starting_frameworks(
     tmp_path, monkeypatch
 ):

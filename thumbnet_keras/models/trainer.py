@@ -199,7 +199,7 @@ def _warn_downscaler_share(downscaler, student):
     if share > DOWNSCALER_SHARE:
         warnings.warn(
             f"The downscaler '{downscaler.name}' costs {e_macs / 1e6:.2f} M MACs, "
-            f"{share:.0%} of the inference model (E + S = "
+            f"{share:.1%} of the inference model (E + S = "
             f"{total / 1e6:.2f} M): more than "
             f"{DOWNSCALER_SHARE:.0%}, so the thumbnail model saves less than the "
             "factor promises. Use a narrower E, e.g. `build_downscaler(..., "

@@ -258,6 +258,9 @@ def fit_resumable(
         if initial < epochs:
             resumed_from.append(initial)
             log(f"  resuming from the checkpoint after epoch {initial}/{epochs}")
+        for extra_callback in callbacks or []:
+            if best is not None and hasattr(extra_callback, "restore_best"):
+                extra_callback.restore_best(best["value"])  # progress lines
     per_epoch = callable(train_data)
     extra = {"seed": seed if per_epoch else None, "nonfinite": nonfinite}
     callback = EpochCheckpoint(
@@ -313,6 +316,11 @@ def fit_resumable(
     else:
         reason = no_selection_reason if monitor is None else f"no {monitor} logged"
         selection = {"monitor": None, "best_epoch": epochs, "reason": reason}
+        if monitor is not None:
+            log(
+                f"  no {monitor} was logged (is every validation batch empty?): "
+                f"keeping the last epoch, {epochs}/{epochs}"
+            )
     return {
         "history": callback.history,
         "epochs": epochs,

@@ -29,6 +29,7 @@ from typing import Any
 
 __all__ = [
     "DISTRIBUTIONS",
+    "check_batch_size",
     "compute_scope",
     "prepare_model",
     "run_compute",
@@ -351,12 +352,15 @@ def prepare_model(model):
 
 def even_batches(data):
     """Under JAX data parallelism in the active `compute_scope`: `data` (a
-    batched tf.data dataset, a function epoch -> dataset, or None) without
-    the batches whose size does not split evenly over the devices (the last,
-    partial batch of an epoch, which `DataParallel` cannot shard). Training
-    skips those few images per epoch, as `drop_remainder` would; per-epoch
-    validation too (the run's final evaluation sees every image). TensorFlow's
-    MirroredStrategy splits uneven batches itself: unchanged there."""
+    batched tf.data dataset, a function epoch -> dataset, or None) with each
+    batch cut to the largest size that splits evenly over the devices
+    (`DataParallel` cannot shard an uneven batch). With a batch size that
+    is a multiple of the device count (`run_compute` refuses any other) only
+    the epoch's last, partial batch is cut, by fewer images than there are
+    devices, so per-epoch validation keeps all but those few (a batch cut
+    to nothing is left out; the run's final evaluation sees every image).
+    TensorFlow's MirroredStrategy splits uneven batches itself: unchanged
+    there."""
     import keras
 
     if (
@@ -372,10 +376,31 @@ def even_batches(data):
 
     replicas = _ACTIVE["replicas"]
 
-    def even(*batch):
-        return tf.shape(tf.nest.flatten(batch)[0])[0] % replicas == 0
+    def cut(*batch):
+        size = tf.shape(tf.nest.flatten(batch)[0])[0]
+        even = size - size % replicas
+        cut_batch = tf.nest.map_structure(lambda t: t[:even], batch)
+        return cut_batch if len(batch) > 1 else cut_batch[0]
 
-    return data.filter(even)
+    def not_empty(*batch):
+        return tf.shape(tf.nest.flatten(batch)[0])[0] > 0
+
+    return data.map(cut).filter(not_empty)
+
+
+def check_batch_size(batch_size: int, replicas: int) -> None:
+    """Refuses a global batch that JAX's `DataParallel` cannot split evenly
+    over `replicas` devices (every batch would be cut, `even_batches`)."""
+    import keras
+
+    if replicas > 1 and keras.backend.backend() == "jax" and batch_size % replicas:
+        multiple = -(-batch_size // replicas) * replicas
+        raise _error(
+            f"batch_size {batch_size} does not split over the {replicas} devices "
+            f"of distribution='data_parallel' (JAX gives every device the same "
+            f"share of a batch): use a multiple of {replicas}, e.g. "
+            f"--batch-size {multiple}."
+        )
 
 
 def run_compute(function):
@@ -391,7 +416,8 @@ def run_compute(function):
         config = RunConfig.from_json(Run(run_dir).config()["config"])
         with compute_scope(
             config.precision, config.distribution, config.sync_batchnorm
-        ):
+        ) as replicas:
+            check_batch_size(config.batch_size, replicas)
             return function(run_dir, *args, **kwargs)
 
     return wrapper

@@ -17,6 +17,7 @@ __all__ = [
     "environment",
     "hidden_stderr",
     "import_backend_quietly",
+    "planned_backend",
     "quiet_env",
     "quiet_frameworks",
 ]
@@ -34,6 +35,27 @@ def quiet_env(verbosity: int = 0) -> dict[str, str]:
         "GLOG_minloglevel": "2" if verbosity == 0 else "0",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
+
+
+def planned_backend() -> str:
+    """The Keras backend this process runs, or will once Keras is imported:
+    Keras' own when it is, else `KERAS_BACKEND`, else the `backend` of
+    Keras' config file (`$KERAS_HOME/keras.json`, default `~/.keras`), else
+    "tensorflow" (Keras' default). Reads no framework."""
+    import json
+
+    if "keras" in sys.modules and hasattr(sys.modules["keras"], "backend"):
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(
+        os.path.expanduser("~"), ".keras"
+    )
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return str(json.load(f).get("backend") or "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
 
 
 def quiet_frameworks(verbosity: int = 0) -> None:

@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from functools import cache
 from pathlib import Path
@@ -646,6 +647,35 @@ def _check_writable(path: str, option: str) -> None:
         ) from None
 
 
+def _check_distribution(distribution: str) -> None:
+    """data_parallel on a backend that has it (`compute.distribution_scope`),
+    refused here before any data is prepared."""
+    from thumbnet_keras.pipeline.environment import planned_backend
+
+    backend = planned_backend()
+    if distribution == "data_parallel" and backend not in ("jax", "tensorflow"):
+        raise ConfigError(
+            f"--distribution data_parallel needs the jax or tensorflow backend "
+            f"(KERAS_BACKEND); this process runs {backend!r}."
+        )
+
+
+def _warn_torch_jit(jit_compile: str) -> None:
+    """jit_compile "on" under torch is `torch.compile`: it runs, many times
+    slower on a CPU (docs/design.md, "XLA")."""
+    from thumbnet_keras.pipeline.environment import planned_backend
+
+    if jit_compile == "on" and planned_backend() == "torch":
+        warnings.warn(
+            "--jit-compile on under the torch backend means torch.compile, "
+            "which recompiles for every new input shape: a one-epoch CPU run "
+            "took 9x as long as eager. Leave it at auto (eager on torch), or "
+            "use KERAS_BACKEND=jax for XLA.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def check_thumbnet(values: dict) -> ThumbNetParams:
     """Every check of a `thumbnet` run that needs no framework.
 
@@ -661,6 +691,8 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     if channels not in (1, 3):
         raise ConfigError(f"--channels must be 1 or 3, received {channels}.")
     config.check_fm_pretrain(option_name)
+    _check_distribution(config.distribution)
+    _warn_torch_jit(config.jit_compile)
     if len(set(config.factors)) != len(config.factors):
         raise ConfigError(f"--factor given twice: {list(config.factors)}.")
     for factor in config.factors:

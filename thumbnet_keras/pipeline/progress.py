@@ -168,6 +168,11 @@ class EpochProgress(keras.callbacks.Callback):
         self._start = 0.0
         self._pending: str | None = None
 
+    def restore_best(self, value: float) -> None:
+        """A resumed stage's best validation value so far (from its
+        checkpoint), so "(best)" marks only an epoch that beats it."""
+        self.best = float(value)
+
     def _flush(self) -> None:
         if self._pending is not None:
             self.log.info(self._pending)

@@ -512,6 +512,24 @@ def _differences_text(keys: list[str], old: dict, new: dict) -> str:
     return ", ".join(parts)
 
 
+def _check_same_backend(run: Run, saved: dict) -> None:
+    """A run continues on the backend that started it: its checkpoints,
+    resumed epochs and `config.json`'s environment belong to that backend."""
+    from thumbnet_keras.pipeline.config import ConfigError
+    from thumbnet_keras.pipeline.environment import planned_backend
+
+    started = (saved.get("environment") or {}).get("backend")
+    now = planned_backend()
+    if started and started != now:
+        raise ConfigError(
+            f"Run folder {str(run.path)!r} was started on the {started!r} backend "
+            f"and this process runs {now!r}: a run resumes on the backend that "
+            f"started it (its checkpoints and the record of what trained it are "
+            f"{started}'s). Rerun with KERAS_BACKEND={started}, or choose another "
+            "run name to start afresh on this one."
+        )
+
+
 def check_claimable(
     path: str | os.PathLike, config: dict, kind: str, inputs: dict | None = None
 ) -> bool:
@@ -556,6 +574,7 @@ def check_claimable(
                     else "."
                 )
             )
+        _check_same_backend(run, saved)
         if changed:
             what = " and ".join(_INPUT_NAMES.get(k, k) for k in changed)
             raise ConfigError(

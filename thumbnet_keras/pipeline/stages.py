@@ -556,7 +556,7 @@ def _warn_explicit_width(downscaler, student, width, factor, auto_width) -> None
     e_macs, total, share = downscaler_cost(downscaler, student)
     if share > DOWNSCALER_SHARE:
         warnings.warn(
-            f"downscaler_width={width} makes E cost {share:.0%} of the f={factor} "
+            f"downscaler_width={width} makes E cost {share:.1%} of the f={factor} "
             f"thumbnail model ({e_macs / 1e6:.2f} M of "
             f"{total / 1e6:.2f} M MACs), more than "
             f"{DOWNSCALER_SHARE:.0%}: it saves less than the factor promises. "
