@@ -198,6 +198,9 @@ def _fit(model, config, prepared, run, sid, epochs, verbose, labels=True):
     with warnings.catch_warnings():
         # fm_pretrain does not use S's logits layer: Keras warns it has no gradient.
         warnings.filterwarnings("ignore", message="Gradients do not exist")
+        # `even_batches` leaves the batch count unknown to tf.data, and Keras
+        # then warns at the end of each stream, which is where it should end.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
         return fit_resumable(
             model,
             train,
