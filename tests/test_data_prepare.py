@@ -52,6 +52,32 @@ def test_planted_bad_files_get_right_status_and_reason(tmp_path):
     assert all(r["split"] == "" for r in rows.values() if r["status"] == "quarantined")
 
 
+def test_undecodable_names_and_dangling_links_are_quarantined(tmp_path):
+    # A Latin-1 file name crashed prepare (Arrow: "surrogates not allowed",
+    # three tracebacks and two retries); a link to nothing was `not_a_file`.
+    root = make_image_folder(tmp_path / "src", with_bad=False)
+    write_good(root / "cat" / os.fsdecode(b"caf\xe9.jpg"), seed=7)
+    (root / "dog" / "gone.jpg").symlink_to(root / "dog" / "deleted.jpg")
+    os.fsencode(os.fsdecode(b"\xe9"))  # the file system takes such names
+    prepared = data.prepare(folder_manifest(root), tmp_path / "out")
+    rows = rows_by_name(prepared)
+    assert (rows["caf\\xe9.jpg"]["status"], rows["caf\\xe9.jpg"]["reason"]) == (
+        "quarantined",
+        "non_utf8_path",
+    )
+    assert rows["caf\\xe9.jpg"]["key"] == "cat/caf\\xe9.jpg"  # escaped, readable
+    assert (rows["gone.jpg"]["status"], rows["gone.jpg"]["reason"]) == (
+        "quarantined",
+        "missing",
+    )
+    report = json.loads(open(prepared.quarantine_path).read())
+    assert sorted(q["reason"] for q in report["quarantined"]) == [
+        "missing",
+        "non_utf8_path",
+    ]
+    assert sum(prepared.splits.values()) == 12  # the good ones, all kept
+
+
 def test_converted_files_are_8bit_pngs_with_the_same_pixels(tmp_path):
     make_image_folder(tmp_path / "src")
     prepared = data.prepare(folder_manifest(tmp_path / "src"), tmp_path / "out")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import keras
@@ -37,6 +38,9 @@ def _brightness_model(path: Path) -> str:
     return str(path)
 
 
+LATIN1 = os.fsdecode(b"caf\xe9.png")  # not UTF-8: a surrogate in Python
+
+
 def _images(folder: Path) -> dict[str, str]:
     """Good and broken files; returns name -> expected class or reason."""
     folder.mkdir()
@@ -53,7 +57,13 @@ def _images(folder: Path) -> dict[str, str]:
     (folder / "sub" / "text.png").write_text("not an image at all\n")
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.txt").write_text("ignored: not an image suffix")
+    # A link to nothing (was dropped without a word) and a Latin-1 file name
+    # (its CSV row lost every result: "surrogates not allowed").
+    (folder / "gone.png").symlink_to(folder / "deleted.png")
+    Image.fromarray(np.full((16, 16), 240, np.uint8)).save(folder / LATIN1)
     return {
+        "gone.png": "missing",
+        LATIN1: "bright",
         "bright.png": "bright",
         "dark.jpg": "dark",
         "white.bmp": "bright",
@@ -88,14 +98,21 @@ def test_predict_folder_with_broken_files(tmp_path):
 def test_write_predictions_csv_and_json(tmp_path):
     model = _brightness_model(tmp_path / "m" / "thumbnet.keras")
     _images(tmp_path / "images")
-    result = predict(model, [tmp_path / "images" / "dark.jpg", tmp_path / "nope.png"])
+    result = predict(
+        model,
+        [tmp_path / "images" / "dark.jpg", tmp_path / "nope.png",
+         tmp_path / "images" / LATIN1],
+    )  # fmt: skip
     assert [r["reason"] for r in result["skipped"]] == ["not_found"]
+    # UTF-8 whatever the locale; the undecodable byte written as JSON does.
+    text = Path(write_predictions(result, tmp_path / "p.csv")).read_text("utf-8")
+    assert "/caf\\udce9.png,1,bright," in text
     rows = list(csv.DictReader(open(write_predictions(result, tmp_path / "p.csv"))))
     assert [(r["rank"], r["class"]) for r in rows[:2]] == [
         ("1", "dark"),
         ("2", "bright"),
     ]
-    assert rows[2]["error"] == "not_found" and rows[2]["class"] == ""
+    assert rows[4]["error"] == "not_found" and rows[4]["class"] == ""
     saved = json.loads(Path(write_predictions(result, tmp_path / "p.json")).read_text())
     assert saved["predictions"][0]["top"][0]["class"] == "dark"
     with pytest.raises(ValueError, match=".csv or .json"):
@@ -125,10 +142,11 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
     assert main(["predict", "--model", model, str(tmp_path / "images"),
                  "--top-k", "1", "--output", str(out)]) == 0  # fmt: skip
     saved = json.loads(out.read_text())
-    assert len(saved["predictions"]) == 3 and len(saved["skipped"]) == 4
+    assert len(saved["predictions"]) == 4 and len(saved["skipped"]) == 5
     assert all(len(r["top"]) == 1 for r in saved["predictions"])
     err = capsys.readouterr().err
-    assert "truncated.png: truncated" in err and "4 of 7 files skipped" in err
+    assert "truncated.png: truncated" in err and "5 of 9 files skipped" in err
+    assert "gone.png: missing" in err  # a link to nothing, named
     assert err.count("truncated.png") == 1, err  # Reported once, not twice.
     # Printed, not written: one line per image.
     assert (

@@ -50,7 +50,7 @@ def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[dict
             found = sorted(
                 str(p)
                 for p in path.rglob("*")
-                if p.is_file()
+                if (p.is_file() or p.is_symlink())  # a link to nothing: reported
                 and p.suffix.lower() in IMAGE_SUFFIXES
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
@@ -232,7 +232,12 @@ def write_predictions(result: dict, path: str | os.PathLike) -> str:
     # or not at all.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", newline="") as f:
+        # UTF-8 whatever the locale; a file name's undecodable bytes are
+        # written \udcNN, as JSON writes them (a CSV that is not UTF-8 would
+        # break the reader, pandas included).
+        with open(
+            tmp, "w", newline="", encoding="utf-8", errors="backslashreplace"
+        ) as f:
             if suffix == ".json":
                 f.write(json.dumps(result, indent=2) + "\n")
             else:

@@ -84,6 +84,8 @@ def _examine(
     can be reused.
     """
     data: bytes | None = cand.data
+    if cand.problem is not None:
+        return None, "", quarantine(cand.problem), False
     if cand.array is not None:
         arr = np.ascontiguousarray(cand.array)
         sha = hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()

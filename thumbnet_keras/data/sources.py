@@ -61,6 +61,8 @@ class Candidate:
         array: decoded uint8 pixels (IDX sources), or None.
         tfds_index: position in the TFDS split (TFDS sources), else -1.
         tfds_split: the TFDS split name (TFDS sources), else "".
+        problem: a quarantine reason known before the file is read (a path
+            that is not UTF-8: the index cannot hold it), else None.
     """
 
     key: str
@@ -71,6 +73,20 @@ class Candidate:
     array: np.ndarray | None = None
     tfds_index: int = -1
     tfds_split: str = ""
+    problem: str | None = None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a name's undecodable bytes (surrogateescape)
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """`text` with undecodable bytes written as \\xNN (what the index stores)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def limit(
@@ -195,6 +211,15 @@ def image_folder_candidates(
                 if any(part.startswith(".") for part in path.relative_to(folder).parts):
                     continue
                 if path.name.lower().endswith(extensions):
+                    if not _is_utf8(str(path)):
+                        # Arrow's strings are UTF-8: quarantined, shown escaped.
+                        yield Candidate(
+                            key=_printable(rel),
+                            label_name=_printable(class_dir.name),
+                            source_split=split,
+                            problem="non_utf8_path",
+                        )
+                        continue
                     yield Candidate(
                         key=rel,
                         label_name=class_dir.name,
@@ -202,7 +227,7 @@ def image_folder_candidates(
                         uri=str(path),
                     )
                 elif path.is_file() and ignored is not None:
-                    ignored.append(rel)
+                    ignored.append(_printable(rel))
 
 
 def _arrow_kind(arrow_type) -> str | None:

@@ -10,8 +10,10 @@ Rules (also in docs/data.md):
 | input                                   | status      | reason                   |
 |-----------------------------------------|-------------|--------------------------|
 | 8-bit JPEG/PNG, mode L or RGB           | ok          |                          |
-| no such file (a table's path)           | quarantined | missing                  |
+| no such file (a table's path, a link    | quarantined | missing                  |
+| to nothing)                             |             |                          |
 | a directory, a socket, ...              | quarantined | not_a_file               |
+| a path that is not UTF-8 (sources.py)   | quarantined | non_utf8_path            |
 | zero bytes                              | quarantined | empty_file               |
 | cannot be opened/read (permissions)     | quarantined | unreadable               |
 | not an image PIL recognises             | quarantined | not_an_image             |
@@ -84,7 +86,7 @@ def quarantine(reason: str) -> Validation:
 def read_file(path: str | os.PathLike) -> tuple[bytes | None, Validation | None]:
     """Read a candidate file; on failure return (None, quarantined Validation)."""
     try:
-        if not os.path.lexists(path):
+        if not os.path.exists(path):  # nothing there, or a dangling link
             return None, quarantine("missing")
         if not os.path.isfile(path):
             return None, quarantine("not_a_file")
