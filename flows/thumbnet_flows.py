@@ -42,7 +42,7 @@ from prefect.states import Failed
 
 from thumbnet_keras import pipeline
 from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
-from thumbnet_keras.pipeline.datasets import is_prepared
+from thumbnet_keras.pipeline.datasets import is_prepared, report_data_notices
 from thumbnet_keras.pipeline.generalize import ARMS as GENERALIZE_ARMS
 from thumbnet_keras.pipeline.preflight import check_generalize, check_thumbnet
 from thumbnet_keras.pipeline.resolve import load_manifest_checked
@@ -151,11 +151,17 @@ def prepare_data_task(dataset: str, data_dir: str, limit_per_class: int | None) 
 
 
 def _prepare(dataset: str, data_dir: str, limit_per_class: int | None) -> dict:
-    """The cached prepare-data task, refreshed when its folder was deleted."""
+    """The cached prepare-data task, refreshed when its folder was deleted.
+    A cached result says again what the data's preparation warned of
+    (quarantined files, duplicates), which the task body said the first time."""
     task_ = prepare_data_task.with_options(
         refresh_cache=not is_prepared(dataset, data_dir, limit_per_class)
     )
-    return task_(dataset, data_dir, limit_per_class)
+    state = task_(dataset, data_dir, limit_per_class, return_state=True)
+    result = state.result()  # raises the task's error, as a plain call does
+    if state.name == "Cached":
+        report_data_notices(result["prepared_dir"])
+    return result
 
 
 @task(name="teacher", cache_policy=NO_CACHE)

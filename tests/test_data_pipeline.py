@@ -200,3 +200,75 @@ def test_rot90_turns_each_image_by_a_multiple_of_90_degrees(toy):
     assert len(seen) >= 3
     with pytest.raises(ValueError, match="rot90=True\\) needs a square"):
         data.make_dataset(toy, "train", (12, 16), 4, True, augment=turned)
+
+
+def _asymmetric(height=3, width=5) -> np.ndarray:
+    """Every pixel different, so each flip and turn is told apart."""
+    values = np.arange(height * width * 3, dtype=np.uint8).reshape(height, width, 3)
+    return (values * 5) % 251
+
+
+def _tagged(stored: np.ndarray, orientation: int) -> Image.Image:
+    """`stored` as a PNG whose EXIF orientation is `orientation`, reopened."""
+    import io
+
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", exif=exif)
+    buf.seek(0)
+    return Image.open(buf)
+
+
+def test_apply_orientation_golden_against_pil_exif_transpose():
+    # The phone case: pixels stored as the sensor read them, an EXIF tag
+    # says how to turn them. PIL's exif_transpose is the reference.
+    from PIL import ImageOps
+
+    from thumbnet_keras.data.pipeline import apply_orientation
+
+    stored = _asymmetric()
+    for orientation in range(1, 9):
+        expected = np.asarray(ImageOps.exif_transpose(_tagged(stored, orientation)))
+        got = np.asarray(apply_orientation(stored, orientation))
+        np.testing.assert_array_equal(got, expected, err_msg=str(orientation))
+    assert np.asarray(apply_orientation(stored, 6)).shape == (5, 3, 3)
+    np.testing.assert_array_equal(np.asarray(apply_orientation(stored, 0)), stored)
+
+
+def test_exif_orientation_is_applied_in_training_and_in_predict(tmp_path):
+    # A phone JPEG tagged "rotate 90 clockwise" trained sideways and was
+    # classified sideways (tf.io.decode_image ignores EXIF).
+    from PIL import ImageOps
+
+    from thumbnet_keras.predict import _load_image
+
+    stored = np.kron(_asymmetric(6, 10), np.ones((2, 2, 1), np.uint8))  # 12x20
+    root = tmp_path / "src"
+    (root / "a").mkdir(parents=True)
+    tagged_image = _tagged(stored, 6)
+    tagged_image.save(root / "a" / "tagged.png", exif=tagged_image.getexif())
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(root / "a" / "tagged.png")))
+    assert upright.shape == (20, 12, 3)
+    Image.fromarray(upright).save(root / "a" / "upright.png")
+    write_good(root / "b" / "other.png", seed=3)
+    write_good(root / "b" / "another.png", seed=4)
+    prepared = data.prepare(_manifest(root, test_fraction=0.0), tmp_path / "out")
+    rows = prepared.read_index().to_pylist()
+    by_key = {r["key"]: r for r in rows}
+    tagged, plain = by_key["a/tagged.png"], by_key["a/upright.png"]
+    assert (tagged["orientation"], plain["orientation"]) == (6, 1)
+    assert (tagged["width"], tagged["height"]) == (12, 20)  # as displayed
+    # Evaluation streams keep the index's order.
+    stream = data.make_dataset(prepared, "train", 8, 4, training=False)
+    images = np.concatenate([np.asarray(x) for x, _ in stream])
+    order = [r["key"] for r in rows if r["split"] == "train"]
+    decoded = dict(zip(order, images, strict=True))
+    np.testing.assert_array_equal(decoded["a/tagged.png"], decoded["a/upright.png"])
+    # predict reads the file the same way.
+    a, _ = _load_image(str(root / "a" / "tagged.png"), 8, 8, 3)
+    b, _ = _load_image(str(root / "a" / "upright.png"), 8, 8, 3)
+    np.testing.assert_array_equal(a, b)
+    c, _ = _load_image(str(root / "b" / "other.png"), 8, 8, 3)
+    assert not np.array_equal(a, c)

@@ -78,6 +78,33 @@ def test_undecodable_names_and_dangling_links_are_quarantined(tmp_path):
     assert sum(prepared.splits.values()) == 12  # the good ones, all kept
 
 
+def test_one_image_under_two_classes_is_a_label_conflict(tmp_path):
+    # A byte copy filed under another class was reported only as train/test
+    # leakage, or (both in train) only as a count in summary.json.
+    root = make_image_folder(tmp_path / "src", with_bad=False)
+    (root / "dog" / "copy.png").write_bytes((root / "cat" / "cat_00.png").read_bytes())
+    with pytest.warns(UserWarning) as caught:
+        prepared = data.prepare(folder_manifest(root), tmp_path / "out")
+    texts = [str(w.message) for w in caught]
+    conflict = [t for t in texts if "more than one class" in t]
+    assert conflict == [
+        "toy: 1 image(s) appear under more than one class (byte-identical files; "
+        "e.g. 'cat/cat_00.png', 'dog/copy.png' as 'cat' and 'dog'), so training "
+        "is taught two answers for one image. Keep each image under one class "
+        "(every one is listed in summary.json's label_conflicts)."
+    ]
+    assert prepared.summary()["label_conflicts"][0]["keys"] == [
+        "cat/cat_00.png",
+        "dog/copy.png",
+    ]
+    # Reused, the index still knows, and the run's notices say it again.
+    from thumbnet_keras.pipeline.datasets import data_notices
+
+    again = data.prepare(folder_manifest(root), tmp_path / "out")
+    assert again.reused
+    assert conflict[0] in data_notices(again.out_dir)
+
+
 def test_converted_files_are_8bit_pngs_with_the_same_pixels(tmp_path):
     make_image_folder(tmp_path / "src")
     prepared = data.prepare(folder_manifest(tmp_path / "src"), tmp_path / "out")

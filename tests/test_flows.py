@@ -381,6 +381,40 @@ def test_prepare_is_cached_until_a_source_file_changes(tmp_path):
     assert changed == ["dark/000.png"], changed
 
 
+def test_a_cached_preparation_repeats_what_the_data_warned_of(tmp_path, caplog):
+    """The quarantine and duplicate warnings used to come from the task body
+    only: the next run, Cached, said nothing about the data (a practitioner's
+    trial, 2026-11-29)."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("Prefect caching: run once, under KERAS_BACKEND=torch.")
+    import logging
+
+    from prefect import flow
+
+    from flows.thumbnet_flows import _prepare
+
+    manifest = tiny_dataset(tmp_path, per_class=8)
+    (tmp_path / "brightness" / "dark" / "broken.png").write_bytes(b"")
+    data_dir = str(tmp_path / "data")
+
+    @flow
+    def prepare_once():
+        return _prepare(manifest, data_dir, None)
+
+    logger = "thumbnet_keras.pipeline.datasets"
+    said = []
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=logger):
+            prepare_once()
+        said.append([r.getMessage() for r in caplog.records if r.name == logger])
+    for run in said:  # the first run prepared, the second was Cached
+        assert len(run) == 1, said
+        assert run[0].startswith(
+            "data: 1 file(s) quarantined and left out (1 empty_file)"
+        )
+
+
 def _index_rows(prepared: dict) -> list[dict]:
     from thumbnet_keras.data import PreparedDataset
 

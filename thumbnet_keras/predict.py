@@ -79,7 +79,7 @@ def _load_image(path: str, height: int, width: int, channels: int):
     """`(pixels float32 (H, W, C) in [0, 255], None)` or `(None, reason)`."""
     import tensorflow as tf
 
-    from thumbnet_keras.data.pipeline import _center_crop
+    from thumbnet_keras.data.pipeline import _center_crop, apply_orientation
     from thumbnet_keras.data.validate import QUARANTINED, read_file, validate_bytes
 
     data, failed = read_file(path)
@@ -102,6 +102,8 @@ def _load_image(path: str, height: int, width: int, channels: int):
         image = tf.io.decode_image(
             check.converted or data, channels=channels, expand_animations=False
         )
+        # Upright, as training saw it (a phone JPEG's EXIF orientation).
+        image = apply_orientation(image, check.orientation)
         # The evaluation pipeline's own crop and resize (data.make_dataset).
         image = _center_crop(image, height / width, 1.0)
         image = tf.image.resize(image, (height, width), "bilinear", antialias=True)

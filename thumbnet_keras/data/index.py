@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the orientation column
 INDEX_FILE = "index.parquet"
 SUMMARY_FILE = "summary.json"
 QUARANTINE_FILE = "quarantine.json"
@@ -48,6 +48,8 @@ INDEX_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("channels", pa.int8()),
+        # EXIF orientation applied after decoding (1: upright); see validate.py
+        ("orientation", pa.int8()),
         ("sha256", pa.string()),  # of the original bytes ("" if unreadable)
         ("status", pa.string()),  # ok / converted / quarantined
         ("reason", pa.string()),

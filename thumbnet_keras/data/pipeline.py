@@ -173,7 +173,7 @@ def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _source(prepared: PreparedDataset, split: str):
-    """(dataset of (encoded bytes, label), number of examples)."""
+    """(dataset of (encoded bytes, label, EXIF orientation), number of examples)."""
     import tensorflow as tf
 
     table = prepared.read_index(
@@ -185,6 +185,7 @@ def _source(prepared: PreparedDataset, split: str):
             "status",
             "tfds_split",
             "tfds_index",
+            "orientation",
         ]
     ).to_pydict()
     keep = [
@@ -215,7 +216,9 @@ def _source(prepared: PreparedDataset, split: str):
                 return (i <= last) & tf.gather(m, tf.minimum(i, last))
 
             ds = ds.filter(keep_fn)
-            parts.append(ds.map(lambda i, ex: (ex[0], tf.cast(ex[1], tf.int32))))
+            parts.append(
+                ds.map(lambda i, ex: (ex[0], tf.cast(ex[1], tf.int32), tf.constant(1)))
+            )  # TFDS examples: as the builder stored them (no EXIF rotation)
         ds = parts[0]
         for part in parts[1:]:
             ds = ds.concatenate(part)
@@ -224,13 +227,14 @@ def _source(prepared: PreparedDataset, split: str):
     uris = [prepared.image_path(table["image_uri"][i]) or "" for i in keep]
     blobs = [table["image_bytes"][i] or b"" for i in keep]
     labels = np.asarray([table["label"][i] for i in keep], dtype=np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((uris, blobs, labels))
+    turns = np.asarray([table["orientation"][i] or 1 for i in keep], dtype=np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((uris, blobs, labels, turns))
 
-    def read(uri, blob, label):
+    def read(uri, blob, label, orientation):
         data = tf.cond(
             tf.strings.length(uri) > 0, lambda: tf.io.read_file(uri), lambda: blob
         )
-        return data, label
+        return data, label, orientation
 
     return ds.map(read, num_parallel_calls=tf.data.AUTOTUNE), len(keep)
 
@@ -323,8 +327,9 @@ def make_dataset(
 
     ds, n = _source(prepared, split)
 
-    def decode(data, label):
+    def decode(data, label, orientation):
         image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+        image = apply_orientation(image, orientation)
         image.set_shape([None, None, channels])
         return image, label
 
@@ -395,6 +400,30 @@ def make_dataset(
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
+
+
+def apply_orientation(image, orientation):
+    """A decoded image `(H, W, C)` turned upright by its EXIF `orientation`
+    (1-8, a scalar tensor or int; 1 and unknown values: unchanged), as
+    `PIL.ImageOps.exif_transpose` turns it (`tf.io.decode_image` ignores EXIF)."""
+    import tensorflow as tf
+
+    def transverse():  # the anti-diagonal mirror
+        return tf.image.rot90(tf.image.transpose(image), 2)
+
+    branches = [
+        lambda: image,  # 1 (and anything unknown)
+        lambda: tf.image.flip_left_right(image),  # 2
+        lambda: tf.image.rot90(image, 2),  # 3
+        lambda: tf.image.flip_up_down(image),  # 4
+        lambda: tf.image.transpose(image),  # 5
+        lambda: tf.image.rot90(image, 3),  # 6: 90 degrees clockwise
+        transverse,  # 7
+        lambda: tf.image.rot90(image, 1),  # 8: 90 degrees counter-clockwise
+    ]
+    index = tf.cast(orientation, tf.int32) - 1
+    index = tf.where((index < 0) | (index > 7), 0, index)
+    return tf.switch_case(index, branches)
 
 
 def _center_crop(image, aspect: float, fraction: float):

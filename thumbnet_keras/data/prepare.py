@@ -211,6 +211,7 @@ def _process(
             "width",
             "height",
             "channels",
+            "orientation",
             "status",
             "reason",
         ):
@@ -227,6 +228,7 @@ def _process(
         width=v.width,
         height=v.height,
         channels=v.channels,
+        orientation=v.orientation,
     )
     if v.status == OK and cand.array is None:
         if cand.uri is not None:
@@ -321,7 +323,7 @@ def _absent_text(dataset: str, absent: dict, per_class, class_names) -> str:
     )
 
 
-def _duplicates_text(dataset: str, across: list[dict]) -> str:
+def duplicates_text(dataset: str, across: list[dict]) -> str:
     """The warning for identical images in more than one split."""
     first = across[0]
     return (
@@ -334,11 +336,43 @@ def _duplicates_text(dataset: str, across: list[dict]) -> str:
     )
 
 
-def _duplicates(rows: list[dict]) -> tuple[list[dict], int]:
+def conflicts_text(dataset: str, conflicts: list[dict]) -> str:
+    """The warning for identical images filed under more than one class."""
+    first = conflicts[0]
+    return (
+        f"{dataset}: {len(conflicts)} image(s) appear under more than one class "
+        f"(byte-identical files; e.g. {', '.join(map(repr, first['keys'][:2]))} "
+        f"as {' and '.join(map(repr, first['classes']))}), so training is taught "
+        "two answers for one image. Keep each image under one class (every one "
+        "is listed in summary.json's label_conflicts)."
+    )
+
+
+def _by_sha(rows: list[dict]) -> dict[str, list[dict]]:
+    """Usable rows grouped by their bytes' sha256."""
     by_sha: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if r["status"] != QUARANTINED and r["sha256"]:
             by_sha[r["sha256"]].append(r)
+    return by_sha
+
+
+def _label_conflicts(rows: list[dict]) -> list[dict]:
+    """Byte-identical usable images whose rows name different classes."""
+    by_sha = _by_sha(rows)
+    return [
+        {
+            "sha256": sha,
+            "classes": sorted({r["label_name"] for r in group}),
+            "keys": [r["key"] for r in group],
+        }  # fmt: skip
+        for sha, group in sorted(by_sha.items())
+        if len({r["label_name"] for r in group}) > 1
+    ]
+
+
+def _duplicates(rows: list[dict]) -> tuple[list[dict], int]:
+    by_sha = _by_sha(rows)
     across, within = [], 0
     for sha, group in sorted(by_sha.items()):
         if len(group) < 2:
@@ -563,7 +597,10 @@ def prepare(
         )
     across, within = _duplicates(rows)
     if across:
-        warnings.warn(_duplicates_text(manifest.name, across), stacklevel=2)
+        warnings.warn(duplicates_text(manifest.name, across), stacklevel=2)
+    conflicts = _label_conflicts(rows)
+    if conflicts:
+        warnings.warn(conflicts_text(manifest.name, conflicts), stacklevel=2)
     columns = {name: [r.get(name) for r in rows] for name in idx.INDEX_SCHEMA.names}
     # Order matters: index, then report, then the summary that vouches for both.
     idx.write_index(out / idx.INDEX_FILE, columns)
@@ -593,6 +630,7 @@ def prepare(
         "decoded_this_run": decoded,
         "duplicates_across_splits": across,
         "duplicates_within_split": within,
+        "label_conflicts": conflicts,
         "ignored_files": len(ignored),
         "empty_classes": empty,
         "classes_absent_from_split": absent,

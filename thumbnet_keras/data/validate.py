@@ -30,6 +30,11 @@ Rules (also in docs/data.md):
 | 1-bit image                             | converted   | bilevel_to_gray          |
 | opaque RGBA / LA                        | converted   | drop_opaque_alpha        |
 | BMP, GIF, TIFF, WebP... (8-bit, L/RGB)  | converted   | format_to_png:<format>   |
+
+EXIF orientation (phone photos): an ok JPEG/PNG keeps its bytes and its
+orientation is recorded (index column `orientation`), applied after decoding
+in training and in `thumbnet predict`; converted images are written upright.
+Widths and heights are the upright image's.
 """
 
 from __future__ import annotations
@@ -65,9 +70,13 @@ class Validation:
     Attributes:
         status: "ok", "converted" or "quarantined".
         reason: "" for ok; a short machine-readable reason otherwise.
-        width, height, channels: of the image as the pipeline will decode it
-            (0 when quarantined).
+        width, height, channels: of the image as the pipeline will see it,
+            upright (0 when quarantined).
         converted: 8-bit PNG bytes to use instead of the original, or None.
+        orientation: the EXIF orientation (1-8) the pipeline applies after
+            decoding the original bytes (`data.pipeline.apply_orientation`);
+            1 when the stored pixels are upright, and always 1 for converted
+            bytes, which are written upright.
     """
 
     status: str
@@ -76,6 +85,7 @@ class Validation:
     height: int = 0
     channels: int = 0
     converted: bytes | None = None
+    orientation: int = 1
 
 
 def quarantine(reason: str) -> Validation:
@@ -110,7 +120,34 @@ def _encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _converted(image: Image.Image, reason: str) -> Validation:
+_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that makes the stored pixels upright
+# (as `PIL.ImageOps.exif_transpose`).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation, 1 (upright) when absent or invalid:
+    phones store pixels as the sensor read them and say in this tag how to
+    turn them (6: rotate 90 degrees clockwise)."""
+    try:
+        value = int(image.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block means no rotation
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def _converted(image: Image.Image, reason: str, orientation: int = 1) -> Validation:
+    if orientation in _UPRIGHT:
+        image = image.transpose(_UPRIGHT[orientation])
     return Validation(
         status=CONVERTED,
         reason=reason,
@@ -152,6 +189,7 @@ def validate_bytes(data: bytes) -> Validation:
 
     fmt = image.format or "unknown"
     mode = image.mode
+    orientation = exif_orientation(image)
     if getattr(image, "n_frames", 1) > 1:
         return quarantine("animated")
     if mode == "CMYK":
@@ -160,13 +198,15 @@ def validate_bytes(data: bytes) -> Validation:
         if mode.startswith("I;16") or mode == "I":
             array = np.asarray(image, dtype=np.float64)
             gray = np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8)
-            return _converted(Image.fromarray(gray), "16bit_to_8bit")
+            return _converted(Image.fromarray(gray), "16bit_to_8bit", orientation)
         # PIL already reduced 16-bit RGB(A) to 8 bits per channel (high byte).
         if mode in ("RGBA", "LA"):
             image = _drop_alpha(image)
             if image is None:
                 return quarantine("transparency")
-        return _converted(image.convert("RGB" if mode != "L" else "L"), "16bit_to_8bit")
+        return _converted(
+            image.convert("RGB" if mode != "L" else "L"), "16bit_to_8bit", orientation
+        )
     if mode in ("I", "F"):
         return quarantine(f"unsupported_mode:{mode}")
     if mode == "P":
@@ -174,26 +214,28 @@ def validate_bytes(data: bytes) -> Validation:
         flat = _drop_alpha(rgba)
         if flat is None:
             return quarantine("transparency")
-        return _converted(flat, "palette_to_rgb")
+        return _converted(flat, "palette_to_rgb", orientation)
     if mode == "1":
-        return _converted(image.convert("L"), "bilevel_to_gray")
+        return _converted(image.convert("L"), "bilevel_to_gray", orientation)
     if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         flat = _drop_alpha(image)
         if flat is None:
             return quarantine("transparency")
-        return _converted(flat, "drop_opaque_alpha")
+        return _converted(flat, "drop_opaque_alpha", orientation)
     if mode not in ("L", "RGB"):
         try:
-            return _converted(image.convert("RGB"), f"mode_to_rgb:{mode}")
+            return _converted(image.convert("RGB"), f"mode_to_rgb:{mode}", orientation)
         except (OSError, ValueError):
             return quarantine(f"unsupported_mode:{mode}")
     if fmt not in _PASS_FORMATS:
-        return _converted(image, f"format_to_png:{fmt}")
+        return _converted(image, f"format_to_png:{fmt}", orientation)
+    turned = orientation in (5, 6, 7, 8)  # a quarter turn swaps the sides
     return Validation(
         status=OK,
-        width=image.width,
-        height=image.height,
+        width=image.height if turned else image.width,
+        height=image.width if turned else image.height,
         channels=1 if mode == "L" else 3,
+        orientation=orientation,
     )
 
 

@@ -61,7 +61,8 @@ def prepare_dataset(
     manifest = load_manifest_checked(dataset)
     out = prepared_dir(dataset, data_dir, limit_per_class)
     prepared = data.prepare(manifest, out, limit_per_class=limit_per_class)
-    _log_quarantined(prepared)
+    # A fresh prepare warned of duplicates itself; a reused index says it again.
+    report_data_notices(prepared.out_dir, quarantine_only=not prepared.reused)
     return {
         "dataset": dataset,
         "prepared_dir": prepared.out_dir,
@@ -77,20 +78,43 @@ def prepare_dataset(
     }
 
 
-def _log_quarantined(prepared) -> None:
-    """One line when files were set aside: how many, why, and where the
-    per-file list is (the run goes on without them)."""
+def data_notices(prepared_dir: str, quarantine_only: bool = False) -> list[str]:
+    """What a run should be told about its prepared data, from the files
+    the index keeps (so a reused or cached preparation says it too): files
+    quarantined (how many, why, where the list is), byte-identical images in
+    more than one split, and ones under more than one class."""
     import json
 
+    from thumbnet_keras.data import PreparedDataset
+    from thumbnet_keras.data.prepare import conflicts_text, duplicates_text
+
+    prepared = PreparedDataset.load(prepared_dir)
+    notices = []
     with open(prepared.quarantine_path) as f:
         quarantined = json.load(f).get("quarantined", [])
     if quarantined:
         reasons = Counter(r["reason"] for r in quarantined)
         why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
-        logger.warning(
-            "data: %d file(s) quarantined and left out (%s); the list: %s",
-            len(quarantined), why, prepared.quarantine_path,
-        )  # fmt: skip
+        notices.append(
+            f"data: {len(quarantined)} file(s) quarantined and left out ({why}); "
+            f"the list: {prepared.quarantine_path}"
+        )
+    if quarantine_only:
+        return notices
+    summary = prepared.summary()
+    if summary.get("duplicates_across_splits"):
+        notices.append(
+            duplicates_text(prepared.name, summary["duplicates_across_splits"])
+        )
+    if summary.get("label_conflicts"):
+        notices.append(conflicts_text(prepared.name, summary["label_conflicts"]))
+    return notices
+
+
+def report_data_notices(prepared_dir: str, quarantine_only: bool = False) -> None:
+    """Logs `data_notices` (warnings; the run goes on)."""
+    for notice in data_notices(prepared_dir, quarantine_only):
+        logger.warning("%s", notice)
 
 
 def _cache(prepared: dict) -> bool:
