@@ -718,3 +718,48 @@ def test_source_stamp_follows_every_file_the_source_reads(tmp_path):
         stamp = source_stamp(manifest)
         replace(tmp_path / "img" / "1.png")
         assert source_stamp(manifest) != stamp, name
+
+
+def test_a_converted_file_is_rewritten_when_its_conversion_changes(tmp_path):
+    # converted/<sha>.png is named by the source's bytes; an index made
+    # before EXIF orientation was applied left it sideways, and a re-prepare
+    # kept it (written only when missing) while the new row said "upright".
+    from PIL import ImageOps
+
+    root = make_image_folder(tmp_path / "src", with_bad=False)
+    rgba = np.dstack([pattern(12, 20, 3, 1), np.full((12, 20), 255, np.uint8)])
+    image = Image.fromarray(rgba)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(root / "cat" / "phone.png", exif=exif)
+    out = tmp_path / "out"
+    prepared = data.prepare(folder_manifest(root), out)
+    row = rows_by_name(prepared)["phone.png"]
+    assert (row["reason"], row["orientation"]) == ("drop_opaque_alpha", 1)
+    assert (row["width"], row["height"]) == (12, 20)
+    converted = prepared.image_path(row["image_uri"])
+    upright = np.asarray(
+        ImageOps.exif_transpose(Image.open(root / "cat" / "phone.png")).convert("RGB")
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(converted)), upright)
+    # A stale file from an older conversion, and an index to re-validate.
+    Image.fromarray(pattern(12, 20, 3, 1)).save(converted)
+    (out / "summary.json").unlink()
+    data.prepare(folder_manifest(root), out)
+    np.testing.assert_array_equal(np.asarray(Image.open(converted)), upright)
+
+
+def test_tfds_rows_keep_the_stored_orientation(tmp_path):
+    # The TFDS stream applies no EXIF orientation, so its rows must not
+    # claim one (nor the upright sizes).
+    from thumbnet_keras.data.prepare import _process
+    from thumbnet_keras.data.sources import Candidate
+    from thumbnet_keras.data.validate import Validation
+
+    cand = Candidate(key="train/7", label_name="a", source_split="train",
+                     data=b"x", tfds_index=7, tfds_split="train")  # fmt: skip
+    tagged = Validation(status="ok", width=12, height=20, channels=3, orientation=6)
+    row, _ = _process(cand, (b"x", "ab" * 32, tagged, True), {}, tmp_path, True)
+    assert (row["orientation"], row["width"], row["height"]) == (1, 20, 12)
+    row, _ = _process(cand, (b"x", "ab" * 32, tagged, True), {}, tmp_path, False)
+    assert (row["orientation"], row["width"], row["height"]) == (6, 12, 20)

@@ -381,7 +381,9 @@ def test_prepare_is_cached_until_a_source_file_changes(tmp_path):
     assert changed == ["dark/000.png"], changed
 
 
-def test_a_cached_preparation_repeats_what_the_data_warned_of(tmp_path, caplog):
+def test_a_cached_preparation_repeats_what_the_data_warned_of(
+    tmp_path, caplog, monkeypatch
+):
     """The quarantine and duplicate warnings used to come from the task body
     only: the next run, Cached, said nothing about the data (a practitioner's
     trial, 2026-11-29)."""
@@ -401,9 +403,15 @@ def test_a_cached_preparation_repeats_what_the_data_warned_of(tmp_path, caplog):
     def prepare_once():
         return _prepare(manifest, data_dir, None)
 
+    from flows import thumbnet_flows
+
     logger = "thumbnet_keras.pipeline.datasets"
     said = []
-    for _ in range(2):
+    for run in range(2):
+        if run == 1:  # Cached: the task's body must not run again
+            monkeypatch.setattr(
+                thumbnet_flows.pipeline, "prepare_dataset", lambda *a, **k: 1 / 0
+            )
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger=logger):
             prepare_once()

@@ -232,15 +232,20 @@ def test_cli_predict_prints_no_framework_start_up_lines(tmp_path, fmt):
             tmp_path / "m", class_names=["bright", "dark"], input_size=(8, 8),
             channels=1, normalization="unit", models={"model.tflite": "litert"},
         )  # fmt: skip
-    Image.fromarray(np.full((16, 16), 230, np.uint8)).save(tmp_path / "bright.png")
-    env = loud_env() | {"KERAS_BACKEND": keras.backend.backend()}
+    # A Latin-1 file name, printed by a strict UTF-8 stdout (an en_US.UTF-8
+    # terminal): it used to lose every result to a UnicodeEncodeError.
+    Image.fromarray(np.full((16, 16), 230, np.uint8)).save(tmp_path / LATIN1)
+    env = loud_env() | {
+        "KERAS_BACKEND": keras.backend.backend(),
+        "PYTHONIOENCODING": "utf-8:strict",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "thumbnet_keras.cli", "predict", "--model", model,
-         str(tmp_path / "bright.png")],
+         str(tmp_path / LATIN1)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "\tbright " in result.stdout
+    assert "caf\\udce9.png\tbright " in result.stdout
     assert result.stderr.strip().splitlines() == [
         "1 classified, 0 of 1 files skipped"
     ], result.stderr

@@ -176,13 +176,25 @@ def test_a_run_resumes_only_on_the_backend_that_started_it(tmp_path):
     claim(folder, {"a": 1}, kind="thumbnet", inputs={"m": "x"})
     saved = json.loads((folder / "config.json").read_text())
     assert saved["environment"]["backend"] == keras.backend.backend()
+    other = "torch" if keras.backend.backend() != "torch" else "jax"
+    # Nothing trained yet (the data step failed, say): started afresh on
+    # this backend, whatever the saved one, as for any other change.
+    unlock_run(folder)
+    (folder / "config.json").write_text(
+        json.dumps(saved | {"environment": {"backend": other}})
+    )
+    run, resumed = claim(folder, {"a": 1}, kind="thumbnet", inputs={"m": "x"})
+    assert not resumed
+    assert (
+        json.loads((folder / "config.json").read_text())["environment"]["backend"]
+        == keras.backend.backend()
+    )
     (folder / "stages").mkdir()
     (folder / "stages" / "teacher.json").write_text("{}")
     unlock_run(folder)
     run, resumed = claim(folder, {"a": 1}, kind="thumbnet", inputs={"m": "x"})
     assert resumed
     unlock_run(folder)
-    other = "torch" if keras.backend.backend() != "torch" else "jax"
     saved["environment"]["backend"] = other
     (folder / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ConfigError) as error:

@@ -573,7 +573,10 @@ def _predict(args: argparse.Namespace) -> int:
     if not args.output:
         for row in result["predictions"]:
             top = ", ".join(f"{t['class']} {t['probability']:.4f}" for t in row["top"])
-            print(f"{row['file']}\t{top}")
+            # A file name's undecodable bytes as \udcNN (as the CSV and JSON
+            # write them): a strict UTF-8 stdout would refuse them.
+            name = row["file"].encode("utf-8", "backslashreplace").decode("utf-8")
+            print(f"{name}\t{top}")
     done, skipped = len(result["predictions"]), len(result["skipped"])
     summary = f"{done} classified, {skipped} of {done + skipped} files skipped"
     if args.output:

@@ -9,6 +9,7 @@ index is returned untouched and nothing is decoded or written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -222,6 +223,15 @@ def _process(
     if is_tfds and v.status == CONVERTED:
         # TFDS images are read from the TFDS records at train time, unconverted.
         v = quarantine(f"needs_conversion:{v.reason}")
+    elif is_tfds and v.orientation != 1:
+        # ... and as stored: the TFDS stream applies no EXIF orientation.
+        turned = v.orientation in (5, 6, 7, 8)
+        v = dataclasses.replace(
+            v,
+            orientation=1,
+            width=v.height if turned else v.width,
+            height=v.width if turned else v.height,
+        )
     row.update(
         status=v.status,
         reason=v.reason,
@@ -237,7 +247,9 @@ def _process(
             row["image_bytes"] = data
     elif v.converted is not None and cand.uri is not None:
         path = out_dir / idx.CONVERTED_DIR / f"{sha}.png"
-        if not path.is_file():
+        # Named by the source's bytes; what it holds can change with the
+        # conversion (an index before schema 2 wrote EXIF-tagged ones sideways).
+        if not path.is_file() or path.read_bytes() != v.converted:
             path.parent.mkdir(parents=True, exist_ok=True)
             idx.atomic_write(path, lambda tmp: Path(tmp).write_bytes(v.converted))
         row["image_uri"] = f"{idx.CONVERTED_DIR}/{sha}.png"  # in out_dir

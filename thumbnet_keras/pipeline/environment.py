@@ -40,7 +40,8 @@ def quiet_env(verbosity: int = 0) -> dict[str, str]:
 def planned_backend() -> str:
     """The Keras backend this process runs, or will once Keras is imported:
     Keras' own when it is, else `KERAS_BACKEND`, else the `backend` of
-    Keras' config file (`$KERAS_HOME/keras.json`, default `~/.keras`), else
+    Keras' config file (`$KERAS_HOME/keras.json`, default `~/.keras`, or
+    `/tmp/.keras` when the home folder is not writable), else
     "tensorflow" (Keras' default). Reads no framework."""
     import json
 
@@ -48,9 +49,11 @@ def planned_backend() -> str:
         return sys.modules["keras"].backend.backend()
     if os.environ.get("KERAS_BACKEND"):
         return os.environ["KERAS_BACKEND"]
-    home = os.environ.get("KERAS_HOME") or os.path.join(
-        os.path.expanduser("~"), ".keras"
-    )
+    if "KERAS_HOME" in os.environ:  # as keras/src/backend/config.py finds it
+        home = os.environ["KERAS_HOME"]
+    else:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
     try:
         with open(os.path.join(home, "keras.json")) as f:
             return str(json.load(f).get("backend") or "tensorflow")

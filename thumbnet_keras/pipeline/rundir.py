@@ -512,15 +512,22 @@ def _differences_text(keys: list[str], old: dict, new: dict) -> str:
     return ", ".join(parts)
 
 
+def _other_backend(saved: dict) -> str | None:
+    """The backend a saved run started on, when it is not this process's."""
+    from thumbnet_keras.pipeline.environment import planned_backend
+
+    started = (saved.get("environment") or {}).get("backend")
+    return started if started and started != planned_backend() else None
+
+
 def _check_same_backend(run: Run, saved: dict) -> None:
     """A run continues on the backend that started it: its checkpoints,
     resumed epochs and `config.json`'s environment belong to that backend."""
     from thumbnet_keras.pipeline.config import ConfigError
     from thumbnet_keras.pipeline.environment import planned_backend
 
-    started = (saved.get("environment") or {}).get("backend")
-    now = planned_backend()
-    if started and started != now:
+    started, now = _other_backend(saved), planned_backend()
+    if started:
         raise ConfigError(
             f"Run folder {str(run.path)!r} was started on the {started!r} backend "
             f"and this process runs {now!r}: a run resumes on the backend that "
@@ -554,7 +561,8 @@ def check_claimable(
         keys = config_differences(old, config)
         same = saved.get("kind") == kind and not keys
         changed = changed_inputs(saved.get("inputs"), inputs)
-        if not (same and not changed) and is_unstarted(run.path):
+        moved = _other_backend(saved)
+        if not (same and not changed and not moved) and is_unstarted(run.path):
             return False
         if not same:
             raise ConfigError(
@@ -641,6 +649,7 @@ def claim(
             saved.get("kind") != kind
             or config_differences(saved.get("config", {}), config)
             or changed_inputs(saved.get("inputs"), inputs)
+            or _other_backend(saved)
         ):
             # A run that failed before its first stage: nothing to lose.
             logger.info("Run folder %s had not started; starting it afresh.", run.path)
