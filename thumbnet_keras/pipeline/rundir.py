@@ -520,14 +520,15 @@ def _other_backend(saved: dict) -> str | None:
     return started if started and started != planned_backend() else None
 
 
-def _check_same_backend(run: Run, saved: dict) -> None:
-    """A run continues on the backend that started it: its checkpoints,
+def _check_same_backend(run: Run, started: str | None) -> None:
+    """A run continues on the backend that started it (`started`, from
+    `_other_backend`: None when it is this process's): its checkpoints,
     resumed epochs and `config.json`'s environment belong to that backend."""
     from thumbnet_keras.pipeline.config import ConfigError
     from thumbnet_keras.pipeline.environment import planned_backend
 
-    started, now = _other_backend(saved), planned_backend()
     if started:
+        now = planned_backend()
         raise ConfigError(
             f"Run folder {str(run.path)!r} was started on the {started!r} backend "
             f"and this process runs {now!r}: a run resumes on the backend that "
@@ -582,7 +583,7 @@ def check_claimable(
                     else "."
                 )
             )
-        _check_same_backend(run, saved)
+        _check_same_backend(run, moved)
         if changed:
             what = " and ".join(_INPUT_NAMES.get(k, k) for k in changed)
             raise ConfigError(
