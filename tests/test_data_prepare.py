@@ -402,6 +402,11 @@ def test_split_folders_and_ignored_files(tmp_path):
                     seed=i + (c == "b") * 10 + len(split),
                 )
     (root / "tr/a/notes.txt").write_text("not an image, skipped")
+    # macOS leaves these beside photos; ._ files carry an image extension.
+    (root / "tr/a/._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (root / "tr/b/.DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "tr/b/.thumbs").mkdir()
+    write_good(root / "tr/b/.thumbs/0.png", seed=99)
     manifest = data.Manifest.model_validate(
         {
             "name": "split_folders",
@@ -419,8 +424,11 @@ def test_split_folders_and_ignored_files(tmp_path):
     prepared = data.prepare(manifest, tmp_path / "out")
     assert prepared.splits == {"train": 6, "test": 6}
     assert json.load(open(prepared.quarantine_path))["ignored_files"] == [
-        "tr/a/notes.txt"
+        "tr/a/._0.png",
+        "tr/a/notes.txt",
+        "tr/b/.DS_Store",
     ]
+    assert prepared.summary()["status"] == {"ok": 12}
 
 
 def _parquet_manifest(table_path, **source) -> data.Manifest:

@@ -185,7 +185,9 @@ def image_folder_candidates(
 ) -> Iterator[Candidate]:
     """root/[<split_dir>/]<class>/**/<file> with an image extension.
 
-    Files without an image extension are skipped and appended to `ignored`.
+    Files without an image extension, and hidden files (.DS_Store, macOS's
+    ._IMG_1.JPG), are skipped and appended to `ignored`; hidden folders are
+    skipped whole.
     Anything with an image extension is a candidate, even a directory or a
     text file: validation decides.
     """
@@ -208,7 +210,13 @@ def image_folder_candidates(
                 continue
             for path in sorted(class_dir.rglob("*")):
                 rel = path.relative_to(root).as_posix()
-                if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                parts = path.relative_to(folder).parts
+                if any(part.startswith(".") for part in parts[:-1]):
+                    continue  # inside a hidden folder (.git, .thumbnails)
+                if parts[-1].startswith("."):
+                    # .DS_Store, macOS's ._IMG_1.JPG: never images, but named.
+                    if path.is_file() and ignored is not None:
+                        ignored.append(_printable(rel))
                     continue
                 if path.name.lower().endswith(extensions):
                     if not _is_utf8(str(path)):
