@@ -45,12 +45,13 @@ def tiny_teacher(
     return keras.Model(inputs, outputs, name=name)
 
 
-def run_python(code: str, env: dict | None = None, timeout: int = 300) -> dict:
-    """Runs `code` in a fresh interpreter; it must print one JSON line last."""
+def run_python(code: str, env: dict | None = None, timeout: int = 300, args=()) -> dict:
+    """Runs `code` in a fresh interpreter (`args` its sys.argv[1:]); it must
+    print one JSON line last."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         env=full_env,

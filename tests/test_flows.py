@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import run_python
 from pipeline_fixtures import loud_env, snapshot, tiny_dataset
 
 from thumbnet_keras import pipeline
@@ -167,6 +168,34 @@ def test_exported_model_loads_safely_and_predicts(finished):
     )
     x = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
     assert model.predict_on_batch(x).shape == (2, 4)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="what the files hold does not depend on the backend that wrote them",
+)
+def test_every_keras_file_of_the_run_loads_in_plain_keras(finished):
+    """A trial (2026-11-30) found the run's `teacher.keras` refused by
+    `load_model` outside this package: it carried its stage's compile config,
+    whose loss is `pipeline.recipe.SparseCrossentropy`. Every `.keras` a run
+    writes now holds architecture and weights only."""
+    _, result, _ = finished
+    paths = sorted(str(p) for p in Path(result["run_dir"]).rglob("*.keras"))
+    assert len(paths) >= 10, paths
+    loaded = run_python(
+        """
+        import json, sys
+        import keras
+        out = {}
+        for path in sys.argv[1:]:
+            model = keras.saving.load_model(path, safe_mode=True)  # compile=True
+            out[path] = model.compiled
+        assert "thumbnet_keras" not in sys.modules
+        print(json.dumps(out))
+        """,
+        args=paths,
+    )
+    assert loaded == {path: False for path in paths}
 
 
 def test_report_artifacts_are_keyed(finished):

@@ -100,12 +100,32 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_keras(model, path: str | os.PathLike) -> str:
     """Atomically saves a Keras model to a `.keras` file; returns the path.
-    A mixed-precision model is saved as float32 (`compute.float32_model`)."""
+    A mixed-precision model is saved as float32 (`compute.float32_model`).
+    The file holds architecture and weights only: no compile config (a
+    stage's loss is this package's, which plain Keras could not rebuild) and
+    no optimizer state (stages resume from their checkpoints, not these)."""
     from thumbnet_keras.pipeline.compute import float32_model
 
     model = float32_model(model)
-    atomic_write(path, lambda tmp: model.save(tmp))
+    with _uncompiled(model):
+        atomic_write(path, lambda tmp: model.save(tmp))
     return str(path)
+
+
+@contextlib.contextmanager
+def _uncompiled(model):
+    """`model` seen as never compiled while saved (what `get_compile_config`
+    and the optimizer's saving read), as it was afterwards."""
+    compiled = getattr(model, "compiled", False)
+    optimizer = getattr(model, "optimizer", None)
+    if not compiled and optimizer is None:
+        yield
+        return
+    model.compiled, model.optimizer = False, None
+    try:
+        yield
+    finally:
+        model.compiled, model.optimizer = compiled, optimizer
 
 
 def check_writable(directory: str | os.PathLike) -> None:
