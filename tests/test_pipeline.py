@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import keras
@@ -13,7 +14,7 @@ from pipeline_fixtures import REPO, snapshot, tiny_dataset
 
 from thumbnet_keras import pipeline
 from thumbnet_keras.evaluation.accuracy import evaluate_classifier, topk_correct
-from thumbnet_keras.evaluation.latency import measure_throughput
+from thumbnet_keras.evaluation.latency import measure_throughput, measure_throughputs
 from thumbnet_keras.pipeline import ConfigError, GeneralizeParams, ThumbNetParams
 from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
 
@@ -47,6 +48,40 @@ def test_measure_throughput():
     assert speed["images_per_second"] > 0
     with pytest.raises(ValueError, match="batch_size"):
         measure_throughput(model, batch_size=0)
+
+
+class _Sleeper:
+    """A model whose calls take the given seconds, in turn; logs its calls."""
+
+    def __init__(self, name, seconds, log):
+        self.name, self.seconds, self.log, self.calls = name, seconds, log, 0
+        self.inputs = [keras.KerasTensor((None, 2, 2, 1))]
+
+    def predict_on_batch(self, x):
+        time.sleep(self.seconds[min(self.calls, len(self.seconds) - 1)])
+        self.calls += 1
+        self.log.append(self.name)
+        return x
+
+
+def test_measure_throughputs_interleaves_models_and_scores_the_median_call():
+    """A trial (2026-11-30) saw two arms of identical compute reported at
+    11,742 and 32,330 images/s: each model was timed alone, one after the
+    other, and a burst of load fell on one. Models now take turns and each
+    scores its median call, so one slow call (here 0.2 s among 0.01 s ones)
+    does not move it."""
+    log = []
+    fast = _Sleeper("a", [0.0, 0.01, 0.2, 0.01, 0.01, 0.01], log)
+    slow = _Sleeper("b", [0.0, 0.03], log)
+    speed = measure_throughputs(
+        {"a": fast, "b": slow}, batch_size=4, batches=5, warmup=1
+    )
+    assert log == ["a", "b"] + ["a", "b"] * 5  # warm-up each, then rounds
+    assert 8.0 <= speed["a"]["ms_per_batch"] < 30.0  # the median, not the 0.2 s
+    assert 28.0 <= speed["b"]["ms_per_batch"] < 60.0
+    assert speed["a"]["images_per_second"] == pytest.approx(
+        4 / (speed["a"]["ms_per_batch"] / 1000)
+    )
 
 
 def test_params_smoke_and_bounds():

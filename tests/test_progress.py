@@ -171,17 +171,17 @@ def test_summary_rows_golden():
         ("Teacher on bicubic, BN re-estimated", "2"),
         ("Bicubic + CL", "2"),
         ("Bicubic + KD", "2"),
-        ("Bicubic + KD, equal MACs", "2"),
+        ("Bicubic + KD, larger thumbnail", "2"),
         ("ThumbNet (E + S)", "2"),
         ("Bicubic + CL", "4"),
         ("ThumbNet (E + S)", "4"),
     ]
-    assert rows[0] == {"model": "Teacher", "f": "-", "input": "128x128",
+    assert rows[0] == {"model": "Teacher", "f": "-", "thumbnail": "none",
                        "val top-1": "75.00%", "test top-1": "72.40%",
                        "MACs": "40.00M", "fewer MACs": "1.0x",
                        "images/s": "1"}  # fmt: skip
     assert rows[6]["fewer MACs"] == "3.9x" and rows[6]["MACs"] == "10.25M"
-    assert rows[5]["input"] == "66x66"
+    assert rows[5]["thumbnail"] == "66x66"
     assert rows[8]["fewer MACs"] == "14.8x" and rows[8]["test top-1"] == "66.00%"
     # Measured throughput, thousands separated; not measured: left blank.
     m = metrics()
@@ -200,11 +200,12 @@ def test_format_summary_golden():
         "72.4%, best bicubic baseline 67.1% (Bicubic + KD). ThumbNet f=4: 66.0% "
         "test top-1 at 14.8× fewer MACs; best bicubic baseline 65.0% (Bicubic + CL)."
     )
-    assert lines[2].split() == ["model", "f", "input", "val", "top-1", "test",
+    assert lines[2].split() == ["model", "f", "thumbnail", "val", "top-1", "test",
                                 "top-1", "MACs", "fewer", "MACs", "images/s"]  # fmt: skip
     rows = [" ".join(line.split()) for line in lines]
     assert "ThumbNet (E + S) 2 64x64 70.00% 68.80% 10.25M 3.9x 1" in rows
-    assert "Teacher - 128x128 75.00% 72.40% 40.00M 1.0x 1" in rows
+    assert "Teacher - none 75.00% 72.40% 40.00M 1.0x 1" in rows
+    assert lines[13].startswith("images/s: this machine, the run's batch size")
     assert "thumbnet.keras: runs/demo/thumbnet.keras  (f=2, the first factor)" in lines
     assert "  f=4:      runs/demo/f4/thumbnet.keras" in lines
     assert "report.html:    runs/demo/report.html" in lines

@@ -95,26 +95,53 @@ def test_arms_table_golden():
     assert rows[0] == {
         "model": "Teacher (full size)",
         "factor": 1,
-        "input": "64x64",
+        "thumbnail": "none (64x64)",
         "val top-1 %": "90.00",
         "test top-1 %": "87.65",
         "MACs": "12.35M",
+        "fewer MACs": "1.0x",
         "params": "1,234,567",
         "images/s": "812",
     }
     assert rows[1]["MACs"] == "3.50K" and rows[1]["images/s"] == "2001"
+    assert rows[1]["fewer MACs"] == "3527.3x"
     assert rows[1]["val top-1 %"] == ""  # no validation split
     assert "test top-5 %" not in rows[0]
     assert arms_table(_metrics(top5=True))[1]["test top-5 %"] == "100.00"
 
 
+def test_the_equal_cost_arm_says_what_it_costs():
+    """A trial (2026-11-30) read "Bicubic + KD at equal MACs" for a 9x9
+    thumbnail costing 1.68x ThumbNet's MACs (S's maps round up at 9): the
+    paired table and the headline now carry the ratio (the results table
+    has MACs columns)."""
+    m = _metrics()
+    m["arms"][1] |= {"factor": 4, "flops": 175_536, "top1": 0.70}
+    m["arms"].append(
+        {"name": "bicubic_kd_equal", "label": "Bicubic + KD on a larger thumbnail",
+         "factor": 4, "input_size": 9, "top1": 0.72, "val_top1": None,
+         "flops": 295_408, "params": 99, "images_per_second": 10.0}
+    )  # fmt: skip
+    m["arms"][1]["paired"] = [
+        {"versus": "bicubic_kd_equal", "difference": -0.02, "ci95": [-0.05, 0.01],
+         "p_value": 0.3, "a_only": 3, "b_only": 5, "examples": 100}
+    ]  # fmt: skip
+    assert arms_table(m)[2]["fewer MACs"] == "41.8x"  # the teacher's over its
+    assert paired_table(m)[0]["ThumbNet vs"] == (
+        "Bicubic + KD, larger thumbnail at 1.68x ThumbNet's MACs"
+    )
+    assert "best bicubic baseline 72.0% (Bicubic + KD, larger thumbnail at 1.68x " in (
+        headline(m)
+    )
+
+
 def test_markdown_has_tables_config_and_environment():
     md = render_markdown(_metrics())
     assert (
-        "| Teacher (full size) | 1 | 64x64 | 90.00 | 87.65 | 12.35M | 1,234,567 | 812 |"
-        in md
+        "| Teacher (full size) | 1 | none (64x64) | 90.00 | 87.65 | 12.35M | 1.0x "
+        "| 1,234,567 | 812 |" in md
     )
-    assert "| model | factor | input | val top-1 % | test top-1 % |" in md
+    assert "| model | factor | thumbnail | val top-1 % | test top-1 % |" in md
     assert "| teacher | 2 | 1 (val 62.50%) | 0.5000 | 75.00 | 3.2 | 1 |" in md
     assert "| f2-joint | 1 | 1 | 2.0000 |" in md
     assert '"factors": [\n    2\n  ]' in md
@@ -276,7 +303,7 @@ def test_headline_and_table_say_whether_the_test_set_tells_them_apart():
     rows = paired_table(m)
     assert rows[0] == {
         "factor": 2, "ThumbNet vs": "Teacher", "difference (points)": "-3.0",
-        "95% CI": "-4.9 to +2.2", "only ThumbNet right": 1, "only it right": 4,
+        "95% CI": "-4.9 to +2.2", "only ThumbNet right": 1, "only the other right": 4,
         "McNemar p": "0.375", "verdict": "no clear difference",
     }  # fmt: skip
     assert [r["verdict"] for r in rows] == [

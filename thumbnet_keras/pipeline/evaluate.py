@@ -18,7 +18,8 @@ Every trained arm was selected on validation top-1 during training; here each
 is evaluated once on test. For each: `top1` (test), `val_top1` (None without
 a validation split), `top5` when there are more than 5 classes, multiply-adds
 per image of the whole inference model (downscaler included), parameters, and
-measured images/s. Each ThumbNet arm carries `paired`: its top-1 minus
+measured images/s (every model timed side by side at the run's batch size,
+taking turns, the median call: `evaluation.latency.measure_throughputs`). Each ThumbNet arm carries `paired`: its top-1 minus
 every other arm's on the same test images, with a 95% interval and
 McNemar's exact p (`evaluation.paired`), so a difference the test set
 cannot resolve is not read as a win or a loss. Written to `evaluation.json`.
@@ -32,7 +33,7 @@ import keras
 
 from thumbnet_keras.evaluation.accuracy import evaluate_classifier
 from thumbnet_keras.evaluation.flops import count_flops, count_params
-from thumbnet_keras.evaluation.latency import measure_throughput
+from thumbnet_keras.evaluation.latency import measure_throughput, measure_throughputs
 from thumbnet_keras.pipeline.rundir import read_json, write_json
 from thumbnet_keras.pipeline.stages import load_run, stage_id
 
@@ -50,7 +51,7 @@ ARM_LABELS = {
     "teacher_bicubic_bn": "Teacher on bicubic thumbnails, BN re-estimated",
     "bicubic_cl": "Bicubic baseline (CL)",
     "bicubic_kd": "Bicubic + KD",
-    "bicubic_kd_equal": "Bicubic + KD at equal MACs (larger thumbnail)",
+    "bicubic_kd_equal": "Bicubic + KD on a larger thumbnail",
     "thumbnet": "ThumbNet (E + S)",
 }
 
@@ -74,9 +75,9 @@ def evaluate_model(
     return_correct: bool = False,
 ) -> dict:
     """Top-1/top-5 on `batches` (test), `val_top1` on `validation` (None when
-    not given), MACs, parameters and images/s of one inference model; with
-    `return_correct`, `"correct"`: each test image's top-1 hit (a boolean
-    array, not JSON)."""
+    not given), MACs, parameters and images/s of one inference model (None
+    when `throughput_batches` is 0); with `return_correct`, `"correct"`:
+    each test image's top-1 hit (a boolean array, not JSON)."""
     ks = (1, 5) if num_classes > 5 else (1,)
     result = evaluate_classifier(
         model, batches, ks=ks, num_classes=num_classes, return_correct=return_correct
@@ -88,8 +89,12 @@ def evaluate_model(
         )["top1"]
     result["flops"] = count_flops(model)
     result["params"] = count_params(model)["total"]
-    speed = measure_throughput(model, batch_size=batch_size, batches=throughput_batches)
-    result["images_per_second"] = speed["images_per_second"]
+    result["images_per_second"] = None
+    if throughput_batches:
+        speed = measure_throughput(
+            model, batch_size=batch_size, batches=throughput_batches
+        )
+        result["images_per_second"] = speed["images_per_second"]
     return result
 
 
@@ -188,7 +193,7 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
             test,
             classes,
             config.batch_size,
-            config.throughput_batches,
+            throughput_batches=0,  # below, every model side by side
             validation=validation,
             return_correct=True,
         )
@@ -202,6 +207,14 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
                 **result,
             }
         )
+    logger.info("[evaluate] images/s, every model side by side")
+    speeds = measure_throughputs(
+        {str(i): model for i, (*_, model) in enumerate(models)},
+        batch_size=config.batch_size,
+        batches=config.throughput_batches,
+    )
+    for i, arm in enumerate(arms):
+        arm["images_per_second"] = speeds[str(i)]["images_per_second"]
     for arm in arms:
         if arm["name"] == "thumbnet":
             arm["paired"] = paired_comparisons(correct, arm["factor"])

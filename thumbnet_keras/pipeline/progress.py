@@ -231,7 +231,7 @@ _SHORT = {
     "teacher_bicubic_bn": "Teacher on bicubic, BN re-estimated",
     "bicubic_cl": "Bicubic + CL",
     "bicubic_kd": "Bicubic + KD",
-    "bicubic_kd_equal": "Bicubic + KD, equal MACs",
+    "bicubic_kd_equal": "Bicubic + KD, larger thumbnail",  # MACs: its columns
     "thumbnet": "ThumbNet (E + S)",
 }
 
@@ -261,10 +261,12 @@ def _rate(value) -> str:
 
 
 def summary_rows(metrics: Mapping) -> list[dict]:
-    """One row per evaluated model: model, f, input, val top-1, test top-1,
-    MACs, fewer MACs (the teacher's MACs over the model's: a ratio of work,
-    not a timing) and images/s (measured on this machine by `evaluate`, the
-    Keras model at the run's batch size; "" when not measured)."""
+    """One row per evaluated model: model, f, thumbnail (the side S
+    classifies; every model takes the full-size image), val top-1, test
+    top-1, MACs, fewer MACs (the teacher's MACs over the model's: a ratio of
+    work, not a timing) and images/s (measured on this machine by
+    `evaluate`, the Keras models side by side at the run's batch size; ""
+    when not measured)."""
     arms = metrics.get("arms", [])
     teacher = next((a for a in arms if a["name"] == "teacher"), None)
     rows = []
@@ -277,7 +279,11 @@ def summary_rows(metrics: Mapping) -> list[dict]:
             {
                 "model": _SHORT.get(arm["name"], arm.get("label", arm["name"])),
                 "f": str(arm.get("factor") or "-"),
-                "input": f"{arm['input_size']}x{arm['input_size']}",
+                "thumbnail": (
+                    "none"
+                    if arm["name"] == "teacher"
+                    else f"{arm['input_size']}x{arm['input_size']}"
+                ),  # fmt: skip
                 "val top-1": "" if val is None else f"{100 * val:.2f}%",
                 "test top-1": f"{100 * arm['top1']:.2f}%",
                 "MACs": _macs(arm["flops"]),
@@ -321,12 +327,12 @@ def format_summary(metrics: Mapping) -> str:
     Args:
         metrics: the run's `metrics.json` (see `reports.render`).
     """
-    from thumbnet_keras.reports.render import headline
+    from thumbnet_keras.reports.render import THROUGHPUT_NOTE, headline
 
     lines = _health_lines(metrics)
     lines.append(f"Run {metrics.get('run_name', '')}: {headline(metrics)}")
     if metrics.get("arms"):
-        lines += ["", *_text_table(summary_rows(metrics))]
+        lines += ["", *_text_table(summary_rows(metrics)), THROUGHPUT_NOTE]
     outputs = metrics.get("outputs", {})
     primary = metrics.get("primary_factor")
     factors = (metrics.get("config") or {}).get("factors") or []

@@ -30,7 +30,12 @@ _STYLE = {
     "teacher_bicubic_bn": ("+", "tab:brown", "Teacher on bicubic + BN", "T+BN"),
     "bicubic_cl": ("s", "tab:blue", "Bicubic + CL", "CL"),
     "bicubic_kd": ("D", "tab:orange", "Bicubic + KD", "KD"),
-    "bicubic_kd_equal": ("d", "tab:purple", "Bicubic + KD, equal MACs", "KD eq."),
+    "bicubic_kd_equal": (
+        "d",
+        "tab:purple",
+        "Bicubic + KD, larger thumbnail",
+        "KD larger",
+    ),
     "thumbnet": ("o", "tab:red", "ThumbNet (E + S)", "ThumbNet"),
 }
 # Stage -> colour in the curves (the arm it trains).

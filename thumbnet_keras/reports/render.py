@@ -61,9 +61,44 @@ SHORT_LABELS = {
     "teacher_bicubic_bn": "Teacher on bicubic + BN",
     "bicubic_cl": "Bicubic + CL",
     "bicubic_kd": "Bicubic + KD",
-    "bicubic_kd_equal": "Bicubic + KD, equal MACs",
+    "bicubic_kd_equal": "Bicubic + KD, larger thumbnail",
     "thumbnet": "ThumbNet",
 }
+
+
+def cost_ratio(arm: Mapping, arms: Sequence[Mapping]) -> float | None:
+    """The equal-cost arm's MACs over ThumbNet's at its factor (the smallest
+    larger thumbnail costing at least E + S can cost much more where S's
+    maps round up: 9x9 at 2.3x on a 28x28 tiny CNN at f = 4); None for any
+    other arm or without ThumbNet's MACs."""
+    if arm.get("name") != "bicubic_kd_equal":
+        return None
+    ours = next(
+        (a for a in arms if a["name"] == "thumbnet" and a["factor"] == arm["factor"]),
+        None,
+    )
+    if not ours or not ours.get("flops") or not arm.get("flops"):
+        return None
+    return arm["flops"] / ours["flops"]
+
+
+def arm_label(
+    arm: Mapping, arms: Sequence[Mapping], labels: Mapping | None = None
+) -> str:
+    """`arm`'s name for a table or sentence (`labels`, default SHORT_LABELS;
+    the arm's own label when absent); the equal-cost arm's says what it
+    costs: "Bicubic + KD, larger thumbnail at 1.02x ThumbNet's MACs"."""
+    labels = SHORT_LABELS if labels is None else labels
+    label = labels.get(arm["name"], arm.get("label", arm["name"]))
+    ratio = cost_ratio(arm, arms)
+    return label if ratio is None else f"{label} at {ratio:.2f}x ThumbNet's MACs"
+
+
+THROUGHPUT_NOTE = (
+    "images/s: this machine, the run's batch size, every model timed side "
+    "by side (the median of its calls); small models at small batches are "
+    "bound by per-call overhead, so MACs are the better guide there."
+)
 
 
 def _pct1(value: float) -> str:
@@ -114,8 +149,7 @@ def headline(metrics: Mapping) -> str:
         if baselines:
             best = max(baselines, key=lambda a: a["top1"])
             extra.append(
-                f"best bicubic baseline {_pct1(best['top1'])} "
-                f"({SHORT_LABELS.get(best['name'], best['label'])})"
+                f"best bicubic baseline {_pct1(best['top1'])} ({arm_label(best, arms)})"
             )
             paired = _paired_clause(arm, best["name"])
         sentences.append(
@@ -229,21 +263,27 @@ def paired_table(metrics: Mapping) -> list[dict]:
     run evaluated before they existed."""
     from thumbnet_keras.evaluation.paired import verdict
 
-    labels = {a["name"]: a["label"] for a in metrics.get("arms", [])}
+    arms = metrics.get("arms", [])
     rows = []
-    for arm in metrics.get("arms", []):
+    for arm in arms:
         for p in arm.get("paired") or []:
             low, high = p["ci95"]
+            other = next(
+                (
+                    a
+                    for a in arms
+                    if a["name"] == p["versus"] and a["factor"] in (None, arm["factor"])
+                ),
+                {"name": p["versus"]},
+            )
             rows.append(
                 {
                     "factor": arm["factor"],
-                    "ThumbNet vs": SHORT_LABELS.get(
-                        p["versus"], labels.get(p["versus"], p["versus"])
-                    ),
+                    "ThumbNet vs": arm_label(other, arms),
                     "difference (points)": _points(p["difference"]),
                     "95% CI": f"{_points(low)} to {_points(high)}",
                     "only ThumbNet right": p["a_only"],
-                    "only it right": p["b_only"],
+                    "only the other right": p["b_only"],
                     "McNemar p": f"{p['p_value']:.3g}",
                     "verdict": verdict(p),
                 }
@@ -254,18 +294,22 @@ def paired_table(metrics: Mapping) -> list[dict]:
 def arms_table(metrics: Mapping) -> list[dict]:
     """One row per evaluated model, ready for a table (strings and numbers).
 
-    Columns: model, factor, input, val top-1 % (validation split; the
-    trained arms' epochs were selected on it), test top-1 %, test top-5 %
-    (when measured), MACs, params, images/s.
+    Columns: model, factor, thumbnail (the side S classifies; every model
+    takes the full-size image), val top-1 % (validation split; the trained
+    arms' epochs were selected on it), test top-1 %, test top-5 % (when
+    measured), MACs, fewer MACs (the teacher's over the model's), params,
+    images/s.
     """
     arms = metrics.get("arms", [])
     with_top5 = any("top5" in a for a in arms)
+    teacher = next((a for a in arms if a["name"] == "teacher"), None)
     rows = []
     for arm in arms:
+        side = f"{arm['input_size']}x{arm['input_size']}"
         row = {
-            "model": arm["label"],
+            "model": arm["label"],  # MACs and the ratio: their own columns
             "factor": arm.get("factor") or 1,
-            "input": f"{arm['input_size']}x{arm['input_size']}",
+            "thumbnail": f"none ({side})" if arm["name"] == "teacher" else side,
             "val top-1 %": _pct(arm.get("val_top1")),
             "test top-1 %": _pct(arm["top1"]),
         }
@@ -274,12 +318,21 @@ def arms_table(metrics: Mapping) -> list[dict]:
         row.update(
             {
                 "MACs": _flops(int(arm["flops"])),
+                "fewer MACs": (
+                    f"{teacher['flops'] / arm['flops']:.1f}x"
+                    if teacher and arm["flops"]
+                    else ""
+                ),
                 "params": f"{int(arm['params']):,}",
-                "images/s": f"{arm['images_per_second']:.0f}",
+                "images/s": _rate(arm.get("images_per_second")),
             }
         )
         rows.append(row)
     return rows
+
+
+def _rate(value) -> str:
+    return "" if not value else f"{value:.0f}"
 
 
 def _md_table(rows: Sequence[Mapping]) -> str:
@@ -392,8 +445,9 @@ def _teacher_note(metrics: Mapping) -> str:
 
 
 _COST_NOTE = (
-    "MACs: multiply-adds per image of the whole inference model (the "
-    "downscaler included); images/s: measured on this machine."
+    'Every model takes the full-size image; "thumbnail" is the side its S '
+    "classifies. MACs: multiply-adds per image of the whole inference model "
+    "(the downscaler included), the machine-independent cost. " + THROUGHPUT_NOTE
 )
 
 
