@@ -169,6 +169,30 @@ def test_a_run_that_never_started_does_not_block_its_name(tmp_path):
     assert os.path.abspath(folder / LOCK_NAME) not in _HELD  # Released.
 
 
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"my": "settings"}', "is not a thumbnet run's"),
+        ("[1, 2]", "is not a thumbnet run's"),
+        ("keep\n", "cannot be read as JSON"),
+        ('{"kind": "thumbnet", "conf', "cannot be read as JSON"),  # cut short
+    ],
+)
+def test_a_config_json_a_run_did_not_write_is_refused_and_kept(
+    tmp_path, content, problem
+):
+    """A trial (2026-11-30): a user's folder holding its own config.json was
+    taken for a run that had not started and the file deleted; other
+    contents gave a JSONDecodeError or AttributeError traceback."""
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "config.json").write_text(content)
+    with pytest.raises(ConfigError, match=f"config.json {problem}.*nothing in it"):
+        claim(folder, {"a": 1}, kind="thumbnet")
+    assert [p.name for p in folder.iterdir()] == ["config.json"]
+    assert (folder / "config.json").read_text() == content
+
+
 def test_a_run_resumes_only_on_the_backend_that_started_it(tmp_path):
     # A practitioner resumed a torch run under KERAS_BACKEND=jax: accepted
     # without a word, the rest trained on JAX, config.json still said torch.

@@ -42,6 +42,54 @@ import shutil
 import sys
 
 FORMATS = ("saved_model", "onnx", "litert", "litert_int8")
+# What `Model.export(format="tf_saved_model")` writes: an earlier export
+# holding only these may be replaced.
+_SAVED_MODEL_ENTRIES = {"saved_model.pb", "variables", "assets", "fingerprint.pb"}
+
+
+def check_output(output: str, fmt: str, keras_path: str | None = None) -> None:
+    """Raises `ValueError` where writing `fmt` to `output` would destroy
+    something that is not an earlier export: an ONNX or LiteRT file over a
+    folder; a SavedModel over a file, or over a folder that is not a
+    SavedModel (no `saved_model.pb`: the current folder, a run folder, a
+    user's project); or over the model being converted. An earlier export
+    of the same kind is replaced, atomically."""
+    path = os.path.realpath(output)
+    if keras_path is not None and os.path.exists(path):
+        model = os.path.realpath(keras_path)
+        if path == model:
+            raise ValueError(
+                f"{output!r} is the model being converted; choose another output."
+            )
+        if os.path.isdir(path) and model.startswith(os.path.join(path, "")):
+            raise ValueError(
+                f"{output!r} holds the model being converted ({keras_path}); "
+                "choose a new path for the export."
+            )
+    if fmt == "saved_model":
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(
+                f"{output!r} is a file; a SavedModel is a folder: choose a new path."
+            )
+        if os.path.isdir(path):
+            entries = set(os.listdir(path))
+            other = sorted(entries - _SAVED_MODEL_ENTRIES)
+            if "saved_model.pb" not in entries or other:
+                what = (
+                    f"holds {', '.join(map(repr, other[:3]))}"
+                    f"{' ...' if len(other) > 3 else ''}, which"
+                    if "saved_model.pb" in entries
+                    else "is not a SavedModel (no saved_model.pb), and"
+                )
+                raise ValueError(
+                    f"{output!r} is a folder that {what} exporting would replace "
+                    "with everything in it: choose a new path, or remove the "
+                    "folder yourself."
+                )
+    elif os.path.isdir(path):
+        raise ValueError(
+            f"{output!r} is a folder; a {fmt} export is one file: choose a file name."
+        )
 
 
 def _load(keras_path: str):
@@ -212,6 +260,7 @@ def convert(keras_path: str, fmt: str, output: str, representative=None) -> str:
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, received {fmt!r}")
+    check_output(output, fmt, keras_path)
     model = _load(keras_path)
     if fmt != "saved_model":  # TensorFlow runs SavedModel: keep the saved form.
         model = depthwise_form(model)[0]
@@ -225,7 +274,8 @@ def convert(keras_path: str, fmt: str, output: str, representative=None) -> str:
         else:
             kwargs = _litert_kwargs(fmt == "litert_int8", representative)
             model.export(tmp, format="litert", verbose=False, **kwargs)
-        if os.path.isdir(output):
+        check_output(output, fmt, keras_path)  # again: time has passed
+        if os.path.isdir(output):  # an earlier SavedModel (check_output)
             shutil.rmtree(output)
         os.replace(tmp, output)
     finally:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from thumbnet_keras.deploy.convert import check_output
+
 __all__ = ["CONVERT_SCRIPT", "FORMATS", "default_output", "export_model"]
 
 CONVERT_SCRIPT = str(Path(__file__).with_name("convert.py"))
@@ -64,7 +66,10 @@ def export_model(
         The written path.
 
     Raises:
-        ValueError: an unknown format, or int8 without representative data.
+        ValueError: an unknown format, int8 without representative data, or
+            an `output` whose replacement would destroy what is not an
+            earlier export of that format (`convert.check_output`: a folder
+            that is not a SavedModel, the model's own folder, ...).
         RuntimeError: a missing package or a failed conversion, with the
             converter's last error lines.
     """
@@ -81,6 +86,7 @@ def export_model(
     if fmt == "litert_int8" and (representative is None or len(representative) == 0):
         raise ValueError("litert_int8 needs representative model inputs.")
     output = str(output or default_output(keras_path, fmt))
+    check_output(output, fmt, str(keras_path))  # before the slow conversion
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, CONVERT_SCRIPT, str(keras_path)]
     command += ["--format", fmt, "--output", output]

@@ -813,7 +813,7 @@ def check_export(
         )
     check_export_packages(fmt)
     if output is not None:
-        _check_export_output(output, fmt)
+        _check_export_output(output, fmt, str(source))
     return str(source)
 
 
@@ -826,9 +826,10 @@ _EXPORT_ENDINGS = {
 }
 
 
-def _check_export_output(output: str, fmt: str) -> None:
+def _check_export_output(output: str, fmt: str, keras_path: str) -> None:
     """`--output` is named as `fmt`'s files are (`thumbnet predict` picks
-    the runtime by the suffix) and its folder can be written."""
+    the runtime by the suffix), its folder can be written, and writing it
+    destroys nothing but an earlier export (`deploy.convert.check_output`)."""
     ending = _EXPORT_ENDINGS[fmt]
     suffix = Path(output).suffix.lower()
     if ending and not output.lower().endswith(ending):
@@ -844,6 +845,12 @@ def _check_export_output(output: str, fmt: str) -> None:
             f"name without the {suffix} suffix, or leave --output out."
         )
     _check_writable(str(Path(output).parent), "--output's folder")
+    from thumbnet_keras.deploy.convert import check_output
+
+    try:
+        check_output(output, fmt, keras_path)
+    except ValueError as err:
+        raise ConfigError(f"--output {err}") from None
 
 
 def check_generalize(values: dict) -> GeneralizeParams:

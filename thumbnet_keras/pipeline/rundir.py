@@ -576,7 +576,7 @@ def check_claimable(
             "choose another run name."
         )
     if run.config_json.is_file():
-        saved = run.config()
+        saved = _saved_run(run)
         saved_keys = set(saved.get("config", {}))
         old = _with_current_fields(saved.get("config", {}), saved.get("kind"), config)
         keys = config_differences(old, config)
@@ -619,6 +619,34 @@ def check_claimable(
             "(no config.json); choose another run name."
         )
     return False
+
+
+_KINDS = ("thumbnet", "generalize")
+
+
+def _saved_run(run: Run) -> dict:
+    """The folder's `config.json` as a run wrote it (`{"kind", "config",
+    ...}`); `ConfigError` when it is not one (unreadable, not JSON, another
+    shape): the folder is someone else's, and nothing in it is touched."""
+    from thumbnet_keras.pipeline.config import ConfigError
+
+    try:
+        saved = run.config()
+    except (OSError, ValueError) as err:
+        problem = f"cannot be read as JSON ({err})"
+    else:
+        if (
+            isinstance(saved, dict)
+            and saved.get("kind") in _KINDS
+            and isinstance(saved.get("config"), dict)
+        ):
+            return saved
+        problem = "is not a thumbnet run's (no 'kind' and 'config')"
+    raise ConfigError(
+        f"Run folder {str(run.path)!r} exists and its config.json {problem}, so "
+        "it is not a thumbnet run folder; nothing in it was changed. Choose "
+        "another run name (or --runs-dir)."
+    )
 
 
 def lock_holder(path: str | os.PathLike) -> dict | None:
@@ -665,7 +693,7 @@ def claim(
     check_writable(run.path)
     lock_run(run.path)
     if run.config_json.is_file() and is_unstarted(run.path):
-        saved = run.config()
+        saved = _saved_run(run)
         if (
             saved.get("kind") != kind
             or config_differences(saved.get("config", {}), config)

@@ -1,0 +1,101 @@
+"""Where an export may be written: never over what is not an earlier export.
+
+A trial (2026-11-30) ran `thumbnet export --format saved_model --output .`
+from a project folder: the converter removed every file in it, then failed.
+`--output runs/<run>` deleted the run; `--output runs/<run>/f2` replaced its
+models; an ONNX export onto a folder replaced the folder. Pure path logic:
+one backend runs it."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import pytest
+
+from thumbnet_keras import deploy
+from thumbnet_keras.deploy.convert import check_output
+from thumbnet_keras.pipeline import ConfigError
+from thumbnet_keras.pipeline.preflight import check_export
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="path checks only; they do not depend on the backend",
+)
+
+
+def _tree(root) -> dict:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run folder as `thumbnet export` reads it, and a user's project."""
+    run = tmp_path / "runs" / "r1"
+    (run / "f2").mkdir(parents=True)
+    config = {"kind": "thumbnet", "config": {"factors": [2]}}
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "thumbnet.keras").write_bytes(b"model")
+    (run / "f2" / "thumbnet.keras").write_bytes(b"model f2")
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('mine')\n")
+    (project / "README").write_text("mine\n")
+    return run, project
+
+
+@pytest.mark.parametrize(
+    "fmt, where, message",
+    [
+        ("saved_model", "project", "not a SavedModel"),
+        ("saved_model", "run", "holds the model being converted"),
+        ("saved_model", "run/f2", "not a SavedModel"),
+        ("saved_model", "project/README", "is a file"),
+        ("onnx", "project", "is a folder; a onnx export is one file"),
+        ("litert", "project/src", "is a folder"),
+    ],
+)
+def test_refused_and_nothing_touched(run, fmt, where, message):
+    run_dir, project = run
+    root = run_dir.parent.parent
+    output = {"project": project, "run": run_dir}.get(where.split("/")[0])
+    output = output.joinpath(*where.split("/")[1:])
+    before = _tree(root)
+    with pytest.raises(ValueError, match=message):
+        check_output(str(output), fmt, str(run_dir / "thumbnet.keras"))
+    with pytest.raises(ValueError, match=message):  # before any conversion
+        deploy.export_model(run_dir / "thumbnet.keras", fmt, output)
+    assert _tree(root) == before
+
+
+def test_the_model_itself_is_never_the_output(run):
+    run_dir, _ = run
+    model = run_dir / "thumbnet.keras"
+    with pytest.raises(ValueError, match="is the model being converted"):
+        check_output(str(model), "onnx", str(model))
+
+
+def test_an_earlier_saved_model_may_be_replaced_but_not_one_holding_more(tmp_path):
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"model")
+    earlier = tmp_path / "sm"
+    (earlier / "variables").mkdir(parents=True)
+    (earlier / "saved_model.pb").write_bytes(b"pb")
+    (earlier / "fingerprint.pb").write_bytes(b"fp")
+    check_output(str(earlier), "saved_model", str(model))  # no error
+    check_output(str(tmp_path / "new"), "saved_model", str(model))
+    check_output(str(tmp_path / "old.onnx"), "onnx", str(model))
+    (earlier / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds 'notes.txt'"):
+        check_output(str(earlier), "saved_model", str(model))
+
+
+def test_cli_export_refuses_before_starting(run):
+    run_dir, project = run
+    with pytest.raises(ConfigError, match="--output .*not a SavedModel"):
+        check_export(str(run_dir), None, "saved_model", str(project))
+    with pytest.raises(ConfigError, match="--output .*holds the model"):
+        check_export(str(run_dir), 2, "saved_model", str(run_dir))
