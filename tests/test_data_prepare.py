@@ -491,6 +491,36 @@ def test_parquet_source(tmp_path, layout):
     assert x.shape == (2, 8, 8, 3) and set(y.numpy()) <= {0, 1}
 
 
+def test_a_run_refuses_data_without_a_test_split(tmp_path):
+    """A trial (2026-11-30): a Parquet table whose split column says 'train'
+    on every row prepared without a test split (test_fraction unused), and
+    the teacher stage then failed with three tracebacks. The run's data step
+    now says what is missing and how to fix it."""
+    from thumbnet_keras.pipeline import ConfigError
+    from thumbnet_keras.pipeline.datasets import prepare_dataset
+
+    blobs = [write_good(tmp_path / f"{i}.png", seed=i).read_bytes() for i in range(12)]
+    table = {
+        "image": blobs,
+        "label": [i % 2 for i in range(12)],
+        "split": ["train"] * 12,
+    }
+    pq.write_table(pa.table(table), tmp_path / "t.parquet")
+    manifest = tmp_path / "t.yaml"
+    manifest.write_text(
+        "name: t\ndescription: d\nlicense: l\nclasses: [a, b]\n"
+        "image: {channels: 3}\nsplit: {validation_fraction: 0.2}\n"
+        f"source: {{type: parquet, path: {tmp_path / 't.parquet'}, "
+        "split_column: split}\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"'t' has no test split \(prepared: train 10, validation 2\).*"
+        r"column 'split'.*add rows with split 'test'",
+    ):
+        prepare_dataset(str(manifest), str(tmp_path / "data"))
+
+
 # A table whose columns say something else than the manifest expects: one
 # `DataSourceError` naming the column and what to do, before any image is read
 # (found by a practitioner's trial, 2026-11-29: these gave tracebacks, a

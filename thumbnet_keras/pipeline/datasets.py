@@ -44,6 +44,29 @@ def is_prepared(dataset: str, data_dir: str, limit_per_class: int | None) -> boo
     return True
 
 
+def _no_test_split(manifest, splits: dict) -> str:
+    """Why a run cannot use data prepared without a test split, and the fix."""
+    have = ", ".join(f"{k} {v}" for k, v in splits.items()) or "nothing"
+    source = manifest.source
+    if getattr(source, "split_column", None):
+        why = (
+            f"its source gives every row a split (column "
+            f"{source.split_column!r}) and none says 'test', so none is carved "
+            "from train: add rows with split 'test', or leave the column empty "
+            "(null) on rows the split's test_fraction may draw from"
+        )
+    elif manifest.split.test_fraction == 0:
+        why = "its split.test_fraction is 0: set it above 0 (e.g. 0.2)"
+    else:
+        why = (
+            "its source assigns every image a split and none is test: add a test split"
+        )
+    return (
+        f"Dataset {manifest.name!r} has no test split (prepared: {have}), and a "
+        f"run evaluates every model on one once training ends: {why}."
+    )
+
+
 def prepare_dataset(
     dataset: str, data_dir: str, limit_per_class: int | None = None
 ) -> dict:
@@ -63,6 +86,8 @@ def prepare_dataset(
     prepared = data.prepare(manifest, out, limit_per_class=limit_per_class)
     # A fresh prepare warned of duplicates itself; a reused index says it again.
     report_data_notices(prepared.out_dir, quarantine_only=not prepared.reused)
+    if not prepared.splits.get("test"):
+        raise ConfigError(_no_test_split(manifest, prepared.splits))
     return {
         "dataset": dataset,
         "prepared_dir": prepared.out_dir,
