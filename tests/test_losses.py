@@ -158,6 +158,11 @@ def test_classification_label_smoothing_golden():
     assert _value(L.classification_loss(y, z, 0.2)) == pytest.approx(smooth, rel=1e-6)
     with pytest.raises(ValueError, match="label_smoothing"):
         L.classification_loss(y, z, 1.0)
+    with pytest.raises(ValueError, match="integer class indices"):
+        L.classification_loss(np.array([1.0]), z)
+    with pytest.raises(ValueError, match="One-hot"):
+        L.classification_loss(np.array([[0, 1]]), z)
+    assert _value(L.classification_loss(np.array([[1]]), z)) == pytest.approx(plain)
 
 
 # -- bad input ---------------------------------------------------------------

@@ -308,6 +308,25 @@ def test_bad_stage_weights_temperature_and_missing_labels(rng):
         trainer.fit(x, epochs=1, verbose=0)
 
 
+def test_float_and_one_hot_labels_are_refused_not_truncated(rng):
+    """A trial (2026-11-30): `fit(x, y + 0.5)` trained on the truncated
+    labels without a word; one-hot labels gave a raw framework error."""
+    trainer = _trainer(tiny_teacher(), stage="joint")
+    trainer.compile(optimizer="adam")
+    x, y = _problem(rng, n=8)
+    with pytest.raises(ValueError, match="integer class indices; received float32"):
+        trainer.fit(x, y.astype("float32") + 0.5, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"shape \(.*3\)\. One-hot labels"):
+        trainer.fit(x, np.eye(3, dtype="int32")[y], epochs=1, verbose=0)
+    import tensorflow as tf
+
+    floats = tf.data.Dataset.from_tensor_slices((x, y.astype("float64"))).batch(4)
+    with pytest.raises(ValueError, match="received float64"):  # its element spec
+        trainer.fit(floats, epochs=1, verbose=0)
+    trainer.fit(x, y[:, None], epochs=1, verbose=0)  # (batch, 1) is fine,
+    # and the same trainer still trains after the refusals (nothing traced).
+
+
 def test_whole_trainer_saves_and_loads(tmp_path, rng):
     x, y = _problem(rng, n=16)
     trainer = _trainer(tiny_teacher(), stage="joint", kd_weight=0.5)

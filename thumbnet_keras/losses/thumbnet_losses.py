@@ -35,7 +35,7 @@ the teacher's map is larger than the student's, so FM pools first.
 from __future__ import annotations
 
 import numpy as np
-from keras import ops
+from keras import backend, ops
 
 __all__ = [
     "moment_matching_loss",
@@ -214,6 +214,42 @@ def feature_mapping_loss(f_teacher, f_student, pooling=None):
     return ops.mean(ops.square(pooled - ops.cast(f_student, "float32")))
 
 
+def _check_labels(y_true) -> None:
+    """Class indices only: a float label would be truncated (2.5 -> 2) and a
+    one-hot row read as B*K labels, both silently (a practitioner's trial,
+    2026-11-30). Static dtype and shape, so checked once per trace."""
+    dtype = backend.standardize_dtype(getattr(y_true, "dtype", "int32"))
+    if "float" in dtype:
+        raise ValueError(
+            f"Labels must be integer class indices; received {dtype} labels, which "
+            "would be truncated (2.5 -> 2). Pass them as integers, e.g. "
+            "`y.astype('int32')`, after checking they are whole numbers."
+        )
+    shape = tuple(getattr(y_true, "shape", ()))
+    if len(shape) == 2 and shape[-1] not in (None, 1) or len(shape) > 2:
+        raise ValueError(
+            f"Labels must be class indices of shape (batch,) or (batch, 1); "
+            f"received shape {shape}. One-hot labels? Pass `argmax(y, axis=-1)`."
+        )
+
+
+def check_fit_labels(x, y=None) -> None:
+    """`fit(x, y)`'s labels checked before any step is traced (the check in
+    `classification_loss` would raise mid-trace, and Keras does not recover
+    from that: the next `fit` on the same model fails creating variables).
+    Reads arrays and tensors (`y`) or a `tf.data.Dataset`'s element spec;
+    other inputs (generators, `PyDataset`) are checked when traced."""
+    if y is None:
+        spec = getattr(x, "element_spec", None)
+        if not isinstance(spec, (tuple, list)) or len(spec) < 2:
+            return
+        y = spec[1]
+    if isinstance(y, (list, tuple)):
+        y = np.asarray(y)
+    if hasattr(y, "dtype") and hasattr(y, "shape"):
+        _check_labels(y)
+
+
 def classification_loss(y_true, z_student, label_smoothing=0.0):
     """CL loss: cross-entropy on logits, batch mean.
 
@@ -229,6 +265,7 @@ def classification_loss(y_true, z_student, label_smoothing=0.0):
         raise ValueError(
             f"`label_smoothing` must be in [0, 1), received {label_smoothing!r}."
         )
+    _check_labels(y_true)
     y_true = ops.reshape(ops.cast(y_true, "int32"), (-1,))
     logits = ops.cast(z_student, "float32")
     per_example = ops.sparse_categorical_crossentropy(y_true, logits, from_logits=True)

@@ -136,6 +136,11 @@ class DownscalerPretrainer(keras.Model):
             jit_compile = False
         super().compile(*args, jit_compile=jit_compile, **kwargs)
 
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`, its labels checked first (`check_fit_labels`)."""
+        L.check_fit_labels(x, y)
+        return super().fit(x, y, *args, **kwargs)
+
     @property
     def metrics(self):
         trackers = set(map(id, self._trackers.values()))

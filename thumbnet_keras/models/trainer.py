@@ -439,6 +439,11 @@ class ThumbNetTrainer(keras.Model):
         logits, features = self._student_features(thumbnail, training=training)
         return {"logits": logits, "thumbnail": thumbnail, "features": features}
 
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`, its labels checked first (`check_fit_labels`)."""
+        L.check_fit_labels(x, y)
+        return super().fit(x, y, *args, **kwargs)
+
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
