@@ -143,6 +143,27 @@ def test_out_of_range_fraction_is_rejected(tmp_path):
         data.load_manifest(path)
 
 
+def test_a_key_given_twice_and_a_class_listed_twice_are_refused(tmp_path):
+    """A trial (2026-11-30): `name: my ... name: other` prepared `other`, and
+    `classes: [cat, cat]` failed later with "'cat' (no image) has no usable
+    example" though cat had 12 images."""
+    path = _write(tmp_path, GOOD + "name: other\n")
+    with pytest.raises(
+        data.ManifestError,
+        match=r"line 7, column 1: key 'name' given twice \(first at line 2\)",
+    ):
+        data.load_manifest(path)
+    path = _write(tmp_path, GOOD + "split: {seed: 1, seed: 2}\n")
+    with pytest.raises(data.ManifestError, match="key 'seed' given twice"):
+        data.load_manifest(path)
+    path = _write(tmp_path, GOOD + "classes: [cat, dog, cat]\n")
+    with pytest.raises(data.ManifestError) as err:
+        data.load_manifest(path)
+    assert str(err.value).endswith(
+        "classes: 'cat' listed more than once; each class is named once, in label order"
+    )
+
+
 def test_unknown_name_and_bad_yaml(tmp_path):
     with pytest.raises(data.ManifestError, match="no manifest named 'cifar10'"):
         data.load_manifest("cifar10")

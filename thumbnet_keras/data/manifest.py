@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MANIFEST_DIR_ENV = "THUMBNET_MANIFEST_DIR"
 
@@ -222,6 +229,17 @@ class Manifest(_Strict):
     )
     path: str | None = Field(None, exclude=True, description="Set by load_manifest.")
 
+    @field_validator("classes")
+    @classmethod
+    def _classes_are_unique(cls, classes: list[str] | None) -> list[str] | None:
+        repeated = sorted({c for c in classes or [] if classes.count(c) > 1})
+        if repeated:
+            raise ValueError(
+                f"{', '.join(map(repr, repeated))} listed more than once; each "
+                "class is named once, in label order"
+            )
+        return classes
+
     @model_validator(mode="after")
     def _fractions_are_used(self) -> Manifest:
         """A fraction above 0 that preparation would not use is refused,
@@ -332,6 +350,26 @@ def _resolve(path_or_name: str | os.PathLike) -> Path:
     raise ManifestError(f"no manifest named {text!r} (searched {searched})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (plain
+    YAML keeps the last silently: `name: a` ... `name: b` prepared `b`)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"key {key!r} given twice (first at line "
+                    f"{seen[key].line + 1}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """A YAML error on one line: where, and what (PyYAML's own text spans
     several lines, with the offending line quoted)."""
@@ -367,7 +405,7 @@ def load_manifest(path_or_name: str | os.PathLike | Manifest) -> Manifest:
         return path_or_name
     path = _resolve(path_or_name)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506
     except yaml.YAMLError as err:
         raise ManifestError(f"{path}: not valid YAML: {_yaml_problem(err)}") from err
     if not isinstance(raw, dict):
@@ -379,9 +417,9 @@ def load_manifest(path_or_name: str | os.PathLike | Manifest) -> Manifest:
         for e in err.errors():
             kind = {"extra_forbidden": "unknown field", "missing": "missing field"}.get(
                 e["type"], e["msg"]
-            )
+            ).removeprefix("Value error, ")
             if not e["loc"]:  # A check across fields names them itself.
-                problems.append(kind.removeprefix("Value error, "))
+                problems.append(kind)
                 continue
             problems.append(".".join(str(p) for p in e["loc"]) + f": {kind}")
         raise ManifestError(f"{path}: " + "; ".join(problems)) from err
