@@ -169,6 +169,7 @@ CASES = [
     ("factor-twice", [*TRAIN, "--factor", "2", "--factor", "2"], "--factor given twice"),
     ("teacher-text", [*TRAIN, "--teacher", "{root}/fake.keras"], "is not a Keras archive"),
     ("teacher-missing", [*TRAIN, "--teacher", "{root}/nope.keras"], "file not found"),
+    ("teacher-folder", [*TRAIN, "--teacher", "{root}"], "is a folder; give a .keras file"),
     ("teacher-no-weights", [*TRAIN, "--teacher", "{root}/config_only.keras"],
      "--teacher '{root}/config_only.keras' holds a model's config.json but no weights"),
     ("teacher-shipped", [*TRAIN, "--teacher", "pretrained:cifar"], "'pretrained:elpv'"),

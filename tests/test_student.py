@@ -142,3 +142,8 @@ def test_bad_factor():
         make_student(tiny_teacher((16, 16, 3)), 3)
     with pytest.raises(ValueError, match="factor"):
         make_student(tiny_teacher((16, 16, 3)), 1)
+
+
+def test_a_path_instead_of_a_model_says_load_it():
+    with pytest.raises(TypeError, match=r"received 'teacher.keras'\. Load it first"):
+        make_student("teacher.keras", 2)

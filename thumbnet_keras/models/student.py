@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import keras
 
@@ -31,6 +32,13 @@ PREPROCESS_PREFIX = "preprocess_"
 
 def image_input_shape(model: keras.Model) -> tuple:
     """Returns `(H, W, C)` of a model's single image input (H, W may be None)."""
+    if not isinstance(model, keras.Model):
+        hint = (
+            " Load it first: keras.saving.load_model(path)."
+            if isinstance(model, (str, os.PathLike))
+            else ""
+        )
+        raise TypeError(f"Expected a keras.Model, received {model!r}.{hint}")
     inputs = getattr(model, "inputs", None)
     if not inputs or len(inputs) != 1:
         raise ValueError(

@@ -545,6 +545,11 @@ def _check_teacher(path: str, shape: tuple, manifest) -> None:
         path = resolve_teacher(path)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"--teacher: {err}") from None
+    if os.path.isdir(path):
+        raise ConfigError(
+            f"--teacher {path!r} is a folder; give a .keras file (or "
+            "pretrained:elpv, applications:<Name>, keras_hub:<preset>)."
+        )
     if not os.path.isfile(path):
         raise ConfigError(f"--teacher {path!r}: file not found.")
     teacher_shape, classes = keras_archive_shape(path)
