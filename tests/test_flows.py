@@ -310,6 +310,20 @@ def test_generalize_flow(finished):
     # The tiny set's 40x40 images are no smaller than the 16x16 thumbnail:
     # no note; ELPV is E's own source: none either.
     assert [s["notes"] for s in metrics["summary"]] == [[], []]
+    for summary in metrics["summary"]:  # paired per seed; what it is out of
+        examples = {r["examples"] for r in metrics["results"]
+                    if r["backbone"] == summary["backbone"]}  # fmt: skip
+        assert {summary["test_examples"]} == examples
+        for seed in summary["per_seed"]:
+            assert seed["paired"]["examples"] == summary["test_examples"]
+            assert seed["paired"]["difference"] == pytest.approx(seed["diff"])
+        assert summary["learned_macs"] > summary["bicubic_macs"] > 0
+        assert 0 < summary["test_majority"] <= 100
+    assert all("test_correct" not in r for r in metrics["results"])
+    from thumbnet_keras.pipeline.generalize_report import generalize_summary_text
+
+    text = generalize_summary_text(metrics["summary"])
+    assert "tiny_brightness / tiny_cnn" in text and "elpv / resnet18" in text
     report = Path(out["report_md"]).read_text()
     assert "difference (points)" in report and "| tiny_brightness |" in report
     assert "## Per seed" in report

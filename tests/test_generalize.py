@@ -123,6 +123,57 @@ def test_summary_pairs_arms_per_seed_golden():
     )
 
 
+def _hits(right: int, n: int = 1000, offset: int = 0) -> str:
+    """Per-image hits: images offset .. offset + right - 1 right."""
+    return "".join("1" if offset <= i < offset + right else "0" for i in range(n))
+
+
+def test_the_verdict_reads_each_seeds_paired_interval():
+    """A trial (2026-11-30) read "bicubic better on every seed" for -0.5,
+    -0.1 and -0.6 points on 1,000 test images (-0.1 is one image). Each seed
+    is now compared on the same images, and the verdict says on how many
+    seeds the test set cannot tell the arms apart."""
+    experiments = [{"dataset": "a", "backbone": "tiny_cnn", "notes": []}]
+
+    def pair(seed, learned, bicubic):
+        common = {"examples": 1000, "test_majority": 0.25}
+        return [
+            {**_record(0, seed, "learned", learned.count("1") / 1000, None),
+             "test_correct": learned, "flops": 605_632, **common},
+            {**_record(0, seed, "bicubic", bicubic.count("1") / 1000, None),
+             "test_correct": bicubic, "flops": 553_888, **common},
+        ]  # fmt: skip
+
+    # Learned gets 5, 1 and 6 fewer of 1,000 right: 20 images only bicubic
+    # gets right, 15, 19 and 14 only learned.
+    close = [
+        r
+        for seed, d in enumerate((5, 1, 6))
+        for r in pair(seed, _hits(500 - d, offset=20), _hits(500))
+    ]
+    (row,) = summarize_generalize(experiments, close)
+    assert [s["diff"] for s in row["per_seed"]] == [-0.5, -0.1, -0.6]
+    assert row["sign"] == "bicubic better on every seed, within chance on 3 of 3"
+    p = row["per_seed"][1]["paired"]
+    assert (p["a_only"], p["b_only"], p["examples"]) == (19, 20, 1000)
+    assert p["ci95"][0] < 0 < p["ci95"][1] and p["difference"] == -0.1
+    assert row["test_examples"] == 1000 and row["test_majority"] == 25.0
+    _, table, _ = generalize_markdown("T", "intro", [row])
+    assert table[0]["test images"] == 1000 and table[0]["largest class %"] == "25.00"
+    assert table[0]["MACs learned / bicubic"] == "605.63K / 553.89K"
+    assert table[0]["per seed"].startswith("s0 -0.50 (")
+    # 60 more right on every seed: each interval excludes 0.
+    clear = [r for seed in range(3) for r in pair(seed, _hits(560), _hits(500))]
+    assert (
+        summarize_generalize(experiments, clear)[0]["sign"] == "E better on every seed"
+    )
+    # Signs that differ, each within chance.
+    mixed = pair(0, _hits(501), _hits(500)) + pair(1, _hits(499), _hits(500))
+    assert summarize_generalize(experiments, mixed)[0]["sign"] == (
+        "no clear difference on any seed"
+    )
+
+
 ELPV = {"name": "elpv", "image_shape": [300, 300, 1], "normalization": "unit"}
 
 

@@ -496,8 +496,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         def work() -> int:
             from flows.thumbnet_flows import generalize
+            from thumbnet_keras.pipeline.generalize_report import (
+                generalize_summary_text,
+            )
+            from thumbnet_keras.pipeline.rundir import read_json
 
             result = generalize(params, verbose=_verbose())
+            summary = read_json(result["metrics_json"])["summary"]
+            print(f"\n{generalize_summary_text(summary)}")
             print(f"\nreport: {result['report_html']}")
             return 0
 

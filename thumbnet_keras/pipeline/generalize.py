@@ -343,7 +343,13 @@ def train_generalize_arm(
         config.batch_size,
         config.throughput_batches,
         validation=validation,
+        return_correct=True,
     )
+    from thumbnet_keras.pipeline.report import majority_shares
+
+    # Each test image's top-1 hit, for the report's paired comparison of
+    # the two arms on the same images ("1" right, "0" wrong).
+    correct = "".join("1" if hit else "0" for hit in result.pop("correct"))
     record = {
         "id": sid,
         "experiment": index,
@@ -354,6 +360,8 @@ def train_generalize_arm(
         "factor": config.factor,
         "normalization": data["normalization"],
         **result,
+        "test_majority": majority_shares(data["prepared_dir"]).get("test"),
+        "test_correct": correct,
         **fit,
     }
     write_json(run.stage_record(sid), record)
@@ -406,7 +414,10 @@ def write_generalize_report(run_dir: str) -> dict:
         "source_run": info["source_run"],
         "downscaler": info["downscaler"],
         "summary": summary,
-        "results": records,
+        # Per-image hits stay in the arm records (stages/), not here.
+        "results": [
+            {k: v for k, v in r.items() if k != "test_correct"} for r in records
+        ],
         "config": saved["config"],
         "environment": saved["environment"],
     }

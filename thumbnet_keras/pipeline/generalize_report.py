@@ -13,7 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-__all__ = ["generalize_markdown", "mean_std", "summarize_generalize"]
+__all__ = [
+    "generalize_markdown",
+    "generalize_summary_text",
+    "mean_std",
+    "summarize_generalize",
+]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -28,7 +33,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def _points(value: float | None) -> float | None:
-    return None if value is None else 100.0 * value
+    # Rounded: 100 * (0.6 - 0.5) is 9.999999999999998, not a number to print.
+    return None if value is None else round(100.0 * value, 6)
 
 
 def _stats(rows: Sequence[Mapping], key: str) -> dict | None:
@@ -40,13 +46,53 @@ def _stats(rows: Sequence[Mapping], key: str) -> dict | None:
     return {"mean": mean, "std": std}
 
 
-def _sign(differences: Sequence[float]) -> str:
-    """'E better on every seed', 'bicubic better on every seed' or 'mixed'."""
-    if len(differences) > 1 and all(d > 0 for d in differences):
-        return "E better on every seed"
-    if len(differences) > 1 and all(d < 0 for d in differences):
-        return "bicubic better on every seed"
-    return "mixed" if len(differences) > 1 else "one seed"
+def _sign(differences: Sequence[float], paired: Sequence[Mapping | None] = ()) -> str:
+    """The verdict over seeds: which arm is ahead on every seed, and whether
+    each seed's test set can tell (its paired 95% interval excludes 0).
+
+    "E better on every seed" / "bicubic better on every seed" (each paired
+    interval excluding 0, or no paired data: older records), "... on every
+    seed, within chance on k of n" (some intervals hold 0: one image in a
+    thousand is no evidence), "no clear difference on any seed" (every
+    interval holds 0, signs mixed), "mixed", or "one seed"."""
+    if len(differences) < 2:
+        return "one seed"
+    clear = [p is not None and (p["ci95"][0] > 0 or p["ci95"][1] < 0) for p in paired]
+    known = len(paired) == len(differences) and all(p is not None for p in paired)
+    for side, better in ((1, "E"), (-1, "bicubic")):
+        if all(side * d > 0 for d in differences):
+            unclear = clear.count(False) if known else 0
+            text = f"{better} better on every seed"
+            if unclear:
+                text += f", within chance on {unclear} of {len(differences)}"
+            return text
+    if known and not any(clear):
+        return "no clear difference on any seed"
+    return "mixed"
+
+
+def _paired(learned: Mapping, bicubic: Mapping) -> dict | None:
+    """Learned - bicubic on the same test images (`evaluation.paired`), in
+    points; None when a record has no per-image hits (older runs)."""
+    a, b = learned.get("test_correct"), bicubic.get("test_correct")
+    if not a or not b or len(a) != len(b):
+        return None
+    import numpy as np
+
+    from thumbnet_keras.evaluation.paired import paired_difference
+
+    p = paired_difference(
+        np.frombuffer(a.encode(), np.uint8) == ord("1"),
+        np.frombuffer(b.encode(), np.uint8) == ord("1"),
+    )
+    return {
+        "difference": _points(p["difference"]),
+        "ci95": [_points(v) for v in p["ci95"]],
+        "p_value": p["p_value"],
+        "a_only": p["a_only"],
+        "b_only": p["b_only"],
+        "examples": p["examples"],
+    }
 
 
 def summarize_generalize(
@@ -67,7 +113,15 @@ def summarize_generalize(
         `per_seed` (`[{"seed", "learned_top1", "bicubic_top1", "diff",
         "learned_val_top1", "bicubic_val_top1", "val_diff"}]`, in points),
         `learned` / `bicubic` / `diff` / `val_diff` as `{"mean", "std"}`
-        in points (`val_diff` None without validation), and `sign`.
+        in points (`val_diff` None without validation), `sign` (the verdict,
+        from the per-seed paired intervals: `_sign`), `test_examples`,
+        `test_majority` (the largest class's share of test, in percent: what
+        always answering it scores), `learned_macs` and `bicubic_macs`.
+        Per seed, `paired`: learned - bicubic on the same test images
+        (difference and 95% interval in points, McNemar's p, the images
+        only one arm gets right), None for records without per-image hits.
+        Accuracies and differences here are in percent and points; the
+        records' own `top1` are fractions.
     """
     arms: dict[tuple[int, int], dict[str, Mapping]] = {}
     for record in records:
@@ -75,10 +129,11 @@ def summarize_generalize(
         arms.setdefault(key, {})[record["arm"]] = record
     summary = []
     for index, experiment in enumerate(experiments):
-        per_seed = []
+        per_seed, pairs = [], []
         for (exp, seed), pair in sorted(arms.items()):
             if exp != index or set(pair) != {"learned", "bicubic"}:
                 continue
+            pairs.append(pair)
             learned, bicubic = pair["learned"], pair["bicubic"]
             lv, bv = learned.get("val_top1"), bicubic.get("val_top1")
             per_seed.append(
@@ -90,11 +145,13 @@ def summarize_generalize(
                     "learned_val_top1": _points(lv),
                     "bicubic_val_top1": _points(bv),
                     "val_diff": None if lv is None or bv is None else _points(lv - bv),
+                    "paired": _paired(learned, bicubic),
                 }
             )
         if not per_seed:
             continue
 
+        first = pairs[0]
         summary.append(
             {
                 "dataset": experiment.get("name") or experiment["dataset"],
@@ -106,7 +163,15 @@ def summarize_generalize(
                 "bicubic": _stats(per_seed, "bicubic_top1"),
                 "diff": _stats(per_seed, "diff"),
                 "val_diff": _stats(per_seed, "val_diff"),
-                "sign": _sign([row["diff"] for row in per_seed]),
+                "sign": _sign(
+                    [row["diff"] for row in per_seed],
+                    [row["paired"] for row in per_seed],
+                ),
+                # What the numbers are out of, and what each arm costs.
+                "test_examples": first["learned"].get("examples"),
+                "test_majority": _points(first["learned"].get("test_majority")),
+                "learned_macs": first["learned"].get("flops"),
+                "bicubic_macs": first["bicubic"].get("flops"),
             }
         )
     return summary
@@ -125,6 +190,35 @@ def _num(value: float | None, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def _seed_text(seed: Mapping) -> str:
+    """'s0 +1.20 (-0.40 to +2.80)': a seed's difference and, where known,
+    its paired 95% interval on the same test images."""
+    text = f"s{seed['seed']} {seed['diff']:+.2f}"
+    paired = seed.get("paired")
+    if paired:
+        low, high = paired["ci95"]
+        text += f" ({low:+.2f} to {high:+.2f})"
+    return text
+
+
+def _macs_pair(row: Mapping) -> str:
+    from thumbnet_keras.reports.render import _flops
+
+    learned, bicubic = row.get("learned_macs"), row.get("bicubic_macs")
+    if not learned or not bicubic:
+        return "n/a"
+    return f"{_flops(int(learned))} / {_flops(int(bicubic))}"
+
+
+VERDICT_NOTE = (
+    "Per seed: the difference and its paired 95% interval on the same test "
+    "images; the verdict says which arm is ahead on every seed and on how "
+    "many seeds the test set cannot tell the two apart (the interval holds "
+    "0). Compare top-1 with the largest class's share: a model that always "
+    "answers that class scores it."
+)
+
+
 def generalize_markdown(
     title: str, intro: str, summary: Sequence[Mapping]
 ) -> tuple[str, list[dict], list[dict]]:
@@ -141,14 +235,15 @@ def generalize_markdown(
             "dataset": row["dataset"],
             "backbone": row["backbone"],
             "seeds": len(row["seeds"]),
+            "test images": row.get("test_examples") or "",
+            "largest class %": _num(row.get("test_majority")),
             "learned E top-1 %": _pm(row["learned"]),
             "bicubic top-1 %": _pm(row["bicubic"]),
             "difference (points)": _pm(row["diff"], signed=True),
             "val difference (points)": _pm(row["val_diff"], signed=True),
-            "per seed": ", ".join(
-                f"s{s['seed']} {s['diff']:+.2f}" for s in row["per_seed"]
-            ),
-            "sign": row["sign"],
+            "per seed": ", ".join(_seed_text(s) for s in row["per_seed"]),
+            "verdict": row["sign"],
+            "MACs learned / bicubic": _macs_pair(row),
         }
         for row in summary
     ]
@@ -171,10 +266,40 @@ def generalize_markdown(
         for row in summary
         for note in row["notes"]
     ]
-    parts = [f"# {title}", intro, _md_table(table).rstrip()]
+    parts = [f"# {title}", intro, _md_table(table).rstrip(), VERDICT_NOTE]
     if notes:
         parts.append(
             "## Where the target differs from E's source\n\n" + "\n".join(notes)
         )
     parts.append("## Per seed\n\n" + _md_table(per_seed).rstrip())
     return "\n\n".join(parts) + "\n", table, per_seed
+
+
+def generalize_summary_text(summary: Sequence[Mapping]) -> str:
+    """What `thumbnet generalize` prints at the end: per experiment, both
+    arms' test top-1 (mean ± std over seeds), the difference and the
+    verdict, with what they are out of."""
+    from thumbnet_keras.pipeline.progress import _text_table
+
+    if not summary:
+        return "No experiment finished a seed with both arms."
+    rows = [
+        {
+            "dataset / backbone": f"{row['dataset']} / {row['backbone']}",
+            "seeds": str(len(row["seeds"])),
+            "test images": str(row.get("test_examples") or ""),
+            "largest class": _num(row.get("test_majority")),
+            "learned E": _pm(row["learned"]),
+            "bicubic": _pm(row["bicubic"]),
+            "difference": _pm(row["diff"], signed=True),
+            "verdict": row["sign"],
+        }
+        for row in summary
+    ]
+    return "\n".join(
+        [
+            "Frozen E against bicubic thumbnails: test top-1 %, mean ± std over "
+            "seeds; difference in points (learned - bicubic).",
+            *_text_table(rows),
+        ]
+    )

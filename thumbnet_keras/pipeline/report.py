@@ -46,7 +46,7 @@ def class_shares(prepared_dir: str) -> dict[str, list[int]]:
     return counts
 
 
-def _majority(prepared_dir: str) -> dict[str, float]:
+def majority_shares(prepared_dir: str) -> dict[str, float]:
     """The share of the most frequent class per split (what always answering
     that class scores)."""
     return {
@@ -120,7 +120,7 @@ def collect_metrics(run_dir: str) -> dict:
         k: data.get(k)
         for k in ("name", "license", "num_classes", "class_names", "splits")
     }
-    dataset["majority"] = _majority(data.get("prepared_dir", ""))
+    dataset["majority"] = majority_shares(data.get("prepared_dir", ""))
     metrics = {
         "run_name": run.name,
         "run_dir": str(run.path),
