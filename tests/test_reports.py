@@ -135,6 +135,29 @@ def test_the_equal_cost_arm_says_what_it_costs():
     )
 
 
+def test_a_teacher_its_students_beat_is_called_under_trained():
+    """A trial (2026-11-30): a 3-epoch teacher (57.7% test) was beaten by
+    its students by 11-15 points, "ahead" in the paired table, the run
+    healthy, and nothing said the comparison was hollow."""
+    from thumbnet_keras.pipeline.progress import format_summary
+    from thumbnet_keras.reports.render import caveats
+
+    m = _metrics()
+    m["arms"][1]["paired"] = [
+        {"versus": "teacher", "difference": 0.112, "ci95": [0.08, 0.14],
+         "p_value": 1e-9, "a_only": 200, "b_only": 30, "examples": 1500}
+    ]  # fmt: skip
+    (note,) = caveats(m)
+    assert note.startswith("ThumbNet beats its own teacher (87.6% test top-1) on ")
+    assert "f=2 by +11.2 points (95% CI +8.0 to +14.0)" in note
+    assert f"> Note: {note}" in render_markdown(m)
+    assert f"Note: {note}" in format_summary(m).splitlines()
+    assert "Note:</strong>" in render_html(m)
+    # Within the interval of a teacher that is as good: nothing to say.
+    m["arms"][1]["paired"][0]["ci95"] = [-0.01, 0.03]
+    assert caveats(m) == [] and "Note:" not in render_markdown(m)
+
+
 def test_markdown_has_tables_config_and_environment():
     md = render_markdown(_metrics())
     assert (

@@ -327,10 +327,11 @@ def format_summary(metrics: Mapping) -> str:
     Args:
         metrics: the run's `metrics.json` (see `reports.render`).
     """
-    from thumbnet_keras.reports.render import THROUGHPUT_NOTE, headline
+    from thumbnet_keras.reports.render import THROUGHPUT_NOTE, caveats, headline
 
     lines = _health_lines(metrics)
     lines.append(f"Run {metrics.get('run_name', '')}: {headline(metrics)}")
+    lines += [f"Note: {text}" for text in caveats(metrics)]
     if metrics.get("arms"):
         lines += ["", *_text_table(summary_rows(metrics)), THROUGHPUT_NOTE]
     outputs = metrics.get("outputs", {})

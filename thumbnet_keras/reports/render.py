@@ -38,6 +38,7 @@ from thumbnet_keras.reports.charts import (
 __all__ = [
     "IMAGES",
     "arms_table",
+    "caveats",
     "deployables_table",
     "headline",
     "health_warnings",
@@ -156,6 +157,41 @@ def headline(metrics: Mapping) -> str:
             text + ("; " + ", ".join(extra) if extra else "") + paired + "."
         )
     return " ".join(sentences)
+
+
+def caveats(metrics: Mapping) -> list[str]:
+    """What the reader must know before trusting the comparison, as
+    sentences; [] when nothing. Today: a teacher its own students beat on
+    the same test images (paired interval above 0). Students start from the
+    teacher's weights and train further, so that teacher is under-trained,
+    and ThumbNet's gain over it says nothing about the method."""
+    arms = metrics.get("arms", [])
+    teacher = next((a for a in arms if a["name"] == "teacher"), None)
+    if teacher is None:
+        return []
+    ahead = []
+    for arm in arms:
+        for p in arm.get("paired") or []:
+            if (
+                arm["name"] == "thumbnet"
+                and p.get("versus") == "teacher"
+                and p["ci95"][0] > 0
+            ):
+                ahead.append((arm["factor"], p))
+    if not ahead:
+        return []
+    which = "; ".join(
+        f"f={f} by {_points(p['difference'])} points (95% CI "
+        f"{_points(p['ci95'][0])} to {_points(p['ci95'][1])})"
+        for f, p in ahead
+    )
+    return [
+        f"ThumbNet beats its own teacher ({_pct1(teacher['top1'])} test top-1) "
+        f"on the same test images: {which}. Students start from the teacher's "
+        "weights and train further, so this teacher is under-trained: train it "
+        "longer (--teacher-epochs) or bring a stronger one before reading the "
+        "comparison; distilling a weak teacher caps what ThumbNet learns."
+    ]
 
 
 def _points(value: float) -> str:
@@ -528,6 +564,7 @@ def render_markdown(metrics: Mapping, images: Mapping[str, str] | None = None) -
         f"# ThumbNet report: {metrics.get('run_name', '')}\n",
         *_health_md(metrics),
         f"**{headline(metrics)}**\n",
+        *(f"> Note: {text}\n" for text in caveats(metrics)),
         _summary(metrics) + " " + _full_size_note(metrics) + "\n",
         "## Results\n",
         _results_note(metrics) + "\n",
@@ -668,6 +705,10 @@ def render_html(
         )
     sections += [
         f'<p class="headline">{html.escape(headline(metrics))}</p>',
+        *(
+            f'<p class="caveat"><strong>Note:</strong> {html.escape(t)}</p>'
+            for t in caveats(metrics)
+        ),
         f"<p>{summary}</p>",
         "<h2>Results</h2>",
         f"<p>{html.escape(_results_note(metrics))}</p>",
