@@ -491,6 +491,21 @@ def test_parquet_source(tmp_path, layout):
     assert x.shape == (2, 8, 8, 3) and set(y.numpy()) <= {0, 1}
 
 
+def test_labels_outside_the_declared_classes_are_named(tmp_path):
+    """A trial (2026-11-30): integer labels 7 and -1 beside classes
+    [even, odd] failed as "'odd' (no image)", never naming the labels."""
+    blobs = [write_good(tmp_path / f"{i}.png", seed=i).read_bytes() for i in range(8)]
+    labels = [0, 0, 0, 0, 0, 7, 7, -1]
+    pq.write_table(pa.table({"image": blobs, "label": labels}), tmp_path / "t.parquet")
+    with pytest.raises(data.PrepareError) as err:
+        data.prepare(_parquet_manifest(tmp_path / "t.parquet"), tmp_path / "out")
+    assert "'odd' (no image) have no usable example" in str(err.value)
+    assert str(err.value).endswith(
+        "3 example(s) carry a label that is not in `classes`: '7' (2), '-1' (1); "
+        "a label is one of the names or its index 0..1"
+    )
+
+
 def test_a_run_refuses_data_without_a_test_split(tmp_path):
     """A trial (2026-11-30): a Parquet table whose split column says 'train'
     on every row prepared without a test split (test_fraction unused), and

@@ -585,9 +585,22 @@ def prepare(
             if manifest.classes
             else "add images of them"
         )
+        undeclared = Counter(
+            r["label_name"] for r in quarantined if r["reason"] == "undeclared_class"
+        )
+        stray = ""
+        if undeclared and manifest.classes:
+            names = ", ".join(
+                f"{name!r} ({n})" for name, n in undeclared.most_common(5)
+            )
+            stray = (
+                f". {sum(undeclared.values())} example(s) carry a label that is not "
+                f"in `classes`: {names}{' ...' if len(undeclared) > 5 else ''}; a "
+                f"label is one of the names or its index 0..{len(class_names) - 1}"
+            )
         raise PrepareError(
             f"{manifest.name}: {kind} {', '.join(shown)} have no usable example; "
-            f"{fix} (see {failed_report})"
+            f"{fix} (see {failed_report}){stray}"
         )
 
     no_images = (
