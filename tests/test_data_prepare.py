@@ -816,3 +816,56 @@ def test_tfds_rows_keep_the_stored_orientation(tmp_path):
     assert (row["orientation"], row["width"], row["height"]) == (1, 20, 12)
     row, _ = _process(cand, (b"x", "ab" * 32, tagged, True), {}, tmp_path, False)
     assert (row["orientation"], row["width"], row["height"]) == (6, 12, 20)
+
+
+_ORPHAN_PARENT = """
+import multiprocessing, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from thumbnet_keras.data.prepare import exit_with_parent
+
+def pid():
+    import os
+    return os.getpid()
+
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(__import__("os").getpid(), 0.1))
+    print(*sorted({pool.submit(pid).result() for _ in range(8)} | set(pool._processes)), flush=True)
+    time.sleep(120)
+"""
+
+
+def test_prepare_workers_exit_when_the_parent_is_killed(tmp_path):
+    """A trial (2026-11-30): `kill -9` of a preparing process left its
+    worker processes running, idle. Workers now watch their parent (the
+    pool `_in_processes` builds, with the same initializer)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(_ORPHAN_PARENT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True
+    )
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers and proc.pid not in workers
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    assert all(alive(p) for p in workers)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(alive(p) for p in workers):
+        time.sleep(0.1)
+    left = [p for p in workers if alive(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "prepare's workers outlived their parent"

@@ -129,6 +129,21 @@ def _in_threads(
             yield done, future.result()
 
 
+def exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """A worker's initializer: the worker exits once `parent` is gone. A
+    parent killed with SIGKILL cannot shut its pool down, and its idle
+    workers (and the resource tracker they hold open) used to stay."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="thumbnet-parent-watch", daemon=True).start()
+
+
 def _in_processes(
     candidates: Iterator[Candidate], prev_sha: dict, workers: int
 ) -> Iterator[tuple[Candidate, tuple]]:
@@ -136,7 +151,12 @@ def _in_processes(
     # multiprocessing does, the caller's __main__), never a fork of a process
     # that may have imported TensorFlow, JAX or torch.
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context)
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=exit_with_parent,
+        initargs=(os.getpid(),),
+    )
     window: deque = deque()
 
     def results(chunk, future):
