@@ -422,6 +422,18 @@ def test_accuracy_plot_labels_every_point_and_joins_factors():
             assert not a.overlaps(b), (a, b)
 
 
+def test_accuracy_plot_keeps_spread_labels_inside_the_axes():
+    """A trial (2026-11-30): with the top arms of one cost close together,
+    their spread labels rose above the axes into the title."""
+    m = _two_factors()
+    for arm in m["arms"]:
+        arm["top1"] = 0.70  # every label of a cost group spread around 70%
+    fig = accuracy_vs_flops_figure(m["arms"])
+    (ax,) = fig.axes
+    low, high = ax.get_ylim()
+    assert all(low < t.get_position()[1] < high for t in ax.texts)
+
+
 def test_gallery_lists_true_and_predicted_labels():
     rows = {
         "original": [np.full((8, 8, 1), 0.5, np.float32)] * 2,

@@ -167,9 +167,11 @@ def accuracy_vs_flops_figure(arms: Sequence[Mapping], majority: float | None = N
     tops = [100 * a["top1"] for a in arms] + ([100 * majority] if majority else [])
     low, high = (min(tops), max(tops)) if tops else (0.0, 100.0)
     gap = max(high - low, 2.0) * 0.07
+    placed = []  # every label's height: the axes must hold them all
     for group in _clusters(arms, ratio=2.0):
         group = sorted(group, key=lambda a: a["top1"])
         ys = _spread([100 * a["top1"] for a in group], gap)
+        placed += list(ys)
         column = max(max(a["flops"], 1) for a in group) * 1.25
         for arm, y in zip(group, ys):
             x, top = max(arm["flops"], 1), 100 * arm["top1"]
@@ -199,7 +201,9 @@ def accuracy_vs_flops_figure(arms: Sequence[Mapping], majority: float | None = N
     ax.xaxis.set_minor_locator(NullLocator())
     if costs:  # Room on the right for the labels, on the left for the point.
         ax.set_xlim(costs[0] / 1.6, costs[-1] * 5.0)
-    ax.set_ylim(low - 2 * gap, high + 2 * gap)
+    # Labels spread apart can sit above the highest point or below the
+    # lowest; inside the axes they cannot run into the title.
+    ax.set_ylim(min([low, *placed]) - 2 * gap, max([high, *placed]) + 2 * gap)
     ax.set_xlabel("multiply-adds per image, whole inference model (log scale)")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title("Accuracy vs. cost (test split)")
