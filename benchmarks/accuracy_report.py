@@ -45,7 +45,7 @@ ARM_LABELS = {
     "teacher_bicubic_bn": "Teacher on bicubic, BN re-estimated",
     "bicubic_cl": "Bicubic + S fine-tuned (CL)",
     "bicubic_kd": "Bicubic + S (CL + KD)",
-    "bicubic_kd_equal": "Bicubic + S (CL + KD), equal MACs",
+    "bicubic_kd_equal": "Bicubic + S (CL + KD), at least E + S's MACs",
     "es_kd": "E + S, CL + KD",
     "es_kd_mm": "E + S, CL + KD + MM",
     "es_kd_fm": "E + S, CL + KD + FM",

@@ -311,8 +311,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _small(record: dict) -> dict:
-    """A stage record without its per-epoch history (kept in the run folder)."""
-    return {k: v for k, v in record.items() if k != "history"}
+    """A stage record without its per-epoch history and per-image hits (kept
+    in the run folder)."""
+    return {k: v for k, v in record.items() if k not in ("history", "test_correct")}
 
 
 @flow(name="thumbnet", log_prints=True)
@@ -340,7 +341,7 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
     try:
         prepared = _prepare(config["dataset"], data_dir, config["limit_per_class"])
-    except _data_errors() as err:
+    except (*_data_errors(), *_user_errors()) as err:  # e.g. no test split
         if not run["resumed"]:  # A folder saying only that it was tried: gone.
             discard_unstarted(run_dir)
         return _refused(err)
@@ -440,7 +441,7 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
             prepared = _prepare(
                 experiment["dataset"], data_dir, config["limit_per_class"]
             )
-        except _data_errors() as err:
+        except (*_data_errors(), *_user_errors()) as err:
             return _refused(err)
         for seed in config["seeds"]:
             for arm in GENERALIZE_ARMS:

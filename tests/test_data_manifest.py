@@ -156,6 +156,18 @@ def test_a_key_given_twice_and_a_class_listed_twice_are_refused(tmp_path):
     path = _write(tmp_path, GOOD + "split: {seed: 1, seed: 2}\n")
     with pytest.raises(data.ManifestError, match="key 'seed' given twice"):
         data.load_manifest(path)
+    # YAML merge keys still merge, and a merged key may be overridden.
+    merged = GOOD.replace(
+        "source: {type: image_folder, root: /nowhere}",
+        "source: {type: image_folder, <<: {root: /x, extensions: [.png]}, root: /nowhere}",
+    )
+    m = data.load_manifest(_write(tmp_path, merged))
+    assert m.source.root == "/nowhere" and m.source.extensions == [".png"]
+    path = _write(tmp_path, GOOD + "? [a, b]\n: 1\n")
+    with pytest.raises(
+        data.ManifestError, match="a key must be a plain value, not a list"
+    ):
+        data.load_manifest(path)
     path = _write(tmp_path, GOOD + "classes: [cat, dog, cat]\n")
     with pytest.raises(data.ManifestError) as err:
         data.load_manifest(path)

@@ -819,26 +819,25 @@ def test_tfds_rows_keep_the_stored_orientation(tmp_path):
 
 
 _ORPHAN_PARENT = """
-import multiprocessing, sys, time
-from concurrent.futures import ProcessPoolExecutor
-from thumbnet_keras.data.prepare import exit_with_parent
-
-def pid():
-    import os
-    return os.getpid()
+import itertools, multiprocessing, sys, time
+from thumbnet_keras.data.prepare import _examined
+from thumbnet_keras.data.sources import Candidate
 
 if __name__ == "__main__":
-    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=exit_with_parent, initargs=(__import__("os").getpid(), 0.1))
-    print(*sorted({pool.submit(pid).result() for _ in range(8)} | set(pool._processes)), flush=True)
+    png = open(sys.argv[1], "rb").read()
+    endless = (Candidate(key=str(i), label_name="a", source_split=None, data=png)
+               for i in itertools.count())
+    examined = _examined(endless, [], workers=2, executor="processes")
+    next(examined)  # the pool is up and working
+    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
     time.sleep(120)
 """
 
 
 def test_prepare_workers_exit_when_the_parent_is_killed(tmp_path):
     """A trial (2026-11-30): `kill -9` of a preparing process left its
-    worker processes running, idle. Workers now watch their parent (the
-    pool `_in_processes` builds, with the same initializer)."""
+    worker processes running, idle. Workers of prepare's own process pool
+    now watch their parent."""
     import signal
     import subprocess
     import sys
@@ -846,8 +845,9 @@ def test_prepare_workers_exit_when_the_parent_is_killed(tmp_path):
 
     script = tmp_path / "parent.py"
     script.write_text(_ORPHAN_PARENT)
+    png = write_good(tmp_path / "a.png", seed=0)
     proc = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(script), str(png)], stdout=subprocess.PIPE, text=True
     )
     workers = [int(p) for p in proc.stdout.readline().split()]
     assert workers and proc.pid not in workers

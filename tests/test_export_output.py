@@ -88,13 +88,28 @@ def test_an_earlier_saved_model_may_be_replaced_but_not_one_holding_more(tmp_pat
     check_output(str(earlier), "saved_model", str(model))  # no error
     check_output(str(tmp_path / "new"), "saved_model", str(model))
     check_output(str(tmp_path / "old.onnx"), "onnx", str(model))
+    # What Finder or a user copying the sidecar leaves there is replaceable.
+    (earlier / ".DS_Store").write_bytes(b"Bud1")
+    (earlier / "thumbnet_model.json").write_text("{}")
+    check_output(str(earlier), "saved_model", str(model))
+    check_output(str(earlier) + "/", "saved_model", str(model))  # tab completion
+    (tmp_path / "empty").mkdir()
+    check_output(str(tmp_path / "empty"), "saved_model", str(model))
     (earlier / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="holds 'notes.txt'"):
+    with pytest.raises(ValueError, match="holds 'notes.txt' besides a SavedModel"):
         check_output(str(earlier), "saved_model", str(model))
+    (tmp_path / "link").symlink_to(earlier)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        check_output(str(tmp_path / "link"), "saved_model", str(model))
 
 
 def test_cli_export_refuses_before_starting(run):
     run_dir, project = run
+    # No --output: beside the model, where a folder of the user's took the name.
+    (run_dir / "thumbnet_saved_model").mkdir()
+    (run_dir / "thumbnet_saved_model" / "mine.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="thumbnet_saved_model' is a folder that"):
+        check_export(str(run_dir), None, "saved_model")
     with pytest.raises(ConfigError, match="--output .*not a SavedModel"):
         check_export(str(run_dir), None, "saved_model", str(project))
     with pytest.raises(ConfigError, match="--output .*holds the model"):

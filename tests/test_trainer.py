@@ -323,6 +323,14 @@ def test_float_and_one_hot_labels_are_refused_not_truncated(rng):
     floats = tf.data.Dataset.from_tensor_slices((x, y.astype("float64"))).batch(4)
     with pytest.raises(ValueError, match="received float64"):  # its element spec
         trainer.fit(floats, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="received float32"):  # before epoch 1
+        trainer.fit(x, y, validation_data=(x, y.astype("float32")), verbose=0)
+    unknown = tf.data.Dataset.from_tensor_slices((x, y)).map(
+        lambda a, b: (a, tf.py_function(lambda v: v, [b], tf.int32))
+    )  # labels of unknown rank: not refused before tracing
+    from thumbnet_keras.losses.thumbnet_losses import check_fit_labels
+
+    check_fit_labels(unknown.batch(4))
     trainer.fit(x, y[:, None], epochs=1, verbose=0)  # (batch, 1) is fine,
     # and the same trainer still trains after the refusals (nothing traced).
 

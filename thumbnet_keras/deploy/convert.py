@@ -45,15 +45,23 @@ FORMATS = ("saved_model", "onnx", "litert", "litert_int8")
 # What `Model.export(format="tf_saved_model")` writes: an earlier export
 # holding only these may be replaced.
 _SAVED_MODEL_ENTRIES = {"saved_model.pb", "variables", "assets", "fingerprint.pb"}
+SIDECAR = "thumbnet_model.json"  # `deploy.metadata.SIDECAR`; may sit inside
 
 
 def check_output(output: str, fmt: str, keras_path: str | None = None) -> None:
     """Raises `ValueError` where writing `fmt` to `output` would destroy
     something that is not an earlier export: an ONNX or LiteRT file over a
-    folder; a SavedModel over a file, or over a folder that is not a
-    SavedModel (no `saved_model.pb`: the current folder, a run folder, a
-    user's project); or over the model being converted. An earlier export
-    of the same kind is replaced, atomically."""
+    folder; a SavedModel over a file, or over a folder holding anything but
+    what a SavedModel export writes (the current folder, a run folder, a
+    user's project); anything over the model being converted or its
+    folder; or a symbolic link. An earlier export of the same kind (a
+    SavedModel folder may also hold hidden files such as .DS_Store and a
+    copied `thumbnet_model.json`), or an empty folder, is replaced."""
+    output = os.path.normpath(output)  # "sm/" and "sm" are one folder
+    if os.path.islink(output):
+        raise ValueError(
+            f"{output!r} is a symbolic link; give the path it points to, or a new one."
+        )
     path = os.path.realpath(output)
     if keras_path is not None and os.path.exists(path):
         model = os.path.realpath(keras_path)
@@ -66,29 +74,33 @@ def check_output(output: str, fmt: str, keras_path: str | None = None) -> None:
                 f"{output!r} holds the model being converted ({keras_path}); "
                 "choose a new path for the export."
             )
-    if fmt == "saved_model":
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(
-                f"{output!r} is a file; a SavedModel is a folder: choose a new path."
-            )
+    if fmt != "saved_model":
         if os.path.isdir(path):
-            entries = set(os.listdir(path))
-            other = sorted(entries - _SAVED_MODEL_ENTRIES)
-            if "saved_model.pb" not in entries or other:
-                what = (
-                    f"holds {', '.join(map(repr, other[:3]))}"
-                    f"{' ...' if len(other) > 3 else ''}, which"
-                    if "saved_model.pb" in entries
-                    else "is not a SavedModel (no saved_model.pb), and"
-                )
-                raise ValueError(
-                    f"{output!r} is a folder that {what} exporting would replace "
-                    "with everything in it: choose a new path, or remove the "
-                    "folder yourself."
-                )
-    elif os.path.isdir(path):
+            raise ValueError(
+                f"{output!r} is a folder; a {fmt} export is one file: choose a "
+                "file name."
+            )
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(
-            f"{output!r} is a folder; a {fmt} export is one file: choose a file name."
+            f"{output!r} is a file; a SavedModel is a folder: choose a new path."
+        )
+    if not os.path.isdir(path):
+        return
+    entries = set(os.listdir(path))
+    other = sorted(
+        e for e in entries - _SAVED_MODEL_ENTRIES - {SIDECAR} if not e.startswith(".")
+    )
+    if entries and ("saved_model.pb" not in entries or other):
+        what = (
+            f"holds {', '.join(map(repr, other[:3]))}"
+            f"{' ...' if len(other) > 3 else ''} besides a SavedModel, which"
+            if "saved_model.pb" in entries
+            else "is not a SavedModel (no saved_model.pb), and"
+        )
+        raise ValueError(
+            f"{output!r} is a folder that {what} exporting would replace with "
+            "everything in it: choose a new path, or remove the folder yourself."
         )
 
 
@@ -260,6 +272,7 @@ def convert(keras_path: str, fmt: str, output: str, representative=None) -> str:
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, received {fmt!r}")
+    output = os.path.normpath(output)  # the temporary path is its sibling
     check_output(output, fmt, keras_path)
     model = _load(keras_path)
     if fmt != "saved_model":  # TensorFlow runs SavedModel: keep the saved form.

@@ -77,6 +77,8 @@ def export_model(
         raise ValueError(f"Unknown format {fmt!r}; choose from {', '.join(FORMATS)}.")
     if not os.path.isfile(keras_path):
         raise ValueError(f"{keras_path} is not a file.")
+    output = os.path.normpath(str(output or default_output(keras_path, fmt)))
+    check_output(output, fmt, str(keras_path))  # before the slow conversion
     missing = [m for m in _NEEDS.get(fmt, ()) if importlib.util.find_spec(m) is None]
     if missing:
         raise RuntimeError(
@@ -85,8 +87,6 @@ def export_model(
         )
     if fmt == "litert_int8" and (representative is None or len(representative) == 0):
         raise ValueError("litert_int8 needs representative model inputs.")
-    output = str(output or default_output(keras_path, fmt))
-    check_output(output, fmt, str(keras_path))  # before the slow conversion
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, CONVERT_SCRIPT, str(keras_path)]
     command += ["--format", fmt, "--output", output]

@@ -77,7 +77,8 @@ def measure_throughput(
 ) -> dict:
     """`measure_throughputs` of one model: `{"images_per_second",
     "ms_per_batch" (the median call), "batch_size", "batches"}`."""
+    name = getattr(model, "name", "model")  # named in a shape error
     return measure_throughputs(
-        {"model": model}, batch_size=batch_size, batches=batches, warmup=warmup,
+        {name: model}, batch_size=batch_size, batches=batches, warmup=warmup,
         seed=seed,
-    )["model"]  # fmt: skip
+    )[name]  # fmt: skip

@@ -225,7 +225,10 @@ def _check_labels(y_true) -> None:
             "would be truncated (2.5 -> 2). Pass them as integers, e.g. "
             "`y.astype('int32')`, after checking they are whole numbers."
         )
-    shape = tuple(getattr(y_true, "shape", ()))
+    try:
+        shape = tuple(getattr(y_true, "shape", ()))
+    except (TypeError, ValueError):  # unknown rank (tf.py_function labels)
+        return
     if len(shape) == 2 and shape[-1] not in (None, 1) or len(shape) > 2:
         raise ValueError(
             f"Labels must be class indices of shape (batch,) or (batch, 1); "
@@ -248,6 +251,16 @@ def check_fit_labels(x, y=None) -> None:
         y = np.asarray(y)
     if hasattr(y, "dtype") and hasattr(y, "shape"):
         _check_labels(y)
+
+
+def check_validation_labels(validation_data) -> None:
+    """`check_fit_labels` of `fit(validation_data=...)`: a dataset, or a
+    tuple `(x, y[, sample_weight])`."""
+    if isinstance(validation_data, (tuple, list)):
+        if len(validation_data) >= 2:
+            check_fit_labels(validation_data[0], validation_data[1])
+    elif validation_data is not None:
+        check_fit_labels(validation_data)
 
 
 def classification_loss(y_true, z_student, label_smoothing=0.0):

@@ -442,6 +442,7 @@ class ThumbNetTrainer(keras.Model):
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit`, its labels checked first (`check_fit_labels`)."""
         L.check_fit_labels(x, y)
+        L.check_validation_labels(kwargs.get("validation_data"))
         return super().fit(x, y, *args, **kwargs)
 
     def compute_loss(

@@ -48,19 +48,24 @@ def _no_test_split(manifest, splits: dict) -> str:
     """Why a run cannot use data prepared without a test split, and the fix."""
     have = ", ".join(f"{k} {v}" for k, v in splits.items()) or "nothing"
     source = manifest.source
-    if getattr(source, "split_column", None):
+    fraction = manifest.split.test_fraction
+    if manifest.source_splits() is not None:  # split folders, TFDS splits
+        why = (
+            "its source assigns every image a split and none is test, so none "
+            "is carved from train: give the source a test split (e.g. a test "
+            "folder in split_dirs)"
+        )
+    elif getattr(source, "split_column", None):
         why = (
             f"its source gives every row a split (column "
             f"{source.split_column!r}) and none says 'test', so none is carved "
             "from train: add rows with split 'test', or leave the column empty "
-            "(null) on rows the split's test_fraction may draw from"
+            "(null) on the rows split.test_fraction may draw from"
         )
-    elif manifest.split.test_fraction == 0:
-        why = "its split.test_fraction is 0: set it above 0 (e.g. 0.2)"
+        if not fraction:
+            why += f" (and set split.test_fraction above 0; it is {fraction:g})"
     else:
-        why = (
-            "its source assigns every image a split and none is test: add a test split"
-        )
+        why = f"its split.test_fraction is {fraction:g}: set it above 0 (e.g. 0.2)"
     return (
         f"Dataset {manifest.name!r} has no test split (prepared: {have}), and a "
         f"run evaluates every model on one once training ends: {why}."

@@ -19,6 +19,8 @@ import keras
 import numpy as np
 
 from thumbnet_keras import deploy
+from thumbnet_keras.deploy.convert import check_output
+from thumbnet_keras.pipeline.config import ConfigError
 from thumbnet_keras.pipeline.rundir import Run, atomic_write, save_keras, write_json
 from thumbnet_keras.pipeline.stages import load_run, stage_id
 
@@ -177,8 +179,12 @@ def export_model(
             f"Unknown format {fmt!r}; choose from {', '.join(FORMAT_SUFFIX)}."
         )
     run_dir = run_dir or find_run_dir(keras_path)
+    target = Path(out_path or deploy.default_output(keras_path, fmt))
+    try:  # a user's choice to fix, not a failure to retry
+        check_output(str(target), fmt, str(keras_path))
+    except ValueError as err:
+        raise ConfigError(f"Cannot export {fmt}: {err}") from None
     if run_dir is not None:
-        target = Path(out_path or deploy.default_output(keras_path, fmt))
         check_sidecar_folder(run_dir, target.parent, {target.name})
     representative = None
     if fmt == "litert_int8":

@@ -380,6 +380,7 @@ def write_generalize_report(run_dir: str) -> dict:
     from pathlib import Path
 
     from thumbnet_keras.pipeline.generalize_report import (
+        VERDICT_NOTE,
         generalize_markdown,
         summarize_generalize,
     )
@@ -433,7 +434,8 @@ def write_generalize_report(run_dir: str) -> dict:
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
         f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>{html.escape(intro)}</p>{_html_table(table)}{notes}"
+        f"<p>{html.escape(intro)}</p>{_html_table(table)}"
+        f"<p>{html.escape(VERDICT_NOTE)}</p>{notes}"
         f"<h2>Per seed</h2>{_html_table(per_seed)}</body></html>\n"
     )
     for name, text in (("report.md", markdown), ("report.html", page)):

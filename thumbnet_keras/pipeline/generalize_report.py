@@ -59,12 +59,15 @@ def _sign(differences: Sequence[float], paired: Sequence[Mapping | None] = ()) -
         return "one seed"
     clear = [p is not None and (p["ci95"][0] > 0 or p["ci95"][1] < 0) for p in paired]
     known = len(paired) == len(differences) and all(p is not None for p in paired)
+    missing = sum(p is None for p in paired) if paired else 0
     for side, better in ((1, "E"), (-1, "bicubic")):
         if all(side * d > 0 for d in differences):
-            unclear = clear.count(False) if known else 0
+            unclear = sum(1 for p, c in zip(paired, clear) if p is not None and not c)
             text = f"{better} better on every seed"
             if unclear:
                 text += f", within chance on {unclear} of {len(differences)}"
+            if missing:  # records written before per-image hits were kept
+                text += f" (no paired interval on {missing} of {len(differences)})"
             return text
     if known and not any(clear):
         return "no clear difference on any seed"

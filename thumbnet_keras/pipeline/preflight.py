@@ -819,6 +819,10 @@ def check_export(
     check_export_packages(fmt)
     if output is not None:
         _check_export_output(output, fmt, str(source))
+    else:  # beside the model: an earlier export there is replaced
+        from thumbnet_keras.deploy import default_output
+
+        _check_replaceable(default_output(str(source), fmt), fmt, str(source))
     return str(source)
 
 
@@ -850,12 +854,19 @@ def _check_export_output(output: str, fmt: str, keras_path: str) -> None:
             f"name without the {suffix} suffix, or leave --output out."
         )
     _check_writable(str(Path(output).parent), "--output's folder")
+    _check_replaceable(output, fmt, keras_path, option="--output ")
+
+
+def _check_replaceable(
+    output: str, fmt: str, keras_path: str, option: str = ""
+) -> None:
+    """`deploy.convert.check_output` as a `ConfigError`."""
     from thumbnet_keras.deploy.convert import check_output
 
     try:
         check_output(output, fmt, keras_path)
     except ValueError as err:
-        raise ConfigError(f"--output {err}") from None
+        raise ConfigError(f"{option}{err}") from None
 
 
 def check_generalize(values: dict) -> GeneralizeParams:
