@@ -20,12 +20,6 @@ from thumbnet_keras.pipeline.compute import (
 from thumbnet_keras.pipeline.recipe import SparseCrossentropy
 
 
-def _tf_gpu():
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def _data(n=8):
     rng = np.random.default_rng(0)
     x = rng.random((n, 16, 16, 3), dtype="float32")
@@ -34,11 +28,6 @@ def _data(n=8):
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
 def test_trainer_steps_under_mixed_precision(precision):
-    if precision == "mixed_float16" and BACKEND == "tensorflow" and not _tf_gpu():
-        # A GPU policy there: TensorFlow's CPU float16 depthwise conv refuses
-        # unequal strides (E's separable bicubic). torch (2.13) and JAX have
-        # float16 CPU convolutions.
-        pytest.skip("tensorflow has no float16 CPU kernel for E's convolutions")
     compute = precision.removeprefix("mixed_")
     keras.utils.set_random_seed(0)
     saved = tiny_teacher()  # float32, as a loaded .keras teacher would be
