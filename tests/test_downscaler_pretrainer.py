@@ -134,6 +134,17 @@ def test_cl_without_labels_says_so():
     x, _ = _data(4)
     with pytest.raises(ValueError, match="CL needs labels"):
         pre.compute_loss(x, None, pre(x))
+    # Through fit with a metric compiled (a trial: an AttributeError), and
+    # KD alone, which needs no labels, trains with them.
+    pre.compile(optimizer="adam", metrics=["accuracy"])
+    with pytest.raises(ValueError, match="CL needs labels"):
+        pre.fit(x, epochs=1, verbose=0)
+    kd_only = DownscalerPretrainer(
+        _teacher(), build_downscaler(SHAPE, 2, width=4), cl_weight=0.0
+    )
+    kd_only.compile(optimizer="adam", metrics=["accuracy"])
+    logs = kd_only.fit(x, epochs=1, verbose=0).history
+    assert "kd_loss" in logs and "accuracy" not in logs
 
 
 @pytest.mark.skipif(

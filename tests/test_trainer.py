@@ -364,3 +364,32 @@ def test_export_to_onnx_runs_in_onnx_runtime(tmp_path, rng):
     (got,) = session.run(None, {"image": x})
     expected = to_numpy(model(x, training=False))
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_images_only_stage_change_channels_first_and_uint8(rng):
+    """A PyTorch user's trial (2026-11-30): with `metrics=["accuracy"]`
+    compiled, images-only batches failed with `'NoneType' object has no
+    attribute 'shape'` (in fm_pretrain, and in joint instead of "needs
+    labels"); a stage changed without compile() gave Keras' generic
+    message; channels-first images and uint8 pixels got no word."""
+    teacher = tiny_teacher()
+    x, y = _problem(rng, n=8)
+    trainer = _trainer(teacher, stage="fm_pretrain")
+    trainer.compile(optimizer="adam", metrics=["accuracy"])
+    logs = trainer.fit(x, epochs=1, verbose=0).history
+    assert "fm_loss" in logs and "accuracy" not in logs
+    trainer.stage = "joint"
+    with pytest.raises(ValueError, match="stage changed to .joint. since compile"):
+        trainer.fit(x, y, epochs=1, verbose=0)
+    trainer.compile(optimizer="adam", metrics=["accuracy"])
+    with pytest.raises(ValueError, match="'joint' stage needs labels"):
+        trainer.fit(x, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"channels-first .*x.permute\(0, 2, 3, 1\)"):
+        trainer.fit(np.transpose(x, (0, 3, 1, 2)), y, epochs=1, verbose=0)
+    with pytest.warns(UserWarning, match="Images are uint8"):
+        trainer.fit((255 * x).astype("uint8"), y, epochs=1, verbose=0)
+    from thumbnet_keras.models.trainer import warn_torch_jit
+
+    if keras.backend.backend() == "torch":  # warned by fit (not run here: slow)
+        with pytest.warns(UserWarning, match="torch.compile"):
+            warn_torch_jit(True)

@@ -253,6 +253,19 @@ def check_fit_labels(x, y=None) -> None:
         _check_labels(y)
 
 
+def labels_missing(x, y=None) -> bool:
+    """Whether `fit(x, y)` surely has no labels: `y` None beside an array or
+    tensor of images, or a `tf.data.Dataset` whose elements are not
+    `(images, labels, ...)` tuples (e.g. dicts). False when it cannot tell
+    (a generator, a PyTorch `DataLoader`)."""
+    if y is not None:
+        return False
+    spec = getattr(x, "element_spec", None)
+    if spec is not None:
+        return not (isinstance(spec, (tuple, list)) and len(spec) >= 2)
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
 def check_validation_labels(validation_data) -> None:
     """`check_fit_labels` of `fit(validation_data=...)`: a dataset, or a
     tuple `(x, y[, sample_weight])`."""

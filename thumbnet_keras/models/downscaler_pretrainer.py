@@ -31,12 +31,22 @@ from keras import ops
 from thumbnet_keras.losses import thumbnet_losses as L
 from thumbnet_keras.models.student import image_input_shape
 from thumbnet_keras.models.trainer import (
+    check_fit_images,
     check_logits_model,
     check_loss_arguments,
+    fit_recoverably,
+    labelled_metrics,
+    losses_only,
     scale_loss_for_replicas,
+    warn_torch_jit,
 )
 
 __all__ = ["DownscalerPretrainer"]
+
+_CL_NEEDS_LABELS = (
+    "CL needs labels: fit(x, y) or a dataset of (images, labels) tuples (not "
+    "dicts); or set cl_weight=0 to train on the teacher's logits alone."
+)
 
 
 @keras.saving.register_keras_serializable(package="thumbnet_keras")
@@ -134,18 +144,25 @@ class DownscalerPretrainer(keras.Model):
         fail. JAX (always XLA) and torch are unaffected."""
         if keras.backend.backend() == "tensorflow":
             jit_compile = False
+        warn_torch_jit(jit_compile)
         super().compile(*args, jit_compile=jit_compile, **kwargs)
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, its labels checked first (`check_fit_labels`)."""
+        """`keras.Model.fit`, its inputs checked first (`check_fit_images`,
+        `check_fit_labels`)."""
+        check_fit_images(image_input_shape(self.downscaler), x)
+        if self.cl_weight and L.labels_missing(x, y):
+            raise ValueError(_CL_NEEDS_LABELS)
         L.check_fit_labels(x, y)
         L.check_validation_labels(kwargs.get("validation_data"))
-        return super().fit(x, y, *args, **kwargs)
+        return fit_recoverably(super(), x, y, *args, **kwargs)
 
     @property
     def metrics(self):
         trackers = set(map(id, self._trackers.values()))
-        base = [m for m in super().metrics if id(m) not in trackers]
+        base = [
+            m for m in labelled_metrics(self, super().metrics) if id(m) not in trackers
+        ]
         return base + list(self._trackers.values())
 
     def upscale(self, thumbnail):
@@ -181,10 +198,7 @@ class DownscalerPretrainer(keras.Model):
             terms["kd"] = L.distillation_loss(t_logits, logits, self.temperature)
         if self.cl_weight:
             if y is None:
-                raise ValueError(
-                    "CL needs labels: fit(x, y) or a dataset of (images, labels); "
-                    "or set cl_weight=0 to train on the teacher's logits alone."
-                )
+                raise ValueError(_CL_NEEDS_LABELS)
             terms["cl"] = L.classification_loss(y, logits, self.label_smoothing)
         weights = {"cl": self.cl_weight, "kd": self.kd_weight}
         total = 0.0
@@ -194,6 +208,13 @@ class DownscalerPretrainer(keras.Model):
         if self.losses:
             total = total + ops.sum(ops.stack(self.losses))
         return scale_loss_for_replicas(total)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if y is None:  # KD alone (cl_weight 0): its loss terms only
+            if self.cl_weight:
+                raise ValueError(_CL_NEEDS_LABELS)
+            return losses_only(self)
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def get_config(self):
         config = super().get_config()

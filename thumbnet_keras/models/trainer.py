@@ -54,6 +54,61 @@ STAGES = {
 _TERMS = ("cl", "kd", "fm", "mm")
 
 
+_JOINT_NEEDS_LABELS = (
+    "The 'joint' stage needs labels: fit(x, y) or a dataset of (images, labels) "
+    "tuples (not dicts). The 'fm_pretrain' stage trains without them."
+)
+
+
+def check_fit_images(expected: tuple, x) -> None:
+    """What `fit(x)`'s images say before anything is traced (arrays, tensors,
+    a `tf.data.Dataset`'s element spec; other inputs are not looked at):
+    channels-first images (what PyTorch loaders give) are refused with the
+    permutation to use; integer images (uint8, 0-255) are warned of, since
+    the models see their values as they are."""
+    spec = getattr(x, "element_spec", None)
+    if spec is not None:
+        x = spec[0] if isinstance(spec, (tuple, list)) else spec
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    try:
+        shape = tuple(shape) if shape is not None else None
+    except (TypeError, ValueError):  # unknown rank
+        shape = None
+    if shape is not None and len(shape) == 4 and None not in expected:
+        h, w, c = expected
+        if tuple(shape[1:]) != (h, w, c) and tuple(shape[1:]) == (c, h, w):
+            raise ValueError(
+                f"Images of shape {shape} are channels-first (N, C, H, W); these "
+                f"models take channels-last (N, H, W, C) = (N, {h}, {w}, {c}). "
+                "Permute them, e.g. `x.permute(0, 2, 3, 1)` (torch) or "
+                "`np.transpose(x, (0, 2, 3, 1))`."
+            )
+    if dtype is not None:
+        name = keras.backend.standardize_dtype(dtype)
+        if "int" in name:
+            warnings.warn(
+                f"Images are {name}: the teacher, E and S see those values as "
+                "they are (0-255 for uint8). If the teacher was trained on "
+                "[0, 1] or normalized images, convert them the same way first "
+                "(e.g. `x / 255`).",
+                stacklevel=3,
+            )
+
+
+def warn_torch_jit(jit_compile) -> None:
+    """`jit_compile=True` under torch is `torch.compile`, which recompiles
+    these models' steps many times (a trial: 48 s for an epoch of 4 steps,
+    ~1 s eager)."""
+    if jit_compile is True and keras.backend.backend() == "torch":
+        warnings.warn(
+            "jit_compile=True under torch runs torch.compile, which recompiles "
+            "this model's train step many times and was ~10x slower than eager "
+            "here; leave jit_compile='auto' (eager on torch).",
+            stacklevel=3,
+        )
+
+
 def _rank4_layers(model):
     names = []
     for layer in model.layers:
@@ -131,6 +186,43 @@ def check_loss_arguments(temperature, label_smoothing, weights) -> None:
             raise ValueError(
                 f"`{term}_weight` must be a number >= 0, received {weight!r}."
             )
+
+
+def fit_recoverably(parent, *args, **kwargs):
+    """`parent.fit(...)`; if it fails, the compiled step functions are
+    dropped, so that the next `fit` traces afresh (a step whose first trace
+    failed made TensorFlow refuse the next one: "Creating variables on a
+    non-first call to a function decorated with tf.function")."""
+    model = parent.__self__
+    try:
+        return parent.fit(*args, **kwargs)
+    except BaseException:
+        model.train_function = model.test_function = model.predict_function = None
+        raise
+
+
+def labelled_metrics(model, metrics: list) -> list:
+    """`metrics` less the compiled ones (accuracy and such) while they are
+    unbuilt: a stage trained on images alone never builds them, and Keras
+    would ask them for a result at the end of every epoch."""
+    compiled = getattr(model, "_compile_metrics", None)
+    return [m for m in metrics if m is not compiled or m.built]
+
+
+def losses_only(model) -> dict:
+    """`model`'s metric results without those that need labels (compiled
+    metrics such as accuracy, which have nothing to compare without them)."""
+    compiled = getattr(model, "_compile_metrics", None)  # accuracy and such
+    out = {}
+    for metric in model.metrics:
+        if metric is compiled:
+            continue
+        result = metric.result()
+        if isinstance(result, dict):
+            out.update(result)
+        else:
+            out[metric.name] = result
+    return out
 
 
 def scale_loss_for_replicas(loss):
@@ -421,6 +513,7 @@ class ThumbNetTrainer(keras.Model):
             # The compiled step and the metric list depend on the stage.
             self.compiled = False
             self.train_function = self.test_function = self.predict_function = None
+            self._recompile_for = value
         self._stage = value
 
     @property
@@ -430,7 +523,9 @@ class ThumbNetTrainer(keras.Model):
     @property
     def metrics(self):
         trackers = set(map(id, self._term_trackers.values()))
-        base = [m for m in super().metrics if id(m) not in trackers]
+        base = [
+            m for m in labelled_metrics(self, super().metrics) if id(m) not in trackers
+        ]
         return base + [self._term_trackers[t] for t in self.active_terms]
 
     # -- forward and loss ----------------------------------------------------
@@ -440,10 +535,24 @@ class ThumbNetTrainer(keras.Model):
         return {"logits": logits, "thumbnail": thumbnail, "features": features}
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, its labels checked first (`check_fit_labels`)."""
+        """`keras.Model.fit`, its inputs checked first (`check_fit_images`,
+        `check_fit_labels`)."""
+        # Not in an overridden compile(): Keras would then skip compiling a
+        # loaded trainer (`compile_from_config`).
+        stage = getattr(self, "_recompile_for", None)
+        if stage is not None and not self.compiled:
+            raise ValueError(
+                f"The stage changed to {stage!r} since compile(): each stage "
+                "compiles its own step and metrics. Call compile() again, e.g. "
+                "`trainer.compile(optimizer=keras.optimizers.Adam(1e-4))`."
+            )
+        warn_torch_jit(getattr(self, "jit_compile", None))
+        check_fit_images(image_input_shape(self.downscaler), x)
+        if self.stage == "joint" and L.labels_missing(x, y):
+            raise ValueError(_JOINT_NEEDS_LABELS)
         L.check_fit_labels(x, y)
         L.check_validation_labels(kwargs.get("validation_data"))
-        return super().fit(x, y, *args, **kwargs)
+        return fit_recoverably(super(), x, y, *args, **kwargs)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -477,10 +586,7 @@ class ThumbNetTrainer(keras.Model):
         }
         if self.stage == "joint":
             if y is None:
-                raise ValueError(
-                    "The 'joint' stage needs labels: fit(x, y) or a dataset of "
-                    "(images, labels). The 'fm_pretrain' stage trains without them."
-                )
+                raise ValueError(_JOINT_NEEDS_LABELS)
             terms["cl"] = L.classification_loss(y, s_logits, self.label_smoothing)
             terms["kd"] = L.distillation_loss(t_logits, s_logits, self.temperature)
         weights = {
@@ -504,6 +610,10 @@ class ThumbNetTrainer(keras.Model):
         return scale_loss_for_replicas(total)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if y is None:  # fm_pretrain without labels: its loss terms only
+            if self.stage == "joint":
+                raise ValueError(_JOINT_NEEDS_LABELS)
+            return losses_only(self)
         logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred
         return super().compute_metrics(x, y, logits, sample_weight)
 
