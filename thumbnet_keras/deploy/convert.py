@@ -45,7 +45,7 @@ FORMATS = ("saved_model", "onnx", "litert", "litert_int8")
 # What `Model.export(format="tf_saved_model")` writes: an earlier export
 # holding only these may be replaced.
 _SAVED_MODEL_ENTRIES = {"saved_model.pb", "variables", "assets", "fingerprint.pb"}
-SIDECAR = "thumbnet_model.json"  # `deploy.metadata.SIDECAR`; may sit inside
+SIDECAR = "thumbnet_model.json"  # `deploy.metadata`'s; may sit in a SavedModel
 
 
 def check_output(output: str, fmt: str, keras_path: str | None = None) -> None:

@@ -33,9 +33,11 @@ import json
 import os
 from pathlib import Path
 
+# One name: the converter, which imports nothing of this package, keeps it.
+from thumbnet_keras.deploy.convert import SIDECAR
+
 __all__ = ["SIDECAR", "read_sidecar", "write_sidecar"]
 
-SIDECAR = "thumbnet_model.json"
 NORMALIZATIONS = ("unit", "symmetric", "imagenet", "none")
 RESIZE = "bilinear, antialias, central crop to the input's aspect ratio"
 _DESCRIBES = ("class_names", "input_size", "channels", "normalization")

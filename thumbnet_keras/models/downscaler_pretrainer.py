@@ -31,10 +31,9 @@ from keras import ops
 from thumbnet_keras.losses import thumbnet_losses as L
 from thumbnet_keras.models.student import image_input_shape
 from thumbnet_keras.models.trainer import (
-    check_fit_images,
     check_logits_model,
     check_loss_arguments,
-    fit_recoverably,
+    checked_fit,
     labelled_metrics,
     losses_only,
     scale_loss_for_replicas,
@@ -148,14 +147,9 @@ class DownscalerPretrainer(keras.Model):
         super().compile(*args, jit_compile=jit_compile, **kwargs)
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, its inputs checked first (`check_fit_images`,
-        `check_fit_labels`)."""
-        check_fit_images(image_input_shape(self.downscaler), x)
-        if self.cl_weight and L.labels_missing(x, y):
-            raise ValueError(_CL_NEEDS_LABELS)
-        L.check_fit_labels(x, y)
-        L.check_validation_labels(kwargs.get("validation_data"))
-        return fit_recoverably(super(), x, y, *args, **kwargs)
+        """`keras.Model.fit`, its inputs checked first (`checked_fit`)."""
+        needs = _CL_NEEDS_LABELS if self.cl_weight else None
+        return checked_fit(super(), needs, x, y, *args, **kwargs)
 
     @property
     def metrics(self):

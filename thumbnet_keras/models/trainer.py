@@ -188,14 +188,22 @@ def check_loss_arguments(temperature, label_smoothing, weights) -> None:
             )
 
 
-def fit_recoverably(parent, *args, **kwargs):
-    """`parent.fit(...)`; if it fails, the compiled step functions are
-    dropped, so that the next `fit` traces afresh (a step whose first trace
+def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwargs):
+    """`parent.fit(x, y, ...)` (`parent`: a trainer's `super()`) after what
+    its inputs show is checked (`check_fit_images`, `labels_missing` when
+    the step `needs_labels`, with that message, and `check_fit_labels` for
+    training and validation). If `fit` fails, the compiled step functions
+    are dropped, so the next `fit` traces afresh (a step whose first trace
     failed made TensorFlow refuse the next one: "Creating variables on a
     non-first call to a function decorated with tf.function")."""
     model = parent.__self__
+    check_fit_images(image_input_shape(model.downscaler), x)
+    if needs_labels and L.labels_missing(x, y):
+        raise ValueError(needs_labels)
+    L.check_fit_labels(x, y)
+    L.check_validation_labels(kwargs.get("validation_data"))
     try:
-        return parent.fit(*args, **kwargs)
+        return parent.fit(x, y, *args, **kwargs)
     except BaseException:
         model.train_function = model.test_function = model.predict_function = None
         raise
@@ -535,8 +543,7 @@ class ThumbNetTrainer(keras.Model):
         return {"logits": logits, "thumbnail": thumbnail, "features": features}
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, its inputs checked first (`check_fit_images`,
-        `check_fit_labels`)."""
+        """`keras.Model.fit`, its inputs checked first (`checked_fit`)."""
         # Not in an overridden compile(): Keras would then skip compiling a
         # loaded trainer (`compile_from_config`).
         stage = getattr(self, "_recompile_for", None)
@@ -547,12 +554,8 @@ class ThumbNetTrainer(keras.Model):
                 "`trainer.compile(optimizer=keras.optimizers.Adam(1e-4))`."
             )
         warn_torch_jit(getattr(self, "jit_compile", None))
-        check_fit_images(image_input_shape(self.downscaler), x)
-        if self.stage == "joint" and L.labels_missing(x, y):
-            raise ValueError(_JOINT_NEEDS_LABELS)
-        L.check_fit_labels(x, y)
-        L.check_validation_labels(kwargs.get("validation_data"))
-        return fit_recoverably(super(), x, y, *args, **kwargs)
+        needs = _JOINT_NEEDS_LABELS if self.stage == "joint" else None
+        return checked_fit(super(), needs, x, y, *args, **kwargs)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True

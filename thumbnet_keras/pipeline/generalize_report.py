@@ -55,21 +55,22 @@ def _sign(differences: Sequence[float], paired: Sequence[Mapping | None] = ()) -
     seed, within chance on k of n" (some intervals hold 0: one image in a
     thousand is no evidence), "no clear difference on any seed" (every
     interval holds 0, signs mixed), "mixed", or "one seed"."""
+    from thumbnet_keras.evaluation.paired import verdict
+
     if len(differences) < 2:
         return "one seed"
-    clear = [p is not None and (p["ci95"][0] > 0 or p["ci95"][1] < 0) for p in paired]
-    known = len(paired) == len(differences) and all(p is not None for p in paired)
-    missing = sum(p is None for p in paired) if paired else 0
+    known = [p for p in paired if p is not None]
+    missing = len(paired) - len(known)
+    unclear = sum(verdict(p) not in ("ahead", "behind") for p in known)
     for side, better in ((1, "E"), (-1, "bicubic")):
         if all(side * d > 0 for d in differences):
-            unclear = sum(1 for p, c in zip(paired, clear) if p is not None and not c)
             text = f"{better} better on every seed"
             if unclear:
                 text += f", within chance on {unclear} of {len(differences)}"
             if missing:  # records written before per-image hits were kept
                 text += f" (no paired interval on {missing} of {len(differences)})"
             return text
-    if known and not any(clear):
+    if paired and not missing and unclear == len(known):
         return "no clear difference on any seed"
     return "mixed"
 

@@ -83,14 +83,11 @@ def cost_ratio(arm: Mapping, arms: Sequence[Mapping]) -> float | None:
     return arm["flops"] / ours["flops"]
 
 
-def arm_label(
-    arm: Mapping, arms: Sequence[Mapping], labels: Mapping | None = None
-) -> str:
-    """`arm`'s name for a table or sentence (`labels`, default SHORT_LABELS;
-    the arm's own label when absent); the equal-cost arm's says what it
-    costs: "Bicubic + KD, larger thumbnail at 1.02x ThumbNet's MACs"."""
-    labels = SHORT_LABELS if labels is None else labels
-    label = labels.get(arm["name"], arm.get("label", arm["name"]))
+def arm_label(arm: Mapping, arms: Sequence[Mapping]) -> str:
+    """`arm`'s short name for a sentence or the paired table (SHORT_LABELS;
+    its own label when absent); the equal-cost arm's says what it costs:
+    "Bicubic + KD, larger thumbnail at 1.02x ThumbNet's MACs"."""
+    label = SHORT_LABELS.get(arm["name"], arm.get("label", arm["name"]))
     ratio = cost_ratio(arm, arms)
     return label if ratio is None else f"{label} at {ratio:.2f}x ThumbNet's MACs"
 
@@ -169,15 +166,15 @@ def caveats(metrics: Mapping) -> list[str]:
     teacher = next((a for a in arms if a["name"] == "teacher"), None)
     if teacher is None:
         return []
-    ahead = []
-    for arm in arms:
-        for p in arm.get("paired") or []:
-            if (
-                arm["name"] == "thumbnet"
-                and p.get("versus") == "teacher"
-                and p["ci95"][0] > 0
-            ):
-                ahead.append((arm["factor"], p))
+    from thumbnet_keras.evaluation.paired import verdict
+
+    ahead = [
+        (arm["factor"], p)
+        for arm in arms
+        if arm["name"] == "thumbnet"
+        for p in arm.get("paired") or []
+        if p.get("versus") == "teacher" and verdict(p) == "ahead"
+    ]
     if not ahead:
         return []
     which = "; ".join(
