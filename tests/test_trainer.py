@@ -4,6 +4,7 @@ import pytest
 from conftest import BACKEND, run_python, tiny_teacher, to_numpy
 
 from thumbnet_keras import (
+    DownscalerPretrainer,
     ThumbNetTrainer,
     bicubic_downscaler,
     build_downscaler,
@@ -333,6 +334,25 @@ def test_float_and_one_hot_labels_are_refused_not_truncated(rng):
     check_fit_labels(unknown.batch(4))
     trainer.fit(x, y[:, None], epochs=1, verbose=0)  # (batch, 1) is fine,
     # and the same trainer still trains after the refusals (nothing traced).
+
+
+def test_labels_out_of_range_are_refused_before_training(rng):
+    """Labels counted from 1 (1..K): TensorFlow failed mid-step and JAX's
+    sparse cross-entropy read label K as an all-zero one-hot row, so those
+    examples added no loss without a word."""
+    trainer = _trainer(tiny_teacher(), stage="joint")  # 3 classes
+    trainer.compile(optimizer="adam")
+    x, y = _problem(rng, n=8)
+    with pytest.raises(ValueError, match=r"\[0, 3\).*from 1 to 3\. Labels counted"):
+        trainer.fit(x, y + 1, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="from -1 to"):
+        trainer.fit(x, y, validation_data=(x, y - 1), epochs=1, verbose=0)
+    pretrainer = DownscalerPretrainer(trainer.teacher, build_downscaler(x.shape[1:], 2))
+    pretrainer.compile(optimizer="adam")
+    with pytest.raises(ValueError, match=r"from 7 to 7\.$"):
+        pretrainer.fit(x, np.full(len(x), 7), epochs=1, verbose=0)
+    history = trainer.fit(x, y, epochs=1, verbose=0).history  # in range: trains
+    assert np.isfinite(history["cl_loss"][0])
 
 
 def test_whole_trainer_saves_and_loads(tmp_path, rng):

@@ -253,6 +253,34 @@ def check_fit_labels(x, y=None) -> None:
         _check_labels(y)
 
 
+def check_label_range(y, num_classes: int) -> None:
+    """Labels held in memory (a NumPy array or list, an eager tensor) lie in
+    `[0, num_classes)`. Out of range, the backends disagree and none says so
+    clearly: TensorFlow fails mid-step, JAX's one-hot row is all zeros, so
+    the example silently adds no loss. Labels counted from 1 are the usual
+    cause. Labels that only exist inside a pipeline (`tf.data`, a
+    generator) are not read here."""
+    if y is None or hasattr(y, "element_spec"):
+        return
+    try:
+        values = np.asarray(y)
+    except Exception:  # a symbolic or device tensor: nothing to read here
+        return
+    if values.dtype.kind not in "iu" or values.size == 0:
+        return
+    low, high = values.min(), values.max()
+    if low < 0 or high >= num_classes:
+        hint = (
+            " Labels counted from 1? Pass `y - 1`."
+            if low >= 1 and high == num_classes
+            else ""
+        )
+        raise ValueError(
+            f"Labels must be class indices in [0, {num_classes}) for a model with "
+            f"{num_classes} outputs; received values from {low} to {high}.{hint}"
+        )
+
+
 def labels_missing(x, y=None) -> bool:
     """Whether `fit(x, y)` surely has no labels: `y` None beside an array or
     tensor of images, or a `tf.data.Dataset` whose elements are not

@@ -191,8 +191,8 @@ def check_loss_arguments(temperature, label_smoothing, weights) -> None:
 def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwargs):
     """`parent.fit(x, y, ...)` (`parent`: a trainer's `super()`) after what
     its inputs show is checked (`check_fit_images`, `labels_missing` when
-    the step `needs_labels`, with that message, and `check_fit_labels` for
-    training and validation). If `fit` fails, the compiled step functions
+    the step `needs_labels`, with that message, `check_fit_labels` and
+    `check_label_range` for training and validation). If `fit` fails, the compiled step functions
     are dropped, so the next `fit` traces afresh (a step whose first trace
     failed made TensorFlow refuse the next one: "Creating variables on a
     non-first call to a function decorated with tf.function")."""
@@ -202,6 +202,15 @@ def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwarg
         raise ValueError(needs_labels)
     L.check_fit_labels(x, y)
     L.check_validation_labels(kwargs.get("validation_data"))
+    try:
+        num_classes = int(model.teacher.output_shape[-1])
+    except (AttributeError, TypeError, ValueError):  # a subclassed teacher
+        num_classes = None
+    if num_classes:
+        L.check_label_range(y, num_classes)
+        validation = kwargs.get("validation_data")
+        if isinstance(validation, (tuple, list)) and len(validation) >= 2:
+            L.check_label_range(validation[1], num_classes)
     try:
         return parent.fit(x, y, *args, **kwargs)
     except BaseException:
