@@ -413,3 +413,128 @@ def test_images_only_stage_change_channels_first_and_uint8(rng):
     if keras.backend.backend() == "torch":  # warned by fit (not run here: slow)
         with pytest.warns(UserWarning, match="torch.compile"):
             warn_torch_jit(True)
+
+
+def test_teacher_ending_in_a_softmax_op_is_refused():
+    """A Python-API trial (2026-11-30): `keras.ops.softmax` at the end is an
+    operation, not a layer, and was accepted; CL then trained on
+    probabilities read as logits (cl_loss stuck near log K) and KD on
+    nothing."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(
+        keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    )
+    logits = keras.layers.Dense(3)(x)
+    for op in (keras.ops.softmax, keras.ops.sigmoid):
+        teacher = keras.Model(inputs, op(logits), name="probs")
+        kind = op.__name__
+        with pytest.raises(ValueError, match=f"ends in a {kind} .*not logits"):
+            _trainer(teacher)
+    wrapped = keras.Sequential(  # the softmax inside a nested model
+        [keras.Input((16, 16, 3)), keras.Model(inputs, keras.ops.softmax(logits))]
+    )
+    with pytest.raises(ValueError, match="ends in a softmax"):
+        DownscalerPretrainer(wrapped, build_downscaler((16, 16, 3), 2))
+    _trainer(keras.Model(inputs, logits))  # the same model with logits: fine
+
+
+def _nested_teacher():
+    """The usual transfer-learning shape: a base model inside a Sequential
+    classifier."""
+    image = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(image)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    base = keras.Model(image, x, name="base")
+    return keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            base,
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ],
+        name="nested",
+    )
+
+
+def test_a_base_model_nested_in_the_teacher_gives_the_feature_map(rng):
+    """The trial's `Sequential([Input, MobileNetV2 base, GAP, Dense])`
+    failed in the constructor: the nested base's `.output` belongs to its
+    own graph ("Output with path `1` is not connected to `inputs`")."""
+    teacher = _nested_teacher()
+    trainer = _trainer(teacher, stage="joint")
+    assert trainer.teacher_feature_layer == "base"
+    x, y = _problem(rng, n=8)
+    _, t_features = trainer._teacher_features(x)
+    assert tuple(t_features.shape) == (8, 8, 8, 8)
+    np.testing.assert_allclose(
+        to_numpy(t_features), to_numpy(teacher.get_layer("base")(x)), atol=1e-6
+    )
+    trainer.compile(optimizer="adam")
+    history = trainer.fit(x, y, epochs=1, batch_size=8, verbose=0).history
+    assert np.isfinite(history["fm_loss"][0])
+
+
+def test_a_subclassed_teacher_is_told_what_is_needed():
+    class SubTeacher(keras.Model):
+        def __init__(self):
+            super().__init__(name="sub")
+            self.conv = keras.layers.Conv2D(4, 3)
+            self.pool = keras.layers.GlobalAveragePooling2D()
+            self.head = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.head(self.pool(self.conv(x)))
+
+    sub = SubTeacher()
+    sub(np.zeros((1, 16, 16, 3), "float32"))
+    for build in (lambda: make_student(sub, 2), lambda: _trainer_on(sub)):
+        with pytest.raises(ValueError, match="'sub' is a subclassed keras.Model"):
+            build()
+    image = keras.Input((16, 16, 3))
+    wrapped = keras.Model(image, sub(image))  # a graph around an unregistered class
+    with pytest.raises(ValueError, match="register_keras_serializable") as info:
+        make_student(wrapped, 2)
+    assert "smaller factor" not in str(info.value)
+
+
+def _trainer_on(teacher):
+    return ThumbNetTrainer(
+        teacher, build_downscaler((16, 16, 3), 2), make_student(tiny_teacher(), 2)
+    )
+
+
+def test_sample_weights_refused_and_a_failed_step_keeps_the_weights(rng):
+    """A trial on JAX (2026-11-30): `fit(..., class_weight=...)` raised
+    inside the first step, and Keras' JAX loop had detached every
+    variable's value for the loop: the user's teacher, E and S were left
+    without weights ("'NoneType' object is not callable")."""
+    import tensorflow as tf
+
+    teacher = tiny_teacher()
+    trainer = _trainer(teacher, stage="joint")
+    trainer.compile(optimizer="adam", metrics=["accuracy"])
+    x, y = _problem(rng, n=8)
+    # Trainable weights: torch's eager forward pass updates BatchNorm's
+    # moving statistics before the loss raises.
+    before = [to_numpy(w) for w in trainer.trainable_weights]
+    expected = to_numpy(teacher(x))
+    with pytest.raises(ValueError, match="does not support `class_weight`"):
+        trainer.fit(x, y, class_weight={0: 1.0, 1: 2.0, 2: 1.0}, verbose=0)
+    with pytest.raises(ValueError, match="does not support `sample_weight`"):
+        trainer.fit(x, y, sample_weight=np.ones(8), verbose=0)
+    weighted = tf.data.Dataset.from_tensor_slices((x, y, np.ones(8))).batch(4)
+    with pytest.raises(ValueError, match=r"\(images, labels, weights\)"):
+        trainer.fit(weighted, verbose=0)
+
+    def floats():  # a generator: its labels are only seen inside the step
+        yield x, y.astype("float32")
+
+    with pytest.raises(ValueError, match="integer class indices"):
+        trainer.fit(floats(), epochs=1, steps_per_epoch=1, verbose=0)
+    with pytest.raises(ValueError, match="needs labels"):
+        trainer.evaluate(x, verbose=0)  # joint: no labels, fails in the step
+    for got, want in zip(trainer.trainable_weights, before):
+        np.testing.assert_array_equal(to_numpy(got), want)
+    np.testing.assert_allclose(to_numpy(teacher(x)), expected, atol=1e-6)
+    history = trainer.fit(x, y, epochs=1, batch_size=8, verbose=0).history
+    assert np.isfinite(history["loss"][0])  # and it still trains

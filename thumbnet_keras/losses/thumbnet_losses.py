@@ -219,20 +219,25 @@ def _check_labels(y_true) -> None:
     one-hot row read as B*K labels, both silently (a practitioner's trial,
     2026-11-30). Static dtype and shape, so checked once per trace."""
     dtype = backend.standardize_dtype(getattr(y_true, "dtype", "int32"))
+    try:
+        shape = tuple(getattr(y_true, "shape", ()))
+    except (TypeError, ValueError):  # unknown rank (tf.py_function labels)
+        shape = None
+    # The shape first: one-hot rows (float from to_categorical) need argmax,
+    # not a cast.
+    if shape is not None and (
+        len(shape) == 2 and shape[-1] not in (None, 1) or len(shape) > 2
+    ):
+        raise ValueError(
+            f"Labels must be class indices of shape (batch,) or (batch, 1); "
+            f"received {dtype} labels of shape {shape}. One-hot labels? Pass "
+            "`argmax(y, axis=-1)`."
+        )
     if "float" in dtype:
         raise ValueError(
             f"Labels must be integer class indices; received {dtype} labels, which "
             "would be truncated (2.5 -> 2). Pass them as integers, e.g. "
             "`y.astype('int32')`, after checking they are whole numbers."
-        )
-    try:
-        shape = tuple(getattr(y_true, "shape", ()))
-    except (TypeError, ValueError):  # unknown rank (tf.py_function labels)
-        return
-    if len(shape) == 2 and shape[-1] not in (None, 1) or len(shape) > 2:
-        raise ValueError(
-            f"Labels must be class indices of shape (batch,) or (batch, 1); "
-            f"received shape {shape}. One-hot labels? Pass `argmax(y, axis=-1)`."
         )
 
 

@@ -31,6 +31,7 @@ from keras import ops
 from thumbnet_keras.losses import thumbnet_losses as L
 from thumbnet_keras.models.student import image_input_shape
 from thumbnet_keras.models.trainer import (
+    FailSafeSteps,
     check_logits_model,
     check_loss_arguments,
     checked_fit,
@@ -49,7 +50,7 @@ _CL_NEEDS_LABELS = (
 
 
 @keras.saving.register_keras_serializable(package="thumbnet_keras")
-class DownscalerPretrainer(keras.Model):
+class DownscalerPretrainer(FailSafeSteps, keras.Model):
     """Trains E so that the frozen teacher reads its thumbnails, scaled back
     up, as it reads the full image.
 

@@ -30,6 +30,19 @@ _IMAGE_SHAPE_KEYS = ("image_shape", "input_shape")
 PREPROCESS_PREFIX = "preprocess_"
 
 
+def not_a_graph_message(model, role: str = "model") -> str:
+    """What a subclassed `keras.Model` (no `inputs`/`outputs` graph) is told:
+    ThumbNet reads feature maps inside it and rebuilds it at thumbnail size
+    from its config, which a `call()` method does not give."""
+    return (
+        f"The {role} '{model.name}' is a subclassed keras.Model "
+        f"({type(model).__name__}): ThumbNet reads feature maps inside it and "
+        "rebuilds it at thumbnail size, which needs a Functional or Sequential "
+        "model. Build the same layers as `keras.Model(inputs, outputs)` or "
+        "`keras.Sequential([...])` and copy the weights (`set_weights`)."
+    )
+
+
 def image_input_shape(model: keras.Model) -> tuple:
     """Returns `(H, W, C)` of a model's single image input (H, W may be None)."""
     if not isinstance(model, keras.Model):
@@ -40,6 +53,8 @@ def image_input_shape(model: keras.Model) -> tuple:
         )
         raise TypeError(f"Expected a keras.Model, received {model!r}.{hint}")
     inputs = getattr(model, "inputs", None)
+    if not inputs and not getattr(model, "outputs", None):
+        raise ValueError(not_a_graph_message(model))
     if not inputs or len(inputs) != 1:
         raise ValueError(
             f"Model '{model.name}' must have exactly one image input, "
@@ -236,6 +251,17 @@ def make_student(
                 candidate, error = _try_from_config(cls, trimmed)
                 if candidate is not None and _weights_fit(teacher, candidate):
                     student = candidate
+    if student is None and "Could not locate class" in str(first_error):
+        raise StudentDerivationError(
+            f"Cannot derive a student from teacher '{teacher.name}': its config "
+            "names a class Keras cannot rebuild from it "
+            f"({str(first_error).split('. ')[0]}).",
+            "Register the class with `@keras.saving.register_keras_serializable()` "
+            "and give it a `get_config`, or build the student yourself and pass "
+            "it as `ThumbNetTrainer(..., student=my_student)`.",
+            "Register the class with `@keras.saving.register_keras_serializable()` "
+            "in a module that is imported before the run.",
+        )
     if student is None and first_error is not None and new_hw[0] is not None:
         from thumbnet_keras.models.teachers import short_error_text
 

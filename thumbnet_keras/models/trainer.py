@@ -22,6 +22,7 @@ Each active term is logged in the `fit` history as `cl_loss`, `kd_loss`,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -31,7 +32,7 @@ from keras import ops
 
 from thumbnet_keras.losses import thumbnet_losses as L
 from thumbnet_keras.models.alignment import GeometryError, fm_pooling
-from thumbnet_keras.models.student import image_input_shape
+from thumbnet_keras.models.student import image_input_shape, not_a_graph_message
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +110,28 @@ def warn_torch_jit(jit_compile) -> None:
         )
 
 
+def _layer_output(model, layer):
+    """`layer`'s output in `model`'s own graph. A nested model's `.output`
+    is its inner graph's, not connected to `model.inputs` (a base model
+    inside a Sequential classifier made the trainer fail with Keras' "Output
+    with path `1` is not connected to `inputs`"), so the call node in
+    `model`'s graph is read instead. Raises ValueError for a layer used
+    more than once or with several outputs."""
+    graph = getattr(model, "_functional", model)  # a Sequential's graph
+    nodes = {id(n) for level in graph._nodes_by_depth.values() for n in level}
+    calls = [n.outputs for n in layer._inbound_nodes if id(n) in nodes]
+    if len(calls) != 1 or len(calls[0]) != 1:
+        raise ValueError(f"Layer '{layer.name}' has no single output in the graph.")
+    return calls[0][0]
+
+
 def _rank4_layers(model):
     names = []
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
             continue
         try:
-            output = layer.output
+            output = _layer_output(model, layer)
         except (AttributeError, ValueError):  # Unused or shared layer.
             continue
         if hasattr(output, "shape") and len(output.shape) == 4:
@@ -151,24 +167,41 @@ def check_logits_model(model, role: str) -> int:
         raise ValueError(
             f"`{role}` must be a keras.Model, received {type(model).__name__}."
         )
+    if not getattr(model, "outputs", None):
+        raise ValueError(not_a_graph_message(model, role))
     if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
         shapes = [tuple(o.shape) for o in model.outputs]
         raise ValueError(
             f"The {role} '{model.name}' must output one logits vector (B, classes); "
             f"its outputs have shapes {shapes}."
         )
-    last = model.layers[-1]
-    activation = getattr(getattr(last, "activation", None), "__name__", None)
-    if isinstance(last, keras.layers.Softmax):
-        activation = "softmax"
+    activation, last = _output_activation(model)
     if activation in ("softmax", "sigmoid"):
         raise ValueError(
-            f"The {role} '{model.name}' ends in a {activation} activation "
-            f"(layer '{last.name}'), so it outputs probabilities, not logits. "
-            "Rebuild it with `classifier_activation=None` (keras.applications) or "
-            "`activation=None` on its last layer; the weights are unchanged."
+            f"The {role} '{model.name}' ends in a {activation} "
+            f"('{last.name}'), so it outputs probabilities, not logits. "
+            "Rebuild it with `classifier_activation=None` (keras.applications), "
+            "`activation=None` on its last layer, or without its final "
+            f"{activation} layer or `keras.ops.{activation}`; the weights are "
+            "unchanged."
         )
     return model.outputs[0].shape[-1]
+
+
+def _output_activation(model):
+    """`(activation, operation)` of the operation that makes `model`'s
+    output: a layer's `activation`, a `Softmax` layer, or a bare
+    `keras.ops.softmax` / `sigmoid` (an operation, not a layer, so
+    `model.layers[-1]` does not show it), looked for inside a nested model
+    that makes the output."""
+    history = getattr(model.outputs[0], "_keras_history", None)
+    op = history.operation if history is not None else model.layers[-1]
+    if isinstance(op, keras.Model) and getattr(op, "outputs", None):
+        return _output_activation(op)
+    kind = type(op).__name__
+    if kind in ("Softmax", "Sigmoid"):  # keras.layers.Softmax, keras.ops.*
+        return kind.lower(), op
+    return getattr(getattr(op, "activation", None), "__name__", None), op
 
 
 def check_loss_arguments(temperature, label_smoothing, weights) -> None:
@@ -198,6 +231,7 @@ def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwarg
     non-first call to a function decorated with tf.function")."""
     model = parent.__self__
     check_fit_images(image_input_shape(model.downscaler), x)
+    check_no_sample_weights(type(model).__name__, x, kwargs)
     if needs_labels and L.labels_missing(x, y):
         raise ValueError(needs_labels)
     L.check_fit_labels(x, y)
@@ -212,10 +246,91 @@ def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwarg
         if isinstance(validation, (tuple, list)) and len(validation) >= 2:
             L.check_label_range(validation[1], num_classes)
     try:
-        return parent.fit(x, y, *args, **kwargs)
+        with weights_kept_on_failure(model):
+            return parent.fit(x, y, *args, **kwargs)
     except BaseException:
         model.train_function = model.test_function = model.predict_function = None
         raise
+
+
+def check_no_sample_weights(owner: str, x, kwargs) -> None:
+    """The trainers weight their loss terms, not examples: `sample_weight`,
+    `class_weight` and datasets of `(images, labels, weights)` are refused
+    before Keras starts (raised inside the first step, the error also cost
+    JAX users their weights, see `weights_kept_on_failure`)."""
+    for name in ("sample_weight", "class_weight"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"{owner} does not support `{name}`: it weights its loss terms "
+                "(cl_weight, kd_weight, fm_weight, mm_weight), not examples. "
+                "Resample the data instead (e.g. repeat rare classes)."
+            )
+    spec = getattr(x, "element_spec", None)
+    if isinstance(spec, (tuple, list)) and len(spec) >= 3 and spec[2] is not None:
+        raise ValueError(
+            f"{owner} does not support sample weights; the dataset yields "
+            "(images, labels, weights). Map it to (images, labels), e.g. "
+            "`ds.map(lambda x, y, w: (x, y))`."
+        )
+
+
+# Per model being fitted, evaluated or predicted on JAX: each variable's value
+# as Keras last detached it (`FailSafeSteps._get_jax_state`).
+_DETACHED: dict[int, list] = {}
+
+
+@contextlib.contextmanager
+def weights_kept_on_failure(model):
+    """On JAX, Keras' `fit`, `evaluate` and `predict` detach every variable's
+    value (model, optimizer, metrics) for the length of the loop and
+    reattach them at the end; a step that raises (the first one most often:
+    a trace-time error) left them detached, so the teacher, E and S the user
+    passed in lost their weights ("'NoneType' object is not callable" on the
+    next call). Here they are reattached when that happens: the last
+    completed step's state, else the values as they were detached
+    (references to JAX's immutable arrays, not copies, held for the length
+    of the call). Other backends keep their variables attached."""
+    if keras.backend.backend() != "jax" or id(model) in _DETACHED:
+        yield  # not JAX, or inside an outer call (fit's validation)
+        return
+    _DETACHED[id(model)] = []
+    try:
+        yield
+    except BaseException:
+        model.jax_state_sync()  # the last completed step's state, if any
+        for variable, value in _DETACHED[id(model)]:
+            if variable._value is None:
+                variable._value = value
+        raise
+    finally:
+        del _DETACHED[id(model)]
+
+
+class FailSafeSteps:
+    """Mixed into the trainers: `evaluate` and `predict` run under
+    `weights_kept_on_failure` (`fit` goes through `checked_fit`)."""
+
+    def evaluate(self, *args, **kwargs):
+        with weights_kept_on_failure(self):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with weights_kept_on_failure(self):
+            return super().predict(*args, **kwargs)
+
+    def _get_jax_state(self, *args, **kwargs):
+        # Keras' JAX trainer: the state its loop starts from, after which it
+        # detaches the variables' values (`purge_model_variables`).
+        if kwargs.get("purge_model_variables") and id(self) in _DETACHED:
+            optimizer = getattr(self, "optimizer", None)
+            variables = [
+                *self.trainable_variables,
+                *self.non_trainable_variables,
+                *(optimizer.variables if optimizer is not None else ()),
+                *self.metrics_variables,
+            ]
+            _DETACHED[id(self)] = [(v, v._value) for v in variables]
+        return super()._get_jax_state(*args, **kwargs)
 
 
 def labelled_metrics(model, metrics: list) -> list:
@@ -284,7 +399,7 @@ def _replica_mean_mm_scale(images):
 def _feature_model(model, layer_name, name):
     return keras.Model(
         model.inputs,
-        [model.outputs[0], model.get_layer(layer_name).output],
+        [model.outputs[0], _layer_output(model, model.get_layer(layer_name))],
         name=name,
     )
 
@@ -321,7 +436,7 @@ def _warn_downscaler_share(downscaler, student):
 
 
 @keras.saving.register_keras_serializable(package="thumbnet_keras")
-class ThumbNetTrainer(keras.Model):
+class ThumbNetTrainer(FailSafeSteps, keras.Model):
     """Trains a ThumbNet: downscaler E and student S under a frozen teacher T.
 
     Args:
