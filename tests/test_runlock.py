@@ -383,7 +383,8 @@ def test_ctrl_c_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
     first, and the flow retried it for ~150 s, printed connection
     tracebacks and exited 1 (a practitioner's trial, 2026-11-29). The
     server now has its own session: exit 130 with the resume hint, and no
-    process left behind."""
+    process left behind. The hint names the generated run name: "the same
+    command" would have started a new run (a trial, 2026-11-30)."""
     env = subprocess_env() | {"PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
     runs = tmp_path / "runs"
@@ -392,7 +393,7 @@ def test_ctrl_c_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "thumbnet_keras.cli", "train", "--smoke",
              "--dataset", tiny_dataset(tmp_path, per_class=8),
-             "--runs-dir", str(runs), "--run-name", "c"],
+             "--runs-dir", str(runs)],  # no --run-name: one is generated
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             preexec_fn=_as_a_terminal_job,
         )  # fmt: skip
@@ -402,7 +403,7 @@ def test_ctrl_c_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
             # Until the first stage has finished: the flow is mid-run.
             while time.monotonic() < deadline and proc.poll() is None:
                 children |= _descendants(proc.pid)
-                if (runs / "c" / "stages" / "teacher.json").is_file():
+                if list(runs.glob("*/stages/teacher.json")):
                     break
                 time.sleep(0.2)
             assert proc.poll() is None, log_path.read_text()[-3000:]
@@ -414,7 +415,11 @@ def test_ctrl_c_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
                 proc.wait(timeout=30)
     output = log_path.read_text()
     assert proc.returncode == 130, output[-3000:]
-    assert "thumbnet: interrupted; rerun the same command to resume." in output
+    # The generated name (it carries the start time) is what resumes the run.
+    (name,) = [p.parent.parent.name for p in runs.glob("*/stages/teacher.json")]
+    hint = f"rerun the same command with --run-name {name} to resume."
+    assert f"thumbnet: run {name!r}; to resume it after an interruption" in output
+    assert f"thumbnet: interrupted; {hint}" in output, output[-3000:]
     assert "ConnectError" not in output and "Traceback" not in output, output[-3000:]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(_alive(p) for p in children):

@@ -474,6 +474,20 @@ def _demo_values(args: argparse.Namespace) -> dict:
     return preset | given
 
 
+def _name_generated_run(args: argparse.Namespace, values: dict, run_name: str):
+    """Without --run-name the run's name carries the time it started, so
+    "the same command" would start a new run: say the name to resume with,
+    now and when interrupted (`main`)."""
+    if values.get("run_name"):
+        return
+    args.resume_hint = f"the same command with --run-name {run_name}"
+    print(
+        f"thumbnet: run {run_name!r}; to resume it after an interruption, "
+        f"rerun {args.resume_hint}.",
+        file=sys.stderr,
+    )
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from thumbnet_keras.pipeline import preflight
 
@@ -486,6 +500,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             _check_smoke(values)
         params = preflight.check_thumbnet(values)
         run_dir = os.path.join(params.runs_dir, params.run_name)
+        _name_generated_run(args, values, params.run_name)
         work = functools.partial(_run_thumbnet, params)
         return _in_run_folder(run_dir, work, args, fresh=True, server=True)
     if args.command == "generalize":
@@ -493,6 +508,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         _check_smoke(values, generalize=True)
         params = preflight.check_generalize(values)
         run_dir = os.path.join(params.runs_dir, params.run_name)
+        _name_generated_run(args, values, params.run_name)
 
         def work() -> int:
             from flows.thumbnet_flows import generalize
@@ -633,10 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thumbnet: error: {err}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print(
-            "\nthumbnet: interrupted; rerun the same command to resume.",
-            file=sys.stderr,
-        )
+        hint = getattr(args, "resume_hint", "the same command")
+        print(f"\nthumbnet: interrupted; rerun {hint} to resume.", file=sys.stderr)
         return 130
     except Exception as err:
         missing = _missing_input_file(err)
