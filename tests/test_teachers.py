@@ -362,3 +362,31 @@ def test_smoke_flow_keras_hub_resnet(tmp_path):
     assert os.path.isfile(os.path.join(run_dir, "thumbnet.keras"))
     record = json.loads(open(os.path.join(run_dir, "stages", "teacher.json")).read())
     assert record["source"] == "keras_hub"
+
+
+def test_a_teacher_of_any_input_size_is_rebuilt_at_the_runs(tmp_path):
+    """An edge deployer's trial (2026-11-30): a fully convolutional teacher
+    saved with `Input((None, None, 3))` was refused before the run, with the
+    impossible advice 'set --image-size None'."""
+    from thumbnet_keras.pipeline import preflight
+
+    image = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(image)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    flexible = keras.Model(image, keras.layers.Dense(2, name="logits")(x), name="fc")
+    path = str(tmp_path / "flexible.keras")
+    flexible.save(path)
+    teacher = load_teacher(path, (16, 16, 3), 2)
+    assert teacher.input_shape == (None, 16, 16, 3) and teacher.name == "fc"
+    pixels = _pixels((2, 16, 16, 3))
+    np.testing.assert_allclose(
+        to_numpy(teacher(pixels)), to_numpy(flexible(pixels)), atol=1e-5
+    )
+    values = dict(
+        dataset=_manifest(tmp_path, 3), teacher=path, image_size=16, smoke=True,
+        runs_dir=str(tmp_path / "runs"), run_name="flex",
+    )  # fmt: skip
+    assert preflight.check_thumbnet(values).teacher == path  # accepted
+    assert load_teacher(path, None, 2) is not None  # no run size: as saved
+    gray = load_teacher(path, (16, 16, 1), 2)  # the channels disagree: as saved,
+    assert gray.input_shape == (None, None, None, 3)  # for the caller to refuse

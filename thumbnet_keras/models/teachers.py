@@ -301,7 +301,28 @@ def load_teacher(spec: str, image_shape=None, num_classes: int | None = None):
         raise TeacherSpecError(
             f"Teacher file {path!r} is not a loadable .keras model: {short_error_text(err)}"
         ) from err
-    return inline_nested(teacher)
+    return at_run_size(inline_nested(teacher), image_shape)
+
+
+def at_run_size(teacher: keras.Model, image_shape) -> keras.Model:
+    """A teacher saved with a flexible input, `(None, None, C)` (fully
+    convolutional and transfer-learning models often are), rebuilt at the
+    run's `(H, W)` with the same layers' weights; any other teacher as it
+    is. E and the FM alignment need a fixed size."""
+    shape = tuple(teacher.inputs[0].shape[1:]) if teacher.inputs else ()
+    if image_shape is None or len(shape) != 3 or shape[:2] != (None, None):
+        return teacher
+    if shape[2] not in (None, image_shape[2]):
+        return teacher  # the channels disagree: the caller says so
+    from thumbnet_keras.models.student import make_student
+
+    try:
+        return make_student(teacher, size=tuple(image_shape[:2]), name=teacher.name)
+    except ValueError as err:
+        raise TeacherSpecError(
+            f"Teacher {teacher.name!r} takes images of any size, but does not "
+            f"rebuild at the run's {image_shape[0]}x{image_shape[1]}: {err}"
+        ) from err
 
 
 def inline_nested(model: keras.Model) -> keras.Model:

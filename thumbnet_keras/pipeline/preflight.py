@@ -566,6 +566,9 @@ def _check_teacher(path: str, shape: tuple, manifest) -> None:
             f"{side}x{side}; a convolutional network's weights carry over) and "
             "save it again."
         )
+    if teacher_shape is not None and teacher_shape[:2] == (None, None):
+        # Any size: rebuilt at the run's when loaded (`teachers.at_run_size`).
+        teacher_shape = (*shape[:2], *teacher_shape[2:])
     if teacher_shape is not None and teacher_shape != tuple(shape):
         fixes = []
         if tuple(teacher_shape[:2]) != tuple(shape[:2]):
