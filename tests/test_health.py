@@ -313,3 +313,41 @@ def test_a_teacher_fed_other_values_than_it_was_trained_on_is_reported(
         health = record["health"]
         assert health["value_ranges"]["unit"] == 1.0
         assert health["status"] == "ok", health["problems"]
+
+
+def test_a_teacher_no_value_range_fits_is_not_told_to_change_it(tmp_path):
+    """An edge deployer's trial (2026-11-30): a teacher whose outputs were in
+    another class order scored 0% and was told to set `normalization: raw`,
+    where it scored the majority-class rate. An alternative that only
+    reaches what answering the most frequent class scores is no evidence of
+    a value range: the problem says to check the class order."""
+    from thumbnet_keras import pipeline
+    from thumbnet_keras.pipeline.config import TrainingHealthError
+    from thumbnet_keras.pipeline.stages import get_teacher
+
+    manifest = tiny_dataset(tmp_path, per_class=20)
+    path = tmp_path / "swapped.keras"
+    inputs = keras.Input((32, 32, 1), name="image")
+    logits = keras.layers.Dense(  # _sign_teacher on [0, 1], classes swapped
+        2,
+        kernel_initializer=keras.initializers.Constant([[-1.0, 1.0]]),
+        bias_initializer=keras.initializers.Constant([0.5, -0.5]),
+        name="logits",
+    )(keras.layers.GlobalAveragePooling2D()(_feature_map(inputs)))
+    keras.Model(inputs, logits).save(path)
+    params = pipeline.ThumbNetParams(
+        dataset=manifest, runs_dir=str(tmp_path / "runs"), run_name="s",
+        teacher=str(path), image_size=32,
+    )  # fmt: skip
+    run = pipeline.resolve_run(params)
+    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"))
+    with pytest.raises(TrainingHealthError) as info:  # 50 points from its best
+        get_teacher(run["run_dir"], prepared, verbose=0)
+    message = str(info.value)
+    record = json.loads(Path(run["run_dir"], "stages", "teacher.json").read_text())
+    ranges = record["health"]["value_ranges"]
+    assert ranges["unit"] == 0.0, ranges
+    assert max(ranges.values()) <= record["health"]["majority_rate"] + 0.1, ranges
+    assert "set `normalization" not in message
+    assert "the value range is not what is wrong" in message
+    assert "manifest's class order" in message

@@ -373,7 +373,9 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     `VALUE_RANGE_MARGIN` or more (judged on `health.MIN_IMAGES` images or
     more; the run goes on: the teacher may be right and the images odd), and
     `failed` (the run stops at the teacher) when by `VALUE_RANGE_FAIL` or
-    more."""
+    more. When the best of them is not `VALUE_RANGE_MARGIN` above the
+    majority-class rate, no value range fits the teacher and the problem
+    says to check its class order and training instead."""
     from thumbnet_keras.pipeline.datasets import split_batches
     from thumbnet_keras.pipeline.health import MIN_IMAGES, check_predictions, worst
 
@@ -392,6 +394,25 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     best = max(scores, key=scores.get)
     health = {**health, "value_ranges": scores}
     gap = scores[best] - scores[current]
+    majority = health.get("majority_rate") or 0.0
+    if gap >= VALUE_RANGE_MARGIN and scores[best] < majority + VALUE_RANGE_MARGIN:
+        # Better only up to what answering the most frequent class scores: no
+        # value range fits this teacher (a trial's teacher with its classes
+        # in another order was told to change the normalization). As severe
+        # as a value range would be: so far from its best, something is wrong.
+        status = "failed" if gap >= VALUE_RANGE_FAIL else "degraded"
+        health["status"] = worst([health["status"], status])
+        health["problems"] = [
+            *health["problems"],
+            f"no normalization makes the teacher score {100 * VALUE_RANGE_MARGIN:.0f} "
+            f"points above answering the most frequent class "
+            f"({100 * majority:.1f}%; best: {100 * scores[best]:.1f}% as "
+            f"{best!r}), so the value range is not what is wrong: check that its "
+            f"outputs follow the manifest's class order "
+            f"({', '.join(prepared.get('class_names') or []) or 'see the manifest'}) "
+            "and that it was trained",
+        ]
+        return health
     if gap >= VALUE_RANGE_MARGIN:
         _log(
             f"[teacher] warning: {100 * scores[current]:.1f}% top-1 on images in "
