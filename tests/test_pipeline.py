@@ -465,6 +465,14 @@ def test_config_differences_compares_locations_as_folders(tmp_path):
         "data_dir",
         "seed",
     ]
+    # The teacher and manifest as typed after Ctrl-C: `./t.keras` is `t.keras`
+    # (their content is compared by the input hashes).
+    files = base | {"teacher": "t.keras", "dataset": "m.yaml"}
+    retyped = files | {"teacher": "./t.keras", "dataset": "./sub/../m.yaml"}
+    assert config_differences(files, retyped) == []
+    assert config_differences(files, files | {"teacher": "pretrained:elpv"}) == [
+        "teacher"
+    ]
 
 
 def test_changed_manifest_is_not_resumed_onto(earlier_run):

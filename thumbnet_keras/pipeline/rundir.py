@@ -462,15 +462,19 @@ def _find_prepared(folder: str, run_path: Path) -> str | None:
 # Config fields that name a folder: equal when they name the same folder.
 # `runs_dir` needs no comparison at all: the run folder it leads to is the
 # one being claimed, however the path was spelled.
-_LOCATION_FIELDS = ("runs_dir", "data_dir")
+# Compared as resolved paths: `./t.keras` and `t.keras` name the same file (a
+# trial's rerun after Ctrl-C, typed so, was refused as another configuration).
+# What the files hold is compared by the run's input hashes.
+_LOCATION_FIELDS = ("runs_dir", "data_dir", "dataset", "teacher", "backbone_weights")
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """The fields whose values differ between two run configs, sorted.
 
     `runs_dir` is ignored (the claimed run folder is the same one whatever
-    its spelling: `runs` or `/abs/path/runs`); `data_dir` values are
-    compared as resolved paths.
+    its spelling: `runs` or `/abs/path/runs`); `data_dir`, `dataset`,
+    `teacher` and `backbone_weights` values are compared as resolved paths
+    (a name such as `pretrained:elpv` resolves to itself).
     """
 
     def same(key):
