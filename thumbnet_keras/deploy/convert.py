@@ -99,7 +99,7 @@ def check_output(output: str, fmt: str, keras_path: str | None = None) -> None:
             else "is not a SavedModel (no saved_model.pb), and"
         )
         raise ValueError(
-            f"{output!r} is a folder that {what} exporting would replace with "
+            f"{output!r} is a folder that {what} exporting would replace it and "
             "everything in it: choose a new path, or remove the folder yourself."
         )
 
