@@ -351,3 +351,15 @@ def test_a_teacher_no_value_range_fits_is_not_told_to_change_it(tmp_path):
     assert "set `normalization" not in message
     assert "the value range is not what is wrong" in message
     assert "manifest's class order" in message
+    # `thumbnet export`/`evaluate` on it: a rerun would stop there again.
+    from thumbnet_keras.pipeline import preflight
+    from thumbnet_keras.pipeline.config import ConfigError
+    from thumbnet_keras.pipeline.rundir import unlock_run
+
+    unlock_run(run["run_dir"])
+    for check in (
+        lambda: preflight.check_export(run["run_dir"], None, "onnx"),
+        lambda: preflight.check_finished_run(run["run_dir"]),
+    ):
+        with pytest.raises(ConfigError, match="stopped at its teacher.*--run-name"):
+            check()

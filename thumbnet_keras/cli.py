@@ -481,10 +481,9 @@ def _name_generated_run(args: argparse.Namespace, values: dict, run_name: str):
     if values.get("run_name"):
         return
     args.resume_hint = f"the same command with --run-name {run_name}"
-    print(
+    print(  # stdout: stderr stays one line when a check fails after this
         f"thumbnet: run {run_name!r}; to resume it after an interruption, "
-        f"rerun {args.resume_hint}.",
-        file=sys.stderr,
+        f"rerun {args.resume_hint}."
     )
 
 

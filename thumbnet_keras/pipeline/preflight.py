@@ -793,10 +793,29 @@ def check_finished_run(run_dir: str) -> Run:
         raise ConfigError(
             f"--run {run_dir!r} is unfinished ({len(wanted) - len(missing)} of "
             f"{len(wanted)} stages done; next: {missing[0] if missing else 'data'}). "
-            "Rerun the `thumbnet train` command that started it (same options) "
-            "to finish it."
+            + _finish_advice(run)
         )
     return run
+
+
+def _finish_advice(run: Run) -> str:
+    """How to finish an unfinished run: rerun it, unless its teacher failed
+    its health checks, where a rerun stops at the same place."""
+    try:
+        record = json.loads(run.file("stages/teacher.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    if (record.get("health") or {}).get("status") == "failed":
+        return (
+            "It stopped at its teacher, which failed its health checks "
+            f"({str(run.file('stages/teacher.json'))}: 'health'); a rerun stops "
+            "there again. Fix the teacher or the manifest's `normalization` and "
+            "start a new run (another --run-name)."
+        )
+    return (
+        "Rerun the `thumbnet train` command that started it (same options) to "
+        "finish it."
+    )
 
 
 def check_export(
@@ -816,8 +835,7 @@ def check_export(
     source = source or run.file("thumbnet.keras")
     if not source.is_file():
         raise ConfigError(
-            f"{source} not found: run {run_dir!r} is unfinished. Rerun the "
-            "`thumbnet train` command that started it (same options) to finish it."
+            f"{source} not found: run {run_dir!r} is unfinished. " + _finish_advice(run)
         )
     check_export_packages(fmt)
     if output is not None:
