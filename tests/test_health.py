@@ -363,3 +363,13 @@ def test_a_teacher_no_value_range_fits_is_not_told_to_change_it(tmp_path):
     ):
         with pytest.raises(ConfigError, match="stopped at its teacher.*--run-name"):
             check()
+
+
+def test_the_share_of_the_most_predicted_class_is_recorded():
+    """`_value_range_check` tells a value range (varied answers) from a
+    teacher that fits no range (one answer) by this share."""
+    labels = np.array([0, 0, 0, 1, 1, 2] * 2)
+    logits = np.eye(3)[[0, 0, 1, 1, 1, 1] * 2] + 0.01 * np.arange(12)[:, None]
+    health = check_logits(logits, labels, 3)
+    assert health["top_class_share"] == pytest.approx(8 / 12)
+    assert health["majority_rate"] == pytest.approx(6 / 12)

@@ -473,6 +473,10 @@ def test_config_differences_compares_locations_as_folders(tmp_path):
     assert config_differences(files, files | {"teacher": "pretrained:elpv"}) == [
         "teacher"
     ]
+    keyword = {"backbone_weights": "imagenet"}  # a keyword, not ./imagenet
+    assert config_differences(keyword, {"backbone_weights": "./imagenet"}) == [
+        "backbone_weights"
+    ]
 
 
 def test_changed_manifest_is_not_resumed_onto(earlier_run):

@@ -10,6 +10,7 @@ from thumbnet_keras import (
     build_downscaler,
     make_student,
 )
+from thumbnet_keras.pipeline.preflight import keras_archive_output_activation
 
 
 def _problem(rng, n=96, size=16, classes=3):
@@ -415,7 +416,7 @@ def test_images_only_stage_change_channels_first_and_uint8(rng):
             warn_torch_jit(True)
 
 
-def test_teacher_ending_in_a_softmax_op_is_refused():
+def test_teacher_ending_in_a_softmax_op_is_refused(tmp_path):
     """A Python-API trial (2026-11-30): `keras.ops.softmax` at the end is an
     operation, not a layer, and was accepted; CL then trained on
     probabilities read as logits (cl_loss stuck near log K) and KD on
@@ -430,6 +431,8 @@ def test_teacher_ending_in_a_softmax_op_is_refused():
         kind = op.__name__
         with pytest.raises(ValueError, match=f"ends in a {kind} .*not logits"):
             _trainer(teacher)
+        teacher.save(tmp_path / f"{kind}.keras")  # what the CLI reads, no Keras
+        assert keras_archive_output_activation(str(tmp_path / f"{kind}.keras")) == kind
     wrapped = keras.Sequential(  # the softmax inside a nested model
         [keras.Input((16, 16, 3)), keras.Model(inputs, keras.ops.softmax(logits))]
     )
@@ -538,3 +541,32 @@ def test_sample_weights_refused_and_a_failed_step_keeps_the_weights(rng):
     np.testing.assert_allclose(to_numpy(teacher(x)), expected, atol=1e-6)
     history = trainer.fit(x, y, epochs=1, batch_size=8, verbose=0).history
     assert np.isfinite(history["loss"][0])  # and it still trains
+
+
+def test_a_failed_evaluate_after_on_batch_calls_keeps_the_current_weights(rng):
+    """Review (2026-11-30): `train_on_batch` leaves its state in Keras'
+    `_jax_state`; restoring from it after a failed `evaluate` put back
+    those older weights over ones set since, without a word."""
+    trainer = _trainer(tiny_teacher(), stage="joint")
+    trainer.compile(optimizer="adam")
+    x, y = _problem(rng, n=8)
+    trainer.train_on_batch(x, y)
+    trainer.set_weights([np.full(w.shape, 0.5, "float32") for w in trainer.weights])
+    current = [to_numpy(w) for w in trainer.trainable_weights]
+    with pytest.raises(ValueError, match="needs labels"):
+        trainer.evaluate(x, verbose=0)
+    for got, want in zip(trainer.trainable_weights, current):
+        np.testing.assert_array_equal(to_numpy(got), want)
+    with pytest.raises(ValueError, match="sample weights; validation_data"):
+        trainer.fit(x, y, validation_data=(x, y, np.ones(8)), verbose=0)
+    with pytest.raises(ValueError, match="does not support `sample_weight`"):
+        trainer.evaluate(x, y, sample_weight=np.ones(8), verbose=0)
+
+
+def test_an_unbuilt_sequential_teacher_is_told_to_start_with_an_input():
+    unbuilt = keras.Sequential(
+        [keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D()],
+        name="seq",
+    )
+    with pytest.raises(ValueError, match="'seq' is a Sequential model with no input"):
+        make_student(unbuilt, 2)

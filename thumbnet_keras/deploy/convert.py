@@ -94,12 +94,12 @@ def check_output(output: str, fmt: str, keras_path: str | None = None) -> None:
     if entries and ("saved_model.pb" not in entries or other):
         what = (
             f"holds {', '.join(map(repr, other[:3]))}"
-            f"{' ...' if len(other) > 3 else ''} besides a SavedModel, which"
+            f"{' ...' if len(other) > 3 else ''} besides a SavedModel"
             if "saved_model.pb" in entries
-            else "is not a SavedModel (no saved_model.pb), and"
+            else "is not a SavedModel (no saved_model.pb)"
         )
         raise ValueError(
-            f"{output!r} is a folder that {what} exporting would replace it and "
+            f"{output!r} is a folder that {what}; exporting would replace it and "
             "everything in it: choose a new path, or remove the folder yourself."
         )
 

@@ -34,6 +34,12 @@ def not_a_graph_message(model, role: str = "model") -> str:
     """What a subclassed `keras.Model` (no `inputs`/`outputs` graph) is told:
     ThumbNet reads feature maps inside it and rebuilds it at thumbnail size
     from its config, which a `call()` method does not give."""
+    if isinstance(model, keras.Sequential):
+        return (
+            f"The {role} '{model.name}' is a Sequential model with no input yet: "
+            "start it with `keras.Input((H, W, C))` (or call "
+            "`model.build((None, H, W, C))`) so its layers have shapes."
+        )
     return (
         f"The {role} '{model.name}' is a subclassed keras.Model "
         f"({type(model).__name__}): ThumbNet reads feature maps inside it and "

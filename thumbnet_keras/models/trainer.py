@@ -178,7 +178,7 @@ def check_logits_model(model, role: str) -> int:
     activation, last = _output_activation(model)
     if activation in ("softmax", "sigmoid"):
         raise ValueError(
-            f"The {role} '{model.name}' ends in a {activation} "
+            f"The {role} '{model.name}' ends in a {activation} activation "
             f"('{last.name}'), so it outputs probabilities, not logits. "
             "Rebuild it with `classifier_activation=None` (keras.applications), "
             "`activation=None` on its last layer, or without its final "
@@ -198,8 +198,10 @@ def _output_activation(model):
     op = history.operation if history is not None else model.layers[-1]
     if isinstance(op, keras.Model) and getattr(op, "outputs", None):
         return _output_activation(op)
+    if isinstance(op, keras.layers.Softmax):
+        return "softmax", op
     kind = type(op).__name__
-    if kind in ("Softmax", "Sigmoid"):  # keras.layers.Softmax, keras.ops.*
+    if kind in ("Softmax", "Sigmoid"):  # keras.ops.softmax / sigmoid
         return kind.lower(), op
     return getattr(getattr(op, "activation", None), "__name__", None), op
 
@@ -265,6 +267,13 @@ def check_no_sample_weights(owner: str, x, kwargs) -> None:
                 "(cl_weight, kd_weight, fm_weight, mm_weight), not examples. "
                 "Resample the data instead (e.g. repeat rare classes)."
             )
+    validation = kwargs.get("validation_data")
+    if isinstance(validation, (tuple, list)) and len(validation) >= 3:
+        if validation[2] is not None:
+            raise ValueError(
+                f"{owner} does not support sample weights; validation_data "
+                "holds (images, labels, weights): pass (images, labels)."
+            )
     spec = getattr(x, "element_spec", None)
     if isinstance(spec, (tuple, list)) and len(spec) >= 3 and spec[2] is not None:
         raise ValueError(
@@ -294,10 +303,14 @@ def weights_kept_on_failure(model):
         yield  # not JAX, or inside an outer call (fit's validation)
         return
     _DETACHED[id(model)] = []
+    # `*_on_batch` leave their state in `_jax_state` after they sync it: only
+    # a state this call's steps wrote is newer than the variables.
+    stale = getattr(model, "_jax_state", None)
     try:
         yield
     except BaseException:
-        model.jax_state_sync()  # the last completed step's state, if any
+        if getattr(model, "_jax_state", None) is not stale:
+            model.jax_state_sync()  # the last completed step's state
         for variable, value in _DETACHED[id(model)]:
             if variable._value is None:
                 variable._value = value
@@ -311,6 +324,7 @@ class FailSafeSteps:
     `weights_kept_on_failure` (`fit` goes through `checked_fit`)."""
 
     def evaluate(self, *args, **kwargs):
+        check_no_sample_weights(type(self).__name__, None, kwargs)
         with weights_kept_on_failure(self):
             return super().evaluate(*args, **kwargs)
 

@@ -163,7 +163,8 @@ def check_predictions(
 
     Returns:
         `{"status": "ok"|"degraded"|"failed", "problems": [str],
-        "images": N, "top1": a, "majority_rate": m, "logit_spread": s}`.
+        "images": N, "top1": a, "majority_rate": m, "top_class_share": t,
+        "logit_spread": s}`.
         `failed`: non-finite logits, or logits that do not depend on the
         input (`logit_spread`, the largest per-class standard deviation over
         images divided by `1 + mean |logit|`, below `CONSTANT_RTOL`).
@@ -210,7 +211,13 @@ def check_logits(
     top1 = float(np.mean(predicted == labels))
     counts = np.bincount(labels, minlength=num_classes)
     majority = float(counts.max() / n)
-    result |= {"top1": top1, "majority_rate": majority, "logit_spread": spread}
+    top_share = float(np.bincount(predicted).max() / n) if n else 0.0
+    result |= {
+        "top1": top1,
+        "majority_rate": majority,
+        "top_class_share": top_share,  # of the most often predicted class
+        "logit_spread": spread,
+    }
     if n >= 2 and spread < CONSTANT_RTOL:
         status = "failed"
         problems.append(

@@ -411,14 +411,15 @@ def keras_archive_shape(
 
 def keras_archive_output_activation(path: str, option: str = "--teacher") -> str | None:
     """The activation the archive's one output layer ends in ("softmax" for
-    a `Softmax` layer, a `Dense` or `Activation` layer's named activation),
-    or None when its config does not say it plainly."""
+    a `Softmax` layer or a final `keras.ops.softmax`, "sigmoid" for
+    `keras.ops.sigmoid`, a `Dense` or `Activation` layer's named
+    activation), or None when its config does not say it plainly."""
     _, outputs, _ = _archive_ends(path, option)
     if len(outputs) != 1 or not outputs[0]:
         return None
     layer = outputs[0]
-    if layer.get("class_name") == "Softmax":
-        return "softmax"
+    if layer.get("class_name") in ("Softmax", "Sigmoid"):
+        return layer["class_name"].lower()
     activation = layer.get("config", {}).get("activation")
     return activation if isinstance(activation, str) else None
 
@@ -806,11 +807,15 @@ def _finish_advice(run: Run) -> str:
     except (OSError, ValueError):
         record = {}
     if (record.get("health") or {}).get("status") == "failed":
+        fix = (
+            "Train it with a lower --teacher-learning-rate or more --teacher-epochs"
+            if record.get("source") == "trained"
+            else "Fix the teacher or the manifest's `normalization`"
+        )
         return (
             "It stopped at its teacher, which failed its health checks "
             f"({str(run.file('stages/teacher.json'))}: 'health'); a rerun stops "
-            "there again. Fix the teacher or the manifest's `normalization` and "
-            "start a new run (another --run-name)."
+            f"there again. {fix} and start a new run (another --run-name)."
         )
     return (
         "Rerun the `thumbnet train` command that started it (same options) to "

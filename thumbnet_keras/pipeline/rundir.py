@@ -468,6 +468,12 @@ def _find_prepared(folder: str, run_path: Path) -> str | None:
 _LOCATION_FIELDS = ("runs_dir", "data_dir", "dataset", "teacher", "backbone_weights")
 
 
+def _is_path(value) -> bool:
+    """A string naming a file or folder, not a keyword (`imagenet`) or a
+    prefixed spec (`pretrained:elpv`, `applications:ResNet50`)."""
+    return isinstance(value, str) and value != "imagenet" and ":" not in value
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
     """The fields whose values differ between two run configs, sorted.
 
@@ -481,7 +487,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
         a, b = old.get(key), new.get(key)
         if a == b or key == "runs_dir":
             return True
-        if key in _LOCATION_FIELDS and isinstance(a, str) and isinstance(b, str):
+        if key in _LOCATION_FIELDS and _is_path(a) and _is_path(b):
             return os.path.realpath(a) == os.path.realpath(b)
         return False
 

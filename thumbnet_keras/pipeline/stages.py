@@ -362,6 +362,8 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
 # 80% on [0, 255], and the run trained on at chance).
 VALUE_RANGE_MARGIN = 0.10
 VALUE_RANGE_FAIL = 0.25
+# Predictions this concentrated on one class say nothing about value ranges.
+NEAR_CONSTANT = 0.9
 _RANGES = {"unit": "[0, 1]", "symmetric": "[-1, 1]", "imagenet": "ImageNet mean/std",
            "raw": "[0, 255]"}  # fmt: skip
 
@@ -373,7 +375,8 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     `VALUE_RANGE_MARGIN` or more (judged on `health.MIN_IMAGES` images or
     more; the run goes on: the teacher may be right and the images odd), and
     `failed` (the run stops at the teacher) when by `VALUE_RANGE_FAIL` or
-    more. When the best of them is not `VALUE_RANGE_MARGIN` above the
+    more. When the best of them answers one class (`NEAR_CONSTANT` of its
+    predictions) and scores less than `VALUE_RANGE_MARGIN` above the
     majority-class rate, no value range fits the teacher and the problem
     says to check its class order and training instead."""
     from thumbnet_keras.pipeline.datasets import split_batches
@@ -383,6 +386,7 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     if health.get("top1") is None or health.get("images", 0) < MIN_IMAGES:
         return health
     scores = {current: health["top1"]}
+    shares = {current: health.get("top_class_share")}
     for other in _RANGES:
         if other != current:
             batches = split_batches(
@@ -391,15 +395,23 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
             )  # fmt: skip
             checked = check_predictions(teacher, batches, prepared["num_classes"])
             scores[other] = checked.get("top1") or 0.0
+            shares[other] = checked.get("top_class_share")
     best = max(scores, key=scores.get)
     health = {**health, "value_ranges": scores}
     gap = scores[best] - scores[current]
     majority = health.get("majority_rate") or 0.0
-    if gap >= VALUE_RANGE_MARGIN and scores[best] < majority + VALUE_RANGE_MARGIN:
-        # Better only up to what answering the most frequent class scores: no
-        # value range fits this teacher (a trial's teacher with its classes
-        # in another order was told to change the normalization). As severe
-        # as a value range would be: so far from its best, something is wrong.
+    constant = (shares.get(best) or 0.0) >= NEAR_CONSTANT
+    if (
+        gap >= VALUE_RANGE_MARGIN
+        and constant
+        and scores[best] < majority + VALUE_RANGE_MARGIN
+    ):
+        # The best range scores only what answering one class does, and that
+        # is what it does: no value range fits this teacher (a trial's teacher
+        # with its classes in another order was told to change the
+        # normalization). On imbalanced data a real range mismatch can also
+        # score near the majority rate, but with varied answers. As severe as
+        # a value range would be: so far from its best, something is wrong.
         status = "failed" if gap >= VALUE_RANGE_FAIL else "degraded"
         health["status"] = worst([health["status"], status])
         health["problems"] = [
