@@ -275,10 +275,15 @@ def test_fresh_students_per_seed_with_recipe(source_run, caplog):
     with pytest.raises(ConfigError, match="Unknown arm"):
         arm_inputs(resolved["run_dir"], "nearest", prepared)
 
-    # An earlier run in this process may have turned op determinism off.
-    from thumbnet_keras.pipeline.health import configure_determinism
+    # An earlier run in this process may have turned op determinism on. In a
+    # default_seed_scope, so Keras' default seeds are its own again after.
+    from thumbnet_keras.pipeline.health import (
+        configure_determinism,
+        default_seed_scope,
+    )
 
-    configure_determinism(0, deterministic=False)
+    with default_seed_scope():
+        configure_determinism(0, deterministic=False)
     caplog.set_level(logging.INFO, logger="thumbnet_keras.progress")
     records = {}
     for seed in config.seeds:
