@@ -241,12 +241,14 @@ def _check_labels(y_true) -> None:
         )
 
 
-def check_fit_labels(x, y=None) -> None:
+def check_fit_labels(x, y=None, num_classes: int | None = None) -> None:
     """`fit(x, y)`'s labels checked before any step is traced (the check in
     `classification_loss` would raise mid-trace, and Keras does not recover
     from that: the next `fit` on the same model fails creating variables).
     Reads arrays and tensors (`y`) or a `tf.data.Dataset`'s element spec;
-    other inputs (generators, `PyDataset`) are checked when traced."""
+    other inputs (generators, `PyDataset`) are checked when traced. Given
+    `num_classes`, labels held in memory are also `check_label_range`d."""
+    labels = y
     if y is None:
         spec = getattr(x, "element_spec", None)
         if not isinstance(spec, (tuple, list)) or len(spec) < 2:
@@ -256,6 +258,8 @@ def check_fit_labels(x, y=None) -> None:
         y = np.asarray(y)
     if hasattr(y, "dtype") and hasattr(y, "shape"):
         _check_labels(y)
+    if num_classes:
+        check_label_range(labels, num_classes)
 
 
 def check_label_range(y, num_classes: int) -> None:
@@ -299,14 +303,14 @@ def labels_missing(x, y=None) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def check_validation_labels(validation_data) -> None:
+def check_validation_labels(validation_data, num_classes: int | None = None) -> None:
     """`check_fit_labels` of `fit(validation_data=...)`: a dataset, or a
     tuple `(x, y[, sample_weight])`."""
     if isinstance(validation_data, (tuple, list)):
         if len(validation_data) >= 2:
-            check_fit_labels(validation_data[0], validation_data[1])
+            check_fit_labels(validation_data[0], validation_data[1], num_classes)
     elif validation_data is not None:
-        check_fit_labels(validation_data)
+        check_fit_labels(validation_data, num_classes=num_classes)
 
 
 def classification_loss(y_true, z_student, label_smoothing=0.0):

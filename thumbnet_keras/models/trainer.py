@@ -226,9 +226,9 @@ def check_loss_arguments(temperature, label_smoothing, weights) -> None:
 def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwargs):
     """`parent.fit(x, y, ...)` (`parent`: a trainer's `super()`) after what
     its inputs show is checked (`check_fit_images`, `labels_missing` when
-    the step `needs_labels`, with that message, `check_fit_labels` and
-    `check_label_range` for training and validation). If `fit` fails, the compiled step functions
-    are dropped, so the next `fit` traces afresh (a step whose first trace
+    the step `needs_labels`, with that message, and `check_fit_labels` with
+    the teacher's class count for training and validation). If `fit` fails,
+    the compiled step functions are dropped, so the next `fit` traces afresh (a step whose first trace
     failed made TensorFlow refuse the next one: "Creating variables on a
     non-first call to a function decorated with tf.function")."""
     model = parent.__self__
@@ -236,17 +236,10 @@ def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwarg
     check_no_sample_weights(type(model).__name__, x, kwargs)
     if needs_labels and L.labels_missing(x, y):
         raise ValueError(needs_labels)
-    L.check_fit_labels(x, y)
-    L.check_validation_labels(kwargs.get("validation_data"))
-    try:
-        num_classes = int(model.teacher.output_shape[-1])
-    except (AttributeError, TypeError, ValueError):  # a subclassed teacher
-        num_classes = None
-    if num_classes:
-        L.check_label_range(y, num_classes)
-        validation = kwargs.get("validation_data")
-        if isinstance(validation, (tuple, list)) and len(validation) >= 2:
-            L.check_label_range(validation[1], num_classes)
+    # The teacher passed `check_logits_model`: one (batch, classes) output.
+    num_classes = int(model.teacher.outputs[0].shape[-1])
+    L.check_fit_labels(x, y, num_classes)
+    L.check_validation_labels(kwargs.get("validation_data"), num_classes)
     try:
         with weights_kept_on_failure(model):
             return parent.fit(x, y, *args, **kwargs)

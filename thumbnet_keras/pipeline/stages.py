@@ -399,12 +399,11 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     best = max(scores, key=scores.get)
     health = {**health, "value_ranges": scores}
     gap = scores[best] - scores[current]
+    if gap < VALUE_RANGE_MARGIN:
+        return health
     majority = health.get("majority_rate") or 0.0
-    constant = (shares.get(best) or 0.0) >= NEAR_CONSTANT
-    if (
-        gap >= VALUE_RANGE_MARGIN
-        and constant
-        and scores[best] < majority + VALUE_RANGE_MARGIN
+    if (shares.get(best) or 0.0) >= NEAR_CONSTANT and (
+        scores[best] < majority + VALUE_RANGE_MARGIN
     ):
         # The best range scores only what answering one class does, and that
         # is what it does: no value range fits this teacher (a trial's teacher
@@ -412,36 +411,32 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
         # normalization). On imbalanced data a real range mismatch can also
         # score near the majority rate, but with varied answers. As severe as
         # a value range would be: so far from its best, something is wrong.
-        status = "failed" if gap >= VALUE_RANGE_FAIL else "degraded"
-        health["status"] = worst([health["status"], status])
-        health["problems"] = [
-            *health["problems"],
+        classes = ", ".join(prepared.get("class_names") or []) or "see the manifest"
+        problem = (
             f"no normalization makes the teacher score {100 * VALUE_RANGE_MARGIN:.0f} "
             f"points above answering the most frequent class "
             f"({100 * majority:.1f}%; best: {100 * scores[best]:.1f}% as "
             f"{best!r}), so the value range is not what is wrong: check that its "
-            f"outputs follow the manifest's class order "
-            f"({', '.join(prepared.get('class_names') or []) or 'see the manifest'}) "
-            "and that it was trained",
-        ]
-        return health
-    if gap >= VALUE_RANGE_MARGIN:
+            f"outputs follow the manifest's class order ({classes}) and that it "
+            "was trained"
+        )
+    else:
         _log(
             f"[teacher] warning: {100 * scores[current]:.1f}% top-1 on images in "
             f"{_RANGES[current]}, {100 * scores[best]:.1f}% in {_RANGES[best]}: "
             f"set `normalization: {best}` in the dataset manifest"
         )
-        status = "failed" if gap >= VALUE_RANGE_FAIL else "degraded"
-        health["status"] = worst([health["status"], status])
-        health["problems"] = [
-            *health["problems"],
+        problem = (
             f"the teacher scores {100 * scores[current]:.1f}% top-1 on "
             f"{health['images']} {health['split']} images fed as the manifest's "
             f"normalization {current!r} ({_RANGES[current]}) but "
             f"{100 * scores[best]:.1f}% as {best!r} ({_RANGES[best]}): it was "
             f"likely trained on those values; set `normalization: {best}` in the "
-            "dataset manifest and rerun under a new run name",
-        ]
+            "dataset manifest and rerun under a new run name"
+        )
+    status = "failed" if gap >= VALUE_RANGE_FAIL else "degraded"
+    health["status"] = worst([health["status"], status])
+    health["problems"] = [*health["problems"], problem]
     return health
 
 
