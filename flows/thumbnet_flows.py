@@ -41,7 +41,7 @@ from prefect.logging import get_run_logger
 from prefect.states import Failed
 
 from thumbnet_keras import pipeline
-from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams
+from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams, interrupt
 from thumbnet_keras.pipeline.datasets import is_prepared, report_data_notices
 from thumbnet_keras.pipeline.generalize import ARMS as GENERALIZE_ARMS
 from thumbnet_keras.pipeline.preflight import check_generalize, check_thumbnet
@@ -181,12 +181,14 @@ def train_stage_task(run_dir: str, factor: int, stage: str, verbose: int) -> dic
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(run_dir: str) -> dict:
     """Every arm on the validation and test splits."""
+    interrupt.check()  # A Ctrl-C that something swallowed.
     return pipeline.evaluate_run(run_dir)
 
 
 @task(name="health", cache_policy=NO_CACHE)
 def health_task(run_dir: str) -> dict:
     """The run's health (`health.json`) from its stages' sanity checks."""
+    interrupt.check()  # A Ctrl-C that something swallowed.
     from thumbnet_keras.pipeline.health import write_run_health
 
     return write_run_health(run_dir)
@@ -195,12 +197,14 @@ def health_task(run_dir: str) -> dict:
 @task(name="export", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def export_task(run_dir: str) -> dict:
     """thumbnet.keras, the thumbnail-only model, the downscalers, extra formats."""
+    interrupt.check()  # A Ctrl-C that something swallowed.
     return pipeline.export_run(run_dir)
 
 
 @task(name="report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def report_task(run_dir: str, dataset_name: str) -> dict:
     """metrics.json, report.md, report.html, and the keyed artifacts."""
+    interrupt.check()  # A Ctrl-C that something swallowed.
     report = pipeline.write_report(run_dir)
     _publish(dataset_name, "thumbnet", report, "ThumbNet results")
     return {k: report[k] for k in ("metrics_json", "report_md", "report_html")}
@@ -407,6 +411,7 @@ def generalize_arm_task(
 @task(name="generalize-report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def generalize_report_task(run_dir: str, source_name: str) -> dict:
     """metrics.json, report.md, report.html, and the keyed artifacts."""
+    interrupt.check()  # A Ctrl-C that something swallowed.
     report = pipeline.write_generalize_report(run_dir)
     _publish(source_name, "generalize", report, "Frozen E vs. bicubic thumbnails")
     return {k: report[k] for k in ("metrics_json", "report_md", "report_html")}

@@ -335,11 +335,15 @@ def _in_run_folder(
 
     parent = os.path.dirname(os.path.abspath(run_dir))
     made_parent = not os.path.exists(parent)  # `runs/` made by this command.
+    from thumbnet_keras.pipeline import interrupt
+
     lock_run(run_dir)
     done = False
     try:
-        _start_frameworks(args, server=server)
-        result = work()
+        # A flow: Ctrl-C stops it even where a library drops the interrupt.
+        with interrupt.handled() if server else contextlib.nullcontext():
+            _start_frameworks(args, server=server)
+            result = work()
         done = True
         return result
     finally:

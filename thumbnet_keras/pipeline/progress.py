@@ -35,6 +35,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 import keras
 
+from thumbnet_keras.pipeline import interrupt
 from thumbnet_keras.pipeline.config import skipped_stages
 
 __all__ = [
@@ -109,7 +110,9 @@ def _pct(value: float) -> str:
 
 
 def stage_started(factors: Sequence[int], sid: str, skip: Collection[str] = ()) -> None:
-    """Logs `[3/13] fm_pretrain f=2`: a stage starts (or is found done)."""
+    """Logs `[3/13] fm_pretrain f=2`: a stage starts (or is found done).
+    A Ctrl-C that something swallowed stops the run here."""
+    interrupt.check()
     logger.info(stage_label(factors, sid, skip))
 
 
@@ -179,6 +182,7 @@ class EpochProgress(keras.callbacks.Callback):
             self._pending = None
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        interrupt.check()  # A Ctrl-C that something swallowed (`interrupt`).
         self._flush()
         self._start = time.perf_counter()
 
@@ -211,6 +215,7 @@ class EpochProgress(keras.callbacks.Callback):
         # has ended its line: at the next epoch's start or the end of `fit`.
         seconds = time.perf_counter() - self._start
         self._pending = self.format_epoch(epoch, logs or {}, seconds)
+        interrupt.check()
 
     def on_train_end(self, logs=None) -> None:
         self._flush()

@@ -1,0 +1,74 @@
+"""Ctrl-C inside a run (`thumbnet_keras.pipeline.interrupt`): an interrupt a
+library swallows still stops the run at the next stopping point."""
+
+from __future__ import annotations
+
+import signal
+
+import keras
+import numpy as np
+import pytest
+
+from thumbnet_keras.pipeline import interrupt
+from thumbnet_keras.pipeline.progress import EpochProgress
+
+
+class _SwallowsCtrlC:
+    """Presses Ctrl-C while Python runs its `__del__`, where an exception
+    is printed ("Exception ignored in ...") and dropped, as TensorFlow's
+    resource deleters would have it."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
+def _swallowed_ctrl_c() -> None:
+    _SwallowsCtrlC()  # Collected at once: __del__ runs here.
+
+
+def test_ctrl_c_raises_says_so_and_the_handler_is_put_back(capfd):
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt.handled():
+        assert not interrupt.requested()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert interrupt.requested()
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()  # Asked again: still stopping.
+    assert signal.getsignal(signal.SIGINT) is before
+    assert "thumbnet: Ctrl-C: stopping the run..." in capfd.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_swallowed_ctrl_c_stops_fit_at_the_epoch_end():
+    class PressCtrlCInDel(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 1:
+                _swallowed_ctrl_c()
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    history = keras.callbacks.History()
+    x, y = np.zeros((8, 2), "float32"), np.zeros((8, 1), "float32")
+    with interrupt.handled():
+        _swallowed_ctrl_c()  # Nothing raised here, but recorded.
+        assert interrupt.requested()
+    with interrupt.handled():
+        assert not interrupt.requested()
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(x, y, batch_size=2, epochs=3, verbose=0,
+                      callbacks=[PressCtrlCInDel(), EpochProgress("s", 3), history])  # fmt: skip
+    # The batches after the swallowed interrupt ran; the next epoch did not.
+    assert history.epoch == [], history.epoch  # stopped inside epoch 1's end
+    assert not interrupt.requested()  # Cleared on leaving `handled()`.
+
+
+def test_an_ignored_sigint_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupt.handled():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)  # Nothing happens.
+            assert not interrupt.requested()
+    finally:
+        signal.signal(signal.SIGINT, previous)
