@@ -10,7 +10,7 @@ on to the end as if no key had been pressed.
 `handled()` (the command line, around a flow) replaces the handler with
 one that says at once that the run is stopping, remembers the interrupt and
 raises; `check()`, called where a run can stop cleanly (a stage's start,
-each epoch's start and end, the evaluate, health, export and report tasks),
+each epoch's start, the evaluate, health, export and report tasks),
 raises it again if it was dropped.
 A SIGINT that the process ignores (a shell's background job) stays ignored.
 """

@@ -182,7 +182,10 @@ class EpochProgress(keras.callbacks.Callback):
             self._pending = None
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
-        interrupt.check()  # A Ctrl-C that something swallowed (`interrupt`).
+        # A Ctrl-C that something swallowed (`interrupt`): stop here, where
+        # the last epoch's checkpoint is saved (it runs after this callback
+        # at an epoch's end).
+        interrupt.check()
         self._flush()
         self._start = time.perf_counter()
 
@@ -215,7 +218,6 @@ class EpochProgress(keras.callbacks.Callback):
         # has ended its line: at the next epoch's start or the end of `fit`.
         seconds = time.perf_counter() - self._start
         self._pending = self.format_epoch(epoch, logs or {}, seconds)
-        interrupt.check()
 
     def on_train_end(self, logs=None) -> None:
         self._flush()
