@@ -357,6 +357,14 @@ def test_claim_reopens_when_the_runs_dir_is_spelled_otherwise(earlier_run, monke
     )
     with pytest.raises(ConfigError, match=r"differs in: seed \(saved 0, now 9\)\)"):
         pipeline.resolve_run(other)
+    # Export formats alone: the refusal says how to add one to the run.
+    formats = ThumbNetParams(dataset=manifest, smoke=True, runs_dir=relative,
+                             run_name="earlier", export_formats=["onnx"])  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        pipeline.resolve_run(formats)
+    assert "differs in: export_formats" in str(refused.value)
+    run_path = os.path.join(relative, "earlier")
+    assert f"thumbnet export --run {run_path} --format <format>" in str(refused.value)
 
 
 def test_a_run_saved_before_a_new_field_resumes_at_its_old_meaning(earlier_run):

@@ -35,6 +35,7 @@ import datetime
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -604,7 +605,11 @@ def check_claimable(
                 "`run_name` in a deployment), or rerun with the saved settings to "
                 "resume it"
                 + (
-                    ". It was saved before the e_pretrain stage existed: "
+                    ". Only the export formats differ, and they change no "
+                    "trained model: add one to this run with `thumbnet export "
+                    f"--run {shlex.quote(str(run.path))} --format <format>`."
+                    if keys == ["export_formats"] and kind == "thumbnet"
+                    else ". It was saved before the e_pretrain stage existed: "
                     "e_pretrain_epochs 0 resumes it (`thumbnet train "
                     "--e-pretrain-epochs 0`; `thumbnet demo` always runs the "
                     "stage, so give it another --run-name)."
