@@ -45,6 +45,8 @@ __all__ = [
     "default_seed_scope",
     "epoch_seed",
     "failed_message",
+    "held_out_logits",
+    "matched_classes",
     "run_health",
     "worst",
     "write_run_health",
@@ -174,6 +176,15 @@ def check_predictions(
         with `judge_accuracy` (a stage trained without labels is not judged on
         accuracy).
     """
+    logits, labels = held_out_logits(model, batches, max_images)
+    if not len(labels):
+        return {"status": "ok", "problems": [], "images": 0, "reason": "no images"}
+    return check_logits(logits, labels, num_classes, accuracy=judge_accuracy)
+
+
+def held_out_logits(model, batches, max_images: int = 512):
+    """The model's logits (float64, `(N, classes)`) and the labels (int) of
+    up to `max_images` images of `(images, labels)` batches."""
     logits, labels = [], []
     seen = 0
     for images, y in batches:
@@ -184,10 +195,33 @@ def check_predictions(
         if seen >= max_images:
             break
     if not logits:
-        return {"status": "ok", "problems": [], "images": 0, "reason": "no images"}
-    logits = np.concatenate(logits)[:max_images]
-    labels = np.concatenate(labels)[:max_images].astype(int)
-    return check_logits(logits, labels, num_classes, accuracy=judge_accuracy)
+        return np.zeros((0, 0)), np.zeros((0,), int)
+    return (
+        np.concatenate(logits)[:max_images],
+        np.concatenate(labels)[:max_images].astype(int),
+    )
+
+
+def matched_classes(predicted, labels, num_classes: int) -> tuple[float, list[int]]:
+    """The top-1 the predictions would have if the model's outputs were in
+    another class order, and that order: one output per class, matched
+    greedily on the confusion counts (the largest count first). `order[k]`
+    is the class that output `k` stands for; the identity when the order is
+    right. A model trained with its classes listed otherwise scores near its
+    real accuracy here and far under it in the given order."""
+    predicted = np.asarray(predicted).astype(int)
+    labels = np.asarray(labels).astype(int)
+    confusion = np.zeros((num_classes, num_classes))
+    np.add.at(confusion, (labels, predicted), 1)
+    order = [-1] * num_classes
+    work = confusion.copy()
+    matched = 0.0
+    for _ in range(num_classes):
+        true, output = np.unravel_index(np.argmax(work), work.shape)
+        matched += confusion[true, output]
+        order[int(output)] = int(true)
+        work[true, :] = work[:, output] = -1.0
+    return float(matched / max(len(labels), 1)), order
 
 
 def check_logits(

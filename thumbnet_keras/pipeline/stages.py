@@ -378,13 +378,31 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     more. When the best of them answers one class (`NEAR_CONSTANT` of its
     predictions) and scores less than `VALUE_RANGE_MARGIN` above the
     majority-class rate, no value range fits the teacher and the problem
-    says to check its class order and training instead."""
+    says to check its class order and training instead. Before both: when
+    the teacher's outputs matched to the classes in another order
+    (`health.matched_classes`, `matched_order_top1`) score as well as any
+    range and `VALUE_RANGE_MARGIN` above the manifest's order, the problem
+    names that order for the manifest's `classes`."""
     from thumbnet_keras.pipeline.datasets import split_batches
-    from thumbnet_keras.pipeline.health import MIN_IMAGES, check_predictions, worst
+    from thumbnet_keras.pipeline.health import (
+        MIN_IMAGES,
+        check_predictions,
+        held_out_logits,
+        matched_classes,
+        worst,
+    )
 
     current = prepared["normalization"]
     if health.get("top1") is None or health.get("images", 0) < MIN_IMAGES:
         return health
+    logits, labels = held_out_logits(
+        teacher,
+        split_batches(prepared, health["split"], config.image_size, config.channels,
+                      config.batch_size),
+    )  # fmt: skip
+    matched, order = matched_classes(
+        logits.argmax(axis=-1), labels, prepared["num_classes"]
+    )
     scores = {current: health["top1"]}
     shares = {current: health.get("top_class_share")}
     for other in _RANGES:
@@ -397,12 +415,34 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
             scores[other] = checked.get("top1") or 0.0
             shares[other] = checked.get("top_class_share")
     best = max(scores, key=scores.get)
-    health = {**health, "value_ranges": scores}
-    gap = scores[best] - scores[current]
-    if gap < VALUE_RANGE_MARGIN:
-        return health
+    health = {**health, "value_ranges": scores, "matched_order_top1": matched}
     majority = health.get("majority_rate") or 0.0
-    if (shares.get(best) or 0.0) >= NEAR_CONSTANT and (
+    names = list(prepared.get("class_names") or [])
+    gap = scores[best] - scores[current]
+    if (
+        matched - scores[current] >= VALUE_RANGE_MARGIN
+        and matched >= scores[best]
+        and matched >= majority + VALUE_RANGE_MARGIN
+        and order != sorted(order)
+        and len(names) == len(order)
+    ):
+        # Right values, outputs in another class order: the teacher reads the
+        # images and names them otherwise (a trial's teacher, trained on
+        # sorted class names under a manifest listing them otherwise, was
+        # told to change the normalization instead).
+        listed = ", ".join(names[k] for k in order)
+        problem = (
+            f"the teacher scores {100 * scores[current]:.1f}% top-1 on "
+            f"{health['images']} {health['split']} images in the manifest's class "
+            f"order ({', '.join(names)}) but {100 * matched:.1f}% if its outputs "
+            f"are, in order, {listed}: it was likely trained with its classes in "
+            f"that order; list them so in the dataset manifest (`classes: "
+            f"[{listed}]`) and rerun under a new run name"
+        )
+        gap = matched - scores[current]
+    elif gap < VALUE_RANGE_MARGIN:
+        return health
+    elif (shares.get(best) or 0.0) >= NEAR_CONSTANT and (
         scores[best] < majority + VALUE_RANGE_MARGIN
     ):
         # The best range scores only what answering one class does, and that
