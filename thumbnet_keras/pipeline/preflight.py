@@ -586,8 +586,10 @@ def _check_teacher(path: str, shape: tuple, manifest) -> None:
         raise ConfigError(
             f"--teacher {path!r} ends in a {activation} activation, so it outputs "
             "probabilities, not logits. Rebuild it with "
-            "`classifier_activation=None` (keras.applications) or `activation=None` "
-            "on its last layer, and save it again; the weights are unchanged."
+            "`classifier_activation=None` (keras.applications), `activation=None` "
+            f"on its last layer, or without its final {activation} layer "
+            "(`Softmax`, `Activation`) and save it again; the weights are "
+            "unchanged."
         )
     if None not in (classes, num_classes) and classes != num_classes:
         raise ConfigError(
