@@ -123,6 +123,31 @@ def test_bad_teacher_specs_name_the_problem(tmp_path):
             load_teacher(spec, shape, 3)
 
 
+def test_a_saved_subclassed_teacher_is_told_to_rebuild_it_functionally(tmp_path):
+    """A trial (2026-11-30): `thumbnet train --teacher t_sub.keras` printed
+    Keras' "Could not locate class 'Sub' ... register_keras_serializable",
+    steering the user to make a class importable that no teacher can be."""
+
+    class Sub(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.pool = keras.layers.GlobalAveragePooling2D()
+            self.head = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.head(self.pool(x))
+
+    model = Sub()
+    model(np.zeros((1, 32, 32, 3), "float32"))
+    path = tmp_path / "t_sub.keras"
+    model.save(path)
+    with pytest.raises(TeacherSpecError) as info:
+        load_teacher(str(path), (32, 32, 3), 3)
+    message = str(info.value)
+    assert "uses the class 'Sub', defined in your code" in message
+    assert "rebuild it functionally" in message
+
+
 def test_weights_of_another_architecture_get_a_short_message(tmp_path):
     """Keras' weight-loading error prints every value of the variable it
     failed on (126 KB for MobileNetV2, seen by a user); the teacher error

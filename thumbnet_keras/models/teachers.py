@@ -46,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import keras
@@ -298,6 +299,18 @@ def load_teacher(spec: str, image_shape=None, num_classes: int | None = None):
     try:
         teacher = keras.saving.load_model(path, compile=False)
     except Exception as err:
+        missing = re.search(r"Could not locate class '([^']+)'", str(err))
+        if missing:  # A class of the user's code, not importable here.
+            raise TeacherSpecError(
+                f"Teacher file {path!r} uses the class '{missing.group(1)}', "
+                "defined in your code, which this process cannot import. A "
+                "subclassed model cannot be a teacher (S is derived from the "
+                "teacher's graph): rebuild it functionally (keras.Input, then "
+                "its layers), copy the weights, and save it again. A custom "
+                "layer in a Functional model works from the Python API, in code "
+                "that imports it (registered with "
+                "`@keras.saving.register_keras_serializable()`)."
+            ) from err
         raise TeacherSpecError(
             f"Teacher file {path!r} is not a loadable .keras model: {short_error_text(err)}"
         ) from err
