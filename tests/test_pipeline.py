@@ -362,7 +362,8 @@ def test_claim_reopens_when_the_runs_dir_is_spelled_otherwise(earlier_run, monke
                              run_name="earlier", export_formats=["onnx"])  # fmt: skip
     with pytest.raises(ConfigError) as refused:
         pipeline.resolve_run(formats)
-    assert "differs in: export_formats" in str(refused.value)
+    # The option's name beside the field's (`--epochs` for joint_epochs too).
+    assert "differs in: export_formats (--export-format; saved" in str(refused.value)
     run_path = os.path.join(relative, "earlier")
     assert f"thumbnet export --run {run_path} --format <format>" in str(refused.value)
 

@@ -529,8 +529,10 @@ def _with_current_fields(config: dict, kind: str | None, new: dict) -> dict:
 
 
 def _differences_text(keys: list[str], old: dict, new: dict) -> str:
-    """`e_pretrain_epochs (saved 0, now 2), seed (saved 0, now 1)`; long
-    values are named without them."""
+    """`e_pretrain_epochs (saved 0, now 2), joint_epochs (--epochs; saved 3,
+    now 4)`: the command-line option where it is not the field's name
+    (`options.SPELLINGS`); long values are named without them."""
+    from thumbnet_keras.pipeline.options import SPELLINGS
 
     def short(value):
         text = repr(value)
@@ -539,7 +541,9 @@ def _differences_text(keys: list[str], old: dict, new: dict) -> str:
     parts = []
     for key in keys:
         a, b = short(old.get(key)), short(new.get(key))
-        parts.append(f"{key} (saved {a}, now {b})" if a and b else key)
+        notes = [SPELLINGS[key]] if key in SPELLINGS else []
+        notes += [f"saved {a}, now {b}"] if a and b else []
+        parts.append(f"{key} ({'; '.join(notes)})" if notes else key)
     return ", ".join(parts)
 
 
