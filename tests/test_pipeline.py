@@ -586,8 +586,9 @@ def test_unnamed_runs_get_distinct_folders(earlier_run):
 # Validation top-1 per epoch, forced: labels = argmax(x), 3 of 4 are class 0.
 _VAL_X = np.array([[1, 0], [2, 1], [3, 0], [0, 1]], np.float32)
 _VAL_Y = np.array([0, 0, 0, 1], np.int32)
-_KERNELS = {"zeros": np.zeros((2, 2)), "eye": np.eye(2), "neg": -np.eye(2)}
-_TOP1 = {"zeros": 0.75, "eye": 1.0, "neg": 0.0}  # zeros: ties go to class 0
+_KERNELS = {"zeros": np.zeros((2, 2)), "eye": np.eye(2), "neg": -np.eye(2),
+            "3eye": 3 * np.eye(2)}  # fmt: skip
+_TOP1 = {"zeros": 0.75, "eye": 1.0, "neg": 0.0, "3eye": 1.0}  # zeros: ties go to 0
 
 
 class _ForceKernel(keras.callbacks.Callback):
@@ -660,15 +661,37 @@ def test_best_epoch_is_selected_on_validation_and_survives_resume(tmp_path):
     # A resumed process that finds a better epoch moves the selection.
     other = tmp_path / "other"
     _fit_selected(other, 1, ["neg", "zeros"])
-    assert load_checkpoint(other)["best"] == {
-        "monitor": "val_accuracy", "epoch": 1, "value": 0.0
-    }  # fmt: skip
+    best = load_checkpoint(other)["best"]
+    assert best.pop("val_loss") > 0  # the tie-break, kept with it
+    assert best == {"monitor": "val_accuracy", "epoch": 1, "value": 0.0}
     model, record = _fit_selected(other, 2, ["neg", "zeros"])
     assert record["selection"]["best_epoch"] == 2
     np.testing.assert_allclose(model.get_layer("out").kernel, np.zeros((2, 2)))
     assert sorted(p.name for p in other.iterdir()) == [
         "best-epoch-0002.weights.h5", "epoch-0002.weights.h5", "state.json"
     ]  # fmt: skip
+
+
+def test_a_tie_keeps_the_epoch_with_the_lower_validation_loss(tmp_path):
+    """A trial (2026-11-30): a 7-image validation split scored 100% from
+    epoch 1 on, and the stage kept epoch 1 of 12, the warm-up. Between
+    epochs of equal top-1 the lower validation loss wins: 3x the identity's
+    logits are as right (top-1 1.0) and surer (cross-entropy by hand:
+    mean of log(1 + e^-(3m)) over the margins m = 1, 1, 3, 1 (x3), under
+    the identity's), so epoch 2 is kept over 1; the identity again at 3
+    does not displace it, and a resume keeps it."""
+    softplus = lambda t: np.log1p(np.exp(-t))  # noqa: E731
+    margins = np.array([1.0, 1.0, 3.0, 1.0])
+    loss_eye, loss_3eye = softplus(margins).mean(), softplus(3 * margins).mean()
+    model, record = _fit_selected(tmp_path, 3, ["eye", "3eye", "eye", "eye"])
+    assert record["history"]["val_accuracy"] == [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(
+        record["history"]["val_loss"], [loss_eye, loss_3eye, loss_eye], rtol=1e-5
+    )
+    assert record["selection"]["best_epoch"] == 2
+    np.testing.assert_allclose(model.get_layer("out").kernel, 3 * np.eye(2))
+    _, record = _fit_selected(tmp_path, 4, ["eye", "3eye", "eye", "eye"])
+    assert record["resumed_from"] == [3] and record["selection"]["best_epoch"] == 2
 
 
 def test_no_validation_keeps_the_last_epoch(tmp_path):

@@ -155,9 +155,9 @@ def test_a_resumed_stage_marks_best_only_past_the_checkpoints_best(tmp_path):
     fit_resumable(model, data, 3, tmp_path, verbose=0, validation_data=data,
                   callbacks=[cb], log=lambda m: None)  # fmt: skip
     best = first["selection"]["best_value"]
-    assert cb.best is not None and cb.best >= best
+    assert cb.best is not None and cb.best["value"] >= best
     restored = EpochProgress("teacher", 3, [2])
-    restored.restore_best(best)
+    restored.restore_best({"value": best})
     again = restored.format_epoch(2, {"val_accuracy": best}, 1.0)
     assert "(best)" not in again
     assert "(best)" in restored.format_epoch(2, {"val_accuracy": best + 0.1}, 1.0)

@@ -9,7 +9,9 @@ resumed stage continues with the same optimizer moments and step count (and
 so the same point of the learning-rate schedule).
 
 Best-epoch selection: with validation data, the epoch with the highest
-validation top-1 (`val_accuracy`; the first one on ties) is kept. Its weights
+validation top-1 (`val_accuracy`) is kept; on ties, the one with the lower
+validation loss (`val_loss`), then the first (a small validation split that
+every epoch scores 100% on kept the warm-up epoch of 12 in a trial). Its weights
 are saved as `best-epoch-000K.weights.h5`, before the state file that names
 it, so the best-so-far epoch and value survive a kill and a resume like the
 rest; when training ends, the model is left with the best epoch's weights.
@@ -73,6 +75,24 @@ def _best_file(directory: Path, epoch: int) -> Path:
     return directory / f"best-epoch-{epoch:04d}.weights.h5"
 
 
+# Between epochs of equal validation top-1: the lower validation loss.
+TIEBREAK = "val_loss"
+
+
+def improves(value: float, loss: float | None, best: dict | None) -> bool:
+    """Whether an epoch's validation top-1 `value` (and validation `loss`,
+    or None) beats `best` (`{"value", "val_loss"?}`, or None): higher
+    top-1, or the same with a lower loss. NaN never improves; a best saved
+    without a loss (an older checkpoint) is beaten on ties by any loss."""
+    if value != value:
+        return False
+    if best is None or value > best["value"]:
+        return True
+    if value < best["value"] or loss is None or loss != loss:
+        return False
+    return loss < best.get(TIEBREAK, float("inf"))
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """Saves model and optimizer variables and the history after every epoch.
 
@@ -108,9 +128,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if self.monitor is None or self.monitor not in logs:
             return None
         value = float(logs[self.monitor])
-        if value != value:  # NaN never improves.
-            return None
-        if self.best is None or value > self.best["value"]:
+        if improves(value, logs.get(TIEBREAK), self.best):
             return value
         return None
 
@@ -125,6 +143,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if value is not None:
             atomic_write(_best_file(self.directory, done), self.model.save_weights)
             self.best = {"monitor": self.monitor, "epoch": done, "value": value}
+            if logs.get(TIEBREAK) is not None:
+                self.best[TIEBREAK] = float(logs[TIEBREAK])
         write_json(
             self.directory / STATE_FILE,
             {
@@ -260,7 +280,7 @@ def fit_resumable(
             log(f"  resuming from the checkpoint after epoch {initial}/{epochs}")
         for extra_callback in callbacks or []:
             if best is not None and hasattr(extra_callback, "restore_best"):
-                extra_callback.restore_best(best["value"])  # progress lines
+                extra_callback.restore_best(best)  # progress lines
     per_epoch = callable(train_data)
     extra = {"seed": seed if per_epoch else None, "nonfinite": nonfinite}
     callback = EpochCheckpoint(

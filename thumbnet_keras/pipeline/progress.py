@@ -36,6 +36,7 @@ from collections.abc import Collection, Mapping, Sequence
 import keras
 
 from thumbnet_keras.pipeline import interrupt
+from thumbnet_keras.pipeline.checkpoint import TIEBREAK, improves
 from thumbnet_keras.pipeline.config import skipped_stages
 
 __all__ = [
@@ -167,14 +168,14 @@ class EpochProgress(keras.callbacks.Callback):
         self.epochs = int(epochs)
         self.log = log or logger
         self.durations: list[float] = []
-        self.best: float | None = None
+        self.best: dict | None = None  # {"value", "val_loss"?}, as kept
         self._start = 0.0
         self._pending: str | None = None
 
-    def restore_best(self, value: float) -> None:
-        """A resumed stage's best validation value so far (from its
-        checkpoint), so "(best)" marks only an epoch that beats it."""
-        self.best = float(value)
+    def restore_best(self, best: Mapping) -> None:
+        """A resumed stage's best epoch so far (its checkpoint's `{"value",
+        "val_loss"?}`), so "(best)" marks only an epoch that beats it."""
+        self.best = dict(best)
 
     def _flush(self) -> None:
         if self._pending is not None:
@@ -200,8 +201,11 @@ class EpochProgress(keras.callbacks.Callback):
         if "val_accuracy" in logs:
             value = float(logs["val_accuracy"])
             text = f"val top-1 {_pct(value)}"
-            if value == value and (self.best is None or value > self.best):
-                self.best = value
+            loss = logs.get(TIEBREAK)
+            if improves(value, loss, self.best):  # What the checkpoint keeps.
+                self.best = {"value": value}
+                if loss is not None:
+                    self.best[TIEBREAK] = float(loss)
                 text += " (best)"
             parts.append(text)
         left = self.epochs - (epoch + 1)
