@@ -105,7 +105,9 @@ def test_write_predictions_csv_and_json(tmp_path):
     )  # fmt: skip
     assert [r["reason"] for r in result["skipped"]] == ["not_found"]
     # UTF-8 whatever the locale; the undecodable byte written as JSON does.
-    text = Path(write_predictions(result, tmp_path / "p.csv")).read_text("utf-8")
+    raw = Path(write_predictions(result, tmp_path / "p.csv")).read_bytes()
+    assert b"\r" not in raw  # Unix line ends, as the JSON and every tool here
+    text = raw.decode("utf-8")
     assert "/caf\\udce9.png,1,bright," in text
     rows = list(csv.DictReader(open(write_predictions(result, tmp_path / "p.csv"))))
     assert [(r["rank"], r["class"]) for r in rows[:2]] == [
@@ -123,8 +125,12 @@ def test_predict_needs_a_matching_sidecar(tmp_path):
     model = _brightness_model(tmp_path / "m" / "thumbnet.keras")
     other = tmp_path / "other"
     other.mkdir()
-    with pytest.raises(deploy.SidecarError, match="thumbnet_model.json not found"):
+    with pytest.raises(deploy.SidecarError) as info:
         predict(model, [], sidecar=other / "thumbnet_model.json")
+    # Where it looked, whole: a moved model's relative folder said nothing.
+    assert f"{other / 'thumbnet_model.json'} not found (the sidecar named)" in str(
+        info.value
+    )
     deploy.write_sidecar(
         other, class_names=["a", "b"], input_size=(16, 16), channels=1,
         normalization="unit",

@@ -243,7 +243,7 @@ def write_predictions(result: dict, path: str | os.PathLike) -> str:
             if suffix == ".json":
                 f.write(json.dumps(result, indent=2) + "\n")
             else:
-                writer = csv.writer(f)
+                writer = csv.writer(f, lineterminator="\n")  # not \r\n
                 writer.writerow(["file", "rank", "class", "probability", "error"])
                 for row in result["predictions"]:
                     for rank, item in enumerate(row["top"], 1):

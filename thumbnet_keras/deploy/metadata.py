@@ -128,9 +128,10 @@ def read_sidecar(model_path: str | os.PathLike, sidecar: str | None = None) -> d
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
+        where = "the sidecar named" if sidecar else "beside the model"
         raise SidecarError(
-            f"{path} not found: {SIDECAR} beside a model names its classes and "
-            "input. Export the model with `thumbnet export` (it writes one "
+            f"{path.absolute()} not found ({where}): {SIDECAR} beside a model "
+            "names its classes and input. Export the model with `thumbnet export` (it writes one "
             "there), copy the run's export folder's file beside it, or name it "
             "(`thumbnet predict --sidecar PATH`, `predict(..., sidecar=path)`)."
         ) from None
