@@ -428,18 +428,40 @@ def _warn_downscaler_share(downscaler, student):
         logger.debug("Downscaler share not checked: %s", error)
         return
     if share > DOWNSCALER_SHARE:
-        warnings.warn(
+        from thumbnet_keras.layers.downscaler import AUTO_WIDTHS
+
+        cost = (
             f"The downscaler '{downscaler.name}' costs {e_macs / 1e6:.2f} M MACs, "
-            f"{share:.1%} of the inference model (E + S = "
-            f"{total / 1e6:.2f} M): more than "
-            f"{DOWNSCALER_SHARE:.0%}, so the thumbnail model saves less than the "
-            "factor promises. Use a narrower E, e.g. `build_downscaler(..., "
-            "width=auto_downscaler_width(input_shape, factor, student))`; if E "
-            "is already that narrow (4), no width fits: S is small beside the "
-            "full-size image E reads, and only a smaller image or a larger S "
-            "lowers E's share.",
-            stacklevel=3,
+            f"{share:.1%} of the inference model (E + S = {total / 1e6:.2f} M): "
+            f"more than {DOWNSCALER_SHARE:.0%}, so the thumbnail model saves less "
+            "than the factor promises. "
         )
+        width = _downscaler_width(downscaler)
+        if width is not None and width <= min(AUTO_WIDTHS):
+            # What `auto_downscaler_width` returns when no width fits: saying
+            # "use it" to a user who did was the README's own first warning.
+            advice = (
+                f"E is already at the narrowest width ({width}): S is small "
+                "beside the full-size image E reads, and only a smaller image or "
+                "a larger S lowers E's share."
+            )
+        else:
+            advice = (
+                "Use a narrower E, e.g. `build_downscaler(..., "
+                "width=auto_downscaler_width(input_shape, factor, student))`."
+            )
+        warnings.warn(cost + advice, stacklevel=3)
+
+
+def _downscaler_width(downscaler) -> int | None:
+    """The width of an E that `build_downscaler` built (its first
+    convolution's filters), or None for another model."""
+    for name in ("mix_conv", "down0_conv"):
+        try:
+            return int(downscaler.get_layer(name).filters)
+        except (ValueError, AttributeError):
+            continue
+    return None
 
 
 @keras.saving.register_keras_serializable(package="thumbnet_keras")
