@@ -219,3 +219,24 @@ def test_format_summary_puts_health_warnings_first():
     assert lines[1] == "  - f2-joint: at the majority-class rate"
     assert lines[2].startswith("Run demo: ThumbNet f=2")
     assert not format_summary(metrics()).startswith("WARNING")
+
+
+def test_stage_done_logs_the_stages_wall_time(caplog, monkeypatch):
+    """A trial (2026-11-30): `[1/7] teacher: done in 0s` after 2.6 s (a
+    loaded teacher trains for 0 s; its loading and checks took the time).
+    The line gives the time since the stage started in this process, and the
+    record's training time when it did not start here."""
+
+    class FakeRun:
+        def config(self):
+            return {"config": {"factors": [2], "e_pretrain_epochs": 0, "fm_epochs": 0}}
+
+    clock = iter([100.0, 102.6])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    caplog.set_level(logging.INFO, logger="thumbnet_keras.progress")
+    progress.stage_started([2], "teacher", ("e_pretrain", "fm_pretrain"))
+    progress.stage_done(FakeRun(), "teacher", {"seconds": 0.0})
+    assert caplog.messages[-1] == "[1/6] teacher: done in 3s"
+    # Not started in this process: the record's own seconds.
+    progress.stage_done(FakeRun(), "f2-joint", {"seconds": 61.0})
+    assert caplog.messages[-1] == "[3/6] joint f=2: done in 1m01s"

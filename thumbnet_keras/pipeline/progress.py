@@ -110,15 +110,23 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
+# When each stage of this process started (`stage_started`), for the wall
+# time `stage_done` logs: loading, checks and evaluation included (a record's
+# `seconds` are its training alone: a loaded teacher's are 0).
+_STARTED: dict[str, float] = {}
+
+
 def stage_started(factors: Sequence[int], sid: str, skip: Collection[str] = ()) -> None:
     """Logs `[3/13] fm_pretrain f=2`: a stage starts (or is found done).
     A Ctrl-C that something swallowed stops the run here."""
     interrupt.check()
+    _STARTED[sid] = time.perf_counter()
     logger.info(stage_label(factors, sid, skip))
 
 
 def stage_done(run, sid: str, record: Mapping) -> None:
-    """Logs the end of a stage: its time and the epoch it kept.
+    """Logs the end of a stage: its time (since `stage_started` in this
+    process, else the record's training time) and the epoch it kept.
 
     Args:
         run: the `Run` (its config gives the stage count).
@@ -127,10 +135,14 @@ def stage_done(run, sid: str, record: Mapping) -> None:
     """
     config = run.config()["config"]
     text = f"{stage_label(config['factors'], sid, skipped_stages(config))}: "
+    started = _STARTED.pop(sid, None)
     if record.get("unavailable"):
         text += "unavailable"
     else:
-        text += f"done in {format_duration(record.get('seconds') or 0)}"
+        seconds = record.get("seconds") or 0
+        if started is not None:
+            seconds = time.perf_counter() - started
+        text += f"done in {format_duration(seconds)}"
         selection = record.get("selection") or {}
         if selection.get("best_value") is not None:
             text += (
