@@ -232,7 +232,7 @@ def test_stage_done_logs_the_stages_wall_time(caplog, monkeypatch):
             return {"config": {"factors": [2], "e_pretrain_epochs": 0, "fm_epochs": 0}}
 
     clock = iter([100.0, 102.6])
-    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock, 102.6))
     caplog.set_level(logging.INFO, logger="thumbnet_keras.progress")
     progress.stage_started([2], "teacher", ("e_pretrain", "fm_pretrain"))
     progress.stage_done(FakeRun(), "teacher", {"seconds": 0.0})
