@@ -13,6 +13,24 @@ from thumbnet_keras.pipeline import interrupt
 from thumbnet_keras.pipeline.progress import EpochProgress
 
 
+@pytest.fixture(autouse=True)
+def _sigint_as_in_a_terminal():
+    """SIGINT handled as Python sets it up in a terminal: `default_int_handler`,
+    not blocked. This test process may have inherited it ignored (a shell's
+    background job) or blocked (CI's runner); `handled()` then rightly
+    leaves it alone, and a raised signal would never arrive."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    blocked = signal.SIGINT in signal.pthread_sigmask(
+        signal.SIG_UNBLOCK, [signal.SIGINT]
+    )
+    try:
+        yield
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+        signal.signal(signal.SIGINT, previous)
+
+
 class _SwallowsCtrlC:
     """Presses Ctrl-C while Python runs its `__del__`, where an exception
     is printed ("Exception ignored in ...") and dropped, as TensorFlow's
