@@ -236,6 +236,19 @@ def _say_what_smoke_replaced(params) -> None:
         )
 
 
+def _say_run_folder(run: dict) -> None:
+    """The run folder, at the start: a deployment's run without `run_name`
+    gets a generated one (it carries the start time), and resuming a
+    cancelled or crashed run needs it (its name appeared only with the
+    outputs, so a run stopped earlier never said it; a trial)."""
+    get_run_logger().info(
+        "run folder: %s (%s; run_name %r resumes it)",
+        os.path.abspath(run["run_dir"]),
+        "resumed" if run["resumed"] else "new",
+        os.path.basename(run["run_dir"]),
+    )
+
+
 def _with_deployment_params(params):
     """A deployment run's `params`, field by field over the deployment's own.
 
@@ -271,6 +284,15 @@ def _with_deployment_params(params):
         )
         return params
     base = (deployment.parameters or {}).get("params")
+    if given is None and isinstance(base, dict):
+        # `--params '{"params": null}'`: Prefect accepts it (the flow's
+        # `params` may be None) and the flow would have run the library's
+        # defaults, a full ELPV run, instead of the deployment (a trial).
+        get_run_logger().info(
+            "params: null in this run, so deployment %r's own are used.",
+            deployment.name,
+        )
+        return validate_params(type(params), base)
     if not isinstance(given, dict) or not isinstance(base, dict) or given == base:
         return params
     get_run_logger().info(
@@ -342,6 +364,7 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
     except _user_errors() as err:
         return _refused(err)
     config, run_dir = run["config"], run["run_dir"]
+    _say_run_folder(run)
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
     try:
         prepared = _prepare(config["dataset"], data_dir, config["limit_per_class"])
@@ -439,6 +462,7 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
     except _user_errors() as err:
         return _refused(err)
     config, run_dir = run["config"], run["run_dir"]
+    _say_run_folder(run)
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
     results = []
     for index, experiment in enumerate(run["experiments"]):

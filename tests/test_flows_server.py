@@ -128,15 +128,34 @@ def test_served_deployment_runs_on_local_server(tmp_path):
             assert run.returncode == 0, output + serve_log.read_text()[-4000:]
             assert "Completed" in output, output
             said = "params: run_name from this run, every other field from deployment 'smoke'."
+            served = serve_log.read_text()
+            assert said in served
+            # The folder is named at the start (a run stopped early never
+            # said it, and resuming needs it).
+            assert (
+                f"run folder: {runs / 'one-field'} (new; run_name 'one-field'" in served
+            )
+            # `params: null` (Prefect accepts it: the flow's `params` may be
+            # None) runs the deployment's settings, not the library's
+            # defaults (a full ELPV run, in the working folder's runs/).
+            run = subprocess.run(
+                [*prefect, "deployment", "run", "thumbnet/smoke", "--watch",
+                 "--watch-timeout", "400", "--params", '{"params": null}'],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=460,
+            )  # fmt: skip
+            output = run.stdout + run.stderr
+            assert run.returncode == 0, output + serve_log.read_text()[-4000:]
+            said = "params: null in this run, so deployment 'smoke''s own are used."
             assert said in serve_log.read_text()
         finally:
             _stop(serve)
     finally:
         _stop(server)
-    folders = [p for p in runs.iterdir() if p.name != "_data"]
-    assert len(folders) == 1, folders
-    run_dir = folders[0]
-    assert run_dir.name == "one-field"
+    folders = {p.name: p for p in runs.iterdir() if p.name != "_data"}
+    run_dir = folders.pop("one-field")
+    (null_run,) = folders.values()  # Its generated name, in the served runs/.
+    saved = json.loads((null_run / "config.json").read_text())["config"]
+    assert saved["dataset"] == manifest and saved["smoke"] is True
     assert (
         json.loads((run_dir / "config.json").read_text())["config"]["dataset"]
         == manifest
