@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import warnings
 
 from thumbnet_keras.pipeline.environment import import_backend_quietly, quiet_frameworks
 
@@ -143,7 +144,18 @@ def resolve_run_task(params: dict) -> dict:
 )
 def prepare_data_task(dataset: str, data_dir: str, limit_per_class: int | None) -> dict:
     """Validates, splits and indexes the dataset (cached on manifest content)."""
-    result = pipeline.prepare_dataset(dataset, data_dir, limit_per_class)
+    # What preparing found (classes missing from a split, duplicates) goes to
+    # the run's log: as Python warnings it reached only the worker's stderr,
+    # never the UI (a trial).
+    with warnings.catch_warnings(record=True) as found:
+        result = pipeline.prepare_dataset(dataset, data_dir, limit_per_class)
+    for warning in found:
+        if issubclass(warning.category, UserWarning):
+            get_run_logger().warning("%s", warning.message)
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
     print(
         f"[prepare-data] {result['name']}: {result['splits']} in {result['prepared_dir']}"
     )

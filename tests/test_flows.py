@@ -5,6 +5,7 @@ ELPV shrunk by `smoke`, then generalize, rerun, bad input and the CLI on it."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -411,7 +412,20 @@ def test_prepare_is_cached_until_a_source_file_changes(tmp_path):
         state = prepare_data_task(manifest, data_dir, None, return_state=True)
         return state.name, state.result()
 
-    first, prepared = prepare_once()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    task_runs = logging.getLogger("prefect.task_runs")  # Does not propagate.
+    task_runs.addHandler(handler)
+    try:
+        first, prepared = prepare_once()
+    finally:
+        task_runs.removeHandler(handler)
+    # What preparing warned of (8 images a class leave 'bright' none for
+    # validation) is in the task run's log, not a Python warning that only a
+    # worker's stderr showed (a trial).
+    said = [r.getMessage() for r in records]
+    assert any("some classes have no image in a split" in m for m in said), said
     again, _ = prepare_once()
     assert (first, again) == ("Completed", "Cached")
     replaced = tmp_path / "brightness" / "dark" / "000.png"
