@@ -222,6 +222,13 @@ def report_task(run_dir: str, dataset_name: str) -> dict:
     return {k: report[k] for k in ("metrics_json", "report_md", "report_html")}
 
 
+def _artifact_name(prepared: dict, config: dict) -> str:
+    """What a run's artifacts are keyed by: the dataset, and `smoke` for a
+    smoke run (its 8-image report became the latest `thumbnet-elpv-report`
+    over a real run's; a trial)."""
+    return prepared["name"] + ("-smoke" if config.get("smoke") else "")
+
+
 def _publish(dataset_name: str, kind: str, report: dict, title: str) -> None:
     key = _artifact_key(kind, dataset_name)
     create_markdown_artifact(report["markdown"], key=f"{key}-report", description=title)
@@ -393,10 +400,10 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
     if health["status"] == "failed":  # Report it; export nothing.
         from thumbnet_keras.pipeline.health import TrainingHealthError, failed_message
 
-        report = report_task(run_dir, prepared["name"])
+        report = report_task(run_dir, _artifact_name(prepared, config))
         raise TrainingHealthError(failed_message(health, report["report_html"]))
     exported = export_task(run_dir)
-    report = report_task(run_dir, prepared["name"])
+    report = report_task(run_dir, _artifact_name(prepared, config))
     # Absolute: a deployment's run prints them from a worker's folder.
     print(f"thumbnet.keras: {os.path.abspath(exported['thumbnet'])}")
     print(f"report: {os.path.abspath(report['report_html'])}")

@@ -209,10 +209,12 @@ def test_report_artifacts_are_keyed(finished):
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="thumbnet-elpv"))
         )
     mine = {a.key: a.type for a in artifacts if a.flow_run_id == flow_run_id}
+    # A smoke run's keys say so: its report does not become the latest
+    # `thumbnet-elpv-report` over a real run's.
     assert mine == {
-        "thumbnet-elpv-report": "markdown",
-        "thumbnet-elpv-results": "table",
-        "thumbnet-elpv-accuracy-vs-flops": "image",
+        "thumbnet-elpv-smoke-report": "markdown",
+        "thumbnet-elpv-smoke-results": "table",
+        "thumbnet-elpv-smoke-accuracy-vs-flops": "image",
     }
 
 
