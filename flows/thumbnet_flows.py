@@ -336,13 +336,14 @@ class _RefusedWithoutTraceback(logging.Filter):
     """A deployment's run that `_refused` ended: Prefect's engine logs the
     raised error with its traceback ("Engine execution exited with
     unexpected exception", ~50 lines of checks and engine frames) after the
-    one error line. This keeps that record's line and drops its traceback;
-    any other error keeps it."""
+    one error line. This drops the traceback and says what happened instead
+    ("unexpected" it was not); any other error keeps both."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if getattr(error, "_thumbnet_refused", False):
             record.exc_info = record.exc_text = None
+            record.msg, record.args = "Flow run refused: the error above.", ()
         return True
 
 

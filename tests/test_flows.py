@@ -486,3 +486,30 @@ def _index_rows(prepared: dict) -> list[dict]:
     from thumbnet_keras.data import PreparedDataset
 
     return PreparedDataset.load(prepared["prepared_dir"]).read_index().to_pylist()
+
+
+def test_a_refused_deployment_run_is_not_logged_as_unexpected():
+    """Prefect logs a flow's raised error as "Engine execution exited with
+    unexpected exception" with its traceback; for a run `_refused` (bad
+    parameters or data) the line says so instead, without the traceback (a
+    Prefect operator's trial); any other error keeps both."""
+    from flows.thumbnet_flows import _RefusedWithoutTraceback
+
+    def record(error):
+        try:
+            raise error
+        except Exception:
+            info = sys.exc_info()
+        return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1,
+                                 "Engine execution exited with unexpected "
+                                 "exception", (), info)  # fmt: skip
+
+    refused = ConfigError("--factor 3 does not fit --image-size 32")
+    refused._thumbnet_refused = True
+    kept = record(refused)
+    assert _RefusedWithoutTraceback().filter(kept)
+    assert kept.getMessage() == "Flow run refused: the error above."
+    assert kept.exc_info is None
+    bug = record(KeyError("x"))
+    assert _RefusedWithoutTraceback().filter(bug)
+    assert "unexpected" in bug.getMessage() and bug.exc_info is not None
