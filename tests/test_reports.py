@@ -461,6 +461,28 @@ def test_gallery_lists_true_and_predicted_labels():
     ]  # fmt: skip: CL wrong on image 1, the teacher on image 2
 
 
+def test_gallery_captions_of_neighbouring_columns_do_not_overlap():
+    """A trial's class names ("green_checks") ran the captions of one column
+    into the next's. Measured on the drawn figure: each row of captions
+    leaves a gap between neighbours."""
+    names = ["blue_stripes", "green_checks", "red_blobs"]
+    rows = {"bicubic f=2": [np.zeros((32, 32, 3), np.float32)] * 3}
+    predictions = {"bicubic f=2": {"Teacher on bicubic + BN": names}}
+    fig = gallery_figure(rows, names, predictions)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    boxes = sorted(
+        (t.get_window_extent(renderer) for t in fig.texts), key=lambda b: b.x0
+    )
+    assert len(boxes) == 3
+    for a, b in zip(boxes, boxes[1:]):
+        assert a.x1 < b.x0, (a, b)
+    assert boxes[0].x0 >= 0 and boxes[-1].x1 <= fig.bbox.width
+
+
 def test_validation_curves_show_val_top1_and_drop_flat_panels():
     stages = {
         "teacher": {"history": {"val_accuracy": [0.5]}},  # one epoch: no panel

@@ -378,7 +378,15 @@ def gallery_figure(
     count = max(count, 1)
     image_h, line_h, head_h = 1.35, 0.15, 0.3 if truth is not None else 0.05
     text_h = [0.08 + line_h * len(predictions.get(t, {})) for t in titles]
-    left, col_w = 1.1, 1.5
+    # Columns as wide as their longest caption (6.5 pt: about 0.047 in. a
+    # character): long class names ran into the next column's (a trial's
+    # "Teacher on bicubic + BN: green_checks").
+    longest = max(
+        (len(f"{model}: {name}") for models in predictions.values()
+         for model, names in models.items() for name in names),
+        default=0,
+    )  # fmt: skip
+    left, col_w = 1.1, max(1.5, 0.047 * longest + 0.2)
     width = left + col_w * count + 0.1
     height = head_h + sum(image_h + h for h in text_h) + 0.1
     fig = _figure(width, height)
