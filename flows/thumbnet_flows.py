@@ -325,11 +325,37 @@ def _with_deployment_params(params):
 def _refused(err: Exception) -> Failed:
     """A user error (bad parameters, or data found bad while preparing it):
     the flow run ends Failed at once, the message (no traceback) in its log
-    and as its state message. Calling the flow raises `err` itself, which
-    the command line prints as one line."""
-    get_run_logger().error("thumbnet: error: %s", err)
+    and as its state message, in `params` field names for a deployment's
+    run (`in_params_terms`). Calling the flow raises `err` itself, which the
+    command line prints as one line."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    message = str(err)
+    if context and context.flow_run and context.flow_run.deployment_id:
+        message = in_params_terms(message)
+    get_run_logger().error("thumbnet: error: %s", message)
     err._thumbnet_refused = True  # For `_RefusedWithoutTraceback`.
-    return Failed(message=str(err), data=err)
+    return Failed(message=message, data=err)
+
+
+def in_params_terms(text: str) -> str:
+    """A message's command-line options as the `params` fields they set,
+    for a deployment's run: `--factor 3 does not fit --image-size 32` ->
+    `factors 3 does not fit image_size 32` (a Prefect operator's trial read
+    option names it had no way to pass). Only options that are fields of
+    the parameters change: `thumbnet export --run ...` stays a command."""
+    from thumbnet_keras.pipeline.options import SPELLINGS
+
+    fields = set(ThumbNetParams.model_fields) | set(GeneralizeParams.model_fields)
+    spelled = {option: field for field, option in SPELLINGS.items()}
+
+    def field(match: re.Match) -> str:
+        option = match.group(0)
+        name = spelled.get(option, option[2:].replace("-", "_"))
+        return name if name in fields else option
+
+    return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", field, text)
 
 
 class _RefusedWithoutTraceback(logging.Filter):

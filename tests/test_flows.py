@@ -513,3 +513,19 @@ def test_a_refused_deployment_run_is_not_logged_as_unexpected():
     bug = record(KeyError("x"))
     assert _RefusedWithoutTraceback().filter(bug)
     assert "unexpected" in bug.getMessage() and bug.exc_info is not None
+
+
+def test_a_deployment_runs_refusal_names_params_fields():
+    """A deployment's run sets `params` fields, not options: its refusal
+    says `factors` and `image_size` where the command line says `--factor`
+    and `--image-size`; commands quoted in a message stay commands."""
+    from flows.thumbnet_flows import in_params_terms
+
+    assert (
+        in_params_terms(
+            "--factor 3 does not fit --image-size 32; lower --epochs or --teacher-epochs."
+        )
+        == "factors 3 does not fit image_size 32; lower joint_epochs or teacher_epochs."
+    )
+    kept = "add one with `thumbnet export --run runs/x --format <format>`"
+    assert in_params_terms(kept) == kept
