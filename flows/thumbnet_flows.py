@@ -333,13 +333,14 @@ def _refused(err: Exception) -> Failed:
     context = FlowRunContext.get()
     message = str(err)
     if context and context.flow_run and context.flow_run.deployment_id:
-        message = in_params_terms(message)
+        model = GeneralizeParams if context.flow.name == "generalize" else None
+        message = in_params_terms(message, model or ThumbNetParams)
     get_run_logger().error("thumbnet: error: %s", message)
     err._thumbnet_refused = True  # For `_RefusedWithoutTraceback`.
     return Failed(message=message, data=err)
 
 
-def in_params_terms(text: str) -> str:
+def in_params_terms(text: str, model=ThumbNetParams) -> str:
     """A message's command-line options as the `params` fields they set,
     for a deployment's run: `--factor 3 does not fit --image-size 32` ->
     `factors 3 does not fit image_size 32` (a Prefect operator's trial read
@@ -347,8 +348,8 @@ def in_params_terms(text: str) -> str:
     the parameters change: `thumbnet export --run ...` stays a command."""
     from thumbnet_keras.pipeline.options import SPELLINGS
 
-    fields = set(ThumbNetParams.model_fields) | set(GeneralizeParams.model_fields)
-    spelled = {option: field for field, option in SPELLINGS.items()}
+    fields = set(model.model_fields)  # `--epochs`: generalize's own `epochs`
+    spelled = {option: f for f, option in SPELLINGS.items() if f in fields}
 
     def field(match: re.Match) -> str:
         option = match.group(0)

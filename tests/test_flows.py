@@ -529,3 +529,4 @@ def test_a_deployment_runs_refusal_names_params_fields():
     )
     kept = "add one with `thumbnet export --run runs/x --format <format>`"
     assert in_params_terms(kept) == kept
+    assert in_params_terms("--epochs 0", GeneralizeParams) == "epochs 0"
