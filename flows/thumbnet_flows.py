@@ -356,7 +356,10 @@ def in_params_terms(text: str, model=ThumbNetParams) -> str:
         name = spelled.get(option, option[2:].replace("-", "_"))
         return name if name in fields else option
 
-    return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", field, text)
+    text = re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", field, text)
+    # "joint_epochs (--epochs; saved 3, now 4)" named both: keep one.
+    text = re.sub(r"\b(\w+) \(\1; ", r"\1 (", text)
+    return re.sub(r"\b(\w+) \(\1\)", r"\1", text)
 
 
 class _RefusedWithoutTraceback(logging.Filter):

@@ -530,3 +530,11 @@ def test_a_deployment_runs_refusal_names_params_fields():
     kept = "add one with `thumbnet export --run runs/x --format <format>`"
     assert in_params_terms(kept) == kept
     assert in_params_terms("--epochs 0", GeneralizeParams) == "epochs 0"
+    # A resume refusal names field and option: in params terms, once.
+    assert (
+        in_params_terms(
+            "differs in: joint_epochs (--epochs; saved 3, now 4), export_formats "
+            "(--export-format)."
+        )
+        == "differs in: joint_epochs (saved 3, now 4), export_formats."
+    )

@@ -20,7 +20,8 @@ def _sigint_as_in_a_terminal():
     background job) or blocked (CI's runner); `handled()` then rightly
     leaves it alone, and a raised signal would never arrive."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    blocked = signal.SIGINT in signal.pthread_sigmask(
+    masks = hasattr(signal, "pthread_sigmask")  # not on Windows
+    blocked = masks and signal.SIGINT in signal.pthread_sigmask(
         signal.SIG_UNBLOCK, [signal.SIGINT]
     )
     try:

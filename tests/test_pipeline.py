@@ -692,6 +692,14 @@ def test_a_tie_keeps_the_epoch_with_the_lower_validation_loss(tmp_path):
     np.testing.assert_allclose(model.get_layer("out").kernel, 3 * np.eye(2))
     _, record = _fit_selected(tmp_path, 4, ["eye", "3eye", "eye", "eye"])
     assert record["resumed_from"] == [3] and record["selection"]["best_epoch"] == 2
+    # A checkpoint saved before the tie-break has no loss beside its best:
+    # it is read from the history, so epoch 2 still beats a tied, worse 5.
+    state_file = tmp_path / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["best"]["val_loss"]
+    state_file.write_text(json.dumps(state))
+    _, record = _fit_selected(tmp_path, 5, ["eye", "3eye", "eye", "eye", "eye"])
+    assert record["resumed_from"] == [3, 4] and record["selection"]["best_epoch"] == 2
 
 
 def test_no_validation_keeps_the_last_epoch(tmp_path):

@@ -231,6 +231,7 @@ def test_stage_done_logs_the_stages_wall_time(caplog, monkeypatch):
         def config(self):
             return {"config": {"factors": [2], "e_pretrain_epochs": 0, "fm_epochs": 0}}
 
+    monkeypatch.setattr(progress, "_STARTED", {})  # Whatever ran before.
     clock = iter([100.0, 102.6])
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock, 102.6))
     caplog.set_level(logging.INFO, logger="thumbnet_keras.progress")

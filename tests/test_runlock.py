@@ -366,8 +366,9 @@ def test_kill_9_leaves_no_process_behind(tmp_path):
 
 def _sigint_masks(pid: int) -> dict[str, list[bool]]:
     """SIGINT in each of the process's threads, from /proc: blocked,
-    ignored, caught (a handler), pending (thread, then process). A signal
-    to the process goes to a thread that does not block it."""
+    ignored, caught (a handler), pending (thread, then process), for the
+    failure message. A signal to the process goes to a thread that does
+    not block it."""
     bit = 1 << (signal.SIGINT - 1)
     state: dict[str, list[bool]] = {}
     for status in sorted(glob.glob(f"/proc/{pid}/task/*/status")):
@@ -436,11 +437,9 @@ def test_ctrl_c_stops_the_run_at_once_and_says_how_to_resume(tmp_path):
                 proc.wait(timeout=30)
     output = log_path.read_text()
     said = "thumbnet: Ctrl-C: stopping the run..." in output
+    # The child starts with SIGINT handled and unblocked (`_as_a_terminal_job`):
+    # a mask that keeps it out is the product's (or a library's) doing.
     threads = {k: f"{sum(v)} of {len(v)} threads" for k, v in masks.items()}
-    blocked, ignored = masks.get("SigBlk", []), masks.get("SigIgn", [])
-    if not said and blocked and (all(blocked) or any(ignored)):
-        # Not the product's doing: no thread of the process could take it.
-        pytest.skip(f"SIGINT never reached `thumbnet train` here: {threads}")
     assert said, f"{threads}\n{output[-3000:]}"  # said at once
     assert proc.returncode == 130, f"{threads}\n{output[-3000:]}"
     # The generated name (it carries the start time) is what resumes the run.

@@ -146,6 +146,22 @@ def test_a_saved_subclassed_teacher_is_told_to_rebuild_it_functionally(tmp_path)
     message = str(info.value)
     assert "uses the class 'Sub', defined in your code" in message
     assert "rebuild it functionally" in message
+    # A custom layer in a Functional model: not told it is subclassed.
+
+    class Doubled(keras.layers.Layer):
+        def call(self, x):
+            return 2 * x
+
+    image = keras.Input((32, 32, 3))
+    logits = keras.layers.Dense(3)(
+        keras.layers.GlobalAveragePooling2D()(Doubled()(image))
+    )
+    keras.Model(image, logits).save(tmp_path / "t_layer.keras")
+    with pytest.raises(TeacherSpecError) as info:
+        load_teacher(str(tmp_path / "t_layer.keras"), (32, 32, 3), 3)
+    message = str(info.value)
+    assert "uses the class 'Doubled'" in message and "Python API" in message
+    assert "A subclassed model" not in message
 
 
 def test_weights_of_another_architecture_get_a_short_message(tmp_path):

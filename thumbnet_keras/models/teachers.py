@@ -301,20 +301,39 @@ def load_teacher(spec: str, image_shape=None, num_classes: int | None = None):
     except Exception as err:
         missing = re.search(r"Could not locate class '([^']+)'", str(err))
         if missing:  # A class of the user's code, not importable here.
-            raise TeacherSpecError(
-                f"Teacher file {path!r} uses the class '{missing.group(1)}', "
-                "defined in your code, which this process cannot import. A "
-                "subclassed model cannot be a teacher (S is derived from the "
-                "teacher's graph): rebuild it functionally (keras.Input, then "
-                "its layers), copy the weights, and save it again. A custom "
-                "layer in a Functional model works from the Python API, in code "
-                "that imports it (registered with "
-                "`@keras.saving.register_keras_serializable()`)."
-            ) from err
+            name = missing.group(1)
+            text = f"Teacher file {path!r} uses the class '{name}', defined in "
+            text += "your code, which this process cannot import. "
+            if name == _archive_class(path):  # The model itself.
+                text += (
+                    "A subclassed model cannot be a teacher (S is derived from "
+                    "the teacher's graph): rebuild it functionally (keras.Input, "
+                    "then its layers), copy the weights, and save it again."
+                )
+            else:  # A layer inside a Functional or Sequential model.
+                text += (
+                    "Use the Python API from code that imports it (registered "
+                    "with `@keras.saving.register_keras_serializable()`), or "
+                    "rebuild the model from built-in layers."
+                )
+            raise TeacherSpecError(text) from err
         raise TeacherSpecError(
             f"Teacher file {path!r} is not a loadable .keras model: {short_error_text(err)}"
         ) from err
     return at_run_size(inline_nested(teacher), image_shape)
+
+
+def _archive_class(path: str) -> str | None:
+    """The class name of the model a `.keras` archive holds (its
+    `config.json`), or None when it cannot be read."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json")).get("class_name")
+    except (OSError, KeyError, ValueError, AttributeError, zipfile.BadZipFile):
+        return None
 
 
 def at_run_size(teacher: keras.Model, image_shape) -> keras.Model:

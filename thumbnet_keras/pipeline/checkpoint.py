@@ -83,14 +83,16 @@ def improves(value: float, loss: float | None, best: dict | None) -> bool:
     """Whether an epoch's validation top-1 `value` (and validation `loss`,
     or None) beats `best` (`{"value", "val_loss"?}`, or None): higher
     top-1, or the same with a lower loss. NaN never improves; a best saved
-    without a loss (an older checkpoint) is beaten on ties by any loss."""
+    without a loss, or with a NaN one, is beaten on ties by any loss
+    (`fit_resumable` fills an older checkpoint's from its history)."""
     if value != value:
         return False
     if best is None or value > best["value"]:
         return True
     if value < best["value"] or loss is None or loss != loss:
         return False
-    return loss < best.get(TIEBREAK, float("inf"))
+    kept = best.get(TIEBREAK)
+    return kept is None or kept != kept or loss < kept
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -274,6 +276,11 @@ def fit_resumable(
         history, resumed_from = state["history"], list(state["resumed_from"])
         initial = int(state["epoch"])
         best = state.get("best") if monitor is not None else None
+        if best is not None and TIEBREAK not in best:
+            # Saved before the tie-break: its loss is in the history.
+            losses = history.get(TIEBREAK) or []
+            if len(losses) >= best["epoch"]:
+                best = {**best, TIEBREAK: float(losses[best["epoch"] - 1])}
         nonfinite = list(state.get("nonfinite", []))
         if initial < epochs:
             resumed_from.append(initial)

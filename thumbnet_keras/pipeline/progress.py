@@ -120,6 +120,7 @@ def stage_started(factors: Sequence[int], sid: str, skip: Collection[str] = ()) 
     """Logs `[3/13] fm_pretrain f=2`: a stage starts (or is found done).
     A Ctrl-C that something swallowed stops the run here."""
     interrupt.check()
+    _STARTED.clear()  # One stage at a time: a stage found done leaves none.
     _STARTED[sid] = time.perf_counter()
     logger.info(stage_label(factors, sid, skip))
 
@@ -195,11 +196,11 @@ class EpochProgress(keras.callbacks.Callback):
             self._pending = None
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self._flush()  # The last epoch's line, whatever follows.
         # A Ctrl-C that something swallowed (`interrupt`): stop here, where
         # the last epoch's checkpoint is saved (it runs after this callback
         # at an epoch's end).
         interrupt.check()
-        self._flush()
         self._start = time.perf_counter()
 
     def format_epoch(self, epoch: int, logs: Mapping, seconds: float) -> str:

@@ -388,7 +388,7 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
         MIN_IMAGES,
         check_predictions,
         held_out_logits,
-        matched_classes,
+        held_out_matching,
         worst,
     )
 
@@ -400,7 +400,7 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
         split_batches(prepared, health["split"], config.image_size, config.channels,
                       config.batch_size),
     )  # fmt: skip
-    matched, order = matched_classes(
+    matched, order = held_out_matching(
         logits.argmax(axis=-1), labels, prepared["num_classes"]
     )
     scores = {current: health["top1"]}
@@ -420,7 +420,8 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     names = list(prepared.get("class_names") or [])
     gap = scores[best] - scores[current]
     if (
-        matched - scores[current] >= VALUE_RANGE_MARGIN
+        matched is not None
+        and matched - scores[current] >= VALUE_RANGE_MARGIN
         and matched >= scores[best]
         and matched >= majority + VALUE_RANGE_MARGIN
         and order != sorted(order)
@@ -430,14 +431,23 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
         # images and names them otherwise (a trial's teacher, trained on
         # sorted class names under a manifest listing them otherwise, was
         # told to change the normalization instead).
-        listed = ", ".join(names[k] for k in order)
+        teacher_order = [names[k] for k in order]
+        health["matched_order"] = teacher_order
+        listed = _few(teacher_order)
+        where = (
+            f"`classes: [{listed}]`"
+            if len(order) <= _LISTED
+            else "`classes`; the whole order is the teacher record's "
+            "health.matched_order"
+        )
         problem = (
             f"the teacher scores {100 * scores[current]:.1f}% top-1 on "
             f"{health['images']} {health['split']} images in the manifest's class "
-            f"order ({', '.join(names)}) but {100 * matched:.1f}% if its outputs "
-            f"are, in order, {listed}: it was likely trained with its classes in "
-            f"that order; list them so in the dataset manifest (`classes: "
-            f"[{listed}]`) and rerun under a new run name"
+            f"order ({_few(names)}) but {100 * matched:.1f}% (on half of them, "
+            f"the order chosen on the other half) if its outputs are, in order, "
+            f"{listed}: it was likely trained with its classes in that order; "
+            f"list them so in the dataset manifest ({where}) and rerun under a "
+            "new run name"
         )
         gap = matched - scores[current]
     elif gap < VALUE_RANGE_MARGIN:
@@ -478,6 +488,14 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     health["status"] = worst([health["status"], status])
     health["problems"] = [*health["problems"], problem]
     return health
+
+
+_LISTED = 12  # Class names a message lists before "... (N in all)".
+
+
+def _few(names: list[str]) -> str:
+    text = ", ".join(names[:_LISTED])
+    return text + (f", ... ({len(names)} in all)" if len(names) > _LISTED else "")
 
 
 def _teacher_checked(record: dict) -> dict:
