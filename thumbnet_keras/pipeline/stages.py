@@ -380,9 +380,10 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     majority-class rate, no value range fits the teacher and the problem
     says to check its class order and training instead. Before both: when
     the teacher's outputs matched to the classes in another order
-    (`health.matched_classes`, `matched_order_top1`) score as well as any
-    range and `VALUE_RANGE_MARGIN` above the manifest's order, the problem
-    names that order for the manifest's `classes`."""
+    (`health.held_out_matching`: chosen on half of the images, scored on
+    the other half; `matched_order_top1`) score as well as any range and
+    `VALUE_RANGE_MARGIN` above the manifest's order, the problem names that
+    order for the manifest's `classes`."""
     from thumbnet_keras.pipeline.datasets import split_batches
     from thumbnet_keras.pipeline.health import (
         MIN_IMAGES,
