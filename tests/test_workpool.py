@@ -131,7 +131,8 @@ def _descendants(procs: list, seen: dict) -> None:
 def _run_refused(api, env, logs, procs, seen, params) -> dict:
     """Runs `thumbnet/smoke` on an unknown dataset to its end: the flow
     run's log has the one error line and no traceback (Prefect's engine
-    logged ~50 lines of it after that line before)."""
+    logged ~50 lines of it after that line before), and the engine's line
+    says the run was refused, not "unexpected exception"."""
     bad = {"params": {**params["params"], "dataset": "no_such_dataset"}}
     output = _cli(
         ["deployment", "run", "thumbnet/smoke", "--params", json.dumps(bad)],
@@ -153,12 +154,14 @@ def _run_refused(api, env, logs, procs, seen, params) -> dict:
             "sort": "TIMESTAMP_ASC",
         }
         text = "\n".join(r["message"] for r in _api(f"{api}/logs/filter", query))
-        return text if "Engine execution" in text else None
+        return text if "Flow run refused: the error above." in text else None
 
     text = _wait("the refused run's logs", flushed, 60, procs, logs)
     errors = [line for line in text.splitlines() if "thumbnet: error:" in line]
     assert len(errors) == 1 and "no_such_dataset" in errors[0], text
     assert "Traceback" not in text, text
+    # The engine's own line for the raised error, which said "unexpected".
+    assert "Engine execution exited with unexpected exception" not in text, text
     assert len(text.splitlines()) < 15, text
     return run
 
