@@ -31,7 +31,8 @@ def _on_sigint(signum, frame) -> None:
     if not _requested.is_set():
         _requested.set()
         # os.write: a signal handler must not re-enter a buffered stream.
-        os.write(2, b"\nthumbnet: Ctrl-C: stopping the run...\n")
+        with contextlib.suppress(OSError):  # stderr closed: stop all the same
+            os.write(2, b"\nthumbnet: Ctrl-C: stopping the run...\n")
     raise KeyboardInterrupt
 
 
