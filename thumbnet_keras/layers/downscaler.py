@@ -397,6 +397,17 @@ def build_downscaler(
     return keras.Model(inputs, x, name=name)
 
 
+def built_width(downscaler: keras.Model) -> int | None:
+    """The `width` an E was built with by `build_downscaler` (the filters of
+    its first convolution, named there), or None for another model."""
+    for name in ("mix_conv", "down0_conv"):
+        try:
+            return int(downscaler.get_layer(name).filters)
+        except (ValueError, AttributeError):
+            continue
+    return None
+
+
 # Widths `auto_downscaler_width` chooses from, widest first.
 AUTO_WIDTHS = (32, 24, 16, 12, 8, 6, 4)
 

@@ -428,7 +428,7 @@ def _warn_downscaler_share(downscaler, student):
         logger.debug("Downscaler share not checked: %s", error)
         return
     if share > DOWNSCALER_SHARE:
-        from thumbnet_keras.layers.downscaler import AUTO_WIDTHS
+        from thumbnet_keras.layers.downscaler import AUTO_WIDTHS, built_width
 
         cost = (
             f"The downscaler '{downscaler.name}' costs {e_macs / 1e6:.2f} M MACs, "
@@ -436,7 +436,7 @@ def _warn_downscaler_share(downscaler, student):
             f"more than {DOWNSCALER_SHARE:.0%}, so the thumbnail model saves less "
             "than the factor promises. "
         )
-        width = _downscaler_width(downscaler)
+        width = built_width(downscaler)
         if width is not None and width <= min(AUTO_WIDTHS):
             # What `auto_downscaler_width` returns when no width fits: saying
             # "use it" to a user who did was the README's own first warning.
@@ -451,17 +451,6 @@ def _warn_downscaler_share(downscaler, student):
                 "width=auto_downscaler_width(input_shape, factor, student))`."
             )
         warnings.warn(cost + advice, stacklevel=3)
-
-
-def _downscaler_width(downscaler) -> int | None:
-    """The width of an E that `build_downscaler` built (its first
-    convolution's filters), or None for another model."""
-    for name in ("mix_conv", "down0_conv"):
-        try:
-            return int(downscaler.get_layer(name).filters)
-        except (ValueError, AttributeError):
-            continue
-    return None
 
 
 @keras.saving.register_keras_serializable(package="thumbnet_keras")
