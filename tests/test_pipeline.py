@@ -340,6 +340,37 @@ def test_claim_reopens_same_config(earlier_run):
     assert saved["environment"]["cpu"] and saved["environment"]["cpu_count"] >= 1
 
 
+def test_a_measurement_setting_alone_resumes_and_is_taken(tmp_path):
+    """`--throughput-batches 50` on a rerun (a steadier images/s) was refused
+    as another configuration; it changes no trained model, so the run
+    resumes and its config.json takes the new value, which evaluation and
+    export read. (Not a smoke run: smoke sets throughput_batches itself.)"""
+    from thumbnet_keras.pipeline.rundir import unlock_run
+
+    common = dict(dataset=tiny_dataset(tmp_path), runs_dir=str(tmp_path / "runs"),
+                  run_name="m", image_size=32, limit_per_class=4)  # fmt: skip
+    run = pipeline.resolve_run(ThumbNetParams(**common, throughput_batches=2))
+    path = Path(run["run_dir"], "config.json")
+    saved = json.loads(path.read_text())
+    assert saved["config"]["throughput_batches"] == 2
+    Path(run["run_dir"], "stages").mkdir()
+    Path(run["run_dir"], "stages", "teacher.json").write_text("{}")  # Started.
+    unlock_run(run["run_dir"])
+    again = ThumbNetParams(**common, throughput_batches=50)
+    assert pipeline.resolve_run(again)["resumed"] is True
+    now = json.loads(path.read_text())
+    assert now["config"]["throughput_batches"] == 50
+    assert now["config"] | {"throughput_batches": 2} == saved["config"]
+    assert now["inputs"] == saved["inputs"]
+    unlock_run(run["run_dir"])
+    # With another difference it is still refused, naming only that one,
+    # and config.json is left as it was.
+    other = ThumbNetParams(**common, throughput_batches=3, seed=9)
+    with pytest.raises(ConfigError, match=r"differs in: seed \(saved 0, now 9\)\)"):
+        pipeline.resolve_run(other)
+    assert json.loads(path.read_text()) == now
+
+
 def test_claim_reopens_when_the_runs_dir_is_spelled_otherwise(earlier_run, monkeypatch):
     """`--runs-dir runs` then `--runs-dir /abs/.../runs`: the same run folder,
     resumed (was refused as "differs in: runs_dir")."""

@@ -475,6 +475,12 @@ def _is_path(value) -> bool:
     return isinstance(value, str) and value != "imagenet" and ":" not in value
 
 
+# Config fields that change no trained model, only what the steps after
+# training measure (images/s batches): a run resumes with a new value, and
+# config.json takes it (`claim`), so evaluation and export use it.
+MEASUREMENT_FIELDS = ("throughput_batches",)
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
     """The fields whose values differ between two run configs, sorted.
 
@@ -594,7 +600,9 @@ def check_claimable(
         saved = _saved_run(run)
         saved_keys = set(saved.get("config", {}))
         old = _with_current_fields(saved.get("config", {}), saved.get("kind"), config)
-        keys = config_differences(old, config)
+        keys = [
+            k for k in config_differences(old, config) if k not in MEASUREMENT_FIELDS
+        ]
         same = saved.get("kind") == kind and not keys
         changed = changed_inputs(saved.get("inputs"), inputs)
         moved = _other_backend(saved)
@@ -638,6 +646,26 @@ def check_claimable(
             "(no config.json); choose another run name."
         )
     return False
+
+
+def _take_measurement_fields(run: Run, config: dict) -> None:
+    """A resumed run's `config.json` takes the `MEASUREMENT_FIELDS` values
+    given now (the only differences `check_claimable` lets through)."""
+    saved = run.config()
+    changed = {
+        k: config[k]
+        for k in MEASUREMENT_FIELDS
+        if k in config and saved["config"].get(k) != config[k]
+    }
+    if changed:
+        logger.info(
+            "Run folder %s resumes with %s (saved %s): it changes no trained model.",
+            run.path,
+            ", ".join(f"{k} {v!r}" for k, v in changed.items()),
+            ", ".join(repr(saved["config"].get(k)) for k in changed),
+        )
+        saved["config"].update(changed)
+        write_json(run.config_json, saved)
 
 
 _KINDS = ("thumbnet", "generalize")
@@ -724,6 +752,7 @@ def claim(
             for name in ("config.json", "data.json", "source.json"):
                 run.file(name).unlink(missing_ok=True)
     if check_claimable(run.path, config, kind, inputs):  # Again, under the lock.
+        _take_measurement_fields(run, config)
         return run, True
     from thumbnet_keras.pipeline.environment import environment
 
