@@ -87,6 +87,54 @@ def test_flatten_head_drops_last_poolings(factor, kept, rng):
     assert out.shape == (2, 3)
 
 
+def test_student_of_a_frozen_sequential_teacher_is_trainable():
+    """On TensorFlow, a Sequential model's `trainable` setter does not reach
+    its layers once they were rebuilt from a frozen config: S of a frozen
+    Sequential teacher had 0 trainable weights (a trial; JAX and torch had
+    them all)."""
+    teacher = keras.Sequential(
+        [keras.Input((16, 16, 1)), keras.layers.Conv2D(4, 3),
+         keras.layers.BatchNormalization(), keras.layers.GlobalAveragePooling2D(),
+         keras.layers.Dense(3)]
+    )  # fmt: skip
+    trainable = len(teacher.trainable_weights)
+    teacher.trainable = False
+    student = make_student(teacher, 2)
+    assert len(student.trainable_weights) == trainable == 6
+    assert all(layer.trainable for layer in student.layers)
+    assert not teacher.trainable_weights
+
+
+def test_an_adapted_normalization_layer_keeps_its_statistics(rng, tmp_path):
+    """A teacher that normalizes inside with `Normalization().adapt(images)`:
+    S got the adapted mean and variance as weights, but the layer computes
+    with tensors that Keras makes from them only after adapt() or loading,
+    so S normalized with mean 0, variance 1, and differed from itself saved
+    and loaded again (logits off by ~850 in a trial)."""
+    images = rng.random((32, 16, 16, 3), dtype="float32") * 255.0
+    norm = keras.layers.Normalization()
+    norm.adapt(images)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(norm(inputs))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    teacher = keras.Model(inputs, keras.layers.Dense(3)(x))
+    thumbs = images[:4, ::2, ::2]
+    for student in (make_student(teacher, 2), make_student(teacher, size=(8, 8))):
+        path = tmp_path / f"{student.name}.keras"
+        student.save(path)
+        reloaded = keras.saving.load_model(path)
+        np.testing.assert_allclose(
+            to_numpy(student(thumbs)), to_numpy(reloaded(thumbs)), rtol=1e-4, atol=1e-3
+        )
+        # The student's layers compute what the teacher's do, at 8x8.
+        x = thumbs
+        for layer in teacher.layers[1:]:
+            x = layer(x)
+        np.testing.assert_allclose(
+            to_numpy(student(thumbs)), to_numpy(x), rtol=1e-4, atol=1e-3
+        )
+
+
 def test_sequential_teacher():
     teacher = keras.Sequential(
         [

@@ -46,6 +46,8 @@ from collections.abc import Callable, Sequence
 
 import keras
 
+from thumbnet_keras.models.weights import copy_weights
+
 __all__ = ["KNOWN_BACKBONES", "build"]
 
 KNOWN_BACKBONES: tuple[str, ...] = (
@@ -369,7 +371,7 @@ def _load_local_weights(model: keras.Model, name: str, path: str) -> None:
                     f"{tuple(s.shape)}, backbone weight {d.path!r} has shape "
                     f"{tuple(d.shape)}."
                 )
-        model.set_weights(source.get_weights())
+        copy_weights(source, model)
         return
     raise ValueError(
         f"Unsupported weights file {path!r} for backbone {name!r}: pass a "

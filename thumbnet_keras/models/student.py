@@ -20,6 +20,7 @@ import os
 import keras
 
 from thumbnet_keras.layers.downscaler import validate_image_shape
+from thumbnet_keras.models.weights import all_layers, copy_weights
 
 __all__ = ["make_student", "image_input_shape"]
 
@@ -308,16 +309,21 @@ def make_student(
 
 
 def _finish_student(teacher, student, name):
-    student.set_weights(teacher.get_weights())
+    copy_weights(teacher, student)
     student.name = name or f"{teacher.name}_student"
     # The config carries the teacher's `trainable` flags; S is trained.
-    # (The setter recurses into every sublayer.) Except an embedded
+    # Every layer is set, nested ones too: on TensorFlow, a Sequential model's
+    # `trainable` setter does not reach its layers (a frozen Sequential
+    # teacher gave an S with no trainable weight). Except an embedded
     # preprocessing (`teachers.preprocessing_layers`, named `preprocess_*`):
     # it is the input contract, not a weight to learn.
     student.trainable = True
+    for layer in all_layers(student):
+        layer.trainable = True
     for layer in student.layers:
         if layer.name.startswith(PREPROCESS_PREFIX):
-            layer.trainable = False
+            for frozen in (layer, *all_layers(layer)):
+                frozen.trainable = False
     return student
 
 

@@ -60,6 +60,7 @@ from thumbnet_keras.models.teacher_spec import (
     check_applications_spec,
     is_raw_pixel_teacher,
 )
+from thumbnet_keras.models.weights import copy_weights
 
 __all__ = [
     "APPLICATIONS",
@@ -142,7 +143,7 @@ def flatten_model(model: keras.Model, inputs, prefix_layers=()) -> keras.Model:
     # Fresh layers (the shared ones also belong to `model`'s graph, so their
     # `.output` would point there), with the same weights.
     flat = keras.Model.from_config(shared.get_config())
-    flat.set_weights(shared.get_weights())
+    copy_weights(shared, flat)
     return flat
 
 

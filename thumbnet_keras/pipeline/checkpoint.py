@@ -50,6 +50,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from thumbnet_keras.models.weights import set_weights
 from thumbnet_keras.pipeline.health import (
     NonFiniteGuard,
     TrainingDivergedError,
@@ -322,7 +323,7 @@ def fit_resumable(
             model.load_weights(restored["weights"])
             last = int(restored["epoch"])
         else:
-            model.set_weights(good)
+            set_weights(model, good)
             last = 0
         message = diverged_message(stage, event, epochs, last, learning_rate)
         log(message)

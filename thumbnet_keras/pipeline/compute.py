@@ -95,7 +95,9 @@ def _rebuild(model, edit):
 
     config = _rewrite(keras.saving.serialize_keras_object(model), edit)
     new = keras.saving.deserialize_keras_object(config)
-    new.set_weights(model.get_weights())
+    from thumbnet_keras.models.weights import copy_weights
+
+    copy_weights(model, new)
     return new
 
 
