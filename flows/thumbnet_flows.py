@@ -43,7 +43,11 @@ from prefect.states import Failed
 
 from thumbnet_keras import pipeline
 from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams, interrupt
-from thumbnet_keras.pipeline.datasets import is_prepared, report_data_notices
+from thumbnet_keras.pipeline.datasets import (
+    is_prepared,
+    prepared_fingerprint,
+    report_data_notices,
+)
 from thumbnet_keras.pipeline.generalize import ARMS as GENERALIZE_ARMS
 from thumbnet_keras.pipeline.preflight import check_generalize, check_thumbnet
 from thumbnet_keras.pipeline.resolve import load_manifest_checked
@@ -163,14 +167,26 @@ def prepare_data_task(dataset: str, data_dir: str, limit_per_class: int | None) 
 
 
 def _prepare(dataset: str, data_dir: str, limit_per_class: int | None) -> dict:
-    """The cached prepare-data task, refreshed when its folder was deleted.
-    A cached result says again what the data's preparation warned of
-    (quarantined files, duplicates), which the task body said the first time."""
+    """The cached prepare-data task, refreshed when its folder was deleted or
+    no longer holds the index the cached result describes. A cached result
+    says again what the data's preparation warned of (quarantined files,
+    duplicates), which the task body said the first time.
+
+    The folder is one per manifest: files added to an image folder, then
+    removed again, give back an earlier cache key (the files' stamp) while
+    the folder holds the index made in between; every run then failed on a
+    file that index names."""
     task_ = prepare_data_task.with_options(
         refresh_cache=not is_prepared(dataset, data_dir, limit_per_class)
     )
     state = task_(dataset, data_dir, limit_per_class, return_state=True)
     result = state.result()  # raises the task's error, as a plain call does
+    if state.name == "Cached" and result.get("fingerprint") != prepared_fingerprint(
+        result["prepared_dir"]
+    ):
+        task_ = prepare_data_task.with_options(refresh_cache=True)
+        state = task_(dataset, data_dir, limit_per_class, return_state=True)
+        result = state.result()
     if state.name == "Cached":
         report_data_notices(result["prepared_dir"])
     return result

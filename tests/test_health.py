@@ -371,6 +371,44 @@ def test_a_teacher_no_value_range_fits_is_not_told_to_change_it(tmp_path):
             check()
 
 
+def test_teacher_checks_too_few_images_to_run_say_so(tmp_path, caplog):
+    """A trial: a teacher trained on its classes in another order scored 42%
+    on 10 validation images (4 classes; the order check needs 4 a class) and
+    the run went on with status "ok" and no word. The checks that did not
+    run are now named, as a warning and in the health record."""
+    import logging
+
+    from thumbnet_keras import pipeline
+    from thumbnet_keras.pipeline.stages import get_teacher
+
+    manifest = tiny_dataset(tmp_path, per_class=12)
+    path = tmp_path / "swapped.keras"
+    inputs = keras.Input((32, 32, 1), name="image")
+    logits = keras.layers.Dense(
+        2,
+        kernel_initializer=keras.initializers.Constant([[-1.0, 1.0]]),
+        bias_initializer=keras.initializers.Constant([0.5, -0.5]),
+        name="logits",
+    )(keras.layers.GlobalAveragePooling2D()(_feature_map(inputs)))
+    keras.Model(inputs, logits).save(path)
+    params = pipeline.ThumbNetParams(
+        dataset=manifest, runs_dir=str(tmp_path / "runs"), run_name="few",
+        teacher=str(path), image_size=32,
+    )  # fmt: skip
+    run = pipeline.resolve_run(params)
+    prepared = pipeline.prepare_dataset(manifest, str(tmp_path / "data"))
+    assert prepared["splits"]["validation"] < 10
+    with caplog.at_level(logging.WARNING, logger="thumbnet_keras.pipeline.stages"):
+        record = get_teacher(run["run_dir"], prepared, verbose=0)
+    health = record["health"]
+    assert health["status"] == "ok" and "value_ranges" not in health
+    (note,) = health["skipped"]
+    assert note.startswith("the value-range and class-order checks need 10 held-out")
+    split = health["split"]
+    assert f"the {split} split has {prepared['splits'][split]}," in note
+    assert any(note in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_matched_classes_finds_the_order_a_teacher_was_trained_in():
     """Golden values by hand. Outputs 0, 1, 2 stand for classes 2, 0, 1: the
     confusion counts (true x predicted) are [[0, 3, 0], [0, 0, 2], [3, 0,

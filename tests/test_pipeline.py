@@ -1041,3 +1041,27 @@ def test_quarantined_files_are_named_in_one_log_line(tmp_path, caplog):
     assert lines[0].startswith("data: 1 file(s) quarantined and left out (1 corrupt)")
     assert lines[0].endswith("quarantine.json")
     assert sum(prepared["splits"].values()) == 12  # 13 files, one left out
+
+
+def test_a_run_is_not_resumed_on_files_changed_under_its_manifest(tmp_path):
+    """A trial: images removed from (or added to) a class folder under the
+    same manifest moved other images between train and test, and a rerun
+    resumed the stages trained on the old split, then rewrote data.json and
+    the report. Now the prepared index's fingerprint must match the run's."""
+    run_dir, prepared, manifest = _small_run(tmp_path)
+    assert prepared["fingerprint"]
+    removed = tmp_path / "brightness" / "dark" / "003.png"
+    kept = removed.read_bytes()
+    removed.unlink()
+    changed = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
+    assert changed["fingerprint"] != prepared["fingerprint"]
+    before = snapshot(Path(run_dir))
+    with pytest.raises(ConfigError, match="was started on other data") as refused:
+        pipeline.get_teacher(run_dir, changed, verbose=0)
+    assert "restore the files to resume" in str(refused.value)
+    assert snapshot(Path(run_dir)) == before
+    # The files back as they were: the same index, and the run resumes.
+    removed.write_bytes(kept)
+    again = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
+    assert again["fingerprint"] == prepared["fingerprint"]
+    assert pipeline.get_teacher(run_dir, again, verbose=0)["source"] == "trained"

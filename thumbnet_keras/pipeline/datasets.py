@@ -105,7 +105,19 @@ def prepare_dataset(
         "license": manifest.license,
         "source_type": prepared.source_type,
         "reused": bool(prepared.reused),
+        "fingerprint": prepared.summary().get("fingerprint"),
     }
+
+
+def prepared_fingerprint(prepared_dir: str) -> str | None:
+    """The fingerprint of the index `prepared_dir` holds now (of the manifest
+    and every file's content, `data.prepare`), or None when there is none."""
+    from thumbnet_keras.data import IndexCorruptError, PreparedDataset
+
+    try:
+        return PreparedDataset.load(prepared_dir).summary().get("fingerprint")
+    except (IndexCorruptError, ConfigError, OSError, ValueError):
+        return None
 
 
 def data_notices(prepared_dir: str, quarantine_only: bool = False) -> list[str]:

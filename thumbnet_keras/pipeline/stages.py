@@ -60,6 +60,7 @@ from thumbnet_keras.pipeline.health import configure_determinism, default_seed_s
 from thumbnet_keras.pipeline.rundir import (
     Run,
     atomic_write,
+    is_unstarted,
     read_json,
     save_keras,
     write_json,
@@ -281,6 +282,39 @@ def reestimate_student_bn(
     return reestimate_batchnorm(model, batches, num_batches=config.bn_batches)
 
 
+def _check_same_data(run: Run, prepared: dict) -> None:
+    """A run whose stages started on other data is not resumed.
+
+    The manifest's content is one of the run's inputs (`resolve_run`), but
+    the files it lists are not: images added to or removed from a class
+    folder under the same manifest gave a prepared index with other splits
+    (existing images moved between train and test), and a rerun resumed the
+    stages trained on the old ones, then rewrote the run's data.json and
+    report. The prepared index's fingerprint (manifest + every file's
+    content) now has to match the one the run recorded; runs recorded before
+    it have none and are not checked.
+    """
+    if is_unstarted(run.path) or not run.data_json.is_file():
+        return
+    saved = read_json(run.data_json)
+    old, new = saved.get("fingerprint"), prepared.get("fingerprint")
+    if not old or not new or old == new:
+        return
+
+    def splits(summary):
+        counts = summary.get("splits") or {}
+        return ", ".join(f"{k} {v}" for k, v in counts.items()) or "unknown"
+
+    raise ConfigError(
+        f"Run folder {str(run.path)!r} was started on other data: the files of "
+        f"dataset {prepared.get('name') or prepared.get('dataset')!r} changed since "
+        f"its stages trained (then: {splits(saved)}; now: {splits(prepared)}). "
+        "Finished stages used the old files, so the run is not resumed; its "
+        "outputs are left untouched. Choose another run name to train on the "
+        "data as it is now, or restore the files to resume this run."
+    )
+
+
 @run_compute  # the run's precision and distribution
 @default_seed_scope()  # Keras' default seeds from the run's seed, then back
 def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> dict:
@@ -305,6 +339,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     if is_raw_pixel_teacher(config.teacher):
         # Its preprocessing is inside: every stage feeds raw [0, 255] pixels.
         prepared = {**prepared, "normalization": "raw"}
+    _check_same_data(run, prepared)
     write_json(run.data_json, prepared)
     sid = "teacher"
     progress.stage_started(config.factors, sid, progress.skipped_stages(config))
@@ -368,6 +403,22 @@ _RANGES = {"unit": "[0, 1]", "symmetric": "[-1, 1]", "imagenet": "ImageNet mean/
            "raw": "[0, 255]"}  # fmt: skip
 
 
+def _checks_skipped(health: dict, checks: str, needed: str, had: str) -> dict:
+    """`health` with `skipped` naming the given teacher's checks that did not
+    run, said as a warning: too few held-out images to judge by. (A trial's
+    teacher, trained on its classes in another order, scored 42% on 10
+    validation images and the run went on with status "ok".)"""
+    note = (
+        f"the {checks} need {needed}; the {health.get('split', 'held-out')} split "
+        f"has {had}, so they did not run: a teacher fed other values than it was "
+        "trained on, or naming its classes in another order than the manifest's "
+        f"`classes:`, would go unnoticed (its top-1 here: "
+        f"{100 * health['top1']:.1f}%)"
+    )
+    logger.warning("[teacher] %s.", note)
+    return {**health, "skipped": [*health.get("skipped", []), note]}
+
+
 def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     """The teacher's health, with its top-1 on the same held-out images under
     every normalization (`value_ranges`); `degraded`, with a problem naming
@@ -386,6 +437,7 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     order for the manifest's `classes`."""
     from thumbnet_keras.pipeline.datasets import split_batches
     from thumbnet_keras.pipeline.health import (
+        MATCHING_IMAGES_PER_CLASS,
         MIN_IMAGES,
         check_predictions,
         held_out_logits,
@@ -394,8 +446,15 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     )
 
     current = prepared["normalization"]
-    if health.get("top1") is None or health.get("images", 0) < MIN_IMAGES:
+    if health.get("top1") is None:
         return health
+    if health.get("images", 0) < MIN_IMAGES:
+        return _checks_skipped(
+            health,
+            "value-range and class-order checks",
+            f"{MIN_IMAGES} held-out images",
+            f"{health.get('images', 0)}",
+        )
     logits, labels = held_out_logits(
         teacher,
         split_batches(prepared, health["split"], config.image_size, config.channels,
@@ -404,6 +463,14 @@ def _value_range_check(config, prepared: dict, teacher, health: dict) -> dict:
     matched, order = held_out_matching(
         logits.argmax(axis=-1), labels, prepared["num_classes"]
     )
+    if matched is None:
+        health = _checks_skipped(
+            health,
+            "class-order check",
+            f"{MATCHING_IMAGES_PER_CLASS * prepared['num_classes']} held-out images "
+            f"({MATCHING_IMAGES_PER_CLASS} a class)",
+            f"{len(labels)}",
+        )
     scores = {current: health["top1"]}
     shares = {current: health.get("top_class_share")}
     for other in _RANGES:
