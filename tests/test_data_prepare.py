@@ -493,17 +493,52 @@ def test_parquet_source(tmp_path, layout):
 
 def test_labels_outside_the_declared_classes_are_named(tmp_path):
     """A trial (2026-11-30): integer labels 7 and -1 beside classes
-    [even, odd] failed as "'odd' (no image)", never naming the labels."""
+    [even, odd] failed as "'odd' (no image)", never naming the labels. An
+    integer label is an index into `classes`: one outside is refused before
+    any image is read, naming the labels and rows."""
     blobs = [write_good(tmp_path / f"{i}.png", seed=i).read_bytes() for i in range(8)]
-    labels = [0, 0, 0, 0, 0, 7, 7, -1]
-    pq.write_table(pa.table({"image": blobs, "label": labels}), tmp_path / "t.parquet")
-    with pytest.raises(data.PrepareError) as err:
-        data.prepare(_parquet_manifest(tmp_path / "t.parquet"), tmp_path / "out")
-    assert "'odd' (no image) have no usable example" in str(err.value)
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": blobs, "label": [0, 1, 0, 1, 0, 7, 7, 1]}), table)
+    with pytest.raises(data.DataSourceError) as err:
+        data.prepare(_parquet_manifest(table), tmp_path / "out")
     assert str(err.value).endswith(
-        "3 example(s) carry a label that is not in `classes`: '7' (2), '-1' (1); "
-        "a label is one of the names or its index 0..1"
+        "column 'label' holds labels [7] (rows 5, 6), but an integer label is an "
+        "index into the manifest's `classes` (2 names: 0 to 1)."
     )
+    pq.write_table(pa.table({"image": blobs, "label": [0, 1, 0, 1, 0, 1, 0, -1]}), table)
+    with pytest.raises(data.DataSourceError, match=r"negative labels \(-1 in rows 7\)"):
+        data.prepare(_parquet_manifest(table), tmp_path / "out")
+    assert not (tmp_path / "out" / "index.parquet").exists()
+
+
+def test_integer_labels_without_classes_keep_their_numbers(tmp_path):
+    """A platform trial: integer labels 0..11 and no `classes` gave the
+    classes '0', '1', '10', '11', '2', ... (sorted as names), so label 2
+    became class 4 and 10 became 2, silently. An integer label is the class
+    index it says; the classes are '0' to the largest."""
+    blobs, labels = [], []
+    for i in range(36):
+        blobs.append(encode(pattern(8, 8, 3, i), "PNG"))
+        labels.append(i % 12)
+    pq.write_table(pa.table({"image": blobs, "label": labels}), tmp_path / "t.parquet")
+    manifest = _parquet_manifest(tmp_path / "t.parquet").model_copy(
+        update={"classes": None}
+    )
+    prepared = data.prepare(manifest, tmp_path / "out")
+    assert prepared.class_names == [str(i) for i in range(12)]
+    rows = prepared.read_index().to_pylist()
+    assert all(r["label"] == labels[int(r["key"].split("/")[1])] for r in rows)
+    assert all(r["label_name"] == str(r["label"]) for r in rows)
+    # A class index no row has is a class without images: refused, named.
+    pq.write_table(
+        pa.table({"image": blobs[:4], "label": [0, 0, 2, 2]}), tmp_path / "gap.parquet"
+    )
+    gap = manifest.model_copy(
+        update={"source": manifest.source.model_copy(
+            update={"path": str(tmp_path / "gap.parquet")})}
+    )  # fmt: skip
+    with pytest.raises(data.PrepareError, match="'1' \\(no image\\)"):
+        data.prepare(gap, tmp_path / "out_gap")
 
 
 def test_a_run_refuses_data_without_a_test_split(tmp_path):

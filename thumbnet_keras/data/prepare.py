@@ -27,7 +27,13 @@ import numpy as np
 
 from thumbnet_keras.data import index as idx
 from thumbnet_keras.data.manifest import Manifest, TfdsSource, load_manifest
-from thumbnet_keras.data.sources import SPLITS, Candidate, iter_candidates, limit
+from thumbnet_keras.data.sources import (
+    SPLITS,
+    Candidate,
+    iter_candidates,
+    limit,
+    parquet_index_classes,
+)
 from thumbnet_keras.data.splits import stratified_holdout
 from thumbnet_keras.data.validate import (
     CONVERTED,
@@ -490,8 +496,10 @@ def prepare(
     if not is_tfds:
         # Every class folder is a class, also one whose files all fail to
         # decode: it is reported below instead of silently dropped.
-        class_names = manifest.classes or sorted(
-            {r["label_name"] for r in rows if r["label_name"]}
+        class_names = (
+            manifest.classes
+            or parquet_index_classes(manifest)
+            or sorted({r["label_name"] for r in rows if r["label_name"]})
         )
     if len(class_names) < 2:
         where = {

@@ -131,9 +131,13 @@ def read_sidecar(model_path: str | os.PathLike, sidecar: str | None = None) -> d
         where = "the sidecar named" if sidecar else "beside the model"
         raise SidecarError(
             f"{path.absolute()} not found ({where}): {SIDECAR} beside a model "
-            "names its classes and input. Export the model with `thumbnet export` (it writes one "
-            "there), copy the run's export folder's file beside it, or name it "
-            "(`thumbnet predict --sidecar PATH`, `predict(..., sidecar=path)`)."
+            "names its classes and input. A run's model: copy the run folder's "
+            f"{SIDECAR} beside it, or export it again (`thumbnet export --run "
+            "RUN_FOLDER --format ...` writes one beside what it exports), or name "
+            "it (`thumbnet predict --sidecar PATH`, `predict(..., sidecar=path)`). "
+            "A model of your own: write one with `thumbnet_keras.deploy."
+            "write_sidecar(folder, class_names=[...], input_size=(h, w), "
+            "channels=..., normalization=...)`."
         ) from None
     except (OSError, ValueError) as err:
         raise SidecarError(f"{path} is not readable JSON: {err}") from None

@@ -150,7 +150,8 @@ def check_teacher_file(path: str, image_shape: tuple, num_classes: int | None):
     if shape != tuple(image_shape):
         raise ConfigError(
             f"Teacher {path!r} takes {shape} images but the run uses "
-            f"{tuple(image_shape)} (image_size x image_size x channels)."
+            f"{tuple(image_shape)} (image_size x image_size x channels: "
+            "--image-size and --channels, `image_size` and `channels` in params)."
         )
     classes = teacher.outputs[0].shape[-1]
     if num_classes is not None and classes != num_classes:
