@@ -505,7 +505,9 @@ def test_labels_outside_the_declared_classes_are_named(tmp_path):
         "column 'label' holds labels [7] (rows 5, 6), but an integer label is an "
         "index into the manifest's `classes` (2 names: 0 to 1)."
     )
-    pq.write_table(pa.table({"image": blobs, "label": [0, 1, 0, 1, 0, 1, 0, -1]}), table)
+    pq.write_table(
+        pa.table({"image": blobs, "label": [0, 1, 0, 1, 0, 1, 0, -1]}), table
+    )
     with pytest.raises(data.DataSourceError, match=r"negative labels \(-1 in rows 7\)"):
         data.prepare(_parquet_manifest(table), tmp_path / "out")
     assert not (tmp_path / "out" / "index.parquet").exists()

@@ -490,7 +490,6 @@ def test_a_cached_preparation_repeats_what_the_data_warned_of(
     from prefect import flow
 
     from flows.thumbnet_flows import _prepare
-    from thumbnet_keras.pipeline.datasets import prepared_fingerprint
 
     manifest = tiny_dataset(tmp_path, per_class=8)
     (tmp_path / "brightness" / "dark" / "broken.png").write_bytes(b"")

@@ -1065,3 +1065,37 @@ def test_a_run_is_not_resumed_on_files_changed_under_its_manifest(tmp_path):
     again = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
     assert again["fingerprint"] == prepared["fingerprint"]
     assert pipeline.get_teacher(run_dir, again, verbose=0)["source"] == "trained"
+
+
+def test_a_finished_stage_whose_model_file_is_gone_says_so(tmp_path):
+    """A platform trial: with a finished stage's student.keras deleted, a
+    rerun skipped the stage and failed in export with a traceback; with the
+    stage deleted and trained again, the run kept its old evaluation.json,
+    metrics and report. Now the skip names the missing file and what to do,
+    and a stage trained again drops the run's evaluation."""
+    run_dir, _, _ = _small_run(tmp_path)
+    record = pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)
+    assert record["outputs"] == ["student.keras"]
+    student = Path(run_dir, "stages", "f2-bicubic_cl", "student.keras")
+    kept = student.read_bytes()
+    student.unlink()
+    before = snapshot(Path(run_dir))
+    with pytest.raises(ConfigError) as gone:
+        pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)
+    assert str(gone.value).endswith(
+        "finished, but stages/f2-bicubic_cl/student.keras is gone. Restore it, or "
+        "delete stages/f2-bicubic_cl.json in the run folder to train the stage "
+        "again, and rerun."
+    )
+    assert snapshot(Path(run_dir)) == before
+    student.write_bytes(kept)
+    assert pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)["skipped"]
+    # Trained again (its record deleted): the evaluation it would change goes.
+    Path(run_dir, "evaluation.json").write_text("{}")
+    Path(run_dir, "stages", "f2-bicubic_cl.json").unlink()
+    pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)
+    assert not Path(run_dir, "evaluation.json").exists()
+    # The teacher's file too.
+    Path(run_dir, "teacher.keras").unlink()
+    with pytest.raises(ConfigError, match="finished, but teacher.keras is gone"):
+        pipeline.train_stage(run_dir, 2, "bicubic_kd", verbose=0)

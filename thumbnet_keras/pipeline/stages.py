@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 from thumbnet_keras.pipeline import progress
 from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
@@ -126,16 +127,46 @@ def _load(path):
 
 
 def _finish(run: Run, sid: str, record: dict) -> dict:
+    """Records a stage trained now: its model files (`outputs`, checked when a
+    rerun skips it), and drops the run's evaluation, which scored the models
+    before this stage trained again (a stage retrained after its folder was
+    deleted left evaluation.json, metrics.json and the report as they were)."""
+    folder = run.stage_dir(sid)
+    if folder.is_dir():
+        record = {**record, "outputs": sorted(p.name for p in folder.iterdir())}
     write_json(run.stage_record(sid), record)
     run.discard_checkpoints(sid)
+    evaluation = run.file("evaluation.json")
+    if evaluation.is_file():
+        _log(f"[{sid}] trained again: the run's evaluation is redone")
+        evaluation.unlink()
     progress.stage_done(run, sid, record)  # "[k/N] <stage>: done in ..."
     return record
 
 
 def _skip(run: Run, sid: str) -> dict:
+    """A finished stage's record; `ConfigError` when a model file it wrote is
+    gone (a rerun went on to fail in a later step with a traceback)."""
     record = read_json(run.stage_record(sid))
+    folder = run.stage_dir(sid)
+    wanted = [folder / name for name in record.get("outputs", [])]
+    if sid == "teacher":
+        wanted = [run.teacher_keras]
+    _check_outputs(run, sid, wanted)
     _log(f"[{sid}] already finished, skipped")
     return record | {"skipped": True}
+
+
+def _check_outputs(run: Run, sid: str, wanted: list[Path]) -> None:
+    """`ConfigError` naming the files of finished stage `sid` that are gone."""
+    missing = [str(path.relative_to(run.path)) for path in wanted if not path.is_file()]
+    if missing:
+        raise ConfigError(
+            f"Stage {sid} of run {str(run.path)!r} finished, but "
+            f"{', '.join(missing)} is gone. Restore it, or delete "
+            f"{str(run.stage_record(sid).relative_to(run.path))} in the run folder to "
+            "train the stage again, and rerun."
+        )
 
 
 def _classifier_loss(config: RunConfig):
@@ -819,6 +850,7 @@ def train_stage(
     prepared = run.data(require=True)
     configure_determinism(config.seed + factor, config.deterministic)
     out = run.stage_dir(sid)
+    _check_outputs(run, "teacher", [run.teacher_keras])
     teacher = _load(run.teacher_keras)
     shape, value_range = _image_shape(config), _value_range(prepared)
     extra: dict = {}
