@@ -128,3 +128,76 @@ def test_tfds_sources_through_mock_data(tmp_path, name, num_classes):
     labels = np.concatenate([b[1].numpy() for b in batches])
     expected = [r["label"] for r in rows if r["split"] == "train"]
     assert sorted(labels.tolist()) == sorted(expected)
+
+
+# A manifest's TFDS keys and splits that the dataset does not have: one line
+# naming the field and what there is (a platform trial, 2026-11-30: a wrong
+# label_key was a KeyError traceback, a wrong image_key or split "not
+# prepared ... build it on a machine with internet").
+TFDS_MISTAKES = {
+    "label_key": ({"label_key": "lbl"}, "has no feature 'lbl' (source.label_key); "
+                  "its features: image (Image), label (ClassLabel), file_name (Text)."),
+    "image_key": ({"image_key": "label"}, "feature 'label' (source.image_key) is a "
+                  "ClassLabel, not a Image"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TFDS_MISTAKES))
+def test_tfds_keys_and_splits_it_lacks_are_named(tmp_path, case):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    manifest = _with_data_dir("imagenet2012", tmp_path)
+    update, message = TFDS_MISTAKES[case]
+    manifest = manifest.model_copy(
+        update={"source": manifest.source.model_copy(update=update)}
+    )
+    with tfds.testing.mock_data(num_examples=4):
+        with pytest.raises(data.DataSourceError) as err:
+            data.prepare(manifest, tmp_path / "out")
+    assert message in str(err.value)
+    assert "build" not in str(err.value)
+    assert not (tmp_path / "out" / "index.parquet").exists()
+
+
+def test_a_split_the_tfds_dataset_lacks_is_named(tmp_path):
+    """A real TFDS dataset built here (no mock: mock_data serves any split)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class ThumbnetTinyShapes(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=(8, 8, 3)),
+                    "label": tfds.features.ClassLabel(names=["a", "b"]),
+                }),
+            )  # fmt: skip
+
+        def _split_generators(self, dl_manager):
+            return {
+                "train": self._generate_examples(6),
+                "test": self._generate_examples(4),
+            }
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                yield i, {"image": np.full((8, 8, 3), 40 * i, np.uint8), "label": i % 2}
+
+    ThumbnetTinyShapes(data_dir=str(tmp_path / "tfds")).download_and_prepare()
+    manifest = data.Manifest.model_validate({
+        "name": "shapes", "description": "d", "license": "l",
+        "source": {"type": "tfds", "name": "thumbnet_tiny_shapes",
+                   "data_dir": str(tmp_path / "tfds"),
+                   "splits": {"train": "train", "test": "validation[:50%]"}},
+        "image": {"channels": 3}, "split": {"validation_fraction": 0.0},
+    })  # fmt: skip
+    with pytest.raises(data.DataSourceError) as err:
+        data.prepare(manifest, tmp_path / "out")
+    assert str(err.value) == (
+        "TFDS dataset 'thumbnet_tiny_shapes' has no split 'validation' (source.splits."
+        "test: 'validation[:50%]'); its splits: train, test."
+    )
+    good = manifest.model_copy(update={"source": manifest.source.model_copy(
+        update={"splits": {"train": "train[:50%]+train[50%:]", "test": "test"}})})  # fmt: skip
+    assert data.prepare(good, tmp_path / "out").splits == {"train": 6, "test": 4}

@@ -87,9 +87,52 @@ def _is_ready(b) -> bool:
     return True
 
 
+def check_source(source: TfdsSource, b) -> None:
+    """The manifest's `label_key`, `image_key` and `splits` name what the
+    prepared builder `b` has: a ClassLabel feature, an Image feature, its
+    splits (a split may be sliced or summed: `train[:90%]`, `train+test`).
+    `DataSourceError` naming the key and what there is (a wrong label_key
+    was a KeyError traceback; a wrong image_key or split said "not prepared
+    ... build it on a machine with internet").
+    """
+    import tensorflow_datasets as tfds
+
+    features = b.info.features
+    described = ", ".join(
+        f"{k} ({type(features[k]).__name__})" for k in features.keys()
+    )
+    for field, key, kind in (
+        ("label_key", source.label_key, tfds.features.ClassLabel),
+        ("image_key", source.image_key, tfds.features.Image),
+    ):
+        if key not in features.keys():
+            raise DataSourceError(
+                f"TFDS dataset {source.name!r} has no feature {key!r} (source."
+                f"{field}); its features: {described}."
+            )
+        if not isinstance(features[key], kind):
+            raise DataSourceError(
+                f"TFDS dataset {source.name!r}: feature {key!r} (source.{field}) is "
+                f"a {type(features[key]).__name__}, not a {kind.__name__}; its "
+                f"features: {described}."
+            )
+    available = list(b.info.splits.keys())
+    # (Empty under tfds.testing.mock_data, which serves any split.)
+    for split, tfds_split in source.splits.items() if available else ():
+        for part in tfds_split.split("+"):
+            name = part.split("[")[0].strip()
+            if name not in available:
+                raise DataSourceError(
+                    f"TFDS dataset {source.name!r} has no split {name!r} (source."
+                    f"splits.{split}: {tfds_split!r}); its splits: "
+                    f"{', '.join(available)}."
+                )
+
+
 def class_names(source: TfdsSource) -> list[str]:
     """Names of the ClassLabel feature `source.label_key`."""
     b = builder(source)
+    check_source(source, b)
     return list(b.info.features[source.label_key].names)
 
 
@@ -98,6 +141,7 @@ def split_dataset(source: TfdsSource, tfds_split: str):
     import tensorflow_datasets as tfds
 
     b = builder(source)
+    check_source(source, b)
     try:
         ds = b.as_dataset(
             split=tfds_split,
