@@ -273,6 +273,10 @@ CASES = [
     ("distribution-torch", [*TRAIN, "--distribution", "data_parallel"],
      "--distribution data_parallel needs the jax or tensorflow backend (KERAS_BACKEND); "
      "this process runs 'torch'."),
+    # Accepted and recorded, and did nothing (a platform trial).
+    ("sync-batchnorm-alone", [*TRAIN, "--sync-batchnorm"],
+     "--sync-batchnorm synchronizes BatchNorm statistics across the replicas of "
+     "--distribution data_parallel; this run has none (--distribution none)."),
     # argparse's own errors: one line too, not the 33-line usage first.
     ("choice", [*TRAIN, "--precision", "float64"], "argument --precision: invalid choice: 'float64'"),
     ("export-format", ["export", "--run", "{root}/runs/r24", "--format", "lite-rt"],

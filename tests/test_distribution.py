@@ -230,7 +230,13 @@ def test_smoke_run_trains_distributed_in_mixed_precision(tmp_path):
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import keras
+        import logging
         from thumbnet_keras import pipeline
+        said = []
+        handler = logging.Handler()
+        handler.emit = lambda record: said.append(record.getMessage())
+        logging.getLogger("thumbnet_keras").addHandler(handler)
+        logging.getLogger("thumbnet_keras").setLevel(logging.INFO)
         params = pipeline.ThumbNetParams(
             dataset={manifest!r}, smoke=True, runs_dir={runs!r}, run_name="dp",
             precision="mixed_bfloat16", distribution="data_parallel",
@@ -246,6 +252,7 @@ def test_smoke_run_trains_distributed_in_mixed_precision(tmp_path):
             "policies": sorted({{l.dtype_policy.name for l in model._flatten_layers()}}),
             "losses": {{s: r["history"]["loss"] for s, r in records.items()}},
             "policy_after": keras.config.dtype_policy().name,
+            "said": [m for m in said if m.startswith("data_parallel")],
         }}))
         """,
         env=subprocess_env() | {"KERAS_BACKEND": "tensorflow"},
@@ -255,6 +262,25 @@ def test_smoke_run_trains_distributed_in_mixed_precision(tmp_path):
     for stage, losses in result["losses"].items():
         assert losses and all(np.isfinite(losses)), stage
     assert result["policy_after"] == "float32"
+    # Said once for the run, with the replica count (nothing said it before).
+    (said,) = result["said"]
+    assert said.startswith("data_parallel: 2 replicas ("), said
+
+
+def test_data_parallel_on_one_device_warns(caplog):
+    """A platform trial: --distribution data_parallel on a one-device machine
+    trained on one replica and said nothing."""
+    import logging
+
+    from thumbnet_keras.pipeline.compute import _say_replicas
+
+    with caplog.at_level(logging.INFO, logger="thumbnet_keras.pipeline.compute"):
+        _say_replicas("runs/one-device-run", 1)
+        _say_replicas("runs/one-device-run", 1)  # Once per run and process.
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith("data_parallel found one device (")
+    assert "--xla_force_host_platform_device_count=N" in record.getMessage()
 
 
 # Several machines, as far as one allows: two JAX processes on CPU (one device

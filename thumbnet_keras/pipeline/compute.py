@@ -420,6 +420,35 @@ def run_compute(function):
             config.precision, config.distribution, config.sync_batchnorm
         ) as replicas:
             check_batch_size(config.batch_size, replicas)
+            if config.distribution == "data_parallel":
+                _say_replicas(str(run_dir), replicas)
             return function(run_dir, *args, **kwargs)
 
     return wrapper
+
+
+_SAID_REPLICAS: set[tuple[str, int]] = set()
+
+
+def _say_replicas(run_dir: str, replicas: int) -> None:
+    """Once per run and process: how many replicas data_parallel trains on; a
+    warning when one (a platform trial's run trained on one replica, and
+    nothing said so)."""
+    import logging
+
+    if (run_dir, replicas) in _SAID_REPLICAS:
+        return
+    _SAID_REPLICAS.add((run_dir, replicas))
+    logger = logging.getLogger(__name__)
+    if replicas > 1:
+        logger.info(
+            "data_parallel: %d replicas (%s)", replicas, ", ".join(local_devices())
+        )
+        return
+    logger.warning(
+        "data_parallel found one device (%s), so nothing is split: the run trains "
+        "as without it. On a CPU, JAX takes more with XLA_FLAGS="
+        "--xla_force_host_platform_device_count=N; TensorFlow with "
+        "tf.config.set_logical_device_configuration before Keras starts.",
+        ", ".join(local_devices()),
+    )

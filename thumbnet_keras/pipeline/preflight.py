@@ -658,11 +658,19 @@ def _check_writable(path: str, option: str) -> None:
         ) from None
 
 
-def _check_distribution(distribution: str) -> None:
+def _check_distribution(distribution: str, sync_batchnorm: bool = False) -> None:
     """data_parallel on a backend that has it (`compute.distribution_scope`),
-    refused here before any data is prepared."""
+    refused here before any data is prepared; so is --sync-batchnorm without
+    it (it was accepted and recorded, and did nothing)."""
     from thumbnet_keras.pipeline.environment import planned_backend
 
+    if sync_batchnorm and distribution != "data_parallel":
+        raise ConfigError(
+            "--sync-batchnorm synchronizes BatchNorm statistics across the "
+            "replicas of --distribution data_parallel; this run has none "
+            f"(--distribution {distribution}). Add --distribution data_parallel, "
+            "or leave --sync-batchnorm out."
+        )
     backend = planned_backend()
     if distribution == "data_parallel" and backend not in ("jax", "tensorflow"):
         raise ConfigError(
@@ -702,7 +710,7 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     if channels not in (1, 3):
         raise ConfigError(f"--channels must be 1 or 3, received {channels}.")
     config.check_fm_pretrain(option_name)
-    _check_distribution(config.distribution)
+    _check_distribution(config.distribution, config.sync_batchnorm)
     _warn_torch_jit(config.jit_compile)
     if len(set(config.factors)) != len(config.factors):
         raise ConfigError(f"--factor given twice: {list(config.factors)}.")
