@@ -703,6 +703,41 @@ def test_best_epoch_is_selected_on_validation_and_survives_resume(tmp_path):
     ]  # fmt: skip
 
 
+def test_no_epoch_selected_is_a_warning_and_the_report_says_so(tmp_path, caplog):
+    """A platform trial: 2 validation images over 4 data-parallel JAX devices
+    left every validation batch empty; the stages kept their last epoch
+    with an INFO line, and the report said every model kept its best
+    validation epoch."""
+    import logging
+
+    from thumbnet_keras.reports.render import _results_note
+
+    empty = _val_data().filter(lambda x, y: False)
+    with caplog.at_level(logging.WARNING, logger="thumbnet_keras.pipeline.checkpoint"):
+        record = fit_resumable(
+            _select_model(), _val_data(), 2, tmp_path, verbose=0, log=lambda m: None,
+            validation_data=empty, callbacks=[_ForceKernel(["eye", "neg"])], stage="f2-joint",
+        )  # fmt: skip
+    assert record["selection"] == {
+        "monitor": None, "best_epoch": 2, "reason": "no val_accuracy logged"
+    }  # fmt: skip
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning == (
+        "[f2-joint] no val_accuracy was logged: every validation batch was empty. "
+        "No epoch was selected: keeping the last, 2/2."
+    )
+    metrics = {"dataset": {"splits": {"train": 9, "validation": 2, "test": 4}},
+               "stages": {"f2-joint": record, "teacher": {"selection": {
+                   "monitor": "val_accuracy", "best_epoch": 1}}}}  # fmt: skip
+    note = _results_note(metrics)
+    assert (
+        "Except f2-joint: no validation top-1 was logged (every validation batch "
+        "empty), so they kept their last epoch." in note
+    )
+    del metrics["stages"]["f2-joint"]
+    assert "Except" not in _results_note(metrics)
+
+
 def test_a_tie_keeps_the_epoch_with_the_lower_validation_loss(tmp_path):
     """A trial (2026-11-30): a 7-image validation split scored 100% from
     epoch 1 on, and the stage kept epoch 1 of 12, the warm-up. Between

@@ -43,6 +43,7 @@ Files in a checkpoint folder:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -345,10 +346,21 @@ def fit_resumable(
         reason = no_selection_reason if monitor is None else f"no {monitor} logged"
         selection = {"monitor": None, "best_epoch": epochs, "reason": reason}
         if monitor is not None:
-            log(
-                f"  no {monitor} was logged (is every validation batch empty?): "
-                f"keeping the last epoch, {epochs}/{epochs}"
+            from thumbnet_keras.pipeline import compute
+
+            replicas = (compute._ACTIVE or {}).get("replicas", 1)
+            why = (
+                f" (under data_parallel, a validation batch is cut to a multiple of "
+                f"the {replicas} devices: a validation split of fewer images than "
+                "that leaves none)"
+                if replicas > 1
+                else ""
             )
+            logging.getLogger(__name__).warning(
+                "[%s] no %s was logged: every validation batch was empty%s. No "
+                "epoch was selected: keeping the last, %d/%d.",
+                stage, monitor, why, epochs, epochs,
+            )  # fmt: skip
     return {
         "history": callback.history,
         "epochs": epochs,

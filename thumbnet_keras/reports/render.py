@@ -487,12 +487,26 @@ _COST_NOTE = (
 def _results_note(metrics: Mapping) -> str:
     """What the table's numbers are, from how the stages were selected."""
     splits = metrics.get("dataset", {}).get("splits", {})
+    unselected = sorted(
+        sid
+        for sid, stage in (metrics.get("stages") or {}).items()
+        if isinstance(stage, Mapping)
+        and str((stage.get("selection") or {}).get("reason", "")).startswith("no val")
+    )
     if splits.get("validation"):
         selection = (
             "Each model trained with labels kept the epoch of its best "
             "validation top-1 (FM pre-training, which has no labels, its last "
             "epoch); the test split was evaluated once, at the end."
         )
+        if unselected:
+            # A trial: 2 validation images over 4 data-parallel devices left
+            # every validation batch empty, and the note still said this.
+            selection += (
+                f" Except {', '.join(unselected)}: no validation top-1 was "
+                "logged (every validation batch empty), so they kept their "
+                "last epoch."
+            )
     else:
         selection = (
             "No validation split: every model kept its last epoch; the test "
