@@ -768,7 +768,10 @@ class ThumbNetTrainer(FailSafeSteps, keras.Model):
 
         A Functional model of E and S (built-in layers only when E and S are),
         sharing their weights; the teacher and `fm_adapter` are left out.
-        Save it with `.save("thumbnet.keras")`. With `filepath`, it is also
+        Save it with `.save("thumbnet.keras")`. Its layers keep the dtype
+        policy E and S were built under: trained under `mixed_float16` or
+        `mixed_bfloat16`, save `thumbnet_keras.pipeline.compute.float32_model(
+        model)` for a float32 model (what a run saves). With `filepath`, it is also
         converted to `format` ("saved_model", "onnx", "litert", or
         "litert_int8" with `representative` calibration inputs) by
         `thumbnet_keras.deploy.export_model`: the verified converters, run in a
