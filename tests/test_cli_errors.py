@@ -273,6 +273,9 @@ CASES = [
     ("distribution-torch", [*TRAIN, "--distribution", "data_parallel"],
      "--distribution data_parallel needs the jax or tensorflow backend (KERAS_BACKEND); "
      "this process runs 'torch'."),
+    # Prepared data written among a finished run's outputs (a platform trial).
+    ("data-dir-in-a-run", [*TRAIN, "--data-dir", "{root}/runs/r24/_data"],
+     "--data-dir '{root}/runs/r24/_data' is inside the run folder '{root}/runs/r24'"),
     # Accepted and recorded, and did nothing (a platform trial).
     ("sync-batchnorm-alone", [*TRAIN, "--sync-batchnorm"],
      "--sync-batchnorm synchronizes BatchNorm statistics across the replicas of "

@@ -658,6 +658,33 @@ def _check_writable(path: str, option: str) -> None:
         ) from None
 
 
+def _check_outside_runs(data_dir: str) -> None:
+    """--data-dir is not inside a run folder (a folder with a run's
+    config.json): prepared data written there mixed with that run's outputs
+    (a platform trial wrote an index into a finished run)."""
+    import json
+
+    def is_run(path: Path) -> bool:
+        try:
+            saved = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(saved, dict) and saved.get("kind") in (
+            "thumbnet",
+            "generalize",
+        )
+
+    folder = Path(data_dir).expanduser().absolute()
+    for candidate in (folder, *folder.parents):
+        if is_run(candidate):
+            raise ConfigError(
+                f"--data-dir {data_dir!r} is inside the run folder "
+                f"{str(candidate)!r}: prepared data would be written among that "
+                "run's outputs. Choose a folder outside any run (the default is "
+                "<runs-dir>/_data)."
+            )
+
+
 def _check_distribution(distribution: str, sync_batchnorm: bool = False) -> None:
     """data_parallel on a backend that has it (`compute.distribution_scope`),
     refused here before any data is prepared; so is --sync-batchnorm without
@@ -742,6 +769,7 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     _check_writable(config.runs_dir, "--runs-dir")
     if config.data_dir:
         _check_writable(config.data_dir, "--data-dir")
+        _check_outside_runs(config.data_dir)
     from thumbnet_keras.pipeline.datasets import is_prepared
 
     if not is_prepared(
@@ -930,6 +958,7 @@ def check_generalize(values: dict) -> GeneralizeParams:
     _check_writable(config.runs_dir, "--runs-dir")
     if config.data_dir:
         _check_writable(config.data_dir, "--data-dir")
+        _check_outside_runs(config.data_dir)
     run_name = config.run_name or default_run_name(f"generalize-{run.name}")
     resolved = dataclasses.replace(  # As resolve_generalize saves it.
         config,
