@@ -176,13 +176,13 @@ def test_a_split_the_tfds_dataset_lacks_is_named(tmp_path):
 
         def _split_generators(self, dl_manager):
             return {
-                "train": self._generate_examples(6),
-                "test": self._generate_examples(4),
+                "train": self._generate_examples(0, 6),
+                "test": self._generate_examples(6, 4),
             }
 
-        def _generate_examples(self, n):
-            for i in range(n):
-                yield i, {"image": np.full((8, 8, 3), 40 * i, np.uint8), "label": i % 2}
+        def _generate_examples(self, first, n):
+            for i in range(first, first + n):  # Every image its own value.
+                yield i, {"image": np.full((8, 8, 3), 20 * i, np.uint8), "label": i % 2}
 
     ThumbnetTinyShapes(data_dir=str(tmp_path / "tfds")).download_and_prepare()
     manifest = data.Manifest.model_validate({
