@@ -493,27 +493,20 @@ def test_parquet_source(tmp_path, layout):
 
 def test_labels_outside_the_declared_classes_are_named(tmp_path):
     """A trial (2026-11-30): integer labels 7 and -1 beside classes
-    [even, odd] failed as "'odd' (no image)", never naming the labels. An
-    integer label is an index into `classes`: one outside is refused before
-    any image is read, naming the labels and rows."""
+    [even, odd] failed as "'odd' (no image)", never naming the labels."""
     blobs = [write_good(tmp_path / f"{i}.png", seed=i).read_bytes() for i in range(8)]
-    table = tmp_path / "t.parquet"
-    pq.write_table(pa.table({"image": blobs, "label": [0, 1, 0, 1, 0, 7, 7, 1]}), table)
-    with pytest.raises(data.DataSourceError) as err:
-        data.prepare(_parquet_manifest(table), tmp_path / "out")
+    labels = [0, 0, 0, 0, 0, 7, 7, -1]
+    pq.write_table(pa.table({"image": blobs, "label": labels}), tmp_path / "t.parquet")
+    with pytest.raises(data.PrepareError) as err:
+        data.prepare(_parquet_manifest(tmp_path / "t.parquet"), tmp_path / "out")
+    assert "'odd' (no image) have no usable example" in str(err.value)
     assert str(err.value).endswith(
-        "column 'label' holds labels [7] (rows 5, 6), but an integer label is an "
-        "index into the manifest's `classes` (2 names: 0 to 1)."
+        "3 example(s) carry a label that is not in `classes`: '7' (2), '-1' (1); "
+        "a label is one of the names or its index 0..1"
     )
-    pq.write_table(
-        pa.table({"image": blobs, "label": [0, 1, 0, 1, 0, 1, 0, -1]}), table
-    )
-    with pytest.raises(data.DataSourceError, match=r"negative labels \(-1 in rows 7\)"):
-        data.prepare(_parquet_manifest(table), tmp_path / "out")
-    assert not (tmp_path / "out" / "index.parquet").exists()
 
 
-def test_integer_labels_without_classes_keep_their_numbers(tmp_path):
+def test_integer_labels_without_classes_keep_their_numbers(tmp_path, monkeypatch):
     """A platform trial: integer labels 0..11 and no `classes` gave the
     classes '0', '1', '10', '11', '2', ... (sorted as names), so label 2
     became class 4 and 10 became 2, silently. An integer label is the class
@@ -531,6 +524,17 @@ def test_integer_labels_without_classes_keep_their_numbers(tmp_path):
     rows = prepared.read_index().to_pylist()
     assert all(r["label"] == labels[int(r["key"].split("/")[1])] for r in rows)
     assert all(r["label_name"] == str(r["label"]) for r in rows)
+    # An index made before (classes sorted as names) is prepared again, not
+    # reused: same files, so only the class order can tell them apart.
+    import importlib
+
+    prepare_module = importlib.import_module("thumbnet_keras.data.prepare")
+    monkeypatch.setattr(prepare_module, "parquet_index_classes", lambda m: None)
+    old = data.prepare(manifest, tmp_path / "old")
+    assert old.class_names[:3] == ["0", "1", "10"]
+    monkeypatch.undo()
+    again = data.prepare(manifest, tmp_path / "old")
+    assert not again.reused and again.class_names == [str(i) for i in range(12)]
     # A class index no row has is a class without images: refused, named.
     pq.write_table(
         pa.table({"image": blobs[:4], "label": [0, 0, 2, 2]}), tmp_path / "gap.parquet"
@@ -539,8 +543,24 @@ def test_integer_labels_without_classes_keep_their_numbers(tmp_path):
         update={"source": manifest.source.model_copy(
             update={"path": str(tmp_path / "gap.parquet")})}
     )  # fmt: skip
-    with pytest.raises(data.PrepareError, match="'1' \\(no image\\)"):
+    with pytest.raises(data.PrepareError) as err:
         data.prepare(gap, tmp_path / "out_gap")
+    assert "'1' (no image)" in str(err.value)
+    assert "integer labels are class indices counted from 0" in str(err.value)
+    # A negative label (an "unlabelled" -1) is no class: its row is left out.
+    pq.write_table(
+        pa.table({"image": blobs[:5], "label": [0, 1, 0, 1, -1]}),
+        tmp_path / "neg.parquet",
+    )
+    neg = manifest.model_copy(
+        update={"source": manifest.source.model_copy(
+            update={"path": str(tmp_path / "neg.parquet")})}
+    )  # fmt: skip
+    prepared = data.prepare(neg, tmp_path / "out_neg")
+    assert prepared.class_names == ["0", "1"]
+    assert [r["reason"] for r in prepared.read_index().to_pylist()][-1] == (
+        "undeclared_class"
+    )
 
 
 def test_a_run_refuses_data_without_a_test_split(tmp_path):

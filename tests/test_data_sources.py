@@ -201,3 +201,10 @@ def test_a_split_the_tfds_dataset_lacks_is_named(tmp_path):
     good = manifest.model_copy(update={"source": manifest.source.model_copy(
         update={"splits": {"train": "train[:50%]+train[50%:]", "test": "test"}})})  # fmt: skip
     assert data.prepare(good, tmp_path / "out").splits == {"train": 6, "test": 4}
+    # `all` is TFDS' every split, not one the dataset has to list.
+    from thumbnet_keras.data import tfds_source
+
+    every = good.source.model_copy(
+        update={"splits": {"train": "all[:50%]", "test": "test"}}
+    )
+    tfds_source.check_source(every, tfds_source.builder(every))

@@ -355,6 +355,7 @@ def test_a_measurement_setting_alone_resumes_and_is_taken(tmp_path):
     assert saved["config"]["throughput_batches"] == 2
     Path(run["run_dir"], "stages").mkdir()
     Path(run["run_dir"], "stages", "teacher.json").write_text("{}")  # Started.
+    Path(run["run_dir"], "evaluation.json").write_text("{}")  # Measured with 2.
     unlock_run(run["run_dir"])
     again = ThumbNetParams(**common, throughput_batches=50)
     assert pipeline.resolve_run(again)["resumed"] is True
@@ -362,6 +363,7 @@ def test_a_measurement_setting_alone_resumes_and_is_taken(tmp_path):
     assert now["config"]["throughput_batches"] == 50
     assert now["config"] | {"throughput_batches": 2} == saved["config"]
     assert now["inputs"] == saved["inputs"]
+    assert not Path(run["run_dir"], "evaluation.json").exists()  # Redone with 50.
     unlock_run(run["run_dir"])
     # With another difference it is still refused, naming only that one,
     # and config.json is left as it was.
@@ -1132,5 +1134,20 @@ def test_a_finished_stage_whose_model_file_is_gone_says_so(tmp_path):
     assert not Path(run_dir, "evaluation.json").exists()
     # The teacher's file too.
     Path(run_dir, "teacher.keras").unlink()
-    with pytest.raises(ConfigError, match="finished, but teacher.keras is gone"):
+    with pytest.raises(
+        ConfigError, match="its teacher, teacher.keras, is gone. .*start a new run"
+    ):
         pipeline.train_stage(run_dir, 2, "bicubic_kd", verbose=0)
+
+
+def test_sync_batchnorm_without_data_parallel_is_no_difference():
+    """A run saved with --sync-batchnorm and no --distribution (accepted
+    then, refused now) resumes without the flag: it did nothing."""
+    from thumbnet_keras.pipeline.rundir import config_differences
+
+    saved = {"distribution": "none", "sync_batchnorm": True, "seed": 0}
+    assert config_differences(saved, saved | {"sync_batchnorm": False}) == []
+    parallel = saved | {"distribution": "data_parallel"}
+    assert config_differences(parallel, parallel | {"sync_batchnorm": False}) == [
+        "sync_batchnorm"
+    ]

@@ -195,3 +195,22 @@ def test_bad_factor():
 def test_a_path_instead_of_a_model_says_load_it():
     with pytest.raises(TypeError, match=r"received 'teacher.keras'\. Load it first"):
         make_student("teacher.keras", 2)
+
+
+def test_weight_copies_keep_adapted_preprocessing_layers(rng):
+    """`models.weights.copy_weights` (every weight copy of the package):
+    Normalization takes its adapted statistics (`finalize_state`), and an
+    adapted Discretization keeps the bin boundaries its config carries
+    (calling its finalize_state too emptied them, the review found)."""
+    from thumbnet_keras.models.weights import copy_weights
+
+    values = rng.random((64, 3), dtype="float32") * 10.0
+    norm, bins = keras.layers.Normalization(), keras.layers.Discretization(num_bins=4)
+    norm.adapt(values)
+    bins.adapt(values)
+    inputs = keras.Input((3,))
+    source = keras.Model(inputs, [norm(inputs), bins(inputs)])
+    copy = keras.Model.from_config(source.get_config())
+    copy_weights(source, copy)
+    for got, want in zip(copy(values[:8]), source(values[:8])):
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-5, atol=1e-5)

@@ -496,9 +496,10 @@ def prepare(
     if not is_tfds:
         # Every class folder is a class, also one whose files all fail to
         # decode: it is reported below instead of silently dropped.
+        indexed = None if manifest.classes else parquet_index_classes(manifest)
         class_names = (
             manifest.classes
-            or parquet_index_classes(manifest)
+            or indexed
             or sorted({r["label_name"] for r in rows if r["label_name"]})
         )
     if len(class_names) < 2:
@@ -533,6 +534,10 @@ def prepare(
         # A class without a usable image is refused below; an index made
         # before that was (the class silently dropped) must not be reused.
         payload.append(["classes", list(class_names)])
+    elif not is_tfds and indexed:
+        # Integer labels in index order: an index made when they were sorted
+        # as names ('10' before '2') must not be reused.
+        payload.append(["integer classes", list(class_names)])
     fingerprint = hashlib.sha256(json.dumps(payload).encode()).hexdigest()
     try:
         previous = idx.PreparedDataset.load(out)
@@ -611,6 +616,11 @@ def prepare(
             if reasons
             else "add images of them, or remove them from `classes`"
             if manifest.classes
+            else "integer labels are class indices counted from 0, so every "
+            f"index up to the largest label ({len(class_names) - 1}) is a class: "
+            "renumber the labels 0 to K-1, or give `classes:` (one name per "
+            "index, in order)"
+            if indexed
             else "add images of them"
         )
         undeclared = Counter(

@@ -315,33 +315,19 @@ def _parquet_label_names(
         )
     if not integer:
         return labels
-
-    def rows_of(bad):
-        return ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-
-    negative = [i for i, label in enumerate(labels) if label < 0]
-    if negative:
-        raise DataSourceError(
-            f"{path}: column {source.label_column!r} holds negative labels "
-            f"({labels[negative[0]]} in rows {rows_of(negative)}); an integer label "
-            "is a class index, 0 or more."
-        )
-    if classes:
-        over = [i for i, label in enumerate(labels) if label >= len(classes)]
-        if over:
-            raise DataSourceError(
-                f"{path}: column {source.label_column!r} holds labels "
-                f"{sorted({labels[i] for i in over})[:10]} (rows {rows_of(over)}), "
-                "but an integer label is an index into the manifest's `classes` "
-                f"({len(classes)} names: 0 to {len(classes) - 1})."
-            )
-        return [classes[label] for label in labels]
-    return [str(label) for label in labels]
+    # An integer label is the class index it says: `classes[i]` where the
+    # manifest names them, else "i". One outside them (a -1 "unlabelled", say)
+    # is quarantined as an undeclared class, as a name not in `classes` is.
+    return [
+        classes[label] if classes and 0 <= label < len(classes) else str(label)
+        for label in labels
+    ]
 
 
 def parquet_index_classes(manifest: Manifest) -> list[str] | None:
     """The classes of a Parquet source with integer labels and no `classes`
-    in the manifest: "0" to the largest label, in index order. (Sorted as
+    in the manifest: "0" to the largest label, in index order (a negative
+    label is no class: its rows are quarantined as undeclared). (Sorted as
     names, label 10 came before 2, and every class from 2 on was silently
     renumbered: a teacher trained on the table's integers disagreed with
     the run.) None for any other source, or when the table cannot be read
@@ -361,8 +347,8 @@ def parquet_index_classes(manifest: Manifest) -> list[str] | None:
     kind = (
         column.type.value_type if pa.types.is_dictionary(column.type) else column.type
     )
-    labels = [v for v in column.to_pylist() if v is not None]
-    if not pa.types.is_integer(kind) or not labels or min(labels) < 0:
+    labels = [v for v in column.to_pylist() if v is not None and v >= 0]
+    if not pa.types.is_integer(kind) or not labels:
         return None
     return [str(i) for i in range(max(labels) + 1)]
 

@@ -87,10 +87,13 @@ def _is_ready(b) -> bool:
     return True
 
 
-def check_source(source: TfdsSource, b) -> None:
+def check_source(source: TfdsSource, b, names_from_labels: bool = False) -> None:
     """The manifest's `label_key`, `image_key` and `splits` name what the
-    prepared builder `b` has: a ClassLabel feature, an Image feature, its
-    splits (a split may be sliced or summed: `train[:90%]`, `train+test`).
+    prepared builder `b` has: a label feature (a ClassLabel, or an integer
+    one where the manifest gives `classes`; a ClassLabel when the class
+    names are read from it, `names_from_labels`), an Image feature, its
+    splits (a split may be sliced or summed: `train[:90%]`, `train+test`;
+    `all` is TFDS' every split).
     `DataSourceError` naming the key and what there is (a wrong label_key
     was a KeyError traceback; a wrong image_key or split said "not prepared
     ... build it on a machine with internet").
@@ -101,19 +104,29 @@ def check_source(source: TfdsSource, b) -> None:
     described = ", ".join(
         f"{k} ({type(features[k]).__name__})" for k in features.keys()
     )
-    for field, key, kind in (
-        ("label_key", source.label_key, tfds.features.ClassLabel),
-        ("image_key", source.image_key, tfds.features.Image),
-    ):
+
+    def integer(feature) -> bool:
+        import numpy as np
+
+        dtype = getattr(feature, "np_dtype", None)
+        return dtype is not None and np.issubdtype(np.dtype(dtype), np.integer)
+
+    for field, key, kind, fits in (
+        ("label_key", source.label_key, "ClassLabel",
+         lambda f: isinstance(f, tfds.features.ClassLabel)
+         or (not names_from_labels and integer(f))),
+        ("image_key", source.image_key, "Image",
+         lambda f: isinstance(f, tfds.features.Image)),
+    ):  # fmt: skip
         if key not in features.keys():
             raise DataSourceError(
                 f"TFDS dataset {source.name!r} has no feature {key!r} (source."
                 f"{field}); its features: {described}."
             )
-        if not isinstance(features[key], kind):
+        if not fits(features[key]):
             raise DataSourceError(
                 f"TFDS dataset {source.name!r}: feature {key!r} (source.{field}) is "
-                f"a {type(features[key]).__name__}, not a {kind.__name__}; its "
+                f"a {type(features[key]).__name__}, not a {kind}; its "
                 f"features: {described}."
             )
     available = list(b.info.splits.keys())
@@ -121,7 +134,7 @@ def check_source(source: TfdsSource, b) -> None:
     for split, tfds_split in source.splits.items() if available else ():
         for part in tfds_split.split("+"):
             name = part.split("[")[0].strip()
-            if name not in available:
+            if name not in available and name != "all":
                 raise DataSourceError(
                     f"TFDS dataset {source.name!r} has no split {name!r} (source."
                     f"splits.{split}: {tfds_split!r}); its splits: "
@@ -132,7 +145,7 @@ def check_source(source: TfdsSource, b) -> None:
 def class_names(source: TfdsSource) -> list[str]:
     """Names of the ClassLabel feature `source.label_key`."""
     b = builder(source)
-    check_source(source, b)
+    check_source(source, b, names_from_labels=True)
     return list(b.info.features[source.label_key].names)
 
 

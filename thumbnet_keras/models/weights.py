@@ -13,7 +13,8 @@ def all_layers(model) -> Iterator:
 
 
 def set_weights(model, weights: list) -> None:
-    """`model.set_weights(weights)`, then every built layer's `finalize_state()`.
+    """`model.set_weights(weights)`, then every `Normalization` layer's
+    `finalize_state()`.
 
     A `Normalization` layer fitted with `adapt()` keeps its mean and variance
     as variables, but computes with tensors that `finalize_state` makes from
@@ -22,11 +23,15 @@ def set_weights(model, weights: list) -> None:
     initial statistics (mean 0, variance 1), and differs from the same copy
     saved and loaded again.
     """
+    import keras
+
     model.set_weights(weights)
     for layer in all_layers(model):
-        finalize = getattr(layer, "finalize_state", None)
-        if finalize is not None and layer.built:
-            finalize()
+        # Normalization only: other layers' finalize_state recompute from
+        # state that set_weights does not restore (an adapted Discretization
+        # rebuilt from its config lost its bin boundaries).
+        if isinstance(layer, keras.layers.Normalization) and layer.built:
+            layer.finalize_state()
 
 
 def copy_weights(source, target) -> None:

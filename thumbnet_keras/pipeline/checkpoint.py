@@ -350,10 +350,10 @@ def fit_resumable(
 
             replicas = (compute._ACTIVE or {}).get("replicas", 1)
             why = (
-                f" (under data_parallel, a validation batch is cut to a multiple of "
-                f"the {replicas} devices: a validation split of fewer images than "
-                "that leaves none)"
-                if replicas > 1
+                f" (under data_parallel on JAX, a validation batch is cut to a "
+                f"multiple of the {replicas} devices: a validation split of fewer "
+                "images than that leaves none)"
+                if replicas > 1 and keras.backend.backend() == "jax"
                 else ""
             )
             logging.getLogger(__name__).warning(

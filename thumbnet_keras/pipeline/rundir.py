@@ -494,6 +494,11 @@ def config_differences(old: dict, new: dict) -> list[str]:
         a, b = old.get(key), new.get(key)
         if a == b or key == "runs_dir":
             return True
+        if key == "sync_batchnorm" and "data_parallel" not in (
+            old.get("distribution"),
+            new.get("distribution"),
+        ):
+            return True  # Without data_parallel it does nothing (and is refused now).
         if key in _LOCATION_FIELDS and _is_path(a) and _is_path(b):
             return os.path.realpath(a) == os.path.realpath(b)
         return False
@@ -659,13 +664,16 @@ def _take_measurement_fields(run: Run, config: dict) -> None:
     }
     if changed:
         logger.info(
-            "Run folder %s resumes with %s (saved %s): it changes no trained model.",
+            "Run folder %s resumes with %s (saved %s): it changes no trained model; "
+            "the run's evaluation is redone with it.",
             run.path,
             ", ".join(f"{k} {v!r}" for k, v in changed.items()),
             ", ".join(repr(saved["config"].get(k)) for k in changed),
         )
         saved["config"].update(changed)
         write_json(run.config_json, saved)
+        # Its images/s were measured with the old value.
+        run.file("evaluation.json").unlink(missing_ok=True)
 
 
 _KINDS = ("thumbnet", "generalize")

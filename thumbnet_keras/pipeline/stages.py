@@ -132,8 +132,9 @@ def _finish(run: Run, sid: str, record: dict) -> dict:
     before this stage trained again (a stage retrained after its folder was
     deleted left evaluation.json, metrics.json and the report as they were)."""
     folder = run.stage_dir(sid)
-    if folder.is_dir():
-        record = {**record, "outputs": sorted(p.name for p in folder.iterdir())}
+    if folder.is_dir():  # (Not the temporary files of a killed attempt.)
+        files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        record = {**record, "outputs": files}
     write_json(run.stage_record(sid), record)
     run.discard_checkpoints(sid)
     evaluation = run.file("evaluation.json")
@@ -160,6 +161,14 @@ def _skip(run: Run, sid: str) -> dict:
 def _check_outputs(run: Run, sid: str, wanted: list[Path]) -> None:
     """`ConfigError` naming the files of finished stage `sid` that are gone."""
     missing = [str(path.relative_to(run.path)) for path in wanted if not path.is_file()]
+    if missing and sid == "teacher":
+        # Deleting its record would train or load a new teacher under
+        # students distilled from the old one.
+        raise ConfigError(
+            f"Run {str(run.path)!r}: its teacher, {missing[0]}, is gone. Restore "
+            "it, or start a new run (another --run-name): every later stage of "
+            "this run learned from that teacher."
+        )
     if missing:
         raise ConfigError(
             f"Stage {sid} of run {str(run.path)!r} finished, but "
@@ -339,7 +348,9 @@ def _check_same_data(run: Run, prepared: dict) -> None:
     raise ConfigError(
         f"Run folder {str(run.path)!r} was started on other data: the files of "
         f"dataset {prepared.get('name') or prepared.get('dataset')!r} changed since "
-        f"its stages trained (then: {splits(saved)}; now: {splits(prepared)}). "
+        f"its stages trained, or a thumbnet-keras upgrade indexes them otherwise "
+        f"(the prepared index differs; then: {splits(saved)}; now: "
+        f"{splits(prepared)}). "
         "Finished stages used the old files, so the run is not resumed; its "
         "outputs are left untouched. Choose another run name to train on the "
         "data as it is now, or restore the files to resume this run."

@@ -491,7 +491,7 @@ def _results_note(metrics: Mapping) -> str:
         sid
         for sid, stage in (metrics.get("stages") or {}).items()
         if isinstance(stage, Mapping)
-        and str((stage.get("selection") or {}).get("reason", "")).startswith("no val")
+        and (stage.get("selection") or {}).get("reason") == "no val_accuracy logged"
     )
     if splits.get("validation"):
         selection = (
