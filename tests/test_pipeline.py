@@ -1097,6 +1097,11 @@ def test_a_run_is_not_resumed_on_files_changed_under_its_manifest(tmp_path):
         pipeline.get_teacher(run_dir, changed, verbose=0)
     assert "restore the files to resume" in str(refused.value)
     assert snapshot(Path(run_dir)) == before
+    # Nor is it scored on them (`thumbnet evaluate --run` read the new splits).
+    from thumbnet_keras.pipeline import Run
+
+    with pytest.raises(ConfigError, match="was prepared again since"):
+        Run(run_dir).data(require=True)
     # The files back as they were: the same index, and the run resumes.
     removed.write_bytes(kept)
     again = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)

@@ -411,7 +411,9 @@ class Run:
 
         `require`: raise `ConfigError` when the prepared data is not found
         (for the steps that read its images), instead of returning the
-        folder as written.
+        folder as written, or when the folder's index is no longer the one
+        the run recorded (`fingerprint`: files changed under the manifest
+        were prepared again there).
         """
         from thumbnet_keras.pipeline.config import ConfigError
 
@@ -428,6 +430,22 @@ class Run:
                     "train` with the run's options to prepare it again."
                 )
             data["prepared_dir"] = found or folder
+        if require and found is not None and data.get("fingerprint"):
+            from thumbnet_keras.pipeline.datasets import prepared_fingerprint
+
+            now = prepared_fingerprint(found)
+            if now is not None and now != data["fingerprint"]:
+                # The folder is one per manifest: files changed under it were
+                # prepared again there, and scoring this run's models on them
+                # reads other splits than they were trained and selected on.
+                raise ConfigError(
+                    f"Run {str(self.path)!r}: its prepared data {found!r} was "
+                    "prepared again since, from files changed under the same "
+                    "manifest, so its splits are not the ones this run trained "
+                    "on. Restore the files and prepare them again (rerun "
+                    "`thumbnet train` with this run's options), or train a new "
+                    "run on the data as it is now."
+                )
         return data
 
 
