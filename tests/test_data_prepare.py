@@ -524,6 +524,16 @@ def test_integer_labels_without_classes_keep_their_numbers(tmp_path, monkeypatch
     rows = prepared.read_index().to_pylist()
     assert all(r["label"] == labels[int(r["key"].split("/")[1])] for r in rows)
     assert all(r["label_name"] == str(r["label"]) for r in rows)
+    # String labels (plain and dictionary-encoded, a pandas categorical) stay
+    # names, sorted (the first version of this fix compared them with 0).
+    names = pa.array(["dog", "cat"] * 18)
+    for column in (names, names.dictionary_encode()):
+        pq.write_table(
+            pa.table({"image": blobs, "label": column}), tmp_path / "s.parquet"
+        )
+        named = manifest.model_copy(update={"source": manifest.source.model_copy(
+            update={"path": str(tmp_path / "s.parquet")})})  # fmt: skip
+        assert data.prepare(named, tmp_path / "s").class_names == ["cat", "dog"]
     # An index made before (classes sorted as names) is prepared again, not
     # reused: same files, so only the class order can tell them apart.
     import importlib

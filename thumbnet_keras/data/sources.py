@@ -347,8 +347,10 @@ def parquet_index_classes(manifest: Manifest) -> list[str] | None:
     kind = (
         column.type.value_type if pa.types.is_dictionary(column.type) else column.type
     )
+    if not pa.types.is_integer(kind):
+        return None  # Names (strings): sorted by `prepare`.
     labels = [v for v in column.to_pylist() if v is not None and v >= 0]
-    if not pa.types.is_integer(kind) or not labels:
+    if not labels:
         return None
     return [str(i) for i in range(max(labels) + 1)]
 
