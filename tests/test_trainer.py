@@ -235,8 +235,12 @@ def test_saved_export_loads_without_thumbnet_keras(tmp_path, rng):
     trainer.compile(optimizer="adam")
     trainer.fit(x, y, epochs=1, batch_size=32, verbose=0)
     path = tmp_path / "thumbnet.keras"
-    model = trainer.export()
-    model.save(path)
+    # export(path) with a .keras path writes that file (it wrote a SavedModel
+    # folder named thumbnet.keras, which load_model could not read).
+    model = trainer.export(str(path))
+    assert path.is_file()
+    with pytest.raises(ValueError, match="a .keras path is the Keras file itself"):
+        trainer.export(str(tmp_path / "other.keras"), format="onnx")
     np.save(tmp_path / "x.npy", x[:8])
     np.save(tmp_path / "expected.npy", to_numpy(model.predict(x[:8], verbose=0)))
     result = run_python(

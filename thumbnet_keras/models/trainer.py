@@ -768,10 +768,12 @@ class ThumbNetTrainer(FailSafeSteps, keras.Model):
 
         A Functional model of E and S (built-in layers only when E and S are),
         sharing their weights; the teacher and `fm_adapter` are left out.
-        Save it with `.save("thumbnet.keras")`. Its layers keep the dtype
+        Save it with `.save("thumbnet.keras")` (or `export("thumbnet.keras")`).
+        Its layers keep the dtype
         policy E and S were built under: trained under `mixed_float16` or
         `mixed_bfloat16`, save `thumbnet_keras.pipeline.compute.float32_model(
         model)` for a float32 model (what a run saves). With `filepath`, it is also
+        saved there as a `.keras` file when the path ends in `.keras`, else
         converted to `format` ("saved_model", "onnx", "litert", or
         "litert_int8" with `representative` calibration inputs) by
         `thumbnet_keras.deploy.export_model`: the verified converters, run in a
@@ -783,6 +785,17 @@ class ThumbNetTrainer(FailSafeSteps, keras.Model):
         image = keras.Input(shape, name="image")
         logits = self.student(self.downscaler(image))
         model = keras.Model(image, logits, name="thumbnet")
+        if filepath is not None and str(filepath).endswith(".keras"):
+            # `export("thumbnet.keras")` wrote a SavedModel folder of that name,
+            # which load_model then could not read (a docs trial).
+            if format != "saved_model":
+                raise ValueError(
+                    f"export({str(filepath)!r}, format={format!r}): a .keras path "
+                    "is the Keras file itself; give the converted model its own "
+                    "name (e.g. thumbnet.onnx, thumbnet.tflite)."
+                )
+            model.save(filepath)
+            return model
         if filepath is not None:
             import os
             import tempfile
