@@ -450,9 +450,11 @@ def _checks_skipped(health: dict, checks: str, needed: str, had: str) -> dict:
     run, said as a warning: too few held-out images to judge by. (A trial's
     teacher, trained on its classes in another order, scored 42% on 10
     validation images and the run went on with status "ok".)"""
+    plural = checks.endswith("checks")
     note = (
-        f"the {checks} need {needed}; the {health.get('split', 'held-out')} split "
-        f"has {had}, so they did not run: a teacher fed other values than it was "
+        f"the {checks} {'need' if plural else 'needs'} {needed}; the "
+        f"{health.get('split', 'held-out')} split has {had}, so "
+        f"{'they' if plural else 'it'} did not run: a teacher fed other values than it was "
         "trained on, or naming its classes in another order than the manifest's "
         f"`classes:`, would go unnoticed (its top-1 here: "
         f"{100 * health['top1']:.1f}%)"
