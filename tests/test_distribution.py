@@ -31,7 +31,13 @@ def test_data_parallel_fit_on_two_cpu_devices():
         y = rng.integers(0, 3, 64).astype("int32")
         hist = trainer.fit(x, y, batch_size=16, epochs=4, verbose=0).history
         kernel = trainer.downscaler.get_layer("residual_conv").kernel
+        try:
+            trainer.fit(x[:17], y[:17], batch_size=8, verbose=0)
+            uneven = None
+        except ValueError as error:
+            uneven = str(error)
         print(json.dumps({{
+            "uneven": uneven,
             "devices": len(jax.devices()),
             "loss": hist["loss"],
             "kernel_devices": len(kernel.value.sharding.device_set),
@@ -45,6 +51,15 @@ def test_data_parallel_fit_on_two_cpu_devices():
     assert result["devices"] == 2
     assert result["kernel_devices"] == 2  # weights replicated on both devices
     assert result["loss"][-1] < result["loss"][0]
+    # 17 examples in batches of 8 leave a last batch of 1 for 2 devices: named
+    # before any step (a platform trial got JAX's IndivisibleError).
+    assert result["uneven"] == (
+        "Under keras.distribution.DataParallel over 2 devices each batch must "
+        "split evenly, and 17 examples in batches of 8 give a last batch of 1. Use "
+        "a batch_size that is a multiple of 2 and a multiple of it in examples "
+        "(x[:16] here, if batch_size is), or a tf.data.Dataset batched with "
+        "drop_remainder=True."
+    )
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="uneven batches matter to JAX only")

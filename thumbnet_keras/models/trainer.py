@@ -240,12 +240,38 @@ def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwarg
     num_classes = int(model.teacher.outputs[0].shape[-1])
     L.check_fit_labels(x, y, num_classes)
     L.check_validation_labels(kwargs.get("validation_data"), num_classes)
+    check_even_batches(x, kwargs.get("batch_size", args[0] if args else None))
     try:
         with weights_kept_on_failure(model):
             return parent.fit(x, y, *args, **kwargs)
     except BaseException:
         model.train_function = model.test_function = model.predict_function = None
         raise
+
+
+def check_even_batches(x, batch_size) -> None:
+    """Under JAX's `keras.distribution.DataParallel`, every device takes an
+    equal share of each batch: arrays whose batch size, or whose last batch,
+    does not split over the devices are refused here, naming the fix (JAX
+    failed inside the step with `IndivisibleError`)."""
+    if keras.backend.backend() != "jax" or not hasattr(x, "shape"):
+        return
+    distribution = keras.distribution.distribution()
+    if not isinstance(distribution, keras.distribution.DataParallel):
+        return
+    devices = int(distribution.device_mesh.devices.size)
+    n, batch = int(x.shape[0]), int(batch_size or 32)
+    last = n % batch
+    if devices <= 1 or not (batch % devices or last % devices):
+        return
+    uneven = f"batches of {batch}" if batch % devices else f"a last batch of {last}"
+    raise ValueError(
+        f"Under keras.distribution.DataParallel over {devices} devices each batch "
+        f"must split evenly, and {n} examples in batches of {batch} give {uneven}. "
+        f"Use a batch_size that is a multiple of {devices} and a multiple of it "
+        f"in examples (x[:{n - last}] here, if batch_size is), or a "
+        "tf.data.Dataset batched with drop_remainder=True."
+    )
 
 
 def check_no_sample_weights(owner: str, x, kwargs) -> None:
