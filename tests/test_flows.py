@@ -392,16 +392,20 @@ def test_importing_the_flows_is_quiet():
     assert run.stdout == "true\n"
 
 
-def test_prepare_is_cached_until_a_source_file_changes(tmp_path):
-    """The prepare-data task is cached on the manifest and on its source
-    files' names, sizes and times: a rerun reuses it; an image replaced
-    under the unchanged manifest prepares again (a practitioner's trial,
-    2026-11-29: a run kept training on the replaced data's old index)."""
+def _prefect_caching_runs_once() -> None:
     if keras.backend.backend() != "torch":
         pytest.skip(
             "Prefect caching, independent of the Keras backend: run once, under "
             "KERAS_BACKEND=torch (the shortest suite)."
         )
+
+
+def test_prepare_is_cached_until_a_source_file_changes(tmp_path):
+    """The prepare-data task is cached on the manifest and on its source
+    files' names, sizes and times: a rerun reuses it; an image replaced
+    under the unchanged manifest prepares again (a practitioner's trial,
+    2026-11-29: a run kept training on the replaced data's old index)."""
+    _prefect_caching_runs_once()
     from prefect import flow
 
     from flows.thumbnet_flows import prepare_data_task
@@ -446,11 +450,7 @@ def test_a_file_added_then_removed_does_not_bring_back_a_stale_cache(tmp_path):
     gave back the first result while the folder held B's index, and every
     run, under any run name, failed on the removed file. `_prepare` now
     checks a cached result against the index the folder holds."""
-    if keras.backend.backend() != "torch":
-        pytest.skip(
-            "Prefect caching, independent of the Keras backend: run once, under "
-            "KERAS_BACKEND=torch (the shortest suite)."
-        )
+    _prefect_caching_runs_once()
     from prefect import flow
 
     from flows.thumbnet_flows import _prepare

@@ -315,6 +315,19 @@ def test_a_teacher_fed_other_values_than_it_was_trained_on_is_reported(
         assert health["status"] == "ok", health["problems"]
 
 
+def _swapped_teacher(path):
+    """`_sign_teacher` on [0, 1] with its two classes swapped; saved to `path`."""
+    inputs = keras.Input((32, 32, 1), name="image")
+    logits = keras.layers.Dense(
+        2,
+        kernel_initializer=keras.initializers.Constant([[-1.0, 1.0]]),
+        bias_initializer=keras.initializers.Constant([0.5, -0.5]),
+        name="logits",
+    )(keras.layers.GlobalAveragePooling2D()(_feature_map(inputs)))
+    keras.Model(inputs, logits).save(path)
+    return path
+
+
 def test_a_teacher_no_value_range_fits_is_not_told_to_change_it(tmp_path):
     """An edge deployer's trial (2026-11-30): a teacher whose outputs were in
     another class order scored 0% and was told to set `normalization: raw`,
@@ -326,15 +339,7 @@ def test_a_teacher_no_value_range_fits_is_not_told_to_change_it(tmp_path):
     from thumbnet_keras.pipeline.stages import get_teacher
 
     manifest = tiny_dataset(tmp_path, per_class=20)
-    path = tmp_path / "swapped.keras"
-    inputs = keras.Input((32, 32, 1), name="image")
-    logits = keras.layers.Dense(  # _sign_teacher on [0, 1], classes swapped
-        2,
-        kernel_initializer=keras.initializers.Constant([[-1.0, 1.0]]),
-        bias_initializer=keras.initializers.Constant([0.5, -0.5]),
-        name="logits",
-    )(keras.layers.GlobalAveragePooling2D()(_feature_map(inputs)))
-    keras.Model(inputs, logits).save(path)
+    path = _swapped_teacher(tmp_path / "swapped.keras")
     params = pipeline.ThumbNetParams(
         dataset=manifest, runs_dir=str(tmp_path / "runs"), run_name="s",
         teacher=str(path), image_size=32,
@@ -382,15 +387,7 @@ def test_teacher_checks_too_few_images_to_run_say_so(tmp_path, caplog):
     from thumbnet_keras.pipeline.stages import get_teacher
 
     manifest = tiny_dataset(tmp_path, per_class=12)
-    path = tmp_path / "swapped.keras"
-    inputs = keras.Input((32, 32, 1), name="image")
-    logits = keras.layers.Dense(
-        2,
-        kernel_initializer=keras.initializers.Constant([[-1.0, 1.0]]),
-        bias_initializer=keras.initializers.Constant([0.5, -0.5]),
-        name="logits",
-    )(keras.layers.GlobalAveragePooling2D()(_feature_map(inputs)))
-    keras.Model(inputs, logits).save(path)
+    path = _swapped_teacher(tmp_path / "swapped.keras")
     params = pipeline.ThumbNetParams(
         dataset=manifest, runs_dir=str(tmp_path / "runs"), run_name="few",
         teacher=str(path), image_size=32,

@@ -346,9 +346,9 @@ def fit_resumable(
         reason = no_selection_reason if monitor is None else f"no {monitor} logged"
         selection = {"monitor": None, "best_epoch": epochs, "reason": reason}
         if monitor is not None:
-            from thumbnet_keras.pipeline import compute
+            from thumbnet_keras.pipeline.compute import active_replicas
 
-            replicas = (compute._ACTIVE or {}).get("replicas", 1)
+            replicas = active_replicas()
             why = (
                 f" (under data_parallel on JAX, a validation batch is cut to a "
                 f"multiple of the {replicas} devices: a validation split of fewer "

@@ -340,6 +340,11 @@ def compute_scope(
             _ACTIVE = previous
 
 
+def active_replicas() -> int:
+    """The replicas of the active `compute_scope` (1 outside one)."""
+    return _ACTIVE["replicas"] if _ACTIVE is not None else 1
+
+
 def prepare_model(model):
     """A loaded model under the active `compute_scope`: the run's precision
     (`with_precision`) and, with `sync_batchnorm` on several replicas,

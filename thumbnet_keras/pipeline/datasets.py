@@ -111,13 +111,20 @@ def prepare_dataset(
 
 def prepared_fingerprint(prepared_dir: str) -> str | None:
     """The fingerprint of the index `prepared_dir` holds now (of the manifest
-    and every file's content, `data.prepare`), or None when there is none."""
-    from thumbnet_keras.data import IndexCorruptError, PreparedDataset
+    and every file's content, `data.prepare`), or None when there is none.
+    Read from its summary.json alone: `PreparedDataset.load` would hash the
+    whole index each time (every step that reads a run's images asks), and
+    the steps that read the index check it themselves."""
+    import json
+
+    from thumbnet_keras.data.index import SUMMARY_FILE
 
     try:
-        return PreparedDataset.load(prepared_dir).summary().get("fingerprint")
-    except (IndexCorruptError, ConfigError, OSError, ValueError):
+        with open(os.path.join(prepared_dir, SUMMARY_FILE)) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
         return None
+    return summary.get("fingerprint") if isinstance(summary, dict) else None
 
 
 def data_notices(prepared_dir: str, quarantine_only: bool = False) -> list[str]:

@@ -662,21 +662,11 @@ def _check_outside_runs(data_dir: str) -> None:
     """--data-dir is not inside a run folder (a folder with a run's
     config.json): prepared data written there mixed with that run's outputs
     (a platform trial wrote an index into a finished run)."""
-    import json
-
-    def is_run(path: Path) -> bool:
-        try:
-            saved = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return isinstance(saved, dict) and saved.get("kind") in (
-            "thumbnet",
-            "generalize",
-        )
+    from thumbnet_keras.pipeline.rundir import holds_run
 
     folder = Path(data_dir).expanduser().absolute()
     for candidate in (folder, *folder.parents):
-        if is_run(candidate):
+        if holds_run(candidate):
             raise ConfigError(
                 f"--data-dir {data_dir!r} is inside the run folder "
                 f"{str(candidate)!r}: prepared data would be written among that "

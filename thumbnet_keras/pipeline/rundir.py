@@ -697,6 +697,17 @@ def _take_measurement_fields(run: Run, config: dict) -> None:
 _KINDS = ("thumbnet", "generalize")
 
 
+def holds_run(path: str | os.PathLike) -> bool:
+    """Whether the folder holds a run's `config.json` (`_saved_run`'s test)."""
+    from thumbnet_keras.pipeline.config import ConfigError
+
+    try:
+        _saved_run(Run(path))
+    except ConfigError:  # Not a run's config.json, or none.
+        return False
+    return True
+
+
 def _saved_run(run: Run) -> dict:
     """The folder's `config.json` as a run wrote it (`{"kind", "config",
     ...}`); `ConfigError` when it is not one (unreadable, not JSON, another
