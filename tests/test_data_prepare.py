@@ -603,6 +603,44 @@ def test_a_run_refuses_data_without_a_test_split(tmp_path):
         prepare_dataset(str(manifest), str(tmp_path / "data"))
 
 
+def test_an_unused_test_fraction_beside_a_split_column_is_named(tmp_path):
+    """A manifest giving split.test_fraction beside a Parquet split_column
+    that splits every row: the fraction draws nothing, so preparing warns
+    (it was silent); a column with empty rows uses it, without a warning."""
+    from thumbnet_keras.data.prepare import prepare
+
+    blobs = [write_good(tmp_path / f"{i}.png", seed=i).read_bytes() for i in range(16)]
+    for name, splits, warns in (
+        ("every", ["train"] * 12 + ["test"] * 4, True),
+        ("some", ["train"] * 4 + [None] * 8 + ["test"] * 4, False),
+    ):
+        table = {"image": blobs, "label": [i % 2 for i in range(16)], "split": splits}
+        pq.write_table(pa.table(table), tmp_path / f"{name}.parquet")
+        manifest = tmp_path / f"{name}.yaml"
+        manifest.write_text(
+            f"name: {name}\ndescription: d\nlicense: l\nclasses: [a, b]\n"
+            "image: {channels: 3}\nsplit: {test_fraction: 0.25}\n"
+            f"source: {{type: parquet, path: {tmp_path / f'{name}.parquet'}, "
+            "split_column: split}\n"
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prepared = prepare(
+                str(manifest), tmp_path / f"data_{name}", executor="threads"
+            )
+        said = [str(w.message) for w in caught if "test_fraction" in str(w.message)]
+        if warns:
+            assert said == [
+                "every: split.test_fraction 0.25 is unused: every row takes its "
+                "split from column 'split', so none is drawn for test. Remove "
+                "split.test_fraction, or leave the column empty for the rows to "
+                "split here."
+            ]
+        else:
+            assert said == []
+            assert prepared.splits["test"] == 4 + 2  # the column's 4, 25% of 8
+
+
 # A table whose columns say something else than the manifest expects: one
 # `DataSourceError` naming the column and what to do, before any image is read
 # (found by a practitioner's trial, 2026-11-29: these gave tracebacks, a

@@ -268,6 +268,7 @@ def test_smoke_run_trains_distributed_in_mixed_precision(tmp_path):
             "losses": {{s: r["history"]["loss"] for s, r in records.items()}},
             "policy_after": keras.config.dtype_policy().name,
             "said": [m for m in said if m.startswith("data_parallel")],
+            "replicas": {{s: r["replicas"] for s, r in records.items()}},
         }}))
         """,
         env=subprocess_env() | {"KERAS_BACKEND": "tensorflow"},
@@ -280,6 +281,8 @@ def test_smoke_run_trains_distributed_in_mixed_precision(tmp_path):
     # Said once for the run, with the replica count (nothing said it before).
     (said,) = result["said"]
     assert said.startswith("data_parallel: 2 replicas ("), said
+    # ... and each stage's record keeps it.
+    assert result["replicas"] == {s: 2 for s in ("e_pretrain", "fm_pretrain", "joint")}
 
 
 def test_data_parallel_on_one_device_warns(caplog):

@@ -1118,6 +1118,7 @@ def test_a_finished_stage_whose_model_file_is_gone_says_so(tmp_path):
     run_dir, _, _ = _small_run(tmp_path)
     record = pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)
     assert record["outputs"] == ["student.keras"]
+    assert record["replicas"] == 1  # no distribution
     student = Path(run_dir, "stages", "f2-bicubic_cl", "student.keras")
     kept = student.read_bytes()
     student.unlink()

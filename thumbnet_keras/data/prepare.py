@@ -330,6 +330,27 @@ def _expected_splits(manifest: Manifest, rows: list[dict]) -> list[str]:
     return [s for s in SPLITS if s in expected]
 
 
+def _unused_test_fraction(manifest: Manifest, usable: list[dict]) -> str | None:
+    """The warning for a `split.test_fraction` given in the manifest that no
+    row used: every usable row took its split from the Parquet
+    `split_column` (known only once read; the manifest refuses the same
+    case for split folders and TFDS splits before reading)."""
+    split = manifest.split
+    column = getattr(manifest.source, "split_column", None)
+    if not (
+        column and split.test_fraction and "test_fraction" in split.model_fields_set
+    ):
+        return None
+    if not usable or not all(r["source_split"] for r in usable):
+        return None
+    return (
+        f"{manifest.name}: split.test_fraction {split.test_fraction:g} is unused: "
+        f"every row takes its split from column {column!r}, so none is drawn for "
+        "test. Remove split.test_fraction, or leave the column empty for the rows "
+        "to split here."
+    )
+
+
 def _classes_absent(class_names, per_class, by_split_class, counts) -> dict:
     """`{split: [class name, ...]}`: classes with images that a validation
     or test split has none of (a class of 1-3 images, say: a stratified
@@ -653,6 +674,9 @@ def prepare(
             f"{', '.join(manifest.source.extensions)}), so they are not classes.",
             stacklevel=2,
         )
+    unused = _unused_test_fraction(manifest, usable)
+    if unused:
+        warnings.warn(unused, stacklevel=2)
     absent = _classes_absent(class_names, per_class, by_split_class, counts)
     if absent:
         warnings.warn(

@@ -51,6 +51,7 @@ from pathlib import Path
 from thumbnet_keras.pipeline import progress
 from thumbnet_keras.pipeline.checkpoint import fit_resumable, load_checkpoint
 from thumbnet_keras.pipeline.compute import (
+    active_replicas,
     even_batches,
     jit_compile_option,
     prepare_model,
@@ -135,6 +136,9 @@ def _finish(run: Run, sid: str, record: dict) -> dict:
     if folder.is_dir():  # (Not the temporary files of a killed attempt.)
         files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         record = {**record, "outputs": files}
+    # How many replicas it trained on (config.json says data_parallel, not
+    # how many devices there were: a platform trial's run found one).
+    record = {**record, "replicas": active_replicas()}
     write_json(run.stage_record(sid), record)
     run.discard_checkpoints(sid)
     evaluation = run.file("evaluation.json")
