@@ -17,3 +17,28 @@ def emit(result: dict, out: str | None, indent: int = 2) -> dict:
         with open(out, "w") as f:
             f.write(text + "\n")
     return result
+
+
+def script_args(doc: str, positional: tuple[str, ...] = ()) -> list[str]:
+    """The command line of a benchmark set by environment variables (its
+    docstring names them): `-h`/`--help` prints `doc` and exits 0; an option,
+    or another count of arguments than `positional` names, exits 2 with the
+    usage. (`--help` used to start a training that ignored it, or was read
+    as a run folder.) Returns the positional arguments."""
+    import sys
+
+    args = sys.argv[1:]
+    usage = f"usage: {os.path.basename(sys.argv[0])} {' '.join(positional)}".rstrip()
+    if any(arg in ("-h", "--help") for arg in args):
+        print(f"{usage}\n\n{doc.strip()}")
+        raise SystemExit(0)
+    options = [arg for arg in args if arg.startswith("-")]
+    if options or len(args) != len(positional):
+        what = (
+            f"unknown option {options[0]} (settings are environment variables, see --help)"
+            if options
+            else f"expected {len(positional)} argument(s), received {len(args)}"
+        )
+        print(f"{usage}\nerror: {what}", file=sys.stderr)
+        raise SystemExit(2)
+    return args

@@ -188,8 +188,8 @@ def aggregate(records: list[dict]) -> dict:
 # before and since its e_pretrain stage (on by default from 2026-11-29).
 JUDGED = {
     "thumbnet": "ThumbNet, paper recipe",
-    "es_kd": "ThumbNet, default recipe",
-    "es_kd_pre": "ThumbNet, default recipe with e_pretrain",
+    "es_kd": "ThumbNet, default recipe less e_pretrain",
+    "es_kd_pre": "ThumbNet, default recipe (with e_pretrain)",
 }
 
 

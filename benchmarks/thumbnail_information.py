@@ -56,4 +56,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from _report import script_args
+
+    script_args(__doc__, ("RUN_DIR",))
     main()

@@ -31,6 +31,19 @@ def test_elpv_full_split_matches_the_published_protocol():
     )
 
 
+def test_a_small_share_of_few_examples_holds_out_one():
+    """1% of a smoke-size set rounded to no example, and preparing refused
+    the empty validation split the manifest asked for (ImageNet's
+    `validation_fraction` 0.01 on 12 train images): a share above 0 holds
+    out at least one example of two or more; 0 holds out none."""
+    keys = [f"k{i}" for i in range(12)]
+    labels = [i % 4 for i in range(12)]
+    assert data.stratified_holdout(keys, labels, 0.01, seed=0).sum() == 1
+    assert data.stratified_holdout(keys, labels, 0.0, seed=0).sum() == 0
+    assert data.stratified_holdout(keys[:1], labels[:1], 0.5, seed=0).sum() == 0
+    assert data.stratified_holdout(keys, labels, 0.25, seed=0).sum() == 3
+
+
 def test_elpv_prepares_real_images(tmp_path):
     prepared = data.prepare("elpv", tmp_path, limit_per_class=8)
     assert prepared.class_names == ["0", "1/3", "2/3", "1"]

@@ -25,14 +25,17 @@ def stratified_holdout(
     Args:
         keys: stable example identifiers (unique).
         labels: integer class of each example.
-        fraction: share of every class to hold out, in [0, 1).
+        fraction: share of every class to hold out, in [0, 1); above 0, at
+            least one example in all (of two or more).
         seed: permutation seed.
 
     Returns:
         bool array of len(keys).
 
     Example:
-        >>> stratified_holdout(["a", "b", "c", "d"], [0, 0, 0, 0], 0.25, 0).sum()
+        >>> int(stratified_holdout(["a", "b", "c", "d"], [0, 0, 0, 0], 0.25, 0).sum())
+        1
+        >>> int(stratified_holdout(["a", "b", "c", "d"], [0, 0, 1, 1], 0.01, 0).sum())
         1
     """
     if not 0.0 <= fraction < 1.0:
@@ -45,7 +48,10 @@ def stratified_holdout(
     classes, sizes = np.unique(labels_arr, return_counts=True)
     exact = sizes * fraction
     quota = np.floor(exact).astype(int)
-    extra = int(round(len(keys_arr) * fraction)) - int(quota.sum())
+    # At least one example when asked for a share of two or more: 1% of a
+    # smoke-size ImageNet (12 images) rounded to an empty split, refused.
+    total = max(int(round(len(keys_arr) * fraction)), int(len(keys_arr) > 1))
+    extra = total - int(quota.sum())
     tie_break = np.random.default_rng([seed, 2**31 - 1]).permutation(len(classes))
     order = np.lexsort((tie_break, -(exact - quota)))
     quota[order[:extra]] += 1
