@@ -43,6 +43,7 @@ from prefect.states import Failed
 
 from thumbnet_keras import pipeline
 from thumbnet_keras.pipeline import GeneralizeParams, ThumbNetParams, interrupt
+from thumbnet_keras.pipeline.config import TrainingHealthError
 from thumbnet_keras.pipeline.datasets import (
     is_prepared,
     prepared_fingerprint,
@@ -192,13 +193,25 @@ def _prepare(dataset: str, data_dir: str, limit_per_class: int | None) -> dict:
     return result
 
 
-@task(name="teacher", cache_policy=NO_CACHE)
+# The run's steps: a user error they find (files changed under a resumed
+# run, a teacher that failed its checks) fails the task at once without
+# Prefect logging its traceback (retries=1 with `_retry_unless_bad_data`, as
+# for resolve-run), and the flow ends with its one line (`_refused`); a
+# deployment's run logged two tracebacks, 146 lines, for it (a Prefect
+# trial). Anything else is retried once (a stage resumes from its last
+# checkpointed epoch), then fails with its traceback.
+_STEP = dict(
+    cache_policy=NO_CACHE, retries=1, retry_condition_fn=_retry_unless_bad_data
+)
+
+
+@task(name="teacher", **_STEP)
 def teacher_task(run_dir: str, prepared: dict, verbose: int) -> dict:
     """Stage 0: load, build or train the teacher."""
     return _small(pipeline.get_teacher(run_dir, prepared, verbose=verbose))
 
 
-@task(name="train-stage", task_run_name="{stage}-f{factor}", cache_policy=NO_CACHE)
+@task(name="train-stage", task_run_name="{stage}-f{factor}", **_STEP)
 def train_stage_task(run_dir: str, factor: int, stage: str, verbose: int) -> dict:
     """One stage of `pipeline.STAGES` (teacher_bicubic_bn, e_pretrain,
     fm_pretrain, joint, bicubic_cl, bicubic_kd, bicubic_kd_equal) for one
@@ -206,14 +219,14 @@ def train_stage_task(run_dir: str, factor: int, stage: str, verbose: int) -> dic
     return _small(pipeline.train_stage(run_dir, factor, stage, verbose=verbose))
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", **_STEP)
 def evaluate_task(run_dir: str) -> dict:
     """Every arm on the validation and test splits."""
     interrupt.check()  # A Ctrl-C that something swallowed.
     return pipeline.evaluate_run(run_dir)
 
 
-@task(name="health", cache_policy=NO_CACHE)
+@task(name="health", **_STEP)
 def health_task(run_dir: str) -> dict:
     """The run's health (`health.json`) from its stages' sanity checks."""
     interrupt.check()  # A Ctrl-C that something swallowed.
@@ -222,14 +235,14 @@ def health_task(run_dir: str) -> dict:
     return write_run_health(run_dir)
 
 
-@task(name="export", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="export", retry_delay_seconds=2, **_STEP)
 def export_task(run_dir: str) -> dict:
     """thumbnet.keras, the thumbnail-only model, the downscalers, extra formats."""
     interrupt.check()  # A Ctrl-C that something swallowed.
     return pipeline.export_run(run_dir)
 
 
-@task(name="report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="report", retry_delay_seconds=2, **_STEP)
 def report_task(run_dir: str, dataset_name: str) -> dict:
     """metrics.json, report.md, report.html, and the keyed artifacts."""
     interrupt.check()  # A Ctrl-C that something swallowed.
@@ -397,9 +410,11 @@ logging.getLogger("prefect.flow_runs").addFilter(_RefusedWithoutTraceback())
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    """What the user has to act on, said in one line: bad input, a run folder
+    in use, a training that failed its health checks (the CLI's own list)."""
     from thumbnet_keras.pipeline.rundir import RunLockedError
 
-    return (pipeline.ConfigError, RunLockedError)
+    return (pipeline.ConfigError, RunLockedError, TrainingHealthError)
 
 
 def _small(record: dict) -> dict:
@@ -438,19 +453,22 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
         if not run["resumed"]:  # A folder saying only that it was tried: gone.
             discard_unstarted(run_dir)
         return _refused(err)
-    teacher_task(run_dir, prepared, verbose)
-    for factor in config["factors"]:
-        for stage in pipeline.STAGES:
-            train_stage_task(run_dir, factor, stage, verbose)
-    evaluation = evaluate_task(run_dir)
-    health = health_task(run_dir)
-    if health["status"] == "failed":  # Report it; export nothing.
-        from thumbnet_keras.pipeline.health import TrainingHealthError, failed_message
+    try:
+        teacher_task(run_dir, prepared, verbose)
+        for factor in config["factors"]:
+            for stage in pipeline.STAGES:
+                train_stage_task(run_dir, factor, stage, verbose)
+        evaluation = evaluate_task(run_dir)
+        health = health_task(run_dir)
+        if health["status"] == "failed":  # Report it; export nothing.
+            from thumbnet_keras.pipeline.health import failed_message
 
+            report = report_task(run_dir, _artifact_name(prepared, config))
+            raise TrainingHealthError(failed_message(health, report["report_html"]))
+        exported = export_task(run_dir)
         report = report_task(run_dir, _artifact_name(prepared, config))
-        raise TrainingHealthError(failed_message(health, report["report_html"]))
-    exported = export_task(run_dir)
-    report = report_task(run_dir, _artifact_name(prepared, config))
+    except (*_data_errors(), *_user_errors()) as err:
+        return _refused(err)
     # Absolute: a deployment's run prints them from a worker's folder.
     print(f"thumbnet.keras: {os.path.abspath(exported['thumbnet'])}")
     print(f"report: {os.path.abspath(report['report_html'])}")
@@ -480,11 +498,7 @@ def resolve_generalize_task(params: dict) -> dict:
     return pipeline.resolve_generalize(params)
 
 
-@task(
-    name="train-fresh-student",
-    task_run_name="exp{index}-s{seed}-{arm}",
-    cache_policy=NO_CACHE,
-)
+@task(name="train-fresh-student", task_run_name="exp{index}-s{seed}-{arm}", **_STEP)
 def generalize_arm_task(
     run_dir: str, index: int, arm: str, prepared: dict, seed: int, verbose: int
 ) -> dict:
@@ -497,7 +511,7 @@ def generalize_arm_task(
     )
 
 
-@task(name="generalize-report", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="generalize-report", retry_delay_seconds=2, **_STEP)
 def generalize_report_task(run_dir: str, source_name: str) -> dict:
     """metrics.json, report.md, report.html, and the keyed artifacts."""
     interrupt.check()  # A Ctrl-C that something swallowed.
@@ -538,12 +552,20 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
             )
         except (*_data_errors(), *_user_errors()) as err:
             return _refused(err)
-        for seed in config["seeds"]:
-            for arm in GENERALIZE_ARMS:
-                results.append(
-                    generalize_arm_task(run_dir, index, arm, prepared, seed, verbose)
-                )
-    report = generalize_report_task(run_dir, os.path.basename(run["source_run"]))
+        try:
+            for seed in config["seeds"]:
+                for arm in GENERALIZE_ARMS:
+                    results.append(
+                        generalize_arm_task(
+                            run_dir, index, arm, prepared, seed, verbose
+                        )
+                    )
+        except (*_data_errors(), *_user_errors()) as err:
+            return _refused(err)
+    try:
+        report = generalize_report_task(run_dir, os.path.basename(run["source_run"]))
+    except (*_data_errors(), *_user_errors()) as err:
+        return _refused(err)
     print(f"report: {os.path.abspath(report['report_html'])}")
     return {
         "run_dir": run_dir,

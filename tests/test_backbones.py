@@ -196,6 +196,24 @@ def test_weights_h5_from_another_architecture(tmp_path):
         backbones.build("tiny_cnn", SMALL, num_classes=3, weights=bigger)
 
 
+def test_weights_h5_of_a_trained_model_loads(tmp_path):
+    """A trial: `save_weights` after `compile` and `fit` (the usual way)
+    stores the optimizer's variables too, and the file was refused as "from
+    a different architecture". Its layers' weights load; the rest is
+    skipped."""
+    model = backbones.build("tiny_cnn", SMALL, num_classes=3, widths=(8, 8))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).random((8, *SMALL), dtype=np.float32)
+    model.fit(x, np.arange(8) % 3, epochs=1, verbose=0)
+    path = str(tmp_path / "trained.weights.h5")
+    model.save_weights(path)
+    loaded = backbones.build(
+        "tiny_cnn", SMALL, num_classes=3, widths=(8, 8), weights=path
+    )
+    for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_keras_file_from_another_architecture(tmp_path):
     path = str(tmp_path / "tiny.keras")
     backbones.build("tiny_cnn", SMALL, num_classes=3).save(path)

@@ -95,6 +95,9 @@ def world(tmp_path_factory) -> Path:
         pooled = keras.layers.GlobalAveragePooling2D()(image)
         logits = keras.layers.Dense(classes, activation=activation)(pooled)
         keras.Model(image, logits).save(root / name)
+    from thumbnet_keras.models import backbones
+
+    backbones.build("tiny_cnn", (64, 64, 1), 2).save_weights(root / "tiny.weights.h5")
     # MobileNetV3's head: logits from a 1x1 Conv2D, then Flatten and a linear
     # Activation (no Dense layer at the end); 5 classes, the data has 2.
     image = keras.Input((64, 64, 1))
@@ -448,6 +451,24 @@ def test_option_value_the_builder_refuses_is_one_error_line(tmp_path):
         "`widths` must name at least one stage, received ()."
     ]
     assert not (tmp_path / "runs").exists()
+
+
+def test_backbone_weights_that_do_not_fit_are_one_error_line(world, tmp_path):
+    """A trial: a --backbone-weights file that does not fit the backbone
+    failed inside the teacher stage, after the run had started (three
+    Prefect tracebacks, exit 1). It is refused where the flow resolves the
+    run: one error line, exit 2, no stage."""
+    runs = tmp_path / "runs"
+    weights = f"{world}/tiny.weights.h5"
+    args = ["train", "--dataset", f"{world}/brightness.yaml", "--runs-dir", str(runs),
+            "--backbone", "resnet18", "--backbone-weights", weights]  # fmt: skip
+    errors = error_lines(run_refused(args, world))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(
+        f"thumbnet: error: --backbone-weights {weights!r}: Weights file {weights!r} "
+        "does not match backbone 'resnet18'"
+    ), errors
+    assert not list(runs.glob("*/stages/*.json"))
 
 
 def test_a_teacher_failing_its_health_checks_is_reported_without_traceback(tmp_path):

@@ -823,6 +823,44 @@ def test_a_class_too_small_for_a_split_is_named(tmp_path):
     assert summary["classes_absent_from_split"] == {}
 
 
+def test_a_class_without_training_images_is_named(tmp_path):
+    """A trial: split folders (train/, val/) with a class only in val/ got
+    the warning that validation has none of it, not that train has none:
+    a teacher trained in the run could never learn it. Both are said, and a
+    reused preparation says them again (`data_notices`)."""
+    from thumbnet_keras.pipeline.datasets import data_notices
+
+    root = tmp_path / "split"
+    for cls, seed in (("a", 0), ("b", 10)):
+        for i in range(4):
+            write_good(root / "train" / cls / f"{i}.png", seed=seed + i)
+            write_good(root / "val" / cls / f"{i}.png", seed=seed + 100 + i)
+    write_good(root / "val" / "c" / "0.png", seed=999)
+    manifest = data.Manifest.model_validate(
+        {
+            "name": "folders",
+            "description": "d",
+            "license": "l",
+            "source": {
+                "type": "image_folder",
+                "root": str(root),
+                "split_dirs": {"train": "train", "test": "val"},
+            },
+            "image": {"channels": 3},
+            "split": {"validation_fraction": 0.0},
+        }
+    )
+    with pytest.warns(UserWarning) as caught:
+        prepared = data.prepare(manifest, tmp_path / "out")
+    texts = [str(w.message) for w in caught if "no image in" in str(w.message)]
+    assert texts == [
+        "folders: some classes have no image in train, so no model learns them "
+        "('c' (1 in all)). Add training images to those classes, or drop them."
+    ]
+    assert prepared.summary()["classes_absent_from_split"] == {"train": ["c"]}
+    assert data_notices(str(tmp_path / "out")) == texts
+
+
 def test_a_folder_without_images_is_named_not_dropped_silently(tmp_path):
     """An empty class folder (or one of files the extensions skip) is not a
     class; a user who meant it as one used to get a run with a class fewer

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import keras
+import numpy as np
 import pytest
 
 from thumbnet_keras import deploy
@@ -114,3 +115,22 @@ def test_cli_export_refuses_before_starting(run):
         check_export(str(run_dir), None, "saved_model", str(project))
     with pytest.raises(ConfigError, match="--output .*holds the model"):
         check_export(str(run_dir), 2, "saved_model", str(run_dir))
+
+
+def test_a_model_of_any_input_size_is_refused_with_the_fix(tmp_path):
+    """A trial: a teacher built on `Input((None, None, 3))` failed inside
+    TensorFlow's converter ("could not create a descriptor for a pooling
+    forward propagation primitive"). It is refused before the conversion,
+    with a wrapper that gives it a size; nothing is written."""
+    image = keras.Input((None, None, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(image))
+    path = tmp_path / "flexible.keras"
+    keras.Model(image, keras.layers.Dense(2)(pooled)).save(path)
+    for fmt in ("onnx", "litert", "litert_int8"):
+        with pytest.raises(
+            ValueError, match=r"takes images of any size \(None, None, 3\)"
+        ):
+            deploy.export_model(
+                path, fmt, tmp_path / "out" / f"m.{fmt}", np.zeros((1, 8, 8, 3))
+            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flexible.keras"]

@@ -8,13 +8,14 @@ import json
 import logging
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 from conftest import run_python
-from pipeline_fixtures import loud_env, snapshot, tiny_dataset
+from pipeline_fixtures import loud_env, snapshot, subprocess_env, tiny_dataset
 
 from thumbnet_keras import pipeline
 from thumbnet_keras.pipeline import ConfigError, GeneralizeParams, ThumbNetParams
@@ -442,6 +443,41 @@ def test_prepare_is_cached_until_a_source_file_changes(tmp_path):
     after = {r["key"]: r["sha256"] for r in _index_rows(prepared)}
     changed = [key for key in before if before[key] != after.get(key)]
     assert changed == ["dark/000.png"], changed
+
+
+def test_a_user_error_inside_a_step_is_one_line_without_traceback(tmp_path):
+    """A Prefect trial: a run resumed after its image files changed was
+    refused inside the teacher task, and the flow run's log held two full
+    tracebacks (146 lines; the CLI said it in one). Now the step fails at
+    once, unretried, with no traceback, and the flow run ends Failed with
+    the message (run in a fresh process, its console output read whole)."""
+    manifest = tiny_dataset(tmp_path, per_class=8)
+    code = f"""
+        import json, os
+        from flows.thumbnet_flows import thumbnet
+        from thumbnet_keras.pipeline import ThumbNetParams
+        params = ThumbNetParams(
+            dataset={manifest!r}, smoke=True, runs_dir={str(tmp_path / "runs")!r},
+            run_name="r", factors=[2], backbone="tiny_cnn",
+            backbone_options={{"widths": [8, 16]}})
+        first = thumbnet(params, verbose=0, return_state=True).is_completed()
+        os.unlink({str(tmp_path / "brightness" / "dark" / "003.png")!r})
+        print("=== rerun", flush=True)
+        state = thumbnet(params, verbose=0, return_state=True)
+        print(json.dumps({{"first": first, "failed": state.is_failed(),
+                           "message": state.message}}))
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+        text=True, env=subprocess_env(), timeout=600, cwd=str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["first"] and outcome["failed"]
+    assert "was started on other data" in outcome["message"]
+    said = (result.stdout + result.stderr).split("=== rerun")[-1]
+    assert "Traceback" not in said and "Retry 1/1" not in said, said
+    assert "thumbnet: error: Run folder" in said, said
 
 
 def test_a_file_added_then_removed_does_not_bring_back_a_stale_cache(tmp_path):

@@ -1109,6 +1109,45 @@ def test_a_run_is_not_resumed_on_files_changed_under_its_manifest(tmp_path):
     assert pipeline.get_teacher(run_dir, again, verbose=0)["source"] == "trained"
 
 
+def test_a_stage_whose_data_was_prepared_again_while_it_trained_is_not_finished(
+    tmp_path, monkeypatch
+):
+    """A Prefect trial: run B re-prepared the shared data folder (files
+    changed under the same manifest) while run A's baseline trained; A's
+    stage had passed its start check, trained on B's split, and was recorded
+    as finished, and a rerun on restored files skipped it and reported a
+    model trained on some of its test images. The check is made again when a
+    stage ends: the stage is not recorded, its checkpoints go, and a rerun on
+    the restored files trains it from the start."""
+    from thumbnet_keras.pipeline import Run, stages
+
+    run_dir, prepared, manifest = _small_run(tmp_path)
+    removed = tmp_path / "brightness" / "dark" / "003.png"
+    kept = removed.read_bytes()
+    fit = stages._fit
+
+    def fit_then_other_run_prepares(*args, **kwargs):
+        result = fit(*args, **kwargs)
+        removed.unlink()  # ... and another run prepares the folder again.
+        pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
+        return result
+
+    monkeypatch.setattr(stages, "_fit", fit_then_other_run_prepares)
+    with pytest.raises(ConfigError, match="was prepared again since"):
+        pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)
+    run = Run(run_dir)
+    assert not run.is_done("f2-bicubic_cl")
+    assert not run.checkpoint_dir("f2-bicubic_cl").exists()
+    # Files restored and prepared again: the stage trains, not skipped.
+    monkeypatch.setattr(stages, "_fit", fit)
+    removed.write_bytes(kept)
+    again = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)
+    assert again["fingerprint"] == prepared["fingerprint"]
+    record = pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)
+    assert not record.get("skipped") and record["epochs"] > 0
+    assert record["resumed_from"] == []
+
+
 def test_a_finished_stage_whose_model_file_is_gone_says_so(tmp_path):
     """A platform trial: with a finished stage's student.keras deleted, a
     rerun skipped the stage and failed in export with a traceback; with the

@@ -193,7 +193,9 @@ def test_a_model_the_sidecar_does_not_list_is_refused(tmp_path):
     """A run folder's teacher.keras sits beside the sidecar of thumbnet.keras
     and takes the same image size, but other values: predicting with it
     would print confident nonsense, so a model the sidecar does not list is
-    refused (an explicit sidecar is the caller's word)."""
+    refused, also when that same sidecar is named with --sidecar (a trial
+    did, as the refusal suggested); a sidecar from elsewhere is the caller's
+    word (a renamed model's, above)."""
     model = _brightness_model(tmp_path / "m" / "model.keras")
     keras.saving.load_model(model).save(tmp_path / "m" / "teacher.keras")
     image = tmp_path / "bright.png"
@@ -202,10 +204,16 @@ def test_a_model_the_sidecar_does_not_list_is_refused(tmp_path):
         deploy.SidecarError, match=r"describes model.keras, not teacher.keras"
     ):
         predict(str(tmp_path / "m" / "teacher.keras"), [str(image)])
-    explicit = predict(
-        str(tmp_path / "m" / "teacher.keras"), [str(image)],
-        sidecar=str(tmp_path / "m" / "thumbnet_model.json"),
+    with pytest.raises(deploy.SidecarError, match=r"write a sidecar for this model"):
+        predict(
+            str(tmp_path / "m" / "teacher.keras"), [str(image)],
+            sidecar=str(tmp_path / "m" / ".." / "m" / "thumbnet_model.json"),
+        )  # fmt: skip
+    own = deploy.write_sidecar(
+        tmp_path / "own", class_names=["bright", "dark"], input_size=(8, 8),
+        channels=1, normalization="unit", models={"teacher.keras": "keras"},
     )  # fmt: skip
+    explicit = predict(str(tmp_path / "m" / "teacher.keras"), [str(image)], sidecar=own)
     assert explicit["predictions"][0]["top"][0]["class"] == "bright"
 
 

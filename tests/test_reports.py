@@ -318,10 +318,17 @@ def test_headline_and_table_say_whether_the_test_set_tells_them_apart():
     assert headline(m) == (
         "ThumbNet f=2: 68.8% test top-1 at 3.9× fewer MACs; teacher 72.4%, best "
         "bicubic baseline 67.1% (Bicubic + KD): ThumbNet +8.0 points (95% CI "
-        "+0.4 to +11.5) on 100 test images, ahead. ThumbNet f=4: 66.0% test "
+        "+0.4 to +11.5, from only 12 images the two disagree on) on 100 test "
+        "images, ahead. ThumbNet f=4: 66.0% test "
         "top-1 at 14.8× fewer MACs; best bicubic baseline 65.0% (Bicubic + CL): "
-        "ThumbNet +1.0 points (95% CI -3.5 to +4.5) on 100 test images, no "
-        "clear difference."
+        "ThumbNet +1.0 points (95% CI -3.5 to +4.5, from only 5 images the two "
+        "disagree on) on 100 test images, no clear difference."
+    )
+    # From 20 disagreements on, the interval speaks for itself.
+    for comparison in m["arms"][-1]["paired"]:
+        comparison.update(a_only=12, b_only=11)
+    assert headline(m).endswith(
+        "(95% CI -3.5 to +4.5) on 100 test images, no clear difference."
     )
     rows = paired_table(m)
     assert rows[0] == {

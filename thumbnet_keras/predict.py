@@ -159,14 +159,18 @@ def predict(
     listed, name = info.get("models") or {}, Path(model_path).name
     own = Path(info["path"]).parent == Path(model_path)  # a SavedModel's own
     unlisted = listed and name not in listed and not own
-    if unlisted and sidecar is None:
+    beside = Path(model_path).parent / deploy.SIDECAR
+    if unlisted and (sidecar is None or Path(sidecar).resolve() == beside.resolve()):
         # E.g. a run folder's teacher.keras or thumbnail_model.keras: other
         # inputs (size, value range) than the sidecar's, so silently wrong.
+        # Naming the sidecar beside it is no answer (a trial did, as the
+        # message used to suggest, and got confident nonsense).
         raise deploy.SidecarError(
             f"{info['path']} describes {', '.join(sorted(listed))}, not {name}: "
             f"its classes and input are not known to fit {name}. Predict with a "
-            "model it lists, or pass this model's own sidecar (`thumbnet predict "
-            "--sidecar PATH`, or `predict(..., sidecar=path)`)."
+            "model it lists, or write a sidecar for this model "
+            "(`thumbnet_keras.deploy.write_sidecar`) and pass it (`thumbnet "
+            "predict --sidecar PATH`, or `predict(..., sidecar=path)`)."
         )
     if unlisted:  # A sidecar the caller named: their word, with a warning.
         logger.warning(

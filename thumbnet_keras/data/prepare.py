@@ -352,12 +352,13 @@ def _unused_test_fraction(manifest: Manifest, usable: list[dict]) -> str | None:
 
 
 def _classes_absent(class_names, per_class, by_split_class, counts) -> dict:
-    """`{split: [class name, ...]}`: classes with images that a validation
-    or test split has none of (a class of 1-3 images, say: a stratified
-    split keeps its images in train), so nothing measures them there."""
+    """`{split: [class name, ...]}`: classes with images that a split has
+    none of: train (a class whose images are all in a source's test folder,
+    say: nothing learns it), or validation or test (a class of 1-3 images: a
+    stratified split keeps its images in train; nothing measures it there)."""
     absent = {}
     for split in SPLITS:
-        if split == "train" or not counts[split]:
+        if not counts[split]:
             continue
         names = [
             name
@@ -369,17 +370,29 @@ def _classes_absent(class_names, per_class, by_split_class, counts) -> dict:
     return absent
 
 
-def _absent_text(dataset: str, absent: dict, per_class, class_names) -> str:
-    parts = []
-    for split, names in absent.items():
-        shown = [f"{n!r} ({per_class[class_names.index(n)]} in all)" for n in names[:5]]
-        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-        parts.append(f"{split}: {', '.join(shown)}{more}")
-    return (
-        f"{dataset}: some classes have no image in a split, so that split "
-        f"measures nothing of them ({'; '.join(parts)}). Add images to those "
-        "classes, or merge or drop them."
-    )
+def absent_texts(dataset: str, absent: dict, totals: dict[str, int]) -> list[str]:
+    """The warnings for `_classes_absent`'s result (`totals`: each class's
+    images in all): one for train, one for the splits that measure."""
+
+    def shown(names):
+        listed = ", ".join(f"{n!r} ({totals.get(n, 0)} in all)" for n in names[:5])
+        return listed + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    texts = []
+    if absent.get("train"):
+        texts.append(
+            f"{dataset}: some classes have no image in train, so no model "
+            f"learns them ({shown(absent['train'])}). Add training images to "
+            "those classes, or drop them."
+        )
+    parts = [f"{k}: {shown(v)}" for k, v in absent.items() if k != "train"]
+    if parts:
+        texts.append(
+            f"{dataset}: some classes have no image in a split, so that split "
+            f"measures nothing of them ({'; '.join(parts)}). Add images to those "
+            "classes, or merge or drop them."
+        )
+    return texts
 
 
 def duplicates_text(dataset: str, across: list[dict]) -> str:
@@ -678,10 +691,9 @@ def prepare(
     if unused:
         warnings.warn(unused, stacklevel=2)
     absent = _classes_absent(class_names, per_class, by_split_class, counts)
-    if absent:
-        warnings.warn(
-            _absent_text(manifest.name, absent, per_class, class_names), stacklevel=2
-        )
+    totals = {name: per_class[i] for i, name in enumerate(class_names)}
+    for text in absent_texts(manifest.name, absent, totals):
+        warnings.warn(text, stacklevel=2)
     across, within = _duplicates(rows)
     if across:
         warnings.warn(duplicates_text(manifest.name, across), stacklevel=2)

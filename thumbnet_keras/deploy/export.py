@@ -43,6 +43,33 @@ def default_output(keras_path: str | os.PathLike, fmt: str) -> str:
     return str(Path(keras_path).with_suffix("")) + FORMATS[fmt]
 
 
+def _check_fixed_input(keras_path) -> None:
+    """`ValueError` when the saved model takes images of any size: the
+    converters trace it at 1x1 and failed deep inside TensorFlow (a trial's
+    `Input((None, None, 3))` model: "could not create a descriptor for a
+    pooling forward propagation primitive"). Read from the archive's
+    config.json; a file it cannot read is left to the converter."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(keras_path) as archive:
+            config = json.loads(archive.read("config.json"))
+        layers = config["config"]["layers"]
+    except (zipfile.BadZipFile, KeyError, TypeError, ValueError, OSError):
+        return
+    for layer in layers:
+        shape = layer.get("config", {}).get("batch_shape") or []
+        if layer.get("class_name") == "InputLayer" and len(shape) == 4:
+            if shape[1] is None or shape[2] is None:
+                raise ValueError(
+                    f"{keras_path} takes images of any size {tuple(shape[1:])}; "
+                    "ONNX and LiteRT files need a fixed one. Wrap it at the size "
+                    "to deploy, save that and export it: `keras.Sequential("
+                    f"[keras.Input((224, 224, {shape[3]})), model]).save(path)` "
+                    "(your size for 224)."
+                )
+
+
 def export_model(
     keras_path: str | os.PathLike,
     fmt: str,
@@ -77,6 +104,7 @@ def export_model(
         raise ValueError(f"Unknown format {fmt!r}; choose from {', '.join(FORMATS)}.")
     if not os.path.isfile(keras_path):
         raise ValueError(f"{keras_path} is not a file.")
+    _check_fixed_input(keras_path)
     output = os.path.normpath(str(output or default_output(keras_path, fmt)))
     check_output(output, fmt, str(keras_path))  # before the slow conversion
     missing = [m for m in _NEEDS.get(fmt, ()) if importlib.util.find_spec(m) is None]

@@ -131,11 +131,17 @@ def data_notices(prepared_dir: str, quarantine_only: bool = False) -> list[str]:
     """What a run should be told about its prepared data, from the files
     the index keeps (so a reused or cached preparation says it too): files
     quarantined (how many, why, where the list is), byte-identical images in
-    more than one split, and ones under more than one class."""
+    more than one split, ones under more than one class, and classes a split
+    has no image of (a cached preparation said that only the first time: a
+    Prefect trial)."""
     import json
 
     from thumbnet_keras.data import PreparedDataset
-    from thumbnet_keras.data.prepare import conflicts_text, duplicates_text
+    from thumbnet_keras.data.prepare import (
+        absent_texts,
+        conflicts_text,
+        duplicates_text,
+    )
 
     prepared = PreparedDataset.load(prepared_dir)
     notices = []
@@ -157,6 +163,13 @@ def data_notices(prepared_dir: str, quarantine_only: bool = False) -> list[str]:
         )
     if summary.get("label_conflicts"):
         notices.append(conflicts_text(prepared.name, summary["label_conflicts"]))
+    if summary.get("classes_absent_from_split"):
+        totals = Counter()
+        for counts in (summary.get("per_class") or {}).values():
+            totals.update(counts)
+        notices += absent_texts(
+            prepared.name, summary["classes_absent_from_split"], dict(totals)
+        )
     return notices
 
 

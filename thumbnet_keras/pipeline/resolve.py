@@ -219,13 +219,34 @@ def _check(config: RunConfig, manifest) -> int | None:
     if config.teacher is not None:
         teacher = check_teacher_file(config.teacher, shape, num_classes)
         check_students(teacher, config.factors)
-    if config.backbone_weights not in (None, "imagenet") and not os.path.isfile(
-        config.backbone_weights
-    ):
-        raise ConfigError(
-            f"Backbone weights file not found: {config.backbone_weights!r}."
-        )
+    if config.backbone_weights not in (None, "imagenet"):
+        if not os.path.isfile(config.backbone_weights):
+            raise ConfigError(
+                f"Backbone weights file not found: {config.backbone_weights!r}."
+            )
+        if num_classes is not None:  # (Else once prepared: `get_teacher`.)
+            build_with_weights(config, shape, num_classes)
     return num_classes
+
+
+def build_with_weights(config, shape: tuple[int, int, int], num_classes: int):
+    """`config.backbone` built with `config.backbone_weights`; `ConfigError`
+    when the file does not fit it (it failed inside the teacher stage, three
+    tracebacks, after the run had started: a trial)."""
+    from thumbnet_keras.models import backbones
+
+    try:
+        return backbones.build(
+            config.backbone,
+            shape,
+            num_classes,
+            weights=config.backbone_weights,
+            **config.backbone_options,
+        )
+    except ValueError as err:
+        raise ConfigError(
+            f"--backbone-weights {config.backbone_weights!r}: {err}"
+        ) from None
 
 
 def resolve_run(params: ThumbNetParams | RunConfig | dict) -> dict:

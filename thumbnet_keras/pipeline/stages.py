@@ -131,7 +131,19 @@ def _finish(run: Run, sid: str, record: dict) -> dict:
     """Records a stage trained now: its model files (`outputs`, checked when a
     rerun skips it), and drops the run's evaluation, which scored the models
     before this stage trained again (a stage retrained after its folder was
-    deleted left evaluation.json, metrics.json and the report as they were)."""
+    deleted left evaluation.json, metrics.json and the report as they were).
+
+    First the run's prepared data is checked again (`Run.data`): another run
+    on the same manifest may have prepared it again while this stage trained
+    (a Prefect trial: a baseline trained on the other run's split, was
+    recorded as finished, and the report scored it on images it had trained
+    on). Such a stage is not recorded, and its checkpoints are dropped, so a
+    rerun on restored files trains it again from the start."""
+    try:
+        run.data(require=True)
+    except ConfigError:
+        run.discard_checkpoints(sid)
+        raise
     folder = run.stage_dir(sid)
     if folder.is_dir():  # (Not the temporary files of a killed attempt.)
         files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
@@ -379,7 +391,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
 
     from thumbnet_keras.models import backbones
     from thumbnet_keras.models.teachers import is_raw_pixel_teacher
-    from thumbnet_keras.pipeline.resolve import check_teacher_file
+    from thumbnet_keras.pipeline.resolve import build_with_weights, check_teacher_file
 
     run, config = load_run(run_dir)
     if is_raw_pixel_teacher(config.teacher):
@@ -401,13 +413,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
             else "file"
         )
     elif config.backbone_weights is not None:
-        teacher = backbones.build(
-            config.backbone,
-            shape,
-            classes,
-            weights=config.backbone_weights,
-            **config.backbone_options,
-        )
+        teacher = build_with_weights(config, shape, classes)
         source = "weights"
     else:
         _log(f"[{sid}] training {config.backbone} for {config.teacher_epochs} epochs")

@@ -208,11 +208,25 @@ def _paired_clause(arm: Mapping, versus: str) -> str:
     if p["a_only"] == p["b_only"] == 0:
         return f": the two get exactly the same of {p['examples']} test images right"
     low, high = p["ci95"]
+    # The interval is conditional on the disagreements (`evaluation.paired`):
+    # from a handful it reads tighter than the evidence is (a trial's "-2.0
+    # points (95% CI -2.0 to +1.9)" came from one image), so say how many.
+    disagree = p["a_only"] + p["b_only"]
+    few = (
+        f", from only {disagree} image{'s' if disagree > 1 else ''} the two disagree on"
+        if disagree < FEW_DISAGREEMENTS
+        else ""
+    )
     return (
         f": ThumbNet {_points(p['difference'])} points "
-        f"(95% CI {_points(low)} to {_points(high)}) on {p['examples']} test "
+        f"(95% CI {_points(low)} to {_points(high)}{few}) on {p['examples']} test "
         f"images, {verdict(p)}"
     )
+
+
+# Below this many images on which two models disagree, the headline says how
+# many its interval rests on.
+FEW_DISAGREEMENTS = 20
 
 
 _HEALTHY = ("ok", "healthy", "passed", None)
