@@ -3,7 +3,8 @@
 Thin shells: each task calls one `thumbnet_keras.pipeline` function and
 returns its small JSON-able result (paths, metrics). Policy:
 
-* `retries` only on I/O tasks (data preparation, export, report);
+* `retries` only on I/O tasks (data preparation, export, report); a user
+  error inside any task ends the flow run in one line, without tracebacks;
 * data preparation is cached on the manifest's content (plus the limit, the
   cache folder and the prepared index's hash, so a deleted or changed cache
   is rebuilt), so every run of the same dataset reuses one prepared index;
@@ -17,6 +18,8 @@ command (or deployment run) after a crash continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -114,6 +117,38 @@ def _data_errors() -> tuple[type[Exception], ...]:
     return (data.PrepareError, data.ManifestError, data.DataSourceError)
 
 
+@contextlib.contextmanager
+def _warnings_to_run_log():
+    """Inside a task: a `UserWarning` (what the library tells the user: a
+    class missing from a split, an E costing more than its share of S, ...)
+    goes to the flow run's log as it is raised; as a Python warning it
+    reached only the worker's stderr, never the UI (two trials). Other
+    warnings are shown as Python shows them."""
+    logger = get_run_logger()
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def to_log(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, UserWarning):
+                logger.warning("%s", message)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = to_log
+        yield
+
+
+def _logs_warnings(function):
+    """A task body run under `_warnings_to_run_log`."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with _warnings_to_run_log():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 def _retry_unless_bad_data(task, task_run, state) -> bool:
     """Retry I/O hiccups, not data the user has to fix (a retry would fail
     the same way, 5 s later)."""
@@ -126,15 +161,28 @@ def _retry_unless_bad_data(task, task_run, state) -> bool:
     return True
 
 
-# retries=1 with `_retry_unless_bad_data`: a user error found here (a teacher
-# that Keras cannot build, say) fails the task at once without Prefect
-# logging its traceback; the flow ends with the one-line message (`_refused`).
-@task(
-    name="resolve-run",
-    cache_policy=NO_CACHE,
-    retries=1,
-    retry_condition_fn=_retry_unless_bad_data,
+def _never_retried(task, task_run, state) -> bool:
+    """A training or evaluation step is not retried: a crash there (a full
+    disk, out of memory) would repeat hours of work before failing again,
+    and on several hosts one process retrying alone falls out of step."""
+    return False
+
+
+# retries=1 with a retry condition: a task whose condition says no fails at
+# once without Prefect logging its traceback. A user error (a teacher Keras
+# cannot build, files changed under a resumed run) is then the flow's one
+# line (`_refused`; a deployment's run used to log two tracebacks, 146
+# lines, for it: a Prefect trial); a crash's traceback is logged once, by
+# the flow. `_CHECKED`: I/O hiccups are retried, user errors are not;
+# `_STEP` (training, evaluation): nothing is retried.
+_CHECKED = dict(
+    cache_policy=NO_CACHE, retries=1, retry_condition_fn=_retry_unless_bad_data
 )
+_IO_STEP = _CHECKED | {"retry_delay_seconds": 2}
+_STEP = _CHECKED | {"retry_condition_fn": _never_retried}
+
+
+@task(name="resolve-run", **_CHECKED)
 def resolve_run_task(params: dict) -> dict:
     """Validates every input and claims the run folder (fails first on bad input)."""
     return pipeline.resolve_run(params)
@@ -152,15 +200,8 @@ def prepare_data_task(dataset: str, data_dir: str, limit_per_class: int | None) 
     # What preparing found (classes missing from a split, duplicates) goes to
     # the run's log: as Python warnings it reached only the worker's stderr,
     # never the UI (a trial).
-    with warnings.catch_warnings(record=True) as found:
+    with _warnings_to_run_log():
         result = pipeline.prepare_dataset(dataset, data_dir, limit_per_class)
-    for warning in found:
-        if issubclass(warning.category, UserWarning):
-            get_run_logger().warning("%s", warning.message)
-        else:
-            warnings.warn_explicit(
-                warning.message, warning.category, warning.filename, warning.lineno
-            )
     print(
         f"[prepare-data] {result['name']}: {result['splits']} in {result['prepared_dir']}"
     )
@@ -193,25 +234,15 @@ def _prepare(dataset: str, data_dir: str, limit_per_class: int | None) -> dict:
     return result
 
 
-# The run's steps: a user error they find (files changed under a resumed
-# run, a teacher that failed its checks) fails the task at once without
-# Prefect logging its traceback (retries=1 with `_retry_unless_bad_data`, as
-# for resolve-run), and the flow ends with its one line (`_refused`); a
-# deployment's run logged two tracebacks, 146 lines, for it (a Prefect
-# trial). Anything else is retried once (a stage resumes from its last
-# checkpointed epoch), then fails with its traceback.
-_STEP = dict(
-    cache_policy=NO_CACHE, retries=1, retry_condition_fn=_retry_unless_bad_data
-)
-
-
 @task(name="teacher", **_STEP)
+@_logs_warnings
 def teacher_task(run_dir: str, prepared: dict, verbose: int) -> dict:
     """Stage 0: load, build or train the teacher."""
     return _small(pipeline.get_teacher(run_dir, prepared, verbose=verbose))
 
 
 @task(name="train-stage", task_run_name="{stage}-f{factor}", **_STEP)
+@_logs_warnings
 def train_stage_task(run_dir: str, factor: int, stage: str, verbose: int) -> dict:
     """One stage of `pipeline.STAGES` (teacher_bicubic_bn, e_pretrain,
     fm_pretrain, joint, bicubic_cl, bicubic_kd, bicubic_kd_equal) for one
@@ -220,6 +251,7 @@ def train_stage_task(run_dir: str, factor: int, stage: str, verbose: int) -> dic
 
 
 @task(name="evaluate", **_STEP)
+@_logs_warnings
 def evaluate_task(run_dir: str) -> dict:
     """Every arm on the validation and test splits."""
     interrupt.check()  # A Ctrl-C that something swallowed.
@@ -235,14 +267,15 @@ def health_task(run_dir: str) -> dict:
     return write_run_health(run_dir)
 
 
-@task(name="export", retry_delay_seconds=2, **_STEP)
+@task(name="export", **_IO_STEP)
+@_logs_warnings
 def export_task(run_dir: str) -> dict:
     """thumbnet.keras, the thumbnail-only model, the downscalers, extra formats."""
     interrupt.check()  # A Ctrl-C that something swallowed.
     return pipeline.export_run(run_dir)
 
 
-@task(name="report", retry_delay_seconds=2, **_STEP)
+@task(name="report", **_IO_STEP)
 def report_task(run_dir: str, dataset_name: str) -> dict:
     """metrics.json, report.md, report.html, and the keyed artifacts."""
     interrupt.check()  # A Ctrl-C that something swallowed.
@@ -352,7 +385,8 @@ def _with_deployment_params(params):
 
 
 def _refused(err: Exception) -> Failed:
-    """A user error (bad parameters, or data found bad while preparing it):
+    """A user error (bad parameters, data found bad while preparing it, a
+    run folder that cannot go on, a training that failed its checks):
     the flow run ends Failed at once, the message (no traceback) in its log
     and as its state message, in `params` field names for a deployment's
     run (`in_params_terms`). Calling the flow raises `err` itself, which the
@@ -487,18 +521,14 @@ def thumbnet(params: ThumbNetParams | None = None, verbose: int = 2) -> dict:
     }
 
 
-@task(
-    name="resolve-generalize",
-    cache_policy=NO_CACHE,
-    retries=1,
-    retry_condition_fn=_retry_unless_bad_data,
-)
+@task(name="resolve-generalize", **_CHECKED)
 def resolve_generalize_task(params: dict) -> dict:
     """Validates the source run, datasets and backbones; claims the run folder."""
     return pipeline.resolve_generalize(params)
 
 
 @task(name="train-fresh-student", task_run_name="exp{index}-s{seed}-{arm}", **_STEP)
+@_logs_warnings
 def generalize_arm_task(
     run_dir: str, index: int, arm: str, prepared: dict, seed: int, verbose: int
 ) -> dict:
@@ -511,7 +541,7 @@ def generalize_arm_task(
     )
 
 
-@task(name="generalize-report", retry_delay_seconds=2, **_STEP)
+@task(name="generalize-report", **_IO_STEP)
 def generalize_report_task(run_dir: str, source_name: str) -> dict:
     """metrics.json, report.md, report.html, and the keyed artifacts."""
     interrupt.check()  # A Ctrl-C that something swallowed.
@@ -545,14 +575,11 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
     _say_run_folder(run)
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
     results = []
-    for index, experiment in enumerate(run["experiments"]):
-        try:
+    try:  # A user error in any step: the flow's one line (`_refused`).
+        for index, experiment in enumerate(run["experiments"]):
             prepared = _prepare(
                 experiment["dataset"], data_dir, config["limit_per_class"]
             )
-        except (*_data_errors(), *_user_errors()) as err:
-            return _refused(err)
-        try:
             for seed in config["seeds"]:
                 for arm in GENERALIZE_ARMS:
                     results.append(
@@ -560,9 +587,6 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
                             run_dir, index, arm, prepared, seed, verbose
                         )
                     )
-        except (*_data_errors(), *_user_errors()) as err:
-            return _refused(err)
-    try:
         report = generalize_report_task(run_dir, os.path.basename(run["source_run"]))
     except (*_data_errors(), *_user_errors()) as err:
         return _refused(err)

@@ -469,6 +469,7 @@ def test_backbone_weights_that_do_not_fit_are_one_error_line(world, tmp_path):
         "does not match backbone 'resnet18'"
     ), errors
     assert not list(runs.glob("*/stages/*.json"))
+    assert not (runs / "_data").exists()  # refused before the data step
 
 
 def test_a_teacher_failing_its_health_checks_is_reported_without_traceback(tmp_path):

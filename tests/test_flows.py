@@ -513,9 +513,7 @@ def test_a_file_added_then_removed_does_not_bring_back_a_stale_cache(tmp_path):
     assert keys(prepare_once()) == first  # Cached again, and right.
 
 
-def test_a_cached_preparation_repeats_what_the_data_warned_of(
-    tmp_path, caplog, monkeypatch
-):
+def test_a_cached_preparation_repeats_what_the_data_warned_of(tmp_path, monkeypatch):
     """The quarantine and duplicate warnings used to come from the task body
     only: the next run, Cached, said nothing about the data (a practitioner's
     trial, 2026-11-29)."""
@@ -537,22 +535,76 @@ def test_a_cached_preparation_repeats_what_the_data_warned_of(
 
     from flows import thumbnet_flows
 
-    logger = "thumbnet_keras.pipeline.datasets"
     said = []
-    for run in range(2):
-        if run == 1:  # Cached: the task's body must not run again
-            monkeypatch.setattr(
-                thumbnet_flows.pipeline, "prepare_dataset", lambda *a, **k: 1 / 0
-            )
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger=logger):
+
+    class Keep(logging.Handler):  # (caplog's root handler: not when run alone)
+        def emit(self, record):
+            said[-1].append(record.getMessage())
+
+    logger = logging.getLogger("thumbnet_keras.pipeline.datasets")
+    handler = Keep(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        for run in range(2):
+            if run == 1:  # Cached: the task's body must not run again
+                monkeypatch.setattr(
+                    thumbnet_flows.pipeline, "prepare_dataset", lambda *a, **k: 1 / 0
+                )
+            said.append([])
             prepare_once()
-        said.append([r.getMessage() for r in caplog.records if r.name == logger])
-    for run in said:  # the first run prepared, the second was Cached
-        assert len(run) == 1, said
-        assert run[0].startswith(
-            "data: 1 file(s) quarantined and left out (1 empty_file)"
-        )
+    finally:
+        logger.removeHandler(handler)
+    quarantined = "data: 1 file(s) quarantined and left out (1 empty_file)"
+    # The first run prepared (the task said the class missing from a split as
+    # the run's warning); the second was Cached and says both again.
+    assert len(said[0]) == 1 and said[0][0].startswith(quarantined), said
+    assert len(said[1]) == 2 and said[1][0].startswith(quarantined), said
+    assert said[1][1].startswith(
+        "tiny_brightness: some classes have no image in a split"
+    )
+
+
+def test_a_steps_user_warnings_reach_the_flow_runs_log():
+    """Two trials: a UserWarning raised in a training step (E costing more
+    than its share of S) reached only the worker's stderr, never the flow
+    run's log. Under `_logs_warnings` it is logged as the run's warning when
+    raised; other warnings are shown as Python shows them."""
+    import warnings
+
+    from prefect import flow, task
+
+    from flows.thumbnet_flows import _logs_warnings
+
+    logged, shown = [], []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logged.append((record.levelname, record.getMessage()))
+
+    @task
+    @_logs_warnings
+    def step():
+        warnings.warn("E costs 53% of S", UserWarning, stacklevel=1)
+        warnings.warn("old API", DeprecationWarning, stacklevel=1)
+        return 1
+
+    @flow
+    def one_step():
+        return step()
+
+    handler = Keep()
+    logging.getLogger("prefect.task_runs").addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *args, **kwargs: shown.append(
+                str(message)
+            )
+            assert one_step() == 1
+    finally:
+        logging.getLogger("prefect.task_runs").removeHandler(handler)
+    assert ("WARNING", "E costs 53% of S") in logged
+    assert shown == ["old API"]
 
 
 def _index_rows(prepared: dict) -> list[dict]:

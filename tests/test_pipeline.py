@@ -1138,6 +1138,7 @@ def test_a_stage_whose_data_was_prepared_again_while_it_trained_is_not_finished(
     run = Run(run_dir)
     assert not run.is_done("f2-bicubic_cl")
     assert not run.checkpoint_dir("f2-bicubic_cl").exists()
+    assert not run.stage_dir("f2-bicubic_cl").exists()  # its unrecorded model
     # Files restored and prepared again: the stage trains, not skipped.
     monkeypatch.setattr(stages, "_fit", fit)
     removed.write_bytes(kept)

@@ -168,9 +168,10 @@ def predict(
         raise deploy.SidecarError(
             f"{info['path']} describes {', '.join(sorted(listed))}, not {name}: "
             f"its classes and input are not known to fit {name}. Predict with a "
-            "model it lists, or write a sidecar for this model "
-            "(`thumbnet_keras.deploy.write_sidecar`) and pass it (`thumbnet "
-            "predict --sidecar PATH`, or `predict(..., sidecar=path)`)."
+            "model it lists, or write a sidecar for this model in another folder "
+            "(`thumbnet_keras.deploy.write_sidecar`; in this one it would replace "
+            "the sidecar of the models above) and pass it (`thumbnet predict "
+            "--sidecar PATH`, or `predict(..., sidecar=path)`)."
         )
     if unlisted:  # A sidecar the caller named: their word, with a warning.
         logger.warning(

@@ -43,31 +43,31 @@ def default_output(keras_path: str | os.PathLike, fmt: str) -> str:
     return str(Path(keras_path).with_suffix("")) + FORMATS[fmt]
 
 
-def _check_fixed_input(keras_path) -> None:
-    """`ValueError` when the saved model takes images of any size: the
-    converters trace it at 1x1 and failed deep inside TensorFlow (a trial's
-    `Input((None, None, 3))` model: "could not create a descriptor for a
-    pooling forward propagation primitive"). Read from the archive's
-    config.json; a file it cannot read is left to the converter."""
+def _any_size_advice(keras_path) -> str:
+    """For a failed conversion of a model that takes images of any size
+    (`Input((None, None, C))`): how to give it one. The converter traces such
+    a model at 1x1, where a valid-padded convolution or a pooling has no
+    output (a trial's teacher failed deep in TensorFlow: "could not create a
+    descriptor for a pooling forward propagation primitive"). "" for a model
+    of fixed size, or an archive it cannot read."""
     import zipfile
 
     try:
         with zipfile.ZipFile(keras_path) as archive:
-            config = json.loads(archive.read("config.json"))
-        layers = config["config"]["layers"]
+            layers = json.loads(archive.read("config.json"))["config"]["layers"]
     except (zipfile.BadZipFile, KeyError, TypeError, ValueError, OSError):
-        return
+        return ""
     for layer in layers:
         shape = layer.get("config", {}).get("batch_shape") or []
         if layer.get("class_name") == "InputLayer" and len(shape) == 4:
             if shape[1] is None or shape[2] is None:
-                raise ValueError(
-                    f"{keras_path} takes images of any size {tuple(shape[1:])}; "
-                    "ONNX and LiteRT files need a fixed one. Wrap it at the size "
-                    "to deploy, save that and export it: `keras.Sequential("
-                    f"[keras.Input((224, 224, {shape[3]})), model]).save(path)` "
-                    "(your size for 224)."
+                return (
+                    f"\n{keras_path} takes images of any size {tuple(shape[1:])}: "
+                    "give it the size to deploy, save that and export it: "
+                    f"`keras.Sequential([keras.Input((224, 224, {shape[3]})), "
+                    "model]).save(path)` (your size for 224)."
                 )
+    return ""
 
 
 def export_model(
@@ -104,7 +104,6 @@ def export_model(
         raise ValueError(f"Unknown format {fmt!r}; choose from {', '.join(FORMATS)}.")
     if not os.path.isfile(keras_path):
         raise ValueError(f"{keras_path} is not a file.")
-    _check_fixed_input(keras_path)
     output = os.path.normpath(str(output or default_output(keras_path, fmt)))
     check_output(output, fmt, str(keras_path))  # before the slow conversion
     missing = [m for m in _NEEDS.get(fmt, ()) if importlib.util.find_spec(m) is None]
@@ -135,5 +134,8 @@ def export_model(
             ) from None
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-8:])
-        raise RuntimeError(f"Exporting {keras_path} as {fmt} failed:\n{tail}")
+        raise RuntimeError(
+            f"Exporting {keras_path} as {fmt} failed:\n{tail}"
+            + _any_size_advice(keras_path)
+        )
     return json.loads(result.stdout.strip().splitlines()[-1])["output"]

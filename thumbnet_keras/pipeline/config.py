@@ -451,8 +451,9 @@ class ThumbNetParams(BaseModel):
     smoke: bool = Field(
         False,
         description="Shrink the run to seconds (tests, CI): it sets the image "
-        "size, data limit, epochs, batch size and E width (the command line "
-        "refuses those options beside it).",
+        "size (not with a teacher, whose input fixes it), data limit, epochs, "
+        "batch size and E width (the command line refuses those options beside "
+        "it).",
     )
 
     def to_config(self) -> RunConfig:

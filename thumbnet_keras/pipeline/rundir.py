@@ -44,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from thumbnet_keras.pipeline.config import ConfigError
+
 __all__ = [
     "Run",
     "RunLockedError",
@@ -132,8 +134,6 @@ def _uncompiled(model):
 def check_writable(directory: str | os.PathLike) -> None:
     """Raises `ConfigError` unless `directory` exists (or can be made) and
     accepts a new file. Creates `directory` if missing, nothing else."""
-    from thumbnet_keras.pipeline.config import ConfigError
-
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -151,6 +151,11 @@ LOCK_NAME = ".lock"
 # Files a run writes before its first stage starts; a folder holding only
 # these (and the lock) has no work to lose.
 _UNSTARTED = {"config.json", "data.json", "source.json", LOCK_NAME}
+
+
+class PreparedAgainError(ConfigError):
+    """A run's prepared data folder holds another index than the one the run
+    recorded: files changed under its manifest were prepared again there."""
 
 
 class RunLockedError(RuntimeError):
@@ -210,8 +215,6 @@ def lock_run(path: str | os.PathLike) -> Path:
         RunLockedError: another live process holds it; the message names it.
         ConfigError: the folder cannot be created or written.
     """
-    from thumbnet_keras.pipeline.config import ConfigError
-
     folder = Path(path)
     lock = folder / LOCK_NAME
     key = os.path.abspath(lock)
@@ -415,10 +418,8 @@ class Run:
         the run recorded (`fingerprint`: files changed under the manifest
         were prepared again there).
         """
-        from thumbnet_keras.pipeline.config import ConfigError
-
         data = read_json(self.data_json)
-        folder = data.get("prepared_dir")
+        folder, found = data.get("prepared_dir"), None
         if isinstance(folder, str) and folder:
             found = _find_prepared(folder, self.path)
             if require and found is None:
@@ -438,7 +439,7 @@ class Run:
                 # The folder is one per manifest: files changed under it were
                 # prepared again there, and scoring this run's models on them
                 # reads other splits than they were trained and selected on.
-                raise ConfigError(
+                raise PreparedAgainError(
                     f"Run {str(self.path)!r}: its prepared data {found!r} was "
                     "prepared again since, from files changed under the same "
                     "manifest, so its splits are not the ones this run trained "
@@ -588,7 +589,6 @@ def _check_same_backend(run: Run, started: str | None) -> None:
     """A run continues on the backend that started it (`started`, from
     `_other_backend`: None when it is this process's): its checkpoints,
     resumed epochs and `config.json`'s environment belong to that backend."""
-    from thumbnet_keras.pipeline.config import ConfigError
     from thumbnet_keras.pipeline.environment import planned_backend
 
     if started:
@@ -609,8 +609,6 @@ def check_claimable(
     `RunLockedError`) when the folder cannot be claimed; returns whether the
     run would resume. A folder that had not started (see `is_unstarted`) is
     claimable whatever its saved settings."""
-    from thumbnet_keras.pipeline.config import ConfigError
-
     run = Run(path)
     holder = lock_holder(run.path)
     if holder is not None:
@@ -699,8 +697,6 @@ _KINDS = ("thumbnet", "generalize")
 
 def holds_run(path: str | os.PathLike) -> bool:
     """Whether the folder holds a run's `config.json` (`_saved_run`'s test)."""
-    from thumbnet_keras.pipeline.config import ConfigError
-
     try:
         _saved_run(Run(path))
     except ConfigError:  # Not a run's config.json, or none.
@@ -712,8 +708,6 @@ def _saved_run(run: Run) -> dict:
     """The folder's `config.json` as a run wrote it (`{"kind", "config",
     ...}`); `ConfigError` when it is not one (unreadable, not JSON, another
     shape): the folder is someone else's, and nothing in it is touched."""
-    from thumbnet_keras.pipeline.config import ConfigError
-
     try:
         saved = run.config()
     except (OSError, ValueError) as err:

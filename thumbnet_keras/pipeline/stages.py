@@ -45,6 +45,7 @@ written last: its presence means the stage is done, and a rerun skips it).
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,7 @@ from thumbnet_keras.pipeline.compute import (
 from thumbnet_keras.pipeline.config import ConfigError, RunConfig
 from thumbnet_keras.pipeline.health import configure_determinism, default_seed_scope
 from thumbnet_keras.pipeline.rundir import (
+    PreparedAgainError,
     Run,
     atomic_write,
     is_unstarted,
@@ -138,11 +140,17 @@ def _finish(run: Run, sid: str, record: dict) -> dict:
     (a Prefect trial: a baseline trained on the other run's split, was
     recorded as finished, and the report scored it on images it had trained
     on). Such a stage is not recorded, and its checkpoints are dropped, so a
-    rerun on restored files trains it again from the start."""
+    rerun on restored files trains it again from the start (its model files,
+    unrecorded, go too). A data folder merely not found keeps them: moving it
+    back is the fix."""
     try:
         run.data(require=True)
-    except ConfigError:
+    except PreparedAgainError:
         run.discard_checkpoints(sid)
+        if sid == "teacher":
+            run.teacher_keras.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(run.stage_dir(sid), ignore_errors=True)
         raise
     folder = run.stage_dir(sid)
     if folder.is_dir():  # (Not the temporary files of a killed attempt.)
