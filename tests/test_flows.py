@@ -451,6 +451,8 @@ def test_a_user_error_inside_a_step_is_one_line_without_traceback(tmp_path):
     tracebacks (146 lines; the CLI said it in one). Now the step fails at
     once, unretried, with no traceback, and the flow run ends Failed with
     the message (run in a fresh process, its console output read whole)."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("Orchestration only: run once, under KERAS_BACKEND=torch.")
     manifest = tiny_dataset(tmp_path, per_class=8)
     code = f"""
         import json, os
