@@ -44,6 +44,23 @@ def test_a_small_share_of_few_examples_holds_out_one():
     assert data.stratified_holdout(keys, labels, 0.25, seed=0).sum() == 3
 
 
+def test_rounding_never_holds_out_a_class_s_only_example():
+    """Half of classes of 1 and 10 rounds to 6 held out; the extra went to
+    the class with the largest remainder, the single image (0.5 of it), so
+    train lost that class entirely. Only classes that keep an example take
+    an extra (here the class of 10); with none left, the share rounds down."""
+    keys = [f"k{i}" for i in range(11)]
+    labels = [0] + [1] * 10
+    for seed in range(5):
+        held = data.stratified_holdout(keys, labels, 0.5, seed=seed)
+        assert not held[0] and held.sum() == 6
+    # 2 classes of 1: the at-least-one rule has no class to take it from.
+    assert data.stratified_holdout(["a", "b"], [0, 1], 0.3, seed=0).sum() == 0
+    # 3 of 1, 2 and 2 at 0.5: quotas 0/1/1 and the extra must not take "a".
+    held = data.stratified_holdout(list("abcde"), [0, 1, 1, 2, 2], 0.5, seed=0)
+    assert not held[0] and held.sum() == 2
+
+
 def test_elpv_prepares_real_images(tmp_path):
     prepared = data.prepare("elpv", tmp_path, limit_per_class=8)
     assert prepared.class_names == ["0", "1/3", "2/3", "1"]

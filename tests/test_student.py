@@ -185,6 +185,20 @@ def test_fixed_head_that_cannot_be_fixed_asks_for_explicit_student():
     assert "ThumbNetTrainer" not in caught.value.cli_advice
 
 
+def test_a_teacher_with_a_lambda_gets_the_real_reason():
+    """A Python-API trial (2026-11-30): a teacher with a `Lambda` was refused
+    as "does not build at 8x8 inputs", advising a smaller factor, which
+    cannot help: safe mode does not rebuild a Lambda's function."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Lambda(lambda v: v * 2.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(x))
+    teacher = keras.Model(inputs, keras.layers.Dense(3)(x))
+    with pytest.raises(ValueError, match="contains a `Lambda` layer") as caught:
+        make_student(teacher, 2)
+    assert "smaller factor" not in caught.value.cli_advice
+    assert "register_keras_serializable" in str(caught.value)
+
+
 def test_bad_factor():
     with pytest.raises(ValueError, match="not divisible by factor=3"):
         make_student(tiny_teacher((16, 16, 3)), 3)

@@ -456,6 +456,108 @@ def test_teacher_ending_in_a_softmax_op_is_refused(tmp_path):
     _trainer(keras.Model(inputs, logits))  # the same model with logits: fine
 
 
+def test_teacher_ending_in_a_lambda_softmax_is_refused():
+    """A Python-API trial (2026-11-30): `Lambda(keras.ops.softmax)` at the end
+    says nothing about its function in the config, was taken for a logits
+    model, and KD trained on nothing (kd_loss 1.5e-05). Such an output is
+    probed: rows of probabilities are refused; a Lambda that keeps logits
+    is not."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(
+        keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    )
+    logits = keras.layers.Dense(3)(x)
+    probs = keras.Model(inputs, keras.layers.Lambda(keras.ops.softmax)(logits))
+    with pytest.raises(ValueError, match="ends in a softmax .*not logits"):
+        ThumbNetTrainer(
+            probs,
+            build_downscaler((16, 16, 3), 2, width=8, depth=1),
+            make_student(tiny_teacher(), 2),
+        )
+    scaled = keras.Model(inputs, keras.layers.Lambda(lambda v: 2.0 * v)(logits))
+    ThumbNetTrainer(
+        scaled,
+        build_downscaler((16, 16, 3), 2, width=8, depth=1),
+        make_student(tiny_teacher(), 2),
+    )
+
+
+def test_images_that_do_not_fit_e_are_refused_in_one_line(rng):
+    """A Python-API trial (2026-11-30): gray images given to an RGB trainer
+    (or RGB to a gray one) failed in a Reshape deep inside E ("The total
+    size of the tensor must be unchanged"), for arrays and tf.data alike."""
+    x, y = _problem(rng, n=8)
+    for trainer in (
+        _trainer(tiny_teacher()),
+        DownscalerPretrainer(tiny_teacher(), build_downscaler((16, 16, 3), 2)),
+    ):
+        trainer.compile(optimizer="adam")
+        with pytest.raises(ValueError, match=r"channels differ.*np.repeat"):
+            trainer.fit(x[..., :1], y, epochs=1, verbose=0)
+        with pytest.raises(ValueError, match=r"height, width and channels differ"):
+            trainer.fit(x[:, :8, :8], y, epochs=1, verbose=0)
+    import tensorflow as tf
+
+    gray = tf.data.Dataset.from_tensor_slices((x[..., :1], y)).batch(4)
+    with pytest.raises(ValueError, match=r"\(N, 16, 16, 3\).*channels differ"):
+        trainer.fit(gray, epochs=1, verbose=0)
+
+
+def test_images_far_outside_e_s_value_range_are_refused(rng):
+    """A Python-API trial (2026-11-30): images on 0-255 given to an E built
+    with `value_range=(0, 1)` trained without a word, every thumbnail
+    clipped to 1, and the exported model gave the same logits for every
+    image. Both trainers read E's range from its clip layers (the
+    pretrainer's own `value_range` too); images in range still train."""
+    x, y = _problem(rng, n=8)  # values in [0.4, 1.0]
+    teacher = tiny_teacher()
+    e = build_downscaler((16, 16, 3), 2, width=8, depth=1, value_range=(0, 1))
+    trainers = (
+        ThumbNetTrainer(teacher, e, make_student(teacher, 2)),
+        DownscalerPretrainer(
+            teacher, build_downscaler((16, 16, 3), 2), value_range=(0, 1)
+        ),
+    )
+    for trainer in trainers:
+        trainer.compile(optimizer="adam")
+        with pytest.raises(
+            ValueError, match=r"range over \[.*\], but E clips .*\(0, 1\)"
+        ):
+            trainer.fit(255 * x, y, epochs=1, verbose=0)
+        trainer.fit(x, y, epochs=1, verbose=0)
+    # An E without a range takes any values (a teacher may read 0-255 floats).
+    _trainer(teacher).compile(optimizer="adam")
+
+
+@pytest.mark.parametrize("pretrainer", [False, True])
+def test_term_metrics_are_example_means_like_loss(rng, pretrainer):
+    """A Python-API trial (2026-11-30): each term's epoch value was the plain
+    mean of its batches while Keras weights `loss` by examples, so with a
+    short last batch (40 images in batches of 16) `loss` was not the
+    weighted sum of the terms (2.9446 against 2.9873). With a zero learning
+    rate every batch sees the same weights, and the sum must hold."""
+    x, y = _problem(rng, n=40)
+    teacher = tiny_teacher()
+    if pretrainer:
+        trainer = DownscalerPretrainer(
+            teacher, build_downscaler((16, 16, 3), 2), cl_weight=1.3, kd_weight=0.7
+        )
+        weights = {"cl": 1.3, "kd": 0.7}
+    else:
+        weights = {"cl": 1.3, "kd": 0.7, "fm": 0.5, "mm": 2.0}
+        trainer = _trainer(teacher, **{f"{k}_weight": v for k, v in weights.items()})
+    trainer.compile(optimizer=keras.optimizers.SGD(0.0))
+    logs = trainer.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False).history
+    total = sum(w * logs[f"{t}_loss"][0] for t, w in weights.items())
+    np.testing.assert_allclose(logs["loss"][0], total, rtol=1e-5)
+    at_once = trainer.evaluate(x, y, batch_size=40, verbose=0, return_dict=True)
+    batched = trainer.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    for term in set(weights) - {"mm"}:  # MM's scale is the batch's own
+        np.testing.assert_allclose(
+            batched[f"{term}_loss"], at_once[f"{term}_loss"], rtol=1e-5
+        )
+
+
 def _nested_teacher():
     """The usual transfer-learning shape: a base model inside a Sequential
     classifier."""

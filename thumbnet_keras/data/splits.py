@@ -26,7 +26,8 @@ def stratified_holdout(
         keys: stable example identifiers (unique).
         labels: integer class of each example.
         fraction: share of every class to hold out, in [0, 1); above 0, at
-            least one example in all (of two or more).
+            least one example in all (of two or more), and never a class's
+            last example.
         seed: permutation seed.
 
     Returns:
@@ -54,6 +55,10 @@ def stratified_holdout(
     extra = total - int(quota.sum())
     tie_break = np.random.default_rng([seed, 2**31 - 1]).permutation(len(classes))
     order = np.lexsort((tie_break, -(exact - quota)))
+    # A rounding extra never takes a class's last example out of the kept
+    # part: a class of one image held out entirely would leave train (the
+    # split every model learns from) without it.
+    order = order[sizes[order] - quota[order] > 1]
     quota[order[:extra]] += 1
     for label, q in zip(classes, quota, strict=True):
         idx = np.flatnonzero(labels_arr == label)

@@ -32,6 +32,7 @@ from thumbnet_keras.losses import thumbnet_losses as L
 from thumbnet_keras.models.student import image_input_shape
 from thumbnet_keras.models.trainer import (
     FailSafeSteps,
+    batch_size_weight,
     check_logits_model,
     check_loss_arguments,
     checked_fit,
@@ -197,8 +198,9 @@ class DownscalerPretrainer(FailSafeSteps, keras.Model):
             terms["cl"] = L.classification_loss(y, logits, self.label_smoothing)
         weights = {"cl": self.cl_weight, "kd": self.kd_weight}
         total = 0.0
+        batch = batch_size_weight(x)
         for term, value in terms.items():
-            self._trackers[term].update_state(value)
+            self._trackers[term].update_state(value, sample_weight=batch)
             total = total + weights[term] * value
         if self.losses:
             total = total + ops.sum(ops.stack(self.losses))

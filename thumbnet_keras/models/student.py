@@ -269,6 +269,19 @@ def make_student(
             "Register the class with `@keras.saving.register_keras_serializable()` "
             "in a module that is imported before the run.",
         )
+    if student is None and "deserialization of a `Lambda`" in str(first_error):
+        raise StudentDerivationError(
+            f"Cannot derive a student from teacher '{teacher.name}': it contains "
+            "a `Lambda` layer, whose Python function Keras does not rebuild from "
+            "a config in safe mode (a smaller factor does not change that).",
+            "Replace the Lambda with a registered layer "
+            "(`@keras.saving.register_keras_serializable()`), or build the "
+            "student yourself and pass it as `ThumbNetTrainer(..., "
+            "student=my_student)`.",
+            "Replace the Lambda with a registered layer "
+            "(`@keras.saving.register_keras_serializable()`) in a module that is "
+            "imported before the run.",
+        )
     if student is None and first_error is not None and new_hw[0] is not None:
         from thumbnet_keras.models.teachers import short_error_text
 

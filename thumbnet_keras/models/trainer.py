@@ -28,6 +28,7 @@ import logging
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from thumbnet_keras.losses import thumbnet_losses as L
@@ -61,13 +62,16 @@ _JOINT_NEEDS_LABELS = (
 )
 
 
-def check_fit_images(expected: tuple, x) -> None:
+def check_fit_images(expected: tuple, x, value_range=None) -> None:
     """What `fit(x)`'s images say before anything is traced (arrays, tensors,
     a `tf.data.Dataset`'s element spec; other inputs are not looked at):
     channels-first images (what PyTorch loaders give) are refused with the
-    permutation to use; integer images (uint8, 0-255) are warned of, since
-    the models see their values as they are."""
+    permutation to use, and so are images whose size or channels differ
+    from `expected` (E's input); integer images (uint8, 0-255) are warned
+    of, since the models see their values as they are; in-memory images far
+    outside E's `value_range` are refused (`check_value_range`)."""
     spec = getattr(x, "element_spec", None)
+    spec_given = spec is not None
     if spec is not None:
         x = spec[0] if isinstance(spec, (tuple, list)) else spec
     shape = getattr(x, "shape", None)
@@ -85,6 +89,30 @@ def check_fit_images(expected: tuple, x) -> None:
                 "Permute them, e.g. `x.permute(0, 2, 3, 1)` (torch) or "
                 "`np.transpose(x, (0, 2, 3, 1))`."
             )
+    if shape is not None and len(shape) == 4:
+        # Keras' own failure for a wrong channel count was a Reshape deep in
+        # E ("The total size of the tensor must be unchanged").
+        wrong = [
+            i
+            for i, (got, want) in enumerate(zip(shape[1:], expected))
+            if got is not None and want is not None and got != want
+        ]
+        if wrong:
+            kind = "channels" if wrong == [2] else "height, width and channels"
+            raise ValueError(
+                f"Images of shape {shape} do not fit these models, which take "
+                f"(N, H, W, C) = (N, {', '.join(str(d) for d in expected)}) "
+                f"(their {kind} differ). "
+                + (
+                    "Gray images of an RGB model: repeat the channel "
+                    "(`np.repeat(x, 3, axis=-1)`); RGB images of a gray model: "
+                    "convert them to one channel."
+                    if wrong == [2]
+                    else "Resize the images to the teacher's input size."
+                )
+            )
+    if value_range is not None and hasattr(x, "shape") and not spec_given:
+        check_value_range(x, value_range)
     if dtype is not None:
         name = keras.backend.standardize_dtype(dtype)
         if "int" in name:
@@ -95,6 +123,47 @@ def check_fit_images(expected: tuple, x) -> None:
                 "(e.g. `x / 255`).",
                 stacklevel=3,
             )
+
+
+def check_value_range(x, value_range) -> None:
+    """Refuses in-memory images whose values lie more than a whole span
+    outside `value_range` (E clips its thumbnail to it): images on 0-255
+    given to an E built with `value_range=(0, 1)` trained in silence, every
+    thumbnail clipped to 1, and gave a model whose output ignored the
+    image. Up to 256 images are looked at."""
+    try:
+        sample = np.asarray(ops.convert_to_numpy(x[:256]), dtype="float64")
+    except Exception:  # not an array Keras can read: fit will say so
+        return
+    if sample.size == 0:
+        return
+    low, high = value_range
+    span = high - low
+    seen_low, seen_high = float(sample.min()), float(sample.max())
+    if seen_low < low - span or seen_high > high + span:
+        raise ValueError(
+            f"Images range over [{seen_low:g}, {seen_high:g}], but E clips its "
+            f"thumbnail to value_range ({low:g}, {high:g}): every thumbnail "
+            "would be clipped and the model would learn nothing from the "
+            "image. Scale the images to that range (e.g. `x / 255`) or build E "
+            "with the images' range (`value_range=(0, 255)`)."
+        )
+
+
+def downscaler_value_range(downscaler):
+    """`(low, high)` that E clips its thumbnail to (`build_downscaler`'s
+    `value_range`, read back from its clip layers, which a saved E keeps),
+    or None."""
+    shift = relu = None
+    for layer in downscaler.layers:
+        if layer.name.endswith("clip_shift"):
+            shift = layer
+        elif layer.name.endswith("clip_relu"):
+            relu = layer
+    if shift is None or relu is None or relu.max_value is None:
+        return None
+    low = -float(shift.offset)
+    return low, low + float(relu.max_value)
 
 
 def warn_torch_jit(jit_compile) -> None:
@@ -176,6 +245,8 @@ def check_logits_model(model, role: str) -> int:
             f"its outputs have shapes {shapes}."
         )
     activation, last = _output_activation(model)
+    if activation is None and _outputs_probabilities(model, last):
+        activation = "softmax"
     if activation in ("softmax", "sigmoid"):
         raise ValueError(
             f"The {role} '{model.name}' ends in a {activation} activation "
@@ -186,6 +257,30 @@ def check_logits_model(model, role: str) -> int:
             "unchanged."
         )
     return model.outputs[0].shape[-1]
+
+
+def _outputs_probabilities(model, last) -> bool:
+    """For an output made by a `Lambda` or a layer from outside Keras (what
+    it computes is not in its config): whether `model`'s outputs on two
+    random images are rows of probabilities (>= 0, summing to 1), as a
+    softmax's are whatever the input. A teacher ending in
+    `Lambda(keras.ops.softmax)` was taken for a logits model and KD did
+    nothing. Models of unknown input size are not probed."""
+    from_keras = type(last).__module__.startswith("keras.")
+    if from_keras and not isinstance(last, keras.layers.Lambda):
+        return False
+    shape = tuple(model.inputs[0].shape[1:])
+    if len(model.inputs) != 1 or None in shape:
+        return False
+    dtype = keras.backend.standardize_dtype(model.inputs[0].dtype)
+    high = 255.0 if "int" in dtype else 1.0
+    x = np.random.default_rng(0).uniform(0, high, (2, *shape)).astype(dtype)
+    out = np.asarray(ops.convert_to_numpy(model(x, training=False)), "float64")
+    return bool(
+        out.shape[-1] > 1
+        and np.all(out >= -1e-6)
+        and np.allclose(out.sum(-1), 1.0, atol=1e-3)
+    )
 
 
 def _output_activation(model):
@@ -204,6 +299,15 @@ def _output_activation(model):
     if kind in ("Softmax", "Sigmoid"):  # keras.ops.softmax / sigmoid
         return kind.lower(), op
     return getattr(getattr(op, "activation", None), "__name__", None), op
+
+
+def batch_size_weight(images):
+    """The batch's size as a float, the weight of its loss terms in their
+    epoch means: Keras weights `loss` by examples (its tracker's
+    `sample_weight` is the batch size), so a plain mean of per-batch terms
+    gave a short last batch a full batch's weight and the terms no longer
+    summed to `loss`."""
+    return ops.cast(ops.shape(images)[0], "float32")
 
 
 def check_loss_arguments(temperature, label_smoothing, weights) -> None:
@@ -232,7 +336,10 @@ def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwarg
     failed made TensorFlow refuse the next one: "Creating variables on a
     non-first call to a function decorated with tf.function")."""
     model = parent.__self__
-    check_fit_images(image_input_shape(model.downscaler), x)
+    value_range = getattr(model, "value_range", None) or downscaler_value_range(
+        model.downscaler
+    )
+    check_fit_images(image_input_shape(model.downscaler), x, value_range)
     check_no_sample_weights(type(model).__name__, x, kwargs)
     if needs_labels and L.labels_missing(x, y):
         raise ValueError(needs_labels)
@@ -767,8 +874,9 @@ class ThumbNetTrainer(FailSafeSteps, keras.Model):
             "mm": self.mm_weight,
         }
         total = 0.0
+        batch = batch_size_weight(images)
         for term in self.active_terms:
-            self._term_trackers[term].update_state(terms[term])
+            self._term_trackers[term].update_state(terms[term], sample_weight=batch)
             total = total + weights[term] * terms[term]
         if self.stage == "fm_pretrain":
             # S's head past the feature layer gets a zero gradient instead of
