@@ -392,6 +392,35 @@ def test_default_validation_split_unless_the_source_has_one(tmp_path):
     assert kept.splits == {"train": 6, "validation": 6, "test": 6}
 
 
+def test_runs_and_prepared_data_inside_the_root_are_never_classes(tmp_path):
+    """A first-contact trial (2026-11-30): with `root: .` and the default
+    `./runs`, the second run trained on the first run's report images as a
+    fourth class 'runs' (and a --data-dir inside the root gave its converted
+    copies as a class). thumbnet's own run and prepared-data folders are
+    skipped, said once, and the classes stay the image folders'."""
+    root = tmp_path / "photos"
+    for c in ("a", "b"):
+        for i in range(4):
+            write_good(root / c / f"{i}.png", seed=i + 10 * (c == "b"))
+    first = data.prepare(folder_manifest(root), root / "prepared" / "toy-1")
+    assert first.class_names == ["a", "b"]
+    run = root / "runs" / "r1"  # a finished run: its record, report images
+    (run / "stages").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    write_good(run / "report_images" / "curve.png", seed=7)
+    write_good(root / "prepared" / "toy-1" / "converted" / "x.png", seed=8)
+    manifest = folder_manifest(root)
+    assert manifest.source.class_folders() == ["a", "b"]
+    with pytest.warns(UserWarning, match=r"skipped 'prepared', 'runs' under .*never"):
+        again = data.prepare(manifest, tmp_path / "out")
+    assert again.class_names == ["a", "b"]
+    assert sum(again.splits.values()) == 8
+    # A class folder that merely holds a config.json stays a class.
+    write_good(root / "c" / "0.png", seed=20)
+    (root / "c" / "config.json").write_text("{}")
+    assert folder_manifest(root).source.class_folders() == ["a", "b", "c"]
+
+
 def test_split_folders_and_ignored_files(tmp_path):
     root = tmp_path / "src"
     for split, folder in (("train", "tr"), ("test", "val")):

@@ -47,15 +47,16 @@ def test_a_small_share_of_few_examples_holds_out_one():
 def test_rounding_never_holds_out_a_class_s_only_example():
     """Half of classes of 1 and 10 rounds to 6 held out; the extra went to
     the class with the largest remainder, the single image (0.5 of it), so
-    train lost that class entirely. Only classes that keep an example take
-    an extra (here the class of 10); with none left, the share rounds down."""
+    train lost that class entirely. Classes that keep an example take an
+    extra first (here the class of 10); a last example goes only when no
+    class has a second (one image per class: a smoke-size ImageNet)."""
     keys = [f"k{i}" for i in range(11)]
     labels = [0] + [1] * 10
     for seed in range(5):
         held = data.stratified_holdout(keys, labels, 0.5, seed=seed)
         assert not held[0] and held.sum() == 6
-    # 2 classes of 1: the at-least-one rule has no class to take it from.
-    assert data.stratified_holdout(["a", "b"], [0, 1], 0.3, seed=0).sum() == 0
+    # 2 classes of 1: the at-least-one rule has only last examples to take.
+    assert data.stratified_holdout(["a", "b"], [0, 1], 0.3, seed=0).sum() == 1
     # 3 of 1, 2 and 2 at 0.5: quotas 0/1/1 and the extra must not take "a".
     held = data.stratified_holdout(list("abcde"), [0, 1, 1, 2, 2], 0.5, seed=0)
     assert not held[0] and held.sum() == 2

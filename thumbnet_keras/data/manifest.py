@@ -63,6 +63,30 @@ class FashionMnistSource(_Strict):
     )
 
 
+def _is_output(folder: Path) -> bool:
+    """A prepared-data folder (its index and summary) or a run folder (its
+    config.json beside its stage records or lock)."""
+    if (folder / "index.parquet").is_file() and (folder / "summary.json").is_file():
+        return True
+    return (folder / "config.json").is_file() and (
+        (folder / "stages").is_dir() or (folder / ".lock").is_file()
+    )
+
+
+def is_thumbnet_output(folder: Path) -> bool:
+    """Whether `folder` is thumbnet's own output: a run or prepared-data
+    folder, or a folder holding them (`runs/`, a `--data-dir`). Such a
+    folder inside an image folder's root is never a class: a run's report
+    images (or a preparation's converted copies) were trained on as a class
+    named 'runs' by the next run over `root: .`."""
+    if _is_output(folder):
+        return True
+    try:
+        return any(_is_output(c) for c in folder.iterdir() if c.is_dir())
+    except OSError:
+        return False
+
+
 class ImageFolderSource(_Strict):
     """`root/<class_name>/*.{jpg,png,...}`, optionally under split folders."""
 
@@ -111,8 +135,22 @@ class ImageFolderSource(_Strict):
             (p, any(c.name.lower().endswith(extensions) for c in p.rglob("*")))
             for f in folders
             for p in sorted(f.iterdir())
-            if p.is_dir() and not p.name.startswith(".")
+            if p.is_dir() and not p.name.startswith(".") and not is_thumbnet_output(p)
         ]
+
+    def output_folders(self) -> list[str]:
+        """Sub-folders (of the root or a split folder) that are thumbnet's
+        own runs or prepared data (`is_thumbnet_output`): skipped, never
+        classes."""
+        root = Path(self.root).expanduser()
+        splits = [""] if self.split_dirs is None else self.split_dirs.values()
+        return sorted(
+            str(p.relative_to(root))
+            for f in (root / d for d in splits)
+            if f.is_dir()
+            for p in f.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and is_thumbnet_output(p)
+        )
 
 
 class ParquetSource(_Strict):

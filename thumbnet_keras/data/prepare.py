@@ -687,6 +687,18 @@ def prepare(
             f"{', '.join(manifest.source.extensions)}), so they are not classes.",
             stacklevel=2,
         )
+    outputs = (
+        manifest.source.output_folders()
+        if manifest.source.type == "image_folder"
+        else []
+    )
+    if outputs:
+        warnings.warn(
+            f"{manifest.name}: skipped {', '.join(map(repr, outputs[:10]))} under "
+            f"{manifest.source.root!r}: thumbnet's own runs or prepared data, "
+            "never a class.",
+            stacklevel=2,
+        )
     unused = _unused_test_fraction(manifest, usable)
     if unused:
         warnings.warn(unused, stacklevel=2)

@@ -25,6 +25,7 @@ from thumbnet_keras.data.manifest import (
     ImageFolderSource,
     Manifest,
     ParquetSource,
+    is_thumbnet_output,
 )
 
 SPLITS = ("train", "validation", "test")
@@ -186,8 +187,9 @@ def image_folder_candidates(
     """root/[<split_dir>/]<class>/**/<file> with an image extension.
 
     Files without an image extension, and hidden files (.DS_Store, macOS's
-    ._IMG_1.JPG), are skipped and appended to `ignored`; hidden folders are
-    skipped whole.
+    ._IMG_1.JPG), are skipped and appended to `ignored`; hidden folders, and
+    thumbnet's own run and prepared-data folders (`is_thumbnet_output`),
+    are skipped whole.
     Anything with an image extension is a candidate, even a directory or a
     text file: validation decides.
     """
@@ -206,8 +208,8 @@ def image_folder_candidates(
         if not folder.is_dir():
             raise DataSourceError(f"split folder for {split!r} not found: {folder}")
         for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if class_dir.name.startswith("."):
-                continue
+            if class_dir.name.startswith(".") or is_thumbnet_output(class_dir):
+                continue  # hidden, or thumbnet's own runs / prepared data
             for path in sorted(class_dir.rglob("*")):
                 rel = path.relative_to(root).as_posix()
                 parts = path.relative_to(folder).parts

@@ -26,8 +26,8 @@ def stratified_holdout(
         keys: stable example identifiers (unique).
         labels: integer class of each example.
         fraction: share of every class to hold out, in [0, 1); above 0, at
-            least one example in all (of two or more), and never a class's
-            last example.
+            least one example in all (of two or more); a class's last
+            example only when no class has a second one.
         seed: permutation seed.
 
     Returns:
@@ -55,10 +55,12 @@ def stratified_holdout(
     extra = total - int(quota.sum())
     tie_break = np.random.default_rng([seed, 2**31 - 1]).permutation(len(classes))
     order = np.lexsort((tie_break, -(exact - quota)))
-    # A rounding extra never takes a class's last example out of the kept
-    # part: a class of one image held out entirely would leave train (the
-    # split every model learns from) without it.
-    order = order[sizes[order] - quota[order] > 1]
+    # A rounding extra goes first to classes that keep an example: a class
+    # of one image held out entirely leaves train (the split every model
+    # learns from) without it. Only when no class has a second example (a
+    # smoke-size ImageNet: one image per class) is a last one taken.
+    keeps = sizes[order] - quota[order] > 1
+    order = np.concatenate([order[keeps], order[~keeps]])
     quota[order[:extra]] += 1
     for label, q in zip(classes, quota, strict=True):
         idx = np.flatnonzero(labels_arr == label)
