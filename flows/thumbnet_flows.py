@@ -311,7 +311,7 @@ def _say_what_smoke_replaced(params) -> None:
     replaced = smoke_replaced(params)
     if replaced:
         get_run_logger().warning(
-            "smoke=True replaces %s (a run shrunk to seconds); leave them out, or "
+            "smoke=True replaces %s (a run shrunk to a plumbing check); leave them out, or "
             "set smoke to false.",
             ", ".join(replaced),
         )

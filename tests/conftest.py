@@ -13,6 +13,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+# Under pytest-xdist (`nox -s tests` runs two workers), each worker gets its
+# own PREFECT_HOME below the one nox set: the temporary Prefect server that
+# in-process flow runs start keeps its SQLite database there, and two
+# servers writing one database file fail with "database is locked".
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
+    os.environ["PREFECT_HOME"] = os.path.join(
+        os.environ["PREFECT_HOME"], os.environ["PYTEST_XDIST_WORKER"]
+    )
+
 import keras
 import numpy as np
 import pytest

@@ -188,10 +188,10 @@ CASES = [
     ("teacher-classes-conv-head", [*TRAIN, "--teacher", "{root}/five_conv_head.keras"],
      "outputs 5 classes but the dataset has 2"),
     ("smoke-clash", [*TRAIN, "--smoke", "--image-size", "48", "--epochs", "2"],
-     "--smoke sets --image-size, --epochs (a run shrunk to seconds): leave them out, "
+     "--smoke sets --image-size, --epochs (a run shrunk to a plumbing check): leave them out, "
      "or drop --smoke."),
     ("smoke-clash-demo", ["demo", "--smoke", "--batch-size", "4", "--runs-dir", "{root}/runs"],
-     "--smoke sets --batch-size (a run shrunk to seconds): leave it out"),
+     "--smoke sets --batch-size (a run shrunk to a plumbing check): leave it out"),
     ("teacher-softmax", [*TRAIN, "--teacher", "{root}/softmax.keras"],
      "ends in a softmax activation, so it outputs probabilities, not logits"),
     ("teacher-channels", [*TRAIN, "--teacher", "{root}/rgb.keras"],
@@ -248,7 +248,7 @@ CASES = [
     ("export-output-suffix", ["export", "--run", "{root}/runs/r24", "--factor", "4", "--format", "onnx",
                               "--output", "{root}/m.tflite"], "an onnx export is a .onnx file"),
     ("generalize-smoke", ["generalize", "--source-run", "{root}/runs/r24", "--smoke",
-                          "--epochs", "2"], "--smoke sets --epochs (a run shrunk to seconds)"),
+                          "--epochs", "2"], "--smoke sets --epochs (a run shrunk to a plumbing check)"),
     ("generalize-seeds", ["generalize", "--source-run", "{root}/runs/r24", "--seed", "1", "--seed", "1"],
      "--seed [1, 1]: seeds must be distinct"),
     ("predict-text-keras", ["predict", "--model", "{root}/fake.keras", "{root}/nope"],
@@ -542,3 +542,11 @@ def test_a_finished_run_without_fm_pretrain_is_finished(tmp_path):
         ConfigError, match=r"\(5 of 11 stages done; next: f2-bicubic_kd_equal\)"
     ):
         check_finished_run(run_folder("half", 0, ["teacher", *trained[:4]]))
+    # `report` also needs the export step: a Prefect trial's run killed after
+    # its health step got a metrics.json listing no thumbnet.keras, exit 0.
+    stopped = run_folder("stopped", 0, ["teacher", *trained])
+    with pytest.raises(ConfigError, match="stopped before its export step"):
+        check_finished_run(stopped, exported=True)
+    (Path(stopped) / "export.json").write_text("{}")
+    (Path(stopped) / "thumbnet.keras").write_bytes(b"")
+    assert check_finished_run(stopped, exported=True)

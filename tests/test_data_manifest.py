@@ -141,6 +141,21 @@ def test_out_of_range_fraction_is_rejected(tmp_path):
     path = _write(tmp_path, GOOD + "split: {test_fraction: 1.5}\n")
     with pytest.raises(data.ManifestError, match=r"split\.test_fraction"):
         data.load_manifest(path)
+    # NaN was told "should be less than 1" (a first-contact trial).
+    path = _write(tmp_path, GOOD + "split: {test_fraction: .nan}\n")
+    with pytest.raises(data.ManifestError, match=r"test_fraction.*finite number"):
+        data.load_manifest(path)
+
+
+def test_an_image_folder_root_that_is_a_file_says_so(tmp_path):
+    from thumbnet_keras.pipeline import preflight
+    from thumbnet_keras.pipeline.config import ConfigError
+
+    (tmp_path / "photos.yaml").write_text("not a folder")
+    body = GOOD.replace("/nowhere", str(tmp_path / "photos.yaml"))
+    manifest = data.load_manifest(_write(tmp_path, body))
+    with pytest.raises(ConfigError, match=r"photos\.yaml' is a file, not a folder"):
+        preflight._check_source(manifest)
 
 
 def test_a_key_given_twice_and_a_class_listed_twice_are_refused(tmp_path):

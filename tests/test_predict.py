@@ -121,6 +121,51 @@ def test_write_predictions_csv_and_json(tmp_path):
         write_predictions(result, tmp_path / "p.txt")
 
 
+def test_predictions_never_overwrite_a_file_they_did_not_write(tmp_path, capsys):
+    """A first-contact trial (2026-11-30): `--output R/thumbnet_model.json`
+    replaced the sidecar predict had just read (and metrics.json,
+    config.json), and the run no longer loaded. Only an earlier predictions
+    file is replaced; anything else is refused before a model is loaded,
+    and left as it was."""
+    from thumbnet_keras.cli import main
+
+    model = _brightness_model(tmp_path / "m" / "thumbnet.keras")
+    _images(tmp_path / "images")
+    image = str(tmp_path / "images" / "dark.jpg")
+    sidecar = tmp_path / "m" / "thumbnet_model.json"
+    notes = tmp_path / "notes.csv"
+    notes.write_text("id,comment\n1,mine\n")
+    for target in (sidecar, notes):
+        before = target.read_bytes()
+        capsys.readouterr()
+        assert main(["predict", "--model", model, image, "--output", str(target)]) == 2
+        assert "exists and is not a predictions file" in capsys.readouterr().err
+        assert target.read_bytes() == before
+    result = predict(model, [image])
+    with pytest.raises(ValueError, match="not a predictions file"):
+        write_predictions(result, sidecar)
+    for name in ("p.csv", "p.json"):  # an earlier predictions file: replaced
+        out = tmp_path / name
+        for _ in range(2):
+            assert main(["predict", "--model", model, image, "--output", str(out)]) == 0
+
+
+def test_a_broken_model_file_is_named_in_its_error(tmp_path):
+    """A first-contact trial (2026-11-30): a garbage `.tflite` said only "The
+    model is not a valid Flatbuffer buffer", and a garbage SavedModel folder
+    advised passing `tags=` (no thumbnet command takes it)."""
+    from thumbnet_keras.deploy.runtime import load_runner
+
+    lite = tmp_path / "x.tflite"
+    lite.write_bytes(b"not a flatbuffer at all" * 10)
+    folder = tmp_path / "sm"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(b"garbage")
+    for path, kind in ((lite, "litert"), (folder, "saved_model")):
+        with pytest.raises(ValueError, match=f"Cannot load {path} as a {kind} model"):
+            load_runner(path)
+
+
 def test_predict_needs_a_matching_sidecar(tmp_path):
     model = _brightness_model(tmp_path / "m" / "thumbnet.keras")
     other = tmp_path / "other"

@@ -379,6 +379,20 @@ def test_the_report_names_the_teacher_it_distilled():
     assert "Teacher **" not in render_markdown(_two_factors())
 
 
+def test_the_summary_names_precision_and_devices_when_not_the_default():
+    """A mixed-precision, data-parallel trial (2026-11-30): the report named
+    the backend but not the precision, and nothing a user reads said how
+    many devices trained the run (only each stage record's `replicas`)."""
+    m = _metrics()
+    assert "on CPU." in render_markdown(m)  # float32, one device: as before
+    m["config"] = {**m["config"], "precision": "mixed_bfloat16"}
+    m["stages"]["f2-joint"]["replicas"] = 2
+    assert (
+        "Keras backend **jax** on CPU, precision mixed_bfloat16, data parallel "
+        "over 2 devices."
+    ) in render_markdown(m)
+
+
 def test_markdown_opens_with_headline_health_and_notes():
     m = _two_factors()
     md = render_markdown(m)

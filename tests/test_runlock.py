@@ -194,6 +194,43 @@ def test_a_config_json_a_run_did_not_write_is_refused_and_kept(
     assert (folder / "config.json").read_text() == content
 
 
+def test_a_run_of_the_other_kind_is_named_as_such(tmp_path):
+    """A first-contact trial (2026-11-30): `thumbnet generalize --run-name
+    r1` on a thumbnet run listed ~30 "differences" in a 2,000-character
+    line and advised rerunning with the saved settings."""
+    from thumbnet_keras.pipeline.rundir import check_claimable
+
+    folder = tmp_path / "r1"
+    (folder / "stages").mkdir(parents=True)
+    (folder / "stages" / "teacher.json").write_text("{}")
+    saved = {"kind": "thumbnet", "config": {"dataset": "x", "factors": [2]}}
+    (folder / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError) as caught:
+        check_claimable(folder, {"source_run": "y"}, kind="generalize")
+    text = str(caught.value)
+    assert "holds a 'thumbnet' run, not a 'generalize' run" in text
+    assert f"--source-run {folder}" in text and "differs" not in text
+    assert len(text) < 400
+
+
+def test_a_damaged_json_file_of_a_run_is_named(tmp_path):
+    """A first-contact trial (2026-11-30): a damaged stage record made the
+    resumed run end in two tracebacks (JSONDecodeError); the file is named,
+    with what to do."""
+    from thumbnet_keras.pipeline.rundir import read_json
+
+    (tmp_path / "stages").mkdir()
+    record = tmp_path / "stages" / "f2-joint.json"
+    record.write_text('{"a": ')
+    with pytest.raises(ConfigError, match=r"f2-joint.json' is damaged \(not JSON"):
+        read_json(record)
+    with pytest.raises(ConfigError, match="delete it to train stage 'f2-joint' again"):
+        read_json(record)
+    (tmp_path / "data.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="restore it, or start a new run"):
+        read_json(tmp_path / "data.json")
+
+
 def test_a_run_resumes_only_on_the_backend_that_started_it(tmp_path):
     # A practitioner resumed a torch run under KERAS_BACKEND=jax: accepted
     # without a word, the rest trained on JAX, config.json still said torch.

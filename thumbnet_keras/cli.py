@@ -39,6 +39,7 @@ import re
 import sys
 import typing
 import warnings
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -244,7 +245,7 @@ def _check_smoke(given: dict, generalize: bool = False) -> None:
     clash = [option_name(k) for k in sets if k in given]
     if clash:
         raise ConfigError(
-            f"--smoke sets {', '.join(clash)} (a run shrunk to seconds): leave "
+            f"--smoke sets {', '.join(clash)} (a run shrunk to a plumbing check): leave "
             f"{'it' if len(clash) == 1 else 'them'} out, or drop --smoke."
         )
 
@@ -312,7 +313,16 @@ def _start_prefect_server() -> None:
         # when it got the SIGINT too, the flow retried the dead server for
         # ~150 s and printed connection tracebacks before exiting 1.
         kwargs.setdefault("start_new_session", True)
-        return popen(*args, **kwargs)
+        log = _server_log()
+        if log is None:
+            return popen(*args, **kwargs)
+        # Its own output goes to a file: stopped at exit with a request in
+        # flight, it logged SQLAlchemy's "Exception during reset" traceback
+        # (CancelledError) after the command's one-line error.
+        with log:
+            kwargs.setdefault("stdout", log)
+            kwargs.setdefault("stderr", subprocess.STDOUT)
+            return popen(*args, **kwargs)
 
     instance = server.SubprocessASGIServer()
     if instance.running:
@@ -320,8 +330,27 @@ def _start_prefect_server() -> None:
     server.subprocess.Popen = child_popen
     try:
         instance.start()
+    except RuntimeError as err:  # "Timed out while attempting to connect ..."
+        raise RuntimeError(f"{err} (its output: {_server_log_path()})") from err
     finally:
         server.subprocess.Popen = popen
+
+
+def _server_log_path() -> Path:
+    """Where the temporary server's own output goes."""
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value()).expanduser() / "thumbnet-temporary-server.log"
+
+
+def _server_log():
+    """`_server_log_path()` open for appending, or None when it cannot be."""
+    try:
+        path = _server_log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "ab")
+    except OSError:
+        return None
 
 
 def _in_run_folder(
@@ -541,7 +570,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return _in_run_folder(args.run, work, args, fresh=False)
     if args.command == "report":
-        preflight.check_finished_run(args.run)
+        preflight.check_finished_run(args.run, exported=True)
 
         def work() -> int:
             from thumbnet_keras import pipeline

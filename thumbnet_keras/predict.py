@@ -226,14 +226,48 @@ def predict(
     return {"model": str(model_path), "predictions": predictions, "skipped": skipped}
 
 
+_CSV_HEADER = ["file", "rank", "class", "probability", "error"]
+
+
+def check_overwrite(path: str | os.PathLike) -> None:
+    """Raises ValueError when `path` is an existing file that predictions
+    did not write: predictions replace only an earlier predictions file. A
+    trial wrote them over the run's own `thumbnet_model.json` (the sidecar
+    just read), `metrics.json` and `config.json`, and the run then refused
+    to load."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return
+    ours = False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if path.suffix.lower() == ".csv":
+                ours = next(csv.reader(f), None) == _CSV_HEADER
+            else:
+                data = json.load(f)
+                ours = isinstance(data, dict) and {"predictions", "skipped"} <= set(
+                    data
+                )
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ValueError(
+            f"--output {str(path)!r} exists and is not a predictions file: "
+            "predictions replace only an earlier predictions file. Choose "
+            "another path."
+        )
+
+
 def write_predictions(result: dict, path: str | os.PathLike) -> str:
     """Writes `predict`'s result as `.json` (as returned) or `.csv` (one row
     per file and rank: file, rank, class, probability, error; a skipped file
-    has one row with its error)."""
+    has one row with its error). An existing file is replaced only if it
+    holds earlier predictions (`check_overwrite`)."""
     path = Path(path).expanduser()  # as `thumbnet predict` checked it
     suffix = path.suffix.lower()
     if suffix not in (".json", ".csv"):
         raise ValueError(f"--output must end in .csv or .json, received {str(path)!r}")
+    check_overwrite(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside, then renamed over: an earlier file is replaced whole
     # or not at all.
@@ -249,7 +283,7 @@ def write_predictions(result: dict, path: str | os.PathLike) -> str:
                 f.write(json.dumps(result, indent=2) + "\n")
             else:
                 writer = csv.writer(f, lineterminator="\n")  # not \r\n
-                writer.writerow(["file", "rank", "class", "probability", "error"])
+                writer.writerow(_CSV_HEADER)
                 for row in result["predictions"]:
                     for rank, item in enumerate(row["top"], 1):
                         writer.writerow(

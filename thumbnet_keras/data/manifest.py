@@ -39,7 +39,9 @@ class ManifestError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are refused as numbers ("Input should be a finite
+    # number"): `test_fraction: .nan` was told "should be less than 1".
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ElpvSource(_Strict):

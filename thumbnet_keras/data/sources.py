@@ -197,7 +197,8 @@ def image_folder_candidates(
     # index's paths do not depend on where it is read from.
     root = Path(source.root).expanduser().absolute()
     if not root.is_dir():
-        raise DataSourceError(f"image folder root not found: {root}")
+        found = "is a file, not a folder" if root.is_file() else "not found"
+        raise DataSourceError(f"image folder root {found}: {root}")
     extensions = tuple(e.lower() for e in source.extensions)
     groups = (
         [(None, root)]

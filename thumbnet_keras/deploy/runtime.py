@@ -169,8 +169,14 @@ def load_runner(path: str | os.PathLike) -> Runner:
             f"Cannot run {path}: {err}. Install the runtimes with "
             "`pip install 'thumbnet-keras[export]'`."
         ) from err
-    except ValueError:
-        raise
+    except ValueError as err:
+        if str(path) in str(err):  # this package's own message, naming it
+            raise
+        # LiteRT's "not a valid Flatbuffer buffer" and TensorFlow's advice
+        # to pass `tags=` (which no thumbnet command takes) named no file.
+        raise ValueError(
+            f"Cannot load {path} as a {model_kind(path)} model: {err}"
+        ) from err
     except Exception as err:  # The runtime's own "not a model" errors.
         raise ValueError(
             f"Cannot load {path} as a {model_kind(path)} model: {err}"

@@ -5,7 +5,7 @@ frozen dataclass of a `generalize` run.
 CLI's options and help (`pipeline.options`), the flows, the deployments and
 the benchmarks all read it, and every field has bounds and a description, so a
 bad value fails with a message that names it. `ThumbNetParams.to_config()`
-applies the `smoke` switch (a run shrunk to seconds, for tests) and gives a
+applies the `smoke` switch (a run shrunk to a plumbing check, for tests) and gives a
 `RunConfig`: the same model, no field of its own, that the rest of
 `thumbnet_keras.pipeline` reads and each run folder saves as `config.json`.
 """
@@ -450,7 +450,9 @@ class ThumbNetParams(BaseModel):
     )
     smoke: bool = Field(
         False,
-        description="Shrink the run to seconds (tests, CI): it sets the image "
+        description="Shrink the run to a plumbing check (tests, CI; about a "
+        "minute of training on a 2-core CPU, several minutes with a teacher "
+        "whose input fixes a large size, e.g. the demo's 128x128): it sets the image "
         "size (not with a teacher, whose input fixes it), data limit, epochs, "
         "batch size and E width (the command line refuses those options beside "
         "it).",

@@ -223,8 +223,9 @@ def _check_source(manifest) -> None:
                     f" (a relative root is read from the folder thumbnet runs "
                     f"in, not the manifest's: here {str(root.absolute())!r})"
                 )
+            found = "is a file, not a folder" if root.is_file() else "not found"
             raise ConfigError(
-                f"{name}: image folder {str(root)!r} not found{where}. Fix "
+                f"{name}: image folder {str(root)!r} {found}{where}. Fix "
                 "`source.root` in the manifest (an absolute path reads the same "
                 "from anywhere), or put the class folders there."
             )
@@ -809,9 +810,11 @@ def _run_config(
     return run, saved["config"]
 
 
-def check_finished_run(run_dir: str) -> Run:
-    """A `thumbnet` run folder whose every stage finished (`evaluate`,
-    `report`)."""
+def check_finished_run(run_dir: str, exported: bool = False) -> Run:
+    """A `thumbnet` run folder whose every stage finished (`evaluate`), and
+    with `exported` also its export step (`report`: a report of a run
+    stopped before export wrote a metrics.json that listed no thumbnet.keras
+    and exited 0, as if the run had finished)."""
     run, config = _run_config(run_dir)
     # A stage a run does not have (fm_epochs 0, the default) writes no record.
     skip = skipped_stages(config)
@@ -823,6 +826,13 @@ def check_finished_run(run_dir: str) -> Run:
             f"--run {run_dir!r} is unfinished ({len(wanted) - len(missing)} of "
             f"{len(wanted)} stages done; next: {missing[0] if missing else 'data'}). "
             + _finish_advice(run)
+        )
+    if exported and not (
+        run.file("export.json").is_file() and run.file("thumbnet.keras").is_file()
+    ):
+        raise ConfigError(
+            f"--run {run_dir!r} is unfinished: every stage trained, but it stopped "
+            "before its export step (no thumbnet.keras). " + _finish_advice(run)
         )
     return run
 
@@ -1007,7 +1017,7 @@ def check_predict(
     archive), a given `sidecar` is a file, the inputs name at least one
     file, and `output` is a `.csv` or `.json` file that can be written."""
     from thumbnet_keras.deploy.runtime import model_kind
-    from thumbnet_keras.predict import collect_files
+    from thumbnet_keras.predict import check_overwrite, collect_files
 
     if not os.path.exists(model):
         raise ConfigError(f"--model {model!r}: not found.")
@@ -1026,6 +1036,10 @@ def check_predict(
         raise ConfigError(f"--top-k {top_k}: must be >= 1.")
     if output is not None:
         _check_output_file(output, "--output", (".csv", ".json"))
+        try:
+            check_overwrite(output)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     files, errors = collect_files(inputs)
     if not files:
         reasons = {"not_found": "not found", "no_images_in_folder": "no image in it"}

@@ -90,7 +90,14 @@ def collect_metrics(run_dir: str) -> dict:
                 k: record.get(k)
                 for k in ("history", "epochs", "seconds", "resumed_from", "selection")
             }
-            for key in ("bn", "input_size", "equal_cost", "unavailable", "health"):
+            for key in (
+                "bn",
+                "input_size",
+                "equal_cost",
+                "unavailable",
+                "health",
+                "replicas",
+            ):
                 if key in record:
                     stages[sid][key] = record[key]
             if sid == "teacher":

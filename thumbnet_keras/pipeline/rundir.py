@@ -96,9 +96,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Reads a JSON file."""
-    with open(path) as f:
-        return json.load(f)
+    """Reads a JSON file; `ConfigError` naming it when it is not JSON (a
+    damaged stage record gave two tracebacks ending in JSONDecodeError)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        path = Path(path)
+        fix = (
+            f"delete it to train stage '{path.stem}' again"
+            if path.parent.name == "stages"
+            else "restore it, or start a new run (another --run-name)"
+        )
+        raise ConfigError(
+            f"{str(path)!r} is damaged (not JSON: {err}); {fix}."
+        ) from None
 
 
 def save_keras(model, path: str | os.PathLike) -> str:
@@ -629,6 +642,20 @@ def check_claimable(
         moved = _other_backend(saved)
         if not (same and not changed and not moved) and is_unstarted(run.path):
             return False
+        if saved.get("kind") != kind:
+            # Not a list of every setting the two kinds do not share (a
+            # 2,000-character line advising to "rerun with the saved settings").
+            raise ConfigError(
+                f"Run folder {str(run.path)!r} holds a {saved.get('kind')!r} run, "
+                f"not a {kind!r} run; its outputs are left untouched. Choose "
+                "another run name (--run-name; `run_name` in a deployment)"
+                + (
+                    ", and name this one as the source: `thumbnet generalize "
+                    f"--source-run {shlex.quote(str(run.path))}`."
+                    if (saved.get("kind"), kind) == ("thumbnet", "generalize")
+                    else "."
+                )
+            )
         if not same:
             raise ConfigError(
                 f"Run folder {str(run.path)!r} already holds a {saved.get('kind')!r} "

@@ -456,8 +456,25 @@ def _summary(metrics: Mapping) -> str:
         f"Dataset **{dataset.get('name', '?')}** ({dataset.get('num_classes', '?')} "
         f"classes; {splits}; licence: {dataset.get('license', '?')}). "
         + _teacher_note(metrics)
-        + f"Keras backend **{env.get('backend', '?')}** on {env.get('device', '?')}."
+        + f"Keras backend **{env.get('backend', '?')}** on {env.get('device', '?')}"
+        + _compute_note(metrics)
+        + "."
     )
+
+
+def _compute_note(metrics: Mapping) -> str:
+    """ ", precision mixed_bfloat16, data parallel over 2 devices": what the
+    run's precision and devices were, when not float32 on one device (they
+    were only in the config dump and the stage records)."""
+    precision = metrics.get("config", {}).get("precision") or "float32"
+    replicas = max(
+        (s.get("replicas") or 1 for s in metrics.get("stages", {}).values()),
+        default=1,
+    )
+    note = f", precision {precision}" if precision != "float32" else ""
+    if replicas > 1:
+        note += f", data parallel over {replicas} devices"
+    return note
 
 
 _SOURCES = {
