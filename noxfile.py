@@ -4,6 +4,11 @@ One virtualenv serves all three backends (Keras picks its backend from
 `KERAS_BACKEND` at import time, and every pytest run is a fresh process), so the
 heavy install happens once. Restrict backends with `THUMBNET_BACKENDS=jax,torch`;
 pass pytest arguments after `--`, e.g. `nox -s tests -- -k losses -x`.
+
+Each backend's run is spread over `THUMBNET_TEST_WORKERS` pytest-xdist
+workers (default 2, the CI machine's cores; 0 runs in one process). Tests of
+one module stay on one worker (`--dist loadscope`), so a module's shared
+fixture (a trained run, say) is built once.
 """
 
 import os
@@ -27,6 +32,8 @@ def tests(session: nox.Session) -> None:
     session.install(*TEST_REQUIREMENTS)
     session.install("-e", ".[dev,export]")
     backends = os.environ.get("THUMBNET_BACKENDS", ",".join(BACKENDS)).split(",")
+    workers = int(os.environ.get("THUMBNET_TEST_WORKERS", "2"))
+    parallel = ["-n", str(workers), "--dist", "loadscope"] if workers > 0 else []
     prefect_home = tempfile.mkdtemp(prefix="thumbnet-prefect-")
     for backend in backends:
         session.log(f"=== Keras backend: {backend} ===")
@@ -35,6 +42,7 @@ def tests(session: nox.Session) -> None:
             "-q",
             "-p",
             "no:cacheprovider",
+            *parallel,
             *session.posargs,
             env={
                 "KERAS_BACKEND": backend,
