@@ -545,8 +545,15 @@ def test_a_finished_run_without_fm_pretrain_is_finished(tmp_path):
     # `report` also needs the export step: a Prefect trial's run killed after
     # its health step got a metrics.json listing no thumbnet.keras, exit 0.
     stopped = run_folder("stopped", 0, ["teacher", *trained])
-    with pytest.raises(ConfigError, match="stopped before its export step"):
+    with pytest.raises(ConfigError, match="no thumbnet.keras and no export.json"):
+        check_finished_run(stopped, exported=True)
+    (Path(stopped) / "thumbnet.keras").write_bytes(b"")  # an extra format failed
+    with pytest.raises(ConfigError, match=r"did not finish \(no export.json\)"):
         check_finished_run(stopped, exported=True)
     (Path(stopped) / "export.json").write_text("{}")
-    (Path(stopped) / "thumbnet.keras").write_bytes(b"")
     assert check_finished_run(stopped, exported=True)
+    # A run its health step failed exports nothing by design: its report is
+    # what it has (review).
+    failed = run_folder("failed", 0, ["teacher", *trained])
+    (Path(failed) / "health.json").write_text('{"status": "failed"}')
+    assert check_finished_run(failed, exported=True)

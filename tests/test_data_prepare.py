@@ -415,6 +415,13 @@ def test_runs_and_prepared_data_inside_the_root_are_never_classes(tmp_path):
         again = data.prepare(manifest, tmp_path / "out")
     assert again.class_names == ["a", "b"]
     assert sum(again.splits.values()) == 8
+    # Prepared data two levels down (runs/_data/<name>, the runs deleted).
+    import shutil
+
+    shutil.rmtree(run)
+    (root / "runs" / "_data").mkdir()
+    shutil.move(root / "prepared" / "toy-1", root / "runs" / "_data" / "toy-1")
+    assert folder_manifest(root).source.class_folders() == ["a", "b"]
     # A class folder that merely holds a config.json stays a class.
     write_good(root / "c" / "0.png", seed=20)
     (root / "c" / "config.json").write_text("{}")

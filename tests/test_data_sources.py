@@ -57,9 +57,15 @@ def test_rounding_never_holds_out_a_class_s_only_example():
         assert not held[0] and held.sum() == 6
     # 2 classes of 1: the at-least-one rule has only last examples to take.
     assert data.stratified_holdout(["a", "b"], [0, 1], 0.3, seed=0).sum() == 1
-    # 3 of 1, 2 and 2 at 0.5: quotas 0/1/1 and the extra must not take "a".
-    held = data.stratified_holdout(list("abcde"), [0, 1, 1, 2, 2], 0.5, seed=0)
-    assert not held[0] and held.sum() == 2
+    # Four single images and ten of class 4 at 0.5: 7 to hold out, 5 by
+    # quota; both extras go to class 4 (the first version of this fix gave
+    # one per class and then took a single image).
+    labels = [0, 1, 2, 3] + [4] * 10
+    held = data.stratified_holdout([f"k{i}" for i in range(14)], labels, 0.5, 0)
+    assert not held[:4].any() and held.sum() == 7
+    # Nothing can spare an example beyond the quota: fewer are held out.
+    held = data.stratified_holdout(list("abcde"), [0, 1, 2, 3, 3], 0.5, seed=0)
+    assert not held[:3].any() and held.sum() == 1  # round(2.5) = 2 asked
 
 
 def test_elpv_prepares_real_images(tmp_path):
@@ -144,7 +150,10 @@ def test_tfds_sources_through_mock_data(tmp_path, name, num_classes):
     with tfds.testing.mock_data(num_examples=8):
         prepared = data.prepare(manifest, tmp_path / "out")
         assert prepared.num_classes == num_classes
-        assert prepared.splits == {"train": 6, "validation": 2, "test": 8}
+        # 8 random labels of 1000 (365) classes: every class has one image,
+        # so validation takes only the one example a share above 0 always
+        # holds out (25% would take the only image of 2 classes from train).
+        assert prepared.splits == {"train": 7, "validation": 1, "test": 8}
         rows = prepared.read_index().to_pylist()
         assert {r["status"] for r in rows} == {"ok"}
         assert [r["tfds_index"] for r in rows if r["tfds_split"] == "train"] == list(
@@ -154,8 +163,8 @@ def test_tfds_sources_through_mock_data(tmp_path, name, num_classes):
             data.make_dataset(prepared, "train", 32, 4, training=True, seed=3)
         )
         val = list(data.make_dataset(prepared, "validation", 32, 4, training=False))
-    assert [b[0].shape for b in batches] == [(4, 32, 32, 3), (2, 32, 32, 3)]
-    assert val[0][0].shape == (2, 32, 32, 3)
+    assert [b[0].shape for b in batches] == [(4, 32, 32, 3), (3, 32, 32, 3)]
+    assert val[0][0].shape == (1, 32, 32, 3)
     labels = np.concatenate([b[1].numpy() for b in batches])
     expected = [r["label"] for r in rows if r["split"] == "train"]
     assert sorted(labels.tolist()) == sorted(expected)

@@ -148,6 +148,14 @@ def test_predictions_never_overwrite_a_file_they_did_not_write(tmp_path, capsys)
         out = tmp_path / name
         for _ in range(2):
             assert main(["predict", "--model", model, image, "--output", str(out)]) == 0
+    # An empty placeholder (touch, NamedTemporaryFile) and a predictions CSV
+    # a spreadsheet saved again with a byte-order mark are replaced (review).
+    empty, bom = tmp_path / "empty.csv", tmp_path / "bom.csv"
+    empty.touch()
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "p.csv").read_bytes())
+    for out in (empty, bom):
+        assert main(["predict", "--model", model, image, "--output", str(out)]) == 0
+        assert out.read_text().startswith("file,rank,class,probability,error")
 
 
 def test_a_broken_model_file_is_named_in_its_error(tmp_path):

@@ -344,11 +344,13 @@ def _server_log_path() -> Path:
 
 
 def _server_log():
-    """`_server_log_path()` open for appending, or None when it cannot be."""
+    """`_server_log_path()` open for appending (started afresh past 1 MB),
+    or None when it cannot be."""
     try:
         path = _server_log_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "ab")
+        big = path.is_file() and path.stat().st_size > 2**20
+        return open(path, "wb" if big else "ab")
     except OSError:
         return None
 

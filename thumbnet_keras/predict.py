@@ -236,11 +236,12 @@ def check_overwrite(path: str | os.PathLike) -> None:
     just read), `metrics.json` and `config.json`, and the run then refused
     to load."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_size == 0:  # none, or a placeholder
         return
     ours = False
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        # utf-8-sig: a CSV saved again by a spreadsheet starts with a BOM.
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             if path.suffix.lower() == ".csv":
                 ours = next(csv.reader(f), None) == _CSV_HEADER
             else:

@@ -75,18 +75,28 @@ def _is_output(folder: Path) -> bool:
     )
 
 
-def is_thumbnet_output(folder: Path) -> bool:
+def _subfolders(folder: Path) -> list[Path]:
+    """`folder`'s sub-folders (`os.scandir`: no stat per file on most file
+    systems), [] when it cannot be read."""
+    try:
+        with os.scandir(folder) as entries:
+            return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def is_thumbnet_output(folder: Path, depth: int = 2) -> bool:
     """Whether `folder` is thumbnet's own output: a run or prepared-data
-    folder, or a folder holding them (`runs/`, a `--data-dir`). Such a
-    folder inside an image folder's root is never a class: a run's report
-    images (or a preparation's converted copies) were trained on as a class
-    named 'runs' by the next run over `root: .`."""
+    folder, or a folder holding them up to `depth` levels down (`runs/`,
+    `runs/_data/`, a `--data-dir`). Such a folder inside an image folder's
+    root is never a class: a run's report images (or a preparation's
+    converted copies) were trained on as a class named 'runs' by the next
+    run over `root: .`."""
     if _is_output(folder):
         return True
-    try:
-        return any(_is_output(c) for c in folder.iterdir() if c.is_dir())
-    except OSError:
-        return False
+    return depth > 0 and any(
+        is_thumbnet_output(c, depth - 1) for c in _subfolders(folder)
+    )
 
 
 class ImageFolderSource(_Strict):

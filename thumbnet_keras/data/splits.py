@@ -26,8 +26,8 @@ def stratified_holdout(
         keys: stable example identifiers (unique).
         labels: integer class of each example.
         fraction: share of every class to hold out, in [0, 1); above 0, at
-            least one example in all (of two or more); a class's last
-            example only when no class has a second one.
+            least one example in all (of two or more); rounding never
+            takes a class's last example, except for that one.
         seed: permutation seed.
 
     Returns:
@@ -55,13 +55,20 @@ def stratified_holdout(
     extra = total - int(quota.sum())
     tie_break = np.random.default_rng([seed, 2**31 - 1]).permutation(len(classes))
     order = np.lexsort((tie_break, -(exact - quota)))
-    # A rounding extra goes first to classes that keep an example: a class
-    # of one image held out entirely leaves train (the split every model
-    # learns from) without it. Only when no class has a second example (a
-    # smoke-size ImageNet: one image per class) is a last one taken.
-    keeps = sizes[order] - quota[order] > 1
-    order = np.concatenate([order[keeps], order[~keeps]])
-    quota[order[:extra]] += 1
+    # Rounding extras go, by largest remainder, only to classes that keep an
+    # example afterwards (a class of one image held out entirely leaves
+    # train, the split every model learns from, without it), one per class
+    # per round; what no class can spare is not held out, except the one
+    # example a share above 0 always holds out (a smoke-size ImageNet has
+    # one image per class).
+    while extra > 0:
+        spare = [c for c in order if sizes[c] - quota[c] > 1][:extra]
+        if not spare:
+            break
+        quota[spare] += 1
+        extra -= len(spare)
+    if quota.sum() == 0 and total > 0:
+        quota[order[0]] += 1
     for label, q in zip(classes, quota, strict=True):
         idx = np.flatnonzero(labels_arr == label)
         idx = idx[np.argsort(keys_arr[idx].astype(str), kind="stable")]

@@ -827,14 +827,26 @@ def check_finished_run(run_dir: str, exported: bool = False) -> Run:
             f"{len(wanted)} stages done; next: {missing[0] if missing else 'data'}). "
             + _finish_advice(run)
         )
-    if exported and not (
-        run.file("export.json").is_file() and run.file("thumbnet.keras").is_file()
-    ):
-        raise ConfigError(
-            f"--run {run_dir!r} is unfinished: every stage trained, but it stopped "
-            "before its export step (no thumbnet.keras). " + _finish_advice(run)
-        )
+    if exported and not _health_failed(run):  # a failed run exports nothing
+        gone = [
+            n for n in ("thumbnet.keras", "export.json") if not run.file(n).is_file()
+        ]
+        if gone:
+            raise ConfigError(
+                f"--run {run_dir!r} is unfinished: every stage trained, but its "
+                f"export step did not finish (no {' and no '.join(gone)}). "
+                + _finish_advice(run)
+            )
     return run
+
+
+def _health_failed(run: Run) -> bool:
+    """Whether the run's health step failed it (`health.json`): the flow
+    then writes the report and exports nothing, by design."""
+    try:
+        return json.loads(run.file("health.json").read_text()).get("status") == "failed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _finish_advice(run: Run) -> str:

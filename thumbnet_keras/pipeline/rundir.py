@@ -95,22 +95,32 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, _write)
 
 
+class DamagedFileError(ConfigError):
+    """A run's JSON file that is not JSON; `reason` is the decoder's."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # Pickles (a Prefect task's error).
+        return type(self), (str(self), self.reason)
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    """Reads a JSON file; `ConfigError` naming it when it is not JSON (a
-    damaged stage record gave two tracebacks ending in JSONDecodeError)."""
+    """Reads a JSON file; `DamagedFileError` naming it when it is not JSON
+    (a damaged stage record gave two tracebacks ending in JSONDecodeError).
+    Deleting a damaged stage record is not the advice: later stages were
+    trained on that stage's outputs, and a record under stages/ may be no
+    stage's (E's recorded width)."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
         return json.loads(raw)
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        path = Path(path)
-        fix = (
-            f"delete it to train stage '{path.stem}' again"
-            if path.parent.name == "stages"
-            else "restore it, or start a new run (another --run-name)"
-        )
-        raise ConfigError(
-            f"{str(path)!r} is damaged (not JSON: {err}); {fix}."
+        raise DamagedFileError(
+            f"{str(path)!r} is damaged (not JSON: {err}); restore it from a "
+            "copy, or start a new run (another --run-name).",
+            str(err),
         ) from None
 
 
@@ -737,6 +747,8 @@ def _saved_run(run: Run) -> dict:
     shape): the folder is someone else's, and nothing in it is touched."""
     try:
         saved = run.config()
+    except DamagedFileError as err:
+        problem = f"cannot be read as JSON ({err.reason})"
     except (OSError, ValueError) as err:
         problem = f"cannot be read as JSON ({err})"
     else:
