@@ -428,6 +428,34 @@ def test_runs_and_prepared_data_inside_the_root_are_never_classes(tmp_path):
     assert folder_manifest(root).source.class_folders() == ["a", "b", "c"]
 
 
+def test_a_linked_folder_inside_a_class_folder_is_read(tmp_path):
+    """A data engineer's trial (2026-11-30): `ln -s shared_cats cat/more`
+    left the four images in it out of the index in silence (rglob does not
+    follow linked folders), while a linked class folder was read and the
+    flows' cache stamp walked the link. Links are followed, a loop once."""
+    root = tmp_path / "photos"
+    shared = tmp_path / "shared_cats"
+    for i in range(3):
+        write_good(root / "cat" / f"{i}.png", seed=i)
+        write_good(root / "dog" / f"{i}.png", seed=10 + i)
+        write_good(shared / f"x{i}.png", seed=20 + i)
+    (root / "cat" / "more").symlink_to(shared)
+    (shared / "loop").symlink_to(shared)  # a link back into itself
+    write_good(tmp_path / "only" / "0.png", seed=30)
+    (root / "bird").mkdir()
+    (root / "bird" / "linked").symlink_to(tmp_path / "only")
+    manifest = folder_manifest(root, test_fraction=0.0)
+    assert manifest.source.class_folders() == ["bird", "cat", "dog"]
+    prepared = data.prepare(manifest, tmp_path / "out")
+    keys = sorted(r["key"] for r in prepared.read_index().to_pylist())
+    assert [k for k in keys if k.startswith("cat/more/")] == [
+        "cat/more/x0.png",
+        "cat/more/x1.png",
+        "cat/more/x2.png",
+    ]
+    assert "bird/linked/0.png" in keys and len(keys) == 10
+
+
 def test_split_folders_and_ignored_files(tmp_path):
     root = tmp_path / "src"
     for split, folder in (("train", "tr"), ("test", "val")):
@@ -649,6 +677,9 @@ def test_an_unused_test_fraction_beside_a_split_column_is_named(tmp_path):
     for name, splits, warns in (
         ("every", ["train"] * 12 + ["test"] * 4, True),
         ("some", ["train"] * 4 + [None] * 8 + ["test"] * 4, False),
+        # Empty strings are drawn like nulls, as docs/data.md says (a data
+        # engineer's trial: they were refused as "not in the splits").
+        ("empty", ["train"] * 4 + [""] * 8 + ["test"] * 4, False),
     ):
         table = {"image": blobs, "label": [i % 2 for i in range(16)], "split": splits}
         pq.write_table(pa.table(table), tmp_path / f"{name}.parquet")
@@ -979,6 +1010,38 @@ def test_a_converted_file_is_rewritten_when_its_conversion_changes(tmp_path):
     (out / "summary.json").unlink()
     data.prepare(folder_manifest(root), out)
     np.testing.assert_array_equal(np.asarray(Image.open(converted)), upright)
+
+
+def test_converted_copies_of_removed_or_replaced_images_are_deleted(tmp_path):
+    """A data engineer's trial (2026-11-30): converted/ kept the copy of every
+    image ever converted, so a source image the user deleted (for privacy,
+    say) survived in the prepared folder. A new preparation deletes the
+    copies its index no longer names, and only those, and none written
+    after it started (another process's)."""
+    import os
+    import time
+
+    root = tmp_path / "src"
+    for c in ("a", "b"):
+        for i in range(4):
+            write_good(root / c / f"{i}.png", seed=i + 10 * (c == "b"))
+    Image.fromarray(pattern(16, 16, 3, 1)).save(root / "a" / "conv.bmp")
+    Image.fromarray(pattern(16, 16, 3, 2)).save(root / "b" / "conv.bmp")
+    out = tmp_path / "out"
+    first = data.prepare(folder_manifest(root), out)
+    copies = sorted(p.name for p in (out / "converted").iterdir())
+    assert len(copies) == 2
+    Image.fromarray(pattern(16, 16, 3, 3)).save(root / "a" / "conv.bmp")  # replaced
+    (root / "b" / "conv.bmp").unlink()  # removed
+    future = out / "converted" / "f.png"  # as if another process wrote it now
+    future.write_bytes(b"x")
+    os.utime(future, (time.time() + 60, time.time() + 60))
+    again = data.prepare(folder_manifest(root), out)
+    named = {r["image_uri"] for r in again.read_index().to_pylist() if r["image_uri"]}
+    left = {f"converted/{p.name}" for p in (out / "converted").iterdir()}
+    assert left - named == {"converted/f.png"}
+    assert not set(copies) & {p.name for p in (out / "converted").iterdir()}
+    assert first.out_dir == again.out_dir
 
 
 def test_tfds_rows_keep_the_stored_orientation(tmp_path):

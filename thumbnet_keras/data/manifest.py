@@ -75,6 +75,28 @@ def _is_output(folder: Path) -> bool:
     )
 
 
+def walk_entries(root: Path):
+    """Every file and folder under `root` (not `root` itself), following
+    folder links, but never into a folder twice (a link loop), and not into
+    hidden folders (.git, .thumbnails). `Path.rglob` does not follow linked
+    folders (Python 3.11): images in a linked sub-folder of a class folder
+    were left out in silence, while a linked class folder was read."""
+    seen = set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in dirs + names:
+            yield Path(folder, name)
+
+
 def _subfolders(folder: Path) -> list[Path]:
     """`folder`'s sub-folders (`os.scandir`: no stat per file on most file
     systems), [] when it cannot be read."""
@@ -144,7 +166,7 @@ class ImageFolderSource(_Strict):
             return None
         extensions = tuple(e.lower() for e in self.extensions)
         return [
-            (p, any(c.name.lower().endswith(extensions) for c in p.rglob("*")))
+            (p, any(c.name.lower().endswith(extensions) for c in walk_entries(p)))
             for f in folders
             for p in sorted(f.iterdir())
             if p.is_dir() and not p.name.startswith(".") and not is_thumbnet_output(p)

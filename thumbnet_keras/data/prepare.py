@@ -15,6 +15,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import time
 import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator
@@ -194,7 +195,7 @@ def _examined(
 
     With `workers` > 1 the examinations run in a pool of threads or of
     processes (`executor`; "auto": processes from `_PROCESS_MIN` candidates
-    on), at most a few hundred candidates ahead of the consumer (so an
+    on, unless they carry their bytes), at most a few hundred candidates ahead of the consumer (so an
     ImageNet-size stream is never held in memory); the order, and so the
     index, is the same for any number of workers and either pool.
     """
@@ -206,7 +207,13 @@ def _examined(
         return
     if executor == "auto":
         head = list(itertools.islice(candidates, _PROCESS_MIN))
-        executor = "processes" if len(head) == _PROCESS_MIN else "threads"
+        # Encoded bytes already in memory (a Parquet bytes column) would be
+        # pickled out to the processes: threads were 2.5-6x faster there
+        # (10,000 8x8 PNGs). Arrays stay with processes: encoding them holds
+        # the GIL (Fashion-MNIST: processes 4.3 s, threads 8.4 s).
+        in_memory = any(c.data is not None for c in head)
+        many = len(head) == _PROCESS_MIN
+        executor = "processes" if many and not in_memory else "threads"
         candidates = itertools.chain(head, candidates)
     if executor == "threads":
         yield from _in_threads(candidates, prev_sha, workers)
@@ -485,7 +492,9 @@ def prepare(
             and sha256 release the GIL, its header parsing does not: 2 threads
             gave 1.54-1.84x, 2 processes 1.63-2.02x, docs/benchmarks.md), or
             "auto": processes from 1,024 candidates on, else threads
-            (starting the processes takes ~0.3 s).
+            (starting the processes takes ~0.3 s); threads for encoded
+            images already in memory (a Parquet bytes column), which
+            processes would be sent pickled.
 
     Returns:
         A `PreparedDataset`; `reused` is True when nothing changed.
@@ -504,6 +513,7 @@ def prepare(
         raise ValueError(
             f"`executor` must be one of {EXECUTORS}, received {executor!r}."
         )
+    started = time.time()
     manifest = load_manifest(manifest)
     # Absolute, so the index's converted/ paths and the `out_dir` a run
     # records do not depend on the working folder they are read from.
@@ -748,6 +758,26 @@ def prepare(
         "folders_without_images": no_images,
     }
     idx.write_json(out / idx.SUMMARY_FILE, summary)
+    _remove_stale_converted(out, rows, started)
     return idx.PreparedDataset.from_summary(
         str(out), summary, reused=False, decoded=decoded
     )
+
+
+def _remove_stale_converted(out: Path, rows: list[dict], started: float) -> None:
+    """Deletes the converted copies the new index no longer names (an image
+    removed or replaced in the source): they stayed in `converted/` for
+    good, a deleted image's pixels included. Files written since this
+    preparation `started` are kept: another process preparing the same
+    folder may have just written them for its own index."""
+    kept = {r["image_uri"] for r in rows if r.get("image_uri")}
+    folder = out / idx.CONVERTED_DIR
+    if not folder.is_dir():
+        return
+    for path in folder.glob("*.png"):
+        try:
+            stale = f"{idx.CONVERTED_DIR}/{path.name}" not in kept
+            if stale and path.stat().st_mtime < started:
+                path.unlink()
+        except OSError:  # gone already, or not ours to delete
+            pass

@@ -26,6 +26,7 @@ from thumbnet_keras.data.manifest import (
     Manifest,
     ParquetSource,
     is_thumbnet_output,
+    walk_entries,
 )
 
 SPLITS = ("train", "validation", "test")
@@ -211,7 +212,7 @@ def image_folder_candidates(
         for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
             if class_dir.name.startswith(".") or is_thumbnet_output(class_dir):
                 continue  # hidden, or thumbnet's own runs / prepared data
-            for path in sorted(class_dir.rglob("*")):
+            for path in sorted(walk_entries(class_dir)):
                 rel = path.relative_to(root).as_posix()
                 parts = path.relative_to(folder).parts
                 if any(part.startswith(".") for part in parts[:-1]):
@@ -405,8 +406,13 @@ def parquet_candidates(
         else [None] * len(images)
     )
     for i, (image, name, split) in enumerate(zip(images, names, splits, strict=True)):
+        if split == "":  # empty, as null: drawn by `split` (docs/data.md)
+            split = None
         if split is not None and split not in SPLITS:
-            raise DataSourceError(f"{path}: row {i}: split {split!r} not in {SPLITS}")
+            raise DataSourceError(
+                f"{path}: row {i}: split {split!r} not in {SPLITS} (null or empty: "
+                "drawn by the manifest's `split` fractions)"
+            )
         cand = Candidate(key=f"row/{i:08d}", label_name=name, source_split=split)
         row_kind = kind
         if kind == "struct":
