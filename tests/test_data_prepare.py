@@ -165,6 +165,14 @@ def test_relative_paths_are_recorded_so_the_index_reads_from_anywhere(
         (lambda: b"GIF is a nice format", ("quarantined", "not_an_image")),
         (lambda: _damaged_png(), ("quarantined", "corrupt")),
         (lambda: encode(pattern(8, 8, 1, 0), "PNG"), ("ok", "")),
+        # Cut before its IEND chunk: Pillow decodes it, TensorFlow refused it
+        # in training with a traceback (an edge deployer's trial).
+        (
+            lambda: encode(pattern(8, 8, 3, 0), "PNG")[:-12],
+            ("quarantined", "truncated"),
+        ),
+        # Bytes after IEND: TensorFlow and Pillow decode it.
+        (lambda: encode(pattern(8, 8, 3, 0), "PNG") + b"trailer", ("ok", "")),
     ],
 )
 def test_more_formats(make, expected):

@@ -268,6 +268,16 @@ def test_a_model_the_sidecar_does_not_list_is_refused(tmp_path):
     )  # fmt: skip
     explicit = predict(str(tmp_path / "m" / "teacher.keras"), [str(image)], sidecar=own)
     assert explicit["predictions"][0]["top"][0]["class"] == "bright"
+    # A renamed export beside its sidecar, named with --sidecar, as
+    # docs/deploy.md shows (an edge deployer's trial: it was refused); not
+    # named, the refusal says how.
+    renamed = tmp_path / "m" / "model_v3.keras"
+    keras.saving.load_model(model).save(renamed)
+    with pytest.raises(deploy.SidecarError, match=r"--sidecar .*or add 'model_v3"):
+        predict(str(renamed), [str(image)])
+    beside = str(tmp_path / "m" / "thumbnet_model.json")
+    said = predict(str(renamed), [str(image)], sidecar=beside)
+    assert said["predictions"][0]["top"][0]["class"] == "bright"
 
 
 def test_saved_model_folder_finds_the_sidecar_beside_it(tmp_path):

@@ -160,18 +160,28 @@ def predict(
     own = Path(info["path"]).parent == Path(model_path)  # a SavedModel's own
     unlisted = listed and name not in listed and not own
     beside = Path(model_path).parent / deploy.SIDECAR
-    if unlisted and (sidecar is None or Path(sidecar).resolve() == beside.resolve()):
-        # E.g. a run folder's teacher.keras or thumbnail_model.keras: other
-        # inputs (size, value range) than the sidecar's, so silently wrong.
-        # Naming the sidecar beside it is no answer (a trial did, as the
-        # message used to suggest, and got confident nonsense).
+    named_beside = sidecar is not None and Path(sidecar).resolve() == beside.resolve()
+    if unlisted and name in OTHER_INPUTS and (sidecar is None or named_beside):
+        # A run folder's teacher.keras or thumbnail_model.keras: other inputs
+        # (size, value range) than the sidecar's, so silently wrong. Naming
+        # the sidecar beside it is no answer (a trial did, as the message
+        # used to suggest, and got confident nonsense).
         raise deploy.SidecarError(
-            f"{info['path']} describes {', '.join(sorted(listed))}, not {name}: "
-            f"its classes and input are not known to fit {name}. Predict with a "
-            "model it lists, or write a sidecar for this model in another folder "
-            "(`thumbnet_keras.deploy.write_sidecar`; in this one it would replace "
-            "the sidecar of the models above) and pass it (`thumbnet predict "
-            "--sidecar PATH`, or `predict(..., sidecar=path)`)."
+            f"{info['path']} describes {', '.join(sorted(listed))}, not {name}, "
+            f"which takes other inputs: its classes and input are not {name}'s. "
+            "Predict with a model it lists, or write a sidecar for this model in "
+            "another folder (`thumbnet_keras.deploy.write_sidecar`; in this one "
+            "it would replace the sidecar of the models above) and pass it "
+            "(`thumbnet predict --sidecar PATH`, or `predict(..., sidecar=path)`)."
+        )
+    if unlisted and sidecar is None:
+        # A renamed export (model_v3.tflite beside its sidecar): named with
+        # --sidecar, it is the caller's word (the documented use).
+        raise deploy.SidecarError(
+            f"{info['path']} describes {', '.join(sorted(listed))}, not {name}. "
+            f"If {name} is one of those renamed, pass the sidecar "
+            f"(`thumbnet predict --sidecar {info['path']}`, or `predict(..., "
+            f"sidecar=path)`), or add {name!r} to its `models`."
         )
     if unlisted:  # A sidecar the caller named: their word, with a warning.
         logger.warning(
@@ -227,6 +237,10 @@ def predict(
 
 
 _CSV_HEADER = ["file", "rank", "class", "probability", "error"]
+
+
+# A run folder's models that take other inputs than its sidecar describes.
+OTHER_INPUTS = ("teacher.keras", "thumbnail_model.keras", "downscaler.keras")
 
 
 def check_overwrite(path: str | os.PathLike) -> None:

@@ -114,6 +114,20 @@ def _png_bit_depth(data: bytes) -> int:
     return 8
 
 
+def _png_complete(data: bytes) -> bool:
+    """Whether the PNG's chunks run to an IEND chunk (walked by their
+    lengths; bytes after it are allowed). Pillow decodes a PNG cut just
+    before IEND, TensorFlow's decoder refuses it ("Invalid PNG data"): such
+    a file passed validation, then failed training with a traceback."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return True
+        pos += 12 + length  # length, type, data, CRC
+    return False
+
+
 def _encode_png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -188,6 +202,8 @@ def validate_bytes(data: bytes) -> Validation:
         return quarantine("corrupt")
 
     fmt = image.format or "unknown"
+    if fmt == "PNG" and not _png_complete(data):
+        return quarantine("truncated")
     mode = image.mode
     orientation = exif_orientation(image)
     if getattr(image, "n_frames", 1) > 1:
