@@ -150,6 +150,26 @@ def test_evaluation_is_unshuffled_and_unaugmented(toy):
     assert y1.tolist() == [r["label"] for r in rows]
 
 
+def test_a_sample_depends_on_its_seed_alone(toy):
+    """An edge deployer's trial (2026-11-30): the int8 calibration set was
+    drawn with tf.data's shuffle(seed=0), which also follows TensorFlow's
+    global seed, so `thumbnet export` calibrated on other images than the
+    flow that had seeded it. `sample` draws with NumPy from `seed` alone."""
+    import tensorflow as tf
+
+    rows = [r for r in toy.read_index().to_pylist() if r["split"] == "train"]
+    draws = []
+    for global_seed in (1, 2):
+        tf.random.set_seed(global_seed)
+        draws.append(_all(data.make_dataset(toy, "train", 16, 4, False, sample=5)))
+    np.testing.assert_array_equal(draws[0][0], draws[1][0])
+    assert len(draws[0][1]) == 5
+    other = _all(data.make_dataset(toy, "train", 16, 4, False, sample=5, seed=1))
+    assert not np.array_equal(other[0], draws[0][0])
+    assert len(set(draws[0][1].tolist())) > 1  # across the split, not its head
+    assert len(rows) > 5
+
+
 def test_bad_arguments_name_the_argument(toy):
     with pytest.raises(ValueError, match="channels must be 1 or 3, received 2"):
         data.make_dataset(toy, "train", 8, 2, True, channels=2)

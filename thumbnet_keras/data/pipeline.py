@@ -172,8 +172,10 @@ def _size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size
 
 
-def _source(prepared: PreparedDataset, split: str):
-    """(dataset of (encoded bytes, label, EXIF orientation), number of examples)."""
+def _source(prepared: PreparedDataset, split: str, sample=None, seed: int = 0):
+    """(dataset of (encoded bytes, label, EXIF orientation), number of
+    examples); with `sample`, that many examples of the split, drawn by a
+    NumPy generator seeded with `seed`, in index order."""
     import tensorflow as tf
 
     table = prepared.read_index(
@@ -197,6 +199,9 @@ def _source(prepared: PreparedDataset, split: str):
         raise ValueError(
             f"split {split!r} of {prepared.name} is empty; available: {prepared.splits}"
         )
+    if sample is not None and sample < len(keep):
+        chosen = np.random.default_rng(seed).choice(len(keep), sample, replace=False)
+        keep = [keep[i] for i in sorted(chosen)]
     if prepared.source_type == "tfds":
         from thumbnet_keras.data import tfds_source
         from thumbnet_keras.data.manifest import TfdsSource
@@ -270,6 +275,7 @@ def make_dataset(
     augment: Augment | bool | None = None,
     center_crop: float = 1.0,
     shuffle_buffer: int | None = None,
+    sample: int | None = None,
 ):
     """A `tf.data.Dataset` of (image float32 (B, H, W, C), label int32 (B,)).
 
@@ -297,6 +303,9 @@ def make_dataset(
             ImageNet 256->224 protocol. Training crops come from `augment`.
         shuffle_buffer: default: the whole split for indexed sources, 10,000
             for TFDS.
+        sample: only this many examples of the split, chosen with NumPy from
+            `seed` alone (tf.data's shuffle also depends on TensorFlow's
+            global seed; the int8 calibration set must not), in index order.
 
     Returns:
         A batched, prefetched `tf.data.Dataset`, deterministic given `seed`.
@@ -325,7 +334,7 @@ def make_dataset(
             f"image_size={image_size!r}"
         )
 
-    ds, n = _source(prepared, split)
+    ds, n = _source(prepared, split, sample, seed)
 
     def decode(data, label, orientation):
         image = tf.io.decode_image(data, channels=channels, expand_animations=False)
@@ -337,7 +346,7 @@ def make_dataset(
     if cache:
         stat = os.stat(prepared.index_path)
         key = (os.path.abspath(prepared.out_dir), split, channels,
-               stat.st_mtime_ns, stat.st_size)  # fmt: skip
+               stat.st_mtime_ns, stat.st_size, sample, sample and seed)  # fmt: skip
         ds = _shared_cache(
             key, lambda: ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
         )

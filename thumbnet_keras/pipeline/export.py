@@ -77,7 +77,11 @@ def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
         False,
         channels=channels,
         normalization="raw",  # thumbnet.keras normalizes inside
-        shuffle=True,  # fixed seed: a sample of every class, not the first
+        # A sample across the split (not its first, one-class rows), drawn
+        # from seed 0 alone: with tf.data's shuffle it also followed the
+        # global seed, so `thumbnet export` calibrated on other images than
+        # the flow (an edge deployer's trial).
+        sample=count,
         seed=0,
     )
     images, total = [], 0
