@@ -195,9 +195,10 @@ def _examined(
 
     With `workers` > 1 the examinations run in a pool of threads or of
     processes (`executor`; "auto": processes from `_PROCESS_MIN` candidates
-    on, unless they carry their bytes), at most a few hundred candidates ahead of the consumer (so an
-    ImageNet-size stream is never held in memory); the order, and so the
-    index, is the same for any number of workers and either pool.
+    on, unless they carry their bytes), at most a few hundred candidates
+    ahead of the consumer (so an ImageNet-size stream is never held in
+    memory); the order, and so the index, is the same for any number of
+    workers and either pool.
     """
     prev_sha = {key: sha for key, sha in prev}
     candidates = iter(candidates)
