@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from thumbnet_keras.data.index import INDEX_FILE, SUMMARY_FILE
+
 MANIFEST_DIR_ENV = "THUMBNET_MANIFEST_DIR"
 
 
@@ -68,16 +70,16 @@ class FashionMnistSource(_Strict):
 def _is_output(folder: Path) -> bool:
     """A prepared-data folder (its index and summary) or a run folder (its
     config.json beside its stage records or lock)."""
-    if (folder / "index.parquet").is_file() and (folder / "summary.json").is_file():
+    if (folder / INDEX_FILE).is_file() and (folder / SUMMARY_FILE).is_file():
         return True
     return (folder / "config.json").is_file() and (
         (folder / "stages").is_dir() or (folder / ".lock").is_file()
     )
 
 
-def walk_entries(root: Path):
-    """Every file and folder under `root` (not `root` itself), following
-    folder links, but never into a folder twice (a link loop), and not into
+def walk_folders(root: Path, hidden: bool = True):
+    """`os.walk(root)`'s `(folder, dirs, names)`, following folder links but
+    never into a folder twice (a link loop); with `hidden` False, not into
     hidden folders (.git, .thumbnails). `Path.rglob` does not follow linked
     folders (Python 3.11): images in a linked sub-folder of a class folder
     were left out in silence, while a linked class folder was read."""
@@ -92,7 +94,15 @@ def walk_entries(root: Path):
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if not hidden:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield folder, dirs, names
+
+
+def walk_entries(root: Path):
+    """Every file and folder under `root` (not `root` itself), through
+    folder links, not into hidden folders (`walk_folders`)."""
+    for folder, dirs, names in walk_folders(root, hidden=False):
         for name in dirs + names:
             yield Path(folder, name)
 
@@ -158,18 +168,30 @@ class ImageFolderSource(_Strict):
             str(p.relative_to(root)) for p, has_image in found if not has_image
         )
 
-    def _folders(self) -> list[tuple[Path, bool]] | None:
+    def _candidate_folders(self) -> list[Path] | None:
+        """The non-hidden sub-folders of the root or of each split folder,
+        sorted; None when a folder is missing."""
         root = Path(self.root).expanduser()
         splits = [""] if self.split_dirs is None else self.split_dirs.values()
         folders = [root / d for d in splits]
         if not all(f.is_dir() for f in folders):
             return None
+        return [
+            p
+            for f in folders
+            for p in sorted(f.iterdir())
+            if p.is_dir() and not p.name.startswith(".")
+        ]
+
+    def _folders(self) -> list[tuple[Path, bool]] | None:
+        found = self._candidate_folders()
+        if found is None:
+            return None
         extensions = tuple(e.lower() for e in self.extensions)
         return [
             (p, any(c.name.lower().endswith(extensions) for c in walk_entries(p)))
-            for f in folders
-            for p in sorted(f.iterdir())
-            if p.is_dir() and not p.name.startswith(".") and not is_thumbnet_output(p)
+            for p in found
+            if not is_thumbnet_output(p)
         ]
 
     def output_folders(self) -> list[str]:
@@ -177,13 +199,10 @@ class ImageFolderSource(_Strict):
         own runs or prepared data (`is_thumbnet_output`): skipped, never
         classes."""
         root = Path(self.root).expanduser()
-        splits = [""] if self.split_dirs is None else self.split_dirs.values()
         return sorted(
             str(p.relative_to(root))
-            for f in (root / d for d in splits)
-            if f.is_dir()
-            for p in f.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and is_thumbnet_output(p)
+            for p in self._candidate_folders() or []
+            if is_thumbnet_output(p)
         )
 
 

@@ -27,6 +27,7 @@ from thumbnet_keras.data.manifest import (
     ParquetSource,
     is_thumbnet_output,
     walk_entries,
+    walk_folders,
 )
 
 SPLITS = ("train", "validation", "test")
@@ -474,17 +475,12 @@ def _source_roots(manifest: Manifest) -> list[Path]:
 
 
 def _walk_files(root: Path) -> list[Path]:
-    """Every file under `root`, sorted, following folder links (as the image
-    folder source does) but never into a folder twice."""
-    seen, files = set(), []
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        files += [Path(folder, name) for name in names]
-    return sorted(files)
+    """Every file under `root`, sorted, hidden ones included, following
+    folder links once each, as the image folder source does
+    (`walk_folders`)."""
+    return sorted(
+        Path(folder, name) for folder, _, names in walk_folders(root) for name in names
+    )
 
 
 def source_stamp(manifest: Manifest) -> str:

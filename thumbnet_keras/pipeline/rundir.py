@@ -670,7 +670,7 @@ def check_claimable(
             raise ConfigError(
                 f"Run folder {str(run.path)!r} already holds a {saved.get('kind')!r} "
                 f"run with a different configuration (differs in: "
-                f"{_differences_text(keys, old, config) or 'kind'}). Its outputs "
+                f"{_differences_text(keys, old, config)}). Its outputs "
                 "are left untouched: choose another run name (--run-name; "
                 "`run_name` in a deployment), or rerun with the saved settings to "
                 "resume it"
