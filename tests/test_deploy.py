@@ -30,6 +30,7 @@ from conftest import run_python
 from pipeline_fixtures import tiny_dataset
 
 from thumbnet_keras import deploy, pipeline
+from thumbnet_keras.data.index import file_sha256
 from thumbnet_keras.pipeline import ThumbNetParams
 
 pytestmark = pytest.mark.slow
@@ -133,6 +134,12 @@ def test_int8_model_takes_raw_uint8_pixels(trained):
     assert sidecar["class_names"] == ["horizontal", "vertical"]
     assert sidecar["input_size"] == [32, 32] and sidecar["channels"] == 3
     assert sidecar["models"]["thumbnet.onnx"] == "onnx"
+    # Every model it lists is pinned by its digest (predict refuses a
+    # replaced one).
+    folder = Path(sidecar["path"]).parent
+    assert sidecar["sha256"] == {
+        name: file_sha256(folder / name) for name in sidecar["models"]
+    }
 
 
 def test_int8_input_is_the_pixel_for_a_raw_pixel_run(tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline_fixtures import loud_env
 
 from thumbnet_keras import deploy
+from thumbnet_keras.data.index import file_sha256
 from thumbnet_keras.predict import predict, write_predictions
 
 
@@ -190,6 +191,35 @@ def test_predict_needs_a_matching_sidecar(tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="not this model's sidecar"):
         predict(model, [], sidecar=other / "thumbnet_model.json")
+
+
+def test_a_model_replaced_after_its_sidecar_is_refused(tmp_path):
+    """An edge deployer's trial: another run's model copied over the one a
+    sidecar describes (same name, same input, same class count) was labelled
+    with the old run's class names. The sidecar records each model's sha256
+    now; a changed file is refused, the untouched one still predicts."""
+    model = _brightness_model(tmp_path / "m" / "thumbnet.keras")
+    record = deploy.read_sidecar(model)
+    assert record["sha256"] == {"thumbnet.keras": file_sha256(model)}
+    image = tmp_path / "x.png"
+    Image.fromarray(np.full((16, 16), 230, np.uint8)).save(image)
+    assert predict(model, [str(image)])["predictions"][0]["top"][0]["class"] == (
+        "bright"
+    )
+    # "Another run's" model: the opposite answer, the same input and classes.
+    other = keras.saving.load_model(model)
+    other.get_layer("logits").set_weights(
+        [np.array([[-20.0, 20.0]]), np.array([10.0, -10.0])]
+    )
+    other.save(model)
+    with pytest.raises(deploy.SidecarError, match=r"is not the thumbnet.keras that"):
+        predict(model, [str(image)])
+    # The sidecar rewritten for it (as an export does) describes it again.
+    deploy.write_sidecar(
+        tmp_path / "m", class_names=["bright", "dark"], input_size=(8, 8),
+        channels=1, normalization="unit", models={"thumbnet.keras": "keras"},
+    )  # fmt: skip
+    assert predict(model, [str(image)])["predictions"][0]["top"][0]["class"] == ("dark")
 
 
 def test_cli_predict_exit_codes(tmp_path, capsys):

@@ -191,6 +191,7 @@ def predict(
             ", ".join(sorted(listed)),
             name,
         )
+    deploy.check_model_file(model_path, info)
     height, width = info["input_size"]
     channels, classes = info["channels"], info["class_names"]
     runner = deploy.load_runner(model_path)

@@ -17,6 +17,7 @@ from thumbnet_keras.deploy.export import FORMATS, default_output, export_model
 from thumbnet_keras.deploy.metadata import (
     SIDECAR,
     SidecarError,
+    check_model_file,
     read_sidecar,
     write_sidecar,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "SIDECAR",
     "Runner",
     "SidecarError",
+    "check_model_file",
     "default_output",
     "export_model",
     "load_runner",

@@ -15,7 +15,8 @@ reads it and guesses nothing. Example:
       "models": {"thumbnet.keras": "keras", "thumbnet.onnx": "onnx",
                  "thumbnet_int8.tflite": "litert_int8"},
       "quantization": {"thumbnet_int8.tflite": {"input": {"dtype": "uint8",
-                       "scale": 0.00392, "zero_point": 0}, "output": {...}}}
+                       "scale": 0.00392, "zero_point": 0}, "output": {...}}},
+      "sha256": {"thumbnet.keras": "9f2c...", "thumbnet.onnx": "41ab...", ...}
     }
 
 `normalization` maps 8-bit pixels `p` in [0, 255] to model input: "unit"
@@ -24,7 +25,11 @@ reads it and guesses nothing. Example:
 that normalizes inside). A run's exported models (`thumbnet.keras` and its
 conversions) normalize inside: "none", i.e. they take raw pixels (uint8, or
 float in [0, 255]). `input_value_range` is the range of the model's input
-that follows (null for "imagenet": mean/std units).
+that follows (null for "imagenet": mean/std units). `sha256` holds each
+listed model's digest when the sidecar was written (a SavedModel folder's:
+`data.index.folder_sha256`), so a model replaced since, e.g. by another
+run's file of the same name, is refused rather than labelled with these
+classes (`check_model_file`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pathlib import Path
 # One name: the converter, which imports nothing of this package, keeps it.
 from thumbnet_keras.deploy.convert import SIDECAR
 
-__all__ = ["SIDECAR", "read_sidecar", "write_sidecar"]
+__all__ = ["SIDECAR", "check_model_file", "read_sidecar", "write_sidecar"]
 
 NORMALIZATIONS = ("unit", "symmetric", "imagenet", "none")
 RESIZE = "bilinear, antialias, central crop to the input's aspect ratio"
@@ -54,6 +59,13 @@ class SidecarError(ValueError):
     """A missing or invalid `thumbnet_model.json`."""
 
 
+def model_sha256(path: str | os.PathLike) -> str:
+    """The digest a sidecar records for a model file or SavedModel folder."""
+    from thumbnet_keras.data.index import file_sha256, folder_sha256
+
+    return folder_sha256(path) if Path(path).is_dir() else file_sha256(path)
+
+
 def write_sidecar(
     folder: str | os.PathLike,
     *,
@@ -68,8 +80,10 @@ def write_sidecar(
     """Writes (or updates) `folder/thumbnet_model.json`; returns its path.
 
     An existing sidecar that describes the same classes, input and
-    normalization keeps its `models` and `quantization` entries (the new
-    ones are added); one that describes something else is replaced.
+    normalization keeps its `models`, `quantization` and `sha256` entries
+    (the new ones are added); one that describes something else is
+    replaced. Each of `models` found in `folder` gets its digest recorded
+    now, so write the sidecar after the models.
 
     Args:
         folder: the folder of the exported model(s).
@@ -98,6 +112,7 @@ def write_sidecar(
         "output": "logits",
         "models": {},
         "quantization": {},
+        "sha256": {},
     }
     if source is not None:
         record["source"] = str(source)
@@ -109,8 +124,13 @@ def write_sidecar(
     if isinstance(old, dict) and all(old.get(k) == record[k] for k in _DESCRIBES):
         record["models"] = dict(old.get("models", {}))
         record["quantization"] = dict(old.get("quantization", {}))
+        record["sha256"] = dict(old.get("sha256") or {})
     record["models"].update(models or {})
     record["quantization"].update(quantization or {})
+    for name in models or {}:
+        record["sha256"].pop(name, None)
+        if (Path(folder) / name).exists():
+            record["sha256"][name] = model_sha256(Path(folder) / name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{SIDECAR}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -150,3 +170,22 @@ def read_sidecar(model_path: str | os.PathLike, sidecar: str | None = None) -> d
         )
     record["path"] = str(path)
     return record
+
+
+def check_model_file(model_path: str | os.PathLike, record: dict) -> None:
+    """Raises `SidecarError` when `record` (a `read_sidecar` result) holds a
+    digest for `model_path`'s name and the file is no longer that model:
+    replaced after its export, e.g. by another run's model of the same name,
+    it would be labelled with this sidecar's classes without a word."""
+    name = Path(model_path).name
+    expected = (record.get("sha256") or {}).get(name)
+    if expected is None or model_sha256(model_path) == expected:
+        return
+    raise SidecarError(
+        f"{model_path} is not the {name} that {record['path']} describes: the "
+        "file changed after the sidecar was written (another run's model copied "
+        "over it?), so its classes may not be these. Copy the sidecar that came "
+        f"with this model beside it, or export it again (`thumbnet export --run "
+        f"RUN_FOLDER`); if you vouch for this file, delete {name!r} from the "
+        "sidecar's `sha256`."
+    )
