@@ -7,6 +7,7 @@ import json
 import os
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -1119,3 +1120,29 @@ def test_prepare_workers_exit_when_the_parent_is_killed(tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, "prepare's workers outlived their parent"
+
+
+def test_changed_files_names_what_changed_since_prepare(tmp_path):
+    """`thumbnet evaluate` reads the files in place: a test image edited,
+    removed or made unreadable since prepare scored without a word (or gave
+    TensorFlow's decode traceback). `changed_files` finds each, for the
+    splits asked only; converted copies (the folder's own) count as there."""
+    make_image_folder(tmp_path / "src")  # 12 good, 3 converted, bad ones
+    prepared = data.prepare(folder_manifest(tmp_path / "src"), tmp_path / "out")
+    assert prepared.changed_files(("train", "validation", "test")) == []
+    rows = [r for r in prepared.read_index().to_pylist() if r["status"] == "ok"]
+    test = [r["image_uri"] for r in rows if r["split"] == "test"]
+    train = [r["image_uri"] for r in rows if r["split"] == "train"]
+    assert len(test) >= 3 and train
+    edited, removed, unreadable = test[:3]
+    write_good(Path(edited), seed=99)  # same name, other pixels
+    os.remove(removed)
+    os.remove(unreadable)
+    os.mkdir(unreadable)  # read fails even as root (chmod would not)
+    os.remove(train[0])
+    found = dict(prepared.changed_files(("test",)))
+    assert found.pop(edited) == "content changed"
+    assert found.pop(removed) == "missing"
+    assert found.pop(unreadable).startswith("unreadable: ")
+    assert found == {}
+    assert [p for p, _ in prepared.changed_files(("train",))] == [train[0]]

@@ -346,6 +346,27 @@ def test_cli_evaluate_report_export(finished, capsys):
     _, result, _ = finished
     run = result["run_dir"]
     before = Path(run, "evaluation.json").stat().st_mtime_ns
+    # A test image edited since prepare (a data engineer's trial: scored
+    # without a word) is refused in one line naming it; nothing is rewritten.
+    from thumbnet_keras.data import PreparedDataset
+    from thumbnet_keras.pipeline import Run
+
+    index = PreparedDataset.load(Run(run).data()["prepared_dir"]).read_index()
+    edited = next(
+        Path(r["image_uri"])
+        for r in index.to_pylist()
+        if r["split"] == "test" and r["status"] == "ok"
+    )
+    kept = edited.read_bytes()
+    edited.write_bytes(kept + b"\0")  # one byte more: another file
+    try:
+        assert main(["evaluate", "--run", run]) == 2
+    finally:
+        edited.write_bytes(kept)
+    err = capsys.readouterr().err
+    assert f"changed since its data were prepared: {edited}: content changed" in err
+    assert "Traceback" not in err
+    assert Path(run, "evaluation.json").stat().st_mtime_ns == before
     assert main(["evaluate", "--run", run]) == 0
     assert "ThumbNet (E + S) f=4: top-1" in capsys.readouterr().out
     assert Path(run, "evaluation.json").stat().st_mtime_ns > before

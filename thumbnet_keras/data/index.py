@@ -194,6 +194,48 @@ class PreparedDataset:
         """The file an index row's `image_uri` names (`resolve_image_uri`)."""
         return resolve_image_uri(self.out_dir, uri)
 
+    def changed_files(self, splits: tuple[str, ...]) -> list[tuple[str, str]]:
+        """The files the pipeline reads for `splits` that are no longer the
+        ones prepared, as `(path, reason)`: "missing", "unreadable: ...", or
+        "content changed" (a source file whose sha256 differs from the
+        index's). This folder's own converted copies are only checked for
+        being there; images held in the index (bytes, TFDS) cannot change.
+        Reads every source file of the splits (hashed on a few threads)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from thumbnet_keras.data.validate import OK, QUARANTINED
+
+        table = self.read_index(
+            ["image_uri", "image_bytes", "split", "status", "sha256"]
+        ).to_pydict()
+        rows = [
+            (self.image_path(uri), status, sha)
+            for uri, blob, split, status, sha in zip(
+                table["image_uri"],
+                table["image_bytes"],
+                table["split"],
+                table["status"],
+                table["sha256"],
+                strict=True,
+            )  # fmt: skip
+            if split in splits and uri and not blob and status != QUARANTINED
+        ]
+
+        def check(row: tuple[str, str, str]) -> tuple[str, str] | None:
+            path, status, sha = row
+            if not os.path.exists(path):
+                return path, "missing"
+            if status != OK:  # a converted copy: ours, named by its source
+                return None
+            try:
+                now = file_sha256(path)
+            except OSError as err:
+                return path, f"unreadable: {err.strerror or err}"
+            return None if now == sha else (path, "content changed")
+
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            return [found for found in pool.map(check, rows) if found]
+
     @classmethod
     def from_summary(cls, out_dir: str, summary: dict, **extra: Any) -> PreparedDataset:
         """Build from a summary dict (as written by `prepare`)."""

@@ -34,6 +34,7 @@ import keras
 from thumbnet_keras.evaluation.accuracy import evaluate_classifier
 from thumbnet_keras.evaluation.flops import count_flops, count_params
 from thumbnet_keras.evaluation.latency import measure_throughput, measure_throughputs
+from thumbnet_keras.pipeline.config import ConfigError
 from thumbnet_keras.pipeline.rundir import read_json, write_json
 from thumbnet_keras.pipeline.stages import load_run, stage_id
 
@@ -112,6 +113,29 @@ def paired_comparisons(correct: dict, factor: int) -> list[dict]:
     ]
 
 
+def check_files_unchanged(prepared: dict, run_dir: str) -> None:
+    """Raises `ConfigError` naming the validation and test images changed,
+    made unreadable or removed since the run's data were prepared: the
+    pipeline reads them in place, and scored they would give figures for
+    another test set than the one the run was selected and reported on (a
+    trial changed a test image and `thumbnet evaluate` scored it without a
+    word; an unreadable one gave TensorFlow's decode traceback)."""
+    from thumbnet_keras.data import PreparedDataset
+
+    dataset = PreparedDataset.load(prepared["prepared_dir"])
+    changed = dataset.changed_files(("validation", "test"))
+    if not changed:
+        return
+    shown = "; ".join(f"{path}: {reason}" for path, reason in changed[:3])
+    more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+    raise ConfigError(
+        f"Run {run_dir!r}: {len(changed)} validation/test image(s) changed since "
+        f"its data were prepared: {shown}{more}. Scoring them would not measure "
+        "the test set the run was selected and reported on. Restore the files, "
+        "or train a new run on the data as it is now."
+    )
+
+
 def evaluate_run(run_dir: str, force: bool = False) -> dict:
     """Evaluates every arm; skipped when `evaluation.json` exists (unless `force`).
 
@@ -135,6 +159,7 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
         logger.info("[evaluate] already finished, skipped")
         return read_json(path) | {"skipped": True}
     prepared = run.data(require=True)
+    check_files_unchanged(prepared, run_dir)
     classes = prepared["num_classes"]
     shape = (config.image_size, config.image_size, config.channels)
     test = test_batches(prepared, config.image_size, config.channels, config.batch_size)
