@@ -1197,3 +1197,36 @@ def test_sync_batchnorm_without_data_parallel_is_no_difference():
     assert config_differences(parallel, parallel | {"sync_batchnorm": False}) == [
         "sync_batchnorm"
     ]
+
+
+def test_a_copied_or_renamed_run_folder_resumes_under_its_new_name(tmp_path):
+    """An MLOps trial: a run folder copied to another name (or renamed, or
+    moved to another runs folder) was refused as "a different configuration
+    (differs in: run_name)", so it could only be trained again from the
+    start. The folder is the run: it resumes, its finished teacher is not
+    trained again, and config.json takes the new name."""
+    import shutil
+
+    from thumbnet_keras.pipeline import Run
+
+    run_dir, prepared, manifest = _small_run(tmp_path)
+    teacher = Path(run_dir, "teacher.keras").read_bytes()
+    copy = tmp_path / "elsewhere" / "r-copy"
+    shutil.copytree(run_dir, copy)
+    settings = dict(
+        dataset=manifest, runs_dir=str(copy.parent), run_name="r-copy",
+        image_size=32, limit_per_class=8, batch_size=8, teacher_epochs=1,
+        factors=[2], backbone_options={"widths": [8, 16]},
+    )  # fmt: skip
+    resolved = pipeline.resolve_run(ThumbNetParams(**settings))
+    assert resolved["resumed"] is True and resolved["run_dir"] == str(copy)
+    assert Run(copy).config()["config"]["run_name"] == "r-copy"
+    before = snapshot(copy / "stages")
+    pipeline.get_teacher(str(copy), prepared, verbose=0)  # finished: skipped
+    assert snapshot(copy / "stages") == before
+    assert (copy / "teacher.keras").read_bytes() == teacher
+    # Another setting still refuses it, naming that setting only.
+    with pytest.raises(ConfigError, match=r"differs in: batch_size"):
+        pipeline.resolve_run(ThumbNetParams(**(settings | {"batch_size": 4})))
+    # The original is untouched and still resumes under its own name.
+    assert Run(run_dir).config()["config"]["run_name"] == "r"

@@ -503,8 +503,10 @@ def _find_prepared(folder: str, run_path: Path) -> str | None:
 
 
 # Config fields that name a folder: equal when they name the same folder.
-# `runs_dir` needs no comparison at all: the run folder it leads to is the
-# one being claimed, however the path was spelled.
+# `runs_dir` and `run_name` need no comparison at all: the run folder they
+# lead to is the one being claimed, however the path was spelled, and a run
+# folder renamed, copied or moved resumes under its new name (`claim`
+# records the new name).
 # Compared as resolved paths: `./t.keras` and `t.keras` name the same file (a
 # trial's rerun after Ctrl-C, typed so, was refused as another configuration).
 # What the files hold is compared by the run's input hashes.
@@ -526,15 +528,16 @@ MEASUREMENT_FIELDS = ("throughput_batches",)
 def config_differences(old: dict, new: dict) -> list[str]:
     """The fields whose values differ between two run configs, sorted.
 
-    `runs_dir` is ignored (the claimed run folder is the same one whatever
-    its spelling: `runs` or `/abs/path/runs`); `data_dir`, `dataset`,
+    `runs_dir` and `run_name` are ignored (the claimed run folder is the
+    same one whatever its spelling, `runs` or `/abs/path/runs`, or its name
+    since a rename or copy); `data_dir`, `dataset`,
     `teacher` and `backbone_weights` values are compared as resolved paths
     (a name such as `pretrained:elpv` resolves to itself).
     """
 
     def same(key):
         a, b = old.get(key), new.get(key)
-        if a == b or key == "runs_dir":
+        if a == b or key in ("runs_dir", "run_name"):
             return True
         if key == "sync_batchnorm" and "data_parallel" not in (
             old.get("distribution"),
@@ -708,8 +711,19 @@ def check_claimable(
 
 def _take_measurement_fields(run: Run, config: dict) -> None:
     """A resumed run's `config.json` takes the `MEASUREMENT_FIELDS` values
-    given now (the only differences `check_claimable` lets through)."""
+    given now (the only differences `check_claimable` lets through), and the
+    run's name when the folder was renamed or copied since it started."""
     saved = run.config()
+    if "run_name" in config and saved["config"].get("run_name") != config["run_name"]:
+        logger.info(
+            "Run folder %s was started as run %r (renamed or copied since): it "
+            "resumes as %r.",
+            run.path,
+            saved["config"].get("run_name"),
+            config["run_name"],
+        )
+        saved["config"]["run_name"] = config["run_name"]
+        write_json(run.config_json, saved)
     changed = {
         k: config[k]
         for k in MEASUREMENT_FIELDS
