@@ -109,9 +109,23 @@ def _linear_box_net(size):
     return keras.Model(inputs, keras.layers.Dense(2, name="logits")(x), name="box")
 
 
-def test_trainer_fm_compares_the_same_image_regions():
+def _nested_box_net(size):
+    """`_linear_box_net` with its convolutions in a base model called by the
+    classifier, as `x = base(inputs)` or `Sequential([base, GAP, Dense])`."""
+    flat = _linear_box_net(size)
+    base = keras.Model(flat.inputs, flat.get_layer("box2").output, name="base")
+    inputs = keras.Input((size, size, 1), name="image")
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(base(inputs))
+    return keras.Model(inputs, keras.layers.Dense(2, name="logits")(x), name="nested")
+
+
+@pytest.mark.parametrize("build", [_linear_box_net, _nested_box_net])
+def test_trainer_fm_compares_the_same_image_regions(build):
+    """Also with the backbone nested in the classifier (a Python-API trial:
+    FM traced the base model's inner graph, could not reach the classifier's
+    input, and fell back to plain pooling, cells 2.5-7.5 px apart)."""
     size = 128
-    teacher = _linear_box_net(size)
+    teacher = build(size)
     student = make_student(teacher, 2)
     trainer = ThumbNetTrainer(
         teacher=teacher,
@@ -125,6 +139,7 @@ def test_trainer_fm_compares_the_same_image_regions():
     out = trainer(image, training=False)
     _, t_map = trainer._teacher_features(image, training=False)
     s_map = to_numpy(out["features"])[0, :, :, 0]
+    assert trainer.fm_pooling is not None  # traced, not the fallback
     aligned = to_numpy(L.align_pool(t_map, trainer.fm_pooling))[0, :, :, 0]
     naive = to_numpy(L.adaptive_average_pool(t_map, s_map.shape))[0, :, :, 0]
     # Interior cells (the zero padding bends the ramp at the borders).
@@ -171,3 +186,26 @@ def test_alignment_matrices_reduce_to_average_pooling_when_cells_line_up():
     )
     np.testing.assert_allclose(m_h, [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
     np.testing.assert_allclose(m_w, m_h)
+
+
+def test_the_feature_layer_is_never_after_the_global_pooling():
+    """MobileNetV3's classifier is a 1x1 Conv2D ("logits") after a global
+    pooling with keepdims=True: 4-D, and it was picked as FM's feature layer
+    (FM then matched logits). The last map before the pooling is picked; the
+    squeeze-and-excitation blocks' products, which also follow global
+    poolings, stay candidates."""
+    teacher = keras.applications.MobileNetV3Small(
+        input_shape=(64, 64, 3), weights=None, classes=5, classifier_activation=None
+    )
+    name = find_feature_layer(teacher, None, "teacher")
+    layer = teacher.get_layer(name)
+    assert name != "logits"
+    assert tuple(layer.output.shape[1:]) == (2, 2, 576)
+    with pytest.raises(ValueError, match="Feature layer 'logits' not found"):
+        find_feature_layer(teacher, "logits", "teacher")
+    multiplies = [
+        x.name for x in teacher.layers if isinstance(x, keras.layers.Multiply)
+    ]
+    assert multiplies and all(
+        find_feature_layer(teacher, m, "teacher") == m for m in multiplies
+    )

@@ -133,6 +133,21 @@ def _axis_step(layer, axis, size):
     return 1, 0.0, size  # Keeps the grid: BatchNorm, activations, merges, ...
 
 
+def layer_output(model: keras.Model, layer: keras.Layer):
+    """`layer`'s output in `model`'s own graph. A nested model's `.output`
+    is its inner graph's, not connected to `model.inputs` (a base model
+    inside a Sequential classifier made the trainer fail with Keras' "Output
+    with path `1` is not connected to `inputs`"), so the call node in
+    `model`'s graph is read instead. Raises ValueError for a layer used
+    more than once or with several outputs."""
+    graph = getattr(model, "_functional", model)  # a Sequential's graph
+    nodes = {id(n) for level in graph._nodes_by_depth.values() for n in level}
+    calls = [n.outputs for n in layer._inbound_nodes if id(n) in nodes]
+    if len(calls) != 1 or len(calls[0]) != 1:
+        raise ValueError(f"Layer '{layer.name}' has no single output in the graph.")
+    return calls[0][0]
+
+
 def feature_geometry(
     model: keras.Model, layer_name: str, input_hw: tuple[int, int]
 ) -> tuple[Axis, Axis]:
@@ -153,7 +168,13 @@ def feature_geometry(
     """
     if any(not isinstance(d, int) for d in input_hw):
         raise GeometryError(f"The input size {tuple(input_hw)} is not fixed.")
-    output = model.get_layer(layer_name).output
+    try:
+        # In `model`'s own graph: a nested base model's `.output` is its
+        # inner graph's, which leads to the inner input, not `model`'s (FM
+        # then fell back to plain pooling, cells 2.5-7.5 px apart).
+        output = layer_output(model, model.get_layer(layer_name))
+    except ValueError as err:
+        raise GeometryError(str(err)) from None
     steps = list(reversed(_path(output, id(model.inputs[0]))))
     axes = []
     for axis in (0, 1):

@@ -32,7 +32,7 @@ import numpy as np
 from keras import ops
 
 from thumbnet_keras.losses import thumbnet_losses as L
-from thumbnet_keras.models.alignment import GeometryError, fm_pooling
+from thumbnet_keras.models.alignment import GeometryError, fm_pooling, layer_output
 from thumbnet_keras.models.student import image_input_shape, not_a_graph_message
 
 logger = logging.getLogger(__name__)
@@ -180,28 +180,40 @@ def warn_torch_jit(jit_compile) -> None:
         )
 
 
-def _layer_output(model, layer):
-    """`layer`'s output in `model`'s own graph. A nested model's `.output`
-    is its inner graph's, not connected to `model.inputs` (a base model
-    inside a Sequential classifier made the trainer fail with Keras' "Output
-    with path `1` is not connected to `inputs`"), so the call node in
-    `model`'s graph is read instead. Raises ValueError for a layer used
-    more than once or with several outputs."""
-    graph = getattr(model, "_functional", model)  # a Sequential's graph
-    nodes = {id(n) for level in graph._nodes_by_depth.values() for n in level}
-    calls = [n.outputs for n in layer._inbound_nodes if id(n) in nodes]
-    if len(calls) != 1 or len(calls[0]) != 1:
-        raise ValueError(f"Layer '{layer.name}' has no single output in the graph.")
-    return calls[0][0]
+_GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+
+
+def _after_global_pooling(model) -> set[int]:
+    """ids of the layers every path from the input to which passes through
+    a global pooling layer (the pooling layers included): 4-D when pooled
+    with `keepdims=True`, but no feature map (MobileNetV3's classifier is a
+    1x1 `Conv2D` named "logits" after such a pooling, and was taken as FM's
+    feature layer). A squeeze-and-excitation block's product is not one:
+    the unpooled path also reaches it."""
+    graph = getattr(model, "_functional", model)
+    pooled: dict[int, bool] = {}
+    for depth in sorted(graph._nodes_by_depth, reverse=True):  # input first
+        for node in graph._nodes_by_depth[depth]:
+            parents = node.parent_nodes
+            pooled[id(node)] = isinstance(node.operation, _GLOBAL_POOLING) or (
+                bool(parents) and all(pooled.get(id(p), False) for p in parents)
+            )
+    return {
+        id(node.operation)
+        for level in graph._nodes_by_depth.values()
+        for node in level
+        if pooled[id(node)]
+    }
 
 
 def _rank4_layers(model):
     names = []
+    pooled = _after_global_pooling(model)
     for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
+        if isinstance(layer, keras.layers.InputLayer) or id(layer) in pooled:
             continue
         try:
-            output = _layer_output(model, layer)
+            output = layer_output(model, layer)
         except (AttributeError, ValueError):  # Unused or shared layer.
             continue
         if hasattr(output, "shape") and len(output.shape) == 4:
@@ -544,7 +556,7 @@ def _replica_mean_mm_scale(images):
 def _feature_model(model, layer_name, name):
     return keras.Model(
         model.inputs,
-        [model.outputs[0], _layer_output(model, model.get_layer(layer_name))],
+        [model.outputs[0], layer_output(model, model.get_layer(layer_name))],
         name=name,
     )
 
