@@ -209,3 +209,21 @@ def test_the_feature_layer_is_never_after_the_global_pooling():
     assert multiplies and all(
         find_feature_layer(teacher, m, "teacher") == m for m in multiplies
     )
+
+
+def test_naming_only_the_teachers_feature_layer_pairs_the_same_student_layer():
+    """A trial: `teacher_feature_layer="c2"` alone compared T's c2 with S's
+    last map through a new adapter, without a word. S derived from T has the
+    same layer, and FM compares it; a student without it keeps the default."""
+    teacher = _linear_box_net(32)
+    downscaler = bicubic_downscaler((32, 32, 1), 2)
+    trainer = ThumbNetTrainer(
+        teacher, downscaler, make_student(teacher, 2), teacher_feature_layer="box1"
+    )
+    assert trainer.student_feature_layer == "box1"
+    other = keras.Sequential(
+        [keras.Input((16, 16, 1)), keras.layers.Conv2D(2, 3, name="mine"),
+         keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)]
+    )  # fmt: skip
+    trainer = ThumbNetTrainer(teacher, downscaler, other, teacher_feature_layer="box1")
+    assert trainer.student_feature_layer == "mine"

@@ -267,3 +267,20 @@ def test_space_to_depth_downscaler_has_no_full_resolution_conv():
     # 8x32 outputs, cols at 8x8.
     bicubic = 8 * 32 * 16 * 9 + 8 * 8 * 16 * 9
     assert count_flops(e) == 64 * 896 + bicubic
+
+
+def test_a_size_free_model_nested_in_a_fixed_one_is_counted_at_its_call():
+    """A trial: S derived from a teacher built for any size ((None, None, 3))
+    inside the exported, fixed-size ThumbNet model could not be counted
+    ("Build the model with a fixed input size"). It is counted at the size
+    it is called with: golden, two 3x3 convs by hand."""
+    free = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="c1")(free)
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="c2")(x)
+    inner = keras.Model(free, x, name="free")
+    image = keras.Input((16, 16, 3))
+    outer = keras.Model(image, inner(image))
+    # c1: 8x8 outputs x 8 filters x 3*3*3; c2: 8x8 x 4 x 3*3*8 (no biases).
+    assert count_flops(outer) == 8 * 8 * 8 * 27 + 8 * 8 * 4 * 72
+    with pytest.raises(ValueError, match="fixed input size"):
+        count_flops(inner)  # alone, its size is still unknown

@@ -228,3 +228,86 @@ def test_weight_copies_keep_adapted_preprocessing_layers(rng):
     copy_weights(source, copy)
     for got, want in zip(copy(values[:8]), source(values[:8])):
         np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-5, atol=1e-5)
+
+
+def test_a_global_pool_teacher_is_never_given_fewer_poolings():
+    """A Python-API trial: DenseNet121 at f=4 does not build at the
+    thumbnail's size (a 2x2 pooling meets a 1x1 map); make_student then
+    removed two transition poolings and returned another architecture
+    without a word. A global-pool head keeps its architecture or is refused
+    naming the cause; a Flatten head still loses its last poolings."""
+    image = keras.Input((32, 32, 3))
+    x = image
+    for i in range(4):
+        x = keras.layers.Conv2D(4, 3, padding="same", name=f"c{i}")(x)
+        x = keras.layers.AveragePooling2D(2, name=f"pool{i}")(x)  # 32 -> 2
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    teacher = keras.Model(image, keras.layers.Dense(3, name="logits")(x))
+    assert len(make_student(teacher, 2).layers) == len(teacher.layers)
+    with pytest.raises(ValueError, match=r"does not build at 8x8 inputs") as info:
+        make_student(teacher, 4)
+    assert "\x1b[" not in str(info.value)  # Keras' colour codes stripped
+
+
+def test_a_resize_inside_the_teacher_is_scaled_or_refused():
+    """A trial: a teacher resizing its input to its own size (a no-op) gave
+    an S that resized the thumbnail back to full size, 1.3x the teacher's
+    cost in the exported model. A resize to the input's own size now follows
+    the thumbnail; any other fixed size is refused."""
+    from thumbnet_keras import count_flops
+
+    def teacher_resizing_to(size):
+        image = keras.Input((32, 32, 3))
+        x = keras.layers.Resizing(size, size, name="resize")(image)
+        x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="c")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(image, keras.layers.Dense(3)(x), name=f"to{size}")
+
+    teacher = teacher_resizing_to(32)
+    student = make_student(teacher, 2)
+    assert student.get_layer("resize").height == 16
+    assert count_flops(teacher) / count_flops(student) == pytest.approx(4, rel=0.05)
+    for build in (
+        lambda t: make_student(t, 2),
+        lambda t: make_student(t, size=(20, 20)),
+    ):
+        with pytest.raises(
+            ValueError, match=r"layer 'resize' resizes every input to 64x64"
+        ):
+            build(teacher_resizing_to(64))
+
+
+def test_a_model_nested_mid_network_is_rebuilt_at_the_thumbnail_scale(rng):
+    """keras.applications' ConvNeXt calls Sequential downsampling blocks
+    built for a fixed map (16x16 in a 64x64 teacher); make_student kept their
+    input size and refused the teacher as "does not build". Their inputs are
+    scaled by the factor; S computes what T's layers compute at that size."""
+    image = keras.Input((64, 64, 3))
+    x = keras.layers.Conv2D(8, 4, strides=4, name="stem")(image)  # 16x16
+    block = keras.Sequential(
+        [keras.Input((16, 16, 8)), keras.layers.Conv2D(16, 2, strides=2, name="down")],
+        name="block",
+    )
+    x = keras.layers.GlobalAveragePooling2D()(block(x))
+    teacher = keras.Model(image, keras.layers.Dense(3, name="logits")(x))
+    student = make_student(teacher, 2)
+    assert student.get_layer("block").input_shape == (None, 8, 8, 8)
+    thumb = rng.random((2, 32, 32, 3), dtype="float32")
+    x = thumb
+    for layer in teacher.layers[1:]:
+        x = layer(x)
+    np.testing.assert_allclose(to_numpy(student(thumb)), to_numpy(x), atol=1e-5)
+
+
+def test_count_flops_knows_convnext_layer_scale():
+    import warnings
+
+    from thumbnet_keras import count_flops
+
+    teacher = keras.applications.ConvNeXtTiny(
+        weights=None, input_shape=(32, 32, 3), classes=3, classifier_activation=None
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        count_flops(teacher)
+    assert not [w for w in caught if "LayerScale" in str(w.message)]

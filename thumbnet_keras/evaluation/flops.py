@@ -82,6 +82,10 @@ _ZERO_COST_WEIGHTED = (
     keras.layers.Normalization,
     keras.layers.Embedding,
 )
+# The same by class name, for classes that are not public Keras layers:
+# keras.applications' ConvNeXt scales each channel (`LayerScale`), an
+# element-wise product like BatchNormalization's.
+_ZERO_COST_WEIGHTED_NAMES = ("LayerScale",)
 
 
 def _static(shape, what: str, layer) -> tuple[int, ...]:
@@ -145,7 +149,11 @@ def _layer_macs(layer, node) -> int:
         return math.prod(dims) * layer.units
     if isinstance(layer, (keras.layers.Resizing, keras.layers.UpSampling2D)):
         return _resize_macs(layer, in_shape, out_shape)
-    if layer.weights and not isinstance(layer, _ZERO_COST_WEIGHTED):
+    if (
+        layer.weights
+        and not isinstance(layer, _ZERO_COST_WEIGHTED)
+        and type(layer).__name__ not in _ZERO_COST_WEIGHTED_NAMES
+    ):
         warnings.warn(
             f"count_flops does not know layer {layer.name!r} "
             f"({type(layer).__name__}), which has weights; counting it as 0 MACs.",
@@ -174,6 +182,26 @@ def _as_functional(model, where: str):
     return model
 
 
+def _at_call_shape(model, node):
+    """`model`, or a copy built for the static input shapes of its call at
+    `node` when its own inputs leave sizes free: S derived from a teacher
+    built for any size, inside a fixed-size ThumbNet model, could not be
+    counted ("Build the model with a fixed input size")."""
+    own = [tuple(t.shape[1:]) for t in getattr(model, "inputs", None) or []]
+    given = [tuple(t.shape[1:]) for t in node.input_tensors]
+    if (
+        not own
+        or len(own) != len(given)
+        or all(None not in shape for shape in own)
+        or any(None in shape for shape in given)
+    ):
+        return model
+    inputs = [keras.Input(shape) for shape in given]
+    return keras.models.clone_model(
+        model, input_tensors=inputs[0] if len(inputs) == 1 else inputs
+    )
+
+
 def _graph_macs(model, where: str = "") -> int:
     graph = _as_functional(model, where)
     total = 0
@@ -184,7 +212,9 @@ def _graph_macs(model, where: str = "") -> int:
                 continue
             if isinstance(op, keras.Model):
                 # A nested model: each call costs one pass through its graph.
-                total += _graph_macs(op, f" (inside {model.name!r})")
+                total += _graph_macs(
+                    _at_call_shape(op, node), f" (inside {model.name!r})"
+                )
             elif isinstance(op, keras.layers.Layer):
                 total += _layer_macs(op, node)
     return total

@@ -76,28 +76,52 @@ def image_input_shape(model: keras.Model) -> tuple:
     return shape[1:]
 
 
-def _rewrite_shapes(obj, old_hw, new_hw):
+def _rewrite_shapes(obj, old_hw, new_hw, nested=False):
     """Returns a copy of a Keras config with the input size replaced.
 
     Drops `build_config` entries (they record the old input size) and rewrites
     `batch_shape`/`image_shape`-like entries whose spatial part is `old_hw`.
+    Inside a nested model (ConvNeXt's downsampling blocks are Sequential
+    models built for a fixed map, e.g. 56x56 in a 224x224 teacher), a 4-D
+    input shape is scaled by the same ratio (28x28 at f=2), or left free
+    where the ratio gives no whole size.
     """
     if isinstance(obj, dict):
         out = {}
+        config = obj.get("config")
+        if obj.get("class_name") == "Resizing" and isinstance(config, dict):
+            # A resize to the input's own size (a no-op) stays one at the
+            # thumbnail's; any other size is refused (`_fixed_resizing`).
+            if (config.get("height"), config.get("width")) == tuple(old_hw):
+                obj = {**obj, "config": {**config, "height": new_hw[0],
+                                         "width": new_hw[1]}}  # fmt: skip
+        inner = nested or obj.get("class_name") in ("Functional", "Sequential")
         for key, value in obj.items():
             if key == "build_config":
                 continue
             if key in _SHAPE_KEYS and isinstance(value, (list, tuple)):
                 if len(value) == 4 and tuple(value[1:3]) == old_hw:
                     value = [value[0], *new_hw, value[3]]
+                elif len(value) == 4 and nested:
+                    value = [value[0], *_scaled(value[1:3], old_hw, new_hw), value[3]]
             elif key in _IMAGE_SHAPE_KEYS and isinstance(value, (list, tuple)):
                 if len(value) == 3 and tuple(value[:2]) == old_hw:
                     value = [*new_hw, value[2]]
-            out[key] = _rewrite_shapes(value, old_hw, new_hw)
+            out[key] = _rewrite_shapes(value, old_hw, new_hw, inner)
         return out
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_rewrite_shapes(v, old_hw, new_hw) for v in obj)
+        return type(obj)(_rewrite_shapes(v, old_hw, new_hw, nested) for v in obj)
     return obj
+
+
+def _scaled(hw, old_hw, new_hw) -> list:
+    """A nested model's input `(h, w)` at the student's scale, None where
+    the ratio gives no whole size (or a size is unknown)."""
+    out = []
+    for size, old, new in zip(hw, old_hw, new_hw, strict=True):
+        whole = None not in (size, old, new) and (size * new) % old == 0
+        out.append(size * new // old if whole else None)
+    return out
 
 
 def _redirect_history(obj, removed, replacement):
@@ -169,6 +193,37 @@ def _try_from_config(cls, config):
         return cls.from_config(copy.deepcopy(config)), None
     except Exception as error:  # A head that cannot take the new size.
         return None, error
+
+
+def _layers(model: keras.Model) -> list:
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def _has_global_pooling(model: keras.Model) -> bool:
+    pools = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+    return any(isinstance(layer, pools) for layer in _layers(model))
+
+
+def _check_no_fixed_resizing(teacher: keras.Model, old_hw, where: str) -> None:
+    """Refuses a teacher that resizes its input to a fixed size inside (other
+    than its own input size): S would scale the thumbnail back up to it and
+    cost what T costs (a trial's exported model cost 1.3x its teacher)."""
+    for layer in _layers(teacher):
+        if not isinstance(layer, keras.layers.Resizing):
+            continue
+        size = (layer.height, layer.width)
+        if size != tuple(old_hw):
+            raise StudentDerivationError(
+                f"Cannot derive a student from teacher '{teacher.name}' {where}: "
+                f"its layer '{layer.name}' resizes every input to "
+                f"{size[0]}x{size[1]}, so S would scale the thumbnail back up and "
+                "cost what the teacher costs.",
+                "Remove the Resizing layer from the teacher (resize the images "
+                "before the model instead), or build the student yourself and "
+                "pass it as `ThumbNetTrainer(..., student=my_student)`.",
+                "Remove the Resizing layer from the teacher and give the run's "
+                "--image-size instead.",
+            )
 
 
 class StudentDerivationError(ValueError):
@@ -244,15 +299,21 @@ def make_student(
         validate_image_shape((height, width, channels), factor)
         old_hw, new_hw = (height, width), (height // factor, width // factor)
 
+    _check_no_fixed_resizing(teacher, old_hw, f"at factor {factor}")
     config = teacher.get_config()
     resized = _rewrite_shapes(config, old_hw, new_hw)
     cls = teacher.__class__
     student, error = _try_from_config(cls, resized)
     first_error = error
     if student is None or not _weights_fit(teacher, student):
+        # Only a head that needs a fixed size (Flatten + Dense, VGG) loses
+        # poolings; a global-pool head keeps its architecture, and where it
+        # does not build at the thumbnail's size it is refused below (a
+        # DenseNet at f=4 silently lost two of its transition poolings).
+        trim = student is not None or not _has_global_pooling(teacher)
         student = None
         levels = math.log2(factor)
-        if levels.is_integer():
+        if levels.is_integer() and trim:
             trimmed = _remove_last_poolings(resized, int(levels))
             if trimmed is not None:
                 candidate, error = _try_from_config(cls, trimmed)
@@ -352,6 +413,7 @@ def _student_at_size(teacher, size, name):
         raise ValueError(
             f"`size` {new_hw} is larger than the teacher's input {(height, width)}."
         )
+    _check_no_fixed_resizing(teacher, (height, width), f"at {new_hw[0]}x{new_hw[1]}")
     resized = _rewrite_shapes(teacher.get_config(), (height, width), new_hw)
     student, error = _try_from_config(teacher.__class__, resized)
     if student is None or not _weights_fit(teacher, student):

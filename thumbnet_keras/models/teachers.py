@@ -162,8 +162,10 @@ def _wrap(classifier, image_shape, layers, name):
 
 def short_error_text(err: Exception, limit: int = 400) -> str:
     """`err`'s message on one line, short enough to read: Keras' weight-loading
-    errors print every value of the variable they failed on (100 KB+)."""
-    text = " ".join(str(err).split(" Target variable:")[0].split())
+    errors print every value of the variable they failed on (100 KB+), and
+    Keras' call errors carry terminal colour codes (`\x1b[1m`)."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    text = " ".join(plain.split(" Target variable:")[0].split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -622,7 +622,9 @@ class ThumbNetTrainer(FailSafeSteps, keras.Model):
         cl_weight, kd_weight, fm_weight, mm_weight: non-negative weights of the
             four terms in the total loss. Default to 1.0.
         teacher_feature_layer, student_feature_layer: names of the layers
-            whose outputs FM compares. Default: the last 4-D feature map of each.
+            whose outputs FM compares. Default: the last 4-D feature map of
+            each (before the global pooling); given only the teacher's, S's
+            layer of the same name where it has one.
         label_smoothing: CL's label smoothing epsilon in [0, 1). Defaults to 0.
 
     S must be trainable and share no weights with T (T is frozen here: a
@@ -712,6 +714,13 @@ class ThumbNetTrainer(FailSafeSteps, keras.Model):
         self.teacher_feature_layer = find_feature_layer(
             teacher, teacher_feature_layer, "teacher"
         )
+        if student_feature_layer is None and teacher_feature_layer is not None:
+            # S derived from T has the same layer: FM compares it (a trial's
+            # T layer 'c2' was paired with S's last map 'c3' without a word).
+            with contextlib.suppress(ValueError):
+                student_feature_layer = find_feature_layer(
+                    student, self.teacher_feature_layer, "student"
+                )
         self.student_feature_layer = find_feature_layer(
             student, student_feature_layer, "student"
         )
