@@ -387,6 +387,16 @@ def test_cli_evaluate_report_export(finished, capsys):
         exported == Path(run, "thumbnet_saved_model")
         and (exported / "saved_model.pb").is_file()
     )
+    # Listed with the run's deployable models (an edge deployer's trial: an
+    # export after training never reached export.json or the report), once
+    # however often it is exported.
+    assert main(["export", "--run", run, "--format", "saved_model"]) == 0
+    rows = json.loads(Path(run, "export.json").read_text())["deployables"]
+    saved = [r for r in rows if r["file"] == str(exported)]
+    assert len(saved) == 1 and saved[0]["format"] == "saved_model"
+    assert saved[0]["bytes"] > 0 and saved[0]["images_per_second"] > 0
+    assert main(["report", "--run", run]) == 0
+    assert "thumbnet_saved_model" in Path(run, "report.md").read_text()
 
 
 def test_importing_the_flows_is_quiet():

@@ -453,9 +453,9 @@ class ThumbNetParams(BaseModel):
         description="Shrink the run to a plumbing check (tests, CI; about a "
         "minute of training on a 2-core CPU, several minutes with a teacher "
         "whose input fixes a large size, e.g. the demo's 128x128): it sets the image "
-        "size (not with a teacher, whose input fixes it), data limit, epochs, "
-        "batch size and E width (the command line refuses those options beside "
-        "it).",
+        "size (not with a teacher: then --image-size must be the teacher's input "
+        "size, and is accepted beside --smoke), data limit, epochs, batch size and "
+        "E width (the command line refuses those options beside it).",
     )
 
     def to_config(self) -> RunConfig:

@@ -21,7 +21,13 @@ import numpy as np
 from thumbnet_keras import deploy
 from thumbnet_keras.deploy.convert import check_output
 from thumbnet_keras.pipeline.config import ConfigError
-from thumbnet_keras.pipeline.rundir import Run, atomic_write, save_keras, write_json
+from thumbnet_keras.pipeline.rundir import (
+    Run,
+    atomic_write,
+    read_json,
+    save_keras,
+    write_json,
+)
 from thumbnet_keras.pipeline.stages import load_run, stage_id
 
 __all__ = [
@@ -161,6 +167,7 @@ def export_model(
     fmt: str,
     out_path: str | None = None,
     run_dir: str | None = None,
+    record: bool = True,
 ) -> str:
     """Exports a run's `.keras` model as `fmt` and updates the sidecar.
 
@@ -173,6 +180,10 @@ def export_model(
             `keras_path` (`find_run_dir`). Needed for "litert_int8" (its
             calibration images) and for the sidecar; without one, only the
             conversion happens.
+        record: list the written file, with its size and images/s, in the
+            run's `export.json` (what the report's deployable models come
+            from) when it is inside the run folder; `export_run` lists its
+            own.
 
     Returns:
         The written path. Conversion errors (a missing optional package, a
@@ -207,7 +218,30 @@ def export_model(
         if Path(keras_path).resolve().parent == Path(out).resolve().parent:
             models[Path(keras_path).name] = "keras"  # only a model in that folder
         _write_sidecar(run_dir, Path(out).parent, models, quantization)
+        if record:
+            _record_deployable(run_dir, out, fmt)
     return out
+
+
+def _record_deployable(run_dir: str, path: str, fmt: str) -> None:
+    """Adds (or replaces) `path`'s row in the run's `export.json`, when the
+    run has one and `path` is inside the run folder. A `thumbnet export`
+    after training was missing from the report (only the formats exported
+    while the run trained were listed)."""
+    run, config = load_run(run_dir)
+    listing = run.file("export.json")
+    inside = Path(path).resolve().is_relative_to(run.path.resolve())
+    if not inside or not listing.is_file():
+        return
+    record = read_json(listing)
+    measure = dict(batch_size=config.batch_size, batches=config.throughput_batches)
+    row = _deployable(str(path), fmt, **measure)
+    same = os.path.realpath(path)
+    record["deployables"] = [
+        d for d in record.get("deployables", [])
+        if os.path.realpath(d["file"]) != same
+    ] + [row]  # fmt: skip
+    write_json(listing, record)
 
 
 def _size(path: str) -> int:
@@ -276,7 +310,7 @@ def export_run(run_dir: str) -> dict:
         top[key] = str(target)
     _write_sidecar(run_dir, run.path, {"thumbnet.keras": "keras"})
     exports = {
-        fmt: export_model(top["thumbnet"], fmt, run_dir=run_dir)
+        fmt: export_model(top["thumbnet"], fmt, run_dir=run_dir, record=False)
         for fmt in config.export_formats
     }
     measure = dict(batch_size=config.batch_size, batches=config.throughput_batches)
