@@ -287,7 +287,8 @@ def report_task(run_dir: str, dataset_name: str) -> dict:
 def _artifact_name(prepared: dict, config: dict) -> str:
     """What a run's artifacts are keyed by: the dataset, and `smoke` for a
     smoke run (its 8-image report became the latest `thumbnet-elpv-report`
-    over a real run's; a trial)."""
+    over a real run's; a trial). A generalize run's: its source run's name,
+    and `smoke` the same way."""
     return prepared["name"] + ("-smoke" if config.get("smoke") else "")
 
 
@@ -310,9 +311,11 @@ def _say_what_smoke_replaced(params) -> None:
 
     replaced = smoke_replaced(params)
     if replaced:
+        # Not "leave them out": they may be the deployment's own values,
+        # which a run's --param cannot remove (a Prefect trial).
         get_run_logger().warning(
-            "smoke=True replaces %s (a run shrunk to a plumbing check); leave them out, or "
-            "set smoke to false.",
+            "smoke=True replaces %s, given by this run or its deployment (a run "
+            "shrunk to a plumbing check; smoke false keeps them).",
             ", ".join(replaced),
         )
 
@@ -420,6 +423,13 @@ def in_params_terms(text: str, model=ThumbNetParams) -> str:
         return name if name in fields else option
 
     text = re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", field, text)
+    # An experiment is `{dataset, backbone}` in params, DATASET:BACKBONE on
+    # the command line (a Prefect trial read the command line's form).
+    text = text.replace(
+        "experiments takes DATASET:BACKBONE, DATASET ",
+        'experiments takes items {"dataset": ..., "backbone": ...}, dataset ',
+    )
+    text = re.sub(r"experiments :([\w-]+)", r'experiments [{"backbone": "\1"}]', text)
     # "joint_epochs (--epochs; saved 3, now 4)" named both: keep one.
     text = re.sub(r"\b(\w+) \(\1; ", r"\1 (", text)
     return re.sub(r"\b(\w+) \(\1\)", r"\1", text)
@@ -587,7 +597,10 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
                             run_dir, index, arm, prepared, seed, verbose
                         )
                     )
-        report = generalize_report_task(run_dir, os.path.basename(run["source_run"]))
+        source = os.path.basename(run["source_run"])
+        report = generalize_report_task(
+            run_dir, source + ("-smoke" if config.get("smoke") else "")
+        )
     except (*_data_errors(), *_user_errors()) as err:
         return _refused(err)
     print(f"report: {os.path.abspath(report['report_html'])}")

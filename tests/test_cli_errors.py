@@ -279,6 +279,9 @@ CASES = [
     # Prepared data written among a finished run's outputs (a platform trial).
     ("data-dir-in-a-run", [*TRAIN, "--data-dir", "{root}/runs/r24/_data"],
      "--data-dir '{root}/runs/r24/_data' is inside the run folder '{root}/runs/r24'"),
+    # A whole run written inside a finished run's stages/ (a Prefect trial).
+    ("runs-dir-in-a-run", [*TRAIN, "--runs-dir", "{root}/runs/r24/stages"],
+     "--runs-dir '{root}/runs/r24/stages' is inside the run folder '{root}/runs/r24'"),
     # Accepted and recorded, and did nothing (a platform trial).
     ("sync-batchnorm-alone", [*TRAIN, "--sync-batchnorm"],
      "--sync-batchnorm synchronizes BatchNorm statistics across the replicas of "

@@ -291,6 +291,20 @@ def test_generalize_flow(finished):
     state = generalize(params, verbose=0, return_state=True)
     assert state.is_completed(), state.message
     out = state.result()
+    # A smoke run's artifacts say so (a Prefect trial: its 8-image report
+    # became the latest `generalize-<source>-report` over a real run's).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="generalize-"))
+        )
+    flow_run_id = state.state_details.flow_run_id
+    keys = {a.key for a in artifacts if a.flow_run_id == flow_run_id}
+    source = Path(result["run_dir"]).name
+    assert f"generalize-{source}-smoke-report" in keys, keys
+    assert not {k for k in keys if "smoke" not in k}, keys
     metrics = json.loads(Path(out["metrics_json"]).read_text())
     got = {
         (Path(r["dataset"]).name, r["backbone"], r["seed"], r["arm"])
@@ -696,3 +710,47 @@ def test_a_deployment_runs_refusal_names_params_fields():
         )
         == "differs in: joint_epochs (saved 3, now 4), export_formats."
     )
+    # An experiment is an object in params, not DATASET:BACKBONE: the real
+    # refusal of an unknown dataset, in params terms.
+    from thumbnet_keras.pipeline import preflight
+
+    with pytest.raises(ConfigError) as refused:
+        preflight._check_manifest("nope", "--experiment")
+    text = in_params_terms(str(refused.value), GeneralizeParams)
+    assert (
+        'experiments takes items {"dataset": ..., "backbone": ...}, dataset the' in text
+    )
+    assert "DATASET" not in text and "--experiment" not in text
+    with pytest.raises(ConfigError) as refused:
+        preflight._check_manifest("resnet18", "--experiment")
+    text = in_params_terms(str(refused.value), GeneralizeParams)
+    assert 'with resnet18: experiments [{"backbone": "resnet18"}].' in text
+
+
+def test_a_run_folder_locked_by_a_flow_run_names_it(tmp_path):
+    """A Prefect trial: a second deployment run on a busy run folder was
+    told it was held by "(engine.py)", the worker's process, which says
+    nothing of which flow run to cancel. Inside a flow run the lock names
+    the flow run; outside one, the command."""
+    from prefect import flow
+
+    from thumbnet_keras.pipeline.rundir import LOCK_NAME, lock_run, unlock_run
+
+    @flow(name="lock-probe")
+    def probe(folder: str) -> dict:
+        lock_run(folder)
+        try:
+            return json.loads((Path(folder) / LOCK_NAME).read_text())
+        finally:
+            unlock_run(folder)
+
+    state = probe(str(tmp_path / "r"), return_state=True)
+    held = state.result()
+    assert held["command"].startswith("Prefect flow run '")
+    assert held["command"].endswith(f", id {state.state_details.flow_run_id}")
+    lock_run(tmp_path / "s")
+    try:
+        outside = json.loads((tmp_path / "s" / LOCK_NAME).read_text())
+    finally:
+        unlock_run(tmp_path / "s")
+    assert not outside["command"].startswith("Prefect")

@@ -659,20 +659,25 @@ def _check_writable(path: str, option: str) -> None:
         ) from None
 
 
-def _check_outside_runs(data_dir: str) -> None:
-    """--data-dir is not inside a run folder (a folder with a run's
-    config.json): prepared data written there mixed with that run's outputs
-    (a platform trial wrote an index into a finished run)."""
+def _check_outside_runs(path: str, option: str) -> None:
+    """--data-dir or --runs-dir is not inside a run folder (a folder with a
+    run's config.json): prepared data or a new run written there mixed with
+    that run's outputs (a platform trial wrote an index into a finished run;
+    a Prefect trial, `runs_dir: runs/s1/stages`, a whole run)."""
     from thumbnet_keras.pipeline.rundir import holds_run
 
-    folder = Path(data_dir).expanduser().absolute()
+    folder = Path(path).expanduser().absolute()
+    what = {
+        "--data-dir": "prepared data would be written among that run's outputs. "
+        "Choose a folder outside any run (the default is <runs-dir>/_data).",
+        "--runs-dir": "a new run would be written among that run's outputs. "
+        "Choose a runs folder outside any run (the default is ./runs).",
+    }[option]
     for candidate in (folder, *folder.parents):
         if holds_run(candidate):
             raise ConfigError(
-                f"--data-dir {data_dir!r} is inside the run folder "
-                f"{str(candidate)!r}: prepared data would be written among that "
-                "run's outputs. Choose a folder outside any run (the default is "
-                "<runs-dir>/_data)."
+                f"{option} {path!r} is inside the run folder {str(candidate)!r}: "
+                + what
             )
 
 
@@ -758,9 +763,10 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     if weights == "imagenet" and config.teacher is None:
         _check_imagenet_weights(config.backbone, channels, manifest.class_count())
     _check_writable(config.runs_dir, "--runs-dir")
+    _check_outside_runs(config.runs_dir, "--runs-dir")
     if config.data_dir:
         _check_writable(config.data_dir, "--data-dir")
-        _check_outside_runs(config.data_dir)
+        _check_outside_runs(config.data_dir, "--data-dir")
     from thumbnet_keras.pipeline.datasets import is_prepared
 
     if not is_prepared(
@@ -968,9 +974,10 @@ def check_generalize(values: dict) -> GeneralizeParams:
         if backbone:
             _check_backbone(backbone, "--experiment")
     _check_writable(config.runs_dir, "--runs-dir")
+    _check_outside_runs(config.runs_dir, "--runs-dir")
     if config.data_dir:
         _check_writable(config.data_dir, "--data-dir")
-        _check_outside_runs(config.data_dir)
+        _check_outside_runs(config.data_dir, "--data-dir")
     run_name = config.run_name or default_run_name(f"generalize-{run.name}")
     resolved = dataclasses.replace(  # As resolve_generalize saves it.
         config,

@@ -208,6 +208,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _flow_run_text() -> str | None:
+    """ "Prefect flow run 'name' (id)" inside a flow run, else None: a run
+    folder locked by a deployment's run named the worker's `engine.py`,
+    which told an operator nothing about which run to cancel (a trial).
+    Prefect is not imported here; only a process already running it has one."""
+    context = sys.modules.get("prefect.context")
+    if context is None:
+        return None
+    try:
+        run = context.FlowRunContext.get().flow_run
+    except AttributeError:  # No flow run in this process (or another API).
+        return None
+    return f"Prefect flow run {run.name!r}, id {run.id}"
+
+
 def holder_text(info: dict) -> str:
     """Who holds a lock, as a message says it (pid, host, since, command)."""
     return (
@@ -290,7 +305,8 @@ def lock_run(path: str | os.PathLike) -> Path:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:500],
+        "command": _flow_run_text()
+        or " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:500],
     }
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
