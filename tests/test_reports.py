@@ -225,15 +225,20 @@ def test_deployables_table_golden():
     metrics = _metrics()
     assert "Deployable models" not in render_markdown(metrics)
     metrics["deployables"] = [
+        {"file": "/r/thumbnet.keras", "format": "keras", "bytes": 4096,
+         "images_per_second": 99.4, "batch_size": 32},
         {"file": "/r/thumbnet_int8.tflite", "format": "litert_int8", "bytes": 2560,
-         "images_per_second": 1234.56, "batch_size": 32},
+         "images_per_second": 1234.56, "batch_size": 32, "agreement": 0.955,
+         "agreement_images": 200, "agreement_split": "validation"},
     ]  # fmt: skip
     assert deployables_table(metrics) == [
+        {"file": "thumbnet.keras", "format": "keras", "size KB": "4.0",
+         "images/s": "99", "batch": 32, "top-1 as .keras": "-"},
         {"file": "thumbnet_int8.tflite", "format": "litert_int8", "size KB": "2.5",
-         "images/s": "1235", "batch": 32},
+         "images/s": "1235", "batch": 32, "top-1 as .keras": "95.5% of 200"},
     ]  # fmt: skip
     assert (
-        "| thumbnet_int8.tflite | litert_int8 | 2.5 | 1235 | 32 |"
+        "| thumbnet_int8.tflite | litert_int8 | 2.5 | 1235 | 32 | 95.5% of 200 |"
         in render_markdown(metrics)
     )
     assert "<h2>Deployable models</h2>" in render_html(metrics)

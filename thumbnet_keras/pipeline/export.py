@@ -41,6 +41,7 @@ __all__ = [
 # format -> suffix of the output beside `thumbnet.keras`
 FORMAT_SUFFIX = dict(deploy.FORMATS)
 # Train images the int8 quantizer calibrates its activation ranges on.
+AGREEMENT_IMAGES = 200
 REPRESENTATIVE_IMAGES = 200
 
 
@@ -63,30 +64,24 @@ def _input(run_dir: str, require: bool = False) -> tuple[Run, dict, int, int]:
     return run, run.data(require=require), config.image_size, config.channels
 
 
-def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
-    """Up to `count` train images of the run, preprocessed as for evaluation
-    (no augmentation), float32 `(N, H, W, C)`: the int8 calibration set.
-
-    Raw pixels (`thumbnet.keras` normalizes inside). One pixel of the first
-    image is set to 0 and one to 255, so the calibrated input range is the
-    whole pixel range: the int8 model's uint8 input then holds any image
-    without clipping (scale 1, zero point 0, i.e. raw pixels).
-    """
+def _raw_images(run_dir: str, split: str, count: int) -> np.ndarray:
+    """Up to `count` images of the run's `split`, preprocessed as for
+    evaluation (no augmentation), raw pixels (`thumbnet.keras` normalizes
+    inside), float32 `(N, H, W, C)`: a sample across the split drawn from
+    seed 0 alone (with tf.data's shuffle it also followed the global seed,
+    so `thumbnet export` calibrated on other images than the flow; an edge
+    deployer's trial)."""
     from thumbnet_keras import data
 
     _, prepared, size, channels = _input(run_dir, require=True)
     stream = data.make_dataset(
         prepared["prepared_dir"],
-        "train",
+        split,
         size,
         min(count, 64),
         False,
         channels=channels,
-        normalization="raw",  # thumbnet.keras normalizes inside
-        # A sample across the split (not its first, one-class rows), drawn
-        # from seed 0 alone: with tf.data's shuffle it also followed the
-        # global seed, so `thumbnet export` calibrated on other images than
-        # the flow (an edge deployer's trial).
+        normalization="raw",
         sample=count,
         seed=0,
     )
@@ -96,12 +91,50 @@ def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
         total += len(images[-1])
         if total >= count:
             break
-    images = np.concatenate(images)[:count].astype(np.float32)
+    return np.concatenate(images)[:count].astype(np.float32)
+
+
+def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
+    """Up to `count` train images of the run (`_raw_images`): the int8
+    calibration set.
+
+    One pixel of the first image is set to 0 and one to 255, so the
+    calibrated input range is the whole pixel range: the int8 model's uint8
+    input then holds any image without clipping (scale 1, zero point 0,
+    i.e. raw pixels).
+    """
+    from thumbnet_keras import data
+
+    _, _, _, channels = _input(run_dir, require=True)
+    images = _raw_images(run_dir, "train", count)
     layer = data.normalization_layer("raw", channels)
     extremes = np.array([[[[0.0] * channels, [255.0] * channels]]], np.float32)
     low, high = keras.ops.convert_to_numpy(layer(extremes))[0, 0]
     images[0, 0, 0], images[0, 0, 1] = low, high
     return images
+
+
+def _top1(runner: deploy.Runner, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate(
+        [runner(images[i : i + batch]).argmax(-1) for i in range(0, len(images), batch)]
+    )
+
+
+def agreement(run_dir: str, keras_path: str, path: str) -> dict:
+    """How often the exported `path` gives `keras_path`'s top-1 class, on up
+    to `AGREEMENT_IMAGES` validation images of the run (an int8 model can
+    lose what float keeps; a trial's weak int8 model agreed on 89% of its
+    images and nothing said so): `{"agreement": share, "agreement_images":
+    N, "agreement_split": "validation"}`."""
+    images = _raw_images(run_dir, "validation", AGREEMENT_IMAGES)
+    same = _top1(deploy.load_runner(keras_path), images) == _top1(
+        deploy.load_runner(path), images
+    )
+    return {
+        "agreement": float(same.mean()),
+        "agreement_images": len(images),
+        "agreement_split": "validation",
+    }
 
 
 def _described(run_dir: str) -> dict:
@@ -219,11 +252,11 @@ def export_model(
             models[Path(keras_path).name] = "keras"  # only a model in that folder
         _write_sidecar(run_dir, Path(out).parent, models, quantization)
         if record:
-            _record_deployable(run_dir, out, fmt)
+            _record_deployable(run_dir, out, fmt, str(keras_path))
     return out
 
 
-def _record_deployable(run_dir: str, path: str, fmt: str) -> None:
+def _record_deployable(run_dir: str, path: str, fmt: str, keras_path: str) -> None:
     """Adds (or replaces) `path`'s row in the run's `export.json`, when the
     run has one and `path` is inside the run folder. A `thumbnet export`
     after training was missing from the report (only the formats exported
@@ -235,7 +268,7 @@ def _record_deployable(run_dir: str, path: str, fmt: str) -> None:
         return
     record = read_json(listing)
     measure = dict(batch_size=config.batch_size, batches=config.throughput_batches)
-    row = _deployable(str(path), fmt, **measure)
+    row = _deployable(str(path), fmt, **measure, run_dir=run_dir, keras_path=keras_path)
     same = os.path.realpath(path)
     record["deployables"] = [
         d for d in record.get("deployables", [])
@@ -250,17 +283,37 @@ def _size(path: str) -> int:
     return os.path.getsize(path)
 
 
-def _deployable(path: str, fmt: str, batch_size: int, batches: int) -> dict:
+INT8_AGREEMENT_WARNING = 0.97  # the tests' bound for int8 (docs/deploy.md)
+
+
+def _deployable(
+    path: str, fmt: str, batch_size: int, batches: int, run_dir=None, keras_path=None
+) -> dict:
+    """A deployable file's row of `export.json`: size, images/s, and for a
+    conversion of `keras_path` its top-1 `agreement` with it (`agreement`)."""
     speed = deploy.measure_runner(
         deploy.load_runner(path), batch_size=batch_size, batches=batches
     )
-    return {
+    row = {
         "file": path,
         "format": fmt,
         "bytes": _size(path),
         "images_per_second": speed["images_per_second"],
         "batch_size": batch_size,
     }
+    if keras_path is not None and run_dir is not None:
+        row |= agreement(run_dir, keras_path, path)
+        if row["agreement"] < INT8_AGREEMENT_WARNING:
+            logger.warning(
+                "[export] %s gives %s's top-1 class on %.1f%% of %d validation "
+                "images (below %.0f%%): check its accuracy before deploying it.",
+                path,
+                os.path.basename(keras_path),
+                100 * row["agreement"],
+                row["agreement_images"],
+                100 * INT8_AGREEMENT_WARNING,
+            )
+    return row
 
 
 def export_run(run_dir: str) -> dict:
@@ -315,7 +368,10 @@ def export_run(run_dir: str) -> dict:
     }
     measure = dict(batch_size=config.batch_size, batches=config.throughput_batches)
     deployables = [_deployable(top["thumbnet"], "keras", **measure)]
-    deployables += [_deployable(p, fmt, **measure) for fmt, p in exports.items()]
+    deployables += [
+        _deployable(p, fmt, **measure, run_dir=run_dir, keras_path=top["thumbnet"])
+        for fmt, p in exports.items()
+    ]
     write_json(
         run.file("export.json"),
         {"backend": keras.backend.backend(), "deployables": deployables},

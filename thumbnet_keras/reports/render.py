@@ -428,7 +428,9 @@ def _stage_rows(metrics: Mapping) -> list[dict]:
 
 
 def deployables_table(metrics: Mapping) -> list[dict]:
-    """One row per exported file (`export.json`): format, size, images/s."""
+    """One row per exported file (`export.json`): format, size, images/s,
+    and for a conversion how often it gives thumbnet.keras's top-1 class on
+    the run's validation images."""
     return [
         {
             "file": os.path.basename(d["file"]),
@@ -436,6 +438,11 @@ def deployables_table(metrics: Mapping) -> list[dict]:
             "size KB": f"{d['bytes'] / 1024:.1f}",
             "images/s": f"{d['images_per_second']:.0f}",
             "batch": d["batch_size"],
+            "top-1 as .keras": (
+                f"{100 * d['agreement']:.1f}% of {d['agreement_images']}"
+                if "agreement" in d
+                else "-"
+            ),
         }
         for d in metrics.get("deployables", [])
     ]
@@ -444,7 +451,8 @@ def deployables_table(metrics: Mapping) -> list[dict]:
 _DEPLOY_NOTE = (
     "thumbnet.keras and its exports (docs/deploy.md); images/s: measured on "
     "this machine at the batch size shown, each in its own runtime (Keras, "
-    "ONNX Runtime, LiteRT)."
+    "ONNX Runtime, LiteRT); top-1 as .keras: how often the export gives "
+    "thumbnet.keras's top-1 class on the run's validation images."
 )
 
 
