@@ -1230,3 +1230,42 @@ def test_a_copied_or_renamed_run_folder_resumes_under_its_new_name(tmp_path):
         pipeline.resolve_run(ThumbNetParams(**(settings | {"batch_size": 4})))
     # The original is untouched and still resumes under its own name.
     assert Run(run_dir).config()["config"]["run_name"] == "r"
+
+
+def test_export_agreement_without_a_validation_split_or_without_the_data(tmp_path):
+    """The review of the export agreement: a run without a validation split
+    (`validation_fraction: 0`) could no longer export (the empty split
+    raised), and an export from a run folder whose prepared data is gone
+    (copied to a deploy machine) failed after converting. The test split is
+    used then; without data the row is written without an agreement."""
+    import shutil
+
+    from thumbnet_keras.pipeline.export import _deployable, agreement
+
+    manifest = Path(tiny_dataset(tmp_path))
+    text = manifest.read_text()
+    manifest.write_text(
+        text.replace(
+            "{test_fraction: 0.25,", "{test_fraction: 0.25, validation_fraction: 0,"
+        )
+    )
+    run = pipeline.resolve_run(
+        ThumbNetParams(
+            dataset=str(manifest), runs_dir=str(tmp_path / "runs"), run_name="r",
+            image_size=32, limit_per_class=8, batch_size=8, teacher_epochs=1,
+            factors=[2], backbone_options={"widths": [8, 16]},
+        )
+    )  # fmt: skip
+    prepared = pipeline.prepare_dataset(str(manifest), str(tmp_path / "data"), 8)
+    assert not prepared["splits"].get("validation")
+    pipeline.get_teacher(run["run_dir"], prepared, verbose=0)
+    model = str(Path(run["run_dir"], "teacher.keras"))
+    found = agreement(run["run_dir"], model, model)
+    assert found == {
+        "agreement": 1.0,
+        "agreement_images": prepared["splits"]["test"],
+        "agreement_split": "test",
+    }
+    shutil.move(tmp_path / "data", tmp_path / "elsewhere")
+    row = _deployable(model, "keras", 2, 1, run_dir=run["run_dir"], keras_path=model)
+    assert row["bytes"] > 0 and "agreement" not in row

@@ -321,6 +321,24 @@ def test_saved_model_folder_finds_the_sidecar_beside_it(tmp_path):
     record = deploy.read_sidecar(saved)
     assert record["path"] == str(tmp_path / "thumbnet_model.json")
     assert record["class_names"] == ["a", "b"]
+    # Pinned by its files' digests; a copy of the sidecar inside the folder
+    # (which read_sidecar then finds) is not one of the model's files (the
+    # review: the folder with its own sidecar was refused as changed).
+    (saved / "saved_model.pb").write_bytes(b"graph")
+    (saved / "variables").mkdir()
+    (saved / "variables" / "variables.index").write_bytes(b"weights")
+    deploy.write_sidecar(
+        tmp_path, class_names=["a", "b"], input_size=(16, 16), channels=1,
+        normalization="unit", models={saved.name: "saved_model"},
+    )  # fmt: skip
+    deploy.check_model_file(saved, deploy.read_sidecar(saved))
+    (saved / deploy.SIDECAR).write_text((tmp_path / deploy.SIDECAR).read_text())
+    inside = deploy.read_sidecar(saved)
+    assert inside["path"] == str(saved / deploy.SIDECAR)
+    deploy.check_model_file(saved, inside)
+    (saved / "variables" / "variables.index").write_bytes(b"other weights")
+    with pytest.raises(deploy.SidecarError, match="is not the thumbnet_saved_model"):
+        deploy.check_model_file(saved, inside)
 
 
 @pytest.mark.parametrize("fmt", ["keras", "litert"])

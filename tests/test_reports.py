@@ -242,6 +242,13 @@ def test_deployables_table_golden():
         in render_markdown(metrics)
     )
     assert "<h2>Deployable models</h2>" in render_html(metrics)
+    # Named relative to the run folder: a factor's export is told apart.
+    metrics["run_dir"] = "/r"
+    metrics["deployables"][1]["file"] = "/r/f4/thumbnet_int8.tflite"
+    assert [r["file"] for r in deployables_table(metrics)] == [
+        "thumbnet.keras",
+        "f4/thumbnet_int8.tflite",
+    ]
 
 
 # --- headline, plot, gallery, curves, report files (issue 9) -----------------

@@ -311,3 +311,26 @@ def test_count_flops_knows_convnext_layer_scale():
         warnings.simplefilter("always")
         count_flops(teacher)
     assert not [w for w in caught if "LayerScale" in str(w.message)]
+
+
+def test_a_nested_flatten_head_still_loses_the_last_poolings(rng):
+    """The review of the nested-model scaling: a Flatten + Dense head built
+    as its own model for the teacher's 8x8 map was scaled to 4x4, and the
+    student that drops the last pooling (its map 8x8 again) was refused."""
+    image = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="c0")(image)
+    x = keras.layers.MaxPooling2D(2, name="pool0")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool1")(x)  # 8x8
+    head_in = keras.Input((8, 8, 4))
+    head = keras.Model(
+        head_in, keras.layers.Dense(3)(keras.layers.Flatten()(head_in)), name="head"
+    )
+    teacher = keras.Model(image, head(x))
+    student = make_student(teacher, 2)
+    assert student.input_shape == (None, 16, 16, 3)
+    assert _pool_names(student) == ["pool0"]
+    thumb = rng.random((2, 16, 16, 3), dtype="float32")
+    expected = teacher.get_layer("head")(
+        teacher.get_layer("pool0")(teacher.get_layer("c0")(thumb))
+    )
+    np.testing.assert_allclose(to_numpy(student(thumb)), to_numpy(expected), atol=1e-5)

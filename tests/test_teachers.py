@@ -188,7 +188,7 @@ def test_weights_of_another_architecture_get_a_short_message(tmp_path):
     assert ".keras file as the teacher" in message and "value=[[" not in message
 
 
-def _hub_task(classes=3):
+def _hub_task(classes=3, image_shape=(None, None, 3), converter_size=None):
     keras_hub = pytest.importorskip("keras_hub")
     backbone = keras_hub.models.ResNetBackbone(
         input_conv_filters=[64],
@@ -197,12 +197,12 @@ def _hub_task(classes=3):
         stackwise_num_blocks=[1, 1],
         stackwise_num_strides=[1, 2],
         block_type="basic_block",
-        image_shape=(None, None, 3),
+        image_shape=image_shape,
     )
     # The ImageNet presets' converter: (x / 255 - mean) / std ("torch" mode).
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     converter = keras_hub.layers.ResNetImageConverter(
-        scale=list(1 / (255 * std)), offset=list(-mean / std)
+        image_size=converter_size, scale=list(1 / (255 * std)), offset=list(-mean / std)
     )
     preprocessor = keras_hub.models.ResNetImageClassifierPreprocessor(
         image_converter=converter
@@ -211,6 +211,21 @@ def _hub_task(classes=3):
         backbone=backbone, num_classes=classes, activation=None,
         preprocessor=preprocessor,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("image_shape", [(32, 32, 3), (None, None, 3)])
+def test_a_hub_classifier_whose_preprocessor_resizes_derives_a_student(image_shape):
+    """A preset classifier's preprocessor holds a Resizing(224, 224) (its
+    image converter): outside the model's graph, it was taken for a resize
+    inside the teacher and every such classifier was refused."""
+    from thumbnet_keras import make_student
+
+    task = _hub_task(image_shape=image_shape, converter_size=(224, 224))
+    student = (
+        make_student(task, 2) if image_shape[0] else make_student(task, size=(16, 16))
+    )
+    assert tuple(student.outputs[0].shape) == tuple(task.outputs[0].shape)
+    assert student.inputs[0].shape[1] in (16, None)
 
 
 def test_keras_hub_saved_task(tmp_path):

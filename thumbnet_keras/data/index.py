@@ -72,13 +72,15 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def folder_sha256(path: str | os.PathLike) -> str:
+def folder_sha256(path: str | os.PathLike, ignore: tuple[str, ...] = ()) -> str:
     """sha256 hex digest of a folder's files: each file's relative path and
     `file_sha256`, in sorted order (so renaming, adding, removing or editing
-    any file changes it; timestamps do not)."""
+    any file changes it; timestamps do not). Files named in `ignore` are
+    left out."""
     root = Path(path)
     h = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = (p for p in root.rglob("*") if p.is_file() and p.name not in ignore)
+    for file in sorted(files):
         h.update(file.relative_to(root).as_posix().encode() + b"\0")
         h.update(file_sha256(file).encode() + b"\n")
     return h.hexdigest()

@@ -60,10 +60,13 @@ class SidecarError(ValueError):
 
 
 def model_sha256(path: str | os.PathLike) -> str:
-    """The digest a sidecar records for a model file or SavedModel folder."""
+    """The digest a sidecar records for a model file or SavedModel folder
+    (less a sidecar of its own inside: `read_sidecar` finds one there)."""
     from thumbnet_keras.data.index import file_sha256, folder_sha256
 
-    return folder_sha256(path) if Path(path).is_dir() else file_sha256(path)
+    if Path(path).is_dir():
+        return folder_sha256(path, ignore=(SIDECAR,))
+    return file_sha256(path)
 
 
 def write_sidecar(

@@ -76,7 +76,7 @@ def image_input_shape(model: keras.Model) -> tuple:
     return shape[1:]
 
 
-def _rewrite_shapes(obj, old_hw, new_hw, nested=False):
+def _rewrite_shapes(obj, old_hw, new_hw, nested=False, scale_nested=True):
     """Returns a copy of a Keras config with the input size replaced.
 
     Drops `build_config` entries (they record the old input size) and rewrites
@@ -102,15 +102,17 @@ def _rewrite_shapes(obj, old_hw, new_hw, nested=False):
             if key in _SHAPE_KEYS and isinstance(value, (list, tuple)):
                 if len(value) == 4 and tuple(value[1:3]) == old_hw:
                     value = [value[0], *new_hw, value[3]]
-                elif len(value) == 4 and nested:
+                elif len(value) == 4 and nested and scale_nested:
                     value = [value[0], *_scaled(value[1:3], old_hw, new_hw), value[3]]
             elif key in _IMAGE_SHAPE_KEYS and isinstance(value, (list, tuple)):
                 if len(value) == 3 and tuple(value[:2]) == old_hw:
                     value = [*new_hw, value[2]]
-            out[key] = _rewrite_shapes(value, old_hw, new_hw, inner)
+            out[key] = _rewrite_shapes(value, old_hw, new_hw, inner, scale_nested)
         return out
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_rewrite_shapes(v, old_hw, new_hw, nested) for v in obj)
+        return type(obj)(
+            _rewrite_shapes(v, old_hw, new_hw, nested, scale_nested) for v in obj
+        )
     return obj
 
 
@@ -196,7 +198,16 @@ def _try_from_config(cls, config):
 
 
 def _layers(model: keras.Model) -> list:
-    return list(model._flatten_layers(include_self=False, recursive=True))
+    """The layers of `model`'s graph, nested models' graphs included; not
+    what `_flatten_layers` also walks: tracked attributes outside the graph,
+    such as a keras-hub classifier's preprocessor and its `Resizing` (every
+    preset classifier was refused as resizing its input)."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model) and hasattr(layer, "layers"):
+            found += _layers(layer)
+    return found
 
 
 def _has_global_pooling(model: keras.Model) -> bool:
@@ -314,7 +325,11 @@ def make_student(
         student = None
         levels = math.log2(factor)
         if levels.is_integer() and trim:
-            trimmed = _remove_last_poolings(resized, int(levels))
+            # Nested models keep their sizes here: with the last poolings
+            # gone, the maps they read are the teacher's again (a nested
+            # Flatten + Dense head, scaled, was refused).
+            unscaled = _rewrite_shapes(config, old_hw, new_hw, scale_nested=False)
+            trimmed = _remove_last_poolings(unscaled, int(levels))
             if trimmed is not None:
                 candidate, error = _try_from_config(cls, trimmed)
                 if candidate is not None and _weights_fit(teacher, candidate):

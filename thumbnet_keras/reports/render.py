@@ -431,9 +431,17 @@ def deployables_table(metrics: Mapping) -> list[dict]:
     """One row per exported file (`export.json`): format, size, images/s,
     and for a conversion how often it gives thumbnet.keras's top-1 class on
     the run's validation images."""
+    run_dir = metrics.get("run_dir")
+
+    def shown(path: str) -> str:
+        # Relative to the run: f4/thumbnet.onnx and thumbnet.onnx (the review
+        # saw two "thumbnet.onnx" rows after `thumbnet export --factor 4`).
+        relative = os.path.relpath(path, run_dir) if run_dir else ".."
+        return os.path.basename(path) if relative.startswith("..") else relative
+
     return [
         {
-            "file": os.path.basename(d["file"]),
+            "file": shown(d["file"]),
             "format": d["format"],
             "size KB": f"{d['bytes'] / 1024:.1f}",
             "images/s": f"{d['images_per_second']:.0f}",
