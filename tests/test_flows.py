@@ -305,6 +305,9 @@ def test_generalize_flow(finished):
     source = Path(result["run_dir"]).name
     assert f"generalize-{source}-smoke-report" in keys, keys
     assert not {k for k in keys if "smoke" not in k}, keys
+    # Markdown's code spans as HTML (a report reader saw raw backticks).
+    page = Path(out["report_html"]).read_text()
+    assert "`" not in page and "<code>" in page
     metrics = json.loads(Path(out["metrics_json"]).read_text())
     got = {
         (Path(r["dataset"]).name, r["backbone"], r["seed"], r["arm"])

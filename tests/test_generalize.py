@@ -174,6 +174,38 @@ def test_the_verdict_reads_each_seeds_paired_interval():
     )
 
 
+def test_models_at_the_largest_class_rate_are_named():
+    """A report reader's trial: 5 of 6 models always answered one class
+    (top-1 exactly the largest class's share); the report printed "+0.00
+    (+0.00 to +0.00)", a certain zero, and no warning. Such models are named
+    first, and two models that never disagree say so."""
+    from thumbnet_keras.pipeline.generalize_report import generalize_summary_text
+
+    experiments = [{"dataset": "stripes", "backbone": "tiny_cnn", "notes": []}]
+    one_class = _hits(20, n=60)  # 20 of 60 right: the largest class's share
+    records = []
+    for seed, learned in ((0, one_class), (1, _hits(30, n=60))):
+        for arm, hits in (("learned", learned), ("bicubic", one_class)):
+            records.append(
+                {**_record(0, seed, arm, hits.count("1") / 60, None),
+                 "test_correct": hits, "examples": 60, "test_majority": 1 / 3}
+            )  # fmt: skip
+    (row,) = summarize_generalize(experiments, records)
+    assert row["at_majority"] == ["learned s0", "bicubic s0", "bicubic s1"]
+    markdown, table, _ = generalize_markdown("T", "intro", [row])
+    assert table[0]["per seed"].startswith("s0 +0.00 (no disagreement), s1 +16.67 (")
+    warning = (
+        "models at or below the largest-class rate** (always answering the "
+        "largest class scores as much"
+    )
+    assert warning in markdown
+    assert markdown.index(warning) < markdown.index("| dataset")  # first
+    assert "stripes / tiny_cnn: learned s0, bicubic s0, bicubic s1." in markdown
+    assert "stripes / tiny_cnn: learned s0" in generalize_summary_text([row])
+    clean = [dict(r, top1=0.5) for r in records]
+    assert summarize_generalize(experiments, clean)[0]["at_majority"] == []
+
+
 ELPV = {"name": "elpv", "image_shape": [300, 300, 1], "normalization": "unit"}
 
 

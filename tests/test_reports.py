@@ -156,6 +156,16 @@ def test_a_teacher_its_students_beat_is_called_under_trained():
     # Within the interval of a teacher that is as good: nothing to say.
     m["arms"][1]["paired"][0]["ci95"] = [-0.01, 0.03]
     assert caveats(m) == [] and "Note:" not in render_markdown(m)
+    # A teacher no better than the largest class on test (a report reader's
+    # trial: 21.7% against 25%, health passed on validation): said first.
+    m["dataset"]["majority"] = {"test": 0.9}
+    (note,) = caveats(m)
+    assert note.startswith(
+        "The teacher scores 87.6% test top-1, no more than always answering the "
+        "largest class (90.0%)"
+    )
+    m["dataset"]["majority"] = {"test": 0.5}
+    assert caveats(m) == []
 
 
 def test_markdown_has_tables_config_and_environment():
@@ -299,6 +309,19 @@ def test_headline_golden():
         "teacher 87.6%."  # 87.65 in binary is 87.6499...
     )
     assert headline({"arms": []}) == "Nothing evaluated yet."
+    # A tie for the best baseline (a report reader's trial: three arms at
+    # 26.67%, the untrained one named because it came first): a trained arm,
+    # then the higher validation top-1, whatever the order.
+    tied = _two_factors()
+    for arm in tied["arms"]:
+        if arm["factor"] == 4 and arm["name"] != "thumbnet":
+            arm["top1"], arm["val_top1"] = 0.65, 0.5
+    for arm in tied["arms"]:
+        if arm["factor"] == 4 and arm["name"] == "bicubic_kd":
+            arm["val_top1"] = 0.6
+    for arms in (tied["arms"], tied["arms"][::-1]):
+        text = headline(tied | {"arms": arms})
+        assert text.endswith("best bicubic baseline 65.0% (Bicubic + KD)."), text
 
 
 def _with_paired(metrics: dict) -> dict:

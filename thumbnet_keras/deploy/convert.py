@@ -119,6 +119,26 @@ def _load(keras_path: str):
     return model
 
 
+def channel_diagonal(layer) -> bool:
+    """Whether `layer` is a `Conv2D` (no groups, 2+ channels in and out, as
+    many) whose kernel is exactly zero off the channel diagonal: it filters
+    each channel on its own, as the `DepthwiseConv2D` it equals (E's frozen
+    bicubic passes). `count_flops` counts it as that depthwise conv."""
+    import keras
+    import numpy as np
+
+    if type(layer) is not keras.layers.Conv2D or layer.groups != 1:
+        return False
+    kernel = keras.ops.convert_to_numpy(layer.kernel)
+    channels = kernel.shape[-1]
+    if channels < 2 or kernel.shape[-2] != channels:
+        return False
+    diagonal = np.arange(channels)
+    off = kernel.copy()
+    off[:, :, diagonal, diagonal] = 0
+    return not off.any()
+
+
 def _depthwise_twin(layer):
     """The `DepthwiseConv2D` equal to `layer`, or None if there is none.
 
@@ -130,17 +150,11 @@ def _depthwise_twin(layer):
     import keras
     import numpy as np
 
-    if type(layer) is not keras.layers.Conv2D or layer.groups != 1:
+    if not channel_diagonal(layer):
         return None
     kernel = keras.ops.convert_to_numpy(layer.kernel)
     channels = kernel.shape[-1]
-    if channels < 2 or kernel.shape[-2] != channels:
-        return None
     diagonal = np.arange(channels)
-    off = kernel.copy()
-    off[:, :, diagonal, diagonal] = 0
-    if off.any():
-        return None
     bias = layer.bias is not None
     twin = keras.layers.DepthwiseConv2D(
         layer.kernel_size,

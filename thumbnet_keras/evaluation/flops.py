@@ -21,13 +21,21 @@ spatial positions `P_in`, input channels `C_in`, output channels `C_out`):
   position is scattered through the whole kernel).
 * `Dense` on any rank: `prod(leading non-batch dims) * in_features * units`
   (a `Dense` on `(B, T, D)` costs `T * D * units`).
-* `Resizing` and `UpSampling2D`: a separable filter, so per output pixel and
-  channel `taps_h + taps_w` MACs, with taps per axis from `RESIZE_TAPS`:
-  0 "nearest", 2 "bilinear", 4 "bicubic", 6 "lanczos3", 10 "lanczos5".
-  With `antialias=True` and downscaling by `s` on an axis the filter is
-  stretched and that axis's taps are multiplied by `s`; "area" counts `s` taps
-  per axis. E.g. an antialiased bicubic 224 -> 112 resize of 3 channels is
-  `112 * 112 * 3 * (8 + 8)` = 602,112 MACs, tiny next to the convolutions.
+* A `Conv2D` whose kernel is exactly zero off the channel diagonal (E's
+  frozen bicubic passes): as the `DepthwiseConv2D` it equals, `P_out *
+  prod(k) * C_in` (the exporters write it as one; counted as a dense conv
+  until 2026-11-30, 3x for RGB).
+* `Resizing` and `UpSampling2D`: a separable filter in two passes, along the
+  height to `(h_out, w_in)`, then along the width to `(h_out, w_out)`, so
+  `C * (h_out * w_in * taps_h + h_out * w_out * taps_w)` MACs, with taps per
+  axis from `RESIZE_TAPS`: 0 "nearest", 2 "bilinear", 4 "bicubic", 6
+  "lanczos3", 10 "lanczos5". With `antialias=True` and downscaling by `s` on
+  an axis the filter is stretched and that axis's taps are multiplied by
+  `s`; "area" counts `s` taps per axis. E.g. an antialiased bicubic 224 ->
+  112 resize of 3 channels is `3 * (112 * 224 * 8 + 112 * 112 * 8)` =
+  903,168 MACs, the same as E's bicubic passes, tiny next to the
+  convolutions. (Both passes were counted at the output's size until
+  2026-11-30.)
 
 Not counted (0 MACs): biases, batch/layer normalization (foldable into the
 preceding conv at inference), activations, pooling, element-wise merges
@@ -117,6 +125,10 @@ def _conv_macs(layer, in_shape, out_shape) -> int:
         return p_out * taps * c_in * layer.depth_multiplier
     if isinstance(layer, _TRANSPOSE):
         return p_in * taps * c_in * layer.filters
+    from thumbnet_keras.deploy.convert import channel_diagonal
+
+    if channel_diagonal(layer):  # E's bicubic passes: per channel, as depthwise
+        return p_out * taps * c_in
     return p_out * taps * (c_in // layer.groups) * layer.filters
 
 
@@ -129,11 +141,12 @@ def _resize_macs(layer, in_shape, out_shape) -> int:
     method = layer.interpolation
     base = RESIZE_TAPS.get(method, 4)
     antialias = getattr(layer, "antialias", False) or method == "area"
-    taps = 0
+    taps = []
     for size_in, size_out in ((h_in, h_out), (w_in, w_out)):
         scale = size_in / size_out if antialias and size_in > size_out else 1.0
-        taps += base * scale
-    return int(round(h_out * w_out * c * taps))
+        taps.append(base * scale)
+    # Two passes: along the height to (h_out, w_in), then along the width.
+    return int(round(c * (h_out * w_in * taps[0] + h_out * w_out * taps[1])))
 
 
 def _layer_macs(layer, node) -> int:

@@ -377,6 +377,7 @@ def write_generalize_report(run_dir: str) -> dict:
         "per_seed", "summary"}`.
     """
     import html
+    import re
     from pathlib import Path
 
     from thumbnet_keras.pipeline.generalize_report import (
@@ -431,10 +432,18 @@ def write_generalize_report(run_dir: str) -> dict:
     )
     if notes:
         notes = f"<h2>Where the target differs from E's source</h2><ul>{notes}</ul>"
+    from thumbnet_keras.pipeline.generalize_report import majority_warning
+
+    def inline(text: str) -> str:  # markdown's `code` and **bold** as HTML
+        text = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+        return re.sub(r"\*\*([^*]*)\*\*", r"<strong>\1</strong>", text)
+
+    warning = majority_warning(summary)
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
         f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>{html.escape(intro)}</p>{_html_table(table)}"
+        + (f"<p>{inline(warning)}</p>" if warning else "")
+        + f"<p>{inline(intro)}</p>{_html_table(table)}"
         f"<p>{html.escape(VERDICT_NOTE)}</p>{notes}"
         f"<h2>Per seed</h2>{_html_table(per_seed)}</body></html>\n"
     )

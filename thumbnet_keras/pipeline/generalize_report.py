@@ -176,9 +176,44 @@ def summarize_generalize(
                 "test_majority": _points(first["learned"].get("test_majority")),
                 "learned_macs": first["learned"].get("flops"),
                 "bicubic_macs": first["bicubic"].get("flops"),
+                "at_majority": _at_majority(pairs),
             }
         )
     return summary
+
+
+def _at_majority(pairs: Sequence[Mapping[str, Mapping]]) -> list[str]:
+    """ "learned s0", "bicubic s2": the trained S whose test top-1 is at or
+    below the largest class's share, what answering that class always
+    scores: it may have learned nothing, and its difference to the other
+    arm is noise (a trial's report showed "+0.00 (+0.00 to +0.00)" for two
+    such models without a word)."""
+    found = []
+    for pair in pairs:
+        for arm in ("learned", "bicubic"):
+            record = pair[arm]
+            majority = record.get("test_majority")
+            if majority is not None and record["top1"] <= majority + 1e-9:
+                found.append(f"{arm} s{record['seed']}")
+    return found
+
+
+def majority_warning(summary: Sequence[Mapping]) -> str | None:
+    """One paragraph naming every model at or below the largest-class rate,
+    or None."""
+    rows = [
+        f"{row['dataset']} / {row['backbone']}: {', '.join(row['at_majority'])}"
+        for row in summary
+        if row.get("at_majority")
+    ]
+    if not rows:
+        return None
+    return (
+        "**Warning: models at or below the largest-class rate** (always "
+        "answering the largest class scores as much: they may have learned "
+        "nothing, and their differences are noise; train longer or check the "
+        "data): " + "; ".join(rows) + "."
+    )
 
 
 def _pm(stat: Mapping | None, signed: bool = False) -> str:
@@ -199,7 +234,9 @@ def _seed_text(seed: Mapping) -> str:
     its paired 95% interval on the same test images."""
     text = f"s{seed['seed']} {seed['diff']:+.2f}"
     paired = seed.get("paired")
-    if paired:
+    if paired and not paired.get("a_only") and not paired.get("b_only"):
+        text += " (no disagreement)"  # not a certain zero: "+0.00 to +0.00"
+    elif paired:
         low, high = paired["ci95"]
         text += f" ({low:+.2f} to {high:+.2f})"
     return text
@@ -271,6 +308,9 @@ def generalize_markdown(
         for note in row["notes"]
     ]
     parts = [f"# {title}", intro, _md_table(table).rstrip(), VERDICT_NOTE]
+    warning = majority_warning(summary)
+    if warning:
+        parts.insert(2, warning)
     if notes:
         parts.append(
             "## Where the target differs from E's source\n\n" + "\n".join(notes)
@@ -300,10 +340,12 @@ def generalize_summary_text(summary: Sequence[Mapping]) -> str:
         }
         for row in summary
     ]
+    warning = majority_warning(summary)
     return "\n".join(
         [
             "Frozen E against bicubic thumbnails: test top-1 %, mean ± std over "
             "seeds; difference in points (learned - bicubic).",
             *_text_table(rows),
+            *([warning.replace("**", "")] if warning else []),
         ]
     )
