@@ -129,10 +129,10 @@ def channel_diagonal(layer) -> bool:
 
     if type(layer) is not keras.layers.Conv2D or layer.groups != 1:
         return False
-    kernel = keras.ops.convert_to_numpy(layer.kernel)
-    channels = kernel.shape[-1]
-    if channels < 2 or kernel.shape[-2] != channels:
+    channels = layer.kernel.shape[-1]  # read before the values: cheap
+    if channels < 2 or layer.kernel.shape[-2] != channels:
         return False
+    kernel = keras.ops.convert_to_numpy(layer.kernel)
     diagonal = np.arange(channels)
     off = kernel.copy()
     off[:, :, diagonal, diagonal] = 0
