@@ -289,10 +289,33 @@ def test_a_size_free_model_nested_in_a_fixed_one_is_counted_at_its_call():
         count_flops(inner)  # alone, its size is still unknown
 
 
+def test_resize_golden_on_rectangles_crops_and_pads():
+    """Two passes: along the height to (h_out, w_in), then the width; a crop
+    or a pad to the output's aspect ratio first (the review: both ignored)."""
+    bilinear = keras.layers.Resizing(8, 4, interpolation="bilinear")
+    assert count_flops(_single(bilinear, (16, 16, 2))) == 2 * (8 * 16 * 2 + 8 * 4 * 2)
+    # 64x32 cropped to 32x32, then 32 -> 16 both ways, antialiased: 8 taps.
+    crop = keras.layers.Resizing(16, 16, "bilinear", crop_to_aspect_ratio=True,
+                                 antialias=True)  # fmt: skip
+    assert count_flops(_single(crop, (64, 32, 1))) == 16 * 32 * 4 + 16 * 16 * 4
+    # 64x32 padded to 64x64, then 64 -> 16: 8 taps each way.
+    pad = keras.layers.Resizing(16, 16, "bilinear", pad_to_aspect_ratio=True,
+                                antialias=True)  # fmt: skip
+    assert count_flops(_single(pad, (64, 32, 1))) == 16 * 64 * 8 + 16 * 16 * 8
+
+
+def test_an_untrained_zero_conv_is_counted_dense():
+    """E's last conv starts at zero; with width == channels its kernel was
+    taken for a channel-diagonal one and counted a third (the review)."""
+    zero = keras.layers.Conv2D(3, 3, padding="same", kernel_initializer="zeros")
+    assert count_flops(_single(zero, (8, 8, 3))) == 8 * 8 * 9 * 3 * 3
+
+
 def test_bicubic_thumbnail_costs_the_same_counted_either_way():
     """E's frozen bicubic passes (channel-diagonal Conv2D) and Keras'
     Resizing make the same thumbnail (the equal-cost baseline resizes with
-    the latter), so they cost the same: a report's trial measured 221,184
+    the latter), so at an even factor they cost the same (at an odd one E's
+    taps are a little shorter): a report's trial measured 221,184
     against 49,152 MACs for one 64 -> 32 RGB resize, and the equal-cost
     baseline was picked on those."""
     from thumbnet_keras.layers.downscaler import bicubic_downscaler

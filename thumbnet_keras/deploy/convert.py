@@ -121,7 +121,9 @@ def _load(keras_path: str):
 
 def channel_diagonal(layer) -> bool:
     """Whether `layer` is a `Conv2D` (no groups, 2+ channels in and out, as
-    many) whose kernel is exactly zero off the channel diagonal: it filters
+    many) whose kernel is exactly zero off the channel diagonal and not on it
+    (E's zero-initialised residual conv of width C is a dense conv that has
+    not trained yet; the review saw it counted as depthwise): it filters
     each channel on its own, as the `DepthwiseConv2D` it equals (E's frozen
     bicubic passes). `count_flops` counts it as that depthwise conv."""
     import keras
@@ -134,6 +136,8 @@ def channel_diagonal(layer) -> bool:
         return False
     kernel = keras.ops.convert_to_numpy(layer.kernel)
     diagonal = np.arange(channels)
+    if not kernel[:, :, diagonal, diagonal].any():
+        return False  # all zeros: an untrained zero-initialised conv, dense
     off = kernel.copy()
     off[:, :, diagonal, diagonal] = 0
     return not off.any()

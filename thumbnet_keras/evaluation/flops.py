@@ -33,9 +33,10 @@ spatial positions `P_in`, input channels `C_in`, output channels `C_out`):
   an axis the filter is stretched and that axis's taps are multiplied by
   `s`; "area" counts `s` taps per axis. E.g. an antialiased bicubic 224 ->
   112 resize of 3 channels is `3 * (112 * 224 * 8 + 112 * 112 * 8)` =
-  903,168 MACs, the same as E's bicubic passes, tiny next to the
-  convolutions. (Both passes were counted at the output's size until
-  2026-11-30.)
+  903,168 MACs, the same as E's bicubic passes at an even factor (at an
+  odd one E's taps are a little shorter), tiny next to the convolutions.
+  `crop_to_aspect_ratio` / `pad_to_aspect_ratio` crop or pad the input
+  first. (Both passes were counted at the output's size until 2026-11-30.)
 
 Not counted (0 MACs): biases, batch/layer normalization (foldable into the
 preceding conv at inference), activations, pooling, element-wise merges
@@ -138,6 +139,13 @@ def _resize_macs(layer, in_shape, out_shape) -> int:
     if getattr(layer, "data_format", "channels_last") == "channels_first":
         in_dims, out_dims = in_dims[1:] + in_dims[:1], out_dims[1:] + out_dims[:1]
     (h_in, w_in, _), (h_out, w_out, c) = in_dims, out_dims
+    # Cropped or padded to the output's aspect ratio first (Keras' integer
+    # arithmetic), then resized.
+    tall, wide = int(w_in * h_out / w_out), int(h_in * w_out / h_out)
+    if getattr(layer, "crop_to_aspect_ratio", False):
+        h_in, w_in = max(min(h_in, tall), 1), max(min(w_in, wide), 1)
+    elif getattr(layer, "pad_to_aspect_ratio", False):
+        h_in, w_in = max(h_in, tall), max(w_in, wide)
     method = layer.interpolation
     base = RESIZE_TAPS.get(method, 4)
     antialias = getattr(layer, "antialias", False) or method == "area"
