@@ -40,9 +40,12 @@ def test_depthwise_form_rewrites_only_channel_diagonal_convs():
     inner = keras.Model(inner_in, diagonal(inner_in), name="inner")
     dense = keras.layers.Conv2D(3, 3, padding="same", name="dense")
     single = keras.layers.Conv2D(1, 3, padding="same", name="single")
-    grouped = keras.layers.Conv2D(3, 1, groups=3, name="grouped")
+    # One group per input channel (ConvNeXt's depthwise convs): depthwise,
+    # multiplier 2; two channels per group: a real grouped conv, kept.
+    grouped = keras.layers.Conv2D(6, 3, padding="same", groups=3, name="grouped")
+    pairs = keras.layers.Conv2D(6, 1, groups=3, name="pairs")
     inputs = keras.Input((16, 16, 3))
-    x = grouped(dense(inner(inputs)))
+    x = pairs(grouped(dense(inner(inputs))))
     model = keras.Model(inputs, single(x), name="outer")
     diagonal.set_weights([_diagonal_kernel(rng, (3, 1), 3), rng.normal(size=3)])
     dense.set_weights([rng.normal(size=(3, 3, 3, 3)), np.zeros(3)])
@@ -51,10 +54,11 @@ def test_depthwise_form_rewrites_only_channel_diagonal_convs():
 
     rewritten, names = convert.depthwise_form(model)
 
-    assert names == ["diag"]
+    assert names == ["diag", "grouped"]
     kinds = {layer.name: type(layer).__name__ for layer in _layers(rewritten)}
-    assert kinds["diag"] == "DepthwiseConv2D"
-    assert kinds["dense"] == kinds["single"] == kinds["grouped"] == "Conv2D"
+    assert kinds["diag"] == kinds["grouped"] == "DepthwiseConv2D"
+    assert rewritten.get_layer("grouped").depth_multiplier == 2
+    assert kinds["dense"] == kinds["single"] == kinds["pairs"] == "Conv2D"
     # The rest is shared, weights included; the original is left as it was.
     assert rewritten.get_layer("dense") is dense
     assert type(model.get_layer("inner").get_layer("diag")) is keras.layers.Conv2D
@@ -110,3 +114,33 @@ def test_bicubic_passes_export_as_depthwise_without_onednn(tmp_path, monkeypatch
     assert ops["DEPTHWISE_CONV_2D"] == 3, ops
     for path in (onnx_path, tflite_path):
         np.testing.assert_allclose(load_runner(path)(x), reference, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="conversion runs in a TensorFlow subprocess whatever the backend: checked once",
+)
+def test_a_depthwise_grouped_conv_exports_to_onnx(tmp_path):
+    """A trial's ConvNeXt run: its depthwise convs are Conv2D(groups=C),
+    which TensorFlow runs in an XLA function tf2onnx cannot translate; the
+    .onnx was written, listed in the sidecar, and would not load. They are
+    written as the depthwise convs they equal, and a graph ONNX Runtime
+    cannot load is refused without replacing the earlier file."""
+    from thumbnet_keras.deploy import load_runner
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+    x = keras.layers.Conv2D(8, 7, padding="same", groups=8, name="dw")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    model.save(tmp_path / "m.keras")
+    images = np.random.default_rng(2).random((4, 16, 16, 3)).astype("float32")
+    path = export_model(tmp_path / "m.keras", "onnx", tmp_path / "m.onnx")
+    np.testing.assert_allclose(
+        load_runner(path)(images), to_numpy(model(images)), atol=1e-4
+    )
+    (tmp_path / "m.onnx").write_bytes(b"earlier export")
+    with pytest.raises(RuntimeError, match="ONNX Runtime cannot load"):
+        convert._check_onnx(str(tmp_path / "m.onnx"))
+    assert (tmp_path / "m.onnx").read_bytes() == b"earlier export"

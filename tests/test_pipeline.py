@@ -247,8 +247,8 @@ BAD = {
     "teacher too small at f=4": (
         {"teacher": "VALID_CONVS", "factors": [2, 4]},
         r"Factor 4 \(--factor\): .* does not build at 8x8 inputs .*\. Choose a "
-        r"smaller factor, or a teacher built for larger images \(the teacher's "
-        r"input size is the run's image size\)\.$",  # No Python-API advice.
+        r"smaller factor, or a larger --image-size \(for a \.keras teacher: one "
+        r"built for larger images; its input size is the run's image size\)\.$",
     ),
     "unwritable": ({"runs_dir": "FILE/runs"}, "is not writable"),
     "same name, other config": ({"run_name": "earlier", "seed": 7}, "differs in: seed"),

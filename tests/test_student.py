@@ -247,6 +247,7 @@ def test_a_global_pool_teacher_is_never_given_fewer_poolings():
     with pytest.raises(ValueError, match=r"does not build at 8x8 inputs") as info:
         make_student(teacher, 4)
     assert "\x1b[" not in str(info.value)  # Keras' colour codes stripped
+    assert info.value.cli_advice.startswith("Choose a smaller factor")
 
 
 def test_a_resize_inside_the_teacher_is_scaled_or_refused():
@@ -334,3 +335,17 @@ def test_a_nested_flatten_head_still_loses_the_last_poolings(rng):
         teacher.get_layer("pool0")(teacher.get_layer("c0")(thumb))
     )
     np.testing.assert_allclose(to_numpy(student(thumb)), to_numpy(expected), atol=1e-5)
+
+
+def test_too_small_at_factor_2_does_not_advise_a_smaller_factor():
+    """A CLI trial: ConvNeXt at 32 (16x16 thumbnails) was told "Choose a
+    smaller factor" at f=2, the smallest there is."""
+    image = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 5, name="c")(image)  # valid: 16 -> 12, 8 -> 4
+    x = keras.layers.Conv2D(4, 5, name="d")(x)  # 12 -> 8, 4 -> 0
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    teacher = keras.Model(image, keras.layers.Dense(2)(x))
+    with pytest.raises(ValueError, match="does not build at 8x8") as info:
+        make_student(teacher, 2)
+    assert "smaller factor" not in str(info.value)
+    assert info.value.cli_advice.startswith("Choose a larger --image-size")

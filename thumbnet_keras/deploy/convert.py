@@ -149,19 +149,37 @@ def _depthwise_twin(layer):
     A `Conv2D` (no groups) with as many filters as input channels whose kernel
     is exactly zero off the channel diagonal filters each channel on its own:
     it is a depthwise conv with the diagonal as its kernel. One channel has
-    nothing to gain and is left alone.
+    nothing to gain and is left alone. A `Conv2D` with one group per input
+    channel is a depthwise conv too (multiplier `filters / groups`).
     """
     import keras
     import numpy as np
 
-    if not channel_diagonal(layer):
+    grouped = (
+        type(layer) is keras.layers.Conv2D
+        and layer.groups > 1
+        and layer.kernel.shape[-2] == 1  # one input channel per group
+    )
+    if not grouped and not channel_diagonal(layer):
         return None
     kernel = keras.ops.convert_to_numpy(layer.kernel)
-    channels = kernel.shape[-1]
-    diagonal = np.arange(channels)
+    if grouped:
+        # Conv2D(groups=C): kernel (kh, kw, 1, C*m), output c*m + k reads
+        # channel c: the depthwise kernel (kh, kw, C, m). ConvNeXt's
+        # depthwise convs are such; on TensorFlow they run inside an XLA
+        # function that tf2onnx cannot translate (a trial's ConvNeXt
+        # thumbnet.onnx would not load in ONNX Runtime).
+        channels, multiplier = layer.groups, layer.filters // layer.groups
+        depthwise = kernel.reshape(*kernel.shape[:2], channels, multiplier)
+    else:
+        channels = kernel.shape[-1]
+        diagonal = np.arange(channels)
+        depthwise = kernel[:, :, diagonal, diagonal][..., None]
+        multiplier = 1
     bias = layer.bias is not None
     twin = keras.layers.DepthwiseConv2D(
         layer.kernel_size,
+        depth_multiplier=multiplier,
         strides=layer.strides,
         padding=layer.padding,
         data_format=layer.data_format,
@@ -176,7 +194,7 @@ def _depthwise_twin(layer):
         twin.build((None, channels, None, None))
     else:
         twin.build((None, None, None, channels))
-    weights = [kernel[:, :, diagonal, diagonal][..., None]]
+    weights = [depthwise]
     if bias:
         weights.append(keras.ops.convert_to_numpy(layer.bias))
     twin.set_weights(weights)
@@ -256,6 +274,26 @@ def _to_onnx(model, path: str) -> None:
     )
 
 
+def _check_onnx(path: str) -> None:
+    """Raises RuntimeError when ONNX Runtime cannot load `path`: tf2onnx
+    writes a graph with the ops it could not translate left in (it only
+    logs "Unsupported ops"), and that file replaced an earlier export and
+    was listed in the sidecar (a trial's ConvNeXt run). Skipped without
+    onnxruntime (the `export` extra installs it)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    try:
+        onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - ONNX Runtime's own error types
+        first = str(err).strip().splitlines()[0][:300]
+        raise RuntimeError(
+            f"tf2onnx wrote a graph ONNX Runtime cannot load ({first}); nothing "
+            "was written. The model holds an op tf2onnx does not translate."
+        ) from None
+
+
 def _litert_kwargs(int8: bool, representative) -> dict:
     import tensorflow as tf
 
@@ -302,6 +340,7 @@ def convert(keras_path: str, fmt: str, output: str, representative=None) -> str:
             model.export(tmp, format="tf_saved_model", verbose=False)
         elif fmt == "onnx":
             _to_onnx(model, tmp)
+            _check_onnx(tmp)
         else:
             kwargs = _litert_kwargs(fmt == "litert_int8", representative)
             model.export(tmp, format="litert", verbose=False, **kwargs)

@@ -368,11 +368,20 @@ def make_student(
             f"Cannot derive a student from teacher '{teacher.name}' at factor "
             f"{factor}: its architecture does not build at {new_hw[0]}x{new_hw[1]} "
             f"inputs ({short_error_text(first_error, 300)}).",
-            "Use a smaller factor or a larger image size, or build a student "
-            "for the thumbnail size yourself and pass it as "
-            "`ThumbNetTrainer(..., student=my_student)`.",
-            "Choose a smaller factor, or a teacher built for larger images (the "
-            "teacher's input size is the run's image size).",
+            (
+                "Use a smaller factor or a larger image size"
+                if factor > 2
+                else "Use a larger image size"
+            )
+            + ", or build a student for the thumbnail size yourself and pass it "
+            "as `ThumbNetTrainer(..., student=my_student)`.",
+            (
+                "Choose a smaller factor, or a larger --image-size"
+                if factor > 2
+                else "Choose a larger --image-size (2 is the smallest factor)"
+            )
+            + " (for a .keras teacher: one built for larger images; its input "
+            "size is the run's image size).",
         )
     if student is None:
         detail = f" (rebuilding failed with: {error})" if error is not None else ""
