@@ -91,7 +91,7 @@ def _rewrite_shapes(obj, old_hw, new_hw, nested=False, scale_nested=True):
         config = obj.get("config")
         if obj.get("class_name") == "Resizing" and isinstance(config, dict):
             # A resize to the input's own size (a no-op) stays one at the
-            # thumbnail's; any other size is refused (`_fixed_resizing`).
+            # thumbnail's; any other size is refused (`_check_no_fixed_resizing`).
             if (config.get("height"), config.get("width")) == tuple(old_hw):
                 obj = {**obj, "config": {**config, "height": new_hw[0],
                                          "width": new_hw[1]}}  # fmt: skip

@@ -41,8 +41,9 @@ __all__ = [
 # format -> suffix of the output beside `thumbnet.keras`
 FORMAT_SUFFIX = dict(deploy.FORMATS)
 # Train images the int8 quantizer calibrates its activation ranges on.
-AGREEMENT_IMAGES = 200
 REPRESENTATIVE_IMAGES = 200
+# Validation images each conversion is compared with thumbnet.keras on.
+AGREEMENT_IMAGES = 200
 
 
 logger = logging.getLogger(__name__)
