@@ -209,7 +209,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _flow_run_text() -> str | None:
-    """ "Prefect flow run 'name' (id)" inside a flow run, else None: a run
+    """ "Prefect flow run 'name', id <uuid>" inside a flow run, else None: a run
     folder locked by a deployment's run named the worker's `engine.py`,
     which told an operator nothing about which run to cancel (a trial).
     Prefect is not imported here; only a process already running it has one."""
