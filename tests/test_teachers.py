@@ -446,3 +446,16 @@ def test_a_teacher_of_any_input_size_is_rebuilt_at_the_runs(tmp_path):
     assert load_teacher(path, None, 2) is not None  # no run size: as saved
     gray = load_teacher(path, (16, 16, 1), 2)  # the channels disagree: as saved,
     assert gray.input_shape == (None, None, None, 3)  # for the caller to refuse
+
+
+def test_a_file_that_is_no_weights_file_gets_only_keras_message(tmp_path):
+    """A CLI trial passed a PNG as the weights: Keras' "File format not
+    supported" was followed by "The file's weights do not fit ...", which
+    is not the problem."""
+    picture = tmp_path / "000.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 32)
+    with pytest.raises(TeacherSpecError) as info:
+        load_teacher(f"applications:MobileNetV2:{picture}", (32, 32, 3), 3)
+    message = str(info.value)
+    assert "format not supported" in message, message
+    assert "do not fit" not in message

@@ -200,7 +200,9 @@ def _applications(rest: str, image_shape, num_classes):
             f"default options and {classes} classes: a model saved with other "
             "options (e.g. MobileNetV2's alpha) or another class count needs "
             "its own .keras file as the teacher (model.save('teacher.keras'))."
-            if local
+            # Not for a file that is no weights file at all (a CLI trial
+            # passed a PNG: Keras' "File format not supported" says it).
+            if local and "format not supported" not in str(err)
             else ""
         )
         raise TeacherSpecError(
