@@ -1240,7 +1240,11 @@ def test_export_agreement_without_a_validation_split_or_without_the_data(tmp_pat
     used then; without data the row is written without an agreement."""
     import shutil
 
-    from thumbnet_keras.pipeline.export import _deployable, agreement
+    from thumbnet_keras.pipeline.export import (
+        _deployable,
+        agreement,
+        agreement_reference,
+    )
 
     manifest = Path(tiny_dataset(tmp_path))
     text = manifest.read_text()
@@ -1260,12 +1264,14 @@ def test_export_agreement_without_a_validation_split_or_without_the_data(tmp_pat
     assert not prepared["splits"].get("validation")
     pipeline.get_teacher(run["run_dir"], prepared, verbose=0)
     model = str(Path(run["run_dir"], "teacher.keras"))
-    found = agreement(run["run_dir"], model, model)
+    found = agreement(model, agreement_reference(run["run_dir"], model))
     assert found == {
         "agreement": 1.0,
         "agreement_images": prepared["splits"]["test"],
         "agreement_split": "test",
     }
     shutil.move(tmp_path / "data", tmp_path / "elsewhere")
-    row = _deployable(model, "keras", 2, 1, run_dir=run["run_dir"], keras_path=model)
+    reference = agreement_reference(run["run_dir"], model)
+    assert reference is None
+    row = _deployable(model, "keras", 2, 1, reference=reference)
     assert row["bytes"] > 0 and "agreement" not in row

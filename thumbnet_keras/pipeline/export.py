@@ -65,16 +65,20 @@ def _input(run_dir: str, require: bool = False) -> tuple[Run, dict, int, int]:
     return run, run.data(require=require), config.image_size, config.channels
 
 
-def _raw_images(run_dir: str, split: str, count: int) -> np.ndarray:
+def _raw_images(run_dir: str, split: str | None, count: int) -> tuple:
     """Up to `count` images of the run's `split`, preprocessed as for
     evaluation (no augmentation), raw pixels (`thumbnet.keras` normalizes
     inside), float32 `(N, H, W, C)`: a sample across the split drawn from
     seed 0 alone (with tf.data's shuffle it also followed the global seed,
     so `thumbnet export` calibrated on other images than the flow; an edge
-    deployer's trial)."""
+    deployer's trial). `split` None: validation, or test when the run has
+    no validation split. Returns `(images, split, channels)`."""
     from thumbnet_keras import data
+    from thumbnet_keras.pipeline.datasets import has_split
 
     _, prepared, size, channels = _input(run_dir, require=True)
+    if split is None:
+        split = "validation" if has_split(prepared, "validation") else "test"
     stream = data.make_dataset(
         prepared["prepared_dir"],
         split,
@@ -92,7 +96,7 @@ def _raw_images(run_dir: str, split: str, count: int) -> np.ndarray:
         total += len(images[-1])
         if total >= count:
             break
-    return np.concatenate(images)[:count].astype(np.float32)
+    return np.concatenate(images)[:count].astype(np.float32), split, channels
 
 
 def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
@@ -106,8 +110,7 @@ def representative_inputs(run_dir: str, count: int = REPRESENTATIVE_IMAGES):
     """
     from thumbnet_keras import data
 
-    _, _, _, channels = _input(run_dir, require=True)
-    images = _raw_images(run_dir, "train", count)
+    images, _, channels = _raw_images(run_dir, "train", count)
     layer = data.normalization_layer("raw", channels)
     extremes = np.array([[[[0.0] * channels, [255.0] * channels]]], np.float32)
     low, high = keras.ops.convert_to_numpy(layer(extremes))[0, 0]
@@ -121,25 +124,32 @@ def _top1(runner: deploy.Runner, images: np.ndarray, batch: int = 32) -> np.ndar
     )
 
 
-def agreement(run_dir: str, keras_path: str, path: str) -> dict:
-    """How often the exported `path` gives `keras_path`'s top-1 class, on up
-    to `AGREEMENT_IMAGES` validation images of the run (its test images when
-    it has no validation split; an int8 model can lose what float keeps: a
-    trial's weak int8 model agreed on 89% of its images and nothing said
-    so): `{"agreement": share, "agreement_images": N, "agreement_split":
-    split}`. Raises `ConfigError` when the run's prepared data is gone."""
-    from thumbnet_keras.pipeline.datasets import has_split
+def agreement_reference(run_dir: str, keras_path: str) -> dict | None:
+    """What each conversion of `keras_path` is compared with (`agreement`):
+    up to `AGREEMENT_IMAGES` validation images of the run (its test images
+    when it has no validation split) and `keras_path`'s top-1 class on
+    each, computed once for all formats. None, with one log line, when the
+    run's prepared data is gone (the export itself needs none: a run
+    folder copied to a deploy machine)."""
+    try:
+        images, split, _ = _raw_images(run_dir, None, AGREEMENT_IMAGES)
+    except ConfigError as err:
+        logger.warning("[export] agreement with %s not measured: %s", keras_path, err)
+        return None
+    top1 = _top1(deploy.load_runner(keras_path), images)
+    return {"keras_path": keras_path, "images": images, "split": split, "top1": top1}
 
-    _, prepared, _, _ = _input(run_dir, require=True)
-    split = "validation" if has_split(prepared, "validation") else "test"
-    images = _raw_images(run_dir, split, AGREEMENT_IMAGES)
-    same = _top1(deploy.load_runner(keras_path), images) == _top1(
-        deploy.load_runner(path), images
-    )
+
+def agreement(path: str, reference: dict) -> dict:
+    """How often the exported `path` gives the reference model's top-1
+    class (an int8 model can lose what float keeps: a trial's weak int8
+    model agreed on 89% of its images and nothing said so):
+    `{"agreement": share, "agreement_images": N, "agreement_split": split}`."""
+    same = _top1(deploy.load_runner(path), reference["images"]) == reference["top1"]
     return {
         "agreement": float(same.mean()),
-        "agreement_images": len(images),
-        "agreement_split": split,
+        "agreement_images": len(same),
+        "agreement_split": reference["split"],
     }
 
 
@@ -274,7 +284,8 @@ def _record_deployable(run_dir: str, path: str, fmt: str, keras_path: str) -> No
         return
     record = read_json(listing)
     measure = dict(batch_size=config.batch_size, batches=config.throughput_batches)
-    row = _deployable(str(path), fmt, **measure, run_dir=run_dir, keras_path=keras_path)
+    reference = agreement_reference(run_dir, keras_path)
+    row = _deployable(str(path), fmt, **measure, reference=reference)
     same = os.path.realpath(path)
     record["deployables"] = [
         d for d in record.get("deployables", [])
@@ -293,10 +304,10 @@ INT8_AGREEMENT_WARNING = 0.97  # the tests' bound for int8 (docs/deploy.md)
 
 
 def _deployable(
-    path: str, fmt: str, batch_size: int, batches: int, run_dir=None, keras_path=None
+    path: str, fmt: str, batch_size: int, batches: int, reference: dict | None = None
 ) -> dict:
-    """A deployable file's row of `export.json`: size, images/s, and for a
-    conversion of `keras_path` its top-1 `agreement` with it (`agreement`)."""
+    """A deployable file's row of `export.json`: size, images/s, and given
+    an `agreement_reference`, its top-1 agreement with that model."""
     speed = deploy.measure_runner(
         deploy.load_runner(path), batch_size=batch_size, batches=batches
     )
@@ -307,23 +318,20 @@ def _deployable(
         "images_per_second": speed["images_per_second"],
         "batch_size": batch_size,
     }
-    if keras_path is not None and run_dir is not None:
-        try:
-            row |= agreement(run_dir, keras_path, path)
-        except ConfigError as err:  # The prepared data moved or gone: the
-            # export itself needs none (a run folder copied to a deploy box).
-            logger.warning("[export] %s: agreement not measured: %s", path, err)
-            return row
-        if row["agreement"] < INT8_AGREEMENT_WARNING:
-            logger.warning(
-                "[export] %s gives %s's top-1 class on %.1f%% of %d validation "
-                "images (below %.0f%%): check its accuracy before deploying it.",
-                path,
-                os.path.basename(keras_path),
-                100 * row["agreement"],
-                row["agreement_images"],
-                100 * INT8_AGREEMENT_WARNING,
-            )
+    if reference is None:
+        return row
+    row |= agreement(path, reference)
+    if row["agreement"] < INT8_AGREEMENT_WARNING:
+        logger.warning(
+            "[export] %s gives %s's top-1 class on %.1f%% of %d %s images "
+            "(below %.0f%%): check its accuracy before deploying it.",
+            path,
+            os.path.basename(reference["keras_path"]),
+            100 * row["agreement"],
+            row["agreement_images"],
+            row["agreement_split"],
+            100 * INT8_AGREEMENT_WARNING,
+        )
     return row
 
 
@@ -379,8 +387,9 @@ def export_run(run_dir: str) -> dict:
     }
     measure = dict(batch_size=config.batch_size, batches=config.throughput_batches)
     deployables = [_deployable(top["thumbnet"], "keras", **measure)]
+    reference = agreement_reference(run_dir, top["thumbnet"]) if exports else None
     deployables += [
-        _deployable(p, fmt, **measure, run_dir=run_dir, keras_path=top["thumbnet"])
+        _deployable(p, fmt, **measure, reference=reference)
         for fmt, p in exports.items()
     ]
     write_json(

@@ -383,6 +383,7 @@ def write_generalize_report(run_dir: str) -> dict:
     from thumbnet_keras.pipeline.generalize_report import (
         VERDICT_NOTE,
         generalize_markdown,
+        majority_warning,
         summarize_generalize,
     )
     from thumbnet_keras.reports.render import _CSS, _html_table
@@ -432,7 +433,6 @@ def write_generalize_report(run_dir: str) -> dict:
     )
     if notes:
         notes = f"<h2>Where the target differs from E's source</h2><ul>{notes}</ul>"
-    from thumbnet_keras.pipeline.generalize_report import majority_warning
 
     def inline(text: str) -> str:  # markdown's `code` and **bold** as HTML
         text = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
