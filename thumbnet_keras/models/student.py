@@ -210,9 +210,13 @@ def _layers(model: keras.Model) -> list:
     return found
 
 
+# A classifier's head: what makes it take any input size (make_student), and
+# what no feature map comes after (the trainer's FM layer).
+GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+
+
 def _has_global_pooling(model: keras.Model) -> bool:
-    pools = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
-    return any(isinstance(layer, pools) for layer in _layers(model))
+    return any(isinstance(layer, GLOBAL_POOLING) for layer in _layers(model))
 
 
 def _check_no_fixed_resizing(teacher: keras.Model, old_hw, where: str) -> None:

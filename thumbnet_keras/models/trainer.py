@@ -33,7 +33,11 @@ from keras import ops
 
 from thumbnet_keras.losses import thumbnet_losses as L
 from thumbnet_keras.models.alignment import GeometryError, fm_pooling, layer_output
-from thumbnet_keras.models.student import image_input_shape, not_a_graph_message
+from thumbnet_keras.models.student import (
+    GLOBAL_POOLING,
+    image_input_shape,
+    not_a_graph_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +184,6 @@ def warn_torch_jit(jit_compile) -> None:
         )
 
 
-_GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
-
-
 def _after_global_pooling(model) -> set[int]:
     """ids of the layers every path from the input to which passes through
     a global pooling layer (the pooling layers included): 4-D when pooled
@@ -195,7 +196,7 @@ def _after_global_pooling(model) -> set[int]:
     for depth in sorted(graph._nodes_by_depth, reverse=True):  # input first
         for node in graph._nodes_by_depth[depth]:
             parents = node.parent_nodes
-            pooled[id(node)] = isinstance(node.operation, _GLOBAL_POOLING) or (
+            pooled[id(node)] = isinstance(node.operation, GLOBAL_POOLING) or (
                 bool(parents) and all(pooled.get(id(p), False) for p in parents)
             )
     return {
