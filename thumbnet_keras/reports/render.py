@@ -478,8 +478,11 @@ def deployables_table(metrics: Mapping) -> list[dict]:
 _DEPLOY_NOTE = (
     "thumbnet.keras and its exports (docs/deploy.md); images/s: measured on "
     "this machine at the batch size shown, each in its own runtime (Keras, "
-    "ONNX Runtime, LiteRT); top-1 as .keras: how often the export gives "
-    "thumbnet.keras's top-1 class on the run's validation images."
+    "ONNX Runtime, LiteRT); thumbnet.keras is timed here as the saved file, "
+    "its input normalization included, so its figure is not the Results "
+    "table's (the trained model timed beside the others); top-1 as .keras: "
+    "how often the export gives thumbnet.keras's top-1 class on the run's "
+    "validation images."
 )
 
 
