@@ -197,8 +197,9 @@ def test_format_summary_golden():
     lines = text.splitlines()
     assert lines[0] == (
         "Run demo: ThumbNet f=2: 68.8% test top-1 at 3.9× fewer MACs; teacher "
-        "72.4%, best bicubic baseline 67.1% (Bicubic + KD). ThumbNet f=4: 66.0% "
-        "test top-1 at 14.8× fewer MACs; best bicubic baseline 65.0% (Bicubic + CL)."
+        "72.4%, best bicubic baseline 67.1% (Bicubic + KD; the best on validation). "
+        "ThumbNet f=4: 66.0% test top-1 at 14.8× fewer MACs; best bicubic baseline "
+        "65.0% (Bicubic + CL; the best on validation)."
     )
     assert lines[2].split() == ["model", "f", "thumbnail", "val", "top-1", "test",
                                 "top-1", "MACs", "fewer", "MACs", "images/s"]  # fmt: skip
