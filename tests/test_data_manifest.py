@@ -245,3 +245,24 @@ def test_image_folder_class_folders_before_any_image_is_read(tmp_path):
     assert source.class_folders() == ["x", "y"]
     missing = ImageFolderSource(type="image_folder", root=str(tmp_path / "none"))
     assert missing.class_folders() is None
+
+
+def test_a_parquet_base_dir_that_is_not_there_is_named(tmp_path):
+    """A trial (2026-12-01): a wrong `base_dir` quarantined every row as
+    `missing` and prepare stopped at "split 'train' has no usable example
+    (231 quarantined ...)", naming neither the folder nor the reason."""
+    from thumbnet_keras.pipeline import preflight
+    from thumbnet_keras.pipeline.config import ConfigError
+
+    (tmp_path / "t.parquet").write_bytes(b"")  # only its existence is checked
+    source = f"source: {{type: parquet, path: {tmp_path / 't.parquet'}, base_dir: "
+    for base, said in ((tmp_path / "nowhere", "not found"), (tmp_path / "t.parquet",
+                       "is a file, not a folder")):  # fmt: skip
+        body = GOOD.replace("source: {type: image_folder, root: /nowhere}",
+                            source + f"{base}}}")  # fmt: skip
+        manifest = data.load_manifest(_write(tmp_path, body))
+        with pytest.raises(ConfigError, match=f"base_dir '{base}' {said}"):
+            preflight._check_source(manifest)
+    body = GOOD.replace("source: {type: image_folder, root: /nowhere}",
+                        source + f"{tmp_path}}}")  # fmt: skip
+    preflight._check_source(data.load_manifest(_write(tmp_path, body)))  # there

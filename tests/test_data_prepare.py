@@ -26,7 +26,7 @@ from PIL import Image
 
 from thumbnet_keras import data
 from thumbnet_keras.data import index as index_module
-from thumbnet_keras.data.validate import validate_bytes
+from thumbnet_keras.data.validate import RULES_VERSION, validate_bytes
 
 
 def rows_by_name(prepared) -> dict[str, dict]:
@@ -270,8 +270,12 @@ def test_empty_split_fails_with_clear_message(tmp_path):
         for name, (status, _) in write_bad_files(root / folder).items():
             if status == "converted":
                 os.remove(root / folder / name)
-    with pytest.raises(data.PrepareError, match="split 'train' has no usable example"):
+    with pytest.raises(
+        data.PrepareError, match="split 'train' has no usable example"
+    ) as err:
         data.prepare(folder_manifest(root), tmp_path / "out")
+    # Why, counted by reason (a trial: "231 quarantined" for a wrong base_dir).
+    assert "quarantined: " in str(err.value) and " empty_file" in str(err.value)
     assert os.path.isfile(tmp_path / "out" / "quarantine.failed.json")
     assert not os.path.exists(tmp_path / "out" / "index.parquet")
 
@@ -294,6 +298,20 @@ def test_failed_reprepare_keeps_the_last_good_index_and_report(tmp_path):
     for name, content in before.items():
         assert (out / name).read_bytes() == content, name
     assert data.PreparedDataset.load(out).splits == good.splits
+    # Once the data is fixed, the failure's report goes (a trial: it stayed
+    # beside the new index, a failure that no longer applied).
+    make_image_folder(tmp_path / "src")
+    assert data.prepare(manifest, out).reused  # the same files as the good one
+    assert not (out / "quarantine.failed.json").exists()
+    for path in (tmp_path / "src").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    with pytest.raises(data.PrepareError, match="no usable example"):
+        data.prepare(manifest, out)
+    make_image_folder(tmp_path / "src")
+    write_good(tmp_path / "src/dog/dog_03.jpg", seed=4321)  # a new index
+    assert not data.prepare(manifest, out).reused
+    assert not (out / "quarantine.failed.json").exists()
 
 
 def test_declared_class_without_examples_fails(tmp_path):
@@ -1146,3 +1164,79 @@ def test_changed_files_names_what_changed_since_prepare(tmp_path):
     assert found.pop(unreadable).startswith("unreadable: ")
     assert found == {}
     assert [p for p, _ in prepared.changed_files(("train",))] == [train[0]]
+
+
+def _flip_iend_crc_bit(png: bytes) -> bytes:
+    blob = bytearray(png)
+    blob[png.index(b"IEND") - 5] ^= 1  # IDAT's CRC, just before IEND's chunk
+    return bytes(blob)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_flip_iend_crc_bit, "corrupt"),
+        (lambda png: png[:-2], "truncated"),  # cut inside IEND's CRC
+        (lambda png: png[:-4], "truncated"),  # IEND without its CRC
+    ],
+)
+def test_png_damage_pillow_reads_but_tensorflow_refuses_is_quarantined(damage, reason):
+    """A trial (2026-12-01): a PNG with one flipped CRC bit, or cut inside
+    its IEND chunk, decoded in Pillow, was indexed `ok`, then failed
+    training in TensorFlow's decoder with a traceback naming no file."""
+    import tensorflow as tf
+
+    png = encode(pattern(16, 16, 3, 2), "PNG")
+    bad = damage(png)
+    Image.open(io.BytesIO(bad)).load()  # Pillow reads it...
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_image(bad, channels=3, expand_animations=False)  # ...TF not
+    assert validate_bytes(png).status == "ok"
+    v = validate_bytes(bad)
+    assert (v.status, v.reason) == ("quarantined", reason)
+
+
+def test_an_index_validated_under_older_rules_is_validated_again(tmp_path, monkeypatch):
+    """Rows are reused by (key, sha256) across prepares; an index written
+    before PNG CRCs were checked (validation rules 1) kept a damaged PNG
+    `ok` for as long as its bytes stayed. An index of other rules is
+    re-validated, and, if nothing changed, marked with today's rules."""
+    import importlib
+
+    from thumbnet_keras.data import validate
+
+    prepare_module = importlib.import_module("thumbnet_keras.data.prepare")
+    make_image_folder(tmp_path / "src", with_bad=False)
+    manifest = folder_manifest(tmp_path / "src")
+    out = tmp_path / "out"
+    png = next((tmp_path / "src").rglob("*.png"))
+    png.write_bytes(_flip_iend_crc_bit(png.read_bytes()))
+
+    def old_rules_index():
+        with monkeypatch.context() as patch:  # as the rules before CRCs were
+            patch.setattr(validate, "_png_problem", lambda data: None)
+            patch.setattr(prepare_module, "RULES_VERSION", RULES_VERSION - 1)
+            patch.setattr(validate, "RULES_VERSION", RULES_VERSION - 1)
+            old = data.prepare(manifest, out, workers=1)
+        assert rows_by_name(old)[png.name]["status"] == "ok"
+        assert old.summary()["validation_rules"] == RULES_VERSION - 1
+        return old
+
+    old_rules_index()
+    redone = data.prepare(manifest, out, workers=1)
+    assert not redone.reused
+    assert rows_by_name(redone)[png.name]["reason"] == "corrupt"
+    assert redone.summary()["validation_rules"] == RULES_VERSION
+
+    # The same verdicts under both rules: the index is kept, marked with
+    # today's rules, and the next prepare reuses its rows again.
+    (out / "summary.json").unlink()
+    png.unlink()
+    first = data.prepare(manifest, out, workers=1)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["validation_rules"] = RULES_VERSION - 1
+    index_module.write_json(out / "summary.json", summary)
+    again = data.prepare(manifest, out, workers=1)
+    assert again.reused and again.decoded == 0
+    assert again.summary()["validation_rules"] == RULES_VERSION
+    assert again.splits == first.splits

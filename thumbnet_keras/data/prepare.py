@@ -40,6 +40,7 @@ from thumbnet_keras.data.validate import (
     CONVERTED,
     OK,
     QUARANTINED,
+    RULES_VERSION,
     Validation,
     quarantine,
     read_file,
@@ -48,6 +49,8 @@ from thumbnet_keras.data.validate import (
 )
 
 EXECUTORS = ("auto", "processes", "threads")
+# A failed prepare's quarantine report, beside the last good index's.
+FAILED_REPORT = "quarantine.failed.json"
 
 # Candidates per task sent to a worker process: amortizes pickling and the
 # round trip over several images (a 500x375 JPEG takes ~1 ms to examine).
@@ -72,10 +75,15 @@ def _reusable(old: dict, out_dir: Path) -> bool:
 
 
 def _previous_rows(out_dir: Path) -> dict[tuple[str, str], dict]:
-    """(key, sha256) -> row of a trusted previous index; {} if none."""
+    """(key, sha256) -> row of a trusted previous index; {} if none, or if
+    it was validated under other rules (`RULES_VERSION`): its rows would
+    carry the old verdicts (a damaged PNG indexed `ok` before CRCs were
+    checked stayed `ok` for as long as its bytes did)."""
     try:
         prev = idx.PreparedDataset.load(out_dir)
     except idx.IndexCorruptError:
+        return {}
+    if prev.summary().get("validation_rules") != RULES_VERSION:
         return {}
     rows = prev.read_index().to_pylist()
     return {(r["key"], r["sha256"]): r for r in rows if r["sha256"]}
@@ -584,9 +592,18 @@ def prepare(
         # as names ('10' before '2') must not be reused.
         payload.append(["integer classes", list(class_names)])
     fingerprint = hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+    failed_report = out / FAILED_REPORT
     try:
         previous = idx.PreparedDataset.load(out)
-        if previous.summary().get("fingerprint") == fingerprint:
+        summary = previous.summary()
+        if summary.get("fingerprint") == fingerprint:
+            if summary.get("validation_rules") != RULES_VERSION:
+                # Re-validated under today's rules with the same verdicts:
+                # say so, so the next prepare reuses its rows again.
+                summary["validation_rules"] = RULES_VERSION
+                idx.write_json(out / idx.SUMMARY_FILE, summary)
+                previous = idx.PreparedDataset.load(out)
+            failed_report.unlink(missing_ok=True)
             return previous
     except idx.IndexCorruptError:
         pass
@@ -615,13 +632,16 @@ def prepare(
     counts = Counter(r["split"] for r in usable)
     # A failed prepare reports beside, never over, the last good index's
     # quarantine report, so that index, its report and summary stay a set.
-    failed_report = out / "quarantine.failed.json"
     for split in _expected_splits(manifest, rows):
         if counts[split] == 0:
             idx.write_json(failed_report, report)
+            reasons = Counter(r["reason"] for r in quarantined)
+            why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
             raise PrepareError(
                 f"{manifest.name}: split {split!r} has no usable example "
-                f"({len(quarantined)} quarantined, see {failed_report})"
+                f"({len(quarantined)} quarantined"
+                + (f": {why}" if why else "")
+                + f"; see {failed_report})"
             )
     per_class = Counter(r["label"] for r in usable)
     # One pass over the rows: a pass per (split, class) would take ~1.5 min
@@ -731,6 +751,7 @@ def prepare(
     height, width = next(iter(dims)) if len(dims) == 1 else (None, None)
     summary = {
         "schema_version": idx.SCHEMA_VERSION,
+        "validation_rules": RULES_VERSION,
         "name": manifest.name,
         "license": manifest.license,
         "source_type": manifest.source.type,
@@ -759,6 +780,7 @@ def prepare(
         "folders_without_images": no_images,
     }
     idx.write_json(out / idx.SUMMARY_FILE, summary)
+    failed_report.unlink(missing_ok=True)  # an earlier failure's, fixed now
     _remove_stale_converted(out, rows, started)
     return idx.PreparedDataset.from_summary(
         str(out), summary, reused=False, decoded=decoded

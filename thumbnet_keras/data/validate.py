@@ -18,7 +18,9 @@ Rules (also in docs/data.md):
 | cannot be opened/read (permissions)     | quarantined | unreadable               |
 | not an image PIL recognises             | quarantined | not_an_image             |
 | image signature, unparsable header      | quarantined | corrupt                  |
-| decode fails part way (truncated)       | quarantined | truncated                |
+| a PNG chunk whose CRC does not match    | quarantined | corrupt                  |
+| decode fails part way (truncated), a    | quarantined | truncated                |
+| PNG without its whole IEND chunk        |             |                          |
 | any other decode error                  | quarantined | corrupt                  |
 | more pixels than PIL's bomb limit       | quarantined | too_large                |
 | CMYK (no exact RGB without ICC profile) | quarantined | cmyk_colorspace          |
@@ -43,6 +45,7 @@ import dataclasses
 import io
 import os
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -114,18 +117,33 @@ def _png_bit_depth(data: bytes) -> int:
     return 8
 
 
-def _png_complete(data: bytes) -> bool:
-    """Whether the PNG's chunks run to an IEND chunk (walked by their
-    lengths; bytes after it are allowed). Pillow decodes a PNG cut just
-    before IEND, TensorFlow's decoder refuses it ("Invalid PNG data"): such
-    a file passed validation, then failed training with a traceback."""
+# Bumped when a rule changes a verdict (a file `ok` before is not now):
+# `prepare` then re-validates every file instead of reusing an earlier
+# index's rows. 2: PNG chunk CRCs and a whole IEND chunk (2026-12-01).
+RULES_VERSION = 2
+
+
+def _png_problem(data: bytes) -> str | None:
+    """ "truncated", "corrupt" or None: the PNG's chunks, walked by their
+    lengths, must run to a whole IEND chunk (bytes after it are allowed)
+    and every chunk's CRC must match. Pillow decodes a PNG cut inside or
+    before IEND, or with a damaged CRC; TensorFlow's decoder refuses both
+    ("Invalid PNG data"): such files passed validation, then failed
+    training with a traceback that named no file (a trial: 4 of 150
+    one-bit flips, and cuts of 1-4 bytes)."""
     pos = 8
-    while pos + 8 <= len(data):
+    while pos + 12 <= len(data):
         length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return "truncated"
+        crc = int.from_bytes(data[end : end + 4], "big")
+        if zlib.crc32(data[pos + 4 : end]) != crc:
+            return "corrupt"
         if data[pos + 4 : pos + 8] == b"IEND":
-            return True
-        pos += 12 + length  # length, type, data, CRC
-    return False
+            return None
+        pos = end + 4  # length, type, data, CRC
+    return "truncated"
 
 
 def _encode_png(image: Image.Image) -> bytes:
@@ -202,8 +220,8 @@ def validate_bytes(data: bytes) -> Validation:
         return quarantine("corrupt")
 
     fmt = image.format or "unknown"
-    if fmt == "PNG" and not _png_complete(data):
-        return quarantine("truncated")
+    if fmt == "PNG" and (problem := _png_problem(data)) is not None:
+        return quarantine(problem)
     mode = image.mode
     orientation = exif_orientation(image)
     if getattr(image, "n_frames", 1) > 1:

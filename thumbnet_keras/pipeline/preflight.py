@@ -232,6 +232,20 @@ def _check_source(manifest) -> None:
         _check_image_folder(manifest, root, name)
     if source.type == "parquet" and not Path(source.path).expanduser().is_file():
         raise ConfigError(f"{name}: Parquet file {source.path!r} not found.")
+    base = getattr(source, "base_dir", None)
+    if source.type == "parquet" and base and not Path(base).expanduser().is_dir():
+        # Every path row would be quarantined `missing`, and prepare would
+        # stop at an empty split without naming the folder (a trial).
+        found = (
+            "is a file, not a folder"
+            if Path(base).expanduser().is_file()
+            else ("not found")
+        )
+        raise ConfigError(
+            f"{name}: base_dir {base!r} {found}; the table's relative image "
+            "paths are read from it. Fix `source.base_dir` (or leave it out: "
+            "paths are then relative to the table's folder)."
+        )
     if source.type == "elpv" and importlib.util.find_spec("elpv_dataset") is None:
         raise ConfigError(
             f"{name} needs the elpv-dataset package: pip install elpv-dataset."
