@@ -457,3 +457,21 @@ def test_the_share_of_the_most_predicted_class_is_recorded():
     health = check_logits(logits, labels, 3)
     assert health["top_class_share"] == pytest.approx(8 / 12)
     assert health["majority_rate"] == pytest.approx(6 / 12)
+
+
+def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path):
+    """A resume trial (2026-12-01): a truncated epoch file ended in two
+    tracebacks and h5py's "truncated file: eof = 70676 ...", naming no file."""
+    from thumbnet_keras.pipeline.rundir import DamagedFileError
+
+    fit_resumable(_diverging_model(0.01), _regression(), 2, tmp_path, verbose=0,
+                  log=lambda m: None)  # fmt: skip
+    weights = Path(load_checkpoint(tmp_path)["weights"])
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DamagedFileError) as err:
+        fit_resumable(_diverging_model(0.01), _regression(), 4, tmp_path, verbose=0,
+                      log=lambda m: None)  # fmt: skip
+    assert str(err.value).startswith(f"Checkpoint {str(weights)!r} is damaged (")
+    assert str(err.value).endswith(
+        f"Delete {str(tmp_path)!r} to train the stage again from its start, and rerun."
+    )

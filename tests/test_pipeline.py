@@ -1186,6 +1186,61 @@ def test_a_finished_stage_whose_model_file_is_gone_says_so(tmp_path):
         pipeline.train_stage(run_dir, 2, "bicubic_kd", verbose=0)
 
 
+def test_a_finished_stage_whose_model_file_changed_says_so(tmp_path, monkeypatch):
+    """A resume trial (2026-12-01): a truncated teacher.keras in a finished
+    run shipped with rc 0, a truncated student.keras failed export with
+    "File not found" for a file that was there (only existence was
+    checked); a rerun killed between a retrained stage's record and the
+    removal of evaluation.json reported the old model's scores; and a
+    checkpoint left by a kill made a stage "trained again" resume from it.
+    Now each stage records its files' sha256 and the skip checks them, the
+    evaluation goes before the record, and a finished stage's leftover
+    checkpoints go when it is skipped."""
+    from thumbnet_keras.pipeline import Run, stages
+    from thumbnet_keras.pipeline.rundir import DamagedFileError
+
+    run_dir, prepared, _ = _small_run(tmp_path)
+    record = pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)
+    student = Path(run_dir, "stages", "f2-bicubic_cl", "student.keras")
+    assert set(record["sha256"]) == {"student.keras"}
+    kept = student.read_bytes()
+    student.write_bytes(kept[: len(kept) // 2])
+    before = snapshot(Path(run_dir))
+    with pytest.raises(DamagedFileError) as changed:
+        pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)
+    assert str(changed.value).endswith(
+        "finished, but stages/f2-bicubic_cl/student.keras changed since (damaged, "
+        "or replaced): restore it from a copy, or delete stages/f2-bicubic_cl.json "
+        "and stages/f2-bicubic_cl/ in the run folder to train the stage again."
+    )
+    assert snapshot(Path(run_dir)) == before
+    student.write_bytes(kept)
+    teacher = Path(run_dir, "teacher.keras")
+    good_teacher = teacher.read_bytes()
+    teacher.write_bytes(good_teacher[:-100])
+    with pytest.raises(DamagedFileError, match="teacher.keras changed since"):
+        pipeline.get_teacher(run_dir, prepared, verbose=0)  # a rerun's first step
+    teacher.write_bytes(good_teacher)
+    # A leftover checkpoint of the finished stage goes when it is skipped.
+    run = Run(run_dir)
+    run.checkpoint_dir("f2-bicubic_cl").mkdir(parents=True)
+    assert pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)["skipped"]
+    assert not run.checkpoint_dir("f2-bicubic_cl").exists()
+    # Killed after a retrained stage's record is written: the old evaluation
+    # is already gone.
+    Path(run_dir, "evaluation.json").write_text("{}")
+    Path(run_dir, "stages", "f2-bicubic_cl.json").unlink()
+
+    def killed(path, record):
+        assert not Path(run_dir, "evaluation.json").exists()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(stages, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)
+    assert not Path(run_dir, "evaluation.json").exists()
+
+
 def test_sync_batchnorm_without_data_parallel_is_no_difference():
     """A run saved with --sync-batchnorm and no --distribution (accepted
     then, refused now) resumes without the flag: it did nothing."""

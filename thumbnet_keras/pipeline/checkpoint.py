@@ -59,7 +59,12 @@ from thumbnet_keras.pipeline.health import (
     diverged_message,
     epoch_seed,
 )
-from thumbnet_keras.pipeline.rundir import atomic_write, read_json, write_json
+from thumbnet_keras.pipeline.rundir import (
+    DamagedFileError,
+    atomic_write,
+    read_json,
+    write_json,
+)
 
 __all__ = ["EpochCheckpoint", "fit_resumable", "load_checkpoint"]
 
@@ -187,6 +192,22 @@ def load_checkpoint(directory: str | os.PathLike) -> dict | None:
     return state
 
 
+def _load_weights(model: keras.Model, path: str | os.PathLike) -> None:
+    """`model.load_weights(path)`; a damaged checkpoint file is named, with
+    the fix (a resume trial: a truncated epoch file ended in two tracebacks
+    and h5py's "truncated file: eof = 70676", the file named nowhere)."""
+    try:
+        model.load_weights(str(path))
+    except (OSError, ValueError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        folder = Path(path).parent
+        raise DamagedFileError(
+            f"Checkpoint {str(path)!r} is damaged ({reason}). Delete {str(folder)!r} "
+            "to train the stage again from its start, and rerun.",
+            reason,
+        ) from None
+
+
 def _reseed(model: keras.Model, seed: int, epoch: int) -> None:
     """Global RNG and every layer's SeedGenerator (dropout) from (seed, epoch)
     only: SeedGenerator states are not in a weights file."""
@@ -274,7 +295,7 @@ def fit_resumable(
     if state is not None:
         if not model.optimizer.built:  # So that load_weights restores it too.
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(state["weights"])
+        _load_weights(model, state["weights"])
         history, resumed_from = state["history"], list(state["resumed_from"])
         initial = int(state["epoch"])
         best = state.get("best") if monitor is not None else None
@@ -321,7 +342,7 @@ def fit_resumable(
         event = guard.stopped
         restored = load_checkpoint(checkpoint_dir)
         if restored is not None:
-            model.load_weights(restored["weights"])
+            _load_weights(model, restored["weights"])
             last = int(restored["epoch"])
         else:
             set_weights(model, good)
@@ -332,7 +353,7 @@ def fit_resumable(
     nonfinite = guard.events
     if callback.best is not None:
         best_file = _best_file(Path(checkpoint_dir), callback.best["epoch"])
-        model.load_weights(str(best_file))
+        _load_weights(model, best_file)
         selection = {
             "monitor": monitor,
             "best_epoch": callback.best["epoch"],

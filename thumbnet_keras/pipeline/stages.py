@@ -61,6 +61,7 @@ from thumbnet_keras.pipeline.compute import (
 from thumbnet_keras.pipeline.config import ConfigError, RunConfig
 from thumbnet_keras.pipeline.health import configure_determinism, default_seed_scope
 from thumbnet_keras.pipeline.rundir import (
+    DamagedFileError,
     PreparedAgainError,
     Run,
     atomic_write,
@@ -156,28 +157,69 @@ def _finish(run: Run, sid: str, record: dict) -> dict:
     if folder.is_dir():  # (Not the temporary files of a killed attempt.)
         files = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         record = {**record, "outputs": files}
+    # Each model file's digest, checked when a rerun skips the stage: a
+    # damaged file passed the existence check (a resume trial: a truncated
+    # teacher.keras shipped with rc 0; a truncated student.keras failed
+    # export with "File not found" for a file that was there).
+    record = {**record, "sha256": _digests(_outputs(run, sid, record))}
     # How many replicas it trained on (config.json says data_parallel, not
     # how many devices there were: a platform trial's run found one).
     record = {**record, "replicas": active_replicas()}
-    write_json(run.stage_record(sid), record)
-    run.discard_checkpoints(sid)
+    # The evaluation goes before the record is written: killed between the
+    # two, a rerun skipped the retrained stage and reported the old model's
+    # scores from the evaluation left behind (a resume trial).
     evaluation = run.file("evaluation.json")
     if evaluation.is_file():
         _log(f"[{sid}] trained again: the run's evaluation is redone")
         evaluation.unlink()
+    write_json(run.stage_record(sid), record)
+    run.discard_checkpoints(sid)
     progress.stage_done(run, sid, record)  # "[k/N] <stage>: done in ..."
     return record
+
+
+def _outputs(run: Run, sid: str, record: dict) -> list[Path]:
+    """The model files finished stage `sid` wrote."""
+    if sid == "teacher":
+        return [run.teacher_keras]
+    return [run.stage_dir(sid) / name for name in record.get("outputs", [])]
+
+
+def _digests(paths: list[Path]) -> dict[str, str]:
+    from thumbnet_keras.deploy.metadata import model_sha256
+
+    return {path.name: model_sha256(path) for path in paths if path.exists()}
 
 
 def _skip(run: Run, sid: str) -> dict:
     """A finished stage's record; `ConfigError` when a model file it wrote is
     gone (a rerun went on to fail in a later step with a traceback)."""
     record = read_json(run.stage_record(sid))
-    folder = run.stage_dir(sid)
-    wanted = [folder / name for name in record.get("outputs", [])]
-    if sid == "teacher":
-        wanted = [run.teacher_keras]
+    wanted = _outputs(run, sid, record)
     _check_outputs(run, sid, wanted)
+    recorded = record.get("sha256") or {}  # (None in records made before it)
+    changed = [
+        str(path.relative_to(run.path))
+        for path in wanted
+        if path.name in recorded and _digests([path])[path.name] != recorded[path.name]
+    ]
+    if changed:
+        again = (
+            "start a new run (another --run-name): every later stage of this "
+            "run learned from that teacher"
+            if sid == "teacher"
+            else f"delete {str(run.stage_record(sid).relative_to(run.path))} and "
+            f"{str(run.stage_dir(sid).relative_to(run.path))}/ in the run folder "
+            "to train the stage again"
+        )
+        raise DamagedFileError(
+            f"Stage {sid} of run {str(run.path)!r} finished, but "
+            f"{', '.join(changed)} changed since (damaged, or replaced): restore "
+            f"it from a copy, or {again}."
+        )
+    # Left by a process killed between the record and their removal; a stage
+    # trained again after its record was deleted would resume from them.
+    run.discard_checkpoints(sid)
     _log(f"[{sid}] already finished, skipped")
     return record | {"skipped": True}
 
