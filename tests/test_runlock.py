@@ -101,9 +101,21 @@ def test_second_process_is_refused_then_takes_over_a_stale_lock(tmp_path, caplog
     # The holder died without unlocking: its lock file is still there, stale.
     assert json.loads((folder / ".lock").read_text())["pid"] == proc.pid
     assert lock_holder(folder) is None
+    # ... and, killed mid-write, its `atomic_write` temporaries (a resume
+    # trial: `.thumbnet.tmp-<pid>.keras` stayed after every later run).
+    (folder / "stages" / ".student.tmp-1.keras").parent.mkdir()
+    left = [folder / f".thumbnet.tmp-{proc.pid}.keras",
+            folder / "stages" / f".student.tmp-{proc.pid}.keras",
+            folder / f".saved.tmp-{proc.pid}"]  # fmt: skip
+    for path in left[:2]:
+        path.write_bytes(b"half a model")
+    (left[2] / "variables").mkdir(parents=True)  # a SavedModel folder
+    other = folder / "stages" / ".student.tmp-1.keras"  # not that process's
+    other.write_bytes(b"kept")
     with caplog.at_level("WARNING", logger="thumbnet_keras.pipeline.rundir"):
         lock_run(folder)
     assert f"pid {proc.pid}" in caplog.text and "taking over" in caplog.text
+    assert not any(path.exists() for path in left) and other.exists()
     assert json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
     lock_run(folder)  # Re-entrant in the holding process.
     unlock_run(folder)

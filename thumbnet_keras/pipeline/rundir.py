@@ -301,6 +301,8 @@ def lock_run(path: str | os.PathLike) -> Path:
             holder_text(previous),
             "" if not alive else "; that pid is now another process",
         )
+        if previous.get("host") == socket.gethostname():
+            _remove_temporaries(folder, int(previous["pid"]))
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -316,6 +318,19 @@ def lock_run(path: str | os.PathLike) -> Path:
     _HELD[key] = fd
     _TAKEN_BY[key] = os.getpid()
     return lock
+
+
+def _remove_temporaries(folder: Path, pid: int) -> None:
+    """Removes what `atomic_write` calls of process `pid` left in `folder`
+    (`.<name>.tmp-<pid>...`): that process held the run's lock and was
+    killed mid-write (a resume trial: `.thumbnet.tmp-4247.keras` stayed
+    after every later run; a whole model's size each time)."""
+    for path in folder.rglob(f".*.tmp-{pid}*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 # lock path -> pid that took it. A forked child inherits `_HELD` and the exit
