@@ -276,6 +276,9 @@ CASES = [
     ("distribution-torch", [*TRAIN, "--distribution", "data_parallel"],
      "--distribution data_parallel needs the jax or tensorflow backend (KERAS_BACKEND); "
      "this process runs 'torch'."),
+    # Every process ran every step; Keras refused the datasets (a trial).
+    ("multi-process", [*TRAIN], "KERAS_DISTRIBUTION_NUM_PROCESSES=2: the thumbnet "
+     "command runs as one process"),
     # Prepared data written among a finished run's outputs (a platform trial).
     ("data-dir-in-a-run", [*TRAIN, "--data-dir", "{root}/runs/r24/_data"],
      "--data-dir '{root}/runs/r24/_data' is inside the run folder '{root}/runs/r24'"),
@@ -335,6 +338,8 @@ def test_user_error_is_one_line_and_exit_2(world, case, args, expected):
         env["KERAS_BACKEND"] = "tensorflw"  # A typo.
     if case == "distribution-torch":
         env["KERAS_BACKEND"] = "torch"
+    if case == "multi-process":
+        env["KERAS_DISTRIBUTION_NUM_PROCESSES"] = "2"
     before = snapshot(world)
     lines = run_refused(args, world, env).strip().splitlines()
     # `thumbnet train: error: ...` where argparse finds it.

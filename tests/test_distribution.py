@@ -263,7 +263,10 @@ def test_smoke_run_trains_distributed_in_mixed_precision(tmp_path):
                    for s in ("e_pretrain", "fm_pretrain", "joint")}}
         model = keras.saving.load_model(
             pipeline.export_run(run_dir)["factors"]["2"]["thumbnet"])
+        config = json.dumps(model.get_config())
         print(json.dumps({{
+            "synchronized": '"synchronized": true' in config,
+            "batchnorm": '"BatchNormalization"' in config,
             "policies": sorted({{l.dtype_policy.name for l in model._flatten_layers()}}),
             "losses": {{s: r["history"]["loss"] for s, r in records.items()}},
             "policy_after": keras.config.dtype_policy().name,
@@ -275,6 +278,9 @@ def test_smoke_run_trains_distributed_in_mixed_precision(tmp_path):
         timeout=600,
     )
     assert result["policies"] == ["float32"]  # saved as float32 for users
+    # ... and with plain BatchNorm: Keras refuses `synchronized=True` on JAX
+    # and torch, where a trial's thumbnet.keras then failed to load.
+    assert result["batchnorm"] and not result["synchronized"]
     for stage, losses in result["losses"].items():
         assert losses and all(np.isfinite(losses)), stage
     assert result["policy_after"] == "float32"
@@ -388,3 +394,31 @@ def test_two_processes_step_equals_one_device_step(tmp_path):
         got = np.load(tmp_path / f"w{i}.npz")
         diffs = [np.abs(got[f"arr_{k}"] - r).max() for k, r in enumerate(reference)]
         assert max(diffs) < 1e-5, (i, max(diffs))
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's DataParallel")
+def test_sync_batchnorm_is_tensorflows_only_and_jax_trains_without_it():
+    """A trial (2026-12-01): `--sync-batchnorm` on JAX with 2 devices rebuilt
+    the teacher with `BatchNormalization(synchronized=True)`, which Keras
+    supports on TensorFlow only: a 3 KB TypeError after data preparation.
+    JAX's statistics are the global batch's already: nothing to do there."""
+    result = run_python(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        import keras
+        from conftest import tiny_teacher
+        from thumbnet_keras.pipeline.compute import compute_scope, prepare_model
+        with compute_scope("float32", "data_parallel", sync_batchnorm=True) as n:
+            model = prepare_model(tiny_teacher())
+            synced = [l.synchronized for l in model._flatten_layers()
+                      if isinstance(l, keras.layers.BatchNormalization)]
+        print(json.dumps({{"replicas": n, "synced": synced}}))
+        """,
+        env={
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "KERAS_BACKEND": "jax",
+        },
+    )
+    assert result["replicas"] == 2
+    assert result["synced"] and not any(result["synced"])

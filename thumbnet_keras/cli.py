@@ -472,8 +472,8 @@ class _NoUserErrorTraceback(logging.Filter):
 
 
 def _start_frameworks(args: argparse.Namespace, server: bool = False) -> None:
-    """After every input was checked: Prefect's server (flows), Keras and its
-    backend (quietly, unless -v), and a multi-host run's join."""
+    """After every input was checked: Prefect's server (flows), then Keras and
+    its backend (quietly, unless -v)."""
     from thumbnet_keras.pipeline.environment import import_backend_quietly
 
     if server:
@@ -486,9 +486,6 @@ def _start_frameworks(args: argparse.Namespace, server: bool = False) -> None:
                 ):
                     logger.addFilter(_NoUserErrorTraceback())
     import_backend_quietly(quiet=not getattr(args, "verbose", 0))
-    from thumbnet_keras.pipeline.compute import initialize_multi_host
-
-    initialize_multi_host()  # A multi-host run's processes join first.
 
 
 def _demo_values(args: argparse.Namespace) -> dict:

@@ -38,6 +38,7 @@ __all__ = [
     "distribution_scope",
     "even_batches",
     "float32_model",
+    "portable_model",
     "initialize_multi_host",
     "jit_compile_option",
     "local_devices",
@@ -149,13 +150,14 @@ def float32_model(model):
     return with_precision(model, "float32")
 
 
-def with_sync_batchnorm(model):
-    """`model` with `synchronized=True` on every `BatchNormalization` layer
-    (same weights), or `model` itself when none needs it."""
+def with_sync_batchnorm(model, synchronized: bool = True):
+    """`model` with `synchronized` set on every `BatchNormalization` layer
+    (same weights), or `model` itself when none needs the change."""
     import keras
 
     if not any(
-        isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized
+        isinstance(layer, keras.layers.BatchNormalization)
+        and layer.synchronized != synchronized
         for layer in model._flatten_layers()
     ):
         return model
@@ -163,9 +165,18 @@ def with_sync_batchnorm(model):
     def edit(layer):
         if layer["class_name"] != "BatchNormalization":
             return layer
-        return dict(layer, config=dict(layer["config"], synchronized=True))
+        return dict(layer, config=dict(layer["config"], synchronized=synchronized))
 
     return _rebuild(model, edit)
+
+
+def portable_model(model):
+    """`model` as a run saves it, loadable on every backend: float32
+    (`float32_model`) and plain BatchNorm. `synchronized=True`, a training
+    setting, is TensorFlow-only in Keras: a model saved with it failed to
+    load on JAX and torch ("only supported with the TensorFlow backend"; a
+    trial's `--sync-batchnorm` run)."""
+    return with_sync_batchnorm(float32_model(model), synchronized=False)
 
 
 def local_devices() -> list[str]:
@@ -300,6 +311,12 @@ def jit_compile_option(value: str = "auto"):
     return {"auto": "auto", "on": True, "off": False}[value]
 
 
+def _backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
 def _tf_gpu() -> bool:
     """True when TensorFlow sees a GPU (where "auto" would pick XLA)."""
     import tensorflow as tf
@@ -332,7 +349,12 @@ def compute_scope(
         _ACTIVE = {
             "precision": precision,
             "replicas": replicas,
-            "sync_batchnorm": bool(sync_batchnorm) and replicas > 1,
+            # TensorFlow's replicas each see a share of the batch; JAX's
+            # DataParallel already normalizes by the global batch, and its
+            # BatchNorm has no `synchronized` (it raised after data prep).
+            "sync_batchnorm": bool(sync_batchnorm)
+            and replicas > 1
+            and _backend() == "tensorflow",
         }
         try:
             yield replicas

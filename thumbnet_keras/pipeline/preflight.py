@@ -1011,7 +1011,19 @@ _BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
 
 def check_backend() -> None:
     """`KERAS_BACKEND`, when set, names a Keras backend that is installed
-    (Keras itself would fail on import, with a traceback)."""
+    (Keras itself would fail on import, with a traceback); and no multi-process
+    run is asked of the command."""
+    processes = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "").strip()
+    if processes not in ("", "0", "1"):
+        # Each process ran every step and wrote the run folder, and Keras
+        # refused the pipeline's datasets (a trial: "The batch size of the
+        # input dataset is unknown", a traceback in every process).
+        raise ConfigError(
+            f"KERAS_DISTRIBUTION_NUM_PROCESSES={processes}: the thumbnet command "
+            "runs as one process (several devices of one machine: --distribution "
+            "data_parallel). For several processes or machines, train with the "
+            "library as docs/flows.md, 'Several machines', shows, or unset it."
+        )
     backend = os.environ.get("KERAS_BACKEND")
     if backend is None:
         return

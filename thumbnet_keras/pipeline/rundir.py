@@ -126,13 +126,14 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_keras(model, path: str | os.PathLike) -> str:
     """Atomically saves a Keras model to a `.keras` file; returns the path.
-    A mixed-precision model is saved as float32 (`compute.float32_model`).
+    A mixed-precision model is saved as float32, synchronized BatchNorm as
+    plain BatchNorm (`compute.portable_model`).
     The file holds architecture and weights only: no compile config (a
     stage's loss is this package's, which plain Keras could not rebuild) and
     no optimizer state (stages resume from their checkpoints, not these)."""
-    from thumbnet_keras.pipeline.compute import float32_model
+    from thumbnet_keras.pipeline.compute import portable_model
 
-    model = float32_model(model)
+    model = portable_model(model)
     with _uncompiled(model):
         atomic_write(path, lambda tmp: model.save(tmp))
     return str(path)
