@@ -45,6 +45,15 @@ LATIN1 = os.fsdecode(b"caf\xe9.png")  # not UTF-8: a surrogate in Python
 def _images(folder: Path) -> dict[str, str]:
     """Good and broken files; returns name -> expected class or reason."""
     folder.mkdir()
+    # A linked sub-folder (an image folder trial: its images were skipped in
+    # silence, while prepare reads such a folder), and a hidden one (skipped).
+    (folder.parent / "elsewhere").mkdir()
+    Image.fromarray(np.full((16, 16), 10, np.uint8)).save(
+        folder.parent / "elsewhere" / "linked_dark.png"
+    )
+    (folder / "linked").symlink_to(folder.parent / "elsewhere")
+    (folder / ".cache").mkdir()
+    Image.fromarray(np.full((16, 16), 10, np.uint8)).save(folder / ".cache" / "c.png")
     Image.fromarray(np.full((16, 16), 230, np.uint8)).save(folder / "bright.png")
     # RGB JPEG, not square, not the model's size: converted to gray, cropped.
     Image.fromarray(np.full((12, 20, 3), 20, np.uint8)).save(folder / "dark.jpg")
@@ -63,6 +72,7 @@ def _images(folder: Path) -> dict[str, str]:
     (folder / "gone.png").symlink_to(folder / "deleted.png")
     Image.fromarray(np.full((16, 16), 240, np.uint8)).save(folder / LATIN1)
     return {
+        "linked_dark.png": "dark",
         "gone.png": "missing",
         LATIN1: "bright",
         "bright.png": "bright",
@@ -231,10 +241,10 @@ def test_cli_predict_exit_codes(tmp_path, capsys):
     assert main(["predict", "--model", model, str(tmp_path / "images"),
                  "--top-k", "1", "--output", str(out)]) == 0  # fmt: skip
     saved = json.loads(out.read_text())
-    assert len(saved["predictions"]) == 4 and len(saved["skipped"]) == 5
+    assert len(saved["predictions"]) == 5 and len(saved["skipped"]) == 5
     assert all(len(r["top"]) == 1 for r in saved["predictions"])
     err = capsys.readouterr().err
-    assert "truncated.png: truncated" in err and "5 of 9 files skipped" in err
+    assert "truncated.png: truncated" in err and "5 of 10 files skipped" in err
     assert "gone.png: missing" in err  # a link to nothing, named
     assert err.count("truncated.png") == 1, err  # Reported once, not twice.
     # Printed, not written: one line per image.

@@ -47,12 +47,17 @@ def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[dict
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            from thumbnet_keras.data.manifest import walk_folders
+
+            # Through linked folders, as prepare reads a class folder
+            # (`Path.rglob` skipped a linked sub-folder's images in silence).
             found = sorted(
-                str(p)
-                for p in path.rglob("*")
-                if (p.is_file() or p.is_symlink())  # a link to nothing: reported
-                and p.suffix.lower() in IMAGE_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                str(Path(folder, name))
+                for folder, _, names in walk_folders(path, hidden=False)
+                for name in names
+                if not name.startswith(".")
+                and Path(name).suffix.lower() in IMAGE_SUFFIXES
+                and not Path(folder, name).is_dir()  # (a folder named x.png)
             )
             if not found:
                 errors.append({"file": str(path), "reason": "no_images_in_folder"})
