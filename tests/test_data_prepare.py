@@ -83,19 +83,24 @@ def test_one_image_under_two_classes_is_a_label_conflict(tmp_path):
     # A byte copy filed under another class was reported only as train/test
     # leakage, or (both in train) only as a count in summary.json.
     root = make_image_folder(tmp_path / "src", with_bad=False)
-    (root / "dog" / "copy.png").write_bytes((root / "cat" / "cat_00.png").read_bytes())
+    blob = (root / "cat" / "cat_00.png").read_bytes()
+    (root / "dog" / "copy.png").write_bytes(blob)
+    # A second copy in cat: the first two files are both cat's, and the text
+    # quoted those, never dog's (an image folder trial).
+    (root / "cat" / "cat_00_again.png").write_bytes(blob)
     with pytest.warns(UserWarning) as caught:
         prepared = data.prepare(folder_manifest(root), tmp_path / "out")
     texts = [str(w.message) for w in caught]
     conflict = [t for t in texts if "more than one class" in t]
     assert conflict == [
         "toy: 1 image(s) appear under more than one class (byte-identical files; "
-        "e.g. 'cat/cat_00.png', 'dog/copy.png' as 'cat' and 'dog'), so training "
+        "e.g. 'cat/cat_00.png' as 'cat', 'dog/copy.png' as 'dog'), so training "
         "is taught two answers for one image. Keep each image under one class "
         "(every one is listed in summary.json's label_conflicts)."
     ]
     assert prepared.summary()["label_conflicts"][0]["keys"] == [
         "cat/cat_00.png",
+        "cat/cat_00_again.png",
         "dog/copy.png",
     ]
     # Reused, the index still knows, and the run's notices say it again.
@@ -354,9 +359,11 @@ def test_duplicates_across_splits_are_reported(tmp_path):
         prepared = data.prepare(folder_manifest(root), tmp_path / "out")
     summary = prepared.summary()
     said = [str(w.message) for w in warned if "byte-identical" in str(w.message)]
+    first = summary["duplicates_across_splits"][0]["examples"]
+    assert sorted(first) == ["test", "train"]
     assert len(said) == 1 and said[0].startswith(
         "toy: 1 image(s) have byte-identical copies in more than one split "
-        "(5 files; e.g. 'cat/cat_00.png', 'cat/copy_0.png' in test and train)"
+        f"(5 files; e.g. {first['test']!r} in test, {first['train']!r} in train)"
     ), said
     assert "summary.json's duplicates_across_splits" in said[0]
     rows = [
@@ -366,6 +373,8 @@ def test_duplicates_across_splits_are_reported(tmp_path):
     ]
     splits = {r["split"] for r in rows}
     assert len(rows) == 5
+    by_key = {r["key"]: r["split"] for r in rows}
+    assert {by_key[k] for k in first.values()} == {"test", "train"}  # one of each
     if len(splits) > 1:
         assert summary["duplicates_across_splits"][0]["splits"] == sorted(splits)
         assert len(summary["duplicates_across_splits"][0]["keys"]) == 5

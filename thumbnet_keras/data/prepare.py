@@ -417,8 +417,7 @@ def duplicates_text(dataset: str, across: list[dict]) -> str:
     return (
         f"{dataset}: {len(across)} image(s) have byte-identical copies in more "
         f"than one split ({sum(len(d['keys']) for d in across)} files; e.g. "
-        f"{', '.join(map(repr, first['keys'][:2]))} in "
-        f"{' and '.join(first['splits'])}), so validation and test top-1 count "
+        f"{_one_each(first, 'splits')}), so validation and test top-1 count "
         "images the model trained on. Remove the copies (every one is listed "
         "in summary.json's duplicates_across_splits)."
     )
@@ -429,11 +428,33 @@ def conflicts_text(dataset: str, conflicts: list[dict]) -> str:
     first = conflicts[0]
     return (
         f"{dataset}: {len(conflicts)} image(s) appear under more than one class "
-        f"(byte-identical files; e.g. {', '.join(map(repr, first['keys'][:2]))} "
-        f"as {' and '.join(map(repr, first['classes']))}), so training is taught "
+        f"(byte-identical files; e.g. {_one_each(first, 'classes')}), so training "
+        "is taught "
         "two answers for one image. Keep each image under one class (every one "
         "is listed in summary.json's label_conflicts)."
     )
+
+
+def _one_each(record: dict, kind: str) -> str:
+    """ "'a/1.png' as 'a', 'b/1.png' as 'b'": one file of each class (or
+    split) a duplicate record names. The first two keys were quoted, which
+    could both be of one class, the conflicting file never named (a trial);
+    records saved before `examples` still are."""
+    examples = record.get("examples")
+    word, show = ("as", repr) if kind == "classes" else ("in", str)
+    names = record[kind]
+    if not examples:
+        keys = ", ".join(map(repr, record["keys"][:2]))
+        return f"{keys} {word} {' and '.join(map(show, names))}"
+    return ", ".join(f"{examples[n]!r} {word} {show(n)}" for n in names)
+
+
+def _examples(group: list[dict], field: str) -> dict[str, str]:
+    """The first key of each value of `field` in `group`."""
+    first: dict[str, str] = {}
+    for r in group:
+        first.setdefault(r[field], r["key"])
+    return dict(sorted(first.items()))
 
 
 def _by_sha(rows: list[dict]) -> dict[str, list[dict]]:
@@ -453,6 +474,7 @@ def _label_conflicts(rows: list[dict]) -> list[dict]:
             "sha256": sha,
             "classes": sorted({r["label_name"] for r in group}),
             "keys": [r["key"] for r in group],
+            "examples": _examples(group, "label_name"),
         }  # fmt: skip
         for sha, group in sorted(by_sha.items())
         if len({r["label_name"] for r in group}) > 1
@@ -468,7 +490,12 @@ def _duplicates(rows: list[dict]) -> tuple[list[dict], int]:
         splits = sorted({r["split"] for r in group})
         if len(splits) > 1:
             across.append(
-                {"sha256": sha, "splits": splits, "keys": [r["key"] for r in group]}
+                {
+                    "sha256": sha,
+                    "splits": splits,
+                    "keys": [r["key"] for r in group],
+                    "examples": _examples(group, "split"),
+                }  # fmt: skip
             )
         else:
             within += len(group) - 1
