@@ -266,3 +266,34 @@ def test_a_parquet_base_dir_that_is_not_there_is_named(tmp_path):
     body = GOOD.replace("source: {type: image_folder, root: /nowhere}",
                         source + f"{tmp_path}}}")  # fmt: skip
     preflight._check_source(data.load_manifest(_write(tmp_path, body)))  # there
+
+
+def test_a_class_folder_spelled_in_other_unicode_code_points_is_explained(tmp_path):
+    """A trial (2026-12-01): a class folder written decomposed (NFD, as macOS
+    writes names) and `classes: [dreieck_ü]` typed composed got "no image for
+    class 'dreieck_ü'" beside a folder that looks the same."""
+    import unicodedata
+
+    from PIL import Image
+
+    from thumbnet_keras.pipeline import preflight
+    from thumbnet_keras.pipeline.config import ConfigError
+
+    composed = "dreieck_\u00fc"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    for name in (decomposed, "kreis"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / name / "a.png")
+    body = GOOD.replace("/nowhere", str(tmp_path / "img")) + (
+        f"classes: [{composed}, kreis]\n"
+    )
+    manifest = data.load_manifest(_write(tmp_path, body))
+    with pytest.raises(ConfigError) as err:
+        preflight._check_source(manifest)
+    assert "no image for class 'dreieck_ü'" in str(err.value)
+    assert str(err.value).endswith(
+        "A folder looks the same but is spelled with other Unicode code points "
+        "('dreieck_ü' is 'dreieck_\\xfc', the folder 'dreieck_u\\u0308'): write "
+        "the class as the folder spells it, or rename the folder."
+    )

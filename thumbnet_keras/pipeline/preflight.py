@@ -207,7 +207,33 @@ def _check_image_folder(manifest, root: Path, name: str) -> None:
             f"{name}: no image for class {shown}{more}; each class in the "
             "manifest's `classes` needs a folder <root>/<class_name> holding its "
             "images. Fix the class names or the folders."
+            + _unicode_twins(missing, folders)
         )
+
+
+def _unicode_twins(missing: list[str], folders: list[Path]) -> str:
+    """What to add when a missing class has a folder that looks the same but
+    is spelled with other code points (macOS writes names decomposed, NFD:
+    'ü' as 'u' + a combining mark; a YAML file typed by hand has 'ü'): the
+    message said "no image for class 'dreieck_ü'" beside such a folder (a
+    trial)."""
+    import unicodedata
+
+    def nfc(text: str) -> str:
+        return unicodedata.normalize("NFC", text)
+
+    names = {d.name for f in folders if f.is_dir() for d in f.iterdir() if d.is_dir()}
+    twins = [
+        (c, d) for c in missing for d in sorted(names) if d != c and nfc(d) == nfc(c)
+    ]
+    if not twins:
+        return ""
+    said = "; ".join(f"{c!r} is {ascii(c)}, the folder {ascii(d)}" for c, d in twins)
+    return (
+        " A folder looks the same but is spelled with other Unicode code "
+        f"points ({said}): write the class as the folder spells it, or rename "
+        "the folder."
+    )
 
 
 def _check_source(manifest) -> None:
