@@ -1096,6 +1096,14 @@ def test_a_run_is_not_resumed_on_files_changed_under_its_manifest(tmp_path):
     with pytest.raises(ConfigError, match="was started on other data") as refused:
         pipeline.get_teacher(run_dir, changed, verbose=0)
     assert "restore the files to resume" in str(refused.value)
+    assert "classes" not in str(refused.value)  # the same classes
+    # A class folder renamed: the counts are the same, the classes say what
+    # changed (a trial read "then: train 160 ...; now: train 160 ...").
+    renamed = changed | {"class_names": ["bright", "darker"]}
+    with pytest.raises(ConfigError, match="was started on other data") as refused:
+        pipeline.get_teacher(run_dir, renamed, verbose=0)
+    assert "classes ['bright', 'dark']; now:" in str(refused.value)
+    assert "classes ['bright', 'darker'])" in str(refused.value)
     assert snapshot(Path(run_dir)) == before
     # Nor is it scored on them (`thumbnet evaluate --run` read the new splits).
     from thumbnet_keras.pipeline import Run

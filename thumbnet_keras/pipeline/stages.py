@@ -409,7 +409,12 @@ def _check_same_data(run: Run, prepared: dict) -> None:
 
     def splits(summary):
         counts = summary.get("splits") or {}
-        return ", ".join(f"{k} {v}" for k, v in counts.items()) or "unknown"
+        text = ", ".join(f"{k} {v}" for k, v in counts.items()) or "unknown"
+        # Renamed class folders keep the counts: the classes say what changed
+        # (a trial read "then: train 160 ...; now: train 160 ...", the same).
+        if saved.get("class_names") != prepared.get("class_names"):
+            text += f", classes {summary.get('class_names')}"
+        return text
 
     raise ConfigError(
         f"Run folder {str(run.path)!r} was started on other data: the files of "
