@@ -475,3 +475,31 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path):
     assert str(err.value).endswith(
         f"Delete {str(tmp_path)!r} to train the stage again from its start, and rerun."
     )
+
+
+def test_a_stage_resumed_on_other_replicas_says_so_and_records_it(tmp_path, caplog):
+    """A trial (2026-12-01): a run started on 2 devices, killed, resumed on 1,
+    said nothing, and its record said `replicas: 1`."""
+    import logging
+
+    fit_resumable(_diverging_model(0.01), _regression(), 2, tmp_path, verbose=0,
+                  log=lambda m: None)  # fmt: skip
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["replicas_by_attempt"] == [1]
+    state["replicas_by_attempt"] = [2]  # as a 2-device process left it
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING, logger="thumbnet_keras.pipeline.checkpoint"):
+        record = fit_resumable(_diverging_model(0.01), _regression(), 4, tmp_path,
+                               verbose=0, log=lambda m: None, stage="f2-joint")  # fmt: skip
+    assert record["replicas_by_attempt"] == [2, 1]
+    assert "[f2-joint] the checkpoint's epochs trained on 2 replica(s); this " in (
+        caplog.text
+    )
+    # The same devices: nothing said, nothing extra recorded.
+    caplog.clear()
+    fresh = tmp_path / "fresh"
+    fit_resumable(_diverging_model(0.01), _regression(), 2, fresh, verbose=0,
+                  log=lambda m: None)  # fmt: skip
+    record = fit_resumable(_diverging_model(0.01), _regression(), 3, fresh, verbose=0,
+                           log=lambda m: None)  # fmt: skip
+    assert "replicas_by_attempt" not in record and "replica(s)" not in caplog.text

@@ -289,9 +289,15 @@ def fit_resumable(
         "val_accuracy", "best_epoch": K, "best_value": v}`, or `{"monitor":
         None, "best_epoch": epochs, "reason": ...}` for last-epoch selection.
     """
+    from thumbnet_keras.pipeline.compute import active_replicas
+
     state = load_checkpoint(checkpoint_dir)
     monitor = MONITOR if validation_data is not None else None
     history, resumed_from, initial, best, nonfinite = {}, [], 0, None, []
+    replicas = active_replicas()
+    # The replicas each process of the stage trained on (a trial: a run
+    # started on 2 devices resumed on 1 in silence, its record saying 1).
+    attempts = [replicas]
     if state is not None:
         if not model.optimizer.built:  # So that load_weights restores it too.
             model.optimizer.build(model.trainable_variables)
@@ -305,14 +311,27 @@ def fit_resumable(
             if len(losses) >= best["epoch"]:
                 best = {**best, TIEBREAK: float(losses[best["epoch"] - 1])}
         nonfinite = list(state.get("nonfinite", []))
+        attempts = [*state.get("replicas_by_attempt", [replicas]), replicas]
         if initial < epochs:
             resumed_from.append(initial)
             log(f"  resuming from the checkpoint after epoch {initial}/{epochs}")
+            if attempts[-2] != replicas:
+                logging.getLogger(__name__).warning(
+                    "[%s] the checkpoint's epochs trained on %d replica(s); this "
+                    "process trains the rest on %d: the global batch is the same, "
+                    "the devices are not (batch statistics differ per replica "
+                    "on TensorFlow without --sync-batchnorm).",
+                    stage, attempts[-2], replicas,
+                )  # fmt: skip
         for extra_callback in callbacks or []:
             if best is not None and hasattr(extra_callback, "restore_best"):
                 extra_callback.restore_best(best)  # progress lines
     per_epoch = callable(train_data)
-    extra = {"seed": seed if per_epoch else None, "nonfinite": nonfinite}
+    extra = {
+        "seed": seed if per_epoch else None,
+        "nonfinite": nonfinite,
+        "replicas_by_attempt": attempts,
+    }
     callback = EpochCheckpoint(
         checkpoint_dir, history, resumed_from, monitor, best, extra
     )
@@ -367,9 +386,6 @@ def fit_resumable(
         reason = no_selection_reason if monitor is None else f"no {monitor} logged"
         selection = {"monitor": None, "best_epoch": epochs, "reason": reason}
         if monitor is not None:
-            from thumbnet_keras.pipeline.compute import active_replicas
-
-            replicas = active_replicas()
             why = (
                 f" (under data_parallel on JAX, a validation batch is cut to a "
                 f"multiple of the {replicas} devices: a validation split of fewer "
@@ -389,4 +405,5 @@ def fit_resumable(
         "seconds": round(time.perf_counter() - start, 3),
         "selection": selection,
         "nonfinite": nonfinite,
+        **({"replicas_by_attempt": attempts} if len(set(attempts)) > 1 else {}),
     }
