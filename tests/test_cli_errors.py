@@ -277,8 +277,8 @@ CASES = [
      "--distribution data_parallel needs the jax or tensorflow backend (KERAS_BACKEND); "
      "this process runs 'torch'."),
     # Every process ran every step; Keras refused the datasets (a trial).
-    ("multi-process", [*TRAIN], "KERAS_DISTRIBUTION_NUM_PROCESSES=2: the thumbnet "
-     "command runs as one process"),
+    ("multi-process", [*TRAIN], "KERAS_DISTRIBUTION_NUM_PROCESSES=2: a thumbnet "
+     "run trains in one process"),
     # Prepared data written among a finished run's outputs (a platform trial).
     ("data-dir-in-a-run", [*TRAIN, "--data-dir", "{root}/runs/r24/_data"],
      "--data-dir '{root}/runs/r24/_data' is inside the run folder '{root}/runs/r24'"),
@@ -436,7 +436,7 @@ def test_data_found_bad_while_preparing_is_one_error_line(tmp_path):
     args = ["train", "--dataset", "bad.yaml", "--smoke", "--run-name", "r"]
     errors = error_lines(run_refused(args, tmp_path))
     assert len(errors) == 1 and errors[0].startswith("thumbnet: error: bad: split")
-    assert "has no usable example (12 quarantined, see " in errors[0]
+    assert "has no usable example (12 quarantined: 12 not_an_image; see " in errors[0]
     assert "quarantine.failed.json" in errors[0]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["_data"]
 

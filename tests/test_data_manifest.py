@@ -251,10 +251,15 @@ def test_a_parquet_base_dir_that_is_not_there_is_named(tmp_path):
     """A trial (2026-12-01): a wrong `base_dir` quarantined every row as
     `missing` and prepare stopped at "split 'train' has no usable example
     (231 quarantined ...)", naming neither the folder nor the reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from thumbnet_keras.pipeline import preflight
     from thumbnet_keras.pipeline.config import ConfigError
 
-    (tmp_path / "t.parquet").write_bytes(b"")  # only its existence is checked
+    pq.write_table(
+        pa.table({"image": ["a/1.png"], "label": ["a"]}), tmp_path / "t.parquet"
+    )  # fmt: skip  (a column of paths)
     source = f"source: {{type: parquet, path: {tmp_path / 't.parquet'}, base_dir: "
     for base, said in ((tmp_path / "nowhere", "not found"), (tmp_path / "t.parquet",
                        "is a file, not a folder")):  # fmt: skip
@@ -266,6 +271,17 @@ def test_a_parquet_base_dir_that_is_not_there_is_named(tmp_path):
     body = GOOD.replace("source: {type: image_folder, root: /nowhere}",
                         source + f"{tmp_path}}}")  # fmt: skip
     preflight._check_source(data.load_manifest(_write(tmp_path, body)))  # there
+    # A table of image bytes never reads base_dir: a stale one is no error
+    # (a review: such a table prepared, and preflight refused it).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [b"\x89PNG"], "label": ["a"]}),
+                   tmp_path / "bytes.parquet")  # fmt: skip
+    body = GOOD.replace("source: {type: image_folder, root: /nowhere}",
+                        f"source: {{type: parquet, path: {tmp_path / 'bytes.parquet'}, "
+                        f"base_dir: {tmp_path / 'gone'}}}")  # fmt: skip
+    preflight._check_source(data.load_manifest(_write(tmp_path, body)))
 
 
 def test_a_class_folder_spelled_in_other_unicode_code_points_is_explained(tmp_path):

@@ -1181,6 +1181,31 @@ def _flip_iend_crc_bit(png: bytes) -> bytes:
     return bytes(blob)
 
 
+def _with_text_chunk(png: bytes, crc_ok: bool) -> bytes:
+    """`png` with a tEXt chunk after IDAT (an ancillary chunk), its CRC
+    right or wrong."""
+    import struct
+    import zlib
+
+    body = b"tEXt" + b"Comment\x00hello"
+    crc = zlib.crc32(body) ^ (0 if crc_ok else 1)
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", crc)
+    at = png.index(b"IEND") - 4
+    return png[:at] + chunk + png[at:]
+
+
+def test_an_ancillary_chunks_bad_crc_is_no_reason_to_quarantine():
+    """libpng (TensorFlow's decoder) only warns about an ancillary chunk's
+    bad CRC and decodes the image (a review): it stays `ok` here too."""
+    import tensorflow as tf
+
+    png = encode(pattern(16, 16, 3, 2), "PNG")
+    for crc_ok in (True, False):
+        blob = _with_text_chunk(png, crc_ok)
+        assert tf.io.decode_image(blob, channels=3).shape == (16, 16, 3)
+        assert validate_bytes(blob).status == "ok", crc_ok
+
+
 @pytest.mark.parametrize(
     "damage, reason",
     [

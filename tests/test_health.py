@@ -503,3 +503,13 @@ def test_a_stage_resumed_on_other_replicas_says_so_and_records_it(tmp_path, capl
     record = fit_resumable(_diverging_model(0.01), _regression(), 3, fresh, verbose=0,
                            log=lambda m: None)  # fmt: skip
     assert "replicas_by_attempt" not in record and "replica(s)" not in caplog.text
+    # Killed after its last epoch on 2 devices, rerun on 1: nothing trains,
+    # so no attempt is added (a review: it read [2, 1]).
+    done = tmp_path / "done"
+    fit_resumable(_diverging_model(0.01), _regression(), 2, done, verbose=0,
+                  log=lambda m: None)  # fmt: skip
+    state = json.loads((done / "state.json").read_text())
+    (done / "state.json").write_text(json.dumps(state | {"replicas_by_attempt": [2]}))
+    record = fit_resumable(_diverging_model(0.01), _regression(), 2, done, verbose=0,
+                           log=lambda m: None)  # fmt: skip
+    assert "replicas_by_attempt" not in record

@@ -112,10 +112,13 @@ def test_second_process_is_refused_then_takes_over_a_stale_lock(tmp_path, caplog
     (left[2] / "variables").mkdir(parents=True)  # a SavedModel folder
     other = folder / "stages" / ".student.tmp-1.keras"  # not that process's
     other.write_bytes(b"kept")
+    longer = folder / f".student.tmp-{proc.pid}7.keras"  # pid 12's is not 127's
+    longer.write_bytes(b"kept")
     with caplog.at_level("WARNING", logger="thumbnet_keras.pipeline.rundir"):
         lock_run(folder)
     assert f"pid {proc.pid}" in caplog.text and "taking over" in caplog.text
     assert not any(path.exists() for path in left) and other.exists()
+    assert longer.exists()
     assert json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
     lock_run(folder)  # Re-entrant in the holding process.
     unlock_run(folder)

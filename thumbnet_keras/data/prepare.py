@@ -9,6 +9,7 @@ index is returned untouched and nothing is decoded or written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -626,11 +627,13 @@ def prepare(
         if summary.get("fingerprint") == fingerprint:
             if summary.get("validation_rules") != RULES_VERSION:
                 # Re-validated under today's rules with the same verdicts:
-                # say so, so the next prepare reuses its rows again.
+                # say so, so the next prepare reuses its rows again (not on a
+                # read-only folder: then it is re-validated next time too).
                 summary["validation_rules"] = RULES_VERSION
-                idx.write_json(out / idx.SUMMARY_FILE, summary)
-                previous = idx.PreparedDataset.load(out)
-            failed_report.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    idx.write_json(out / idx.SUMMARY_FILE, summary)
+                    previous = idx.PreparedDataset.load(out)
+            _remove_failed_report(failed_report)
             return previous
     except idx.IndexCorruptError:
         pass
@@ -807,11 +810,19 @@ def prepare(
         "folders_without_images": no_images,
     }
     idx.write_json(out / idx.SUMMARY_FILE, summary)
-    failed_report.unlink(missing_ok=True)  # an earlier failure's, fixed now
+    _remove_failed_report(failed_report)  # an earlier failure's, fixed now
     _remove_stale_converted(out, rows, started)
     return idx.PreparedDataset.from_summary(
         str(out), summary, reused=False, decoded=decoded
     )
+
+
+def _remove_failed_report(path: Path) -> None:
+    """Deletes an earlier failed prepare's report, if there is one (only
+    then: `unlink` on a read-only mount fails even for a missing file, and
+    a prepared folder there is still reused)."""
+    if path.exists():
+        path.unlink()
 
 
 def _remove_stale_converted(out: Path, rows: list[dict], started: float) -> None:

@@ -18,7 +18,7 @@ Rules (also in docs/data.md):
 | cannot be opened/read (permissions)     | quarantined | unreadable               |
 | not an image PIL recognises             | quarantined | not_an_image             |
 | image signature, unparsable header      | quarantined | corrupt                  |
-| a PNG chunk whose CRC does not match    | quarantined | corrupt                  |
+| a critical PNG chunk's CRC is wrong     | quarantined | corrupt                  |
 | decode fails part way (truncated), a    | quarantined | truncated                |
 | PNG without its whole IEND chunk        |             |                          |
 | any other decode error                  | quarantined | corrupt                  |
@@ -138,8 +138,9 @@ def _png_problem(data: bytes) -> str | None:
         if end + 4 > len(data):
             return "truncated"
         crc = int.from_bytes(data[end : end + 4], "big")
-        if zlib.crc32(data[pos + 4 : end]) != crc:
-            return "corrupt"
+        critical = not data[pos + 4] & 0x20  # IHDR, PLTE, IDAT, IEND: upper case
+        if critical and zlib.crc32(data[pos + 4 : end]) != crc:
+            return "corrupt"  # (libpng only warns about an ancillary chunk's)
         if data[pos + 4 : pos + 8] == b"IEND":
             return None
         pos = end + 4  # length, type, data, CRC

@@ -311,8 +311,9 @@ def fit_resumable(
             if len(losses) >= best["epoch"]:
                 best = {**best, TIEBREAK: float(losses[best["epoch"] - 1])}
         nonfinite = list(state.get("nonfinite", []))
-        attempts = [*state.get("replicas_by_attempt", [replicas]), replicas]
-        if initial < epochs:
+        attempts = list(state.get("replicas_by_attempt", [replicas]))
+        if initial < epochs:  # (a process that trains nothing adds none)
+            attempts.append(replicas)
             resumed_from.append(initial)
             log(f"  resuming from the checkpoint after epoch {initial}/{epochs}")
             if attempts[-2] != replicas:

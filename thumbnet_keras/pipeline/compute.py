@@ -241,7 +241,7 @@ def initialize_multi_host() -> int:
         raise _error(
             f"Joining the {processes}-process run failed: {err} Call "
             "`thumbnet_keras.pipeline.compute.initialize_multi_host()` first "
-            "thing in the process (the `thumbnet` CLI does)."
+            "thing in the process."
         ) from err
     _INITIALIZED = True
     return processes

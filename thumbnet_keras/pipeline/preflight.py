@@ -259,7 +259,12 @@ def _check_source(manifest) -> None:
     if source.type == "parquet" and not Path(source.path).expanduser().is_file():
         raise ConfigError(f"{name}: Parquet file {source.path!r} not found.")
     base = getattr(source, "base_dir", None)
-    if source.type == "parquet" and base and not Path(base).expanduser().is_dir():
+    if (
+        source.type == "parquet"
+        and base
+        and not Path(base).expanduser().is_dir()
+        and _parquet_holds_paths(source)
+    ):
         # Every path row would be quarantined `missing`, and prepare would
         # stop at an empty split without naming the folder (a trial).
         found = (
@@ -283,6 +288,24 @@ def _check_source(manifest) -> None:
             f"{name}: folder {source.directory!r} not found (Debian: "
             "apt-get install dataset-fashion-mnist)."
         )
+
+
+def _parquet_holds_paths(source) -> bool:
+    """Whether the table's image column holds file paths (strings), which
+    `base_dir` is for; a bytes column never reads it."""
+    import pyarrow.parquet as pq
+
+    from thumbnet_keras.data.sources import _arrow_kind
+
+    if source.image_kind == "bytes":
+        return False
+    try:
+        column = pq.read_schema(Path(source.path).expanduser()).field(
+            source.image_column
+        )
+    except Exception:  # noqa: BLE001 - prepare names an unreadable table or column
+        return False
+    return _arrow_kind(column.type) == "string"
 
 
 def _check_tfds(source, name: str) -> None:
@@ -724,9 +747,23 @@ def _check_outside_runs(path: str, option: str) -> None:
 def _check_distribution(distribution: str, sync_batchnorm: bool = False) -> None:
     """data_parallel on a backend that has it (`compute.distribution_scope`),
     refused here before any data is prepared; so is --sync-batchnorm without
-    it (it was accepted and recorded, and did nothing)."""
+    it (it was accepted and recorded, and did nothing), and a multi-process
+    run (`KERAS_DISTRIBUTION_NUM_PROCESSES`), which the run steps do not
+    support."""
     from thumbnet_keras.pipeline.environment import planned_backend
 
+    processes = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "").strip()
+    if processes not in ("", "0", "1"):
+        # Each process ran every step and wrote the run folder, and Keras
+        # refused the pipeline's datasets (a trial: "The batch size of the
+        # input dataset is unknown", a traceback in every process).
+        raise ConfigError(
+            f"KERAS_DISTRIBUTION_NUM_PROCESSES={processes}: a thumbnet run "
+            "trains in one process (several devices of one machine: "
+            "--distribution data_parallel). For several processes or machines, "
+            "train with the library as docs/flows.md, 'Several machines', "
+            "shows, or unset it."
+        )
     if sync_batchnorm and distribution != "data_parallel":
         raise ConfigError(
             "--sync-batchnorm synchronizes BatchNorm statistics across the "
@@ -1037,19 +1074,7 @@ _BACKENDS = ("tensorflow", "jax", "torch", "numpy", "openvino")
 
 def check_backend() -> None:
     """`KERAS_BACKEND`, when set, names a Keras backend that is installed
-    (Keras itself would fail on import, with a traceback); and no multi-process
-    run is asked of the command."""
-    processes = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "").strip()
-    if processes not in ("", "0", "1"):
-        # Each process ran every step and wrote the run folder, and Keras
-        # refused the pipeline's datasets (a trial: "The batch size of the
-        # input dataset is unknown", a traceback in every process).
-        raise ConfigError(
-            f"KERAS_DISTRIBUTION_NUM_PROCESSES={processes}: the thumbnet command "
-            "runs as one process (several devices of one machine: --distribution "
-            "data_parallel). For several processes or machines, train with the "
-            "library as docs/flows.md, 'Several machines', shows, or unset it."
-        )
+    (Keras itself would fail on import, with a traceback)."""
     backend = os.environ.get("KERAS_BACKEND")
     if backend is None:
         return

@@ -35,6 +35,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -326,7 +327,10 @@ def _remove_temporaries(folder: Path, pid: int) -> None:
     (`.<name>.tmp-<pid>...`): that process held the run's lock and was
     killed mid-write (a resume trial: `.thumbnet.tmp-4247.keras` stayed
     after every later run; a whole model's size each time)."""
+    exact = re.compile(rf"\..*\.tmp-{pid}(\..*)?")  # not pid 123's for 12
     for path in folder.rglob(f".*.tmp-{pid}*"):
+        if not exact.fullmatch(path.name):
+            continue
         with contextlib.suppress(OSError):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

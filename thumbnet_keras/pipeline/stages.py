@@ -409,19 +409,30 @@ def _check_same_data(run: Run, prepared: dict) -> None:
 
     def splits(summary):
         counts = summary.get("splits") or {}
-        text = ", ".join(f"{k} {v}" for k, v in counts.items()) or "unknown"
-        # Renamed class folders keep the counts: the classes say what changed
-        # (a trial read "then: train 160 ...; now: train 160 ...", the same).
-        if saved.get("class_names") != prepared.get("class_names"):
-            text += f", classes {summary.get('class_names')}"
-        return text
+        return ", ".join(f"{k} {v}" for k, v in counts.items()) or "unknown"
+
+    # Renamed class folders keep the counts: the classes say what changed (a
+    # trial read "then: train 160 ...; now: train 160 ...", the same).
+    then, now = saved.get("class_names") or [], prepared.get("class_names") or []
+    classes = ""
+    if then != now:
+        gone, new = [c for c in then if c not in now], [c for c in now if c not in then]
+
+        def names(found):
+            return ", ".join(map(repr, found[:5])) + (" ..." if len(found) > 5 else "")
+
+        classes = (
+            f"; classes gone: {names(gone) or 'none'}, new: {names(new) or 'none'}"
+            if gone or new
+            else "; the same classes in another order"
+        )
 
     raise ConfigError(
         f"Run folder {str(run.path)!r} was started on other data: the files of "
         f"dataset {prepared.get('name') or prepared.get('dataset')!r} changed since "
         f"its stages trained, or a thumbnet-keras upgrade indexes them otherwise "
         f"(the prepared index differs; then: {splits(saved)}; now: "
-        f"{splits(prepared)}). "
+        f"{splits(prepared)}{classes}). "
         "Finished stages used the old files, so the run is not resumed; its "
         "outputs are left untouched. Choose another run name to train on the "
         "data as it is now, or restore the files to resume this run."
