@@ -35,6 +35,7 @@ from thumbnet_keras.pipeline.generalize_report import (
     mean_std,
     summarize_generalize,
 )
+from thumbnet_keras.pipeline.rundir import Run
 
 
 def test_recipe_fields_are_the_runs_own():
@@ -370,3 +371,95 @@ def test_fresh_students_per_seed_with_recipe(source_run, caplog):
     assert f"{diff['mean']:+.2f} ± {diff['std']:.2f}" in report["markdown"]
     metrics = json.loads(Path(report["metrics_json"]).read_text())
     assert len(metrics["results"]) == 4 and metrics["summary"] == report["summary"]
+
+
+def _config(root: Path, source: str, run_name: str, *experiments) -> GeneralizeConfig:
+    return GeneralizeConfig(
+        source_run=source,
+        experiments=tuple(experiments),
+        epochs=1,
+        seeds=(0,),
+        batch_size=8,
+        limit_per_class=8,
+        runs_dir=str(root / "runs"),
+        data_dir=str(root / "data"),
+        run_name=run_name,
+        throughput_batches=1,
+    )
+
+
+def test_a_generalize_run_checks_what_it_reuses(source_run):
+    """A researcher's trial (2026-12-01), each silent before:
+
+    * experiments naming one (dataset, backbone) twice were trained and
+      reported twice;
+    * a source run replaced by another resumed with the other E, its seeds
+      pooled with the first E's in one row;
+    * a target whose files changed resumed, seeds on two datasets pooled;
+    * test images of the target among E's training images (another
+      --limit-per-class splits ELPV otherwise) were scored;
+    * a folder's image size never reached the notes (its manifest has none);
+    * a "raw" source's bicubic arm was not clipped to [0, 255] as E is.
+    """
+    root, source, symmetric = source_run
+    with pytest.raises(ConfigError, match="given more than once"):
+        resolve_generalize(_config(root, source, "dup", (None, None), (symmetric, None),
+                                   ("", "tiny_cnn")))  # fmt: skip
+    resolved = resolve_generalize(_config(root, source, "checks", (symmetric, None)))
+    run_dir = resolved["run_dir"]
+    prepared = pipeline.prepare_dataset(symmetric, str(root / "data"), 8)
+
+    # The target's own images: a copy of the source's files under another
+    # split seed, so some of its test images were E's train images.
+    copy = root / "copy.yaml"
+    copy.write_text(
+        Path(symmetric).read_text().replace("name: tiny_sym", "name: tiny_copy")
+        .replace("seed: 0", "seed: 3")
+    )  # fmt: skip
+    copied = pipeline.prepare_dataset(str(copy), str(root / "data"), 8)
+    with pytest.raises(
+        ConfigError, match=r"test image\(s\) of 'tiny_copy' are images E"
+    ):
+        pipeline.generalize.check_target(run_dir, 0, copied)
+    pipeline.generalize.check_target(run_dir, 0, prepared)  # the same split: fine
+
+    # Notes from the prepared images, not only the manifest's size.
+    small = prepared | {"image_shape": [8, 8, 1]}
+    pipeline.generalize._update_notes(Run(run_dir), 0, small)
+    notes = json.loads(Path(run_dir, "source.json").read_text())["experiments"][0]
+    assert any("no larger than the 16x16 thumbnail" in n for n in notes["notes"])
+
+    # Other files on resume, once an arm of the experiment trained.
+    Path(run_dir, "stages").mkdir(exist_ok=True)
+    Path(run_dir, "stages", f"{arm_id(0, 0, 'learned')}.json").write_text("{}")
+    changed = prepared | {"fingerprint": "0" * 64, "splits": {"train": 1}}
+    with pytest.raises(ConfigError, match="changed since its first arms trained"):
+        pipeline.generalize.check_target(run_dir, 0, changed)
+
+    # A raw source: the bicubic arm clips to [0, 255], as E does.
+    info = json.loads(Path(run_dir, "source.json").read_text())
+    Path(run_dir, "source.json").write_text(json.dumps(info | {"normalization": "raw"}))
+    bicubic, data = arm_inputs(run_dir, "bicubic", prepared)
+    edge = np.zeros((1, 32, 32, 1), "float32")
+    edge[:, :, 16:] = 255.0
+    out = np.asarray(bicubic(edge))
+    assert data["normalization"] == "raw" and out.min() >= 0.0 and out.max() <= 255.0
+    Path(run_dir, "source.json").write_text(json.dumps(info))
+
+    # Another E under the same source run: refused on resume, nothing pooled.
+    import keras
+
+    from thumbnet_keras.layers.downscaler import build_downscaler
+
+    path = Path(source, "f2", "downscaler.keras")
+    kept = path.read_bytes()
+    keras.utils.set_random_seed(6)
+    build_downscaler((32, 32, 1), 2, width=8, value_range=(0.0, 1.0)).save(path)
+    try:
+        with pytest.raises(ConfigError, match="downscaler_sha256"):
+            resolve_generalize(_config(root, source, "checks", (symmetric, None)))
+    finally:
+        path.write_bytes(kept)
+    assert resolve_generalize(_config(root, source, "checks", (symmetric, None)))[
+        "resumed"
+    ]

@@ -51,6 +51,7 @@ __all__ = [
     "ARMS",
     "arm_id",
     "arm_inputs",
+    "check_target",
     "input_notes",
     "resolve_generalize",
     "train_generalize_arm",
@@ -196,20 +197,37 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
             }
         )
     resolved = tuple((e["dataset"], e["backbone"]) for e in experiments)
+    repeated = sorted({f"{d}:{b}" for d, b in resolved if resolved.count((d, b)) > 1})
+    if repeated:
+        # `:`, `elpv:` and `elpv:tiny_cnn` can all name one experiment; each
+        # was trained and reported twice (a trial).
+        raise ConfigError(
+            f"--experiment {', '.join(repeated)} given more than once (after "
+            "filling in the source run's dataset and backbone); experiments "
+            "must be distinct."
+        )
     config = dataclasses.replace(config, experiments=resolved)
     if config.run_name is None:
         config = dataclasses.replace(
             config, run_name=default_run_name(f"generalize-{source.name}")
         )
     check_writable(config.runs_dir)
-    run, resumed = claim(config.run_path, config.to_json(), kind="generalize")
+    from thumbnet_keras.deploy.metadata import model_sha256
+
+    downscaler = source.factor_dir(config.factor) / "downscaler.keras"
+    # A source run replaced or retrained since: its E is another one, and
+    # a resumed run pooled seeds of two Es in one row (a trial).
+    inputs = {"downscaler_sha256": model_sha256(downscaler)}
+    run, resumed = claim(
+        config.run_path, config.to_json(), kind="generalize", inputs=inputs
+    )
     info = {
         "experiments": experiments,
         "image_size": saved["image_size"],
         "channels": saved["channels"],
         "normalization": source_info["normalization"],
         "source_dataset": source_info,
-        "downscaler": str(source.factor_dir(config.factor) / "downscaler.keras"),
+        "downscaler": str(downscaler),
         "source_run": str(source.path),
     }
     write_json(run.file("source.json"), info)
@@ -252,10 +270,122 @@ def arm_inputs(run_dir: str, arm: str, prepared: dict):
                 f"The downscaler takes {downscaler.inputs[0].shape[1:]}, not {shape}."
             )
     else:
-        value_range = (0.0, 1.0) if data["normalization"] == "unit" else None
-        downscaler = bicubic_downscaler(shape, config.factor, value_range=value_range)
+        from thumbnet_keras.data.pipeline import value_range
+
+        # Clipped as E clips (a "raw" source's E to [0, 255]; the bicubic arm
+        # was not, and the two arms differed by more than E: a trial).
+        downscaler = bicubic_downscaler(
+            shape, config.factor, value_range=value_range(data["normalization"])
+        )
     downscaler.trainable = False
     return downscaler, data
+
+
+def _target_record(run: Run, index: int):
+    return run.file(f"target-{index}.json")
+
+
+def check_target(run_dir: str, index: int, prepared: dict) -> None:
+    """Before experiment `index` trains or resumes on `prepared`:
+
+    * the same data as its arms already trained on (the prepared index's
+      fingerprint, recorded in `target-<index>.json`): a resumed run pooled
+      seeds trained on other files (a trial: 27 and 36 test images in one
+      row, the summary giving the first);
+    * no test image E's source run trained on (byte-identical, its train
+      and validation splits): with another `--limit-per-class` a dataset
+      split here (ELPV, an image folder) is split otherwise, and 11 of a
+      target's 20 test images were E's training images (a trial);
+    * the report's notes from the prepared images' size (a folder's
+      manifest gives none, so "no larger than the thumbnail" never showed).
+    """
+    run = Run(run_dir)
+    record = _target_record(run, index)
+    fingerprint = prepared.get("fingerprint")
+    if record.is_file():
+        saved = read_json(record)
+        started = any(
+            p.name.startswith(f"exp{index}-") for p in run.path.glob("stages/*.json")
+        )
+        if (
+            started
+            and fingerprint
+            and saved.get("fingerprint") not in (None, fingerprint)
+        ):
+            raise ConfigError(
+                f"Generalize run {str(run.path)!r}: the files of experiment "
+                f"{index}'s dataset {prepared.get('name')!r} changed since its "
+                f"first arms trained (then: {saved.get('splits')}; now: "
+                f"{prepared.get('splits')}). Its seeds would be pooled over "
+                "two datasets: choose another --run-name, or restore the files."
+            )
+        if saved.get("fingerprint") == fingerprint and saved.get("checked"):
+            _update_notes(run, index, prepared)
+            return
+    _check_no_source_images(run, prepared)
+    write_json(
+        record,
+        {"fingerprint": fingerprint, "splits": prepared.get("splits"), "checked": True},
+    )
+    _update_notes(run, index, prepared)
+
+
+def _check_no_source_images(run: Run, prepared: dict) -> None:
+    """`ConfigError` when test images of `prepared` are among the images E's
+    source run trained on; a warning when that cannot be checked."""
+    from thumbnet_keras.data.index import IndexCorruptError, PreparedDataset
+
+    info = read_json(run.file("source.json"))
+    source = Run(info["source_run"])
+    data = source.data()
+    if data and data.get("fingerprint") == prepared.get("fingerprint"):
+        return  # The same prepared split: its test is the source's test.
+
+    def shas(prepared_dir: str, splits: tuple[str, ...]) -> set[str]:
+        table = PreparedDataset.load(prepared_dir).read_index(
+            ["sha256", "split", "status"]
+        )
+        return {
+            row["sha256"]
+            for row in table.to_pylist()
+            if row["split"] in splits and row["status"] != "quarantined"
+        }
+
+    try:
+        trained = shas(data["prepared_dir"], ("train", "validation"))
+    except (IndexCorruptError, KeyError, TypeError, OSError):
+        logging.getLogger(__name__).warning(
+            "Source run %s: its prepared data is gone, so whether the target's "
+            "test images include images E trained on cannot be checked.",
+            source.path,
+        )
+        return
+    overlap = shas(prepared["prepared_dir"], ("test",)) & trained
+    if overlap:
+        limit = (source.config().get("config") or {}).get("limit_per_class")
+        raise ConfigError(
+            f"{len(overlap)} test image(s) of {prepared.get('name')!r} are "
+            f"images E's source run {str(source.path)!r} trained on (its train "
+            "and validation splits): E would be judged on what it learned. "
+            "For the source's own dataset, prepare the same split: "
+            f"--limit-per-class {limit if limit else '(none)'}, as the source "
+            "run had; otherwise remove those images from the target."
+        )
+
+
+def _update_notes(run: Run, index: int, prepared: dict) -> None:
+    """Experiment `index`'s report notes from its prepared images."""
+    info = read_json(run.file("source.json"))
+    notes = input_notes(
+        info["source_dataset"],
+        _dataset_info(prepared),
+        info["image_size"],
+        info["channels"],
+        GeneralizeConfig.from_json(run.config()["config"]).factor,
+    )
+    if info["experiments"][index].get("notes") != notes:
+        info["experiments"][index]["notes"] = notes
+        write_json(run.file("source.json"), info)
 
 
 @default_seed_scope()  # Keras' default seeds from `seed`, then back
@@ -294,6 +424,7 @@ def train_generalize_arm(
     _check_arm(arm)
     run = Run(run_dir)
     config = GeneralizeConfig.from_json(run.config()["config"])
+    check_target(run_dir, index, prepared)
     info = read_json(run.file("source.json"))
     experiment = info["experiments"][index]
     sid = arm_id(index, seed, arm)

@@ -600,8 +600,10 @@ def changed_inputs(saved: dict | None, inputs: dict | None) -> list[str]:
     """The inputs (keys of `inputs`) whose hash differs from the saved one. A
     key the saved run did not record (it was started before that input was
     hashed) is not a change; a saved key now missing is."""
-    if saved is None or inputs is None:
-        return [] if saved == inputs else sorted(set(saved or {}) | set(inputs or {}))
+    if saved is None:  # A run saved before any input was hashed.
+        return []
+    if inputs is None:
+        return sorted(saved)
     return sorted(
         k for k in set(saved) | set(inputs) if k in saved and saved[k] != inputs.get(k)
     )
