@@ -114,6 +114,7 @@ def world(tmp_path_factory) -> Path:
     for factor in (2, 4):
         (run / f"f{factor}").mkdir(parents=True)
         (run / f"f{factor}" / "thumbnet.keras").write_bytes(b"PK")
+    (run / "f4" / "downscaler.keras").write_bytes(b"PK")  # generalize's check
     (run / "stages").mkdir()
     (run / "stages" / "teacher.json").write_text("{}")
     (run / "config.json").write_text(
@@ -251,6 +252,11 @@ CASES = [
                           "--epochs", "2"], "--smoke sets --epochs (a run shrunk to a plumbing check)"),
     ("generalize-seeds", ["generalize", "--source-run", "{root}/runs/r24", "--seed", "1", "--seed", "1"],
      "--seed [1, 1]: seeds must be distinct"),
+    # An experiment's data is checked as train's is, before Prefect starts
+    # (a trial: ~11 s in, after the frameworks, and a shorter message).
+    ("generalize-data-gone", ["generalize", "--source-run", "{root}/runs/r24", "--factor", "4",
+                              "--experiment", "{root}/gone.yaml:", "--runs-dir", "{root}/runs"],
+     "image folder '{root}/gone' not found"),
     ("predict-text-keras", ["predict", "--model", "{root}/fake.keras", "{root}/nope"],
      "is not a Keras archive"),
     ("predict-no-weights", ["predict", "--model", "{root}/config_only.keras", "{root}/a_file"],

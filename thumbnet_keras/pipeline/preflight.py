@@ -1045,9 +1045,16 @@ def check_generalize(values: dict) -> GeneralizeParams:
             f"f{config.factor}/downscaler.keras). Rerun its `thumbnet train` "
             "command to finish it."
         )
+    from thumbnet_keras.pipeline.datasets import is_prepared
+
+    data_dir = config.data_dir or os.path.join(config.runs_dir, "_data")
     for dataset, backbone in config.experiments:
-        if dataset:
-            _check_manifest(dataset, "--experiment")
+        name = dataset or saved["dataset"]
+        manifest = _check_manifest(name, "--experiment")
+        # The data is there, as `thumbnet train` checks it: a missing root
+        # was found ~11 s in, after Prefect and TensorFlow started (a trial).
+        if not is_prepared(name, data_dir, config.limit_per_class):
+            _check_source(manifest)
         if backbone:
             _check_backbone(backbone, "--experiment")
     _check_writable(config.runs_dir, "--runs-dir")
