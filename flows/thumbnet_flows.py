@@ -53,6 +53,7 @@ from thumbnet_keras.pipeline.datasets import (
     report_data_notices,
 )
 from thumbnet_keras.pipeline.generalize import ARMS as GENERALIZE_ARMS
+from thumbnet_keras.pipeline.generalize import check_target
 from thumbnet_keras.pipeline.preflight import check_generalize, check_thumbnet
 from thumbnet_keras.pipeline.resolve import load_manifest_checked
 from thumbnet_keras.pipeline.rundir import discard_unstarted
@@ -586,10 +587,16 @@ def generalize(params: GeneralizeParams, verbose: int = 2) -> dict:
     data_dir = config["data_dir"] or os.path.join(config["runs_dir"], "_data")
     results = []
     try:  # A user error in any step: the flow's one line (`_refused`).
-        for index, experiment in enumerate(run["experiments"]):
-            prepared = _prepare(
-                experiment["dataset"], data_dir, config["limit_per_class"]
-            )
+        # Every experiment's data first, each checked against E's source
+        # (`check_target`): a refusal of the second came after the first's
+        # arms had trained, its fix then refused for that run name (a review).
+        prepared_all = [
+            _prepare(experiment["dataset"], data_dir, config["limit_per_class"])
+            for experiment in run["experiments"]
+        ]
+        for index, prepared in enumerate(prepared_all):
+            check_target(run_dir, index, prepared)
+        for index, prepared in enumerate(prepared_all):
             for seed in config["seeds"]:
                 for arm in GENERALIZE_ARMS:
                     results.append(

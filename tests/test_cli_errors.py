@@ -252,6 +252,8 @@ CASES = [
                           "--epochs", "2"], "--smoke sets --epochs (a run shrunk to a plumbing check)"),
     ("generalize-seeds", ["generalize", "--source-run", "{root}/runs/r24", "--seed", "1", "--seed", "1"],
      "--seed [1, 1]: seeds must be distinct"),
+    ("generalize-multi-process", ["generalize", "--source-run", "{root}/runs/r24", "--factor", "4"],
+     "KERAS_DISTRIBUTION_NUM_PROCESSES=2: a thumbnet run trains in one process"),
     # An experiment's data is checked as train's is, before Prefect starts
     # (a trial: ~11 s in, after the frameworks, and a shorter message).
     ("generalize-data-gone", ["generalize", "--source-run", "{root}/runs/r24", "--factor", "4",
@@ -344,7 +346,7 @@ def test_user_error_is_one_line_and_exit_2(world, case, args, expected):
         env["KERAS_BACKEND"] = "tensorflw"  # A typo.
     if case == "distribution-torch":
         env["KERAS_BACKEND"] = "torch"
-    if case == "multi-process":
+    if case in ("multi-process", "generalize-multi-process"):
         env["KERAS_DISTRIBUTION_NUM_PROCESSES"] = "2"
     before = snapshot(world)
     lines = run_refused(args, world, env).strip().splitlines()

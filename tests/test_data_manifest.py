@@ -282,6 +282,14 @@ def test_a_parquet_base_dir_that_is_not_there_is_named(tmp_path):
                         f"source: {{type: parquet, path: {tmp_path / 'bytes.parquet'}, "
                         f"base_dir: {tmp_path / 'gone'}}}")  # fmt: skip
     preflight._check_source(data.load_manifest(_write(tmp_path, body)))
+    # A Hugging Face struct<bytes, path> reads `path` where a row has no bytes.
+    pq.write_table(pa.table({"image": [{"bytes": None, "path": "a/1.png"}],
+                             "label": ["a"]}), tmp_path / "hf.parquet")  # fmt: skip
+    body = GOOD.replace("source: {type: image_folder, root: /nowhere}",
+                        f"source: {{type: parquet, path: {tmp_path / 'hf.parquet'}, "
+                        f"base_dir: {tmp_path / 'gone'}}}")  # fmt: skip
+    with pytest.raises(ConfigError, match="base_dir .* not found"):
+        preflight._check_source(data.load_manifest(_write(tmp_path, body)))
 
 
 def test_a_class_folder_spelled_in_other_unicode_code_points_is_explained(tmp_path):

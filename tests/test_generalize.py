@@ -429,12 +429,35 @@ def test_a_generalize_run_checks_what_it_reuses(source_run):
     notes = json.loads(Path(run_dir, "source.json").read_text())["experiments"][0]
     assert any("no larger than the 16x16 thumbnail" in n for n in notes["notes"])
 
-    # Other files on resume, once an arm of the experiment trained.
-    Path(run_dir, "stages").mkdir(exist_ok=True)
-    Path(run_dir, "stages", f"{arm_id(0, 0, 'learned')}.json").write_text("{}")
+    # A target record alone leaves the run unstarted: a run refused there
+    # reruns with corrected settings under its name (a review).
+    from thumbnet_keras.pipeline.rundir import is_unstarted
+
+    assert Path(run_dir, "target-0.json").is_file() and is_unstarted(run_dir)
+
+    # Other files on resume, once an arm of the experiment started (killed
+    # mid-way: its checkpoints) or finished.
     changed = prepared | {"fingerprint": "0" * 64, "splits": {"train": 1}}
+    Path(run_dir, "checkpoints", f"{arm_id(0, 0, 'learned')}").mkdir(parents=True)
     with pytest.raises(ConfigError, match="changed since its first arms trained"):
         pipeline.generalize.check_target(run_dir, 0, changed)
+    Path(run_dir, "checkpoints", f"{arm_id(0, 0, 'learned')}").rmdir()
+    Path(run_dir, "stages").mkdir(exist_ok=True)
+    Path(run_dir, "stages", f"{arm_id(0, 0, 'learned')}.json").write_text("{}")
+    with pytest.raises(ConfigError, match="changed since its first arms trained"):
+        pipeline.generalize.check_target(run_dir, 0, changed)
+
+    # The command's and the flow's preflight resume it (it hashed E too; a
+    # review: every resume of a new run was refused there).
+    from thumbnet_keras.pipeline import preflight
+
+    values = {
+        "source_run": source, "experiments": [{"dataset": symmetric}], "epochs": 1,
+        "seeds": [0], "batch_size": 8, "limit_per_class": 8,
+        "runs_dir": str(root / "runs"), "data_dir": str(root / "data"),
+        "run_name": "checks", "throughput_batches": 1,
+    }  # fmt: skip
+    assert preflight.check_generalize(values).run_name == "checks"
 
     # A raw source: the bicubic arm clips to [0, 255], as E does.
     info = json.loads(Path(run_dir, "source.json").read_text())
@@ -456,8 +479,12 @@ def test_a_generalize_run_checks_what_it_reuses(source_run):
     keras.utils.set_random_seed(6)
     build_downscaler((32, 32, 1), 2, width=8, value_range=(0.0, 1.0)).save(path)
     try:
-        with pytest.raises(ConfigError, match="downscaler_sha256"):
+        with pytest.raises(
+            ConfigError, match=r"the source run's downscaler \(f<factor"
+        ):
             resolve_generalize(_config(root, source, "checks", (symmetric, None)))
+        with pytest.raises(ConfigError, match="the source run's downscaler"):
+            preflight.check_generalize(values)
     finally:
         path.write_bytes(kept)
     assert resolve_generalize(_config(root, source, "checks", (symmetric, None)))[

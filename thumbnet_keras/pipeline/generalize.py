@@ -52,6 +52,7 @@ __all__ = [
     "arm_id",
     "arm_inputs",
     "check_target",
+    "generalize_inputs",
     "input_notes",
     "resolve_generalize",
     "train_generalize_arm",
@@ -212,14 +213,12 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
             config, run_name=default_run_name(f"generalize-{source.name}")
         )
     check_writable(config.runs_dir)
-    from thumbnet_keras.deploy.metadata import model_sha256
-
     downscaler = source.factor_dir(config.factor) / "downscaler.keras"
-    # A source run replaced or retrained since: its E is another one, and
-    # a resumed run pooled seeds of two Es in one row (a trial).
-    inputs = {"downscaler_sha256": model_sha256(downscaler)}
     run, resumed = claim(
-        config.run_path, config.to_json(), kind="generalize", inputs=inputs
+        config.run_path,
+        config.to_json(),
+        kind="generalize",
+        inputs=generalize_inputs(source, config.factor),
     )
     info = {
         "experiments": experiments,
@@ -281,6 +280,16 @@ def arm_inputs(run_dir: str, arm: str, prepared: dict):
     return downscaler, data
 
 
+def generalize_inputs(source: Run, factor: int) -> dict:
+    """What a generalize run reads besides its config, hashed: the source
+    run's E. A source run replaced or retrained since holds another E, and a
+    resumed run pooled seeds of two Es in one row (a trial)."""
+    from thumbnet_keras.deploy.metadata import model_sha256
+
+    path = source.factor_dir(factor) / "downscaler.keras"
+    return {"downscaler_sha256": model_sha256(path)}
+
+
 def _target_record(run: Run, index: int):
     return run.file(f"target-{index}.json")
 
@@ -304,8 +313,9 @@ def check_target(run_dir: str, index: int, prepared: dict) -> None:
     fingerprint = prepared.get("fingerprint")
     if record.is_file():
         saved = read_json(record)
-        started = any(
-            p.name.startswith(f"exp{index}-") for p in run.path.glob("stages/*.json")
+        started = any(  # a finished arm, or one killed mid-way (checkpoints)
+            p.name.startswith(f"exp{index}-")
+            for p in (*run.path.glob("stages/*.json"), *run.path.glob("checkpoints/*"))
         )
         if (
             started
@@ -333,26 +343,31 @@ def check_target(run_dir: str, index: int, prepared: dict) -> None:
 def _check_no_source_images(run: Run, prepared: dict) -> None:
     """`ConfigError` when test images of `prepared` are among the images E's
     source run trained on; a warning when that cannot be checked."""
+    import pyarrow.compute as pc
+
     from thumbnet_keras.data.index import IndexCorruptError, PreparedDataset
 
     info = read_json(run.file("source.json"))
     source = Run(info["source_run"])
-    data = source.data()
-    if data and data.get("fingerprint") == prepared.get("fingerprint"):
+    # require=True: the source's index as it trained (a target preparing the
+    # source's own folder again, its files changed, compared the new index
+    # with itself: a review).
+    data = source.data(require=True)
+    if data.get("fingerprint") == prepared.get("fingerprint"):
         return  # The same prepared split: its test is the source's test.
 
-    def shas(prepared_dir: str, splits: tuple[str, ...]) -> set[str]:
+    def shas(prepared_dir: str, splits: list[str]) -> set[str]:
         table = PreparedDataset.load(prepared_dir).read_index(
             ["sha256", "split", "status"]
         )
-        return {
-            row["sha256"]
-            for row in table.to_pylist()
-            if row["split"] in splits and row["status"] != "quarantined"
-        }
+        keep = pc.and_(
+            pc.is_in(table["split"], value_set=_pa_array(splits)),
+            pc.not_equal(table["status"], "quarantined"),
+        )
+        return set(table.filter(keep)["sha256"].to_pylist())
 
     try:
-        trained = shas(data["prepared_dir"], ("train", "validation"))
+        trained = shas(data["prepared_dir"], ["train", "validation"])
     except (IndexCorruptError, KeyError, TypeError, OSError):
         logging.getLogger(__name__).warning(
             "Source run %s: its prepared data is gone, so whether the target's "
@@ -360,17 +375,23 @@ def _check_no_source_images(run: Run, prepared: dict) -> None:
             source.path,
         )
         return
-    overlap = shas(prepared["prepared_dir"], ("test",)) & trained
+    overlap = shas(prepared["prepared_dir"], ["test"]) & trained
     if overlap:
         limit = (source.config().get("config") or {}).get("limit_per_class")
+        same = f"--limit-per-class {limit}" if limit else "no --limit-per-class"
         raise ConfigError(
             f"{len(overlap)} test image(s) of {prepared.get('name')!r} are "
             f"images E's source run {str(source.path)!r} trained on (its train "
             "and validation splits): E would be judged on what it learned. "
-            "For the source's own dataset, prepare the same split: "
-            f"--limit-per-class {limit if limit else '(none)'}, as the source "
-            "run had; otherwise remove those images from the target."
+            f"For the source's own dataset, prepare its split ({same}, as the "
+            "source run had); otherwise remove those images from the target."
         )
+
+
+def _pa_array(values: list[str]):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
 
 
 def _update_notes(run: Run, index: int, prepared: dict) -> None:

@@ -291,8 +291,8 @@ def _check_source(manifest) -> None:
 
 
 def _parquet_holds_paths(source) -> bool:
-    """Whether the table's image column holds file paths (strings), which
-    `base_dir` is for; a bytes column never reads it."""
+    """Whether the table's image column can hold file paths (strings, or a
+    struct's `path`), which `base_dir` is for; a bytes column never reads it."""
     import pyarrow.parquet as pq
 
     from thumbnet_keras.data.sources import _arrow_kind
@@ -305,7 +305,8 @@ def _parquet_holds_paths(source) -> bool:
         )
     except Exception:  # noqa: BLE001 - prepare names an unreadable table or column
         return False
-    return _arrow_kind(column.type) == "string"
+    # A Hugging Face struct<bytes, path> reads `path` where a row has no bytes.
+    return _arrow_kind(column.type) in ("string", "struct")
 
 
 def _check_tfds(source, name: str) -> None:
@@ -744,6 +745,23 @@ def _check_outside_runs(path: str, option: str) -> None:
             )
 
 
+def _check_one_process() -> None:
+    """A run (`thumbnet`, `generalize`) trains in one process: started as
+    several (`KERAS_DISTRIBUTION_NUM_PROCESSES`), each process ran every step
+    and wrote the run folder, and Keras refused the pipeline's datasets (a
+    trial: "The batch size of the input dataset is unknown", a traceback in
+    every process)."""
+    processes = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "").strip()
+    if processes not in ("", "0", "1"):
+        raise ConfigError(
+            f"KERAS_DISTRIBUTION_NUM_PROCESSES={processes}: a thumbnet run "
+            "trains in one process (several devices of one machine: "
+            "--distribution data_parallel). For several processes or machines, "
+            "train with the library as docs/flows.md, 'Several machines', "
+            "shows, or unset it."
+        )
+
+
 def _check_distribution(distribution: str, sync_batchnorm: bool = False) -> None:
     """data_parallel on a backend that has it (`compute.distribution_scope`),
     refused here before any data is prepared; so is --sync-batchnorm without
@@ -752,18 +770,7 @@ def _check_distribution(distribution: str, sync_batchnorm: bool = False) -> None
     support."""
     from thumbnet_keras.pipeline.environment import planned_backend
 
-    processes = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "").strip()
-    if processes not in ("", "0", "1"):
-        # Each process ran every step and wrote the run folder, and Keras
-        # refused the pipeline's datasets (a trial: "The batch size of the
-        # input dataset is unknown", a traceback in every process).
-        raise ConfigError(
-            f"KERAS_DISTRIBUTION_NUM_PROCESSES={processes}: a thumbnet run "
-            "trains in one process (several devices of one machine: "
-            "--distribution data_parallel). For several processes or machines, "
-            "train with the library as docs/flows.md, 'Several machines', "
-            "shows, or unset it."
-        )
+    _check_one_process()
     if sync_batchnorm and distribution != "data_parallel":
         raise ConfigError(
             "--sync-batchnorm synchronizes BatchNorm statistics across the "
@@ -1032,6 +1039,7 @@ def check_generalize(values: dict) -> GeneralizeParams:
     """Every check of a `generalize` run that needs no framework; returns the
     validated `GeneralizeParams` with `run_name` resolved."""
     params = validate_params(GeneralizeParams, values)
+    _check_one_process()
     config = params.to_config()  # Refuses a missing source_run.
     run, saved = _run_config(config.source_run, option="--source-run")
     if config.factor not in saved["factors"]:
@@ -1071,7 +1079,14 @@ def check_generalize(values: dict) -> GeneralizeParams:
             for d, b in config.experiments
         ),
     )
-    check_claimable(resolved.run_path, resolved.to_json(), kind="generalize")
+    from thumbnet_keras.pipeline.generalize import generalize_inputs
+
+    check_claimable(
+        resolved.run_path,
+        resolved.to_json(),
+        kind="generalize",
+        inputs=generalize_inputs(run, config.factor),
+    )
     return params.model_copy(update={"run_name": run_name})
 
 

@@ -178,6 +178,13 @@ LOCK_NAME = ".lock"
 _UNSTARTED = {"config.json", "data.json", "source.json", LOCK_NAME}
 
 
+def _unstarted_file(name: str) -> bool:
+    """One of `_UNSTARTED`, or a generalize run's `target-<i>.json` (written
+    before its experiment's first arm: a run refused there was "started",
+    and its corrected rerun refused for a changed configuration)."""
+    return name in _UNSTARTED or (name.startswith("target-") and name.endswith(".json"))
+
+
 class PreparedAgainError(ConfigError):
     """A run's prepared data folder holds another index than the one the run
     recorded: files changed under its manifest were prepared again there."""
@@ -373,13 +380,11 @@ def discard_unstarted(path: str | os.PathLike) -> bool:
     folder = Path(path)
     if os.path.abspath(folder / LOCK_NAME) not in _HELD:
         return False
-    if not folder.is_dir() or any(p.name not in _UNSTARTED for p in folder.iterdir()):
+    if not folder.is_dir() or not is_unstarted(folder):
         return False
-    for name in _UNSTARTED - {LOCK_NAME}:  # Under the lock, then the lock.
-        try:
-            (folder / name).unlink()
-        except FileNotFoundError:
-            pass
+    for path in folder.iterdir():  # Under the lock, then the lock.
+        if path.name != LOCK_NAME:
+            path.unlink(missing_ok=True)
     unlock_run(folder)
     try:
         folder.rmdir()
@@ -391,7 +396,7 @@ def discard_unstarted(path: str | os.PathLike) -> bool:
 def is_unstarted(path: str | os.PathLike) -> bool:
     """Whether the folder holds only what a run writes before its first stage."""
     folder = Path(path)
-    return folder.is_dir() and all(p.name in _UNSTARTED for p in folder.iterdir())
+    return folder.is_dir() and all(_unstarted_file(p.name) for p in folder.iterdir())
 
 
 def default_run_name(prefix: str) -> str:
@@ -593,6 +598,7 @@ _INPUT_NAMES = {
     "teacher_sha256": "the teacher file",
     "teacher_preset_sha256": "the teacher's keras-hub preset folder",
     "backbone_weights_sha256": "the backbone weights file",
+    "downscaler_sha256": "the source run's downscaler (f<factor>/downscaler.keras)",
 }
 
 
@@ -871,8 +877,9 @@ def claim(
         ):
             # A run that failed before its first stage: nothing to lose.
             logger.info("Run folder %s had not started; starting it afresh.", run.path)
-            for name in ("config.json", "data.json", "source.json"):
-                run.file(name).unlink(missing_ok=True)
+            for path in run.path.iterdir():
+                if path.name != LOCK_NAME:
+                    path.unlink(missing_ok=True)
     if check_claimable(run.path, config, kind, inputs):  # Again, under the lock.
         _take_measurement_fields(run, config)
         return run, True
