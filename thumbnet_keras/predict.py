@@ -55,9 +55,10 @@ def collect_files(inputs: list[str | os.PathLike]) -> tuple[list[str], list[dict
                 str(Path(folder, name))
                 for folder, _, names in walk_folders(path, hidden=False)
                 for name in names
+                # (os.walk lists folders, a folder named x.png too, apart;
+                # a link to nothing is a name: reported as missing.)
                 if not name.startswith(".")
                 and Path(name).suffix.lower() in IMAGE_SUFFIXES
-                and not Path(folder, name).is_dir()  # (a folder named x.png)
             )
             if not found:
                 errors.append({"file": str(path), "reason": "no_images_in_folder"})

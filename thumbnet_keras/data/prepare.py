@@ -430,8 +430,7 @@ def conflicts_text(dataset: str, conflicts: list[dict]) -> str:
     return (
         f"{dataset}: {len(conflicts)} image(s) appear under more than one class "
         f"(byte-identical files; e.g. {_one_each(first, 'classes')}), so training "
-        "is taught "
-        "two answers for one image. Keep each image under one class (every one "
+        "is taught two answers for one image. Keep each image under one class (every one "
         "is listed in summary.json's label_conflicts)."
     )
 

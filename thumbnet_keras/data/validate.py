@@ -126,9 +126,10 @@ RULES_VERSION = 2
 def _png_problem(data: bytes) -> str | None:
     """ "truncated", "corrupt" or None: the PNG's chunks, walked by their
     lengths, must run to a whole IEND chunk (bytes after it are allowed)
-    and every chunk's CRC must match. Pillow decodes a PNG cut inside or
-    before IEND, or with a damaged CRC; TensorFlow's decoder refuses both
-    ("Invalid PNG data"): such files passed validation, then failed
+    and every critical chunk's CRC must match. Pillow decodes a PNG cut
+    inside or before IEND, or with a damaged IDAT CRC; TensorFlow's decoder
+    (libpng) refuses both ("Invalid PNG data"), and only warns about an
+    ancillary chunk's bad CRC: such files passed validation, then failed
     training with a traceback that named no file (a trial: 4 of 150
     one-bit flips, and cuts of 1-4 bytes)."""
     pos = 8

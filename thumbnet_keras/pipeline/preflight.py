@@ -270,7 +270,7 @@ def _check_source(manifest) -> None:
         found = (
             "is a file, not a folder"
             if Path(base).expanduser().is_file()
-            else ("not found")
+            else "not found"
         )
         raise ConfigError(
             f"{name}: base_dir {base!r} {found}; the table's relative image "
