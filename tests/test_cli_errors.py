@@ -284,6 +284,11 @@ CASES = [
     ("distribution-torch", [*TRAIN, "--distribution", "data_parallel"],
      "--distribution data_parallel needs the jax or tensorflow backend (KERAS_BACKEND); "
      "this process runs 'torch'."),
+    # Found only after the data was prepared (a platform trial).
+    ("jax-batch-split", [*TRAIN, "--distribution", "data_parallel", "--batch-size", "7"],
+     "batch_size 7 does not split over the 2 devices of distribution='data_parallel' "
+     "(JAX gives every device the same share of a batch): use a multiple of 2, "
+     "e.g. --batch-size 8."),
     # Every process ran every step; Keras refused the datasets (a trial).
     ("multi-process", [*TRAIN], "KERAS_DISTRIBUTION_NUM_PROCESSES=2: a thumbnet "
      "run trains in one process"),
@@ -346,6 +351,9 @@ def test_user_error_is_one_line_and_exit_2(world, case, args, expected):
         env["KERAS_BACKEND"] = "tensorflw"  # A typo.
     if case == "distribution-torch":
         env["KERAS_BACKEND"] = "torch"
+    if case == "jax-batch-split":
+        env["KERAS_BACKEND"] = "jax"
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     if case in ("multi-process", "generalize-multi-process"):
         env["KERAS_DISTRIBUTION_NUM_PROCESSES"] = "2"
     before = snapshot(world)

@@ -762,12 +762,16 @@ def _check_one_process() -> None:
         )
 
 
-def _check_distribution(distribution: str, sync_batchnorm: bool = False) -> None:
+def _check_distribution(
+    distribution: str, sync_batchnorm: bool = False, batch_size: int | None = None
+) -> None:
     """data_parallel on a backend that has it (`compute.distribution_scope`),
     refused here before any data is prepared; so is --sync-batchnorm without
-    it (it was accepted and recorded, and did nothing), and a multi-process
+    it (it was accepted and recorded, and did nothing), a multi-process
     run (`KERAS_DISTRIBUTION_NUM_PROCESSES`), which the run steps do not
-    support."""
+    support, and on JAX a `batch_size` that does not split over the local
+    devices (`compute.check_batch_size`; found after data preparation
+    before). Only that last check imports a framework (JAX, to count them)."""
     from thumbnet_keras.pipeline.environment import planned_backend
 
     _check_one_process()
@@ -784,6 +788,10 @@ def _check_distribution(distribution: str, sync_batchnorm: bool = False) -> None
             f"--distribution data_parallel needs the jax or tensorflow backend "
             f"(KERAS_BACKEND); this process runs {backend!r}."
         )
+    if distribution == "data_parallel" and backend == "jax" and batch_size:
+        from thumbnet_keras.pipeline.compute import check_batch_size, local_devices
+
+        check_batch_size(batch_size, len(local_devices()))
 
 
 def _warn_torch_jit(jit_compile: str) -> None:
@@ -817,7 +825,9 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     if channels not in (1, 3):
         raise ConfigError(f"--channels must be 1 or 3, received {channels}.")
     config.check_fm_pretrain(option_name)
-    _check_distribution(config.distribution, config.sync_batchnorm)
+    _check_distribution(
+        config.distribution, config.sync_batchnorm, config.batch_size
+    )
     _warn_torch_jit(config.jit_compile)
     if len(set(config.factors)) != len(config.factors):
         raise ConfigError(f"--factor given twice: {list(config.factors)}.")
