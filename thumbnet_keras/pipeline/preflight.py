@@ -825,9 +825,7 @@ def check_thumbnet(values: dict) -> ThumbNetParams:
     if channels not in (1, 3):
         raise ConfigError(f"--channels must be 1 or 3, received {channels}.")
     config.check_fm_pretrain(option_name)
-    _check_distribution(
-        config.distribution, config.sync_batchnorm, config.batch_size
-    )
+    _check_distribution(config.distribution, config.sync_batchnorm, config.batch_size)
     _warn_torch_jit(config.jit_compile)
     if len(set(config.factors)) != len(config.factors):
         raise ConfigError(f"--factor given twice: {list(config.factors)}.")
