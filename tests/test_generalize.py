@@ -405,6 +405,11 @@ def test_a_generalize_run_checks_what_it_reuses(source_run):
     with pytest.raises(ConfigError, match="given more than once"):
         resolve_generalize(_config(root, source, "dup", (None, None), (symmetric, None),
                                    ("", "tiny_cnn")))  # fmt: skip
+    # One manifest file spelled two ways is one experiment too.
+    respelled = f"{Path(symmetric).parent}/./{Path(symmetric).name}"
+    with pytest.raises(ConfigError, match="given more than once"):
+        resolve_generalize(_config(root, source, "dup2", (symmetric, None),
+                                   (respelled, None)))  # fmt: skip
     resolved = resolve_generalize(_config(root, source, "checks", (symmetric, None)))
     run_dir = resolved["run_dir"]
     prepared = pipeline.prepare_dataset(symmetric, str(root / "data"), 8)

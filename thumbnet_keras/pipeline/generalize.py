@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 from thumbnet_keras.pipeline.checkpoint import fit_resumable
 from thumbnet_keras.pipeline.config import (
@@ -173,7 +174,7 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
     config = params.to_config() if isinstance(params, GeneralizeParams) else params
     source, saved, source_data = _source(config)
     source_info = _dataset_info(source_data)
-    experiments = []
+    experiments, seen = [], {}
     for dataset, backbone in config.experiments:
         dataset = dataset or saved["dataset"]
         backbone = experiment_backbone(backbone, saved)
@@ -197,16 +198,19 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
                 "notes": notes,
             }
         )
-    resolved = tuple((e["dataset"], e["backbone"]) for e in experiments)
-    repeated = sorted({f"{d}:{b}" for d, b in resolved if resolved.count((d, b)) > 1})
+        # `:`, `elpv:` and `elpv:tiny_cnn` can all name one experiment, and so
+        # can `elpv.yaml` and `./elpv.yaml` (one manifest file); each was
+        # trained and reported twice (trials).
+        key = (os.path.realpath(manifest.path or dataset), backbone)
+        seen.setdefault(key, []).append(f"{dataset}:{backbone}")
+    repeated = sorted(" and ".join(names) for names in seen.values() if len(names) > 1)
     if repeated:
-        # `:`, `elpv:` and `elpv:tiny_cnn` can all name one experiment; each
-        # was trained and reported twice (a trial).
         raise ConfigError(
-            f"--experiment {', '.join(repeated)} given more than once (after "
-            "filling in the source run's dataset and backbone); experiments "
-            "must be distinct."
+            f"--experiment {'; '.join(repeated)}: the same experiment given more "
+            "than once (after filling in the source run's dataset and backbone, "
+            "with dataset paths resolved); experiments must be distinct."
         )
+    resolved = tuple((e["dataset"], e["backbone"]) for e in experiments)
     config = dataclasses.replace(config, experiments=resolved)
     if config.run_name is None:
         config = dataclasses.replace(
