@@ -139,3 +139,16 @@ def test_evaluate_classifier_returns_per_image_hits_in_order():
     np.testing.assert_array_equal(r["correct"], [True, False, True, False])
     # Without the option, nothing that is not JSON is returned.
     assert "correct" not in evaluate_classifier(model, batches, ks=(2,))
+
+
+def test_predicted_classes_are_refused_not_cast():
+    """A researcher's trial (2026-12-01): `paired_difference(pred_a, pred_b)`
+    (classes, not right/wrong) cast every class but 0 to True and returned a
+    plausible interval."""
+    with pytest.raises(ValueError, match="one boolean per image"):
+        paired_difference([3, 1, 2, 0], [3, 1, 0, 0])
+    with pytest.raises(ValueError, match="correct_b must hold"):
+        paired_difference([True, False], [0.9, 0.1])
+    as_ints = paired_difference([1, 0, 1, 1], np.array([0, 0, 1, 1], "int8"))
+    as_bools = paired_difference([True, False, True, True], [False, False, True, True])
+    assert as_ints == as_bools and as_ints["a_only"] == 1

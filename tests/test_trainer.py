@@ -654,7 +654,9 @@ def test_sample_weights_refused_and_a_failed_step_keeps_the_weights(rng):
     with pytest.raises(ValueError, match="integer class indices"):
         trainer.fit(floats(), epochs=1, steps_per_epoch=1, verbose=0)
     with pytest.raises(ValueError, match="needs labels"):
-        trainer.evaluate(x, verbose=0)  # joint: no labels, fails in the step
+        trainer.evaluate(x, verbose=0)  # joint: no labels, refused before a step
+    with pytest.raises(ValueError, match="integer class indices"):
+        trainer.evaluate(floats(), steps=1, verbose=0)  # fails in the step
     for got, want in zip(trainer.trainable_weights, before):
         np.testing.assert_array_equal(to_numpy(got), want)
     np.testing.assert_allclose(to_numpy(teacher(x)), expected, atol=1e-6)
@@ -672,14 +674,54 @@ def test_a_failed_evaluate_after_on_batch_calls_keeps_the_current_weights(rng):
     trainer.train_on_batch(x, y)
     trainer.set_weights([np.full(w.shape, 0.5, "float32") for w in trainer.weights])
     current = [to_numpy(w) for w in trainer.trainable_weights]
-    with pytest.raises(ValueError, match="needs labels"):
-        trainer.evaluate(x, verbose=0)
+
+    def floats():  # labels only seen inside the step, so the step fails
+        yield x, y.astype("float32")
+
+    with pytest.raises(ValueError, match="integer class indices"):
+        trainer.evaluate(floats(), steps=1, verbose=0)
     for got, want in zip(trainer.trainable_weights, current):
         np.testing.assert_array_equal(to_numpy(got), want)
     with pytest.raises(ValueError, match="sample weights; validation_data"):
         trainer.fit(x, y, validation_data=(x, y, np.ones(8)), verbose=0)
     with pytest.raises(ValueError, match="does not support `sample_weight`"):
         trainer.evaluate(x, y, sample_weight=np.ones(8), verbose=0)
+
+
+@pytest.mark.parametrize("kind", ["ThumbNetTrainer", "DownscalerPretrainer"])
+def test_accuracy_after_a_failed_call_is_the_models(rng, kind):
+    """A trial on torch (2026-12-01): Keras builds the compiled metrics from
+    the first batch before the loss refuses it; after one `evaluate` or
+    `fit` with one-hot labels, "accuracy" stayed categorical and every later
+    call with class indices reported near-chance accuracy (torch and JAX:
+    0.05 where the model's was 0.41). `evaluate` now checks its labels as
+    `fit` does, and a failed call leaves the metrics to be built again."""
+    from thumbnet_keras import DownscalerPretrainer
+
+    x, y = _problem(rng, n=32)
+    teacher = tiny_teacher()
+    if kind == "ThumbNetTrainer":
+        model = _trainer(teacher, stage="joint")
+    else:
+        model = DownscalerPretrainer(teacher, build_downscaler((16, 16, 3), 2, width=8))
+    model.compile(optimizer="adam", metrics=["accuracy"])
+    one_hot = np.eye(3, dtype="float32")[y]
+    with pytest.raises(ValueError, match="Labels must be class indices"):
+        model.evaluate(x, one_hot, verbose=0)  # refused before a step now
+
+    def one_hot_batches():  # seen only inside the step: it fails there
+        yield x, one_hot
+
+    with pytest.raises(ValueError, match="Labels must be class indices"):
+        model.fit(one_hot_batches(), epochs=1, steps_per_epoch=1, verbose=0)
+    if kind == "ThumbNetTrainer":
+        predicted = to_numpy(model.export()(x)).argmax(-1)
+    else:  # the teacher reading E's thumbnail scaled back up
+        predicted = to_numpy(model.predict(x, verbose=0)).argmax(-1)
+    expected = float(np.mean(predicted == y))
+    assert 0 < expected < 1  # so a categorical reading could not match it
+    logs = model.evaluate(x, y, batch_size=32, verbose=0, return_dict=True)
+    assert logs["accuracy"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_an_unbuilt_sequential_teacher_is_told_to_start_with_an_input():

@@ -98,6 +98,21 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return low, high
 
 
+def _correct(name: str, values) -> np.ndarray:
+    """`values` as per-image booleans; predicted classes or scores (any value
+    but 0 and 1) are refused: cast to bool they read as "right" wherever
+    the class is not 0, and the interval would look plausible."""
+    array = np.asarray(values)
+    if array.dtype != bool:
+        if array.dtype.kind not in "iuf" or not np.isin(array, (0, 1)).all():
+            raise ValueError(
+                f"{name} must hold one boolean per image (whether the model's "
+                "top-1 is right, e.g. `predicted == labels`), or 0/1; received "
+                f"values such as {np.unique(array)[:5].tolist()}."
+            )
+    return array.astype(bool).reshape(-1)
+
+
 def paired_difference(correct_a, correct_b) -> dict:
     """Top-1 of model A minus model B on the same images, with its uncertainty.
 
@@ -118,8 +133,7 @@ def paired_difference(correct_a, correct_b) -> dict:
     >>> round(r["difference"], 2), r["a_only"], r["b_only"]
     (0.08, 10, 2)
     """
-    a = np.asarray(correct_a, dtype=bool).reshape(-1)
-    b = np.asarray(correct_b, dtype=bool).reshape(-1)
+    a, b = _correct("correct_a", correct_a), _correct("correct_b", correct_b)
     if a.shape != b.shape:
         raise ValueError(
             f"Both models must be scored on the same images; received {a.size} "

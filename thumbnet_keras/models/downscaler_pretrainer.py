@@ -150,8 +150,11 @@ class DownscalerPretrainer(FailSafeSteps, keras.Model):
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit`, its inputs checked first (`checked_fit`)."""
-        needs = _CL_NEEDS_LABELS if self.cl_weight else None
-        return checked_fit(super(), needs, x, y, *args, **kwargs)
+        return checked_fit(super(), self._needs_labels(), x, y, *args, **kwargs)
+
+    def _needs_labels(self) -> str | None:
+        """The refusal of a step without labels, if CL is on."""
+        return _CL_NEEDS_LABELS if self.cl_weight else None
 
     @property
     def metrics(self):

@@ -347,13 +347,22 @@ def check_loss_arguments(temperature, label_smoothing, weights) -> None:
 
 def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwargs):
     """`parent.fit(x, y, ...)` (`parent`: a trainer's `super()`) after what
-    its inputs show is checked (`check_fit_images`, `labels_missing` when
-    the step `needs_labels`, with that message, and `check_fit_labels` with
-    the teacher's class count for training and validation). If `fit` fails,
-    the compiled step functions are dropped, so the next `fit` traces afresh (a step whose first trace
-    failed made TensorFlow refuse the next one: "Creating variables on a
-    non-first call to a function decorated with tf.function")."""
+    its inputs show is checked (`check_inputs`, validation data included),
+    under `failure_reset`."""
     model = parent.__self__
+    batch_size = kwargs.get("batch_size", args[0] if args else None)
+    check_inputs(model, needs_labels, x, y, kwargs, batch_size)
+    L.check_validation_labels(kwargs.get("validation_data"), _num_classes(model))
+    with failure_reset(model):
+        return parent.fit(x, y, *args, **kwargs)
+
+
+def check_inputs(model, needs_labels: str | None, x, y, kwargs, batch_size) -> None:
+    """What a trainer's `fit(x, y)` or `evaluate(x, y)` inputs show, checked
+    before Keras traces a step: `check_fit_images`, no sample weights,
+    `labels_missing` when the step `needs_labels` (with that message),
+    `check_fit_labels` with the teacher's class count, and even batches
+    under JAX's data parallelism."""
     value_range = getattr(model, "value_range", None) or downscaler_value_range(
         model.downscaler
     )
@@ -361,16 +370,34 @@ def checked_fit(parent, needs_labels: str | None, x=None, y=None, *args, **kwarg
     check_no_sample_weights(type(model).__name__, x, kwargs)
     if needs_labels and L.labels_missing(x, y):
         raise ValueError(needs_labels)
+    L.check_fit_labels(x, y, _num_classes(model))
+    check_even_batches(x, batch_size)
+
+
+def _num_classes(model) -> int:
     # The teacher passed `check_logits_model`: one (batch, classes) output.
-    num_classes = int(model.teacher.outputs[0].shape[-1])
-    L.check_fit_labels(x, y, num_classes)
-    L.check_validation_labels(kwargs.get("validation_data"), num_classes)
-    check_even_batches(x, kwargs.get("batch_size", args[0] if args else None))
+    return int(model.teacher.outputs[0].shape[-1])
+
+
+@contextlib.contextmanager
+def failure_reset(model):
+    """A `fit` or `evaluate` of `model` under `weights_kept_on_failure`;
+    if it fails, the compiled step functions are dropped, so the next call
+    traces afresh (a step whose first trace failed made TensorFlow refuse
+    the next one: "Creating variables on a non-first call to a function
+    decorated with tf.function"), and so are the compiled metrics, so they
+    are built again from the next call's batch: Keras builds them from the
+    first batch's shapes before the loss can refuse it, so one-hot labels
+    left `"accuracy"` categorical, and every later call with class indices
+    reported ~chance accuracy (a trial, torch and JAX)."""
     try:
         with weights_kept_on_failure(model):
-            return parent.fit(x, y, *args, **kwargs)
+            yield
     except BaseException:
         model.train_function = model.test_function = model.predict_function = None
+        compiled = getattr(model, "_compile_metrics", None)
+        if compiled is not None:
+            compiled.built = False
         raise
 
 
@@ -464,13 +491,17 @@ def weights_kept_on_failure(model):
 
 
 class FailSafeSteps:
-    """Mixed into the trainers: `evaluate` and `predict` run under
+    """Mixed into the trainers: `evaluate` checks its inputs as `fit` does
+    (`check_inputs`; the trainer's `_needs_labels()` says whether its step
+    needs labels) and runs under `failure_reset`; `predict` runs under
     `weights_kept_on_failure` (`fit` goes through `checked_fit`)."""
 
-    def evaluate(self, *args, **kwargs):
-        check_no_sample_weights(type(self).__name__, None, kwargs)
-        with weights_kept_on_failure(self):
-            return super().evaluate(*args, **kwargs)
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        if not kwargs.get("_use_cached_eval_dataset"):  # fit's validation: checked
+            batch_size = kwargs.get("batch_size", args[0] if args else None)
+            check_inputs(self, self._needs_labels(), x, y, kwargs, batch_size)
+        with failure_reset(self):
+            return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, *args, **kwargs):
         with weights_kept_on_failure(self):
@@ -856,8 +887,11 @@ class ThumbNetTrainer(FailSafeSteps, keras.Model):
                 "`trainer.compile(optimizer=keras.optimizers.Adam(1e-4))`."
             )
         warn_torch_jit(getattr(self, "jit_compile", None))
-        needs = _JOINT_NEEDS_LABELS if self.stage == "joint" else None
-        return checked_fit(super(), needs, x, y, *args, **kwargs)
+        return checked_fit(super(), self._needs_labels(), x, y, *args, **kwargs)
+
+    def _needs_labels(self) -> str | None:
+        """The refusal of a step without labels, if this stage needs them."""
+        return _JOINT_NEEDS_LABELS if self.stage == "joint" else None
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
