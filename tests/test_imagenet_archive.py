@@ -54,9 +54,10 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_ilsvrc2012(manual_dir: Path) -> dict:
+def write_ilsvrc2012(manual_dir: Path, val_start: int = 1) -> dict:
     """Tiny ILSVRC2012 archives in the official layout; returns
-    `{"classes": [wnid, ...], "val_labels": [wnid of val file 1, ...]}`."""
+    `{"classes": [wnid, ...], "val_labels": [wnid of val file 1, ...]}`.
+    `val_start`: the number of the first validation file (1 officially)."""
     import tensorflow_datasets as tfds
 
     lines = tfds.core.tfds_path("datasets/imagenet2012/validation_labels.txt")
@@ -73,7 +74,7 @@ def write_ilsvrc2012(manual_dir: Path) -> dict:
                     _add(per_class, f"{wnid}_{n + 1}.JPEG", _jpeg(rng, colour[wnid]))
             _add(train, f"{wnid}.tar", inner.getvalue())
     with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as val:
-        for i, wnid in enumerate(val_labels, start=1):
+        for i, wnid in enumerate(val_labels, start=val_start):
             _add(val, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(rng, colour[wnid]))
     return {"classes": classes, "val_labels": val_labels}
 
@@ -149,3 +150,74 @@ def test_train_imagenet_from_ilsvrc2012_archives(tmp_path, monkeypatch):
     assert np.isfinite(np.asarray(model.predict(pixels, verbose=0))).all()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics  # the report step ran
+
+
+def test_archives_tfds_would_misread_are_refused(tmp_path):
+    """An engineer's rehearsal (2026-12-01), each silent or a traceback before:
+
+    * tars changed after TFDS built its records (a class added) were
+      ignored: TFDS kept serving the old build, and the flows' prepare cache
+      (its key read "missing" for a deleted build) reused an index of other
+      records;
+    * a validation archive of files 11-14 (a subset) had every test label
+      wrong: TFDS labels by sorted position;
+    * a truncated train tar failed in three tracebacks, retried twice;
+    * a missing val tar was not named.
+    """
+    from thumbnet_keras.data import DataSourceError, load_manifest
+    from thumbnet_keras.data.sources import source_stamp
+    from thumbnet_keras.data.tfds_source import MANUAL_STAMP, builder
+
+    def imagenet(name: str):
+        manifest = load_manifest("imagenet2012")
+        tfds_dir = tmp_path / name
+        source = manifest.source.model_copy(update={"data_dir": str(tfds_dir)})
+        manifest = manifest.model_copy(update={"source": source})
+        return manifest, tfds_dir / "downloads" / "manual"
+
+    manifest, manual = imagenet("changed")
+    write_ilsvrc2012(manual)
+    with pytest.raises(FileNotFoundError, match="not there yet"):
+        source_stamp(manifest)  # not built yet: nothing may be cached on it
+    built = builder(manifest.source)
+    assert Path(built.data_dir, MANUAL_STAMP).is_file()
+    stamp = source_stamp(manifest)
+    train_tar = manual / "ILSVRC2012_img_train.tar"
+    with tarfile.open(train_tar, "a") as train:  # a class added
+        _add(train, "n01443537.tar", b"")
+    assert source_stamp(manifest) != stamp
+    with pytest.raises(DataSourceError) as info:
+        builder(manifest.source)
+    assert f"ILSVRC2012_img_train.tar in {manual} changed since TFDS built" in str(
+        info.value
+    )
+    assert f"delete the build {built.data_dir}" in str(info.value)
+    train_tar.unlink()  # removed to free the disk: no change
+    assert builder(manifest.source).data_dir == built.data_dir
+
+    manifest, manual = imagenet("subset")
+    write_ilsvrc2012(manual, val_start=11)
+    with pytest.raises(DataSourceError, match=(
+        "file number 1 in sorted order is 'ILSVRC2012_val_00000011.JPEG', not "
+        "'ILSVRC2012_val_00000001.JPEG'. TFDS labels the validation images by position"
+    )):  # fmt: skip
+        builder(manifest.source)
+    assert not (tmp_path / "subset" / "imagenet2012").exists()  # refused first
+
+    manifest, manual = imagenet("truncated")
+    write_ilsvrc2012(manual)
+    data = (manual / "ILSVRC2012_img_train.tar").read_bytes()
+    (manual / "ILSVRC2012_img_train.tar").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataSourceError, match=(
+        f"TFDS could not build 'imagenet2012' from the files in {manual}: "
+    )):  # fmt: skip
+        builder(manifest.source)
+
+    manifest, manual = imagenet("no-val")
+    write_ilsvrc2012(manual)
+    (manual / "ILSVRC2012_img_val.tar").unlink()
+    with pytest.raises(DataSourceError, match=(
+        f"Missing in {manual}: ILSVRC2012_img_val.tar "
+        r"\(there: ILSVRC2012_img_train.tar\)"
+    )):  # fmt: skip
+        builder(manifest.source)

@@ -469,9 +469,15 @@ def _source_roots(manifest: Manifest) -> list[Path]:
     if isinstance(src, ParquetSource):
         table = Path(src.path).expanduser()
         return [table, *_parquet_paths(src, table)]
-    from thumbnet_keras.data.tfds_source import data_dir
+    from thumbnet_keras.data.tfds_source import data_dir, manual_dir
 
-    return [Path(data_dir(src)) / src.name]
+    build = Path(data_dir(src)) / src.name.split(":")[0].split("/")[0]
+    if not build.is_dir():
+        # Prepare will build it (from the manual files): what the records
+        # will hold is not known yet, so nothing may be cached on it (a
+        # deleted build and changed archives matched a first run's key).
+        raise FileNotFoundError(f"TFDS build {build} not there yet")
+    return [build, *(Path(manual_dir(src)) / f for f in src.manual_files)]
 
 
 def _walk_files(root: Path) -> list[Path]:

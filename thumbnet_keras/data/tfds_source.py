@@ -9,6 +9,7 @@ same tf.data map as every other source.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,16 +32,21 @@ def manual_dir(source: TfdsSource) -> str:
     return os.path.join(data_dir(source), "downloads", "manual")
 
 
-def _missing_message(source: TfdsSource, detail: str) -> str:
+def _missing_message(
+    source: TfdsSource, detail: str, missing: list[str] | None = None
+) -> str:
     lines = [
         f"TFDS dataset {source.name!r} is not prepared under {data_dir(source)} "
         f"and download is off (manifest source.download: false).",
     ]
     if source.manual_files:
+        absent = missing if missing is not None else list(source.manual_files)
+        there = [f for f in source.manual_files if f not in absent]
         lines.append(
-            f"Put {', '.join(source.manual_files)} in {manual_dir(source)} "
-            "(or set source.manual_dir), then run prepare again: it builds the "
-            "TFDS records locally from those files."
+            f"Missing in {manual_dir(source)}: {', '.join(absent)}"
+            + (f" (there: {', '.join(there)})" if there else "")
+            + ". Put the files there (or set source.manual_dir) and run the "
+            "same command again: it builds the TFDS records locally from them."
         )
     else:
         lines.append(
@@ -52,12 +58,25 @@ def _missing_message(source: TfdsSource, detail: str) -> str:
     return " ".join(lines)
 
 
+# Written beside the TFDS records this package built from manual files: the
+# files' sizes and modification times then (`_check_manual_unchanged`).
+MANUAL_STAMP = "thumbnet_manual_files.json"
+
+
 def builder(source: TfdsSource):
     """A TFDS builder whose data is ready; builds from manual_dir if possible.
 
+    TFDS reuses a finished build whatever its manual files have become, so a
+    build made here records their sizes and times (`MANUAL_STAMP`) and is
+    refused once one of them changed (`_check_manual_unchanged`).
+
     Raises:
         DataSourceError: data not prepared and neither manual files nor
-            download allow building it; the message says where files go.
+            download allow building it (the message says which files go
+            where); manual files changed since the build; an ImageNet
+            validation archive TFDS would mislabel
+            (`_check_imagenet_validation`); or TFDS failed to build (a
+            damaged archive), naming the folder.
     """
     import tensorflow_datasets as tfds
 
@@ -65,17 +84,104 @@ def builder(source: TfdsSource):
         b = tfds.builder(source.name, data_dir=data_dir(source))
     except Exception as err:  # noqa: BLE001 - unknown name, bad data_dir
         raise DataSourceError(f"TFDS builder {source.name!r}: {err}") from err
-    if _is_ready(b):
-        return b
     manual = Path(manual_dir(source))
-    have_manual = bool(source.manual_files) and all(
-        (manual / f).is_file() for f in source.manual_files
-    )
-    if have_manual or source.download:
-        config = tfds.download.DownloadConfig(manual_dir=str(manual))
-        b.download_and_prepare(download_config=config)
+    if _is_ready(b):
+        _check_manual_unchanged(source, b, manual)
         return b
-    raise DataSourceError(_missing_message(source, "no prepared data found"))
+    missing = [f for f in source.manual_files if not (manual / f).is_file()]
+    have_manual = bool(source.manual_files) and not missing
+    if not (have_manual or source.download):
+        raise DataSourceError(
+            _missing_message(source, "no prepared data found", missing)
+        )
+    if have_manual:
+        _check_imagenet_validation(source, manual)
+    config = tfds.download.DownloadConfig(manual_dir=str(manual))
+    try:
+        b.download_and_prepare(download_config=config)
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign archive
+        what = f"the files in {manual}" if have_manual else "its download"
+        detail = str(err).strip().splitlines()[-1:] or [""]
+        raise DataSourceError(
+            f"TFDS could not build {source.name!r} from {what}: "
+            f"{type(err).__name__}: {detail[0]}. Check the archives (a download "
+            "cut short, a file that is not the dataset's own), replace the "
+            "damaged one and run the same command again."
+        ) from err
+    if have_manual:
+        stamp = {f: _file_stamp(manual / f) for f in source.manual_files}
+        try:
+            Path(b.data_dir, MANUAL_STAMP).write_text(json.dumps(stamp, indent=1))
+        except OSError:  # Not recorded: the build is still used, unchecked.
+            pass
+    return b
+
+
+def _file_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _check_manual_unchanged(source: TfdsSource, b, manual: Path) -> None:
+    """A build made here from manual files is refused when one of them has
+    another size or time now: TFDS would go on serving the old records
+    (a class added to the train archive was silently left out). A file
+    removed since (to free the disk) is no change."""
+    try:
+        recorded = json.loads(Path(b.data_dir, MANUAL_STAMP).read_text())
+    except (OSError, ValueError):
+        return  # Built elsewhere (`tfds build`), or under tfds.testing.mock_data.
+    changed = [
+        name
+        for name, stamp in recorded.items()
+        if (manual / name).is_file() and _file_stamp(manual / name) != stamp
+    ]
+    if changed:
+        raise DataSourceError(
+            f"{', '.join(changed)} in {manual} changed since TFDS built "
+            f"{source.name!r} from {'it' if len(changed) == 1 else 'them'} "
+            f"(size or modification time), and TFDS would keep serving the old "
+            f"records. To use the new files, delete the build {b.data_dir} and "
+            "run the same command again (it builds anew); or put back the files "
+            "it was built from."
+        )
+
+
+_VAL_NAME = "ILSVRC2012_val_{:08d}.JPEG"
+
+
+def _check_imagenet_validation(source: TfdsSource, manual: Path) -> None:
+    """TFDS labels ImageNet's validation images by position: the n-th name
+    in sorted order takes line n of its `validation_labels.txt`. A val
+    archive whose names do not run `ILSVRC2012_val_00000001.JPEG`, ...
+    without a gap (a subset of the validation set) would have every test
+    label after the gap wrong, without a word; refused before building."""
+    if source.name.split(":")[0] != "imagenet2012":
+        return
+    val = manual / "ILSVRC2012_img_val.tar"
+    if "ILSVRC2012_img_val.tar" not in source.manual_files or not val.is_file():
+        return
+    import tarfile
+
+    try:
+        with tarfile.open(val, mode="r:") as tar:
+            names = sorted(tar.getnames())
+    except (tarfile.TarError, OSError) as err:
+        raise DataSourceError(
+            f"{val} is not a readable tar archive ({err}): replace it with the "
+            "ILSVRC2012 validation archive and run the same command again."
+        ) from err
+    for n, name in enumerate(names, start=1):
+        if name != _VAL_NAME.format(n):
+            raise DataSourceError(
+                f"{val}: file number {n} in sorted order is {name!r}, not "
+                f"{_VAL_NAME.format(n)!r}. TFDS labels the validation images by "
+                "position (the n-th sorted name takes line n of its "
+                "validation_labels.txt), so the names must run "
+                f"{_VAL_NAME.format(1)}, {_VAL_NAME.format(2)}, ... without a "
+                "gap: a subset of the validation set would be mislabelled. Keep "
+                "the first N images of the official archive."
+            )
 
 
 def _is_ready(b) -> bool:
