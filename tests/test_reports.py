@@ -164,6 +164,17 @@ def test_a_teacher_its_students_beat_is_called_under_trained():
         "The teacher scores 87.6% test top-1, no more than always answering the "
         "largest class (90.0%)"
     )
+    assert note.endswith("Train it longer (--teacher-epochs) or bring a stronger one.")
+    # A teacher brought in: --teacher-epochs does nothing for it; a keras-hub
+    # task fed without its converter scored chance (a trial).
+    m["stages"]["teacher"] = {"source": "file"}
+    (note,) = caveats(m)
+    assert "--teacher-epochs" not in note
+    assert note.endswith(
+        "It was given, not trained here: check that it is fed the images it was "
+        "trained on (the manifest's `normalization`, channels, class order), or "
+        "bring a stronger one."
+    )
     m["dataset"]["majority"] = {"test": 0.5}
     assert caveats(m) == []
 

@@ -18,12 +18,13 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, run_python, to_numpy
+from conftest import BACKEND, run_python, tiny_teacher, to_numpy
 from pipeline_fixtures import subprocess_env, tiny_dataset
 
 from thumbnet_keras import ThumbNetTrainer, build_downscaler, make_student
 from thumbnet_keras.models.teachers import (
     TeacherSpecError,
+    is_raw_pixel_teacher,
     load_teacher,
     preprocessing_layers,
 )
@@ -243,6 +244,44 @@ def test_keras_hub_saved_task(tmp_path):
     _student_and_fm(teacher)
 
 
+def test_keras_hub_task_saved_as_a_keras_file(tmp_path):
+    """A keras-hub user's trial (2026-12-01): `task.save("teacher.keras")`
+    loaded as a plain model dropped the task's image converter (keras-hub
+    applies it in predict and fit, outside the graph): the run fed [0, 1]
+    images, the teacher scored chance and the report said to train it
+    longer. Its converter now goes inside, as for a keras_hub: preset."""
+    from thumbnet_keras.models.teacher_spec import raw_pixel_source
+
+    task = _hub_task()
+    task.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    task.fit(_pixels((4, 32, 32, 3)), np.array([0, 1, 2, 0]), epochs=1, verbose=0)
+    path = str(tmp_path / "task.keras")
+    task.save(path)
+    assert raw_pixel_source(path) == "keras_hub" and is_raw_pixel_teacher(path)
+    plain = str(tmp_path / "plain.keras")
+    tiny_teacher((32, 32, 3)).save(plain)
+    assert raw_pixel_source(plain) is None
+    shape = (32, 32, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        teacher = load_teacher(path, shape, 3)
+    assert not [w for w in caught if "optimizer" in str(w.message)], caught
+    assert teacher.layers[1].name == "preprocess_keras_hub"
+    x = _pixels((2, *shape), seed=1)
+    np.testing.assert_allclose(
+        to_numpy(teacher(x, training=False)),
+        task.predict(x, verbose=0),  # keras-hub's own path: converter, then model
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    # A gray run: one line naming the fix (was numpy's broadcast error).
+    with pytest.raises(TeacherSpecError, match=(
+        "image converter has a scale per channel for 3 channels, but the run's "
+        "images have 1; set --channels 3"
+    )):  # fmt: skip
+        load_teacher(path, (32, 32, 1), 3)
+
+
 def test_nested_file_teacher_is_inlined(tmp_path):
     # A user's own wrapper: Rescaling + a nested classifier whose output is
     # 2-D; FM would otherwise only see the Rescaling layer's output.
@@ -411,13 +450,21 @@ def test_smoke_flow_applications_resnet50(tmp_path):
 
 @TF_ONLY
 @pytest.mark.slow
-def test_smoke_flow_keras_hub_resnet(tmp_path):
+@pytest.mark.parametrize("saved", ["preset", "keras_file"])
+def test_smoke_flow_keras_hub_resnet(tmp_path, saved):
     task = _hub_task(classes=2)
-    task.save_to_preset(str(tmp_path / "preset"))
-    run_dir = _run_flow(tmp_path, f"keras_hub:{tmp_path / 'preset'}")
+    if saved == "preset":
+        task.save_to_preset(str(tmp_path / "preset"))
+        teacher = f"keras_hub:{tmp_path / 'preset'}"
+    else:  # task.save(): its converter goes inside as well
+        teacher = str(tmp_path / "task.keras")
+        task.save(teacher)
+    run_dir = _run_flow(tmp_path, teacher)
     assert os.path.isfile(os.path.join(run_dir, "thumbnet.keras"))
     record = json.loads(open(os.path.join(run_dir, "stages", "teacher.json")).read())
     assert record["source"] == "keras_hub"
+    data = json.loads(open(os.path.join(run_dir, "data.json")).read())
+    assert data["normalization"] == "raw"  # the converter is inside T
 
 
 def test_a_teacher_of_any_input_size_is_rebuilt_at_the_runs(tmp_path):

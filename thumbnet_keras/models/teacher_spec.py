@@ -16,7 +16,9 @@ __all__ = [
     "HUB_PREFIX",
     "TeacherSpecError",
     "check_applications_spec",
+    "hub_archive_converter",
     "is_raw_pixel_teacher",
+    "raw_pixel_source",
 ]
 
 APPLICATIONS_PREFIX = "applications:"
@@ -74,8 +76,49 @@ class TeacherSpecError(ValueError):
 
 def is_raw_pixel_teacher(spec: str | None) -> bool:
     """Whether `spec` names a teacher that takes raw [0, 255] pixels (an
-    `applications:` or `keras_hub:` teacher, preprocessing inside)."""
-    return bool(spec) and spec.startswith((APPLICATIONS_PREFIX, HUB_PREFIX))
+    `applications:` or `keras_hub:` teacher, or a keras-hub task saved as a
+    `.keras` file: preprocessing inside)."""
+    return raw_pixel_source(spec) is not None
+
+
+def raw_pixel_source(spec: str | None) -> str | None:
+    """`"applications"` or `"keras_hub"` for a teacher `load_teacher` puts
+    its preprocessing inside (it then takes raw [0, 255] pixels), else None."""
+    if not spec:
+        return None
+    if spec.startswith(APPLICATIONS_PREFIX):
+        return "applications"
+    if spec.startswith(HUB_PREFIX) or hub_archive_converter(spec) is not None:
+        return "keras_hub"
+    return None
+
+
+def hub_archive_converter(path: str) -> dict | None:
+    """The image converter's config (`scale`, `offset`, ...) of a keras-hub
+    image classifier saved with `task.save("x.keras")`, when it rescales
+    pixels (a scale or an offset set); None for any other file. Read from
+    the archive's `config.json`, without Keras: keras-hub applies the
+    converter in `predict` and `fit`, outside the model's graph, so a
+    teacher loaded as a plain model would be fed unconverted images (a
+    trial: 25% where the task scored 95%)."""
+    import json
+    import zipfile
+
+    if not (isinstance(path, str) and path.endswith(".keras") and os.path.isfile(path)):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+        if not str(config.get("module", "")).startswith("keras_hub"):
+            return None
+        preprocessor = (config.get("config") or {}).get("preprocessor") or {}
+        converter = (preprocessor.get("config") or {}).get("image_converter") or {}
+        settings = converter.get("config") or {}
+    except (OSError, KeyError, ValueError, AttributeError, zipfile.BadZipFile):
+        return None
+    if settings.get("scale") is None and settings.get("offset") is None:
+        return None
+    return settings
 
 
 def check_applications_spec(

@@ -23,7 +23,10 @@ Teacher specifications (the `teacher` parameter, `--teacher`):
 * a `.keras` file, or `"pretrained:elpv"`: loaded with its own input
   contract (the shipped ELPV teacher takes gray [0, 1] images, fed by the
   manifest's normalization); nested Functional models inside it are
-  inlined (`inline_nested`), nothing else changes;
+  inlined (`inline_nested`), nothing else changes; except a keras-hub
+  image classifier saved with `task.save(...)` whose image converter
+  rescales: that converter goes inside, as for `keras_hub:` below
+  (`teacher_spec.hub_archive_converter`);
 * `"applications:<Name>"` or `"applications:<Name>:<weights>"`: a
   `keras.applications` model (e.g. `ResNet50`, `DenseNet121`, `MobileNetV2`)
   built at the run's image size with `classifier_activation=None`; weights
@@ -58,6 +61,7 @@ from thumbnet_keras.models.teacher_spec import (
     HUB_PREFIX,
     TeacherSpecError,
     check_applications_spec,
+    hub_archive_converter,
     is_raw_pixel_teacher,
 )
 from thumbnet_keras.models.weights import copy_weights
@@ -219,6 +223,15 @@ def _hub_preprocessing(task, channels):
     offset = getattr(converter, "offset", None)
     if converter is None or (scale is None and offset is None):
         return []
+    for name, value in (("scale", scale), ("offset", offset)):
+        size = int(np.size(value)) if value is not None else 1
+        if size not in (1, channels):
+            # numpy's broadcast error was all a user saw (a trial).
+            raise TeacherSpecError(
+                f"Teacher {task.name!r}: its keras-hub image converter has a "
+                f"{name} per channel for {size} channels, but the run's images "
+                f"have {channels}; set --channels {size} (`channels` in params)."
+            )
     scale = np.broadcast_to(
         np.asarray(1.0 if scale is None else scale, "float64"), (channels,)
     )
@@ -302,7 +315,14 @@ def load_teacher(spec: str, image_shape=None, num_classes: int | None = None):
             "'keras_hub:<preset or folder>')."
         )
     try:
-        teacher = keras.saving.load_model(path, compile=False)
+        with warnings.catch_warnings():
+            # A keras-hub task compiles itself when loaded: Keras then warns
+            # that it skips the saved optimizer's variables (harmless; it
+            # read as a teacher loaded in part).
+            warnings.filterwarnings(
+                "ignore", message="Skipping variable loading for optimizer"
+            )
+            teacher = keras.saving.load_model(path, compile=False)
     except Exception as err:
         missing = re.search(r"Could not locate class '([^']+)'", str(err))
         if missing:  # A class of the user's code, not importable here.
@@ -325,6 +345,13 @@ def load_teacher(spec: str, image_shape=None, num_classes: int | None = None):
         raise TeacherSpecError(
             f"Teacher file {path!r} is not a loadable .keras model: {short_error_text(err)}"
         ) from err
+    if hub_archive_converter(path) is not None:
+        # A keras-hub task saved with task.save(): its converter goes
+        # inside, as for a keras_hub: preset (the run feeds raw pixels,
+        # `teacher_spec.raw_pixel_source`).
+        shape = tuple(image_shape or teacher.inputs[0].shape[1:])
+        layers = _hub_preprocessing(teacher, shape[-1])
+        return _wrap(teacher, shape, layers, teacher.name)
     return at_run_size(inline_nested(teacher), image_shape)
 
 

@@ -456,11 +456,11 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     """
 
     from thumbnet_keras.models import backbones
-    from thumbnet_keras.models.teachers import is_raw_pixel_teacher
+    from thumbnet_keras.models.teacher_spec import raw_pixel_source
     from thumbnet_keras.pipeline.resolve import build_with_weights, check_teacher_file
 
     run, config = load_run(run_dir)
-    if is_raw_pixel_teacher(config.teacher):
+    if raw_pixel_source(config.teacher):
         # Its preprocessing is inside: every stage feeds raw [0, 255] pixels.
         prepared = {**prepared, "normalization": "raw"}
     _check_same_data(run, prepared)
@@ -473,11 +473,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     fit = {"history": {}, "epochs": 0, "resumed_from": [], "seconds": 0.0}
     if config.teacher is not None:
         teacher = check_teacher_file(config.teacher, shape, classes)
-        source = (
-            config.teacher.split(":")[0]
-            if is_raw_pixel_teacher(config.teacher)
-            else "file"
-        )
+        source = raw_pixel_source(config.teacher) or "file"
     elif config.backbone_weights is not None:
         teacher = build_with_weights(config, shape, classes)
         source = "weights"

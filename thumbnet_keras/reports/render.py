@@ -205,8 +205,8 @@ def caveats(metrics: Mapping) -> list[str]:
         return [
             f"The teacher scores {_pct1(teacher['top1'])} test top-1, no more than "
             f"always answering the largest class ({_pct1(majority)}): it has not "
-            "learned the task, so nothing here says what ThumbNet does. Train it "
-            "longer (--teacher-epochs) or bring a stronger one."
+            "learned the task, so nothing here says what ThumbNet does. "
+            + _teacher_fix(metrics, "")
         ]
     from thumbnet_keras.evaluation.paired import verdict
 
@@ -227,10 +227,25 @@ def caveats(metrics: Mapping) -> list[str]:
     return [
         f"ThumbNet beats its own teacher ({_pct1(teacher['top1'])} test top-1) "
         f"on the same test images: {which}. Students start from the teacher's "
-        "weights and train further, so this teacher is under-trained: train it "
-        "longer (--teacher-epochs) or bring a stronger one before reading the "
-        "comparison; distilling a weak teacher caps what ThumbNet learns."
+        "weights and train further, so this teacher is under-trained. "
+        + _teacher_fix(metrics, " before reading the comparison")
+        + " Distilling a weak teacher caps what ThumbNet learns."
     ]
+
+
+def _teacher_fix(metrics: Mapping, when: str) -> str:
+    """What to do about a weak teacher: train it longer when the run trained
+    it; a teacher brought in is more often fed other images than it learned
+    on (a keras-hub task scored 25% without its converter, and the note
+    said --teacher-epochs, which does nothing then)."""
+    teacher = metrics.get("stages", {}).get("teacher") or {}
+    if teacher.get("source") in (None, "trained"):
+        return f"Train it longer (--teacher-epochs) or bring a stronger one{when}."
+    return (
+        "It was given, not trained here: check that it is fed the images it "
+        "was trained on (the manifest's `normalization`, channels, class "
+        f"order), or bring a stronger one{when}."
+    )
 
 
 def _points(value: float) -> str:
