@@ -183,17 +183,20 @@ def test_archives_tfds_would_misread_are_refused(tmp_path):
     assert Path(built.data_dir, MANUAL_STAMP).is_file()
     stamp = source_stamp(manifest)
     train_tar = manual / "ILSVRC2012_img_train.tar"
+    # The same bytes with new times (a copy that did not keep them): no change.
+    os.utime(train_tar, ns=(1, 1))
+    assert builder(manifest.source).data_dir == built.data_dir
     with tarfile.open(train_tar, "a") as train:  # a class added
         _add(train, "n01443537.tar", b"")
-    assert source_stamp(manifest) != stamp
     with pytest.raises(DataSourceError) as info:
         builder(manifest.source)
-    assert f"ILSVRC2012_img_train.tar in {manual} changed since TFDS built" in str(
-        info.value
-    )
-    assert f"delete the build {built.data_dir}" in str(info.value)
+    message = str(info.value)
+    assert f"ILSVRC2012_img_train.tar in {manual} changed since TFDS built" in message
+    assert f"delete the build {built.data_dir}" in message
+    assert f"delete {Path(built.data_dir, MANUAL_STAMP)}" in message
     train_tar.unlink()  # removed to free the disk: no change
     assert builder(manifest.source).data_dir == built.data_dir
+    assert source_stamp(manifest) == stamp  # nor for the flows' prepare cache
 
     manifest, manual = imagenet("subset")
     write_ilsvrc2012(manual, val_start=11)
@@ -221,3 +224,39 @@ def test_archives_tfds_would_misread_are_refused(tmp_path):
         r"\(there: ILSVRC2012_img_train.tar\)"
     )):  # fmt: skip
         builder(manifest.source)
+
+
+def test_a_full_disk_or_network_error_is_not_called_a_damaged_archive(
+    tmp_path, monkeypatch
+):
+    """Review (2026-12-01): every failed build became "replace the damaged
+    archive", which the flow never retries: a dropped download or a full
+    disk must stay what it is (retried)."""
+    import errno
+
+    import tensorflow_datasets as tfds
+
+    from thumbnet_keras.data import load_manifest
+    from thumbnet_keras.data.tfds_source import builder
+
+    def fails(error):
+        def download_and_prepare(self, *args, **kwargs):
+            raise error
+
+        return download_and_prepare
+
+    imagenet = load_manifest("imagenet2012").source
+    imagenet = imagenet.model_copy(update={"data_dir": str(tmp_path / "in")})
+    write_ilsvrc2012(tmp_path / "in" / "downloads" / "manual")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fails(full))
+    with pytest.raises(OSError, match="No space left on device"):
+        builder(imagenet)
+    places = load_manifest("places365").source
+    places = places.model_copy(
+        update={"data_dir": str(tmp_path / "pl"), "download": True}
+    )
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fails(reset))
+    with pytest.raises(ConnectionResetError):
+        builder(places)

@@ -469,15 +469,19 @@ def _source_roots(manifest: Manifest) -> list[Path]:
     if isinstance(src, ParquetSource):
         table = Path(src.path).expanduser()
         return [table, *_parquet_paths(src, table)]
-    from thumbnet_keras.data.tfds_source import data_dir, manual_dir
+    from thumbnet_keras.data.tfds_source import data_dir
 
     build = Path(data_dir(src)) / src.name.split(":")[0].split("/")[0]
     if not build.is_dir():
         # Prepare will build it (from the manual files): what the records
         # will hold is not known yet, so nothing may be cached on it (a
         # deleted build and changed archives matched a first run's key).
+        # The manual files themselves are not stamped: a build made here
+        # records them and is refused once they change
+        # (`tfds_source.builder`), and deleting them after the build is no
+        # change.
         raise FileNotFoundError(f"TFDS build {build} not there yet")
-    return [build, *(Path(manual_dir(src)) / f for f in src.manual_files)]
+    return [build]
 
 
 def _walk_files(root: Path) -> list[Path]:

@@ -99,17 +99,20 @@ def builder(source: TfdsSource):
     config = tfds.download.DownloadConfig(manual_dir=str(manual))
     try:
         b.download_and_prepare(download_config=config)
+    except OSError:
+        raise  # A full disk, a network error: the flow retries these.
     except Exception as err:  # noqa: BLE001 - a damaged or foreign archive
-        what = f"the files in {manual}" if have_manual else "its download"
+        if not have_manual:
+            raise
         detail = str(err).strip().splitlines()[-1:] or [""]
         raise DataSourceError(
-            f"TFDS could not build {source.name!r} from {what}: "
+            f"TFDS could not build {source.name!r} from the files in {manual}: "
             f"{type(err).__name__}: {detail[0]}. Check the archives (a download "
             "cut short, a file that is not the dataset's own), replace the "
             "damaged one and run the same command again."
         ) from err
     if have_manual:
-        stamp = {f: _file_stamp(manual / f) for f in source.manual_files}
+        stamp = {f: _file_stamp(manual / f, members=True) for f in source.manual_files}
         try:
             Path(b.data_dir, MANUAL_STAMP).write_text(json.dumps(stamp, indent=1))
         except OSError:  # Not recorded: the build is still used, unchecked.
@@ -117,33 +120,63 @@ def builder(source: TfdsSource):
     return b
 
 
-def _file_stamp(path: Path) -> dict:
+def _file_stamp(path: Path, members: bool = False) -> dict:
+    """`path`'s size and modification time; with `members`, for a tar, a
+    digest of its members' names and sizes too (read from the headers)."""
     st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if members:
+        stamp["members"] = _members_digest(path)
+    return stamp
+
+
+def _members_digest(path: Path) -> str | None:
+    import hashlib
+    import tarfile
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            listing = "\n".join(f"{m.name}|{m.size}" for m in tar.getmembers())
+    except (tarfile.TarError, OSError):
+        return None
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _check_manual_unchanged(source: TfdsSource, b, manual: Path) -> None:
-    """A build made here from manual files is refused when one of them has
-    another size or time now: TFDS would go on serving the old records
-    (a class added to the train archive was silently left out). A file
-    removed since (to free the disk) is no change."""
+    """A build made here from manual files is refused when one of them
+    changed: TFDS would go on serving the old records (a class added to the
+    train archive was silently left out). Changed: another size, or another
+    modification time and other members (names and sizes) in the tar: a
+    copy that did not keep the files' times is no change, nor is a file
+    removed since (to free the disk)."""
+    stamp_file = Path(b.data_dir, MANUAL_STAMP)
     try:
-        recorded = json.loads(Path(b.data_dir, MANUAL_STAMP).read_text())
+        recorded = json.loads(stamp_file.read_text())
     except (OSError, ValueError):
         return  # Built elsewhere (`tfds build`), or under tfds.testing.mock_data.
-    changed = [
-        name
-        for name, stamp in recorded.items()
-        if (manual / name).is_file() and _file_stamp(manual / name) != stamp
-    ]
-    if changed:
+
+    def changed(name: str, stamp: dict) -> bool:
+        path = manual / name
+        if not path.is_file():
+            return False
+        now = _file_stamp(path)
+        if now["size"] != stamp.get("size"):
+            return True
+        if now["mtime_ns"] == stamp.get("mtime_ns"):
+            return False
+        digest = stamp.get("members")
+        return digest is None or _members_digest(path) != digest
+
+    names = [name for name, stamp in recorded.items() if changed(name, stamp)]
+    if names:
         raise DataSourceError(
-            f"{', '.join(changed)} in {manual} changed since TFDS built "
-            f"{source.name!r} from {'it' if len(changed) == 1 else 'them'} "
-            f"(size or modification time), and TFDS would keep serving the old "
-            f"records. To use the new files, delete the build {b.data_dir} and "
-            "run the same command again (it builds anew); or put back the files "
-            "it was built from."
+            f"{', '.join(names)} in {manual} changed since TFDS built "
+            f"{source.name!r} from {'it' if len(names) == 1 else 'them'}, and "
+            f"TFDS would keep serving the old records. To use the new files, "
+            f"delete the build {b.data_dir} and run the same command again (it "
+            "builds anew); or put back the files it was built from. If they are "
+            f"the same files, delete {stamp_file} (what the build recorded of "
+            "them) to use the build as it is."
         )
 
 
