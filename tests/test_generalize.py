@@ -25,6 +25,7 @@ from thumbnet_keras.pipeline.datasets import split_batches
 from thumbnet_keras.pipeline.generalize import (
     arm_id,
     arm_inputs,
+    generalize_inputs,
     input_notes,
     resolve_generalize,
     train_generalize_arm,
@@ -495,3 +496,35 @@ def test_a_generalize_run_checks_what_it_reuses(source_run):
     assert resolve_generalize(_config(root, source, "checks", (symmetric, None)))[
         "resumed"
     ]
+
+
+def test_a_no_op_rerun_of_the_source_keeps_e_and_its_digest(tmp_path):
+    """An upgrade trial (2026-12-01): rerunning a finished source run's
+    command (nothing trained) saved f<f>/downscaler.keras again, with a new
+    `date_saved` and so a new sha256, and every generalize run made from it
+    was refused as "the source run's downscaler changed". A model saved
+    again unchanged keeps its file's bytes; a changed one does not."""
+    import time
+
+    from thumbnet_keras.layers.downscaler import build_downscaler
+    from thumbnet_keras.pipeline.rundir import save_keras
+
+    source = Run(str(tmp_path / "src"))
+    stage = tmp_path / "src" / "stages" / "f2-joint" / "downscaler.keras"
+    save_keras(build_downscaler((16, 16, 1), 2, width=4), stage)
+    path = source.factor_dir(2) / "downscaler.keras"
+
+    def export():  # what export_run does: the joint stage's E loaded, saved
+        downscaler = keras.saving.load_model(stage)
+        save_keras(downscaler, path)
+        return downscaler
+
+    downscaler = export()
+    before = generalize_inputs(source, 2)
+    time.sleep(1.1)  # Keras dates a save to the second
+    export()
+    assert generalize_inputs(source, 2) == before
+    kernel = downscaler.trainable_weights[0]
+    kernel.assign(kernel + 1.0)
+    save_keras(downscaler, path)
+    assert generalize_inputs(source, 2) != before

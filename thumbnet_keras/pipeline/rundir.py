@@ -135,9 +135,33 @@ def save_keras(model, path: str | os.PathLike) -> str:
     from thumbnet_keras.pipeline.compute import portable_model
 
     model = portable_model(model)
+
+    def write(tmp: str) -> None:
+        model.save(tmp)
+        if same_keras_model(tmp, path):
+            # The same model saved again (a rerun's export): the file keeps
+            # its bytes, so the digests recorded of it (a generalize run's
+            # E, a sidecar's) still hold; only `date_saved` differed.
+            shutil.copyfile(path, tmp)
+
     with _uncompiled(model):
-        atomic_write(path, lambda tmp: model.save(tmp))
+        atomic_write(path, write)
     return str(path)
+
+
+def same_keras_model(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two `.keras` archives hold the same model: every member but
+    `metadata.json` (Keras' version and the save date) byte-identical."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(a) as za, zipfile.ZipFile(b) as zb:
+            names = sorted(n for n in za.namelist() if n != "metadata.json")
+            if names != sorted(n for n in zb.namelist() if n != "metadata.json"):
+                return False
+            return all(za.read(n) == zb.read(n) for n in names)
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return False  # `b` not there yet, or not an archive: write it.
 
 
 @contextlib.contextmanager
