@@ -581,3 +581,33 @@ def test_a_finished_run_without_fm_pretrain_is_finished(tmp_path):
     failed = run_folder("failed", 0, ["teacher", *trained])
     (Path(failed) / "health.json").write_text('{"status": "failed"}')
     assert check_finished_run(failed, exported=True)
+
+
+def test_generalize_checks_import_no_framework(world, tmp_path):
+    """An upgrade trial (2026-12-01): `thumbnet generalize` printed
+    TensorFlow's start-up lines before its output or one-line refusal: its
+    preflight imported the generalize module (Keras) to hash the source's
+    E. Every check, that hash included, runs before any framework."""
+    run = tmp_path / "src"
+    (run / "f2").mkdir(parents=True)
+    (run / "f2" / "downscaler.keras").write_bytes(b"PK")
+    (run / "config.json").write_text(json.dumps({"kind": "thumbnet", "config": {
+        "factors": [2], "dataset": str(world / "brightness.yaml"),
+        "backbone": "tiny_cnn"}}))  # fmt: skip
+    values = {"source_run": str(run), "factor": 2, "runs_dir": str(tmp_path / "runs")}
+    code = (
+        "import sys\n"
+        "from thumbnet_keras.pipeline.preflight import check_generalize\n"
+        f"check_generalize({values!r})\n"
+        "print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'torch', 'prefect')"
+        " if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=world,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert result.stdout.strip() == "[]", result.stderr[-2000:]

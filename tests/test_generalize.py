@@ -25,7 +25,6 @@ from thumbnet_keras.pipeline.datasets import split_batches
 from thumbnet_keras.pipeline.generalize import (
     arm_id,
     arm_inputs,
-    generalize_inputs,
     input_notes,
     resolve_generalize,
     train_generalize_arm,
@@ -36,6 +35,7 @@ from thumbnet_keras.pipeline.generalize_report import (
     mean_std,
     summarize_generalize,
 )
+from thumbnet_keras.pipeline.resolve import generalize_inputs
 from thumbnet_keras.pipeline.rundir import Run
 
 

@@ -53,7 +53,6 @@ __all__ = [
     "arm_id",
     "arm_inputs",
     "check_target",
-    "generalize_inputs",
     "input_notes",
     "resolve_generalize",
     "train_generalize_arm",
@@ -167,7 +166,11 @@ def resolve_generalize(params: GeneralizeParams | GeneralizeConfig | dict) -> di
         [{"dataset", "backbone", "backbone_options", "notes"}], "image_size", "channels",
         "normalization", "downscaler", "source_run"}`.
     """
-    from thumbnet_keras.pipeline.resolve import check_backbone, load_manifest_checked
+    from thumbnet_keras.pipeline.resolve import (
+        check_backbone,
+        generalize_inputs,
+        load_manifest_checked,
+    )
 
     if isinstance(params, dict):
         params = GeneralizeParams.model_validate(params)
@@ -282,16 +285,6 @@ def arm_inputs(run_dir: str, arm: str, prepared: dict):
         )
     downscaler.trainable = False
     return downscaler, data
-
-
-def generalize_inputs(source: Run, factor: int) -> dict:
-    """What a generalize run reads besides its config, hashed: the source
-    run's E. A source run replaced or retrained since holds another E, and a
-    resumed run pooled seeds of two Es in one row (a trial)."""
-    from thumbnet_keras.deploy.metadata import model_sha256
-
-    path = source.factor_dir(factor) / "downscaler.keras"
-    return {"downscaler_sha256": model_sha256(path)}
 
 
 def _target_record(run: Run, index: int):

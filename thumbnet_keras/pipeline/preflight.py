@@ -1087,7 +1087,7 @@ def check_generalize(values: dict) -> GeneralizeParams:
             for d, b in config.experiments
         ),
     )
-    from thumbnet_keras.pipeline.generalize import generalize_inputs
+    from thumbnet_keras.pipeline.resolve import generalize_inputs
 
     check_claimable(
         resolved.run_path,

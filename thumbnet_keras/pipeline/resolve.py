@@ -29,6 +29,19 @@ from thumbnet_keras.pipeline.rundir import check_writable, claim, default_run_na
 __all__ = ["resolve_run", "dataset_classes", "load_manifest_checked", "run_inputs"]
 
 
+def generalize_inputs(source, factor: int) -> dict:
+    """What a generalize run reads besides its config, hashed: the source
+    run's E. A source run replaced or retrained since holds another E, and a
+    resumed run pooled seeds of two Es in one row (a trial). `source`: the
+    source's `Run`. Here, not in `generalize` (which imports Keras), so the
+    command line's preflight checks it before any framework starts (its
+    start-up lines were printed before a one-line refusal: a trial)."""
+    from thumbnet_keras.deploy.metadata import model_sha256
+
+    path = source.factor_dir(factor) / "downscaler.keras"
+    return {"downscaler_sha256": model_sha256(path)}
+
+
 def run_inputs(config, manifest) -> dict:
     """Content hashes of what a run reads besides its settings, saved in its
     `config.json` and compared when it resumes (`rundir.claim`): the dataset
