@@ -1109,6 +1109,21 @@ def test_a_run_is_not_resumed_on_files_changed_under_its_manifest(tmp_path):
 
     with pytest.raises(ConfigError, match="was prepared again since"):
         Run(run_dir).data(require=True)
+    # A run recorded by an older version has no fingerprint: its split sizes
+    # and classes are compared (an upgrade trial: it resumed, and was scored,
+    # on splits that had moved 4 training images into test and validation).
+    data_json = Path(run_dir, "data.json")
+    legacy = json.loads(data_json.read_text())
+    del legacy["fingerprint"]
+    other = legacy | {
+        "splits": legacy["splits"] | {"test": legacy["splits"]["test"] + 1}
+    }
+    data_json.write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="was started on other data"):
+        pipeline.get_teacher(run_dir, changed, verbose=0)
+    with pytest.raises(ConfigError, match="was prepared again since"):
+        Run(run_dir).data(require=True)
+    data_json.write_text(json.dumps(legacy))  # the same splits: resumed below
     # The files back as they were: the same index, and the run resumes.
     removed.write_bytes(kept)
     again = pipeline.prepare_dataset(manifest, str(tmp_path / "data"), 8)

@@ -109,12 +109,13 @@ def prepare_dataset(
     }
 
 
-def prepared_fingerprint(prepared_dir: str) -> str | None:
-    """The fingerprint of the index `prepared_dir` holds now (of the manifest
-    and every file's content, `data.prepare`), or None when there is none.
-    Read from its summary.json alone: `PreparedDataset.load` would hash the
-    whole index each time (every step that reads a run's images asks), and
-    the steps that read the index check it themselves."""
+def prepared_summary(prepared_dir: str) -> dict | None:
+    """The summary of the index `prepared_dir` holds now (its `fingerprint`
+    of the manifest and every file's content, `splits`, `class_names`,
+    `data.prepare`), or None when there is none. Read from its summary.json
+    alone: `PreparedDataset.load` would hash the whole index each time
+    (every step that reads a run's images asks), and the steps that read
+    the index check it themselves."""
     import json
 
     from thumbnet_keras.data.index import SUMMARY_FILE
@@ -124,7 +125,13 @@ def prepared_fingerprint(prepared_dir: str) -> str | None:
             summary = json.load(f)
     except (OSError, ValueError):
         return None
-    return summary.get("fingerprint") if isinstance(summary, dict) else None
+    return summary if isinstance(summary, dict) else None
+
+
+def prepared_fingerprint(prepared_dir: str) -> str | None:
+    """The fingerprint of the index `prepared_dir` holds now
+    (`prepared_summary`), or None when there is none."""
+    return (prepared_summary(prepared_dir) or {}).get("fingerprint")
 
 
 def data_notices(prepared_dir: str, quarantine_only: bool = False) -> list[str]:

@@ -503,7 +503,7 @@ class Run:
         `require`: raise `ConfigError` when the prepared data is not found
         (for the steps that read its images), instead of returning the
         folder as written, or when the folder's index is no longer the one
-        the run recorded (`fingerprint`: files changed under the manifest
+        the run recorded (`same_data`: files changed under the manifest
         were prepared again there).
         """
         data = read_json(self.data_json)
@@ -519,11 +519,11 @@ class Run:
                     "train` with the run's options to prepare it again."
                 )
             data["prepared_dir"] = found or folder
-        if require and found is not None and data.get("fingerprint"):
-            from thumbnet_keras.pipeline.datasets import prepared_fingerprint
+        if require and found is not None:
+            from thumbnet_keras.pipeline.datasets import prepared_summary
 
-            now = prepared_fingerprint(found)
-            if now is not None and now != data["fingerprint"]:
+            now = prepared_summary(found)
+            if now is not None and not same_data(data, now):
                 # The folder is one per manifest: files changed under it were
                 # prepared again there, and scoring this run's models on them
                 # reads other splits than they were trained and selected on.
@@ -536,6 +536,21 @@ class Run:
                     "run on the data as it is now."
                 )
         return data
+
+
+def same_data(recorded: dict, prepared: dict) -> bool:
+    """Whether `prepared` (a `prepare_dataset` result or a prepared folder's
+    summary) is the data a run `recorded` in its data.json: the same index
+    fingerprint, or, for a run recorded before fingerprints, the same split
+    sizes and class names."""
+    old, new = recorded.get("fingerprint"), prepared.get("fingerprint")
+    if old and new:
+        return old == new
+    if not recorded.get("splits"):
+        return True  # Nothing recorded to compare.
+    return dict(recorded["splits"]) == dict(prepared.get("splits") or {}) and list(
+        recorded.get("class_names") or []
+    ) == list(prepared.get("class_names") or [])
 
 
 def _moved_tail(folder: str) -> str:

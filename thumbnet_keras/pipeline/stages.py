@@ -67,6 +67,7 @@ from thumbnet_keras.pipeline.rundir import (
     atomic_write,
     is_unstarted,
     read_json,
+    same_data,
     save_keras,
     write_json,
 )
@@ -398,14 +399,18 @@ def _check_same_data(run: Run, prepared: dict) -> None:
     stages trained on the old ones, then rewrote the run's data.json and
     report. The prepared index's fingerprint (manifest + every file's
     content) now has to match the one the run recorded; runs recorded before
-    it have none and are not checked.
+    it have none: for them, the split sizes and class names it recorded
+    have to match (an upgrade trial: a run made by an older version resumed
+    on splits that moved 4 of its training images into test and validation).
     """
     if is_unstarted(run.path) or not run.data_json.is_file():
         return
     saved = read_json(run.data_json)
-    old, new = saved.get("fingerprint"), prepared.get("fingerprint")
-    if not old or not new or old == new:
-        return
+    if not same_data(saved, prepared):
+        raise ConfigError(_other_data_message(run, saved, prepared))
+
+
+def _other_data_message(run: Run, saved: dict, prepared: dict) -> str:
 
     def splits(summary):
         counts = summary.get("splits") or {}
@@ -427,7 +432,7 @@ def _check_same_data(run: Run, prepared: dict) -> None:
             else "; the same classes in another order"
         )
 
-    raise ConfigError(
+    return (
         f"Run folder {str(run.path)!r} was started on other data: the files of "
         f"dataset {prepared.get('name') or prepared.get('dataset')!r} changed since "
         f"its stages trained, or a thumbnet-keras upgrade indexes them otherwise "
