@@ -1236,7 +1236,16 @@ def test_a_finished_stage_whose_model_file_changed_says_so(tmp_path, monkeypatch
         "and stages/f2-bicubic_cl/ in the run folder to train the stage again."
     )
     assert snapshot(Path(run_dir)) == before
+    # A record made by a version before the digests (an upgrade trial: the
+    # truncated file was "File not found" in three tracebacks, at export).
+    record_file = Path(run_dir, "stages", "f2-bicubic_cl.json")
+    legacy = json.loads(record_file.read_text())
+    del legacy["sha256"]
+    record_file.write_text(json.dumps(legacy))
+    with pytest.raises(DamagedFileError, match="student.keras changed since"):
+        pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)
     student.write_bytes(kept)
+    assert pipeline.train_stage(run_dir, 2, "bicubic_cl", verbose=0)["skipped"]
     teacher = Path(run_dir, "teacher.keras")
     good_teacher = teacher.read_bytes()
     teacher.write_bytes(good_teacher[:-100])

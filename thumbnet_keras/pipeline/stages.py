@@ -199,11 +199,16 @@ def _skip(run: Run, sid: str) -> dict:
     wanted = _outputs(run, sid, record)
     _check_outputs(run, sid, wanted)
     recorded = record.get("sha256") or {}  # (None in records made before it)
-    changed = [
-        str(path.relative_to(run.path))
-        for path in wanted
-        if path.name in recorded and _digests([path])[path.name] != recorded[path.name]
-    ]
+
+    def damaged(path: Path) -> bool:
+        if path.name in recorded:
+            return _digests([path])[path.name] != recorded[path.name]
+        # A record made before the digests: a model file that is no readable
+        # archive at least (a truncated one was "File not found" in three
+        # tracebacks, at export: an upgrade trial).
+        return not _readable_keras(path)
+
+    changed = [str(path.relative_to(run.path)) for path in wanted if damaged(path)]
     if changed:
         again = (
             "start a new run (another --run-name): every later stage of this "
@@ -223,6 +228,20 @@ def _skip(run: Run, sid: str) -> dict:
     run.discard_checkpoints(sid)
     _log(f"[{sid}] already finished, skipped")
     return record | {"skipped": True}
+
+
+def _readable_keras(path: Path) -> bool:
+    """Whether a `.keras` file is a zip archive holding a model's config
+    (other files: True, not checked)."""
+    import zipfile
+
+    if path.suffix != ".keras":
+        return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "config.json" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _check_outputs(run: Run, sid: str, wanted: list[Path]) -> None:
