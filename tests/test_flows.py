@@ -357,6 +357,30 @@ def test_generalize_flow(finished):
     }
 
 
+def test_an_evaluation_by_an_older_version_is_made_again(finished):
+    """An upgrade trial (2026-12-01): rerunning a run made by an older
+    version skipped evaluate and printed its evaluation.json, MACs counted
+    and images/s timed the old way (3.4x where this version counts 3.6x),
+    under this version's description. A file without this version's
+    `evaluation_version` is evaluated again; one with it is reused."""
+    from thumbnet_keras.pipeline.evaluate import EVALUATION_VERSION, evaluate_run
+
+    _, result, _ = finished
+    path = Path(result["run_dir"], "evaluation.json")
+    current = json.loads(path.read_text())
+    assert current["evaluation_version"] == EVALUATION_VERSION
+    older = json.loads(path.read_text())
+    del older["evaluation_version"]
+    for arm in older["arms"]:
+        arm["flops"] = 1  # what an older count said
+    path.write_text(json.dumps(older))
+    again = evaluate_run(result["run_dir"])
+    assert "skipped" not in again
+    assert [a["flops"] for a in again["arms"]] == [a["flops"] for a in current["arms"]]
+    assert [a["top1"] for a in again["arms"]] == [a["top1"] for a in current["arms"]]
+    assert evaluate_run(result["run_dir"])["skipped"]
+
+
 def test_cli_evaluate_report_export(finished, capsys):
     from thumbnet_keras.cli import main
 

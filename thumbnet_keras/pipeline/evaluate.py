@@ -136,8 +136,18 @@ def check_files_unchanged(prepared: dict, run_dir: str) -> None:
     )
 
 
+# What an evaluation.json measured, by version: 2 since 2026-11-30 (MACs
+# count E's bicubic passes per channel and a `Resizing`'s first pass at its
+# real size; images/s timed for every model side by side). Bump it when a
+# change makes the figures of older files differ; those are made again.
+EVALUATION_VERSION = 2
+
+
 def evaluate_run(run_dir: str, force: bool = False) -> dict:
-    """Evaluates every arm; skipped when `evaluation.json` exists (unless `force`).
+    """Evaluates every arm; skipped when `evaluation.json` exists (unless
+    `force`) and was written under this `EVALUATION_VERSION` (a rerun of a
+    run made by an older version printed its figures, counted otherwise,
+    under this version's description of them: an upgrade trial).
 
     Returns:
         `{"path": evaluation.json, "arms": [{name, label, factor, input_size,
@@ -156,8 +166,14 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
     run, config = load_run(run_dir)
     path = run.file("evaluation.json")
     if path.is_file() and not force:
-        logger.info("[evaluate] already finished, skipped")
-        return read_json(path) | {"skipped": True}
+        saved = read_json(path)
+        if saved.get("evaluation_version") == EVALUATION_VERSION:
+            logger.info("[evaluate] already finished, skipped")
+            return saved | {"skipped": True}
+        logger.info(
+            "[evaluate] evaluation.json was written by an older thumbnet-keras, "
+            "which counted MACs or timed images/s otherwise: evaluating again"
+        )
     prepared = run.data(require=True)
     check_files_unchanged(prepared, run_dir)
     classes = prepared["num_classes"]
@@ -243,6 +259,10 @@ def evaluate_run(run_dir: str, force: bool = False) -> dict:
     for arm in arms:
         if arm["name"] == "thumbnet":
             arm["paired"] = paired_comparisons(correct, arm["factor"])
-    evaluation = {"path": str(path), "arms": arms}
+    evaluation = {
+        "path": str(path),
+        "evaluation_version": EVALUATION_VERSION,
+        "arms": arms,
+    }
     write_json(path, evaluation)
     return evaluation
