@@ -438,6 +438,14 @@ def test_cli_evaluate_report_export(finished, capsys):
     assert saved[0]["bytes"] > 0 and saved[0]["images_per_second"] > 0
     assert main(["report", "--run", run]) == 0
     assert "thumbnet_saved_model" in Path(run, "report.md").read_text()
+    # A rerun's export step keeps it listed, measured again (an upgrade
+    # trial: export.json lost it, and the report with it).
+    from thumbnet_keras.pipeline.export import export_run
+
+    export_run(run)
+    rows = json.loads(Path(run, "export.json").read_text())["deployables"]
+    saved = [r for r in rows if r["file"] == str(exported)]
+    assert len(saved) == 1 and saved[0]["agreement"] == 1.0
 
 
 def test_importing_the_flows_is_quiet():

@@ -294,6 +294,15 @@ def _record_deployable(run_dir: str, path: str, fmt: str, keras_path: str) -> No
     write_json(listing, record)
 
 
+def _earlier_deployables(run) -> list[dict]:
+    """The rows (`file`, `format`) of the run's export.json as it is now."""
+    try:
+        rows = read_json(run.file("export.json")).get("deployables", [])
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and {"file", "format"} <= r.keys()]
+
+
 def _size(path: str) -> int:
     if os.path.isdir(path):
         return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
@@ -387,10 +396,19 @@ def export_run(run_dir: str) -> dict:
     }
     measure = dict(batch_size=config.batch_size, batches=config.throughput_batches)
     deployables = [_deployable(top["thumbnet"], "keras", **measure)]
-    reference = agreement_reference(run_dir, top["thumbnet"]) if exports else None
+    # Files `thumbnet export --run` added since, still there: listed again,
+    # measured against this thumbnet.keras (a rerun's export.json had lost
+    # them, so the report no longer listed them: an upgrade trial).
+    written = {os.path.realpath(p) for p in [top["thumbnet"], *exports.values()]}
+    earlier = [
+        (row["format"], row["file"])
+        for row in _earlier_deployables(run)
+        if os.path.exists(row["file"]) and os.path.realpath(row["file"]) not in written
+    ]
+    checked = [*exports.items(), *earlier]
+    reference = agreement_reference(run_dir, top["thumbnet"]) if checked else None
     deployables += [
-        _deployable(p, fmt, **measure, reference=reference)
-        for fmt, p in exports.items()
+        _deployable(p, fmt, **measure, reference=reference) for fmt, p in checked
     ]
     write_json(
         run.file("export.json"),
