@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 from data_fixtures import folder_manifest, make_image_folder, write_good
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from thumbnet_keras import data
 
@@ -140,6 +140,41 @@ def test_deterministic_under_a_seed_and_different_each_epoch(toy):
     assert not np.array_equal(a[0][0], other[0])
     cached = epochs(7, cache=True)
     np.testing.assert_array_equal(cached[1][0], a[1][0])
+
+
+def test_a_wide_photo_is_trained_on_the_square_it_is_scored_on(tmp_path):
+    """A practitioner's trial (2026-12-01): for a photo wider than ~5:3 no
+    crop keeps 80% of the whole frame at aspect <= 4/3, TensorFlow then
+    returned the whole image, and the resize squashed it (a disc 30 px wide
+    and 75 tall), while evaluation and predict take the central square (75
+    by 75). Training crops are now drawn inside that square."""
+    for name, size in (("wide", (600, 240)), ("tall", (240, 600))):
+        for i in range(2):
+            image = Image.new("L", size, 0)
+            w, h = size
+            ImageDraw.Draw(image).ellipse(
+                (w // 2 - 100, h // 2 - 100, w // 2 + 100, h // 2 + 100), fill=255
+            )
+            (tmp_path / "src" / name).mkdir(parents=True, exist_ok=True)
+            image.save(tmp_path / "src" / name / f"{i}.png")
+    prepared = data.prepare(
+        _manifest(tmp_path / "src", test_fraction=0.5), tmp_path / "out"
+    )
+    plain = data.Augment(flip_left_right=False, brightness=0.0, contrast=0.0)
+
+    def extents(images):
+        white = images[..., 0] > 0.5
+        return [(m.any(0).sum(), m.any(1).sum()) for m in white]  # (width, height)
+
+    scored, _ = _all(data.make_dataset(prepared, "test", 60, 4, False, channels=1))
+    assert all(abs(w - h) <= 1 for w, h in extents(scored))  # a round disc
+    for seed in range(5):
+        trained, _ = _all(
+            data.make_dataset(prepared, "train", 60, 4, True, channels=1,
+                              augment=plain, seed=seed)
+        )  # fmt: skip
+        for w, h in extents(trained):  # at most the crop's 4/3 aspect apart
+            assert 0.7 <= w / h <= 1.45, (seed, w, h)
 
 
 def test_evaluation_is_unshuffled_and_unaugmented(toy):

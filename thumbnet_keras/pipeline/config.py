@@ -269,7 +269,10 @@ class ThumbNetParams(BaseModel):
         "factor (runs/<run>/thumbnet.keras).",
     )
     image_size: int = Field(
-        64, ge=8, le=1024, description="Full image side (images are resized to it)."
+        64,
+        ge=8,
+        le=1024,
+        description="Full image side (each image's central square is resized to it).",
     )
     channels: Literal[1, 3] | None = Field(
         None, description="Image channels, 1 or 3. Default: the manifest's."

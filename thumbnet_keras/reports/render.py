@@ -330,7 +330,8 @@ def _full_size_note(metrics: Mapping) -> str:
     if size:
         parts.append(
             f'"Full size" is this run\'s `image_size`, {size}x{size} (every '
-            "image is resized to it; the teacher's input); a factor f gives "
+            "image's central square is resized to it; the teacher's input); "
+            "a factor f gives "
             f"thumbnails of {size}/f."
         )
     if primary:
