@@ -1274,3 +1274,33 @@ def test_an_index_validated_under_older_rules_is_validated_again(tmp_path, monke
     assert again.reused and again.decoded == 0
     assert again.summary()["validation_rules"] == RULES_VERSION
     assert again.splits == first.splits
+
+
+def test_16_bit_gray_and_colour_keep_the_same_byte():
+    """A practitioner's trial (2026-12-01): 16-bit gray took round(v / 257)
+    (511 -> 2) while 16-bit RGB took Pillow's high byte (511 -> 1), as does
+    tf.image.convert_image_dtype: one level apart for one value. Both keep
+    the high byte now."""
+    import io
+    import struct
+    import zlib
+
+    from thumbnet_keras.data.validate import validate_bytes
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    def png16(planes: int) -> bytes:  # Pillow writes no 16-bit RGB PNG
+        header = struct.pack(">IIBBBBB", 4, 4, 16, 0 if planes == 1 else 2, 0, 0, 0)
+        row = b"\0" + struct.pack(f">{4 * planes}H", *[511] * (4 * planes))
+        return (
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(row * 4)) + chunk(b"IEND", b"")
+        )  # fmt: skip
+
+    for planes in (1, 3):
+        result = validate_bytes(png16(planes))
+        assert (result.status, result.reason) == ("converted", "16bit_to_8bit")
+        pixels = np.asarray(Image.open(io.BytesIO(result.converted)))
+        assert (pixels == 1).all(), (planes, np.unique(pixels))

@@ -232,8 +232,11 @@ def validate_bytes(data: bytes) -> Validation:
         return quarantine("cmyk_colorspace")
     if mode.startswith("I;16") or (fmt == "PNG" and _png_bit_depth(data) == 16):
         if mode.startswith("I;16") or mode == "I":
-            array = np.asarray(image, dtype=np.float64)
-            gray = np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8)
+            # The high byte, as Pillow reduces 16-bit RGB (below) and
+            # tf.image.convert_image_dtype converts: gray and colour files
+            # alike (gray took round(v / 257), one level apart: a trial).
+            array = np.asarray(image, dtype=np.int64)
+            gray = np.clip(array >> 8, 0, 255).astype(np.uint8)
             return _converted(Image.fromarray(gray), "16bit_to_8bit", orientation)
         # PIL already reduced 16-bit RGB(A) to 8 bits per channel (high byte).
         if mode in ("RGBA", "LA"):
