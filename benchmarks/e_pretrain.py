@@ -8,7 +8,7 @@ reads it too, with the product's own `e_pretrain` stage: the demo's settings
 (shipped teacher, 4 joint epochs, CL + KD) for bicubic + KD, E + S without
 e_pretrain (`es`), and E + S after `PRE_EPOCHS` epochs of e_pretrain
 (`es_pre`, at the run's learning rate; `es_pre_lr<R>` at peak rate R;
-`es_pre_frozen`: E fixed in the joint stage), on
+`es_pre<W>`: E of width W; `es_pre_frozen`: E fixed in the joint stage), on
 search seeds with a 30% validation split (590 cells), per-cell hits saved
 so arms of one seed compare paired.
 
@@ -17,6 +17,7 @@ so arms of one seed compare paired.
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,16 @@ def _frozen_e_trainer(config, teacher, downscaler, student, stage, **weights):
 stages._trainer = _frozen_e_trainer
 
 
+_ARM = re.compile(
+    r"bicubic_cl|bicubic_kd|bicubic_kd_equal|es|es_pre"
+    r"|es_pre_frozen|es_pre_lr[0-9.e-]+|es_pre[0-9]+"
+)
+
+
 def main():
+    unknown = [arm for arm in ARMS if not _ARM.fullmatch(arm)]
+    if unknown:  # An unknown name ran as plain es_pre (a benchmarks audit).
+        sys.exit(f"ARMS: unknown arm(s) {', '.join(unknown)}; see the docstring.")
     manifest = X._manifest()
     for seed in SEEDS:
         for arm in ARMS:
@@ -72,6 +82,8 @@ def main():
             }
             if arm.startswith("es_pre_lr"):
                 settings["e_pretrain_learning_rate"] = float(arm[len("es_pre_lr") :])
+            elif arm[len("es_pre") :].isdigit():  # es_pre8: E of width 8
+                settings["downscaler_width"] = int(arm[len("es_pre") :])
             run_dir, cfg, prepared = A._resolve(
                 settings, f"x{FACTOR}-{arm}-p{PRE_EPOCHS}-e{EPOCHS}-s{seed}", WORK
             )
