@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -446,6 +447,25 @@ def test_cli_evaluate_report_export(finished, capsys):
     rows = json.loads(Path(run, "export.json").read_text())["deployables"]
     saved = [r for r in rows if r["file"] == str(exported)]
     assert len(saved) == 1 and saved[0]["agreement"] == 1.0
+    # ... scored against the model it came from (`--factor 4`: f4's), and a
+    # copied run lists only its own files (review: the original's were kept).
+    from thumbnet_keras.pipeline import Run
+    from thumbnet_keras.pipeline.export import _exported_from
+
+    f4_file = str(Path(run, "f4", "thumbnet_saved_model").resolve())
+    assert _exported_from(Run(run), [2, 4], f4_file) == str(
+        Path(run, "f4", "thumbnet.keras").resolve()
+    )
+    copy = Path(run).parent / "copied-run"
+    shutil.copytree(run, copy)
+    try:
+        export_run(str(copy))
+        rows = json.loads((copy / "export.json").read_text())["deployables"]
+        assert all(
+            Path(r["file"]).resolve().is_relative_to(copy.resolve()) for r in rows
+        )
+    finally:
+        shutil.rmtree(copy)
 
 
 def test_importing_the_flows_is_quiet():

@@ -294,6 +294,17 @@ def _record_deployable(run_dir: str, path: str, fmt: str, keras_path: str) -> No
     write_json(listing, record)
 
 
+def _exported_from(run, factors, path: str) -> str:
+    """The thumbnet.keras a file in the run folder was exported from: its
+    factor's `f<f>/thumbnet.keras` when it lies in `f<f>/` (`thumbnet export
+    --factor`), else the run's top one (the first factor's)."""
+    for factor in factors:
+        folder = run.factor_dir(factor).resolve()
+        if Path(path).is_relative_to(folder):
+            return str(folder / "thumbnet.keras")
+    return str(run.file("thumbnet.keras"))
+
+
 def _earlier_deployables(run) -> list[dict]:
     """The rows (`file`, `format`) of the run's export.json as it is now."""
     try:
@@ -396,20 +407,30 @@ def export_run(run_dir: str) -> dict:
     }
     measure = dict(batch_size=config.batch_size, batches=config.throughput_batches)
     deployables = [_deployable(top["thumbnet"], "keras", **measure)]
-    # Files `thumbnet export --run` added since, still there: listed again,
-    # measured against this thumbnet.keras (a rerun's export.json had lost
-    # them, so the report no longer listed them: an upgrade trial).
-    written = {os.path.realpath(p) for p in [top["thumbnet"], *exports.values()]}
-    earlier = [
-        (row["format"], row["file"])
-        for row in _earlier_deployables(run)
-        if os.path.exists(row["file"]) and os.path.realpath(row["file"]) not in written
-    ]
-    checked = [*exports.items(), *earlier]
-    reference = agreement_reference(run_dir, top["thumbnet"]) if checked else None
+    reference = agreement_reference(run_dir, top["thumbnet"]) if exports else None
     deployables += [
-        _deployable(p, fmt, **measure, reference=reference) for fmt, p in checked
+        _deployable(p, fmt, **measure, reference=reference)
+        for fmt, p in exports.items()
     ]
+    # Files `thumbnet export --run` added since, still in this run folder:
+    # listed again, measured against the thumbnet.keras they were exported
+    # from (a rerun's export.json had lost them, so the report no longer
+    # listed them: an upgrade trial).
+    written = {os.path.realpath(p) for p in [top["thumbnet"], *exports.values()]}
+    references = {}
+    for row in _earlier_deployables(run):
+        path = os.path.realpath(row["file"])
+        if path in written or not os.path.exists(path):
+            continue
+        if not Path(path).is_relative_to(run.path.resolve()):
+            continue  # A copied run's rows name the original's files.
+        source = _exported_from(run, config.factors, path)
+        if source not in references:
+            references[source] = agreement_reference(run_dir, source)
+        deployables.append(
+            _deployable(row["file"], row["format"], **measure,
+                        reference=references[source])
+        )  # fmt: skip
     write_json(
         run.file("export.json"),
         {"backend": keras.backend.backend(), "deployables": deployables},
