@@ -395,40 +395,37 @@ def test_user_error_imports_no_framework(world, case):
     args = [
         a.replace("{root}", str(world)) for a in dict((c[0], c[1]) for c in CASES)[case]
     ]
-    code = (
-        "import sys\n"
-        "from thumbnet_keras.cli import main\n"
-        f"assert main({args!r}) == 2\n"
-        "print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'torch', 'prefect')"
-        " if m in sys.modules))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=world,
-        env=subprocess_env(),
-        timeout=60,
+    result = run_and_list_frameworks(
+        f"from thumbnet_keras.cli import main\nassert main({args!r}) == 2\n", world
     )
     assert result.stdout.strip() == "[]", result.stderr[-2000:]
 
 
-def test_help_imports_no_framework():
+def run_and_list_frameworks(code: str, cwd=None) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter, which then prints the frameworks
+    (Keras, TensorFlow, JAX, torch, Prefect) it imported: "[]" for none."""
     code = (
-        "import sys, contextlib, io\n"
+        "import sys\n" + code
+        + "print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'torch', 'prefect')"
+        " if m in sys.modules))\n"
+    )  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=subprocess_env(),
+        timeout=60,
+    )
+
+
+def test_help_imports_no_framework():
+    result = run_and_list_frameworks(
+        "import contextlib, io\n"
         "from thumbnet_keras.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try: main(['train', '--help'])\n"
         "    except SystemExit: pass\n"
-        "print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'torch', 'prefect')"
-        " if m in sys.modules))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=60,
     )
     assert result.stdout.strip() == "[]", result.stderr[-2000:]
     assert result.stderr == ""  # No framework start-up lines either.
@@ -595,19 +592,9 @@ def test_generalize_checks_import_no_framework(world, tmp_path):
         "factors": [2], "dataset": str(world / "brightness.yaml"),
         "backbone": "tiny_cnn"}}))  # fmt: skip
     values = {"source_run": str(run), "factor": 2, "runs_dir": str(tmp_path / "runs")}
-    code = (
-        "import sys\n"
+    result = run_and_list_frameworks(
         "from thumbnet_keras.pipeline.preflight import check_generalize\n"
-        f"check_generalize({values!r})\n"
-        "print(sorted(m for m in ('keras', 'tensorflow', 'jax', 'torch', 'prefect')"
-        " if m in sys.modules))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=world,
-        env=subprocess_env(),
-        timeout=60,
+        f"check_generalize({values!r})\n",
+        world,
     )
     assert result.stdout.strip() == "[]", result.stderr[-2000:]

@@ -484,7 +484,8 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     from thumbnet_keras.pipeline.resolve import build_with_weights, check_teacher_file
 
     run, config = load_run(run_dir)
-    if raw_pixel_source(config.teacher):
+    raw_source = raw_pixel_source(config.teacher)
+    if raw_source:
         # Its preprocessing is inside: every stage feeds raw [0, 255] pixels.
         prepared = {**prepared, "normalization": "raw"}
     _check_same_data(run, prepared)
@@ -497,7 +498,7 @@ def get_teacher(run_dir: str, prepared: dict, verbose: int | str = "auto") -> di
     fit = {"history": {}, "epochs": 0, "resumed_from": [], "seconds": 0.0}
     if config.teacher is not None:
         teacher = check_teacher_file(config.teacher, shape, classes)
-        source = raw_pixel_source(config.teacher) or "file"
+        source = raw_source or "file"
     elif config.backbone_weights is not None:
         teacher = build_with_weights(config, shape, classes)
         source = "weights"
